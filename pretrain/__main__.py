@@ -1,0 +1,8 @@
+"""Per-rank entry point used by every launcher: ``python -m terrabyte.pretrain --config ... [overrides]``."""
+import sys
+
+from terrabyte.launch.cli import run_guarded
+from terrabyte.pretrain.trainer import main
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main, sys.argv[1:]))

@@ -1,0 +1,272 @@
+"""The training loop: data, model, DeepSpeed engine, evaluation, checkpoints, monitoring.
+
+``python -m terrabyte.pretrain --config tiny [--section.key value ...]`` runs one rank of it; the
+launchers (deepspeed, torchrun, mpirun, srun) start one such process per rank.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import engine as eng
+from .args import Config, load_config
+from .metrics import MetricLogger, bits_per_byte, flatten
+from .model import TerraByte
+
+log = logging.getLogger(__name__)
+
+# Exit code after a requested stop (SIGUSR1/SIGTERM) was checkpointed: EX_TEMPFAIL, "try again".
+EXIT_PREEMPTED = 75
+
+
+def setup_logging(level: str, rank: int) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_data(cfg: Config, rank: int) -> Path:
+    """The shard directory: ``data.path``, or the standard-library corpus built once into the run."""
+    from terrabyte.data_pipeline.loader import ensure_default_shards
+
+    if cfg.data.path:
+        path = Path(cfg.data.path)
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(f"data.path {path} has no manifest.json (build shards with `terrabyte shards build`)")
+        return path
+    target = Path(cfg.run.dir) / "data"
+    if rank == 0:
+        ensure_default_shards(target)
+    eng.barrier()
+    return target
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world = eng.init_distributed()
+        setup_logging(cfg.logging.level, self.rank)
+        self.run_dir = Path(cfg.run.dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.run.seed)
+
+        self.data_path = resolve_data(cfg, self.rank)
+        self.model_config = cfg.model.kwargs()
+        model = TerraByte(**self.model_config)
+        if cfg.train.compile:
+            model = torch.compile(model)
+        self.engine = eng.wrap(model, cfg, self.world)
+        self.model: TerraByte = self.engine.module
+        self.accumulation = eng.validate_world(cfg, self.world)
+        self.train_loader = self._loader("train", loop=True)
+        self.val_batches = self._validation_batches()
+        self.metrics = MetricLogger(self.run_dir / "tensorboard", enabled=cfg.logging.tensorboard and self.rank == 0)
+        self.step = 0
+        self.stop_requested = False
+        self._resume()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _loader(self, split: str, loop: bool, rank: int | None = None, world: int | None = None):
+        from terrabyte.data_pipeline.loader import ByteLoader
+
+        m = self.model_config
+        return ByteLoader(
+            str(self.data_path),
+            split=split,
+            seq_len=self.cfg.model.seq_len,
+            global_batch=self.cfg.train.global_batch,
+            micro_batch=self.cfg.train.micro_batch,
+            dp_rank=self.rank if rank is None else rank,
+            dp_world=self.world if world is None else world,
+            seed=self.cfg.run.seed,
+            num_workers=self.cfg.data.num_workers,
+            eos_id=m["num_tokens"] + 1,
+            pad_id=m["num_tokens"],
+            loop=loop,
+            on_error=self.cfg.data.on_error,
+        )
+
+    def _validation_batches(self) -> list[torch.Tensor]:
+        """The first ``val_sequences`` validation sequences, dealt round-robin to ranks.
+
+        Every rank gets the same number of micro-batches (padding with all-pad rows, which score
+        nothing) because each forward under ZeRO-3 is a collective.
+        """
+        wanted = self.cfg.data.val_sequences
+        rows: list[torch.Tensor] = []
+        for batch in self._loader("val", loop=False, rank=0, world=1):
+            rows.extend(batch)
+            if len(rows) >= wanted:
+                break
+        if not rows:
+            raise ValueError(f"data {self.data_path} has no validation sequences (raise the builder's --val-fraction)")
+        rows = rows[:wanted]
+        mine = rows[self.rank :: self.world]
+        per_rank = math.ceil(len(rows) / self.world)
+        pad = torch.full_like(rows[0], self.model.pad_id)
+        mine += [pad] * (per_rank - len(mine))
+        mb = self.cfg.train.micro_batch
+        return [torch.stack(mine[i : i + mb]) for i in range(0, len(mine), mb)]
+
+    def _resume(self) -> None:
+        state = eng.load(self.engine, self.run_dir, self.model_config)
+        if state is None:
+            log.info("fresh run in %s", self.run_dir)
+            return
+        self.step = int(state["step"])
+        self.train_loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        log.info("resumed from step %d in %s", self.step, self.run_dir)
+
+    def _request_stop(self, signum, _frame) -> None:
+        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------ steps
+
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def train_step(self, batches) -> tuple[float, int]:
+        """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, bytes scored)."""
+        total_loss, total_tokens = 0.0, 0
+        for _ in range(self.accumulation):
+            x = next(batches).to(self.device())
+            loss = self.engine(x, return_loss=True)
+            self.engine.backward(loss)
+            self.engine.step()
+            total_loss += loss.item()
+            total_tokens += int((x != self.model.pad_id).sum())
+        return total_loss / self.accumulation, total_tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Validation bits per byte over the fixed validation sequences, summed over ranks."""
+        self.engine.eval()
+        nats, count = 0.0, 0
+        for x in self.val_batches:
+            x = x.to(self.device())
+            logits = self.engine(x)
+            nats += F.cross_entropy(
+                logits.float().transpose(1, 2), x, ignore_index=self.model.pad_id, reduction="sum"
+            ).item()
+            count += int((x != self.model.pad_id).sum())
+        self.engine.train()
+        nats, count = eng.all_reduce_sum([nats, count])
+        return bits_per_byte(nats / max(count, 1))
+
+    @torch.no_grad()
+    def sample(self) -> str | None:
+        """Generate ``train.sample_bytes`` after the configured prompt (rank 0's text; all ranks gather)."""
+        n = self.cfg.train.sample_bytes
+        if n <= 0:
+            return None
+        text = None
+        self.engine.eval()
+        with eng.gathered_parameters(self.model):
+            if self.rank == 0:
+                prompt = torch.tensor([list(self.cfg.train.sample_prompt.encode())], device=self.device())
+                gen = torch.Generator(device=self.device()).manual_seed(self.cfg.run.seed)
+                out = self.model.generate(prime=prompt, max_new_bytes=n, temperature=0.8, generator=gen)
+                data = bytes(b for b in out[0].tolist() if b < 256)
+                text = data.decode("utf-8", errors="replace")
+        self.engine.train()
+        return text
+
+    def save(self) -> None:
+        state = {"step": self.step, "loader": self.train_loader.state_dict(), "rng": torch.get_rng_state()}
+        eng.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep, self.model_config)
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> int:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        cfg = self.cfg
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
+        if self.rank == 0:
+            log.info("TensorBoard: tensorboard --logdir %s", self.run_dir / "tensorboard")
+            self.metrics.hparams(flatten(cfg.to_dict()), {"hparam/placeholder": 0.0})
+        batches = iter(self.train_loader)
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0, desc="pretrain", unit="step")
+        last_val = None
+        window_start, window_bytes, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+        with logging_redirect_tqdm():
+            while self.step < cfg.train.steps:
+                if eng.all_reduce_max(int(self.stop_requested)):
+                    self.save()
+                    log.warning("stopped at step %d after a signal; checkpoint saved", self.step)
+                    bar.close()
+                    self.metrics.close()
+                    return EXIT_PREEMPTED
+                loss, scored = self.train_step(batches)
+                self.step += 1
+                bar.update(1)
+                window_bytes += scored
+                window_loss += loss
+                window_steps += 1
+                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    mean_loss = window_loss / window_steps
+                    values = {
+                        "train/loss": mean_loss,
+                        "train/bits_per_byte": bits_per_byte(mean_loss),
+                        "train/lr": self.engine.get_lr()[0],
+                        "train/grad_norm": self.engine.get_global_grad_norm(),
+                        "train/bytes_per_second": window_bytes * self.world / elapsed,
+                    }
+                    self.metrics.scalars(self.step, values)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", bpb=f"{values['train/bits_per_byte']:.2f}")
+                    window_start, window_bytes, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                if self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps:
+                    last_val = self.evaluate()
+                    self.metrics.scalars(self.step, {"val/bits_per_byte": last_val})
+                    log.info("step %d: validation bits-per-byte %.4f", self.step, last_val)
+                    text = self.sample()
+                    if text is not None:
+                        self.metrics.text(self.step, "samples", cfg.train.sample_prompt + text)
+                        log.info("sample at step %d: %r", self.step, cfg.train.sample_prompt + text)
+                    self.metrics.flush()
+                if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+                    self.save()
+        bar.close()
+        if cfg.checkpoint.export:
+            eng.export_safetensors(self.engine, self.run_dir / "model.safetensors", self.model_config)
+            log.info("exported %s", self.run_dir / "model.safetensors")
+        self.metrics.close()
+        if last_val is not None:
+            log.info("done: %d steps, validation bits-per-byte %.4f", self.step, last_val)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="terrabyte pretrain",
+        description="Pretrain a TerraByte model. Any config key can be overridden as --section.key VALUE.",
+    )
+    parser.add_argument("--config", default="tiny", help="config name in configs/ or a YAML path (default: tiny)")
+    parser.add_argument("--dry-run", action="store_true", help="print model size and cost estimates, do not train")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        from .estimate import describe
+
+        sys.stdout.write(describe(cfg) + "\n")
+        return 0
+    return Trainer(cfg).train()
