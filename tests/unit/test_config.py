@@ -61,3 +61,17 @@ def test_world_size_divides_batch():
     assert validate_world(cfg, 2) == 2
     with pytest.raises(ValueError, match="world size"):
         validate_world(cfg, 3)
+
+
+def test_dry_run_counts_without_allocating():
+    from terrabyte.pretrain.estimate import describe, meta_model, stage_parameters
+
+    cfg = load_config("1b")
+    model = meta_model(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert total >= 1_000_000_000
+    per_stage = stage_parameters(model)
+    assert sum(s["total"] for s in per_stage) == total
+    text = describe(cfg)
+    assert f"{total:,}" in text and "FLOPs/byte" in text and "activation memory" in text
