@@ -132,6 +132,9 @@ class CheckpointConfig:
 class LoggingConfig:
     level: str = "INFO"
     tensorboard: bool = True
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one accelerator for MFU; unset: looked up by GPU name (H100/H200 bf16),
+    no MFU on CPU."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 from . import engine as eng
 from .args import Config, load_config
-from .metrics import MetricLogger, bits_per_byte, flatten
+from .estimate import flops_per_byte
+from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
 from .model import TerraByte
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ EXIT_PREEMPTED = 75
 
 
 def setup_logging(level: str, rank: int) -> None:
+    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
@@ -64,6 +68,9 @@ class Trainer:
         self.data_path = resolve_data(cfg, self.rank)
         self.model_config = cfg.model.kwargs()
         model = TerraByte(**self.model_config)
+        # counted before ZeRO-3 partitions the parameters away
+        self.flops_per_byte = sum(flops_per_byte(model, cfg))
+        self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
         if cfg.train.compile:
             model = torch.compile(model)
         self.engine = eng.wrap(model, cfg, self.world)
@@ -74,6 +81,7 @@ class Trainer:
         self.metrics = MetricLogger(self.run_dir / "tensorboard", enabled=cfg.logging.tensorboard and self.rank == 0)
         self.step = 0
         self.stop_requested = False
+        self.loader_wait = 0.0
         self._resume()
 
     # ------------------------------------------------------------------ set-up
@@ -140,16 +148,22 @@ class Trainer:
         return self.engine.device
 
     def train_step(self, batches) -> tuple[float, int]:
-        """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, bytes scored)."""
+        """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, bytes scored), both
+        over all ranks."""
         total_loss, total_tokens = 0.0, 0
         for _ in range(self.accumulation):
-            x = next(batches).to(self.device())
+            waited = time.perf_counter()
+            x = next(batches)
+            self.loader_wait += time.perf_counter() - waited
+            x = x.to(self.device())
             loss = self.engine(x, return_loss=True)
             self.engine.backward(loss)
             self.engine.step()
             total_loss += loss.item()
             total_tokens += int((x != self.model.pad_id).sum())
-        return total_loss / self.accumulation, total_tokens
+        # the global mean, so the logged loss does not depend on how the batch is split over ranks
+        loss_sum, tokens = eng.all_reduce_sum([total_loss / self.accumulation, total_tokens])
+        return loss_sum / self.world, int(tokens)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -180,7 +194,7 @@ class Trainer:
                 prompt = torch.tensor([list(self.cfg.train.sample_prompt.encode())], device=self.device())
                 gen = torch.Generator(device=self.device()).manual_seed(self.cfg.run.seed)
                 out = self.model.generate(prime=prompt, max_new_bytes=n, temperature=0.8, generator=gen)
-                data = bytes(b for b in out[0].tolist() if b < 256)
+                data = bytes(b for b in out[0, prompt.shape[1] :].tolist() if b < 256)
                 text = data.decode("utf-8", errors="replace")
         self.engine.train()
         return text
@@ -200,7 +214,7 @@ class Trainer:
             signal.signal(sig, self._request_stop)
         if self.rank == 0:
             log.info("TensorBoard: tensorboard --logdir %s", self.run_dir / "tensorboard")
-            self.metrics.hparams(flatten(cfg.to_dict()), {"hparam/placeholder": 0.0})
+            self.metrics.hparams(flatten(cfg.to_dict()), ["val/bits_per_byte", "train/loss"])
         batches = iter(self.train_loader)
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0, desc="pretrain", unit="step")
         last_val = None
@@ -222,13 +236,23 @@ class Trainer:
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                     elapsed = time.perf_counter() - window_start
                     mean_loss = window_loss / window_steps
+                    bytes_per_second = window_bytes / elapsed
                     values = {
                         "train/loss": mean_loss,
                         "train/bits_per_byte": bits_per_byte(mean_loss),
                         "train/lr": self.engine.get_lr()[0],
                         "train/grad_norm": self.engine.get_global_grad_norm(),
-                        "train/bytes_per_second": window_bytes * self.world / elapsed,
+                        "train/bytes_per_second": bytes_per_second,
+                        "perf/model_tflops_per_rank": bytes_per_second * self.flops_per_byte / self.world / 1e12,
+                        "perf/peak_memory_gib": peak_memory_gib(),
+                        "perf/loader_wait_fraction": self.loader_wait / elapsed,
                     }
+                    if self.peak_tflops:
+                        values["perf/mfu"] = values["perf/model_tflops_per_rank"] / self.peak_tflops
+                    skipped = getattr(self.train_loader, "skipped", None)
+                    if skipped is not None:
+                        values["data/skipped_members"] = skipped
+                    self.loader_wait = 0.0
                     self.metrics.scalars(self.step, values)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", bpb=f"{values['train/bits_per_byte']:.2f}")
                     window_start, window_bytes, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0

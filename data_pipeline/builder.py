@@ -1,0 +1,844 @@
+"""Shard builder: corpus -> zstd-compressed members -> webdataset tar shards + manifest.json.
+
+Layout of one shard (a plain ustar tar, readable by `tar tf`, `zstd -d` and upstream webdataset):
+
+    000000.json   {"docs": [{"path", "offset", "length", "doc_offset", "doc_size"}, ...]}
+    000000.zst    one zstd frame holding the member's raw bytes
+    000001.json
+    000001.zst
+    ...
+
+A *member* bundles small documents up to about `member_bytes` raw (so members are 1x-2x
+`member_bytes`) or holds one chunk of a document larger than `member_bytes` (chunks of equal size).
+Each JSON entry locates a piece of a document inside the member: bytes [offset, offset+length) of
+the member are bytes [doc_offset, doc_offset+length) of the document `path` of total size
+`doc_size`. Keys carry no dots because webdataset splits sample keys at the first dot.
+
+Work is cut into *tasks*: runs of sources (sorted) of about `task_bytes`, fixed by the inputs alone,
+so the shards are byte-identical whatever `workers` or the number of MPI ranks. A task writes its own
+shards (`train-<task>-<n>.tar`, `val-<task>-<n>.tar`) and, when done, a completion marker
+(`.task-<task>.json`), so a rerun of a killed build skips finished tasks. The manifest is written
+last; a directory without `manifest.json` is not a finished build.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import tarfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import zstandard
+
+from . import readers
+from .readers import Document, ReadOptions, Source
+
+logger = logging.getLogger(__name__)
+
+BUILDER_VERSION = "1.0"
+FORMAT = "terrabyte-shards"
+MANIFEST = "manifest.json"
+DICT_FILE = "zstd.dict"
+SPLITS = ("train", "val")
+SHARD_RE = re.compile(r"^(train|val)-(\d{5})-(\d{6})\.tar$")
+MARKER_RE = re.compile(r"^\.task-(\d{5})\.json$")
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tar pads archives to whole records of 10 KiB
+TAR_MTIME = 0  # fixed header fields make shards byte-reproducible
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides the shards' bytes (stored in the manifest as `builder.args`)."""
+
+    inputs: tuple = ()
+    include: tuple = ()
+    exclude: tuple = ()
+    val_fraction: float = 0.01
+    zstd_level: int = 3
+    member_bytes: int = 2 << 20
+    shard_bytes: int = 256 << 20
+    task_bytes: int = 1 << 30
+    input_format: str = "auto"
+    text_field: str = "text"
+    group_depth: int = 0
+    dedup: bool = False
+    min_bytes: int = 0
+    max_bytes: int = 0  # 0: no limit
+    dict_bytes: int = 0  # >0: train a zstd dictionary of this size on a sample of the corpus
+    on_error: str = "raise"  # "raise" | "skip" (skip unreadable sources, counted in the manifest)
+
+    def validate(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if not 1 <= self.zstd_level <= 22:
+            raise ValueError(f"zstd_level={self.zstd_level} must be in 1..22")
+        for name in ("member_bytes", "shard_bytes", "task_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'skip'")
+        if self.min_bytes < 0 or self.max_bytes < 0 or self.dict_bytes < 0:
+            raise ValueError("min_bytes, max_bytes and dict_bytes must be >= 0")
+        readers.source_kind("x", self.input_format)
+
+    def fingerprint(self) -> str:
+        return _sha256_json(asdict(self))
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def split_of(group: str, val_fraction: float) -> str:
+    """Deterministic split from a stable hash of the group key (never Python's salted hash())."""
+    if val_fraction <= 0:
+        return "train"
+    h = int.from_bytes(hashlib.sha256(group.encode("utf-8", "surrogateescape")).digest()[:8], "big")
+    return "val" if h < val_fraction * 2.0**64 else "train"
+
+
+def shard_name(split: str, task: int, index: int) -> str:
+    return f"{split}-{task:05d}-{index:06d}.tar"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundling documents into members
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    raw: bytes
+    pieces: list  # dicts: path, offset, length, doc_offset, doc_size
+
+    @property
+    def ends(self) -> int:  # documents that end in this member
+        return sum(p["doc_offset"] + p["length"] == p["doc_size"] for p in self.pieces)
+
+    @property
+    def starts(self) -> int:
+        return sum(p["doc_offset"] == 0 for p in self.pieces)
+
+    @property
+    def cont(self) -> int:  # 1 if the last document continues in the next member
+        p = self.pieces[-1]
+        return int(p["doc_offset"] + p["length"] < p["doc_size"])
+
+
+class Bundler:
+    """Groups documents into members: small ones bundled, large ones cut into equal chunks."""
+
+    def __init__(self, member_bytes: int):
+        self.member_bytes = member_bytes
+        self._parts: list[bytes] = []
+        self._pieces: list[dict] = []
+        self._size = 0
+
+    def add(self, path: str, data: bytes) -> Iterator[Member]:
+        n = len(data)
+        if n > self.member_bytes:
+            yield from self.flush()
+            chunks = -(-n // self.member_bytes)
+            step = -(-n // chunks)
+            for start in range(0, n, step):
+                piece = data[start:start + step]
+                yield Member(piece, [dict(path=path, offset=0, length=len(piece), doc_offset=start, doc_size=n)])
+            return
+        self._pieces.append(dict(path=path, offset=self._size, length=n, doc_offset=0, doc_size=n))
+        self._parts.append(data)
+        self._size += n
+        if self._size >= self.member_bytes:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[Member]:
+        if self._pieces:
+            yield Member(b"".join(self._parts), self._pieces)
+        self._parts, self._pieces, self._size = [], [], 0
+
+
+def member_json(member: Member) -> bytes:
+    return json.dumps({"docs": member.pieces}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tar shard writer
+# ---------------------------------------------------------------------------------------------
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+class ShardWriter:
+    """Writes one split of one task as a series of tar shards, each under a temporary name.
+
+    Records for every member where its JSON and zstd payloads sit in the tar (byte offsets of the
+    data, not the headers), so the loader can seek straight to a member.
+    """
+
+    def __init__(self, out_dir: str, split: str, task: int, shard_bytes: int):
+        self.out_dir, self.split, self.task, self.shard_bytes = out_dir, split, task, shard_bytes
+        self.index = 0
+        self.records: list[dict] = []
+        self._f = None
+
+    def _open(self):
+        self.name = shard_name(self.split, self.task, self.index)
+        self.tmp = os.path.join(self.out_dir, f".{self.name}.tmp")
+        self._f = open(self.tmp, "wb")
+        self._pos = 0
+        self._sha = hashlib.sha256()
+        self._rec = dict(split=self.split, path=self.name, task=self.task, documents=0, members=0,
+                         raw_bytes=0, compressed_bytes=0)
+        self._idx = {k: [] for k in ("json_offset", "json_size", "zst_offset", "zst_size", "raw", "starts", "ends", "cont")}
+
+    def _write(self, b: bytes):
+        self._f.write(b)
+        self._sha.update(b)
+        self._pos += len(b)
+
+    def _add_file(self, name: str, data: bytes) -> int:
+        self._write(_tar_header(name, len(data)))
+        offset = self._pos
+        self._write(data)
+        pad = -len(data) % TAR_BLOCK
+        if pad:
+            self._write(b"\0" * pad)
+        return offset
+
+    def add(self, member: Member, zst: bytes):
+        if self._f is not None and self._pos + len(zst) > self.shard_bytes:
+            self.close()
+            self.index += 1
+        if self._f is None:
+            self._open()
+        key = f"{self._rec['members']:06d}"  # no dots: webdataset splits keys at the first dot
+        js = member_json(member)
+        idx = self._idx
+        idx["json_offset"].append(self._add_file(f"{key}.json", js))
+        idx["json_size"].append(len(js))
+        idx["zst_offset"].append(self._add_file(f"{key}.zst", zst))
+        idx["zst_size"].append(len(zst))
+        idx["raw"].append(len(member.raw))
+        idx["starts"].append(member.starts)
+        idx["ends"].append(member.ends)
+        idx["cont"].append(member.cont)
+        r = self._rec
+        r["documents"] += member.starts
+        r["members"] += 1
+        r["raw_bytes"] += len(member.raw)
+        r["compressed_bytes"] += len(zst)
+
+    def close(self):
+        if self._f is None:
+            return
+        end = 2 * TAR_BLOCK
+        end += -(self._pos + end) % TAR_RECORD
+        self._write(b"\0" * end)
+        self._f.close()
+        self._f = None
+        os.replace(self.tmp, os.path.join(self.out_dir, self.name))
+        self._rec.update(tar_bytes=self._pos, sha256=self._sha.hexdigest(), index=self._idx)
+        self.records.append(self._rec)
+
+    def abort(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+            _remove_quietly(self.tmp)
+
+
+def _remove_quietly(path: str):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_tasks(sources: Sequence[Source], task_bytes: int) -> list[list[Source]]:
+    """Cuts the sorted sources into runs of about `task_bytes` (a source is never split)."""
+    tasks, current, size = [], [], 0
+    for src in sources:
+        if current and size + src.size > task_bytes:
+            tasks.append(current)
+            current, size = [], 0
+        current.append(src)
+        size += src.size
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def _task_fingerprint(cfg: BuildConfig, sources: Sequence[Source]) -> str:
+    stamp = []
+    for s in sources:
+        try:
+            st = os.stat(s.path)
+            stamp.append((s.kind, s.name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamp.append((s.kind, s.name, -1, -1))
+    return _sha256_json({"builder": BUILDER_VERSION, "cfg": cfg.fingerprint(), "sources": stamp})
+
+
+def _marker_path(out_dir: str, task: int) -> str:
+    return os.path.join(out_dir, f".task-{task:05d}.json")
+
+
+def _load_marker(out_dir: str, task: int, fingerprint: str) -> dict | None:
+    """A finished task's record if its marker matches and every shard it lists is still there."""
+    try:
+        with open(_marker_path(out_dir, task), "rb") as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if rec.get("fingerprint") != fingerprint:
+        return None
+    for sh in rec["shards"]:
+        p = os.path.join(out_dir, sh["path"])
+        if not os.path.isfile(p) or os.path.getsize(p) != sh["tar_bytes"]:
+            return None
+    return rec
+
+
+def write_json_atomic(path: str, obj, indent=None):
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class TaskStats:
+    sources: int = 0
+    documents_read: int = 0
+    bytes_read: int = 0
+    skipped_sources: int = 0
+    filtered_size: int = 0
+    duplicates: int = 0
+    skipped_names: list = field(default_factory=list)
+
+
+def _iter_documents(sources, cfg: BuildConfig, stats: TaskStats) -> Iterator[Document]:
+    opts = ReadOptions(text_field=cfg.text_field, group_depth=cfg.group_depth)
+    for src in sources:
+        stats.sources += 1
+        try:
+            for doc in readers.read_source(src, opts, cfg.include, cfg.exclude):
+                yield doc
+        except (OSError, ValueError) as e:
+            if cfg.on_error != "skip":
+                raise
+            stats.skipped_sources += 1
+            stats.skipped_names.append(src.name)
+            logger.warning("skipping input %s: %s", src.path, e)
+
+
+def run_task(task: int, sources: Sequence[Source], cfg: BuildConfig, out_dir: str,
+             drop: frozenset | None = None, progress: Callable | None = None, zdict: bytes | None = None) -> dict:
+    """Builds the shards of one task and writes its completion marker; returns the task record.
+
+    `drop` holds the ordinals (within this task) of documents removed by global de-duplication.
+    """
+    writers = {s: ShardWriter(out_dir, s, task, cfg.shard_bytes) for s in SPLITS}
+    bundlers = {s: Bundler(cfg.member_bytes) for s in SPLITS}
+    dict_data = zstandard.ZstdCompressionDict(zdict) if zdict else None
+    # The frame checksum (xxhash, 4 bytes) makes a corrupted member fail loudly, never yield wrong bytes.
+    cctx = zstandard.ZstdCompressor(level=cfg.zstd_level, dict_data=dict_data, write_content_size=True,
+                                    write_checksum=True)
+    stats = TaskStats()
+    seen: set = set()
+
+    def emit(split: str, members: Iterable[Member]):
+        for m in members:
+            writers[split].add(m, cctx.compress(m.raw))
+
+    try:
+        pending_docs, pending_bytes = 0, 0
+        for ordinal, doc in enumerate(_iter_documents(sources, cfg, stats)):
+            n = len(doc.data)
+            stats.documents_read += 1
+            stats.bytes_read += n
+            pending_docs += 1
+            pending_bytes += n
+            if n < cfg.min_bytes or (cfg.max_bytes and n > cfg.max_bytes):
+                stats.filtered_size += 1
+                continue
+            if cfg.dedup:
+                if drop is not None:
+                    if ordinal in drop:
+                        stats.duplicates += 1
+                        continue
+                else:  # one task: dedup on the fly, first copy wins
+                    h = hashlib.blake2b(doc.data, digest_size=16).digest()
+                    if h in seen:
+                        stats.duplicates += 1
+                        continue
+                    seen.add(h)
+            split = split_of(doc.group, cfg.val_fraction)
+            emit(split, bundlers[split].add(doc.path, doc.data))
+            if progress is not None and (pending_bytes >= 1 << 20 or pending_docs >= 256):
+                progress(pending_docs, pending_bytes)
+                pending_docs, pending_bytes = 0, 0
+        for s in SPLITS:
+            emit(s, bundlers[s].flush())
+            writers[s].close()
+        if progress is not None:
+            progress(pending_docs, pending_bytes)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    record = dict(task=task, fingerprint=_task_fingerprint(cfg, sources),
+                  shards=writers["train"].records + writers["val"].records,
+                  stats={k: v for k, v in asdict(stats).items()})
+    write_json_atomic(_marker_path(out_dir, task), record)
+    return record
+
+
+# Module-level state for worker processes (set by the pool initializer).
+_progress_queue = None
+
+
+def _init_worker(queue, log_level):
+    global _progress_queue
+    _progress_queue = queue
+    logging.basicConfig(level=log_level)
+
+
+def _worker_run_task(task, sources, cfg, out_dir, drop, zdict):
+    def report(docs, nbytes):
+        _progress_queue.put((docs, nbytes))
+
+    return run_task(task, sources, cfg, out_dir, drop, report, zdict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Global passes: de-duplication and dictionary training
+# ---------------------------------------------------------------------------------------------
+
+
+def _hash_sources(sources, cfg: BuildConfig) -> list[bytes]:
+    """Content hashes of a task's documents, in reading order (size-filtered ones hash to b"")."""
+    out = []
+    for doc in _iter_documents(sources, cfg, TaskStats()):
+        n = len(doc.data)
+        keep = n >= cfg.min_bytes and not (cfg.max_bytes and n > cfg.max_bytes)
+        out.append(hashlib.blake2b(doc.data, digest_size=16).digest() if keep else b"")
+    return out
+
+
+def _drop_sets(hashes_by_task: dict) -> dict:
+    """For each content hash, every copy after the first (in task order) is dropped."""
+    seen, drop = set(), {}
+    for t in sorted(hashes_by_task):
+        mine = set()
+        for i, h in enumerate(hashes_by_task[t]):
+            if not h:
+                continue
+            if h in seen:
+                mine.add(i)
+            else:
+                seen.add(h)
+        drop[t] = frozenset(mine)
+    return drop
+
+
+def train_dictionary(tasks, cfg: BuildConfig) -> bytes:
+    """Trains a zstd dictionary on evenly spaced documents (first 100 MB of samples at most)."""
+    samples, total = [], 0
+    all_sources = [s for t in tasks for s in t]
+    stride = max(1, len(all_sources) // 1000)
+    for src in all_sources[::stride]:
+        for doc in readers.read_source(src, ReadOptions(cfg.text_field, cfg.group_depth), cfg.include, cfg.exclude):
+            if doc.data:
+                samples.append(doc.data[: 1 << 20])
+                total += len(samples[-1])
+            if total > 100 << 20:
+                break
+    if len(samples) < 8:
+        raise ValueError(f"too few documents ({len(samples)}) to train a zstd dictionary; drop --dict-bytes")
+    d = zstandard.train_dictionary(cfg.dict_bytes, samples, level=cfg.zstd_level)
+    return d.as_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+
+def _totals(shards: Sequence[dict]) -> dict:
+    out = {}
+    for split in SPLITS + ("all",):
+        sel = [s for s in shards if split == "all" or s["split"] == split]
+        out[split] = {k: sum(s[k] for s in sel) for k in ("documents", "members", "raw_bytes", "compressed_bytes", "tar_bytes")}
+        out[split]["shards"] = len(sel)
+    return out
+
+
+def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int | None) -> dict:
+    shards = sorted((s for r in task_records for s in r["shards"]), key=lambda s: (s["split"] != "train", s["path"]))
+    stats = {}
+    for r in task_records:
+        for k, v in r["stats"].items():
+            if isinstance(v, list):
+                stats.setdefault(k, []).extend(v)
+            else:
+                stats[k] = stats.get(k, 0) + v
+    return {
+        "format": FORMAT,
+        "builder": {"version": BUILDER_VERSION, "args": asdict(cfg)},
+        "tasks": len(task_records),
+        "zstd_dict": {"path": DICT_FILE, "id": dict_id} if dict_id is not None else None,
+        "shards": shards,
+        "totals": _totals(shards),
+        "stats": stats,
+    }
+
+
+def load_manifest(path: str) -> dict:
+    """Reads and checks `<dir>/manifest.json` (a directory, a manifest file, or an http(s) URL of
+    either); raises naming the file. The directory is kept as `_dir` to resolve shard paths."""
+    path = os.fspath(path)
+    if path.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        mpath = path if path.endswith(".json") else path.rstrip("/") + "/" + MANIFEST
+        try:
+            with urllib.request.urlopen(mpath, timeout=60) as r:
+                text = r.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise FileNotFoundError(f"cannot fetch shard manifest {mpath!r}: {e}") from None
+        base = mpath.rsplit("/", 1)[0]
+    else:
+        if path.startswith("pipe:"):
+            raise ValueError(f"{path!r}: pipe: data paths cannot seek; copy the shards locally or serve them over http(s)")
+        mpath = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
+        if not os.path.exists(mpath):
+            raise FileNotFoundError(f"no {MANIFEST} in {path!r}: build shards first with `terrabyte shards build`")
+        with open(mpath, "rb") as f:
+            text = f.read()
+        base = os.path.dirname(os.path.abspath(mpath))
+    try:
+        man = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{mpath!r} is not valid JSON ({e}); rebuild the shards") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT or "shards" not in man:
+        raise ValueError(f"{mpath!r} is not a Terrabyte shard manifest; rebuild the shards")
+    man["_dir"] = base
+    return man
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _cleanup_stale(out_dir: str, keep_shards: set, keep_tasks: set):
+    for fn in os.listdir(out_dir):
+        m = SHARD_RE.match(fn)
+        if m and fn not in keep_shards:
+            logger.info("removing stale shard %s", fn)
+            _remove_quietly(os.path.join(out_dir, fn))
+        m = MARKER_RE.match(fn)
+        if m and int(m.group(1)) not in keep_tasks:
+            _remove_quietly(os.path.join(out_dir, fn))
+
+
+def mpi_comm_from_env():
+    """The MPI world communicator when launched by mpirun/srun with more than one rank, else None."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        if int(os.environ.get(var, "1") or 1) > 1:
+            try:
+                from mpi4py import MPI
+            except ImportError:
+                raise ValueError("launched under MPI but mpi4py is not installed: pip install 'terrabyte[mpi]'") from None
+            return MPI.COMM_WORLD
+    return None
+
+
+class _Progress:
+    """tqdm bar over input bytes with documents/s in the postfix (rank 0 only)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.docs = 0
+        self.t0 = time.perf_counter()
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="shards", smoothing=0.1)
+
+    def __call__(self, docs: int, nbytes: int):
+        self.docs += docs
+        if self.bar is not None:
+            rate = self.docs / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.docs} docs, {rate:,.0f} docs/s", refresh=False)
+            self.bar.update(nbytes)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_shards(
+    inputs: Sequence[str] | str,
+    out_dir: str,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    val_fraction: float = 0.01,
+    zstd_level: int = 3,
+    member_bytes: int = 2 << 20,
+    shard_bytes: int = 256 << 20,
+    task_bytes: int = 1 << 30,
+    workers: int = 1,
+    progress: bool = True,
+    input_format: str = "auto",
+    text_field: str = "text",
+    group_depth: int = 0,
+    dedup: bool = False,
+    min_bytes: int = 0,
+    max_bytes: int = 0,
+    dict_bytes: int = 0,
+    on_error: str = "raise",
+    comm=None,
+) -> dict:
+    """Builds webdataset tar shards of zstd members from files/directories/globs/archives.
+
+    Returns the manifest (also written to `<out_dir>/manifest.json`). With `comm` (an mpi4py
+    communicator, or found from the environment by the CLI), tasks are dealt to ranks round-robin
+    and rank 0 writes the merged manifest; every rank returns it.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    cfg = BuildConfig(
+        inputs=tuple(os.fspath(i) for i in inputs), include=tuple(include), exclude=tuple(exclude),
+        val_fraction=float(val_fraction), zstd_level=int(zstd_level), member_bytes=int(member_bytes),
+        shard_bytes=int(shard_bytes), task_bytes=int(task_bytes), input_format=input_format,
+        text_field=text_field, group_depth=int(group_depth), dedup=bool(dedup), min_bytes=int(min_bytes),
+        max_bytes=int(max_bytes), dict_bytes=int(dict_bytes), on_error=on_error,
+    )
+    cfg.validate()
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1")
+    rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+
+    sources = readers.discover_sources(cfg.inputs, cfg.include, cfg.exclude, cfg.input_format)
+    if not sources:
+        raise ValueError(f"no input files left in {', '.join(map(repr, cfg.inputs))} after include/exclude filters")
+    if any(s.kind == "stdin" for s in sources) and (world > 1 or workers > 1):
+        raise ValueError("stdin input ('-') needs a single process: drop --workers and mpirun")
+    tasks = plan_tasks(sources, cfg.task_bytes)
+    os.makedirs(out_dir, exist_ok=True)
+    if rank == 0:
+        _remove_quietly(os.path.join(out_dir, MANIFEST))  # the old manifest must not vouch for new shards
+    if comm is not None:
+        comm.Barrier()
+
+    zdict = None
+    if cfg.dict_bytes:
+        if rank == 0:
+            zdict = train_dictionary(tasks, cfg)
+            tmp = os.path.join(out_dir, f".{DICT_FILE}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(zdict)
+            os.replace(tmp, os.path.join(out_dir, DICT_FILE))
+        if comm is not None:
+            zdict = comm.bcast(zdict, root=0)
+
+    mine = [t for t in range(len(tasks)) if t % world == rank]
+    fingerprints = {t: _task_fingerprint(cfg, tasks[t]) for t in mine}
+    done = {t: r for t in mine if (r := _load_marker(out_dir, t, fingerprints[t])) is not None}
+    todo = [t for t in mine if t not in done]
+    if done:
+        logger.info("rank %d: %d of %d tasks already complete, skipping them", rank, len(done), len(mine))
+
+    pool = None
+    if workers > 1 and len(todo) + (len(tasks) if cfg.dedup else 0) > 1:
+        ctx = mp.get_context("spawn")  # fork is unsafe next to threads (torch, MPI)
+        queue = ctx.SimpleQueue()
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(queue, logging.getLogger().level))
+    try:
+        drop = {}
+        if cfg.dedup and len(tasks) > 1:
+            # Global exact dedup needs every hash before any shard is written: a read-only pre-pass.
+            # (One task dedups on the fly: reading order is the same, so the same copies are kept.)
+            drop = _dedup_global(tasks, mine, cfg, pool, comm)
+        total = sum(s.size for t in todo for s in tasks[t])
+        bar = _Progress(total, progress and rank == 0)
+        records = dict(done)
+        try:
+            if pool is None:
+                for t in todo:
+                    records[t] = run_task(t, tasks[t], cfg, out_dir, drop.get(t), bar, zdict)
+            else:
+                futures = {pool.submit(_worker_run_task, t, tasks[t], cfg, out_dir, drop.get(t), zdict): t for t in todo}
+                pending = set(futures)
+                while pending:
+                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    while not queue.empty():
+                        bar(*queue.get())
+                    for fut in finished:
+                        records[futures[fut]] = fut.result()
+        finally:
+            bar.close()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    all_records = [records[t] for t in sorted(records)]
+    if comm is not None:
+        gathered = comm.gather(all_records, root=0)
+        all_records = sorted((r for part in (gathered or []) for r in part), key=lambda r: r["task"])
+    manifest = None
+    error = None
+    if rank == 0:
+        manifest = make_manifest(cfg, all_records, _dict_id(zdict))
+        if manifest["totals"]["all"]["documents"] == 0:
+            error = (f"empty corpus: no documents in {', '.join(map(repr, cfg.inputs))} "
+                     "after filters (check --include/--exclude/--min-bytes)")
+            _cleanup_stale(out_dir, set(), set())
+        else:
+            _cleanup_stale(out_dir, {s["path"] for s in manifest["shards"]}, set(range(len(tasks))))
+            write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+            t = manifest["totals"]["all"]
+            logger.info("wrote %d shards, %d documents, %.1f MB raw -> %.1f MB to %s",
+                        t["shards"], t["documents"], t["raw_bytes"] / 1e6, t["compressed_bytes"] / 1e6, out_dir)
+    if comm is not None:
+        error, manifest = comm.bcast((error, manifest), root=0)
+    if error:
+        raise ValueError(error)
+    return manifest
+
+
+def _dict_id(zdict: bytes | None) -> int | None:
+    return zstandard.ZstdCompressionDict(zdict).dict_id() if zdict else None
+
+
+def _dedup_global(tasks, mine, cfg, pool, comm) -> dict:
+    """Drop sets for this rank's tasks; every rank hashes its own tasks, then all exchange hashes."""
+    if pool is not None:
+        hashed = list(pool.map(_hash_sources, [tasks[t] for t in mine], [cfg] * len(mine)))
+    else:
+        hashed = [_hash_sources(tasks[t], cfg) for t in mine]
+    by_task = dict(zip(mine, hashed))
+    if comm is not None:
+        by_task = {t: h for part in comm.allgather(by_task) for t, h in part.items()}
+    drop = _drop_sets(by_task)
+    return {t: drop[t] for t in mine}
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify and stats
+# ---------------------------------------------------------------------------------------------
+
+
+def verify_shards(path: str, *, progress: bool = False) -> list[str]:
+    """Checks every shard of a build: present, sha256, tar structure, and every member (JSON
+    parses, zstd frame decompresses to the recorded size). Returns one message per problem, each
+    naming the shard and member."""
+    from . import stages
+
+    man = load_manifest(path)
+    base = man["_dir"]
+    zdict = None
+    if man.get("zstd_dict"):
+        try:
+            with open(os.path.join(base, man["zstd_dict"]["path"]), "rb") as f:
+                zdict = f.read()
+        except OSError as e:
+            return [f"zstd dictionary {man['zstd_dict']['path']}: {e.strerror}"]
+    problems: list[str] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(s["tar_bytes"] for s in man["shards"]), unit="B", unit_scale=True, desc="verify")
+    files = stages.ShardFiles()
+    try:
+        for shard in man["shards"]:
+            url = os.path.join(base, shard["path"])
+            problems.extend(_verify_one(shard, url, files, zdict))
+            if bar is not None:
+                bar.update(shard["tar_bytes"])
+    finally:
+        files.close()
+        if bar is not None:
+            bar.close()
+    return problems
+
+
+def _verify_one(shard: dict, url: str, files, zdict) -> list[str]:
+    from . import stages
+
+    name = shard["path"]
+    if not os.path.isfile(url):
+        return [f"{name}: missing"]
+    out = []
+    h = hashlib.sha256()
+    with open(url, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    if h.hexdigest() != shard["sha256"]:
+        out.append(f"{name}: sha256 mismatch (file changed or corrupt)")
+    try:
+        with tarfile.open(url, "r:") as tf:
+            names = [m.name for m in tf.getmembers()]
+        want = [f"{k:06d}.{ext}" for k in range(shard["members"]) for ext in ("json", "zst")]
+        if names != want:
+            out.append(f"{name}: tar lists {len(names)} files, expected {len(want)} ({want[:1]}...)")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        out.append(f"{name}: not a readable tar ({e})")
+    table = stages.member_table([dict(shard, url=url)])
+    for i in range(len(table)):
+        try:
+            s = stages.parse_meta(stages.decompress_sample(stages.read_member(table, files, i), zdict))
+            got = sum(d["length"] for d in s.meta["docs"])
+            if got != len(s.data):
+                raise stages.DataError(f"{s.where}: JSON pieces cover {got} bytes of {len(s.data)}")
+        except stages.DataError as e:
+            out.append(str(e).replace(url, name))
+    return out
+
+
+def format_stats(man: dict) -> str:
+    """A plain-text summary table of a manifest."""
+    rows = [("split", "shards", "documents", "members", "raw MB", "zstd MB", "ratio")]
+    for split in SPLITS + ("all",):
+        t = man["totals"][split]
+        ratio = t["raw_bytes"] / t["compressed_bytes"] if t["compressed_bytes"] else 0.0
+        rows.append((split, str(t["shards"]), str(t["documents"]), str(t["members"]), f"{t['raw_bytes'] / 1e6:.1f}",
+                     f"{t['compressed_bytes'] / 1e6:.1f}", f"{ratio:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    args = man["builder"]["args"]
+    lines.append("")
+    lines.append(f"builder {man['builder']['version']}, zstd level {args['zstd_level']}, member {args['member_bytes']} B, "
+                 f"val fraction {args['val_fraction']}, {man.get('tasks', '?')} task(s)"
+                 + (f", dictionary id {man['zstd_dict']['id']}" if man.get("zstd_dict") else ""))
+    st = man.get("stats", {})
+    lines.append(f"read {st.get('documents_read', 0)} documents from {st.get('sources', 0)} sources; "
+                 f"duplicates dropped {st.get('duplicates', 0)}, size-filtered {st.get('filtered_size', 0)}, "
+                 f"sources skipped {st.get('skipped_sources', 0)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,335 @@
+"""ByteLoader: packed byte sequences from Terrabyte shards, with exact and elastic resume.
+
+The training order is a pure function of (manifest, seed, epoch, seq_len, global_batch):
+
+1. Each epoch, shuffle units (members; the chunks of one large document stay together, in order)
+   with `numpy.random.default_rng([seed, epoch])`; documents inside a bundled member are shuffled
+   with `default_rng([seed, epoch, member])`. Concatenate: document bytes, EOS after each document.
+2. Cut that stream into `global_batch` contiguous lanes of equal length. Global step g is sequence
+   g of every lane (tokens [g*seq_len, (g+1)*seq_len) of each lane): `global_batch` sequences.
+3. Data-parallel rank r owns lanes [r*B/W, (r+1)*B/W); its k-th micro-batch of a step holds lanes
+   [k*micro_batch, (k+1)*micro_batch) of those. Every rank yields exactly `steps_per_epoch *
+   grad_accum` micro-batches per epoch, whatever the shard sizes.
+
+A lane is a contiguous range of the stream, so its members are read and decompressed once each;
+resuming seeks with the member offsets stored in the manifest (no re-reading). The state is
+(epoch, step, micro): restarting yields byte-identical batches, and restarting with another
+`dp_world` (same global batch) continues the same global sequence of samples, since the lanes do not
+depend on the world size. `num_workers` threads only prefetch and decompress members; results are
+consumed in a fixed order, so batches never depend on it.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import logging
+import math
+import os
+import sysconfig
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import stages
+from .builder import DICT_FILE, build_shards, load_manifest
+from .stages import DataError, ErrorCounter, ShardFiles
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+HOLD_BYTES = 256 << 20  # members held across lane boundaries, at most
+
+
+def _manifest_id(manifest: dict, split: str) -> int:
+    """A short fingerprint of the split's shards (resuming on rebuilt data is refused)."""
+    h = hashlib.sha256()
+    for s in manifest["shards"]:
+        if s["split"] == split:
+            h.update(s["sha256"].encode())
+    return int.from_bytes(h.digest()[:6], "big")
+
+
+def _split_tokens(manifest: dict, split: str) -> int:
+    return sum(sum(s["index"]["raw"]) + sum(s["index"]["ends"]) for s in manifest["shards"] if s["split"] == split)
+
+
+def count_sequences(path: str, split: str = "val", seq_len: int = 2048) -> int:
+    """Number of seq_len sequences (the last one padded) in a full non-looping pass of a split."""
+    man = load_manifest(path)
+    stages.shard_list(man, split)  # raises if the split is empty
+    return -(-_split_tokens(man, split) // seq_len)
+
+
+class ByteLoader:
+    """Iterates micro-batches: int64 tensors (micro_batch, seq_len) of bytes 0..255 and `eos_id`.
+
+    loop=True (training): endless epochs, order as in the module docstring; a corpus too small for
+    one global step raises ValueError. loop=False (validation): the split once, unshuffled; each
+    rank reads a contiguous range; the last sequence is padded with `pad_id` and every rank yields
+    the same number of full micro-batches (rows past the end of the data are all `pad_id`). Each
+    `iter()` of a non-looping loader is a fresh pass.
+    """
+
+    def __init__(self, path: str, split: str = "train", seq_len: int = 2048, global_batch: int = 8,
+                 micro_batch: int = 4, dp_rank: int = 0, dp_world: int = 1, seed: int = 0, num_workers: int = 0,
+                 eos_id: int = 257, pad_id: int = 256, loop: bool = True, on_error: str = "raise",
+                 shuffle: bool = True, prefetch: int = 2):
+        for name, v in (("seq_len", seq_len), ("global_batch", global_batch), ("micro_batch", micro_batch),
+                        ("dp_world", dp_world), ("prefetch", prefetch)):
+            if int(v) < 1:
+                raise ValueError(f"ByteLoader: {name}={v} must be >= 1")
+        if not 0 <= dp_rank < dp_world:
+            raise ValueError(f"ByteLoader: dp_rank={dp_rank} must be in [0, dp_world={dp_world})")
+        if global_batch % (dp_world * micro_batch):
+            raise ValueError(f"ByteLoader: global_batch={global_batch} is not a multiple of "
+                             f"dp_world*micro_batch={dp_world}*{micro_batch}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"ByteLoader: on_error={on_error!r} must be 'raise' or 'skip'")
+        if num_workers < 0:
+            raise ValueError(f"ByteLoader: num_workers={num_workers} must be >= 0")
+        self.path, self.split, self.seq_len = path, split, int(seq_len)
+        self.global_batch, self.micro_batch = int(global_batch), int(micro_batch)
+        self.dp_rank, self.dp_world, self.seed = int(dp_rank), int(dp_world), int(seed)
+        self.eos_id, self.pad_id, self.loop, self.on_error = int(eos_id), int(pad_id), bool(loop), on_error
+        self.shuffle, self.prefetch, self.num_workers = bool(shuffle) and bool(loop), int(prefetch), int(num_workers)
+        self.grad_accum = self.global_batch // (self.dp_world * self.micro_batch)
+
+        self.manifest = load_manifest(path)
+        self.table = stages.member_table(stages.shard_list(self.manifest, split))
+        self.total_tokens = int(self.table.tokens.sum())
+        self.manifest_id = _manifest_id(self.manifest, split)
+        self.zdict = self._load_dict()
+        if self.loop:
+            _, self.steps_per_epoch = stages.lanes(self.total_tokens, self.global_batch, self.seq_len)
+            if self.steps_per_epoch == 0:
+                raise ValueError(
+                    f"split {split!r} of {path!r} has {self.total_tokens} tokens, fewer than global_batch*seq_len = "
+                    f"{self.global_batch}*{self.seq_len}: use a smaller batch or sequence, or more data")
+        else:
+            n = -(-self.total_tokens // self.seq_len)
+            self.eval_batches = -(-n // (self.dp_world * self.micro_batch))
+        self.errors = ErrorCounter()
+        self._files = ShardFiles()
+        # Members some lane still holds: neighbouring lanes that start inside the same member reuse
+        # it instead of decompressing it again (weak: costs no memory of its own).
+        self._members = weakref.WeakValueDictionary()
+        # The member where lane j starts is where lane j-1 ends, many steps later: hold it (up to
+        # HOLD_BYTES of them) instead of decompressing it twice.
+        self._held: dict = {}
+        self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="byteloader") if self.num_workers else None
+        self._epoch = self._step = self._micro = 0
+        self._generation = 0  # bumped by load_state_dict: stale iterators stop
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on this rank (loop=True) or in one pass (loop=False)."""
+        return self.steps_per_epoch * self.grad_accum if self.loop else self.eval_batches
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._generation += 1
+        return self._iter_train(self._generation) if self.loop else self._iter_eval(self._generation)
+
+    def state_dict(self) -> dict:
+        """Position after the last yielded micro-batch, plus the settings it is only valid for."""
+        return {"version": STATE_VERSION, "epoch": self._epoch, "step": self._step, "micro": self._micro,
+                "seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch,
+                "dp_world": self.dp_world, "micro_batch": self.micro_batch, "manifest": self.manifest_id}
+
+    def load_state_dict(self, state: dict):
+        """Continue where `state` stopped. A different dp_world/micro_batch is fine at a step
+        boundary (micro == 0); seed, seq_len, global_batch and the data must match."""
+        try:
+            epoch, step, micro = int(state["epoch"]), int(state["step"]), int(state["micro"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"loader state {state!r} lacks integer epoch/step/micro") from None
+        for key in ("seed", "seq_len", "global_batch", "manifest"):
+            if key in state and int(state[key]) != getattr(self, "manifest_id" if key == "manifest" else key):
+                what = "the shards were rebuilt" if key == "manifest" else f"{key} changed to {getattr(self, key)}"
+                raise ValueError(f"cannot resume data loader: saved {key}={state[key]} but {what}; "
+                                 "exact resume needs the same data order settings")
+        if micro and (state.get("dp_world", self.dp_world) != self.dp_world
+                      or state.get("micro_batch", self.micro_batch) != self.micro_batch):
+            raise ValueError(f"cannot resume mid-step (micro={micro}) with a different dp_world/micro_batch; "
+                             "save loader state at optimizer-step boundaries")
+        limit = self.steps_per_epoch if self.loop else self.eval_batches
+        if step < 0 or epoch < 0 or not 0 <= micro < max(self.grad_accum, 1) or (step >= limit and limit):
+            raise ValueError(f"loader state epoch={epoch} step={step} micro={micro} is out of range for this data")
+        self._epoch, self._step, self._micro = epoch, step, micro
+        self._generation += 1
+
+    def close(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._files.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _load_dict(self) -> bytes | None:
+        info = self.manifest.get("zstd_dict")
+        if not info:
+            return None
+        p = os.path.join(self.manifest["_dir"], info.get("path", DICT_FILE))
+        try:
+            with open(p, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise FileNotFoundError(f"zstd dictionary {p!r} named by the manifest is missing: {e.strerror}") from None
+
+    def _load_member(self, i: int, order_seed) -> stages.Segments | None:
+        """read -> decompress -> parse -> segments for member i (runs on a prefetch thread)."""
+        try:
+            s = stages.read_member(self.table, self._files, i)
+            s = stages.parse_meta(stages.decompress_sample(s, self.zdict))
+            return stages.member_segments(s, self.eos_id, order_seed)
+        except DataError as e:
+            if self.on_error != "skip":
+                raise
+            self.errors.add(str(e))
+            return None
+
+    def _range_reader(self, order: np.ndarray, cum: np.ndarray, start: int, stop: int, epoch: int,
+                      hold_first: bool = False):
+        """A TokenReader over tokens [start, stop) of the epoch stream, members prefetched in order.
+        `hold_first`: keep the first member for the lane before this one (it ends there)."""
+        if stop <= start:
+            return stages.TokenReader((), self.eos_id)
+        first, offset = stages.locate(cum, start)
+        last, _ = stages.locate(cum, stop - 1)
+        idx = range(first, last + 1)
+        if self.on_error == "skip" and self.loop:  # skipped members shorten a lane: keep reading past it
+            idx = itertools.chain(idx, (j % len(order) for j in itertools.count(last + 1)))
+        seed = self.seed
+
+        def load(j):
+            m = int(order[j])
+            key = (epoch, m)
+            segs = self._held.pop(key, None) or self._members.get(key)
+            if segs is None:
+                segs = self._load_member(m, (seed, epoch, m) if self.shuffle else None)
+                if segs is not None:
+                    self._members[key] = segs
+            if hold_first and j == first and offset and segs is not None:
+                if sum(len(h.raw) * h.raw.itemsize for h in self._held.values()) < HOLD_BYTES:
+                    self._held[key] = segs
+            return segs
+
+        members = (a for a in stages.prefetch_map(load, idx, self._executor, self.prefetch) if a is not None)
+        return stages.TokenReader(members, self.eos_id, skip=offset, limit=stop - start)
+
+    def _epoch_stream(self, epoch: int):
+        order = stages.epoch_order(self.table, self.seed, epoch, self.shuffle)
+        cum = np.concatenate([[0], np.cumsum(self.table.tokens[order])])
+        return order, cum
+
+    def _advance(self, per_step: int, steps: int):
+        self._micro += 1
+        if self._micro == per_step:
+            self._micro = 0
+            self._step += 1
+            if self._step == steps:
+                self._step = 0
+                self._epoch += 1
+
+    def _iter_train(self, generation: int):
+        B, W, m, L = self.global_batch, self.dp_world, self.micro_batch, self.seq_len
+        per_rank = B // W
+        while generation == self._generation:
+            epoch, step0, micro0 = self._epoch, self._step, self._micro
+            order, cum = self._epoch_stream(epoch)
+            lane_list, steps = stages.lanes(self.total_tokens, B, L)
+            mine = lane_list[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            self._held.clear()
+            readers = []
+            for j, lane in enumerate(mine):
+                first = step0 + (1 if j // m < micro0 else 0)  # lanes of micro-batches already yielded
+                readers.append(self._range_reader(order, cum, lane.start + first * L, lane.stop, epoch,
+                                                  hold_first=(j > 0 and first == 0)))
+            for g in range(step0, steps):
+                for k in range(micro0 if g == step0 else 0, self.grad_accum):
+                    out = np.empty((m, L), dtype=np.int64)
+                    for r in range(m):
+                        if readers[k * m + r].fill(out[r]) != L:
+                            raise DataError(f"lane {self.dp_rank * per_rank + k * m + r} of epoch {epoch} ran short "
+                                            f"at step {g}: shards changed since the manifest was written?")
+                    if generation != self._generation:
+                        return
+                    self._advance(self.grad_accum, steps)  # before yield: state = batches handed out
+                    yield torch.from_numpy(out)
+
+    def _iter_eval(self, generation: int):
+        m, L = self.micro_batch, self.seq_len
+        rows_per_rank = self.eval_batches * m
+        first_row = self.dp_rank * rows_per_rank + self._step * m
+        last_row = (self.dp_rank + 1) * rows_per_rank
+        order, cum = self._epoch_stream(0)
+        start, stop = min(first_row * L, self.total_tokens), min(self.total_tokens, last_row * L)
+        reader = self._range_reader(order, cum, start, stop, 0)
+        for _ in range(self._step, self.eval_batches):
+            out = np.empty((m, L), dtype=np.int64)
+            for r in range(m):
+                n = reader.fill(out[r])
+                out[r, n:] = self.pad_id  # past the end of the data: pad
+            if generation != self._generation:
+                return
+            self._step += 1
+            if self._step == self.eval_batches:
+                self._step = 0  # the next iter() is a fresh pass
+            yield torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default corpus
+# ---------------------------------------------------------------------------------------------
+
+STDLIB_INCLUDE = ("*.py",)
+STDLIB_EXCLUDE = ("site-packages/*", "dist-packages/*")
+
+
+def stdlib_corpus() -> str:
+    """The running interpreter's standard library source directory (~30 MB of .py files)."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def _valid_default(out_dir: str, corpus: str) -> bool:
+    try:
+        man = load_manifest(out_dir)
+    except (OSError, ValueError):
+        return False
+    args = man["builder"]["args"]
+    if list(args.get("inputs", [])) != [corpus] or list(args.get("include", [])) != list(STDLIB_INCLUDE):
+        return False
+    return all(os.path.getsize(os.path.join(out_dir, s["path"])) == s["tar_bytes"]
+               if os.path.exists(os.path.join(out_dir, s["path"])) else False for s in man["shards"])
+
+
+def ensure_default_shards(out_dir: str, progress: bool = False) -> str:
+    """Builds shards of the standard library's *.py files into out_dir once; returns out_dir.
+
+    Safe when several local ranks call it at once (a file lock serialises them; the first builds,
+    the rest find the finished manifest). On several nodes, call it on one rank and barrier.
+    """
+    corpus = stdlib_corpus()
+    if _valid_default(out_dir, corpus):
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _valid_default(out_dir, corpus):
+                logger.info("building default shards from %s into %s", corpus, out_dir)
+                build_shards([corpus], out_dir, include=STDLIB_INCLUDE, exclude=STDLIB_EXCLUDE, progress=progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out_dir

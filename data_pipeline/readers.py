@@ -1,0 +1,324 @@
+"""Input readers: turn command-line inputs into sources, and each source into documents.
+
+A *source* is one thing a build task reads (a plain file, an archive, a JSON Lines file, a MediaWiki
+dump, stdin). Discovery only stats files, so the builder can plan tasks by size before reading a
+byte. Each source kind has one reader that yields `Document`s; a new input kind is a new reader,
+nothing else changes.
+
+Recorded document paths are relative to the input they came from (a file input records its base
+name), use "/" separators, and are what include/exclude globs match. The *group key* decides the
+train/val split: by default the document path, but every document of an archive shares the archive
+as its group, so one repository never straddles the splits.
+"""
+from __future__ import annotations
+
+import bz2
+import fnmatch
+import glob
+import gzip
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+import zipfile
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import zstandard
+
+logger = logging.getLogger(__name__)
+
+# Input formats chosen with --format. "auto" picks by file name; "raw" reads every file as bytes.
+FORMATS = ("auto", "raw", "mediawiki")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".zip")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+STDIN = "-"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One unit of input. `name` is the recorded path; `path` is where to read it (or "-")."""
+
+    kind: str  # "file" | "archive" | "jsonl" | "mediawiki" | "stdin"
+    path: str
+    name: str
+    size: int
+
+
+@dataclass
+class Document:
+    path: str  # recorded path, relative, "/"-separated
+    data: bytes
+    group: str  # split group key
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    text_field: str = "text"
+    group_depth: int = 0  # 0: group by document path; N: by its first N path components
+    allow_urls: bool = False
+
+
+def source_kind(name: str, input_format: str) -> str:
+    if input_format not in FORMATS:
+        raise ValueError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
+    if input_format == "raw":
+        return "file"
+    if input_format == "mediawiki":
+        return "mediawiki"
+    lower = name.lower()
+    if lower.endswith(ARCHIVE_SUFFIXES):
+        return "archive"
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "file"
+
+
+def _matches(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(rel, g) for g in include):
+        return False
+    return not any(fnmatch.fnmatchcase(rel, g) for g in exclude)
+
+
+def _keep_file(rel: str, kind: str, include, exclude) -> bool:
+    # Globs apply at every level: to files on disk (archives included) and again to archive members
+    # as `<archive>/<member>`. Reading only .py files from tarballs: --include '*.tar.gz' --include '*.py'.
+    return _matches(rel, include, exclude)
+
+
+def _has_magic(path: str) -> bool:
+    return glob.has_magic(path)
+
+
+def discover_sources(
+    inputs: Sequence[str],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    input_format: str = "auto",
+) -> list[Source]:
+    """Expands files, directories (recursively, sorted) and globs into sources.
+
+    Include/exclude globs (fnmatch; `*` also matches "/") apply to the path relative to the input
+    directory (archives included: an archive must pass them to be read) and again to each archive
+    member as `<archive>/<member>`. A missing input raises FileNotFoundError
+    naming it; a glob that matches nothing raises too, since that is almost always a typo.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise ValueError("no inputs given: pass at least one file, directory, glob or '-' for stdin")
+    sources: list[Source] = []
+    for raw in inputs:
+        item = os.fspath(raw)
+        if item == STDIN:
+            sources.append(Source("stdin", STDIN, "stdin", 0))
+            continue
+        if item.startswith(("http://", "https://", "pipe:")):
+            raise ValueError(f"input {item!r}: URLs and pipe: inputs are read by the loader only; "
+                             "download the corpus first")
+        if _has_magic(item) and not os.path.exists(item):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"input glob {item!r} matches no file")
+            for m in matches:
+                sources.extend(_discover_path(m, os.path.dirname(m) or ".", include, exclude, input_format))
+            continue
+        if not os.path.exists(item):
+            raise FileNotFoundError(f"input path {item!r} does not exist")
+        sources.extend(_discover_path(item, None, include, exclude, input_format))
+    return sources
+
+
+def _discover_path(path, base, include, exclude, input_format) -> list[Source]:
+    if os.path.isdir(path):
+        # Recorded paths are relative to the input directory (or to the glob's directory).
+        root = os.path.normpath(path)
+        prefix = "" if base is None else os.path.relpath(root, base).replace(os.sep, "/") + "/"
+        prefix = "" if prefix == "./" else prefix
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
+            reldir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            reldir = prefix if reldir == "." else f"{prefix}{reldir}/"
+            # sorted traversal: the same tree always yields the same order; excluded dirs pruned
+            dirnames[:] = sorted(d for d in dirnames if not _dir_excluded(reldir + d, exclude))
+            for fn in sorted(filenames):
+                rel = reldir + fn
+                if _keep_file(rel, source_kind(rel, input_format), include, exclude):
+                    found.append(_file_source(os.path.join(dirpath, fn), rel, input_format))
+        return found
+    rel = os.path.basename(path) if base is None else os.path.relpath(path, base).replace(os.sep, "/")
+    if not _keep_file(rel, source_kind(rel, input_format), include, exclude):
+        return []
+    return [_file_source(path, rel, input_format)]
+
+
+def _dir_excluded(reldir: str, exclude: Sequence[str]) -> bool:
+    # `--exclude 'site-packages/*'` prunes the whole directory instead of listing 50k files.
+    return any(g.endswith("/*") and fnmatch.fnmatchcase(reldir, g[:-2]) for g in exclude)
+
+
+def _raise_walk_error(err: OSError):
+    raise OSError(f"cannot list directory {err.filename!r}: {err.strerror}")
+
+
+def _file_source(full: str, rel: str, input_format: str) -> Source:
+    try:
+        size = os.stat(full).st_size
+    except OSError as e:
+        raise OSError(f"cannot stat input file {full!r}: {e.strerror}") from None
+    return Source(source_kind(rel, input_format), full, rel, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: Source -> Iterator[Document]
+# ---------------------------------------------------------------------------------------------
+
+
+def group_key(path: str, depth: int) -> str:
+    if depth <= 0:
+        return path
+    return "/".join(path.split("/")[:depth])
+
+
+def read_file_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise OSError(f"cannot read input file {path!r}: {e.strerror or e}") from None
+
+
+def read_plain(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
+    yield Document(src.name, read_file_bytes(src.path), group_key(src.name, opts.group_depth))
+
+
+def _open_decompressed(path: str, fileobj=None):
+    lower = path.lower()
+    raw = fileobj if fileobj is not None else open(path, "rb")
+    if lower.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    if lower.endswith(".zst"):
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    if lower.endswith(".bz2"):
+        return bz2.BZ2File(raw)
+    return raw
+
+
+def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
+    """tar / tar.gz / tar.zst / zip member by member, never extracted to disk.
+
+    Member paths are recorded as `<archive name>/<member>`; all share the archive as group key.
+    Globs apply to the recorded member path.
+    """
+    lower = src.name.lower()
+    try:
+        if lower.endswith(".zip"):
+            with zipfile.ZipFile(src.path) as zf:
+                for info in sorted(zf.infolist(), key=lambda i: i.filename):
+                    if info.is_dir():
+                        continue
+                    name = f"{src.name}/{info.filename}"
+                    if _matches(name, include, exclude):
+                        yield Document(name, zf.read(info), src.name)
+            return
+        with open(src.path, "rb") as raw:
+            if lower.endswith(".tar.zst"):
+                stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+                tf = tarfile.open(fileobj=stream, mode="r|")
+            else:
+                tf = tarfile.open(fileobj=raw, mode="r|*")
+            # Streaming mode keeps archive order (reproducible) and never seeks.
+            with tf:
+                for info in tf:
+                    if not info.isfile():
+                        continue
+                    name = f"{src.name}/{info.name}"
+                    if not _matches(name, include, exclude):
+                        continue
+                    f = tf.extractfile(info)
+                    yield Document(name, f.read() if f else b"", src.name)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, OSError) as e:
+        raise ValueError(f"cannot read archive {src.path!r}: {e}") from None
+
+
+def read_jsonl(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
+    """JSON Lines (plain, .gz or .zst): one document per line from `opts.text_field`.
+
+    Documents are recorded as `<file>:<line number>`; a line that is not JSON or lacks the field
+    raises naming the file and line.
+    """
+    field = opts.text_field
+    try:
+        f = io.BufferedReader(_open_decompressed(src.path))
+        with f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    text = rec[field]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{src.path}:{lineno}: not a JSON object with a {field!r} field "
+                                     "(set --text-field)") from None
+                data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+                path = f"{src.name}:{lineno}"
+                yield Document(path, data, group_key(path, opts.group_depth))
+    except (OSError, EOFError, zstandard.ZstdError) as e:
+        raise ValueError(f"cannot read JSON Lines file {src.path!r}: {e}") from None
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def read_mediawiki(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
+    """MediaWiki XML dump (enwik8/enwik9, optionally .gz/.bz2/.zst): one document per page.
+
+    The document is the page's wikitext (latest revision); the recorded path is
+    `<file>/<page title>`. enwik8/9 are truncated at a fixed byte count, so a truncated last page is
+    tolerated; any other parse error raises naming the file.
+    """
+    f = _open_decompressed(src.path)
+    n = 0
+    try:
+        for _, elem in ET.iterparse(f, events=("end",)):
+            if _local(elem.tag) != "page":
+                continue
+            title, text = "", ""
+            for child in elem.iter():
+                tag = _local(child.tag)
+                if tag == "title":
+                    title = child.text or ""
+                elif tag == "text":
+                    text = child.text or ""
+            elem.clear()
+            n += 1
+            path = f"{src.name}/{title}"
+            yield Document(path, text.encode("utf-8"), group_key(path, opts.group_depth))
+    except ET.ParseError as e:
+        if n == 0 or "no element found" not in str(e):
+            raise ValueError(f"cannot parse MediaWiki XML {src.path!r}: {e}") from None
+        logger.info("%s: stopped at a truncated page after %d pages", src.path, n)
+    finally:
+        f.close()
+
+
+def read_stdin(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
+    """stdin is one document (bytes as they are)."""
+    yield Document("stdin", sys.stdin.buffer.read(), "stdin")
+
+
+READERS = {
+    "file": read_plain,
+    "archive": read_archive,
+    "jsonl": read_jsonl,
+    "mediawiki": read_mediawiki,
+    "stdin": read_stdin,
+}
+
+
+def read_source(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
+    return READERS[src.kind](src, opts, include, exclude)

@@ -1,0 +1,559 @@
+"""Small composable stages of the loading pipeline.
+
+Like webdataset's `filters.py`, a stage is a plain generator over an iterable (or a function of one
+item, wrapped by `_map` into a generator), so each is testable alone and the loader is just their
+composition:
+
+    member_table -> epoch_order -> lanes (the rank split) -> read_member (tar by offset)
+        -> decompress -> unbundle (Segments: documents + EOS) -> pack(seq_len, skip, limit) -> batch
+
+`tar_members` is the sequential alternative to `read_members` (expands a tar stream the way
+webdataset's `tar_file_expander` + `group_by_keys` do); `verify` and streaming readers use it.
+Errors follow one policy, a handler: "raise" names the shard and member; "skip" drops the member,
+counts it in an `ErrorCounter` and logs it.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import logging
+import os
+import tarfile
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import zstandard
+
+logger = logging.getLogger(__name__)
+
+INDEX_KEYS = ("json_offset", "json_size", "zst_offset", "zst_size", "raw", "starts", "ends", "cont")
+
+
+class DataError(ValueError):
+    """A shard or member that cannot be read as written (corrupt, truncated, missing)."""
+
+
+@dataclass
+class ErrorCounter:
+    """Members skipped under on_error="skip" (the trainer reports `skipped` to TensorBoard)."""
+
+    skipped: int = 0
+    last: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, message: str):
+        with self._lock:
+            self.skipped += 1
+            self.last = message
+        logger.warning("skipping bad member: %s", message)
+
+
+def _handle(err: Exception, where: str, on_error: str, counter: ErrorCounter | None):
+    msg = f"{where}: {err}"
+    if on_error == "skip":
+        if counter is not None:
+            counter.add(msg)
+        return
+    raise DataError(msg) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard list and member table (from the manifest)
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_list(manifest: dict, split: str) -> list[dict]:
+    """The split's shards, in manifest order, with absolute paths (`url`)."""
+    base = manifest.get("_dir", ".")
+    shards = [dict(s, url=_join(base, s["path"])) for s in manifest["shards"] if s["split"] == split]
+    if not shards:
+        have = sorted({s["split"] for s in manifest["shards"]})
+        raise ValueError(f"manifest in {base!r} has no {split!r} shards (it has: {', '.join(have) or 'none'}); "
+                         "rebuild with a different --val-fraction or pick another split")
+    return shards
+
+
+def _join(base: str, path: str) -> str:
+    if "://" in base:
+        return base.rstrip("/") + "/" + path
+    return os.path.join(base, path)
+
+
+@dataclass
+class MemberTable:
+    """Every member of one split as numpy columns (from the manifest: no shard is opened)."""
+
+    urls: list  # shard paths
+    shard: np.ndarray  # shard index of each member
+    key: np.ndarray  # member number inside its shard
+    cols: dict  # INDEX_KEYS -> int64 arrays
+
+    def __len__(self):
+        return len(self.shard)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Tokens each member contributes to the stream: its bytes plus one EOS per ending document."""
+        return self.cols["raw"] + self.cols["ends"]
+
+    def units(self) -> np.ndarray:
+        """Start index of each shuffle unit: a member, or the chain of chunks of one large document."""
+        cont = self.cols["cont"]
+        starts = np.ones(len(self), dtype=bool)
+        starts[1:] = cont[:-1] == 0
+        return np.flatnonzero(starts)
+
+    def where(self, i: int) -> str:
+        return f"{self.urls[self.shard[i]]} member {int(self.key[i]):06d}"
+
+
+def member_table(shards: Sequence[dict]) -> MemberTable:
+    cols = {k: [] for k in INDEX_KEYS}
+    shard_ix, keys = [], []
+    for i, s in enumerate(shards):
+        idx = s["index"]
+        for k in INDEX_KEYS:
+            cols[k].extend(idx[k])
+        shard_ix.extend([i] * s["members"])
+        keys.extend(range(s["members"]))
+    return MemberTable(
+        urls=[s["url"] for s in shards], shard=np.asarray(shard_ix, dtype=np.int64), key=np.asarray(keys, dtype=np.int64),
+        cols={k: np.asarray(v, dtype=np.int64) for k, v in cols.items()},
+    )
+
+
+def split_by_rank(items: Sequence, rank: int, world: int) -> list:
+    """Every world-th item starting at rank (for whole-shard work such as verify)."""
+    return list(items)[rank::world]
+
+
+# ---------------------------------------------------------------------------------------------
+# Epoch order and lanes
+# ---------------------------------------------------------------------------------------------
+
+
+def epoch_order(table: MemberTable, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """Member indices in stream order for one epoch: shuffle units (seeded numpy, never hash())."""
+    if not shuffle:
+        return np.arange(len(table))
+    starts = table.units()
+    ends = np.append(starts[1:], len(table))
+    perm = np.random.default_rng([seed, epoch]).permutation(len(starts))
+    return np.concatenate([np.arange(starts[u], ends[u]) for u in perm]) if len(perm) else np.arange(0)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """A contiguous token range [start, stop) of one epoch's stream."""
+
+    start: int
+    stop: int
+
+
+def lanes(total_tokens: int, global_batch: int, seq_len: int) -> tuple[list[Lane], int]:
+    """Cuts the stream into `global_batch` equal contiguous lanes; returns them and steps per epoch.
+
+    Global step g takes sequence g (tokens [g*seq_len, (g+1)*seq_len)) of every lane, so a step
+    always has `global_batch` sequences and every rank gets the same number of steps; the tail
+    (< global_batch * (seq_len + 1) tokens) is dropped this epoch and lands elsewhere in the next.
+    """
+    lane_len = total_tokens // global_batch
+    steps = lane_len // seq_len
+    return [Lane(b * lane_len, b * lane_len + steps * seq_len) for b in range(global_batch)], steps
+
+
+def locate(cum_tokens: np.ndarray, position: int) -> tuple[int, int]:
+    """(order index, offset inside that member) of a stream position; cum_tokens starts with 0."""
+    i = int(np.searchsorted(cum_tokens, position, side="right")) - 1
+    return i, position - int(cum_tokens[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading members: by offset (seekable) or by expanding a tar stream
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardFiles:
+    """Opened shard files shared by threads; `pread` keeps no file position, so it is thread-safe."""
+
+    def __init__(self):
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def pread(self, url: str, offset: int, size: int) -> bytes:
+        fd = self._fds.get(url)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(url)
+                if fd is None:
+                    if "://" in url:
+                        return _http_range(url, offset, size)
+                    try:
+                        fd = os.open(url, os.O_RDONLY)
+                    except OSError as e:
+                        raise DataError(f"cannot open shard {url!r}: {e.strerror}") from None
+                    self._fds[url] = fd
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise DataError(f"shard {url!r} is truncated (wanted {size} bytes at offset {offset}, got {len(data)})")
+        return data
+
+    def close(self):
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _http_range(url: str, offset: int, size: int) -> bytes:
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Range": f"bytes={offset}-{offset + size - 1}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        data = r.read()
+        if r.status == 200:  # server ignored Range: slice locally
+            data = data[offset:offset + size]
+    if len(data) != size:
+        raise DataError(f"{url}: short read at offset {offset}")
+    return data
+
+
+@dataclass
+class Sample:
+    """One member as it moves through the stages."""
+
+    where: str  # "shard member key" for messages
+    meta: bytes | dict  # member JSON (bytes until parsed)
+    data: bytes  # zstd frame, then raw bytes after `decompress`
+    raw_size: int = -1  # expected raw size (-1: unknown)
+    ident: int = -1  # member index in the table (seeds its document order)
+
+
+def read_member(table: MemberTable, files: ShardFiles, i: int) -> Sample:
+    """Reads member i with one pread covering its JSON and zstd payloads (adjacent in the tar)."""
+    c = table.cols
+    url = table.urls[table.shard[i]]
+    jo, js, zo, zs = (int(c[k][i]) for k in ("json_offset", "json_size", "zst_offset", "zst_size"))
+    lo = min(jo, zo)
+    blob = files.pread(url, lo, max(jo + js, zo + zs) - lo)
+    return Sample(table.where(i), blob[jo - lo: jo - lo + js], blob[zo - lo: zo - lo + zs], int(c["raw"][i]), int(i))
+
+
+def tar_members(urls: Iterable[str], on_error: str = "raise", counter: ErrorCounter | None = None) -> Iterator[Sample]:
+    """Expands tar shards sequentially into samples, grouping `<key>.json` and `<key>.zst`."""
+    for url in urls:
+        try:
+            with tarfile.open(url, mode="r|") as tf:
+                pending: dict = {}
+                for info in tf:
+                    if not info.isfile():
+                        continue
+                    key, _, ext = info.name.partition(".")
+                    if pending and pending.get("key") != key:
+                        yield from _emit_tar_sample(url, pending, on_error, counter)
+                        pending = {}
+                    pending["key"] = key
+                    pending[ext] = tf.extractfile(info).read()
+                if pending:
+                    yield from _emit_tar_sample(url, pending, on_error, counter)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            _handle(e, f"shard {url}", on_error, counter)
+
+
+def _emit_tar_sample(url, pending, on_error, counter):
+    where = f"{url} member {pending['key']}"
+    if "json" not in pending or "zst" not in pending:
+        _handle(ValueError("needs both .json and .zst files"), where, on_error, counter)
+        return
+    yield Sample(where, pending["json"], pending["zst"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-member transforms (each a function of one sample) and their generator forms
+# ---------------------------------------------------------------------------------------------
+
+
+_dctx = threading.local()
+
+
+def _decompressor(zdict: bytes | None) -> zstandard.ZstdDecompressor:
+    # ZstdDecompressor objects are not thread-safe: one per thread.
+    d = getattr(_dctx, "d", None)
+    if d is None or getattr(_dctx, "dict", None) is not zdict:
+        dd = zstandard.ZstdCompressionDict(zdict) if zdict else None
+        d = _dctx.d = zstandard.ZstdDecompressor(dict_data=dd)
+        _dctx.dict = zdict
+    return d
+
+
+def decompress_sample(s: Sample, zdict: bytes | None = None) -> Sample:
+    """zstd frame -> raw bytes; checks the size the manifest promised."""
+    try:
+        limit = s.raw_size if s.raw_size >= 0 else 0
+        raw = _decompressor(zdict).decompress(s.data, max_output_size=limit)
+    except zstandard.ZstdError as e:
+        raise DataError(f"{s.where}: bad zstd frame ({e})") from None
+    if s.raw_size >= 0 and len(raw) != s.raw_size:
+        raise DataError(f"{s.where}: decompressed to {len(raw)} bytes, manifest says {s.raw_size}")
+    s.data = raw
+    return s
+
+
+def parse_meta(s: Sample) -> Sample:
+    if isinstance(s.meta, (bytes, bytearray)):
+        try:
+            meta = json.loads(s.meta)
+            docs = meta["docs"]
+            for d in docs:
+                if not (0 <= d["offset"] and d["offset"] + d["length"] <= len(s.data)):
+                    raise ValueError(f"document {d.get('path')!r} lies outside the member")
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{s.where}: malformed member JSON ({e})") from None
+        s.meta = meta
+    return s
+
+
+@dataclass
+class Segments:
+    """A member's token stream without materialising it: segment i is `lengths[i]` tokens of
+    `raw` from `offsets[i]`, followed by one EOS if `eos[i]`. `raw` is the member's uint8 bytes, or
+    (for members of many tiny documents) a uint16 array that already holds the EOS tokens."""
+
+    raw: np.ndarray
+    offsets: list
+    lengths: list
+    eos: list
+    starts: list  # token index where each segment starts
+    ntokens: int
+
+    @classmethod
+    def build(cls, raw: np.ndarray, offsets, lengths, eos) -> "Segments":
+        starts = list(itertools.accumulate((n + e for n, e in zip(lengths, eos)), initial=0))
+        return cls(raw, list(offsets), list(lengths), list(eos), starts[:-1], starts[-1])
+
+    def tokens(self, eos_id: int) -> np.ndarray:
+        """The stream as one uint16 array (for tests and small inputs)."""
+        out = np.empty(self.ntokens, dtype=np.uint16)
+        TokenReader([self], eos_id).fill(out)
+        return out
+
+
+_TINY_DOCS = 256  # mean document bytes below which a member is materialised with vectorised numpy
+
+
+def member_segments(s: Sample, eos_id: int, order_seed: Sequence[int] | None = None) -> Segments:
+    """A decompressed, parsed member as Segments: its documents (in a seeded random order when
+    `order_seed` is given), an EOS after each one that ends in this member."""
+    docs = s.meta["docs"]
+    if order_seed is not None and len(docs) > 1:
+        perm = np.random.default_rng(list(order_seed)).permutation(len(docs))
+        docs = [docs[j] for j in perm]
+    raw = np.frombuffer(s.data, dtype=np.uint8)
+    offsets = [d["offset"] for d in docs]
+    lengths = [d["length"] for d in docs]
+    eos = [d["doc_offset"] + d["length"] == d["doc_size"] for d in docs]
+    if len(docs) > 1 and len(raw) < _TINY_DOCS * len(docs):
+        # Per-document Python work would dominate: build the token array in a few numpy passes.
+        tokens = _tokens_vectorized(raw, np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
+                                    np.asarray(eos, bool), eos_id)
+        return Segments.build(tokens, [0], [len(tokens)], [False])
+    return Segments.build(raw, offsets, lengths, eos)
+
+
+def _tokens_vectorized(raw, offsets, lengths, ends, eos_id) -> np.ndarray:
+    out = np.empty(int(lengths.sum() + ends.sum()), dtype=np.uint16)
+    dst = np.concatenate([[0], np.cumsum(lengths + ends)[:-1]])  # where each document starts
+    is_data = np.ones(len(out), dtype=bool)
+    is_data[(dst + lengths)[ends]] = False
+    out[~is_data] = eos_id
+    # data position p holds raw[offsets[i] + (p - first data position of document i)]
+    first = np.cumsum(np.concatenate([[0], lengths[:-1]]))
+    out[is_data] = raw[np.repeat(offsets - first, lengths) + np.arange(int(lengths.sum()))]
+    return out
+
+
+def member_tokens(s: Sample, eos_id: int, order_seed: Sequence[int] | None = None) -> np.ndarray:
+    """A parsed member as one uint16 token array (documents, EOS after each ending document)."""
+    return member_segments(s, eos_id, order_seed).tokens(eos_id)
+
+
+class TokenReader:
+    """Reads a stream of Segments into caller-given buffers (casting to the buffer's dtype while
+    copying: one pass from zstd output to the int64 batch). `skip` tokens are dropped first, and at
+    most `limit` tokens are delivered."""
+
+    def __init__(self, members: Iterable[Segments], eos_id: int, skip: int = 0, limit: int | None = None):
+        self._members = iter(members)
+        self.eos_id = eos_id
+        self.remaining = float("inf") if limit is None else limit
+        self._cur: Segments | None = None
+        self._seg = self._within = 0  # position: segment index, tokens of its data consumed
+        self._skip(skip)
+
+    def _advance_member(self) -> bool:
+        for m in self._members:
+            if m.ntokens:
+                self._cur, self._seg, self._within = m, 0, 0
+                return True
+        self._cur = None
+        return False
+
+    def _skip(self, n: int):
+        while n > 0:
+            if self._cur is None and not self._advance_member():
+                return
+            cur = self._cur
+            at = cur.starts[self._seg] + self._within if self._seg < len(cur.starts) else cur.ntokens
+            if n >= cur.ntokens - at:
+                n -= cur.ntokens - at
+                self._cur = None
+                continue
+            t = at + n
+            self._seg = bisect.bisect_right(cur.starts, t) - 1
+            self._within = t - cur.starts[self._seg]  # == lengths[seg] means "at its EOS"
+            return
+
+    def fill(self, out: np.ndarray) -> int:
+        """Writes up to len(out) tokens into out; returns how many (fewer only at the end)."""
+        want = int(min(len(out), self.remaining))
+        pos = 0
+        cur = self._cur
+        while pos < want:
+            if cur is None or self._seg >= len(cur.lengths):
+                if not self._advance_member():
+                    break
+                cur = self._cur
+                continue
+            i, w = self._seg, self._within
+            n = cur.lengths[i]
+            if w < n:
+                take = min(n - w, want - pos)
+                o = cur.offsets[i] + w
+                out[pos:pos + take] = cur.raw[o:o + take]
+                pos += take
+                self._within = w = w + take
+                if w < n:
+                    break  # out is full
+            if cur.eos[i]:
+                if pos == want:
+                    break  # the EOS goes first into the next buffer
+                out[pos] = self.eos_id
+                pos += 1
+            self._seg, self._within = i + 1, 0
+        self.remaining -= pos
+        return pos
+
+
+def _map(data: Iterable, f: Callable, on_error: str, counter: ErrorCounter | None):
+    for item in data:
+        try:
+            yield f(item)
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            if counter is not None:
+                counter.add(str(e))
+
+
+def decompress(samples: Iterable[Sample], zdict: bytes | None = None, on_error="raise", counter=None):
+    return _map(samples, lambda s: decompress_sample(s, zdict), on_error, counter)
+
+
+def unbundle(samples: Iterable[Sample], eos_id: int, on_error="raise", counter=None) -> Iterator[Segments]:
+    """Samples -> Segments (documents in stored order, EOS after each ending document)."""
+    return _map(samples, lambda s: member_segments(parse_meta(s), eos_id), on_error, counter)
+
+
+def documents(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
+    """Samples -> (path, document bytes), joining chunks of large documents."""
+    partial: list[bytes] = []
+    for s in samples:
+        s = parse_meta(s)
+        for d in s.meta["docs"]:
+            partial.append(s.data[d["offset"]:d["offset"] + d["length"]])
+            if d["doc_offset"] + d["length"] == d["doc_size"]:
+                yield d["path"], b"".join(partial)
+                partial = []
+
+
+def documents_from_wds(sample: dict) -> list[tuple[str, bytes, dict]]:
+    """An upstream `webdataset` sample ({"zst": ..., "json": ...}) -> [(path, piece bytes, entry)]."""
+    raw = zstandard.ZstdDecompressor().decompress(sample["zst"])
+    meta = json.loads(sample["json"])
+    return [(d["path"], raw[d["offset"]:d["offset"] + d["length"]], d) for d in meta["docs"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream slicing, packing and batching
+# ---------------------------------------------------------------------------------------------
+
+
+def pack(members: Iterable[Segments], seq_len: int, eos_id: int, pad_id: int | None = None,
+         skip: int = 0, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Packs a stream of members into int64 arrays of exactly seq_len (EOS between documents);
+    the final partial one is padded with pad_id, or dropped when pad_id is None."""
+    reader = TokenReader(members, eos_id, skip, limit)
+    while True:
+        row = np.empty(seq_len, dtype=np.int64)
+        n = reader.fill(row)
+        if n < seq_len:
+            if n and pad_id is not None:
+                row[n:] = pad_id
+                yield row
+            return
+        yield row
+
+
+def batch(seqs: Iterable[np.ndarray], n: int) -> Iterator[torch.Tensor]:
+    """Groups n sequences into an int64 tensor (n, seq_len); a final short group is dropped."""
+    group = []
+    for s in seqs:
+        group.append(s)
+        if len(group) == n:
+            yield stack(group)
+            group = []
+
+
+def stack(seqs: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(seqs).astype(np.int64, copy=False))
+
+
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per-position document index within each row (EOS belongs to the document it ends), for
+    attention masks that keep packed documents apart: attend only where ids are equal."""
+    is_eos = (tokens == eos_id).long()
+    return torch.cumsum(is_eos, dim=-1) - is_eos
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefetch: run a per-item function on a thread pool, results in order
+# ---------------------------------------------------------------------------------------------
+
+
+def prefetch_map(f: Callable, items: Iterable, executor, depth: int = 2) -> Iterator:
+    """Like map(f, items), but keeps `depth` calls running ahead on `executor` (threads: zstd and
+    pread release the GIL). Output order equals input order, so results never depend on timing."""
+    if executor is None:
+        yield from map(f, items)
+        return
+    it = iter(items)
+    window: deque = deque()
+    try:
+        for item in it:
+            window.append(executor.submit(f, item))
+            if len(window) >= depth:
+                break
+        while window:
+            fut = window.popleft()
+            for item in it:
+                window.append(executor.submit(f, item))
+                break
+            yield fut.result()
+    finally:  # a consumer that stops early (end of a lane) cancels the reads it will never use
+        for fut in window:
+            fut.cancel()

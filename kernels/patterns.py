@@ -1,0 +1,765 @@
+"""Sparse attention patterns: which keys each query attends to, per head, in O(1) metadata.
+
+A :class:`SparsePattern` describes the attended set of every head as the UNION of a few parts, each
+defined by a handful of integers, so the layout of a sequence of any length is computed on the fly
+(inside the Triton kernels, by :func:`allowed`, or by :meth:`SparsePattern.key_blocks`) and never
+stored. Positions are 0-based absolute indices in the sequence; ``i`` is a query, ``j`` a key.
+
+Config keys (``SparsePattern.from_config``; the model's ``attention: {kind: sparse, pattern: ...}``)
+-----------------------------------------------------------------------------------------------
+``local: w`` (int >= 0, default 0)
+    Local window: ``|i - j| < w``. With causal masking this is the usual sliding window of the ``w``
+    most recent keys, the query itself included.
+``stride: l`` (int >= 0, default 0 = off)
+    Strided part of the Sparse Transformer (Child et al. 2019, ``A(2)``): ``(i - j) % l == 0``, i.e.
+    every l-th key counted back from the query.
+``dilated: [[segment, dilation], ...]`` (at most 4 entries, default none)
+    LongNet dilated attention (Ding et al. 2023): the sequence is cut into segments
+    ``[k * segment, (k + 1) * segment)``; inside a segment the positions ``p`` with
+    ``p % dilation == offset`` attend each other. The offset varies per head as in LongNet,
+    ``offset = head % dilation``; a third entry ``[segment, dilation, offset]`` fixes it instead.
+    Needs ``1 <= dilation <= segment`` and ``0 <= offset < dilation``.
+``global_tokens: g`` (int >= 0, default 0)
+    Global / attention-sink tokens: the first ``g`` positions are attended by every query
+    (``j < g``) and attend every key (``i < g``; under causal masking that adds nothing).
+``block: b`` (16, 32, 64 or 128; default 64)
+    Tile size of the kernels. ``key_blocks`` / ``query_blocks`` and explicit layouts count in blocks
+    of ``b`` positions. It does not change the attended set, only how the work is tiled.
+``csr: {indptr: [...], indices: [...]}`` (instead of the parts above)
+    An explicit block layout: query block ``qb`` attends key blocks
+    ``indices[indptr[qb]:indptr[qb + 1]]`` (whole ``b x b`` tiles). Metadata is O(number of blocks),
+    and the pattern only fits sequences of exactly ``len(indptr) - 1`` blocks.
+
+A config is one mapping (every head the same, except the LongNet offsets, which follow the head
+index), or a list of mappings, one per head (all with the same ``block``).
+
+Rules
+-----
+* The diagonal is always attended (``j == i``; the local part has an effective window of at least
+  1), so under causal masking every query has at least one key and the softmax is never empty.
+* Causal masking (``j <= i``) is applied on top of the union; it is an argument of the attention
+  call, not part of the pattern.
+* The cost of the kernels is the number of ``b x b`` tiles that hold at least one attended pair.
+  Local windows, global tokens and dilation-1 segments fill whole tiles; the strided and dilated
+  (dilation > 1) parts fill tiles sparsely, so their FLOPs are counted on whole computed tiles.
+
+The block-level functions at the bottom (``_touch_*``, ``_full_*``, ``_visit``) are the plain-Python
+twin of the enumeration in ``kernels/sparse_attention.py`` (``_sweep``): both kernels walk exactly
+the tiles ``_visit`` lists, each once, tiles that are entirely attended in a first unmasked pass and
+the others in a second pass with the element-wise predicate. Keep the two in step; the tests compare
+them tile by tile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+BLOCK_SIZES = (16, 32, 64, 128)
+DEFAULT_BLOCK = 64
+MAX_DILATED = 4
+# Positions are int32 inside the kernels; segment ends such as (k + 1) * segment must not overflow.
+MAX_POSITIONS = 2**30
+PART_KEYS = ("local", "stride", "dilated", "global_tokens")
+CONFIG_KEYS = PART_KEYS + ("block", "csr")
+# Columns of the per-head parameter table handed to the kernels: local, global, stride, then
+# (segment, dilation, offset) per dilated part. Segment 0 marks an unused dilated slot.
+PARAMS_FIXED = 3
+
+
+def _int_value(where: str, value: Any, minimum: int = 0, maximum: int = MAX_POSITIONS) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"sparse pattern: {where} must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"sparse pattern: {where} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Dilated:
+    """One LongNet part: segments of ``segment`` positions, every ``dilation``-th one kept."""
+
+    segment: int
+    dilation: int
+    offset: int | None = None  # None: head % dilation (LongNet's per-head shift)
+
+    def offset_for(self, head: int) -> int:
+        return head % self.dilation if self.offset is None else self.offset
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """The parts of one head (or of every head, when the pattern is not given per head)."""
+
+    local: int = 0
+    stride: int = 0
+    dilated: tuple[Dilated, ...] = ()
+    global_tokens: int = 0
+
+    @property
+    def head_invariant(self) -> bool:
+        """True when no dilated part takes its offset from the head index."""
+        return all(d.offset is not None or d.dilation == 1 for d in self.dilated)
+
+    def params(self, head: int, n: int | None = None) -> list[int]:
+        """Integers of the kernel parameter row; with ``n`` they are clipped to the sequence.
+
+        Clipping keeps int32 arithmetic safe and does not change the attended set inside [0, n):
+        a window, stride or segment of at least ``n`` behaves like one of exactly ``n``.
+        """
+        cap = (lambda x: min(x, n)) if n is not None else (lambda x: x)
+        row = [cap(max(self.local, 1)), cap(self.global_tokens), cap(self.stride)]
+        for d in self.dilated:
+            row += [cap(d.segment), d.dilation, d.offset_for(head)]
+        return row
+
+
+def _parse_dilated(where: str, value: Any) -> tuple[Dilated, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"sparse pattern: {where} must be a list of [segment, dilation] pairs, got {value!r}")
+    if len(value) > MAX_DILATED:
+        raise ValueError(f"sparse pattern: {where} has {len(value)} entries; at most {MAX_DILATED} are supported")
+    parts = []
+    for k, entry in enumerate(value):
+        at = f"{where}[{k}]"
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
+            raise ValueError(f"sparse pattern: {at} must be [segment, dilation] or [segment, dilation, offset], got {entry!r}")
+        segment = _int_value(f"{at} segment", entry[0], minimum=1)
+        dilation = _int_value(f"{at} dilation", entry[1], minimum=1)
+        if dilation > segment:
+            raise ValueError(f"sparse pattern: {at} dilation {dilation} is larger than its segment {segment}")
+        offset = None
+        if len(entry) == 3:
+            offset = _int_value(f"{at} offset", entry[2], minimum=0, maximum=dilation - 1)
+        parts.append(Dilated(segment, dilation, offset))
+    return tuple(parts)
+
+
+def _parse_head(cfg: Any, where: str) -> tuple[HeadPattern | None, int, dict | None]:
+    """One mapping -> (parts or None for csr, block, csr dict or None)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"sparse pattern: {where} must be a mapping of {', '.join(CONFIG_KEYS)}, got {cfg!r}")
+    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"sparse pattern: {where} has unknown key {unknown[0]!r} (allowed: {', '.join(CONFIG_KEYS)})")
+    block = cfg.get("block", DEFAULT_BLOCK)
+    if isinstance(block, bool) or block not in BLOCK_SIZES:
+        raise ValueError(f"sparse pattern: {where}.block must be one of {BLOCK_SIZES}, got {block!r}")
+    if "csr" in cfg:
+        mixed = [k for k in PART_KEYS if k in cfg]
+        if mixed:
+            raise ValueError(f"sparse pattern: {where} gives both 'csr' and {mixed[0]!r}; an explicit layout replaces the parts")
+        csr = cfg["csr"]
+        if not isinstance(csr, dict) or set(csr) != {"indptr", "indices"}:
+            raise ValueError(f"sparse pattern: {where}.csr must be a mapping with exactly 'indptr' and 'indices'")
+        return None, block, csr
+    head = HeadPattern(
+        local=_int_value(f"{where}.local", cfg.get("local", 0)),
+        stride=_int_value(f"{where}.stride", cfg.get("stride", 0)),
+        dilated=_parse_dilated(f"{where}.dilated", cfg.get("dilated", [])),
+        global_tokens=_int_value(f"{where}.global_tokens", cfg.get("global_tokens", 0)),
+    )
+    return head, block, None
+
+
+@dataclass
+class BlockLayout:
+    """An explicit block layout in CSR form, per head: (heads, rows + 1) pointers into one index list."""
+
+    indptr: torch.Tensor  # int64 (heads, rows + 1), global offsets into indices
+    indices: torch.Tensor  # int64 (nnz,), sorted key blocks of each row, diagonal included
+    t_indptr: torch.Tensor  # the transposed layout (per key block, its query blocks)
+    t_indices: torch.Tensor
+    dense: torch.Tensor  # bool (heads, rows, rows), for allowed() and tests
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.dense.shape[-1]
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> "BlockLayout":
+        dense = dense.clone().bool()
+        rows = dense.shape[-1]
+        dense[:, torch.arange(rows), torch.arange(rows)] = True  # the diagonal rule
+        return cls(*cls._csr(dense), *cls._csr(dense.transpose(1, 2)), dense)
+
+    @staticmethod
+    def _csr(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = dense.sum(-1).flatten()
+        indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+        indptr[1:] = counts.cumsum(0)
+        heads, rows = dense.shape[:2]
+        # Pointers per head: row pointers of head h are indptr[h * rows : h * rows + rows + 1].
+        per_head = torch.stack([indptr[h * rows: h * rows + rows + 1] for h in range(heads)])
+        indices = dense.reshape(-1, rows).nonzero()[:, 1]
+        return per_head, indices
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """int32 copies on ``device``: indptr, indices, t_indptr, t_indices."""
+        key = str(device)
+        if key not in self._device_cache:
+            self._device_cache[key] = tuple(
+                t.to(device=device, dtype=torch.int32).contiguous()
+                for t in (self.indptr, self.indices, self.t_indptr, self.t_indices)
+            )
+        return self._device_cache[key]
+
+
+class SparsePattern:
+    """The attended set of every head; see the module docstring for the config keys and rules."""
+
+    def __init__(self, heads: Sequence[HeadPattern] | HeadPattern | None = None, *, block: int = DEFAULT_BLOCK,
+                 layout: BlockLayout | None = None):
+        if block not in BLOCK_SIZES:
+            raise ValueError(f"sparse pattern: block must be one of {BLOCK_SIZES}, got {block!r}")
+        self.block = block
+        self.layout = layout
+        if layout is not None:
+            self._heads: tuple[HeadPattern, ...] = ()
+            self.num_heads: int | None = layout.dense.shape[0]
+        elif isinstance(heads, HeadPattern) or heads is None:
+            self._heads = (heads or HeadPattern(),)
+            self.num_heads = None  # any number of heads
+        else:
+            self._heads = tuple(heads)
+            if not self._heads:
+                raise ValueError("sparse pattern: the list of per-head patterns is empty")
+            self.num_heads = len(self._heads)
+        self._tables: dict = {}
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg: Any) -> "SparsePattern":
+        """Build from one mapping (all heads) or a list of mappings (one per head)."""
+        if isinstance(cfg, SparsePattern):
+            return cfg
+        if isinstance(cfg, (list, tuple)):
+            if not cfg:
+                raise ValueError("sparse pattern: the list of per-head patterns is empty")
+            parsed = [_parse_head(c, f"pattern[{h}]") for h, c in enumerate(cfg)]
+            blocks = {b for _, b, _ in parsed}
+            if len(blocks) != 1:
+                raise ValueError(f"sparse pattern: per-head patterns use different block sizes {sorted(blocks)}; use one")
+            block = blocks.pop()
+            if any(csr is not None for _, _, csr in parsed):
+                if not all(csr is not None for _, _, csr in parsed):
+                    raise ValueError("sparse pattern: mix of 'csr' and part-based heads; give every head a csr layout or none")
+                return cls.from_csr_lists([csr for _, _, csr in parsed], block=block)
+            return cls([h for h, _, _ in parsed], block=block)
+        head, block, csr = _parse_head(cfg, "pattern")
+        if csr is not None:
+            return cls.from_csr_lists([csr], block=block)
+        return cls(head, block=block)
+
+    @classmethod
+    def from_block_layout(cls, layout: torch.Tensor, block: int = DEFAULT_BLOCK) -> "SparsePattern":
+        """An explicit layout: bool (rows, rows) or (heads, rows, rows), True = tile attended."""
+        if not isinstance(layout, torch.Tensor) or layout.dim() not in (2, 3) or layout.shape[-1] != layout.shape[-2]:
+            raise ValueError("sparse pattern: a block layout must be a square bool tensor (rows, rows) or (heads, rows, rows)")
+        dense = layout.detach().cpu().bool()
+        if dense.dim() == 2:
+            dense = dense[None]
+        return cls(block=block, layout=BlockLayout.from_dense(dense))
+
+    @classmethod
+    def from_csr(cls, indptr: Sequence[int] | torch.Tensor, indices: Sequence[int] | torch.Tensor,
+                 block: int = DEFAULT_BLOCK) -> "SparsePattern":
+        """An explicit per-query-block list of key blocks (one head, or every head the same)."""
+        return cls.from_csr_lists([{"indptr": indptr, "indices": indices}], block=block)
+
+    @classmethod
+    def from_csr_lists(cls, csrs: Sequence[dict], block: int = DEFAULT_BLOCK) -> "SparsePattern":
+        denses = []
+        for h, csr in enumerate(csrs):
+            indptr = torch.as_tensor(csr["indptr"], dtype=torch.int64).flatten()
+            indices = torch.as_tensor(csr["indices"], dtype=torch.int64).flatten()
+            rows = indptr.numel() - 1
+            if rows < 1 or indptr[0] != 0 or bool((indptr[1:] < indptr[:-1]).any()) or indptr[-1] != indices.numel():
+                raise ValueError(f"sparse pattern: csr of head {h}: indptr must start at 0, never decrease and end at len(indices)")
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows):
+                raise ValueError(f"sparse pattern: csr of head {h}: key blocks must lie in [0, {rows}), got {indices.tolist()}")
+            dense = torch.zeros(rows, rows, dtype=torch.bool)
+            row_of = torch.repeat_interleave(torch.arange(rows), indptr[1:] - indptr[:-1])
+            dense[row_of, indices] = True
+            denses.append(dense)
+        if len({d.shape[0] for d in denses}) != 1:
+            raise ValueError("sparse pattern: per-head csr layouts have different numbers of blocks")
+        return cls(block=block, layout=BlockLayout.from_dense(torch.stack(denses)))
+
+    def to_config(self) -> dict | list:
+        """The config that rebuilds this pattern (inverse of from_config)."""
+        def one(hp: HeadPattern) -> dict:
+            out: dict[str, Any] = {"block": self.block}
+            if hp.local:
+                out["local"] = hp.local
+            if hp.stride:
+                out["stride"] = hp.stride
+            if hp.dilated:
+                out["dilated"] = [[d.segment, d.dilation] + ([] if d.offset is None else [d.offset]) for d in hp.dilated]
+            if hp.global_tokens:
+                out["global_tokens"] = hp.global_tokens
+            return out
+
+        if self.layout is not None:
+            return [{"block": self.block, "csr": {"indptr": (p - p[0]).tolist(), "indices": self.layout.indices[p[0]:p[-1]].tolist()}}
+                    for p in self.layout.indptr]
+        if self.num_heads is None:
+            return one(self._heads[0])
+        return [one(hp) for hp in self._heads]
+
+    def __repr__(self) -> str:
+        return f"SparsePattern({self.to_config() if self.layout is None else f'<csr {tuple(self.layout.dense.shape)}>'})"
+
+    # ----------------------------------------------------------------------------- per head
+    @property
+    def is_csr(self) -> bool:
+        return self.layout is not None
+
+    @property
+    def head_invariant(self) -> bool:
+        """True when every head attends the same set."""
+        if self.layout is not None:
+            return bool((self.layout.dense == self.layout.dense[:1]).all())
+        return len(set(self._heads)) == 1 and self._heads[0].head_invariant
+
+    def head(self, h: int) -> HeadPattern:
+        if self.layout is not None:
+            raise ValueError("sparse pattern: an explicit csr layout has no parts")
+        return self._heads[0] if self.num_heads is None else self._heads[h]
+
+    def check_heads(self, heads: int, where: str = "attention") -> None:
+        if self.num_heads is not None and self.num_heads != heads:
+            raise ValueError(f"{where}: the sparse pattern is given for {self.num_heads} heads but the input has {heads}")
+
+    def check_length(self, n: int, where: str = "attention") -> None:
+        if not 1 <= n <= MAX_POSITIONS:
+            raise ValueError(f"{where}: sequence length {n} is outside [1, {MAX_POSITIONS}]")
+        if self.layout is not None and -(-n // self.block) != self.layout.num_blocks:
+            raise ValueError(f"{where}: the csr layout covers {self.layout.num_blocks} blocks of {self.block}, "
+                             f"but the sequence has {n} positions ({-(-n // self.block)} blocks)")
+
+    @property
+    def num_dilated(self) -> int:
+        return max((len(hp.dilated) for hp in self._heads), default=0)
+
+    @property
+    def has_global(self) -> bool:
+        return any(hp.global_tokens > 0 for hp in self._heads)
+
+    @property
+    def has_stride(self) -> bool:
+        return any(hp.stride > 0 for hp in self._heads)
+
+    def param_table(self, heads: int, n: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """int32 (heads, 3 + 3 * num_dilated): the whole layout metadata the kernels receive.
+
+        Its size depends on the number of heads and parts only, never on the sequence length.
+        """
+        self.check_heads(heads)
+        key = (heads, n, str(device))
+        if key not in self._tables:
+            width = PARAMS_FIXED + 3 * self.num_dilated
+            rows = []
+            for h in range(heads):
+                row = self.head(h).params(h, n)
+                rows.append(row + [0] * (width - len(row)))
+            self._tables[key] = torch.tensor(rows, dtype=torch.int32, device=device).reshape(heads, width)
+        return self._tables[key]
+
+    def metadata_bytes(self, n: int, heads: int) -> int:
+        """Bytes of layout metadata the kernels read for a sequence of ``n`` positions."""
+        if self.layout is not None:
+            return 4 * sum(t.numel() for t in (self.layout.indptr, self.layout.indices,
+                                               self.layout.t_indptr, self.layout.t_indices))
+        return self.param_table(heads, None).numel() * 4
+
+    # ----------------------------------------------------------------------------- element level
+    def _head_index(self, head: int | torch.Tensor | None, heads: int | None) -> torch.Tensor | int:
+        if head is not None:
+            return head
+        if heads is None:
+            heads = self.num_heads
+        if heads is None:
+            if not self.head_invariant:
+                raise ValueError("sparse pattern: the mask differs per head (dilated offsets follow the head index); pass head= or heads=")
+            return 0
+        return torch.arange(heads)
+
+    def allowed(self, q_idx: torch.Tensor | int, k_idx: torch.Tensor | int, head: int | torch.Tensor | None = None,
+                causal: bool = True, heads: int | None = None) -> torch.Tensor:
+        """Element-wise predicate: may query position ``q_idx`` attend key position ``k_idx``?
+
+        ``q_idx``, ``k_idx`` and ``head`` broadcast against each other (plain tensor arithmetic, so
+        this also serves as a FlexAttention ``mask_mod``). ``head=None`` means all heads: a leading
+        head axis of size ``heads`` (or the pattern's own head count) is added, or no axis when every
+        head attends the same set.
+        """
+        q = torch.as_tensor(q_idx)
+        k = torch.as_tensor(k_idx, device=q.device)
+        h = self._head_index(head, heads)
+        if isinstance(h, torch.Tensor) and head is None:
+            h = h.to(q.device).view(-1, *([1] * max(q.dim(), k.dim())))
+        if self.layout is not None:
+            dense = self.layout.dense.to(q.device)
+            rows = dense.shape[-1]
+            hh = torch.as_tensor(h, device=q.device) % dense.shape[0]
+            qb, kb = q // self.block, k // self.block
+            inside = (qb < rows) & (kb < rows) & (q >= 0) & (k >= 0)
+            ok = dense[hh, qb.clamp(0, rows - 1), kb.clamp(0, rows - 1)] & inside
+        else:
+            table = self.param_table(self._table_heads(h), None, device=q.device).long()
+            hh = torch.as_tensor(h, device=q.device)
+            if self.num_heads is None:
+                # One config for all heads: only the LongNet offset depends on the head.
+                row = table[0]
+                ok = self._allowed_row(q, k, row, hh)
+            else:
+                ok = self._allowed_row(q, k, table[hh], None)
+        if causal:
+            ok = ok & (k <= q)
+        if isinstance(h, torch.Tensor):  # keep the head axis even where no part depends on it
+            ok = ok.expand(torch.broadcast_shapes(ok.shape, h.shape))
+        return ok
+
+    def _table_heads(self, h: Any) -> int:
+        if self.num_heads is not None:
+            return self.num_heads
+        return 1
+
+    def _allowed_row(self, q: torch.Tensor, k: torch.Tensor, row: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+        """Union of the parts; ``row`` is a parameter row (or rows, indexed by head, last axis = columns)."""
+        col = lambda c: row[..., c]  # noqa: E731 - a column of the (possibly per-head) table
+        diff = q - k
+        w = col(0)
+        ok = (diff < w) & (-diff < w)
+        if self.has_global:
+            g = col(1)
+            ok = ok | (k < g) | (q < g)
+        if self.has_stride:
+            l = col(2)
+            ls = l.clamp(min=1)
+            ok = ok | ((l > 0) & (q % ls == k % ls))
+        for d in range(self.num_dilated):
+            s, r = col(PARAMS_FIXED + 3 * d), col(PARAMS_FIXED + 3 * d + 1)
+            off = col(PARAMS_FIXED + 3 * d + 2)
+            if head is not None and self._heads[0].dilated[d].offset is None:
+                off = head % r.clamp(min=1)
+            ss, rs = s.clamp(min=1), r.clamp(min=1)
+            ok = ok | ((s > 0) & (q // ss == k // ss) & (q % rs == off) & (k % rs == off))
+        return ok
+
+    def dense_mask(self, n: int, heads: int | None = None, causal: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool mask (heads, n, n), or (n, n) when ``heads`` is None and every head is the same."""
+        i = torch.arange(n, device=device)
+        if heads is None and self.num_heads is None:
+            return self.allowed(i[:, None], i[None, :], head=None, causal=causal)
+        heads = heads or self.num_heads
+        return self.allowed(i[:, None], i[None, :], head=None, causal=causal, heads=heads)
+
+    def mask_mod(self, heads: int, causal: bool = True, device: torch.device | str = "cpu") -> Callable:
+        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for exactly this attended set."""
+        self.check_heads(heads)
+        if self.layout is not None:
+            dense = self.layout.dense.to(device)
+            block, hn = self.block, dense.shape[0]
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                ok = dense[h % hn, q_idx // block, kv_idx // block]
+                return ok & (kv_idx <= q_idx) if causal else ok
+
+            return mask_mod
+        table = self.param_table(heads, None, device=device).long()
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = self._allowed_row(q_idx, kv_idx, table[h], None)
+            return ok & (kv_idx <= q_idx) if causal else ok
+
+        return mask_mod
+
+    # ----------------------------------------------------------------------------- block level
+    def key_blocks(self, q_block: int, n: int, head: int = 0, causal: bool = True, with_full: bool = False) -> list:
+        """Key blocks the kernels visit for query block ``q_block`` (sorted; pairs with a full flag if asked)."""
+        return self._blocks(q_block, n, head, causal, with_full, transposed=False)
+
+    def query_blocks(self, k_block: int, n: int, head: int = 0, causal: bool = True, with_full: bool = False) -> list:
+        """Query blocks whose key-block list contains ``k_block`` (the transposed layout)."""
+        return self._blocks(k_block, n, head, causal, with_full, transposed=True)
+
+    def _blocks(self, x_block: int, n: int, head: int, causal: bool, with_full: bool, transposed: bool) -> list:
+        self.check_length(n, "key_blocks")
+        nb = -(-n // self.block)
+        if not 0 <= x_block < nb:
+            raise ValueError(f"key_blocks: block {x_block} is outside [0, {nb}) for length {n}")
+        if self.layout is not None:
+            visits = _visit_csr(self.layout, head, n, self.block, x_block, causal, transposed)
+        else:
+            visits = _visit(self.head(head).params(head, n), n, self.block, x_block, causal, transposed)
+        visits = sorted(visits)
+        return visits if with_full else [b for b, _ in visits]
+
+    def num_tiles(self, n: int, heads: int, causal: bool = True) -> tuple[int, int]:
+        """(full tiles, masked tiles) the forward kernel computes over all heads (Python, slow for huge n)."""
+        full = masked = 0
+        nb = -(-n // self.block)
+        for h in range(heads):
+            for qb in range(nb):
+                for _, is_full in self.key_blocks(qb, n, h, causal, with_full=True):
+                    full += is_full
+                    masked += not is_full
+        return full, masked
+
+
+# ================================================================================================
+# Block-level geometry: the plain-Python twin of the enumeration in sparse_attention._sweep.
+# (q0, ql) are the first and last position of a query block, (k0, kl) of a key block; blocks are
+# aligned, only the last one of a sequence may be short. All arithmetic stays on non-negative
+# integers because Triton's // and % truncate towards zero.
+# ================================================================================================
+
+def _first_residue(a: int, r: int, off: int) -> int:
+    """Smallest p >= a with p % r == off."""
+    return a + (off - a % r + r) % r
+
+
+def _touch_local(q0, ql, k0, kl, w, causal):
+    if causal:
+        return k0 <= ql and q0 - kl < w
+    return q0 - kl < w and k0 - ql < w
+
+
+def _touch_global(q0, ql, k0, kl, g, causal):
+    if causal:
+        return k0 < g and k0 <= ql
+    return k0 < g or q0 < g
+
+
+def _touch_stride(q0, ql, k0, kl, l, causal):
+    """Some i - j (j <= i when causal) in the tile is a multiple of l."""
+    if l == 0:
+        return False
+    dlo, dhi = q0 - kl, ql - k0
+    if causal:
+        dlo = max(dlo, 0)
+    if dlo > 0:
+        a, b = dlo, dhi
+    elif dhi < 0:
+        a, b = -dhi, -dlo
+    else:
+        a, b = 0, 0
+    return dhi >= dlo and (a + l - 1) // l * l <= b
+
+
+def _touch_dilated(q0, ql, k0, kl, s, r, off, causal):
+    if s == 0:
+        return False
+    return (_first_residue(q0, r, off) <= ql and _first_residue(k0, r, off) <= kl
+            and q0 // s <= kl // s and k0 // s <= ql // s and (not causal or k0 <= ql))
+
+
+def _complete(q0, ql, k0, kl, block):
+    return ql - q0 == block - 1 and kl - k0 == block - 1
+
+
+def _full_local(q0, ql, k0, kl, w, causal, block):
+    if not _complete(q0, ql, k0, kl, block):
+        return False
+    if causal:
+        return kl < q0 and ql - k0 < w
+    return ql - k0 < w and kl - q0 < w
+
+
+def _full_global(q0, ql, k0, kl, g, causal, block):
+    if not _complete(q0, ql, k0, kl, block):
+        return False
+    if causal:
+        return kl < g and kl < q0
+    return kl < g or ql < g
+
+
+def _full_dilated(q0, ql, k0, kl, s, r, causal, block):
+    if s == 0 or r != 1 or not _complete(q0, ql, k0, kl, block):
+        return False
+    return q0 // s == ql // s == k0 // s == kl // s and (not causal or kl < q0)
+
+
+def _unpack(params: Sequence[int]) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+    w, g, l = params[:PARAMS_FIXED]
+    rest = params[PARAMS_FIXED:]
+    dils = [(rest[i], rest[i + 1], rest[i + 2]) for i in range(0, len(rest), 3) if rest[i] > 0]
+    return w, g, l, dils
+
+
+def _visit(params: Sequence[int], n: int, block: int, xb: int, causal: bool, transposed: bool) -> list[tuple[int, bool]]:
+    """Tiles (other block, full) visited for fixed block ``xb`` (a query block, or a key block when
+    ``transposed``), in kernel order: the unmasked pass, then the masked pass. Mirrors ``_sweep``."""
+    w, g, l, dils = _unpack(params)
+    B = block
+    nb, nbc = -(-n // B), n // B
+    x0 = xb * B
+    xl = min(x0 + B, n) - 1
+
+    def orient(blk):
+        b0 = blk * B
+        bl = min(b0 + B, n) - 1
+        return (b0, bl, x0, xl) if transposed else (x0, xl, b0, bl)
+
+    def full_any(t):
+        return (_full_local(*t, w, causal, B) or _full_global(*t, g, causal, B)
+                or any(_full_dilated(*t, s, r, causal, B) for s, r, _ in dils))
+
+    out: list[tuple[int, bool]] = []
+    # ---- pass 1: entirely attended tiles, no mask; each owned by the first part that fills it.
+    lo, hi = _local_full_range(xb, w, nbc, causal, transposed, B)
+    out += [(blk, True) for blk in range(lo, hi + 1)]
+    lo, hi = _global_full_range(xb, g, nbc, causal, transposed, B)
+    for blk in range(lo, hi + 1):
+        if not _full_local(*orient(blk), w, causal, B):
+            out.append((blk, True))
+    for d, (s, r, _) in enumerate(dils):
+        lo, hi = _dilated_full_range(xb, x0, xl, s, r, n, nbc, causal, transposed, B)
+        for blk in range(lo, hi + 1):
+            t = orient(blk)
+            if not (_full_local(*t, w, causal, B) or _full_global(*t, g, causal, B)
+                    or any(_full_dilated(*t, s2, r2, causal, B) for s2, r2, _ in dils[:d])):
+                out.append((blk, True))
+    # ---- pass 2: the other touched tiles, with the element-wise predicate.
+    lo, hi = _local_touch_range(x0, xl, w, n, causal, transposed, B)
+    for blk in range(lo, hi + 1):
+        if not full_any(orient(blk)):
+            out.append((blk, False))
+    lo, hi = _global_touch_range(xb, x0, xl, g, n, causal, transposed, B)
+    for blk in range(lo, hi + 1):
+        t = orient(blk)
+        if not _touch_local(*t, w, causal) and not full_any(t):
+            out.append((blk, False))
+    if l > 0:
+        for blk, ok in _stride_candidates(x0, xl, xb, l, n, nb, causal, transposed, B):
+            t = orient(blk)
+            if ok and not (_touch_local(*t, w, causal) or _touch_global(*t, g, causal)) and not full_any(t):
+                out.append((blk, False))
+    for d, (s, r, off) in enumerate(dils):
+        for blk, ok in _dilated_candidates(x0, xl, xb, s, r, off, n, causal, transposed, B):
+            t = orient(blk)
+            earlier = (_touch_local(*t, w, causal) or _touch_global(*t, g, causal) or _touch_stride(*t, l, causal)
+                       or any(_touch_dilated(*t, s2, r2, o2, causal) for s2, r2, o2 in dils[:d]))
+            if ok and not earlier and not full_any(t):
+                out.append((blk, False))
+    return out
+
+
+def _local_full_range(xb, w, nbc, causal, transposed, B):
+    m = (w - B) // B if w >= B else -1
+    lo = xb + 1 if (causal and transposed) else xb - m
+    hi = xb - 1 if (causal and not transposed) else xb + m
+    if xb >= nbc:
+        return 0, -1
+    return max(lo, 0), min(hi, nbc - 1)
+
+
+def _global_full_range(xb, g, nbc, causal, transposed, B):
+    G = g // B
+    if xb >= nbc:
+        return 0, -1
+    if not causal:
+        return 0, (nbc - 1 if xb < G else G - 1)
+    if not transposed:
+        return 0, min(G, xb) - 1
+    return xb + 1, (nbc - 1 if xb < G else -1)
+
+
+def _dilated_full_range(xb, x0, xl, s, r, n, nbc, causal, transposed, B):
+    if s == 0 or r != 1 or xb >= nbc or x0 // s != xl // s:
+        return 0, -1
+    seg = x0 // s
+    lo = (seg * s + B - 1) // B
+    hi = min((seg + 1) * s, n) // B - 1
+    if causal and not transposed:
+        hi = min(hi, xb - 1)
+    if causal and transposed:
+        lo = max(lo, xb + 1)
+    return lo, hi
+
+
+def _local_touch_range(x0, xl, w, n, causal, transposed, B):
+    lo = x0 if (causal and transposed) else max(x0 - w + 1, 0)
+    hi = xl if (causal and not transposed) else min(xl + w - 1, n - 1)
+    return lo // B, hi // B
+
+
+def _global_touch_range(xb, x0, xl, g, n, causal, transposed, B):
+    nb = -(-n // B)
+    if g == 0:
+        return 0, -1
+    inside = x0 < g
+    if not causal:
+        return 0, (nb - 1 if inside else (g - 1) // B)
+    if not transposed:
+        return 0, min(g - 1, xl) // B
+    return xb, (nb - 1 if inside else -1)
+
+
+def _stride_candidates(x0, xl, xb, l, n, nb, causal, transposed, B) -> Iterable[tuple[int, bool]]:
+    """Blocks holding a key j = i - tau * l (forward) or query i = j + tau' * l (transposed).
+
+    For l >= B each tau hits at most two blocks, listed in falling order (hi_tau, lo_tau), so a block
+    seen twice is always the one just before: skip it. For l < B every block in range is a candidate
+    and the tile test decides."""
+    if l >= B:
+        A, C = (n - 1 - x0) // l, xl // l
+        t_lo, t_hi = ((0 if causal else -A), C) if not transposed else (-A, (0 if causal else C))
+        for u in range(2 * (t_hi - t_lo + 1)):
+            tau = t_lo + u // 2
+            hi_b = min(xl - tau * l, n - 1) // B
+            lo_b = max(x0 - tau * l, 0) // B
+            if u % 2 == 0:
+                prev_lo = max(x0 - (tau - 1) * l, 0) // B
+                yield hi_b, not (tau > t_lo and hi_b == prev_lo)
+            else:
+                yield lo_b, lo_b != hi_b
+    else:
+        lo = xb if (causal and transposed) else 0
+        hi = xb if (causal and not transposed) else nb - 1
+        for blk in range(lo, hi + 1):
+            b0, bl = blk * B, min(blk * B + B, n) - 1
+            t = (b0, bl, x0, xl) if transposed else (x0, xl, b0, bl)
+            yield blk, _touch_stride(*t, l, causal)
+
+
+def _dilated_candidates(x0, xl, xb, s, r, off, n, causal, transposed, B) -> Iterable[tuple[int, bool]]:
+    """Blocks of the segments the fixed block spans that hold a position p % r == off."""
+    if _first_residue(x0, r, off) > xl:
+        return
+    pos_lo = (x0 // s) * s
+    pos_hi = min((xl // s + 1) * s, n) - 1
+    if causal and not transposed:
+        pos_hi = min(pos_hi, xl)
+    if causal and transposed:
+        pos_lo = max(pos_lo, x0)
+    b_lo, b_hi = pos_lo // B, pos_hi // B
+    if r >= B:
+        p0 = _first_residue(b_lo * B, r, off)
+        p_end = min((b_hi + 1) * B, n) - 1
+        count = (p_end - p0) // r + 1 if p0 <= p_end else 0
+        for u in range(count):
+            yield (p0 + u * r) // B, True
+    else:
+        for blk in range(b_lo, b_hi + 1):
+            b0, bl = blk * B, min(blk * B + B, n) - 1
+            yield blk, _first_residue(b0, r, off) <= bl
+
+
+def _visit_csr(layout: BlockLayout, head: int, n: int, block: int, xb: int, causal: bool, transposed: bool) -> list[tuple[int, bool]]:
+    ptr, idx = (layout.t_indptr, layout.t_indices) if transposed else (layout.indptr, layout.indices)
+    h = head % ptr.shape[0]
+    nbc = n // block
+    out_full, out_masked = [], []
+    for blk in idx[int(ptr[h, xb]): int(ptr[h, xb + 1])].tolist():
+        strict = (blk > xb) if transposed else (blk < xb)
+        if causal and not (blk >= xb if transposed else blk <= xb):
+            continue  # entirely above the diagonal: nothing attended
+        full = xb < nbc and blk < nbc and (strict or not causal)
+        (out_full if full else out_masked).append((blk, full))
+    return out_full + out_masked

@@ -1,0 +1,913 @@
+"""Block-sparse flash attention in Triton, with the layout computed inside the kernels.
+
+Algorithm: FlashAttention-2 (Dao 2023, https://tridao.me/publications/flash2/flash2.pdf) as in the
+Triton fused-attention tutorial (``python/tutorials/06-fused-attention.py``): an online-softmax
+forward that stores the log-sum-exp per row; a backward made of a preprocessing kernel
+(``delta = rowsum(dO * O)``), a dK/dV kernel that walks, for each key block, the query blocks whose
+lists contain it (the transposed layout), and a dQ kernel that walks the forward lists again. No
+atomics: every output tile is owned by one program, so results are deterministic.
+
+Sparsity (``patterns.py``): each head's attended set is a union of parts (local window, strided,
+LongNet dilated segments, global tokens) given by a few integers per head, or an explicit CSR block
+layout. A program never reads a list of blocks: ``_sweep`` enumerates, from those integers, the
+blocks each part touches, skips the ones an earlier part owns, and visits every touched tile exactly
+once in two passes: tiles that are entirely attended without any mask, then the partly attended
+ones with the element-wise predicate ``_allowed``. ``patterns._visit`` is the plain-Python twin of
+``_sweep``; the tests compare them tile by tile through ``_count_kernel``.
+
+Public: ``sparse_attention`` (Triton on CUDA tensors, the PyTorch reference on CPU tensors unless
+``backend="triton"``), ``reference_attention`` (plain PyTorch, exact, optionally chunked so memory
+stays linear in the length), ``SparseAttentionFunction`` (the autograd.Function).
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.checkpoint import checkpoint
+
+from .patterns import SparsePattern
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
+BACKENDS = ("auto", "triton", "reference")
+
+# What a tile does (constexpr KIND of _sweep / _tile).
+_FWD = tl.constexpr(0)
+_DQ = tl.constexpr(1)
+_DKDV = tl.constexpr(2)
+_COUNT = tl.constexpr(3)  # record visited tiles only (tests, benchmark tile counts)
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+_poison_outputs = False  # tests: fill outputs with NaN before launch so unwritten elements show
+
+
+@contextmanager
+def poison_outputs():
+    """Allocate every kernel output filled with NaN while active (a test aid)."""
+    global _poison_outputs
+    old, _poison_outputs = _poison_outputs, True
+    try:
+        yield
+    finally:
+        _poison_outputs = old
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if _poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ================================================================================================
+# Element and block predicates (device functions). Positions are int32 and never negative, because
+# Triton's // and % truncate towards zero.
+# ================================================================================================
+
+@triton.jit
+def _first_residue(a, r, off):
+    """Smallest p >= a with p % r == off."""
+    return a + (off - a % r + r) % r
+
+
+@triton.jit
+def _allowed(qi, kj, n, prm, CAUSAL: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr,
+             NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr):
+    """Element-wise predicate for a tile: query positions ``qi`` against key positions ``kj``."""
+    ok = (kj < n) & (qi < n)
+    if not LAYOUT_CSR:  # an explicit layout attends whole tiles: only bounds and causality
+        w = tl.load(prm)
+        diff = qi - kj
+        part = (diff < w) & (diff > -w)
+        if HAS_GLOBAL:
+            g = tl.load(prm + 1)
+            part = part | (kj < g) | (qi < g)
+        if HAS_STRIDE:
+            l = tl.load(prm + 2)
+            ls = tl.maximum(l, 1)
+            part = part | (((qi % ls) == (kj % ls)) & (l > 0))
+        for d in tl.static_range(NUM_DIL):
+            s = tl.load(prm + 3 + 3 * d)
+            r = tl.load(prm + 4 + 3 * d)
+            off = tl.load(prm + 5 + 3 * d)
+            ss = tl.maximum(s, 1)
+            rs = tl.maximum(r, 1)
+            part = part | ((qi // ss == kj // ss) & (qi % rs == off) & (kj % rs == off) & (s > 0))
+        ok = ok & part
+    if CAUSAL:
+        ok = ok & (kj <= qi)
+    return ok
+
+
+@triton.jit
+def _touch_local(q0, ql, k0, kl, w, CAUSAL: tl.constexpr):
+    if CAUSAL:
+        t = (k0 <= ql) & (q0 - kl < w)
+    else:
+        t = (q0 - kl < w) & (k0 - ql < w)
+    return t
+
+
+@triton.jit
+def _touch_global(q0, ql, k0, kl, g, CAUSAL: tl.constexpr):
+    if CAUSAL:
+        t = (k0 < g) & (k0 <= ql)
+    else:
+        t = (k0 < g) | (q0 < g)
+    return t
+
+
+@triton.jit
+def _touch_stride(q0, ql, k0, kl, l, CAUSAL: tl.constexpr):
+    """Some difference i - j of the tile (j <= i when causal) is a multiple of l."""
+    ls = tl.maximum(l, 1)
+    dlo = q0 - kl
+    dhi = ql - k0
+    if CAUSAL:
+        dlo = tl.maximum(dlo, 0)
+    a = tl.where(dlo > 0, dlo, tl.where(dhi < 0, -dhi, 0))
+    b = tl.where(dlo > 0, dhi, tl.where(dhi < 0, -dlo, 0))
+    return (l > 0) & (dhi >= dlo) & ((a + ls - 1) // ls * ls <= b)
+
+
+@triton.jit
+def _touch_dilated(q0, ql, k0, kl, s, r, off, CAUSAL: tl.constexpr):
+    ss = tl.maximum(s, 1)
+    rs = tl.maximum(r, 1)
+    t = (s > 0) & (_first_residue(q0, rs, off) <= ql) & (_first_residue(k0, rs, off) <= kl)
+    t = t & (q0 // ss <= kl // ss) & (k0 // ss <= ql // ss)
+    if CAUSAL:
+        t = t & (k0 <= ql)
+    return t
+
+
+@triton.jit
+def _complete(q0, ql, k0, kl, BLOCK: tl.constexpr):
+    return ((ql - q0) == BLOCK - 1) & ((kl - k0) == BLOCK - 1)
+
+
+@triton.jit
+def _full_local(q0, ql, k0, kl, w, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    if CAUSAL:
+        f = (kl < q0) & (ql - k0 < w)
+    else:
+        f = (ql - k0 < w) & (kl - q0 < w)
+    return f & _complete(q0, ql, k0, kl, BLOCK)
+
+
+@triton.jit
+def _full_global(q0, ql, k0, kl, g, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    if CAUSAL:
+        f = (kl < g) & (kl < q0)
+    else:
+        f = (kl < g) | (ql < g)
+    return f & _complete(q0, ql, k0, kl, BLOCK)
+
+
+@triton.jit
+def _full_dilated(q0, ql, k0, kl, s, r, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    ss = tl.maximum(s, 1)
+    seg = q0 // ss
+    f = (s > 0) & (r == 1) & (ql // ss == seg) & (k0 // ss == seg) & (kl // ss == seg)
+    if CAUSAL:
+        f = f & (kl < q0)
+    return f & _complete(q0, ql, k0, kl, BLOCK)
+
+
+@triton.jit
+def _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+              HAS_GLOBAL: tl.constexpr, NUM_DIL: tl.constexpr):
+    """The tile is entirely attended (it belongs to the unmasked pass)."""
+    f = _full_local(q0, ql, k0, kl, w, CAUSAL, BLOCK)
+    if HAS_GLOBAL:
+        f = f | _full_global(q0, ql, k0, kl, g, CAUSAL, BLOCK)
+    for d in tl.static_range(NUM_DIL):
+        f = f | _full_dilated(q0, ql, k0, kl, tl.load(prm + 3 + 3 * d), tl.load(prm + 4 + 3 * d), CAUSAL, BLOCK)
+    return f
+
+
+@triton.jit
+def _orient(blk, x0, xl, n, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """(q0, ql, k0, kl) of the tile between the fixed block [x0, xl] and moving block ``blk``."""
+    b0 = blk * BLOCK
+    bl = tl.minimum(b0 + BLOCK, n) - 1
+    if TRANSPOSED:
+        return b0, bl, x0, xl
+    else:
+        return x0, xl, b0, bl
+
+
+# ================================================================================================
+# Tile bodies. State slots (s0, s1, s2, s3) and fixed-side slots (f0..f3) per KIND:
+#   _FWD : s0 acc (B, D) fp32, s2 row max m, s3 row sum l   | f0 q            | moving: K, V
+#   _DQ  : s0 dq (B, D) fp32                                | f0 q, f1 dO, f2 lse, f3 delta | K, V
+#   _DKDV: s0 dk, s1 dv (B, D) fp32                         | f0 k, f1 v      | moving: Q, dO, lse, delta
+#   _COUNT: s2 full tiles, s3 masked tiles (per lane)       | -               | map row (if HAS_MAP)
+# Unused slots carry any tensor through unchanged.
+# ================================================================================================
+
+@triton.jit
+def _load_rows(base, rows, stride, offs_d, n, ROW_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    ptrs = base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    if ROW_MASK:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=rows[:, None] < n, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, rows, stride, offs_d, n, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    tl.store(ptrs, x, mask=(rows[:, None] < n) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b, map_ptr,
+          blk, xb, n, prm, qk_scale,
+          KIND: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr,
+          NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
+    offs_b = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    if KIND == _COUNT:
+        if MASKED:
+            s3 = s3 + 1.0
+        else:
+            s2 = s2 + 1.0
+        if HAS_MAP:  # tests: 1 per unmasked visit, 16 per masked visit, so repeats show
+            seen = tl.load(map_ptr + blk)
+            if MASKED:
+                tl.store(map_ptr + blk, seen + 16)
+            else:
+                tl.store(map_ptr + blk, seen + 1)
+    elif KIND == _FWD:
+        k = _load_rows(a_ptr, offs_b, stride_a, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_rows(b_ptr, offs_b, stride_b, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(f0, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            ok = _allowed(offs_x[:, None], offs_b[None, :], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
+            qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(s2, tl.max(qk, 1))
+        # A row with nothing attended so far keeps m = -inf; shift by 0 then, so no inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(s2 - m_use)
+        s3 = s3 * alpha + tl.sum(p, 1)
+        s0 = s0 * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        s2 = m_new
+    elif KIND == _DQ:
+        k = _load_rows(a_ptr, offs_b, stride_a, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_rows(b_ptr, offs_b, stride_b, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(f0, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(qk - f2[:, None])
+        if MASKED:
+            ok = _allowed(offs_x[:, None], offs_b[None, :], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(f1, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - f3[:, None])
+        s0 = s0 + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    else:  # _DKDV: the tile transposed, rows are keys of the fixed block, columns queries of blk
+        q = _load_rows(a_ptr, offs_b, stride_a, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+        do = _load_rows(b_ptr, offs_b, stride_b, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+        if MASKED:
+            lse = tl.load(av_ptr + offs_b, mask=offs_b < n, other=0.0)
+            delta = tl.load(bv_ptr + offs_b, mask=offs_b < n, other=0.0)
+        else:
+            lse = tl.load(av_ptr + offs_b)
+            delta = tl.load(bv_ptr + offs_b)
+        qk_t = tl.dot(f0, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        p_t = tl.math.exp2(qk_t - lse[None, :])
+        if MASKED:
+            ok = _allowed(offs_b[None, :], offs_x[:, None], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
+            p_t = tl.where(ok, p_t, 0.0)
+        s1 = s1 + tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(f1, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        s0 = s0 + tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return s0, s1, s2, s3
+
+
+# ================================================================================================
+# Enumeration of the tiles of one fixed block (a query block; a key block when TRANSPOSED).
+# Twin of patterns._visit: same parts, same order, same ownership rules.
+# ================================================================================================
+
+@triton.jit
+def _local_full_range(xb, w, nbc, CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+    m = tl.where(w >= BLOCK, (tl.maximum(w, BLOCK) - BLOCK) // BLOCK, -1)
+    if CAUSAL and TRANSPOSED:
+        lo = xb + 1
+    else:
+        lo = xb - m
+    if CAUSAL and not TRANSPOSED:
+        hi = xb - 1
+    else:
+        hi = xb + m
+    lo = tl.maximum(lo, 0)
+    hi = tl.where(xb >= nbc, -1, tl.minimum(hi, nbc - 1))
+    return lo, hi
+
+
+@triton.jit
+def _global_full_range(xb, g, nbc, CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+    G = g // BLOCK
+    if not CAUSAL:
+        lo = xb * 0
+        hi = tl.where(xb < G, nbc - 1, G - 1)
+    elif not TRANSPOSED:
+        lo = xb * 0
+        hi = tl.minimum(G, xb) - 1
+    else:
+        lo = xb + 1
+        hi = tl.where(xb < G, nbc - 1, -1)
+    hi = tl.where(xb >= nbc, -1, hi)
+    return lo, hi
+
+
+@triton.jit
+def _dilated_full_range(xb, x0, xl, s, r, n, nbc, CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    ss = tl.maximum(s, 1)
+    seg = x0 // ss
+    lo = (seg * ss + BLOCK - 1) // BLOCK
+    hi = tl.minimum((seg + 1) * ss, n) // BLOCK - 1
+    if CAUSAL and not TRANSPOSED:
+        hi = tl.minimum(hi, xb - 1)
+    if CAUSAL and TRANSPOSED:
+        lo = tl.maximum(lo, xb + 1)
+    bad = (s == 0) | (r != 1) | (xb >= nbc) | (xl // ss != seg)
+    return lo, tl.where(bad, lo - 1, hi)
+
+
+@triton.jit
+def _local_touch_range(x0, xl, w, n, CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+    if CAUSAL and TRANSPOSED:
+        lo = x0
+    else:
+        lo = tl.maximum(x0 - w + 1, 0)
+    if CAUSAL and not TRANSPOSED:
+        hi = xl
+    else:
+        hi = tl.minimum(xl + w - 1, n - 1)
+    return lo // BLOCK, hi // BLOCK
+
+
+@triton.jit
+def _global_touch_range(xb, x0, xl, g, n, CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+    nb = tl.cdiv(n, BLOCK)
+    inside = x0 < g
+    g_last = tl.maximum(g - 1, 0)
+    if not CAUSAL:
+        lo = xb * 0
+        hi = tl.where(inside, nb - 1, g_last // BLOCK)
+    elif not TRANSPOSED:
+        lo = xb * 0
+        hi = tl.minimum(g_last, xl) // BLOCK
+    else:
+        lo = xb
+        hi = tl.where(inside, nb - 1, -1)
+    hi = tl.where(g == 0, lo - 1, hi)
+    return lo, hi
+
+
+@triton.jit
+def _sweep(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b, map_ptr,
+           xb, n, prm, ptr_ptr, idx_ptr, qk_scale,
+           KIND: tl.constexpr, FULL_PASS: tl.constexpr, MASKED: tl.constexpr, TRANSPOSED: tl.constexpr,
+           CAUSAL: tl.constexpr,
+           BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+           HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr, HAS_MAP: tl.constexpr,
+           DOT_PREC: tl.constexpr):
+    """One pass over the tiles of fixed block ``xb``: the entirely attended ones without a mask
+    (FULL_PASS) or the partly attended ones with the element-wise predicate (MASKED, its negation)."""
+    x0 = xb * BLOCK
+    xl = tl.minimum(x0 + BLOCK, n) - 1
+    nb = tl.cdiv(n, BLOCK)
+    nbc = n // BLOCK
+    if LAYOUT_CSR:
+        start = tl.load(ptr_ptr + xb)
+        end = tl.load(ptr_ptr + xb + 1)
+        for u in range(start, end):
+            blk = tl.load(idx_ptr + u)
+            if TRANSPOSED:
+                strict = blk > xb
+                inside = blk >= xb
+            else:
+                strict = blk < xb
+                inside = blk <= xb
+            if not CAUSAL:
+                strict = blk >= 0
+                inside = blk >= 0
+            full = (xb < nbc) & (blk < nbc) & strict
+            if FULL_PASS:
+                take = full
+            else:
+                take = inside & (full == 0)
+            if take:
+                s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a,
+                                       stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL, BLOCK,
+                                       HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP,
+                                       DOT_PREC)
+    else:
+        w = tl.load(prm)
+        g = tl.load(prm + 1)
+        l = tl.load(prm + 2)
+        if FULL_PASS:
+            # Each entirely attended tile belongs to the first of local, global, dilated_0.. that fills it.
+            lo, hi = _local_full_range(xb, w, nbc, CAUSAL, TRANSPOSED, BLOCK)
+            for u in range(0, hi - lo + 1):
+                s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a,
+                                       stride_b, map_ptr, lo + u, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL,
+                                       BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR,
+                                       HAS_MAP, DOT_PREC)
+            if HAS_GLOBAL:
+                lo, hi = _global_full_range(xb, g, nbc, CAUSAL, TRANSPOSED, BLOCK)
+                for u in range(0, hi - lo + 1):
+                    blk = lo + u
+                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
+                    if _full_local(q0, ql, k0, kl, w, CAUSAL, BLOCK) == 0:
+                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
+                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
+                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
+                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
+            for d in tl.static_range(NUM_DIL):
+                s = tl.load(prm + 3 + 3 * d)
+                r = tl.load(prm + 4 + 3 * d)
+                lo, hi = _dilated_full_range(xb, x0, xl, s, r, n, nbc, CAUSAL, TRANSPOSED, BLOCK)
+                for u in range(0, hi - lo + 1):
+                    blk = lo + u
+                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
+                    skip = _full_local(q0, ql, k0, kl, w, CAUSAL, BLOCK)
+                    if HAS_GLOBAL:
+                        skip = skip | _full_global(q0, ql, k0, kl, g, CAUSAL, BLOCK)
+                    for e in tl.static_range(d):
+                        skip = skip | _full_dilated(q0, ql, k0, kl, tl.load(prm + 3 + 3 * e),
+                                                    tl.load(prm + 4 + 3 * e), CAUSAL, BLOCK)
+                    if skip == 0:
+                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
+                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
+                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
+                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
+        else:
+            # Partly attended tiles; each belongs to the first of local, global, stride, dilated_0..
+            # that touches it (the union predicate decides the elements).
+            lo, hi = _local_touch_range(x0, xl, w, n, CAUSAL, TRANSPOSED, BLOCK)
+            for u in range(0, hi - lo + 1):
+                blk = lo + u
+                q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
+                if _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL) == 0:
+                    s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a,
+                                           stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL,
+                                           BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR,
+                                           HAS_MAP, DOT_PREC)
+            if HAS_GLOBAL:
+                lo, hi = _global_touch_range(xb, x0, xl, g, n, CAUSAL, TRANSPOSED, BLOCK)
+                for u in range(0, hi - lo + 1):
+                    blk = lo + u
+                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
+                    skip = _touch_local(q0, ql, k0, kl, w, CAUSAL)
+                    skip = skip | _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL)
+                    if skip == 0:
+                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
+                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
+                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
+                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
+            if HAS_STRIDE:
+                # l >= BLOCK: each shift tau * l hits at most two blocks, listed falling (forward) or
+                # rising (transposed) so a repeat is always the block just before. l < BLOCK: scan.
+                ls = tl.maximum(l, 1)
+                far = (n - 1 - x0) // ls
+                near = xl // ls
+                if TRANSPOSED:
+                    t_lo = -far
+                    if CAUSAL:
+                        t_hi = xb * 0
+                    else:
+                        t_hi = near
+                    r_hi = nb - 1
+                    if CAUSAL:
+                        r_lo = xb
+                    else:
+                        r_lo = xb * 0
+                else:
+                    t_hi = near
+                    if CAUSAL:
+                        t_lo = xb * 0
+                    else:
+                        t_lo = -far
+                    r_lo = xb * 0
+                    if CAUSAL:
+                        r_hi = xb
+                    else:
+                        r_hi = nb - 1
+                step = l >= BLOCK
+                count = tl.where(step, 2 * (t_hi - t_lo + 1), r_hi - r_lo + 1)
+                count = tl.where(l > 0, count, 0)
+                for u in range(0, count):
+                    if step:
+                        tau = t_lo + u // 2
+                        hi_b = tl.minimum(xl - tau * l, n - 1) // BLOCK
+                        lo_b = tl.maximum(x0 - tau * l, 0) // BLOCK
+                        prev_lo = tl.maximum(x0 - (tau - 1) * l, 0) // BLOCK
+                        odd = (u % 2) == 1
+                        blk = tl.where(odd, lo_b, hi_b)
+                        ok = tl.where(odd, lo_b != hi_b, (tau == t_lo) | (hi_b != prev_lo))
+                    else:
+                        blk = r_lo + u
+                        q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
+                        ok = _touch_stride(q0, ql, k0, kl, l, CAUSAL)
+                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
+                    skip = (ok == 0) | _touch_local(q0, ql, k0, kl, w, CAUSAL)
+                    if HAS_GLOBAL:
+                        skip = skip | _touch_global(q0, ql, k0, kl, g, CAUSAL)
+                    skip = skip | _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL)
+                    if skip == 0:
+                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
+                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
+                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
+                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
+            for d in tl.static_range(NUM_DIL):
+                s = tl.load(prm + 3 + 3 * d)
+                r = tl.load(prm + 4 + 3 * d)
+                off = tl.load(prm + 5 + 3 * d)
+                ss = tl.maximum(s, 1)
+                rs = tl.maximum(r, 1)
+                # Blocks of the segments the fixed block spans; r >= BLOCK: step over p % r == off.
+                pos_lo = (x0 // ss) * ss
+                pos_hi = tl.minimum((xl // ss + 1) * ss, n) - 1
+                if CAUSAL and not TRANSPOSED:
+                    pos_hi = tl.minimum(pos_hi, xl)
+                if CAUSAL and TRANSPOSED:
+                    pos_lo = tl.maximum(pos_lo, x0)
+                b_lo = pos_lo // BLOCK
+                b_hi = pos_hi // BLOCK
+                step = r >= BLOCK
+                p0 = _first_residue(b_lo * BLOCK, rs, off)
+                p_end = tl.minimum((b_hi + 1) * BLOCK, n) - 1
+                count = tl.where(step, tl.where(p0 <= p_end, (tl.maximum(p_end, p0) - p0) // rs + 1, 0),
+                                 b_hi - b_lo + 1)
+                count = tl.where((s > 0) & (_first_residue(x0, rs, off) <= xl), count, 0)
+                for u in range(0, count):
+                    if step:
+                        blk = (p0 + u * rs) // BLOCK
+                        ok = u >= 0
+                    else:
+                        blk = b_lo + u
+                        b0 = blk * BLOCK
+                        ok = _first_residue(b0, rs, off) <= tl.minimum(b0 + BLOCK, n) - 1
+                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
+                    skip = (ok == 0) | _touch_local(q0, ql, k0, kl, w, CAUSAL)
+                    if HAS_GLOBAL:
+                        skip = skip | _touch_global(q0, ql, k0, kl, g, CAUSAL)
+                    if HAS_STRIDE:
+                        skip = skip | _touch_stride(q0, ql, k0, kl, l, CAUSAL)
+                    for e in tl.static_range(d):
+                        skip = skip | _touch_dilated(q0, ql, k0, kl, tl.load(prm + 3 + 3 * e), tl.load(prm + 4 + 3 * e),
+                                                     tl.load(prm + 5 + 3 * e), CAUSAL)
+                    skip = skip | _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL)
+                    if skip == 0:
+                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
+                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
+                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
+                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
+    return s0, s1, s2, s3
+
+
+# ================================================================================================
+# Kernels. Grid: (blocks of the sequence, batch * heads). Offsets are int64 from the start.
+# ================================================================================================
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, PRM, PTR, IDX,
+                sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+                n, H, prm_row, csr_heads, qk_scale,
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
+                LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    xb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    prm = PRM + h * prm_row
+    ptr = PTR + (h % csr_heads) * (tl.cdiv(n, BLOCK) + 1)
+    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_x, sqs, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for PASS in tl.static_range(2):
+        acc, _, m_i, l_i = _sweep(acc, acc, m_i, l_i, q, q, m_i, m_i, k_base, v_base, LSE, LSE, sks, svs, LSE,
+                                  xb, n, prm, ptr, IDX, qk_scale, _FWD, PASS == 0, PASS == 1, False, CAUSAL, BLOCK, HEAD_DIM,
+                                  BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+    # Rows past the end never get a key (l = 0); they are not stored, keep them finite anyway.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store_rows(O + b * sob + h * soh, offs_x, sos, offs_d, n, (acc / l_safe[:, None]).to(O.dtype.element_ty),
+                HEAD_DIM, BLOCK_D)
+    tl.store(LSE + bh * n + offs_x, m_i + tl.math.log2(l_safe), mask=offs_x < n)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, n, H,
+                           BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    xb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * sob + h * soh, offs_x, sos, offs_d, n, True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    do = _load_rows(DO + b * sdb + h * sdh, offs_x, sds, offs_d, n, True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    tl.store(DELTA + bh * n + offs_x, tl.sum(o * do, 1), mask=offs_x < n)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, PRM, PTR, IDX,
+                   sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdqb, sdqh, sdqs,
+                   n, H, prm_row, csr_heads, qk_scale, sm_scale,
+                   CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
+                   LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    xb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    prm = PRM + h * prm_row
+    ptr = PTR + (h % csr_heads) * (tl.cdiv(n, BLOCK) + 1)
+    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_x, sqs, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b * sdb + h * sdh, offs_x, sds, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    lse = tl.load(LSE + bh * n + offs_x, mask=offs_x < n, other=0.0)
+    delta = tl.load(DELTA + bh * n + offs_x, mask=offs_x < n, other=0.0)
+    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for PASS in tl.static_range(2):
+        dq, _, _, _ = _sweep(dq, dq, lse, lse, q, do, lse, delta, k_base, v_base, LSE, LSE, sks, svs, LSE,
+                             xb, n, prm, ptr, IDX, qk_scale, _DQ, PASS == 0, PASS == 1, False, CAUSAL, BLOCK, HEAD_DIM,
+                             BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+    _store_rows(DQ + b * sdqb + h * sdqh, offs_x, sdqs, offs_d, n, (dq * sm_scale).to(DQ.dtype.element_ty),
+                HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, PRM, PTR, IDX,
+                     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+                     n, H, prm_row, csr_heads, qk_scale, sm_scale,
+                     CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
+                     LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    xb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    prm = PRM + h * prm_row
+    ptr = PTR + (h % csr_heads) * (tl.cdiv(n, BLOCK) + 1)
+    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * skb + h * skh, offs_x, sks, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V + b * svb + h * svh, offs_x, svs, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    unused = tl.zeros([BLOCK], dtype=tl.float32)
+    for PASS in tl.static_range(2):
+        dk, dv, _, _ = _sweep(dk, dv, unused, unused, k, v, unused, unused, Q + b * sqb + h * sqh,
+                              DO + b * sdb + h * sdh, LSE + bh * n, DELTA + bh * n, sqs, sds, LSE,
+                              xb, n, prm, ptr, IDX, qk_scale, _DKDV, PASS == 0, PASS == 1, True, CAUSAL, BLOCK, HEAD_DIM,
+                              BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+    _store_rows(DK + b * sdkb + h * sdkh, offs_x, sdks, offs_d, n, (dk * sm_scale).to(DK.dtype.element_ty),
+                HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b * sdvb + h * sdvh, offs_x, sdvs, offs_d, n, dv.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _count_kernel(COUNTS, MAP, PRM, PTR, IDX, n, prm_row, csr_heads,
+                  CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                  HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Tiles visited per fixed block and head: (full, masked) counts, and the visit map if HAS_MAP."""
+    xb = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    nb = tl.cdiv(n, BLOCK)
+    prm = PRM + h * prm_row
+    ptr = PTR + (h % csr_heads) * (nb + 1)
+    row = h * nb + xb
+    n_full = tl.zeros([BLOCK], dtype=tl.float32)
+    n_masked = tl.zeros([BLOCK], dtype=tl.float32)
+    for PASS in tl.static_range(2):
+        _, _, n_full, n_masked = _sweep(n_full, n_full, n_full, n_masked, n_full, n_full, n_full, n_full,
+                                        COUNTS, COUNTS, COUNTS, COUNTS, 0, 0, MAP + row * nb, xb, n, prm, ptr, IDX,
+                                        1.0, _COUNT, PASS == 0, PASS == 1, TRANSPOSED, CAUSAL, BLOCK, 32, 32, HAS_GLOBAL,
+                                        HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP, "ieee")
+    tl.store(COUNTS + row * 2, tl.max(n_full, 0).to(tl.int64))
+    tl.store(COUNTS + row * 2 + 1, tl.max(n_masked, 0).to(tl.int64))
+
+
+# ================================================================================================
+# Host side
+# ================================================================================================
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                  causal: bool, scale: float | None) -> float:
+    """Validate before launch (one clear ValueError per problem) and return the softmax scale."""
+    if not isinstance(pattern, SparsePattern):
+        raise ValueError(f"sparse_attention: pattern must be a SparsePattern (use SparsePattern.from_config), got {type(pattern).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"sparse_attention: {name} must be a 4-D tensor (batch, heads, seq, head_dim), "
+                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"sparse_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"sparse_attention: dtype {q.dtype} is not supported (use float16, bfloat16 or float32)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"sparse_attention: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    batch, heads, n, head_dim = q.shape
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"sparse_attention: head_dim {head_dim} is not supported (must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}])")
+    if batch < 1 or heads < 1:
+        raise ValueError(f"sparse_attention: empty batch or heads in shape {tuple(q.shape)}")
+    if batch * heads > 65535:
+        raise ValueError(f"sparse_attention: batch * heads = {batch * heads} exceeds the grid limit 65535")
+    pattern.check_length(n, "sparse_attention")
+    pattern.check_heads(heads, "sparse_attention")
+    if not isinstance(causal, bool):
+        raise ValueError(f"sparse_attention: causal must be True or False, got {causal!r}")
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"sparse_attention: scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def _launch_meta(pattern: SparsePattern, heads: int, n: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[tuple, dict]:
+    """Pointer arguments (table, csr) and the constexpr set shared by all kernels."""
+    if pattern.is_csr:
+        indptr, indices, t_indptr, t_indices = pattern.layout.on(device)
+        prm = torch.zeros(heads, 3, dtype=torch.int32, device=device)
+        csr_heads = pattern.layout.indptr.shape[0]
+        fwd_csr, bwd_csr = (indptr, indices), (t_indptr, t_indices)
+    else:
+        prm = pattern.param_table(heads, n, device=device)
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        csr_heads = 1
+        fwd_csr = bwd_csr = (dummy, dummy)
+    block = pattern.block
+    meta = dict(
+        CAUSAL=None, BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
+        HAS_GLOBAL=pattern.has_global, HAS_STRIDE=pattern.has_stride, NUM_DIL=pattern.num_dilated,
+        LAYOUT_CSR=pattern.is_csr, DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+    )
+    return (prm, fwd_csr, bwd_csr, csr_heads), meta
+
+
+def _launch_options(block: int) -> dict:
+    if _interpreting():
+        return {}
+    return {"num_warps": 8 if block >= 128 else 4, "num_stages": 2}
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    """Triton forward and backward; q, k, v (batch, heads, seq, head_dim)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pattern: SparsePattern, causal: bool, scale: float):
+        batch, heads, n, head_dim = q.shape
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        (prm, fwd_csr, bwd_csr, csr_heads), meta = _launch_meta(pattern, heads, n, head_dim, q.dtype, q.device)
+        meta["CAUSAL"] = causal
+        o = _empty(q.shape, q.dtype, q.device)
+        lse = _empty((batch, heads, n), torch.float32, q.device)
+        grid = (triton.cdiv(n, pattern.block), batch * heads)
+        _fwd_kernel[grid](q, k, v, o, lse, prm, *fwd_csr,
+                          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                          n, heads, prm.shape[1], csr_heads, scale * math.log2(math.e),
+                          **meta, **_launch_options(pattern.block))
+        ctx.save_for_backward(q, k, v, o, lse, prm, *fwd_csr, *bwd_csr)
+        ctx.pattern, ctx.causal, ctx.scale, ctx.meta, ctx.csr_heads = pattern, causal, scale, meta, csr_heads
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, prm, ptr, idx, t_ptr, t_idx = ctx.saved_tensors
+        batch, heads, n, head_dim = q.shape
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        block, meta, scale = ctx.pattern.block, ctx.meta, ctx.scale
+        grid = (triton.cdiv(n, block), batch * heads)
+        options = _launch_options(block)
+        delta = _empty((batch, heads, n), torch.float32, q.device)
+        _bwd_preprocess_kernel[grid](o, do, delta, *o.stride()[:3], *do.stride()[:3], n, heads,
+                                     BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], **options)
+        dq = _empty(q.shape, q.dtype, q.device)
+        dk = _empty(k.shape, k.dtype, k.device)
+        dv = _empty(v.shape, v.dtype, v.device)
+        qk_scale = scale * math.log2(math.e)
+        _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, prm, t_ptr, t_idx,
+                               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+                               *dk.stride()[:3], *dv.stride()[:3],
+                               n, heads, prm.shape[1], ctx.csr_heads, qk_scale, scale, **meta, **options)
+        _bwd_dq_kernel[grid](q, k, v, do, dq, lse, delta, prm, ptr, idx,
+                             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+                             n, heads, prm.shape[1], ctx.csr_heads, qk_scale, scale, **meta, **options)
+        return dq, dk, dv, None, None, None
+
+
+def count_tiles(pattern: SparsePattern, n: int, heads: int, causal: bool = True, transposed: bool = False,
+                device: torch.device | str = "cpu", with_map: bool = False):
+    """Run the kernels' enumeration alone: per (head, fixed block) the (full, masked) tile counts
+    (int64 (heads, blocks, 2)) and, with ``with_map``, the visit map (heads, blocks, blocks) where an
+    unmasked visit adds 1 and a masked visit adds 16."""
+    pattern.check_length(n, "count_tiles")
+    (prm, fwd_csr, bwd_csr, csr_heads), meta = _launch_meta(pattern, heads, n, 32, torch.float32, torch.device(device))
+    nb = triton.cdiv(n, pattern.block)
+    counts = torch.zeros(heads, nb, 2, dtype=torch.int64, device=device)
+    visit_map = torch.zeros(heads * nb * nb if with_map else 1, dtype=torch.int32, device=device)
+    ptr, idx = bwd_csr if transposed else fwd_csr
+    _count_kernel[(nb, heads)](counts, visit_map, prm, ptr, idx, n, prm.shape[1], csr_heads,
+                               CAUSAL=causal, TRANSPOSED=transposed, BLOCK=pattern.block, HAS_GLOBAL=meta["HAS_GLOBAL"],
+                               HAS_STRIDE=meta["HAS_STRIDE"], NUM_DIL=meta["NUM_DIL"], LAYOUT_CSR=meta["LAYOUT_CSR"],
+                               HAS_MAP=with_map, **_launch_options(pattern.block))
+    if with_map:
+        return counts, visit_map.view(heads, nb, nb)
+    return counts
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                        causal: bool = True, scale: float | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Exact masked softmax attention in plain PyTorch (fp32 math, output in q's dtype).
+
+    Without ``chunk`` it builds the (heads, n, n) mask. With ``chunk`` it handles ``chunk`` queries at
+    a time from masks computed on the fly, and under autograd recomputes each chunk in backward
+    (activation checkpointing), so memory stays O(chunk * n) instead of O(n^2).
+    """
+    scale = _check_inputs(q, k, v, pattern, causal, scale)
+    n, heads = q.shape[2], q.shape[1]
+    if chunk is None:
+        mask = pattern.dense_mask(n, heads=heads, causal=causal, device=q.device)
+        return _masked_softmax_attention(q, k, v, mask, scale)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"reference_attention: chunk must be a positive integer, got {chunk!r}")
+    outs = []
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n), device=q.device)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            outs.append(checkpoint(_chunk_attention, q, k, v, rows, pattern, causal, scale, use_reentrant=False))
+        else:
+            outs.append(_chunk_attention(q, k, v, rows, pattern, causal, scale))
+    return torch.cat(outs, dim=2)
+
+
+def _chunk_attention(q, k, v, rows, pattern, causal, scale):
+    heads, n = q.shape[1], q.shape[2]
+    keys = torch.arange(n, device=q.device)
+    mask = pattern.allowed(rows[:, None], keys[None, :], head=None, causal=causal, heads=heads)
+    return _masked_softmax_attention(q[:, :, rows[0]: rows[-1] + 1], k, v, mask, scale)
+
+
+def _masked_softmax_attention(q, k, v, mask, scale):
+    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", probs, v.float()).to(q.dtype)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                     causal: bool = True, scale: float | None = None, *, backend: str = "auto",
+                     chunk: int | None = None) -> torch.Tensor:
+    """Softmax attention over the pattern's attended set; q, k, v (batch, heads, seq, head_dim).
+
+    ``backend="auto"`` runs the Triton kernels on CUDA tensors and ``reference_attention`` on others;
+    ``"triton"`` forces the kernels (on CPU tensors that needs TRITON_INTERPRET=1 set before
+    ``terrabyte.kernels`` is first imported); ``"reference"`` forces PyTorch (``chunk`` applies there).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"sparse_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    scale = _check_inputs(q, k, v, pattern, causal, scale)
+    if backend == "reference" or (backend == "auto" and not q.is_cuda):
+        return reference_attention(q, k, v, pattern, causal=causal, scale=scale, chunk=chunk)
+    if not q.is_cuda and not _interpreting():
+        raise ValueError("sparse_attention: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                         "terrabyte.kernels is imported")
+    return SparseAttentionFunction.apply(q, k, v, pattern, causal, scale)

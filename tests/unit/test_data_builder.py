@@ -1,0 +1,235 @@
+"""Shard builder: round trips through our loader, upstream webdataset and tar + zstd; determinism;
+bad input."""
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import zstandard
+
+from terrabyte.data_pipeline import builder, readers, stages
+from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.loader import ByteLoader
+
+EOS, PAD = 257, 256
+MEMBER = 4096
+
+
+def make_corpus(root, n_text=12):
+    """Text, binary (0x00 and random bytes), a large file that gets chunked, an empty file."""
+    rng = random.Random(0)
+    files = {}
+    for i in range(n_text):
+        files[f"src/pkg{i % 3}/mod{i}.py"] = (f"def f{i}(x):\n    return x * {i}\n" * rng.randint(1, 60)).encode()
+    files["bin/zeros.bin"] = b"\x00" * 300 + b"\x01\x00\x02"
+    files["bin/random.bin"] = rng.randbytes(3000)
+    files["big/large.txt"] = rng.randbytes(3 * MEMBER + 123)  # > member_bytes: chunked
+    files["empty.txt"] = b""
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return files
+
+
+def ordered(files):
+    """Documents in the builder's order: sorted directory traversal (files before subdirectories)."""
+    def key(rel):
+        parts = rel.split("/")
+        return [(1, p) for p in parts[:-1]] + [(0, parts[-1])]
+    return sorted(files, key=key)
+
+
+def docs_from_wds(urls):
+    import webdataset as wds
+
+    docs, partial = {}, {}
+    keys = []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        assert set(sample) >= {"__key__", "zst", "json"}
+        keys.append(sample["__key__"])
+        for path, piece, entry in stages.documents_from_wds(sample):
+            partial.setdefault(path, []).append(piece)
+            if entry["doc_offset"] + entry["length"] == entry["doc_size"]:
+                docs[path] = b"".join(partial.pop(path))
+    return docs, keys
+
+
+def read_docs(urls):
+    """(path, bytes) of every document, through the sequential stages."""
+    return stages.documents(stages.decompress(stages.tar_members(urls)))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    src = tmp_path / "corpus"
+    files = make_corpus(src)
+    return src, files
+
+
+def test_round_trip_webdataset_loader_and_member_json(corpus, tmp_path):
+    src, files = corpus
+    out = tmp_path / "shards"
+    man = build_shards([str(src)], str(out), val_fraction=0.0, member_bytes=MEMBER, progress=False)
+    assert man["totals"]["train"]["documents"] == len(files)
+    assert man["totals"]["val"]["documents"] == 0
+    urls = [str(out / s["path"]) for s in man["shards"]]
+    assert [os.path.basename(u) for u in urls] == ["train-00000-000000.tar"]
+
+    # upstream webdataset yields .zst/.json samples whose pieces rebuild every document exactly
+    docs, keys = docs_from_wds(urls)
+    assert docs == files
+    assert all("." not in k for k in keys) and keys == [f"{i:06d}" for i in range(len(keys))]
+
+    # members: bundles of >= member_bytes raw (except the last), the large file in equal chunks
+    shard = man["shards"][0]
+    raws = shard["index"]["raw"]
+    assert shard["members"] == len(keys) == len(raws)
+    large = [i for i in range(len(raws)) if shard["index"]["cont"][i]]
+    assert len(large) == 3  # 4 chunks, 3 continue into the next
+    assert all(r <= 2 * MEMBER for r in raws)
+
+    # our loader: a non-looping pass is the documents in order, each followed by EOS, then PAD
+    loader = ByteLoader(str(out), split="train", seq_len=64, global_batch=2, micro_batch=2, loop=False)
+    flat = np.concatenate([b.numpy().reshape(-1) for b in loader])
+    expect = np.concatenate([np.append(np.frombuffer(files[p], np.uint8).astype(np.int64), EOS) for p in ordered(files)])
+    assert flat.dtype == np.int64
+    np.testing.assert_array_equal(flat[:len(expect)], expect)
+    assert (flat[len(expect):] == PAD).all() and len(flat) - len(expect) < 2 * 64
+
+
+def test_tar_and_zstd_command_line_tools(corpus, tmp_path):
+    if shutil.which("zstd") is None or shutil.which("tar") is None:
+        pytest.skip("needs the `zstd` and `tar` binaries (Debian packages zstd, tar)")
+    src, files = corpus
+    out = tmp_path / "shards"
+    man = build_shards([str(src)], str(out), val_fraction=0.0, member_bytes=MEMBER, progress=False)
+    shard = str(out / man["shards"][0]["path"])
+    names = subprocess.run(["tar", "tf", shard], check=True, capture_output=True, text=True).stdout.split()
+    n = man["shards"][0]["members"]
+    assert names == [f"{k:06d}.{e}" for k in range(n) for e in ("json", "zst")]
+    partial, docs = {}, {}
+    for k in range(n):
+        meta = json.loads(subprocess.run(["tar", "xOf", shard, f"{k:06d}.json"], check=True, capture_output=True).stdout)
+        zst = subprocess.run(["tar", "xOf", shard, f"{k:06d}.zst"], check=True, capture_output=True).stdout
+        raw = subprocess.run(["zstd", "-dc"], input=zst, check=True, capture_output=True).stdout
+        assert len(raw) == man["shards"][0]["index"]["raw"][k]
+        for d in meta["docs"]:
+            partial.setdefault(d["path"], []).append(raw[d["offset"]:d["offset"] + d["length"]])
+            if d["doc_offset"] + d["length"] == d["doc_size"]:
+                docs[d["path"]] = b"".join(partial.pop(d["path"]))
+    assert docs == files
+
+
+def test_manifest_fields_and_checksums(corpus, tmp_path):
+    src, files = corpus
+    out = tmp_path / "shards"
+    man = build_shards([str(src)], str(out), val_fraction=0.3, member_bytes=MEMBER, zstd_level=5, progress=False)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["builder"]["version"] == builder.BUILDER_VERSION
+    assert on_disk["builder"]["args"]["zstd_level"] == 5 and on_disk["builder"]["args"]["val_fraction"] == 0.3
+    for s in on_disk["shards"]:
+        data = (out / s["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["tar_bytes"]
+        assert s["split"] in ("train", "val") and s["path"].startswith(s["split"] + "-")
+        assert s["raw_bytes"] == sum(s["index"]["raw"]) and s["compressed_bytes"] == sum(s["index"]["zst_size"])
+        # recorded offsets point at the payloads
+        for jo, js, zo, zs in zip(*(s["index"][k] for k in ("json_offset", "json_size", "zst_offset", "zst_size"))):
+            json.loads(data[jo:jo + js])
+            zstandard.ZstdDecompressor().decompress(data[zo:zo + zs])
+    total = on_disk["totals"]["all"]
+    assert total["documents"] == len(files) == on_disk["totals"]["train"]["documents"] + on_disk["totals"]["val"]["documents"]
+    assert total["raw_bytes"] == sum(len(v) for v in files.values())
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_byte_reproducible(corpus, tmp_path):
+    src, _ = corpus
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_shards([str(src)], str(a), val_fraction=0.3, member_bytes=MEMBER, progress=False)
+    build_shards([str(src)], str(b), val_fraction=0.3, member_bytes=MEMBER, progress=False)
+    names = sorted(p for p in os.listdir(a) if not p.startswith("."))
+    assert names == sorted(p for p in os.listdir(b) if not p.startswith("."))
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+def test_split_is_a_stable_hash_of_the_group(corpus, tmp_path):
+    src, files = corpus
+    frac = 0.4
+    expect_val = {p for p in files
+                  if int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") < frac * 2**64}
+    assert 0 < len(expect_val) < len(files)  # both splits populated for this corpus
+    man = build_shards([str(src)], str(tmp_path / "s"), val_fraction=frac, member_bytes=MEMBER, progress=False)
+    got_val = {p for p, _ in read_docs((
+        [str(tmp_path / "s" / s["path"]) for s in man["shards"] if s["split"] == "val"]))}
+    assert got_val == expect_val
+
+    # group by the first path component: every file of a top-level directory lands in one split
+    man = build_shards([str(src)], str(tmp_path / "g"), val_fraction=0.5, group_depth=1, member_bytes=MEMBER,
+                       progress=False)
+    for split in ("train", "val"):
+        paths = {p for p, _ in read_docs((
+            [str(tmp_path / "g" / s["path"]) for s in man["shards"] if s["split"] == split]))}
+        for p in paths:
+            assert builder.split_of(p.split("/")[0], 0.5) == split
+
+
+def test_include_exclude_globs(corpus, tmp_path):
+    src, files = corpus
+    man = build_shards([str(src)], str(tmp_path / "s"), include=["*.py"], exclude=["src/pkg1/*"], val_fraction=0.0,
+                       progress=False)
+    got = dict(read_docs(([str(tmp_path / "s" / s["path"]) for s in man["shards"]])))
+    assert got == {p: d for p, d in files.items() if p.endswith(".py") and not p.startswith("src/pkg1/")}
+
+
+def test_missing_input_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        build_shards([str(tmp_path / "nope")], str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_bytes(b"abc")
+    with pytest.raises(ValueError, match="include/exclude"):
+        build_shards([str(tmp_path / "c")], str(tmp_path / "out"), include=["*.py"], progress=False)
+    with pytest.raises(ValueError, match="empty corpus"):  # files exist, but every document filtered
+        build_shards([str(tmp_path / "c")], str(tmp_path / "out"), min_bytes=10, progress=False)
+    assert not [p for p in os.listdir(tmp_path / "out") if not p.startswith(".build")]
+
+
+def test_unreadable_file_names_the_path(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ok.txt").write_bytes(b"fine")
+    os.symlink(tmp_path / "gone", tmp_path / "c" / "dangling.txt")
+    with pytest.raises(OSError, match="dangling.txt"):
+        build_shards([str(tmp_path / "c")], str(tmp_path / "out"), progress=False)
+
+
+def test_failure_mid_build_leaves_no_manifest(corpus, tmp_path, monkeypatch):
+    src, _ = corpus
+    out = tmp_path / "s"
+    build_shards([str(src)], str(out), member_bytes=MEMBER, progress=False)
+    assert (out / "manifest.json").exists()
+    real = readers.read_file_bytes
+
+    def flaky(path):
+        if path.endswith("random.bin"):
+            raise OSError(f"cannot read input file {path!r}: Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(readers, "read_file_bytes", flaky)
+    # a different member size forces a real rebuild (the completion marker no longer matches)
+    with pytest.raises(OSError, match="random.bin"):
+        build_shards([str(src)], str(out), member_bytes=2 * MEMBER, progress=False)
+    assert not (out / "manifest.json").exists()  # the old manifest no longer vouches for the dir
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    # on_error="skip" builds the rest and counts the skipped input
+    man = build_shards([str(src)], str(out), member_bytes=2 * MEMBER, on_error="skip", progress=False)
+    assert man["stats"]["skipped_sources"] == 1 and man["stats"]["skipped_names"] == ["bin/random.bin"]

@@ -1,0 +1,258 @@
+"""ByteLoader: packing, ordering, equal batch counts, exact and elastic resume, bad members."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from terrabyte.data_pipeline import stages
+from terrabyte.data_pipeline.builder import build_shards, load_manifest
+from terrabyte.data_pipeline.loader import ByteLoader, count_sequences, ensure_default_shards, stdlib_corpus
+
+EOS, PAD = 257, 256
+SEQ = 32
+
+
+def write_corpus(root, n=60, seed=0):
+    rng = random.Random(seed)
+    docs = {}
+    for i in range(n):
+        size = rng.choice([0, 5, 40, 200, 700, 2500])  # some larger than a 1 KiB member: chunked
+        data = bytes(rng.randrange(256) for _ in range(size))
+        rel = f"d{i % 4}/f{i:03d}.bin"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        docs[rel] = data
+    return docs
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    docs = write_corpus(root / "corpus")
+    # tiny members and shards: many uneven shards and members
+    build_shards([str(root / "corpus")], str(root / "shards"), val_fraction=0.2, member_bytes=1024,
+                 shard_bytes=9000, progress=False)
+    return str(root / "shards"), docs
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def stream_of_epoch(path, seed, epoch):
+    """The epoch's token stream recomputed from the manifest with the sequential stages."""
+    man = load_manifest(path)
+    table = stages.member_table(stages.shard_list(man, "train"))
+    order = stages.epoch_order(table, seed, epoch)
+    samples = {s.where: s for s in stages.decompress(stages.tar_members(table.urls))}
+    out = []
+    for i in order:
+        s = stages.parse_meta(samples[table.where(int(i))])
+        out.append(stages.member_tokens(s, EOS, (seed, epoch, int(i))))
+    return np.concatenate(out).astype(np.int64)
+
+
+def test_batches_are_lanes_of_the_epoch_stream(shards):
+    path, _ = shards
+    B, m = 4, 2
+    loader = ByteLoader(path, seq_len=SEQ, global_batch=B, micro_batch=m, seed=3)
+    stream = stream_of_epoch(path, 3, 0)
+    lane_len = len(stream) // B
+    steps = loader.steps_per_epoch
+    assert steps == lane_len // SEQ and len(loader) == steps * 2
+    batches = take(loader, 2 * steps)
+    for g in range(steps):
+        for k in range(2):
+            b = batches[2 * g + k]
+            assert b.shape == (m, SEQ) and b.dtype == torch.int64
+            for r in range(m):
+                lane = k * m + r
+                start = lane * lane_len + g * SEQ
+                np.testing.assert_array_equal(b[r].numpy(), stream[start:start + SEQ])
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["step"] == 0
+    # the next epoch is a different permutation of the same members
+    nxt = next(iter(loader))
+    stream1 = stream_of_epoch(path, 3, 1)
+    np.testing.assert_array_equal(nxt[0].numpy(), stream1[:SEQ])
+    assert not np.array_equal(stream[:200], stream1[:200])
+    assert sorted(stream.tolist()) == sorted(stream1.tolist())
+
+
+def test_stream_holds_every_document_once_with_eos(shards):
+    path, docs = shards
+    man = load_manifest(path)
+    table = stages.member_table(stages.shard_list(man, "train"))
+    samples = list(stages.decompress(stages.tar_members(table.urls)))
+    train_docs = dict(stages.documents(samples))
+    stream = stream_of_epoch(path, 0, 0)
+    # split at EOS: the multiset of pieces equals the train documents (order shuffled)
+    pieces, cur = [], []
+    for t in stream.tolist():
+        if t == EOS:
+            pieces.append(bytes(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert cur == [] and sorted(pieces) == sorted(train_docs.values())
+    assert all(docs[p] == d for p, d in train_docs.items())
+
+
+def test_validation_pass_is_documents_joined_with_eos(shards):
+    path, _ = shards
+    man = load_manifest(path)
+    val_urls = [s["url"] for s in stages.shard_list(man, "val")]
+    val_docs = list(stages.documents(stages.decompress(stages.tar_members(val_urls))))
+    expect = np.concatenate([np.append(np.frombuffer(d, np.uint8).astype(np.int64), EOS) for _, d in val_docs])
+    for world in (1, 2, 3):
+        rows = []
+        for rank in range(world):
+            loader = ByteLoader(path, split="val", seq_len=SEQ, global_batch=2 * world, micro_batch=2,
+                                dp_rank=rank, dp_world=world, loop=False)
+            batches = list(loader)
+            assert len(batches) == len(loader)  # equal on every rank
+            rows.extend(r for b in batches for r in b.numpy())
+        flat = np.concatenate(rows)
+        np.testing.assert_array_equal(flat[:len(expect)], expect)
+        assert (flat[len(expect):] == PAD).all()
+    assert count_sequences(path, "val", SEQ) == -(-len(expect) // SEQ)
+    # each iter() of a non-looping loader is a fresh pass
+    loader = ByteLoader(path, split="val", seq_len=SEQ, global_batch=2, micro_batch=2, loop=False)
+    first, second = list(loader), list(loader)
+    assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_is_byte_identical(shards, workers):
+    path, _ = shards
+    kw = dict(seq_len=1024, global_batch=4, micro_batch=2, seed=7)
+    ref = take(ByteLoader(path, **kw), 40)
+    assert len(ByteLoader(path, **kw)) < 30  # crosses an epoch boundary
+    for cut in (0, 1, 5, 17, 33):
+        first = ByteLoader(path, num_workers=workers, **kw)
+        got = take(first, cut)
+        state = json.loads(json.dumps(first.state_dict()))  # JSON round trip, as in a checkpoint
+        assert all(isinstance(v, int) for v in state.values())
+        resumed = ByteLoader(path, num_workers=(2 - workers), **kw)
+        resumed.load_state_dict(state)
+        got += take(resumed, 40 - cut)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b)
+        first.close()
+        resumed.close()
+
+
+def test_elastic_resume_two_ranks_to_one(shards):
+    path, _ = shards
+    B, m, L = 4, 1, 256
+    ref = ByteLoader(path, seq_len=L, global_batch=B, micro_batch=m, seed=1)
+    steps = 2 * ref.steps_per_epoch + 3
+    ref_steps = [torch.cat(take_steps) for take_steps in _steps(ref, steps, B // m)]
+
+    ranks = [ByteLoader(path, seq_len=L, global_batch=B, micro_batch=m, seed=1, dp_rank=r, dp_world=2)
+             for r in range(2)]
+    split_at = ref.steps_per_epoch + 2
+    per_rank = [list(_steps(ld, split_at, B // (2 * m))) for ld in ranks]
+    got = [torch.cat([torch.cat(per_rank[r][g]) for r in range(2)]) for g in range(split_at)]
+    states = [ld.state_dict() for ld in ranks]
+    assert states[0] == {**states[1]}  # identical on every rank at a step boundary
+    single = ByteLoader(path, seq_len=L, global_batch=B, micro_batch=m, seed=1)
+    single.load_state_dict(states[0])
+    got += [torch.cat(s) for s in _steps(single, steps - split_at, B // m)]
+    assert len(got) == len(ref_steps)
+    for g, (a, b) in enumerate(zip(ref_steps, got)):
+        assert torch.equal(a, b), f"global step {g} differs"
+    # and none repeated within an epoch: all sequences of epoch 0 are distinct lane positions
+    epoch0 = torch.cat(ref_steps[:ref.steps_per_epoch])
+    assert len({tuple(r.tolist()) for r in epoch0}) == len(epoch0)
+
+
+def _steps(loader, n_steps, accum):
+    it = iter(loader)
+    for _ in range(n_steps):
+        yield [next(it) for _ in range(accum)]
+
+
+def test_equal_batch_counts_on_uneven_shards(shards):
+    path, _ = shards
+    man = load_manifest(path)
+    sizes = [s["raw_bytes"] for s in man["shards"] if s["split"] == "train"]
+    assert len(sizes) > 2 and len(set(sizes)) > 1  # shards really are uneven
+    counts = []
+    for rank in range(3):
+        ld = ByteLoader(path, seq_len=SEQ, global_batch=6, micro_batch=1, dp_rank=rank, dp_world=3)
+        it = iter(ld)
+        n = 0
+        while ld.state_dict()["epoch"] == 0:
+            next(it)
+            n += 1
+        counts.append(n)
+    assert counts[0] == counts[1] == counts[2] == len(ld)
+
+
+def test_values_and_settings_errors(shards):
+    path, _ = shards
+    b = next(iter(ByteLoader(path, seq_len=SEQ, global_batch=2, micro_batch=2)))
+    assert int(b.min()) >= 0 and int(b.max()) <= EOS and (b == EOS).any()
+    with pytest.raises(ValueError, match="global_batch=6"):
+        ByteLoader(path, seq_len=SEQ, global_batch=6, micro_batch=4)
+    with pytest.raises(ValueError, match="fewer than global_batch"):
+        ByteLoader(path, seq_len=4096, global_batch=64, micro_batch=64)
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        ByteLoader(os.path.dirname(path), seq_len=SEQ)
+    ld = ByteLoader(path, seq_len=SEQ, global_batch=2, micro_batch=2)
+    state = ld.state_dict()
+    other = ByteLoader(path, seq_len=SEQ, global_batch=2, micro_batch=2, seed=5)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_corrupt_member_raises_with_name_or_is_skipped(shards, tmp_path):
+    path, _ = shards
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    man = load_manifest(str(bad))
+    shard = next(s for s in man["shards"] if s["split"] == "train")
+    zo, zs = shard["index"]["zst_offset"][1], shard["index"]["zst_size"][1]
+    with open(bad / shard["path"], "r+b") as f:  # clobber the middle of member 000001's frame
+        f.seek(zo + zs // 2)
+        f.write(b"\xff" * 8)
+    kw = dict(seq_len=SEQ, global_batch=2, micro_batch=2, loop=False, split="train")
+    with pytest.raises(stages.DataError, match=rf"{shard['path']} member 000001"):
+        list(ByteLoader(str(bad), **kw))
+    ld = ByteLoader(str(bad), on_error="skip", **kw)
+    n_rows = sum(len(b) for b in ld)
+    assert ld.errors.skipped == 1 and "member 000001" in ld.errors.last
+    assert n_rows == len(ld) * 2
+
+
+def test_default_corpus_builds_once(tmp_path):
+    out = tmp_path / "default"
+    assert os.path.isdir(stdlib_corpus())
+    path = ensure_default_shards(str(out))
+    man = load_manifest(path)
+    assert man["totals"]["all"]["documents"] > 500 and man["totals"]["val"]["documents"] > 0
+    stamp = os.path.getmtime(out / "manifest.json")
+    assert ensure_default_shards(str(out)) == path and os.path.getmtime(out / "manifest.json") == stamp
+    row = next(iter(ByteLoader(path, seq_len=256, global_batch=1, micro_batch=1)))[0].tolist()
+    piece = bytes(max((p for p in _split(row, EOS)), key=len))  # longest run without EOS
+    assert len(piece) > 20
+    corpus = [os.path.join(d, f) for d, _, fs in os.walk(stdlib_corpus()) if "site-packages" not in d
+              for f in fs if f.endswith(".py")]
+    assert any(piece in open(f, "rb").read() for f in corpus)
+
+
+def _split(row, sep):
+    cur = []
+    for t in row:
+        if t == sep:
+            yield cur
+            cur = []
+        else:
+            cur.append(t)
+    yield cur

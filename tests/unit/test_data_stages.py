@@ -1,0 +1,187 @@
+"""Each loading stage alone, on hand-made inputs."""
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from terrabyte.data_pipeline import stages
+from terrabyte.data_pipeline.builder import Bundler, split_of
+
+EOS, PAD = 257, 256
+
+
+def sample(docs, order_seed=None):
+    """A decompressed member Sample holding `docs` (list of (path, bytes)) back to back."""
+    b = Bundler(1 << 20)
+    members = list(b.add(*docs[0])) + [m for d in docs[1:] for m in b.add(*d)] + list(b.flush())
+    assert len(members) == 1
+    m = members[0]
+    return stages.Sample("test member", json.dumps({"docs": m.pieces}).encode(), m.raw)
+
+
+def test_member_tokens_insert_eos_after_each_document():
+    s = stages.parse_meta(sample([("a", b"ab"), ("b", b""), ("c", b"\x00\xff")]))
+    toks = stages.member_tokens(s, EOS)
+    assert toks.dtype == np.uint16
+    assert toks.tolist() == [97, 98, EOS, EOS, 0, 255, EOS]
+
+
+def test_member_tokens_seeded_document_order():
+    docs = [(f"d{i}", bytes([i]) * (i + 1)) for i in range(6)]
+    a = stages.member_tokens(stages.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
+    b = stages.member_tokens(stages.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
+    c = stages.member_tokens(stages.parse_meta(sample(docs)), EOS, (2, 0, 5)).tolist()
+    assert a == b and a != c
+    perm = np.random.default_rng([1, 0, 5]).permutation(6)
+    assert a == [t for i in perm for t in [i] * (i + 1) + [EOS]]
+
+
+def test_chunks_of_a_large_document_have_eos_only_at_the_end():
+    b = Bundler(10)
+    members = list(b.add("big", bytes(range(25)))) + list(b.flush())
+    assert [len(m.raw) for m in members] == [9, 9, 7]  # equal chunks, not 10 + 10 + 5
+    assert [m.cont for m in members] == [1, 1, 0]
+    toks = [stages.member_tokens(stages.Sample("x", {"docs": m.pieces}, m.raw), EOS).tolist() for m in members]
+    assert sum(toks, []) == list(range(25)) + [EOS]
+
+
+def test_bundler_sizes():
+    b = Bundler(100)
+    out = []
+    for i in range(30):
+        out += list(b.add(f"f{i}", b"x" * 30))
+    out += list(b.flush())
+    assert [len(m.raw) for m in out[:-1]] == [120] * 7  # flushed once at or past member_bytes
+    assert sum(len(m.raw) for m in out) == 900 and all(m.cont == 0 for m in out)
+
+
+def segs(*docs, ends=None):
+    """Segments of one member from byte strings; `ends` marks which ones end their document."""
+    raw = b"".join(docs)
+    offsets = [sum(len(d) for d in docs[:i]) for i in range(len(docs))]
+    return stages.Segments.build(np.frombuffer(raw, np.uint8), offsets, [len(d) for d in docs],
+                                 ends or [True] * len(docs))
+
+
+def test_token_reader_fill_skip_limit():
+    members = [segs(b"abc", b""), segs(b"defg", ends=[False]), segs(b"hi")]
+    full = [97, 98, 99, EOS, EOS, 100, 101, 102, 103, 104, 105, EOS]
+    for size in (1, 2, 3, 5, 64):  # any buffer size gives the same stream
+        r = stages.TokenReader(members, EOS)
+        got = []
+        while True:
+            buf = np.zeros(size, np.int64)
+            n = r.fill(buf)
+            got += buf[:n].tolist()
+            if n < size:
+                break
+        assert got == full
+    for skip in range(len(full) + 2):
+        for limit in (0, 3, 100):
+            out = np.zeros(100, np.int64)
+            n = stages.TokenReader(members, EOS, skip=skip, limit=limit).fill(out)
+            assert out[:n].tolist() == full[skip:skip + limit]
+    assert segs(b"abc", b"").tokens(EOS).tolist() == [97, 98, 99, EOS, EOS]
+
+
+def test_pack_pads_or_drops_the_tail():
+    members = [segs(bytes(range(5)), bytes(range(5, 7)), ends=[False, False]), segs(bytes(range(7, 20)), ends=[False])]
+    packed = list(stages.pack(members, 6, EOS))
+    assert [p.tolist() for p in packed] == [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
+    assert packed[0].dtype == np.int64
+    padded = list(stages.pack(members, 6, EOS, pad_id=PAD))
+    assert padded[-1].tolist() == [18, 19, PAD, PAD, PAD, PAD]
+    assert [p.tolist() for p in stages.pack(members, 4, EOS, skip=3, limit=6)] == [[3, 4, 5, 6]]
+
+
+def test_tiny_documents_take_the_vectorised_path():
+    docs = [bytes([i % 256]) * (i % 7) for i in range(300)]  # mean < 256 bytes
+    s = sample([(f"d{i}", d) for i, d in enumerate(docs)])
+    seg = stages.member_segments(stages.parse_meta(s), EOS)
+    assert len(seg.lengths) == 1 and seg.raw.dtype == np.uint16  # materialised
+    assert seg.tokens(EOS).tolist() == [t for d in docs for t in list(d) + [EOS]]
+    shuffled = stages.member_tokens(stages.parse_meta(sample([(f"d{i}", d) for i, d in enumerate(docs)])), EOS, (4, 2))
+    perm = np.random.default_rng([4, 2]).permutation(len(docs))
+    assert shuffled.tolist() == [t for i in perm for t in list(docs[i]) + [EOS]]
+
+
+def test_batch_and_stack():
+    seqs = [np.full(4, i, dtype=np.uint16) for i in range(5)]
+    out = list(stages.batch(iter(seqs), 2))
+    assert len(out) == 2 and out[1].dtype == torch.int64 and out[1].tolist() == [[2] * 4, [3] * 4]
+
+
+def test_lanes_and_locate():
+    lanes, steps = stages.lanes(total_tokens=103, global_batch=4, seq_len=8)
+    assert steps == 3  # lanes of 25 tokens hold 3 sequences of 8
+    assert [(l.start, l.stop) for l in lanes] == [(0, 24), (25, 49), (50, 74), (75, 99)]
+    cum = np.array([0, 10, 10, 30])  # member 1 is empty
+    assert stages.locate(cum, 0) == (0, 0) and stages.locate(cum, 9) == (0, 9)
+    assert stages.locate(cum, 10) == (2, 0) and stages.locate(cum, 29) == (2, 19)
+
+
+def test_epoch_order_keeps_chunk_chains_together():
+    cont = np.array([0, 1, 1, 0, 0, 1, 0, 0])  # units: [0] [1 2 3] [4] [5 6] [7]
+    n = len(cont)
+    table = stages.MemberTable(urls=["u"], shard=np.zeros(n, np.int64), key=np.arange(n),
+                               cols={k: np.zeros(n, np.int64) for k in stages.INDEX_KEYS} | {"cont": cont})
+    assert table.units().tolist() == [0, 1, 4, 5, 7]
+    orders = {tuple(stages.epoch_order(table, seed, 0).tolist()) for seed in range(20)}
+    assert len(orders) > 5
+    for o in orders:
+        o = list(o)
+        assert sorted(o) == list(range(n))
+        i = o.index(1)
+        assert o[i:i + 3] == [1, 2, 3] and o[o.index(5) + 1] == 6
+    assert stages.epoch_order(table, 0, 0, shuffle=False).tolist() == list(range(n))
+    assert stages.epoch_order(table, 0, 0).tolist() == stages.epoch_order(table, 0, 0).tolist()
+    assert stages.epoch_order(table, 0, 0).tolist() != stages.epoch_order(table, 0, 1).tolist()
+
+
+def test_decompress_checks_size_and_frame():
+    raw = b"hello world" * 50
+    zst = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+    ok = stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=len(raw)))
+    assert ok.data == raw
+    with pytest.raises(stages.DataError, match="s m"):
+        stages.decompress_sample(stages.Sample("s m", b"{}", zst[:-3], raw_size=len(raw)))
+    with pytest.raises(stages.DataError, match="manifest says 5"):
+        stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=5))
+    with pytest.raises(stages.DataError, match="malformed member JSON"):
+        stages.parse_meta(stages.Sample("s m", b"{not json", raw))
+    counter = stages.ErrorCounter()
+    good = stages.Sample("a", b"{}", zst, len(raw))
+    bad = stages.Sample("b", b"{}", b"garbage", 3)
+    out = list(stages.decompress([bad, good], on_error="skip", counter=counter))
+    assert [s.where for s in out] == ["a"] and counter.skipped == 1 and counter.last.startswith("b")
+
+
+def test_document_ids():
+    t = torch.tensor([[1, 2, EOS, 3, EOS, EOS, 4]])
+    assert stages.document_ids(t, EOS).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
+
+
+def test_prefetch_map_keeps_order():
+    import time
+
+    def slow(i):
+        time.sleep(0.002 * (5 - i % 5))
+        return i * i
+
+    with ThreadPoolExecutor(3) as ex:
+        assert list(stages.prefetch_map(slow, range(20), ex, depth=4)) == [i * i for i in range(20)]
+    assert list(stages.prefetch_map(slow, range(5), None)) == [0, 1, 4, 9, 16]
+
+
+def test_split_of_is_stable():
+    # fixed values: the split of a path never changes between runs, machines or Python versions
+    assert [split_of(f"file{i}.py", 0.5) for i in range(8)] == [
+        split_of(f"file{i}.py", 0.5) for i in range(8)]
+    import hashlib
+    for i in range(50):
+        h = int.from_bytes(hashlib.sha256(f"file{i}.py".encode()).digest()[:8], "big")
+        assert split_of(f"file{i}.py", 0.1) == ("val" if h < 0.1 * 2**64 else "train")
+    assert split_of("anything", 0.0) == "train"

@@ -1,0 +1,287 @@
+"""Unit tests for the TerraByte model (tiny shapes, CPU, fp32)."""
+import math
+
+import pytest
+import torch
+
+from terrabyte.pretrain.model import TerraByte
+
+NUM_TOKENS = 256
+
+
+def tiny(max_seq_len=(4, 4), **kw):
+    """A tiny model; 2 or 3 stages depending on max_seq_len."""
+    stages = len(max_seq_len)
+    cfg = dict(num_tokens=NUM_TOKENS, dim=(32, 24, 16)[-stages:], depth=(2,) * stages,
+               max_seq_len=max_seq_len, dim_head=8, heads=2)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return TerraByte(**cfg).eval()
+
+
+STAGE_SHAPES = [(6, 4), (4, 3, 2)]
+
+
+def next_logits(model, seq):
+    """Uncached logits for the byte after seq (logits at j predict byte j: append a dummy)."""
+    logits = model(torch.nn.functional.pad(seq, (0, 1)))[:, -1]
+    logits[:, [model.pad_id, model.bos_id]] = float("-inf")
+    return logits
+
+
+def random_bytes(b, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, NUM_TOKENS, (b, n), generator=g)
+
+
+# ---------------------------------------------------------------- shapes and ids
+
+@pytest.mark.parametrize("msl", STAGE_SHAPES)
+def test_shapes_flat_and_hierarchical(msl):
+    model = tiny(msl)
+    T = math.prod(msl)
+    assert model.vocab_size == NUM_TOKENS + 3
+    assert (model.pad_id, model.eos_id, model.bos_id) == (256, 257, 258)
+    # (b, n) with n not a multiple of the patch size: padded inside, stripped on output
+    x = random_bytes(2, T - 3)
+    assert model(x).shape == (2, T - 3, model.vocab_size)
+    # (b, *max_seq_len)
+    xh = random_bytes(2, T).view(2, *msl)
+    logits_h = model(xh)
+    assert logits_h.shape == (2, *msl, model.vocab_size)
+    # both layouts give the same numbers
+    torch.testing.assert_close(logits_h.reshape(2, T, -1), model(xh.reshape(2, T)))
+    # padding at the end does not change earlier logits (causal) and the loss ignores PAD
+    full = model(x)
+    padded = torch.cat((x, torch.full((2, 3), model.pad_id)), dim=1)
+    torch.testing.assert_close(model(padded)[:, : T - 3], full)
+    torch.testing.assert_close(model(padded, return_loss=True), model(x, return_loss=True))
+
+
+# ---------------------------------------------------------------- causality
+
+@pytest.mark.parametrize("msl", STAGE_SHAPES)
+def test_strictly_causal_by_perturbation(msl):
+    """Changing byte i never changes logits at positions <= i, and does change a later one."""
+    model = tiny(msl)
+    T = math.prod(msl)
+    x = random_bytes(1, T)
+    base = model(x)
+    for i in range(T):
+        x2 = x.clone()
+        x2[0, i] = (x2[0, i] + 101) % NUM_TOKENS
+        out = model(x2)
+        assert torch.equal(out[:, : i + 1], base[:, : i + 1]), f"logits <= {i} changed"
+        if i + 1 < T:
+            assert not torch.equal(out[:, i + 1], base[:, i + 1]), f"byte {i} does not reach position {i + 1}"
+
+
+# ---------------------------------------------------------------- loss
+
+def test_zero_byte_is_data_not_padding():
+    model = tiny().train()
+    zeros = torch.zeros(2, 16, dtype=torch.long)
+    loss = model(zeros, return_loss=True)
+    logits = model(zeros)
+    manual = torch.nn.functional.cross_entropy(logits.reshape(-1, model.vocab_size), zeros.reshape(-1))
+    assert torch.isfinite(loss) and loss.item() > 0
+    torch.testing.assert_close(loss, manual)  # every zero target counted
+    loss.backward()
+    grad = model.to_logits.weight.grad
+    assert grad is not None and grad[0].abs().sum() > 0  # the row of byte 0 is trained
+
+
+def test_loss_decreases_when_overfitting():
+    model = tiny((4, 4)).train()
+    x = random_bytes(2, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(x, return_loss=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_checkpoint_activations_same_loss_and_grads():
+    x = random_bytes(2, 16)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny((4, 4), checkpoint_activations=ckpt).train()
+        loss = model(x, return_loss=True)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=0, atol=0, msg=name)
+
+
+def test_tied_embeddings_share_storage():
+    model = tiny(tie_embeddings=True)
+    emb = model.stages[-1].embed.token_emb.weight
+    assert model.to_logits.weight is emb
+    assert model.to_logits.weight.data_ptr() == emb.data_ptr()
+    untied = tiny(tie_embeddings=False)
+    n_tied = sum(p.numel() for p in model.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == emb.numel()
+
+
+def test_meta_build_then_init_weights():
+    with torch.device("meta"):
+        model = TerraByte(num_tokens=256, dim=(32, 16), depth=(1, 1), max_seq_len=(4, 4), dim_head=8, heads=2)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ref = tiny((4, 4), dim=(32, 16), depth=(1, 1))
+    torch.testing.assert_close(model.stages[0].rotary.cos, ref.stages[0].rotary.cos)
+    loss = model(random_bytes(1, 16), return_loss=True)
+    assert torch.isfinite(loss)
+    # scaled init: residual output projections are smaller than input projections
+    block = model.stages[0].layers["0"]
+    assert block.attn.to_out.weight.std() < block.attn.to_q.weight.std()
+
+
+def test_from_config_dict():
+    cfg = dict(num_tokens=256, dim=[32, 16], depth=[1, 1], max_seq_len=[4, 4], dim_head=8, heads=2)
+    model = TerraByte.from_config(cfg)
+    assert model.max_seq_len == (4, 4) and model.context_length == 16
+    with pytest.raises(ValueError, match="unknown key"):
+        TerraByte.from_config({**cfg, "dimm": 3})
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_value_errors():
+    with pytest.raises(ValueError, match="depth"):
+        TerraByte(num_tokens=256, dim=(32, 16), depth=(1, 1, 1), max_seq_len=(4, 4))
+    with pytest.raises(ValueError, match="dim"):
+        TerraByte(num_tokens=256, dim=(32, 16, 8), depth=1, max_seq_len=(4, 4))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        TerraByte(num_tokens=256, dim=32, depth=1, max_seq_len=(16,))
+    model = tiny((4, 4))
+    with pytest.raises(ValueError, match="exceeds"):
+        model(random_bytes(1, 17))
+    with pytest.raises(ValueError, match="259"):
+        model(torch.tensor([[1, 2, 259]]))
+    with pytest.raises(ValueError, match="-1"):
+        model(torch.tensor([[1, -1]]))
+    # specials are fine; values >= num_tokens that are not specials are not (non-byte vocab)
+    small = TerraByte(num_tokens=10, dim=(16, 8), depth=1, max_seq_len=(4, 4), dim_head=4, heads=2)
+    assert small(torch.tensor([[0, 9, 10, 11, 12]])).shape == (1, 5, 13)
+    with pytest.raises(ValueError, match="13"):
+        small(torch.tensor([[0, 13]]))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="dims"):
+        model(torch.zeros(1, 2, 3, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- cached decoding
+
+@pytest.mark.parametrize("msl", STAGE_SHAPES)
+@pytest.mark.parametrize("prompt_len", [0, 1, 5, 9])
+def test_cached_logits_equal_uncached(msl, prompt_len):
+    """Prime with a prompt (possibly ending mid-patch), then feed byte by byte: the logits for
+    every next byte equal the full forward's logits at that position."""
+    model = tiny(msl)
+    T = math.prod(msl)
+    x = random_bytes(3, T, seed=prompt_len)
+    full = model(x)
+    cache = model.init_cache(3)
+    logits = model.forward_cached(x[:, :prompt_len], cache)
+    torch.testing.assert_close(logits, full[:, prompt_len], rtol=0, atol=1e-5)
+    for j in range(prompt_len + 1, T):
+        logits = model.forward_cached(x[:, j - 1:j], cache)
+        torch.testing.assert_close(logits, full[:, j], rtol=0, atol=1e-5, msg=f"position {j}")
+    with pytest.raises(ValueError, match="context"):
+        model.forward_cached(x[:, -1:], cache)
+
+
+def test_cached_multi_byte_chunks_equal_uncached():
+    """Appending several bytes at once while upper stages already hold state."""
+    model = tiny((4, 3, 2))
+    x = random_bytes(2, 23)
+    full = model(x)
+    cache = model.init_cache(2)
+    pos = 0
+    for chunk in (3, 4, 1, 7, 2, 5):
+        logits = model.forward_cached(x[:, pos:pos + chunk], cache)
+        pos += chunk
+        torch.testing.assert_close(logits, full[:, pos], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- generation
+
+def test_generate_lengths_and_greedy_determinism():
+    model = tiny((6, 4))
+    prime = random_bytes(2, 5)
+    a = model.generate(prime, max_new_bytes=7, temperature=0.0, ignore_eos=True)
+    b = model.generate(prime, max_new_bytes=7, temperature=0.0, ignore_eos=True)
+    assert a.shape == (2, 12) and torch.equal(a, b) and torch.equal(a[:, :5], prime)
+    # greedy equals argmax of the full forward, byte after byte
+    seq = prime
+    for _ in range(7):
+        seq = torch.cat((seq, next_logits(model, seq).argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(a, seq)
+    # no prime: batch_size sequences from nothing; context full ends generation
+    out = model.generate(None, batch_size=3, temperature=0.0, ignore_eos=True)
+    assert out.shape == (3, model.context_length)
+    streamed = []
+    g = torch.Generator().manual_seed(0)
+    sampled = model.generate(prime, max_new_bytes=4, temperature=1.0, filter_thres=0.5, top_p=0.9,
+                             generator=g, callback=streamed.append)
+    assert torch.equal(torch.stack(streamed, dim=1), sampled[:, 5:])
+    assert ((sampled != model.pad_id) & (sampled != model.bos_id)).all()
+
+
+def test_generate_stop_bytes_and_eos():
+    model = tiny((6, 4))
+    prime = random_bytes(2, 4)
+    greedy = model.generate(prime, max_new_bytes=10, temperature=0.0, ignore_eos=True)
+    stop = int(greedy[0, 6])  # the third generated byte of sequence 0
+    out = model.generate(prime, max_new_bytes=10, temperature=0.0, stop_bytes=[stop], ignore_eos=True)
+    hits = [(row[4:] == stop).nonzero().flatten().tolist() for row in greedy]
+    assert hits[0] and hits[0][0] <= 2
+    end = max(h[0] if h else 9 for h in hits) + 1  # generation ends once every row stopped
+    assert out.shape == (2, 4 + end)
+    for row, h in enumerate(hits):
+        stop_at = h[0] + 1 if h else end
+        assert torch.equal(out[row, :4 + stop_at], greedy[row, :4 + stop_at])
+        assert (out[row, 4 + stop_at:] == model.pad_id).all()
+
+    # EOS always stops a row: force EOS for row 0 at its 2nd new byte, for row 1 at its 5th
+    advance, calls = model._advance, []
+
+    def forced(tokens, cache):
+        logits = advance(tokens, cache).clone()
+        step = len(calls)
+        calls.append(step)
+        for row, at in ((0, 1), (1, 4)):
+            if step == at:
+                logits[row, model.eos_id] = 1e4
+        return logits
+
+    model._advance = forced
+    out = model.generate(prime, max_new_bytes=10, temperature=0.0)
+    del model._advance
+    assert out.shape == (2, 4 + 5)
+    assert out[0, 5] == model.eos_id and (out[0, 6:] == model.pad_id).all()
+    assert out[1, 8] == model.eos_id and torch.equal(out[1, :8], greedy[1, :8])
+    assert len(calls) == 5  # no model step after the last row ended
+
+
+def test_generate_prompt_too_long_and_sliding_window():
+    model = tiny((4, 4))
+    long_prompt = random_bytes(1, 20)
+    with pytest.raises(ValueError, match="sliding_window"):
+        model.generate(long_prompt, max_new_bytes=2)
+    out = model.generate(long_prompt, max_new_bytes=10, temperature=0.0, sliding_window=True, ignore_eos=True)
+    assert out.shape == (1, 30) and torch.equal(out[:, :20], long_prompt)
+    # the first new byte is predicted from the last whole patches that fit (window starts at 8)
+    assert out[0, 20] == next_logits(model, long_prompt[:, 8:20]).argmax(-1)[0]
+    # once the context (16) is full, half of it (two patches) is dropped and re-primed
+    window = out[:, 16:27]  # bytes 27 is predicted after the window moved from 8 to 16
+    assert out[0, 27] == next_logits(model, window).argmax(-1)[0]
