@@ -270,6 +270,11 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise ValueError(f"{source}: config key {key} expects an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{source}: config key {key} expects a number, got {value!r}")
         return float(value)

@@ -9,6 +9,7 @@ def test_tiny_loads_with_overrides():
     assert cfg.model.dim == (96, 48)
     assert cfg.run.dir == "/tmp/x"
     assert cfg.data.path is None
+    assert load_config("tiny", ["--optim.lr", "3e-3"]).optim.lr == 0.003
     assert cfg.parallel.zero_stage == 3
     assert cfg.model.seq_len == cfg.model.max_seq_len[0] * cfg.model.max_seq_len[1]
 
@@ -27,6 +28,7 @@ def test_every_shipped_config_loads():
         (["--trian.steps", "3"], "unknown config section 'trian'"),
         (["--train.steps", "three"], "config key train.steps expects an integer, got 'three'"),
         (["--train.steps", "1.5"], "config key train.steps expects an integer, got 1.5"),
+        (["--optim.lr", "fast"], "config key optim.lr expects a number, got 'fast'"),
         (["--model.flash_attn", "maybe"], "config key model.flash_attn expects true or false"),
         (["--model.dim", "64,x"], "config key model.dim expects a list of integers"),
         (["--model.depth", "2,2,2"], "one entry per stage"),
