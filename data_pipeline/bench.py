@@ -4,7 +4,8 @@ One process, one corpus (default: the standard library's *.py files):
   1. build   - `build_shards` at the given zstd level, MB/s of raw input;
   2. zstd    - plain decompression of every train member of the same shards (pread + decompress),
                the ceiling any loader of these shards can reach;
-  3. loader  - one epoch of `ByteLoader` (packed int64 batches), MB/s of bytes delivered;
+  3. loader  - `--epochs` epochs of `ByteLoader` (packed int64 batches), MB/s of tokens delivered,
+               with 0 and 1 prefetch threads;
   4. streaming - mosaicml-streaming's MDSWriter/StreamingDataset on the same documents, only when
                the package is installed (never a dependency).
 `--save` appends the table, with machine and date, to data_pipeline/BENCHMARKS.md.
@@ -34,19 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seq-len", type=int, default=2048, help="loader sequence length")
     parser.add_argument("--global-batch", type=int, default=64, help="loader global batch (lanes)")
     parser.add_argument("--micro-batch", type=int, default=8, help="loader micro-batch")
-    parser.add_argument("--num-workers", type=int, default=0, help="loader prefetch threads")
+    parser.add_argument("--num-workers", type=int, nargs="+", default=[0, 1],
+                        help="loader prefetch threads (one table row per value)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="loader epochs per measurement (steady state: decompression buffers get reused)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each read measurement (best kept)")
     parser.add_argument("--workdir", default=None, help="where to build shards (default: a temporary directory)")
     parser.add_argument("--save", action="store_true", help="append the results to data_pipeline/BENCHMARKS.md")
 
 
 def _best(f, repeats):
-    best, out = float("inf"), None
+    """Best wall time and best CPU time (this process, all threads) over repeats, and f's result.
+    On a shared machine CPU time is the steadier number; on an idle one they agree."""
+    wall, cpu, out = float("inf"), float("inf"), None
     for _ in range(max(1, repeats)):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = f()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        wall = min(wall, time.perf_counter() - t)
+        cpu = min(cpu, time.process_time() - c)
+    return wall, cpu, out
 
 
 def bench_plain_zstd(path: str) -> int:
@@ -70,30 +77,30 @@ def bench_plain_zstd(path: str) -> int:
     return total
 
 
-def bench_loader(path: str, args) -> int:
-    """One full epoch of packed batches; returns bytes delivered (tokens that are not EOS/PAD)."""
+def bench_loader(path: str, args, workers: int) -> int:
+    """`args.epochs` full epochs of packed int64 batches; returns tokens delivered."""
     from .loader import ByteLoader
 
     loader = ByteLoader(path, seq_len=args.seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
-                        num_workers=args.num_workers)
+                        num_workers=workers)
     it = iter(loader)
-    data = 0
-    for _ in range(len(loader)):
-        b = next(it)
-        data += b.numel()
+    tokens = 0
+    for _ in range(len(loader) * args.epochs):
+        tokens += next(it).numel()
     loader.close()
-    return data
+    return tokens
 
 
-def bench_streaming(docs_dir: str, inputs, include, workdir: str, repeats: int):
+def bench_streaming(inputs, include, exclude, workdir: str, repeats: int):
     """mosaicml-streaming on the same documents: (write seconds, read seconds, bytes) or None."""
     try:
         from streaming import MDSWriter, StreamingDataset
-    except ImportError:
+    except Exception as e:  # absent, or present but unusable (its import pulls in torchvision...)
+        logger.info("mosaicml-streaming unavailable (%s): skipped", e)
         return None
     from . import readers
 
-    sources = readers.discover_sources(inputs, include or (), ())
+    sources = readers.discover_sources(inputs, include or (), exclude or ())
     out = os.path.join(workdir, "mds")
     t = time.perf_counter()
     total = 0
@@ -108,7 +115,7 @@ def bench_streaming(docs_dir: str, inputs, include, workdir: str, repeats: int):
         ds = StreamingDataset(local=out, shuffle=False, batch_size=1)
         return sum(len(s["data"]) for s in ds)
 
-    read_s, _ = _best(read, repeats)
+    read_s, _, _ = _best(read, repeats)
     return write_s, read_s, total
 
 
@@ -138,37 +145,47 @@ def run(args) -> int:
     shard_dir = os.path.join(workdir, "shards")
     try:
         shutil.rmtree(shard_dir, ignore_errors=True)
-        t = time.perf_counter()
-        man = build_shards(inputs, shard_dir, include=include, exclude=exclude, zstd_level=args.zstd_level,
-                           progress=False)
-        build_s = time.perf_counter() - t
+        def build():
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            return build_shards(inputs, shard_dir, include=include, exclude=exclude, zstd_level=args.zstd_level,
+                                progress=False)
+
+        build_s, build_c, man = _best(build, args.repeats)
         raw_all = man["totals"]["all"]["raw_bytes"]
-        zstd_s, raw_train = _best(lambda: bench_plain_zstd(shard_dir), args.repeats)
-        loader_s, delivered = _best(lambda: bench_loader(shard_dir, args), args.repeats)
-        mds = bench_streaming(shard_dir, inputs, include, workdir, args.repeats)
+        zstd_s, zstd_c, raw_train = _best(lambda: bench_plain_zstd(shard_dir), args.repeats)
+        loads = {w: _best(lambda: bench_loader(shard_dir, args, w), args.repeats) for w in args.num_workers}
+        mds = bench_streaming(inputs, include, exclude, workdir, args.repeats)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    mb = 1e6
     rows = [
-        ("build (zstd level %d)" % args.zstd_level, raw_all / build_s / 1e6, f"{raw_all / 1e6:.1f} MB raw input"),
-        ("plain zstd decompress", raw_train / zstd_s / 1e6, f"{raw_train / 1e6:.1f} MB, all train members"),
-        (f"ByteLoader epoch (seq {args.seq_len}, batch {args.global_batch}/{args.micro_batch}, "
-         f"{args.num_workers} workers)", delivered / loader_s / 1e6,
-         f"{delivered / 1e6:.1f} M tokens, {100 * (delivered / loader_s) / (raw_train / zstd_s):.0f}% of plain zstd"),
+        ("build (zstd level %d)" % args.zstd_level, raw_all / build_s / mb, raw_all / build_c / mb,
+         f"{raw_all / mb:.1f} MB raw input"),
+        ("plain zstd decompress", raw_train / zstd_s / mb, raw_train / zstd_c / mb,
+         f"{raw_train / mb:.1f} MB, all train members"),
     ]
+    for w, (loader_s, loader_c, tokens) in loads.items():
+        wall, cpu = tokens / loader_s / mb, tokens / loader_c / mb
+        rows.append((f"ByteLoader, {args.epochs} epoch(s) (seq {args.seq_len}, batch {args.global_batch}/"
+                     f"{args.micro_batch}, {w} prefetch threads)", wall, cpu,
+                     f"{tokens / mb:.1f} M tokens (int64); {100 * wall / (raw_train / zstd_s / mb):.0f}% of plain "
+                     f"zstd (wall), {100 * cpu / (raw_train / zstd_c / mb):.0f}% (CPU)"))
     if mds is not None:
         w, r, n = mds
-        rows.append(("mosaicml-streaming MDSWriter (zstd:3)", n / w / 1e6, f"{n / 1e6:.1f} MB"))
-        rows.append(("mosaicml-streaming StreamingDataset", n / r / 1e6, "documents, unpacked"))
+        rows.append(("mosaicml-streaming MDSWriter (zstd:3)", n / w / mb, float("nan"), f"{n / mb:.1f} MB"))
+        rows.append(("mosaicml-streaming StreamingDataset", n / r / mb, float("nan"), "documents, unpacked"))
     else:
-        rows.append(("mosaicml-streaming", float("nan"), "not installed: skipped"))
+        rows.append(("mosaicml-streaming", float("nan"), float("nan"), "not installed: skipped"))
     ratio = raw_all / man["totals"]["all"]["compressed_bytes"]
     header = (f"### {datetime.date.today().isoformat()} — {machine()}\n\n"
               f"Corpus: {', '.join(inputs)} ({man['totals']['all']['documents']} documents, "
               f"{raw_all / 1e6:.1f} MB, zstd ratio {ratio:.2f}); python-zstandard {zstandard.__version__}\n\n")
-    table = "| measurement | MB/s | notes |\n|---|---:|---|\n" + "".join(
-        f"| {name} | {mbps:,.0f} | {note} |\n" for name, mbps, note in rows)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    header += f"Load average at the end: {load:.1f} (wall MB/s suffer on a shared machine; CPU MB/s less so)\n\n"
+    table = "| measurement | MB/s (wall) | MB/s (CPU time) | notes |\n|---|---:|---:|---|\n" + "".join(
+        f"| {name} | {w:,.0f} | {c:,.0f} | {note} |\n" for name, w, c, note in rows)
     sys.stdout.write(header + table)
     if args.save:
         with open(BENCH_FILE, "a", encoding="utf-8") as f:

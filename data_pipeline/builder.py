@@ -514,11 +514,33 @@ def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int |
     }
 
 
-def load_manifest(path: str) -> dict:
-    """Reads and checks `<dir>/manifest.json` (a directory, a manifest file, or an http(s) URL of
-    either); raises naming the file. The directory is kept as `_dir` to resolve shard paths."""
+def run_pipe(template: str, name: str) -> bytes:
+    """Output of a `pipe:` command template with `{}` replaced by a file name (manifest, shard)."""
+    import shlex
+    import subprocess
+
+    cmd = template[len("pipe:"):].replace("{}", shlex.quote(name))
+    r = subprocess.run(cmd, shell=True, capture_output=True)
+    if r.returncode != 0:
+        msg = r.stderr.decode(errors="replace").strip().splitlines()
+        raise FileNotFoundError(f"pipe command {cmd!r} failed (exit {r.returncode}): {msg[-1] if msg else ''}")
+    return r.stdout
+
+
+def load_manifest(path: str, allow_pipe: bool = False) -> dict:
+    """Reads and checks `<dir>/manifest.json` (a directory, a manifest file, an http(s) URL of
+    either, or with `allow_pipe` a `pipe:CMD` template whose `{}` is replaced by each file name);
+    raises naming the file. The directory is kept as `_dir` to resolve shard paths."""
     path = os.fspath(path)
-    if path.startswith(("http://", "https://")):
+    if path.startswith("pipe:"):
+        if not allow_pipe:
+            raise ValueError(f"data path {path!r} runs a shell command: allow it explicitly "
+                             "(ByteLoader(allow_pipe=True) / data.allow_pipe) or use a local path or http(s) URL")
+        if "{}" not in path:
+            raise ValueError(f"pipe: data path {path!r} needs a '{{}}' where the file name goes, e.g. "
+                             "'pipe:aws s3 cp s3://bucket/shards/{} -'")
+        text, mpath, base = run_pipe(path, MANIFEST), path.replace("{}", MANIFEST), path
+    elif path.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
 
@@ -530,8 +552,6 @@ def load_manifest(path: str) -> dict:
             raise FileNotFoundError(f"cannot fetch shard manifest {mpath!r}: {e}") from None
         base = mpath.rsplit("/", 1)[0]
     else:
-        if path.startswith("pipe:"):
-            raise ValueError(f"{path!r}: pipe: data paths cannot seek; copy the shards locally or serve them over http(s)")
         mpath = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
         if not os.path.exists(mpath):
             raise FileNotFoundError(f"no {MANIFEST} in {path!r}: build shards first with `terrabyte shards build`")
@@ -657,12 +677,13 @@ def build_shards(
 
     zdict = None
     if cfg.dict_bytes:
-        if rank == 0:
-            zdict = train_dictionary(tasks, cfg)
-            tmp = os.path.join(out_dir, f".{DICT_FILE}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(zdict)
-            os.replace(tmp, os.path.join(out_dir, DICT_FILE))
+        with _all_ranks(comm, rank):  # an error on rank 0 must not leave the others waiting
+            if rank == 0:
+                zdict = train_dictionary(tasks, cfg)
+                tmp = os.path.join(out_dir, f".{DICT_FILE}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(zdict)
+                os.replace(tmp, os.path.join(out_dir, DICT_FILE))
         if comm is not None:
             zdict = comm.bcast(zdict, root=0)
 
@@ -672,9 +693,10 @@ def build_shards(
     todo = [t for t in mine if t not in done]
     if done:
         logger.info("rank %d: %d of %d tasks already complete, skipping them", rank, len(done), len(mine))
+    logger.info("rank %d of %d: building %d of %d tasks", rank, world, len(todo), len(tasks))
 
-    pool = None
-    if workers > 1 and len(todo) + (len(tasks) if cfg.dedup else 0) > 1:
+    pool = queue = None
+    if workers > 1 and len(todo) + (len(mine) if cfg.dedup else 0) > 1:
         ctx = mp.get_context("spawn")  # fork is unsafe next to threads (torch, MPI)
         queue = ctx.SimpleQueue()
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
@@ -684,25 +706,16 @@ def build_shards(
         if cfg.dedup and len(tasks) > 1:
             # Global exact dedup needs every hash before any shard is written: a read-only pre-pass.
             # (One task dedups on the fly: reading order is the same, so the same copies are kept.)
-            drop = _dedup_global(tasks, mine, cfg, pool, comm)
-        total = sum(s.size for t in todo for s in tasks[t])
-        bar = _Progress(total, progress and rank == 0)
+            hashed = {}
+            with _all_ranks(comm, rank):
+                hashed = _hash_tasks(tasks, mine, cfg, pool)
+            if comm is not None:
+                hashed = {t: h for part in comm.allgather(hashed) for t, h in part.items()}
+            drop = _drop_sets(hashed)
         records = dict(done)
-        try:
-            if pool is None:
-                for t in todo:
-                    records[t] = run_task(t, tasks[t], cfg, out_dir, drop.get(t), bar, zdict)
-            else:
-                futures = {pool.submit(_worker_run_task, t, tasks[t], cfg, out_dir, drop.get(t), zdict): t for t in todo}
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    while not queue.empty():
-                        bar(*queue.get())
-                    for fut in finished:
-                        records[futures[fut]] = fut.result()
-        finally:
-            bar.close()
+        with _all_ranks(comm, rank):
+            _run_tasks(todo, tasks, cfg, out_dir, drop, zdict, pool, queue, records,
+                       _Progress(sum(s.size for t in todo for s in tasks[t]), progress and rank == 0))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -736,17 +749,50 @@ def _dict_id(zdict: bytes | None) -> int | None:
     return zstandard.ZstdCompressionDict(zdict).dict_id() if zdict else None
 
 
-def _dedup_global(tasks, mine, cfg, pool, comm) -> dict:
-    """Drop sets for this rank's tasks; every rank hashes its own tasks, then all exchange hashes."""
+def _hash_tasks(tasks, mine, cfg, pool) -> dict:
     if pool is not None:
-        hashed = list(pool.map(_hash_sources, [tasks[t] for t in mine], [cfg] * len(mine)))
-    else:
-        hashed = [_hash_sources(tasks[t], cfg) for t in mine]
-    by_task = dict(zip(mine, hashed))
-    if comm is not None:
-        by_task = {t: h for part in comm.allgather(by_task) for t, h in part.items()}
-    drop = _drop_sets(by_task)
-    return {t: drop[t] for t in mine}
+        return dict(zip(mine, pool.map(_hash_sources, [tasks[t] for t in mine], [cfg] * len(mine))))
+    return {t: _hash_sources(tasks[t], cfg) for t in mine}
+
+
+def _run_tasks(todo, tasks, cfg, out_dir, drop, zdict, pool, queue, records: dict, bar):
+    try:
+        if pool is None:
+            for t in todo:
+                records[t] = run_task(t, tasks[t], cfg, out_dir, drop.get(t), bar, zdict)
+            return
+        futures = {pool.submit(_worker_run_task, t, tasks[t], cfg, out_dir, drop.get(t), zdict): t for t in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            while not queue.empty():
+                bar(*queue.get())
+            for fut in finished:
+                records[futures[fut]] = fut.result()
+    finally:
+        bar.close()
+
+
+class _all_ranks:
+    """Context manager around rank-local work followed by a collective: every rank learns whether
+    any rank failed, so no rank waits forever in the next collective. The failing rank re-raises
+    its own error; the others raise a ValueError naming it."""
+
+    def __init__(self, comm, rank: int):
+        self.comm, self.rank = comm, rank
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.comm is None:
+            return False
+        mine = f"{exc_type.__name__}: {exc}" if exc is not None else None
+        failed = [(r, e) for r, e in enumerate(self.comm.allgather(mine)) if e]
+        if exc is not None or not failed:
+            return False
+        r, e = failed[0]
+        raise ValueError(f"shard build failed on MPI rank {r}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import fcntl
 import hashlib
 import itertools
 import logging
-import math
 import os
 import sysconfig
 import weakref
@@ -42,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 HOLD_BYTES = 256 << 20  # members held across lane boundaries, at most
+BLOCK_BYTES = 16 << 20  # per-rank uint16 lane buffer, filled a block of steps at a time
 
 
 def _manifest_id(manifest: dict, split: str) -> int:
@@ -77,7 +77,7 @@ class ByteLoader:
     def __init__(self, path: str, split: str = "train", seq_len: int = 2048, global_batch: int = 8,
                  micro_batch: int = 4, dp_rank: int = 0, dp_world: int = 1, seed: int = 0, num_workers: int = 0,
                  eos_id: int = 257, pad_id: int = 256, loop: bool = True, on_error: str = "raise",
-                 shuffle: bool = True, prefetch: int = 2):
+                 shuffle: bool = True, prefetch: int = 2, allow_pipe: bool = False):
         for name, v in (("seq_len", seq_len), ("global_batch", global_batch), ("micro_batch", micro_batch),
                         ("dp_world", dp_world), ("prefetch", prefetch)):
             if int(v) < 1:
@@ -98,7 +98,7 @@ class ByteLoader:
         self.shuffle, self.prefetch, self.num_workers = bool(shuffle) and bool(loop), int(prefetch), int(num_workers)
         self.grad_accum = self.global_batch // (self.dp_world * self.micro_batch)
 
-        self.manifest = load_manifest(path)
+        self.manifest = load_manifest(path, allow_pipe=allow_pipe)
         self.table = stages.member_table(stages.shard_list(self.manifest, split))
         self.total_tokens = int(self.table.tokens.sum())
         self.manifest_id = _manifest_id(self.manifest, split)
@@ -114,6 +114,7 @@ class ByteLoader:
             self.eval_batches = -(-n // (self.dp_world * self.micro_batch))
         self.errors = ErrorCounter()
         self._files = ShardFiles()
+        self._pool = stages.BufferPool()
         # Members some lane still holds: neighbouring lanes that start inside the same member reuse
         # it instead of decompressing it again (weak: costs no memory of its own).
         self._members = weakref.WeakValueDictionary()
@@ -133,6 +134,11 @@ class ByteLoader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._generation += 1
         return self._iter_train(self._generation) if self.loop else self._iter_eval(self._generation)
+
+    @property
+    def skipped(self) -> int:
+        """Members skipped so far under on_error="skip" (for logging and TensorBoard)."""
+        return self.errors.skipped
 
     def state_dict(self) -> dict:
         """Position after the last yielded micro-batch, plus the settings it is only valid for."""
@@ -180,19 +186,22 @@ class ByteLoader:
         info = self.manifest.get("zstd_dict")
         if not info:
             return None
-        p = os.path.join(self.manifest["_dir"], info.get("path", DICT_FILE))
+        url = stages._join(self.manifest["_dir"], info.get("path", DICT_FILE))
         try:
-            with open(p, "rb") as f:
-                return f.read()
+            return stages.read_whole(url)
         except OSError as e:
-            raise FileNotFoundError(f"zstd dictionary {p!r} named by the manifest is missing: {e.strerror}") from None
+            raise FileNotFoundError(f"zstd dictionary {stages.display(url)!r} named by the manifest is missing: "
+                                    f"{e.strerror or e}") from None
 
     def _load_member(self, i: int, order_seed) -> stages.Segments | None:
         """read -> decompress -> parse -> segments for member i (runs on a prefetch thread)."""
         try:
             s = stages.read_member(self.table, self._files, i)
-            s = stages.parse_meta(stages.decompress_sample(s, self.zdict))
-            return stages.member_segments(s, self.eos_id, order_seed)
+            s = stages.parse_meta(stages.decompress_sample(s, self.zdict, self._pool))
+            segs = stages.member_segments(s, self.eos_id, order_seed)
+            if s.buffer is not None:
+                self._pool.own(segs, s.buffer)
+            return segs
         except DataError as e:
             if self.on_error != "skip":
                 raise
@@ -205,9 +214,9 @@ class ByteLoader:
         `hold_first`: keep the first member for the lane before this one (it ends there)."""
         if stop <= start:
             return stages.TokenReader((), self.eos_id)
-        first, offset = stages.locate(cum, start)
+        first_j, offset = stages.locate(cum, start)
         last, _ = stages.locate(cum, stop - 1)
-        idx = range(first, last + 1)
+        idx = range(first_j, last + 1)
         if self.on_error == "skip" and self.loop:  # skipped members shorten a lane: keep reading past it
             idx = itertools.chain(idx, (j % len(order) for j in itertools.count(last + 1)))
         seed = self.seed
@@ -220,7 +229,7 @@ class ByteLoader:
                 segs = self._load_member(m, (seed, epoch, m) if self.shuffle else None)
                 if segs is not None:
                     self._members[key] = segs
-            if hold_first and j == first and offset and segs is not None:
+            if hold_first and j == first_j and offset and segs is not None:
                 if sum(len(h.raw) * h.raw.itemsize for h in self._held.values()) < HOLD_BYTES:
                     self._held[key] = segs
             return segs
@@ -243,30 +252,43 @@ class ByteLoader:
                 self._epoch += 1
 
     def _iter_train(self, generation: int):
-        B, W, m, L = self.global_batch, self.dp_world, self.micro_batch, self.seq_len
+        B, W, m, L, A = self.global_batch, self.dp_world, self.micro_batch, self.seq_len, self.grad_accum
         per_rank = B // W
+        # Each lane is read BLOCK steps at a time into a reused uint16 buffer (one fill call per lane
+        # per block, not per row); a micro-batch is then one gather + cast into a fresh, small int64
+        # array, so a yielded batch is never overwritten.
+        block_steps = max(1, min(64, BLOCK_BYTES // (per_rank * L * 2)))
+        lanebuf = np.empty((per_rank, block_steps, L), dtype=np.uint16)
         while generation == self._generation:
             epoch, step0, micro0 = self._epoch, self._step, self._micro
             order, cum = self._epoch_stream(epoch)
             lane_list, steps = stages.lanes(self.total_tokens, B, L)
             mine = lane_list[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
             self._held.clear()
-            readers = []
+            readers, firsts = [], []
             for j, lane in enumerate(mine):
                 first = step0 + (1 if j // m < micro0 else 0)  # lanes of micro-batches already yielded
+                firsts.append(first)
                 readers.append(self._range_reader(order, cum, lane.start + first * L, lane.stop, epoch,
                                                   hold_first=(j > 0 and first == 0)))
-            for g in range(step0, steps):
-                for k in range(micro0 if g == step0 else 0, self.grad_accum):
-                    out = np.empty((m, L), dtype=np.int64)
-                    for r in range(m):
-                        if readers[k * m + r].fill(out[r]) != L:
-                            raise DataError(f"lane {self.dp_rank * per_rank + k * m + r} of epoch {epoch} ran short "
-                                            f"at step {g}: shards changed since the manifest was written?")
-                    if generation != self._generation:
-                        return
-                    self._advance(self.grad_accum, steps)  # before yield: state = batches handed out
-                    yield torch.from_numpy(out)
+            for b0 in range(step0, steps, block_steps):
+                nb = min(block_steps, steps - b0)
+                for j, reader in enumerate(readers):
+                    s0 = max(b0, firsts[j]) - b0  # first step of this block the lane still owes
+                    if s0 >= nb:
+                        continue
+                    want = (nb - s0) * L
+                    if reader.fill(lanebuf[j].reshape(-1)[s0 * L:nb * L]) != want:
+                        raise DataError(f"lane {self.dp_rank * per_rank + j} of epoch {epoch} ran short before "
+                                        f"step {b0 + nb}: shards changed since the manifest was written?")
+                for s in range(nb):
+                    g = b0 + s
+                    for k in range(micro0 if g == step0 else 0, A):
+                        if generation != self._generation:
+                            return
+                        batch = torch.from_numpy(lanebuf[k * m:(k + 1) * m, s].astype(np.int64))
+                        self._advance(A, steps)  # before yield: state = batches handed out
+                        yield batch
 
     def _iter_eval(self, generation: int):
         m, L = self.micro_batch, self.seq_len
@@ -278,9 +300,9 @@ class ByteLoader:
         reader = self._range_reader(order, cum, start, stop, 0)
         for _ in range(self._step, self.eval_batches):
             out = np.empty((m, L), dtype=np.int64)
-            for r in range(m):
-                n = reader.fill(out[r])
-                out[r, n:] = self.pad_id  # past the end of the data: pad
+            flat = out.reshape(-1)  # this rank's rows are contiguous in the stream
+            n = reader.fill(flat)
+            flat[n:] = self.pad_id  # past the end of the data: pad
             if generation != self._generation:
                 return
             self._step += 1

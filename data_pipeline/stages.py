@@ -21,6 +21,7 @@ import logging
 import os
 import tarfile
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -79,6 +80,8 @@ def shard_list(manifest: dict, split: str) -> list[dict]:
 
 
 def _join(base: str, path: str) -> str:
+    if base.startswith("pipe:"):
+        return f"{base}\0{path}"  # template and file name; ShardFiles runs it
     if "://" in base:
         return base.rstrip("/") + "/" + path
     return os.path.join(base, path)
@@ -109,7 +112,7 @@ class MemberTable:
         return np.flatnonzero(starts)
 
     def where(self, i: int) -> str:
-        return f"{self.urls[self.shard[i]]} member {int(self.key[i]):06d}"
+        return f"{display(self.urls[self.shard[i]])} member {int(self.key[i]):06d}"
 
 
 def member_table(shards: Sequence[dict]) -> MemberTable:
@@ -125,11 +128,6 @@ def member_table(shards: Sequence[dict]) -> MemberTable:
         urls=[s["url"] for s in shards], shard=np.asarray(shard_ix, dtype=np.int64), key=np.asarray(keys, dtype=np.int64),
         cols={k: np.asarray(v, dtype=np.int64) for k, v in cols.items()},
     )
-
-
-def split_by_rank(items: Sequence, rank: int, world: int) -> list:
-    """Every world-th item starting at rank (for whole-shard work such as verify)."""
-    return list(items)[rank::world]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +177,28 @@ def locate(cum_tokens: np.ndarray, position: int) -> tuple[int, int]:
 
 
 class ShardFiles:
-    """Opened shard files shared by threads; `pread` keeps no file position, so it is thread-safe."""
+    """Opened shard files shared by threads; `pread` keeps no file position, so it is thread-safe.
+    http(s) shards are read with Range requests; `pipe:` shards are fetched whole, once, into a
+    temporary cache (a pipe cannot seek)."""
 
     def __init__(self):
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._cache_dir: str | None = None
+
+    def _fetch_pipe(self, url: str) -> str:
+        import tempfile
+
+        from .builder import run_pipe
+
+        template, name = url.split("\0", 1)
+        if self._cache_dir is None:
+            self._cache_dir = tempfile.mkdtemp(prefix="terrabyte-pipe-")
+        local = os.path.join(self._cache_dir, os.path.basename(name))
+        with open(local + ".tmp", "wb") as f:
+            f.write(run_pipe(template, name))
+        os.replace(local + ".tmp", local)
+        return local
 
     def pread(self, url: str, offset: int, size: int) -> bytes:
         fd = self._fds.get(url)
@@ -191,16 +206,16 @@ class ShardFiles:
             with self._lock:
                 fd = self._fds.get(url)
                 if fd is None:
-                    if "://" in url:
+                    if "://" in url and not url.startswith("pipe:"):
                         return _http_range(url, offset, size)
                     try:
-                        fd = os.open(url, os.O_RDONLY)
+                        fd = os.open(self._fetch_pipe(url) if url.startswith("pipe:") else url, os.O_RDONLY)
                     except OSError as e:
-                        raise DataError(f"cannot open shard {url!r}: {e.strerror}") from None
+                        raise DataError(f"cannot open shard {display(url)!r}: {e.strerror or e}") from None
                     self._fds[url] = fd
         data = os.pread(fd, size, offset)
         if len(data) != size:
-            raise DataError(f"shard {url!r} is truncated (wanted {size} bytes at offset {offset}, got {len(data)})")
+            raise DataError(f"shard {display(url)!r} is truncated (wanted {size} bytes at offset {offset}, got {len(data)})")
         return data
 
     def close(self):
@@ -208,6 +223,31 @@ class ShardFiles:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            if self._cache_dir is not None:
+                import shutil
+
+                shutil.rmtree(self._cache_dir, ignore_errors=True)
+                self._cache_dir = None
+
+
+def display(url: str) -> str:
+    """A shard location for messages (a pipe: location is a template and a file name)."""
+    return url.replace("\0", " ")
+
+
+def read_whole(url: str) -> bytes:
+    """A whole small file (e.g. the zstd dictionary) from a local path, http(s) URL or pipe:."""
+    if url.startswith("pipe:"):
+        from .builder import run_pipe
+
+        return run_pipe(*url.split("\0", 1))
+    if "://" in url:
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.read()
+    with open(url, "rb") as f:
+        return f.read()
 
 
 def _http_range(url: str, offset: int, size: int) -> bytes:
@@ -232,6 +272,7 @@ class Sample:
     data: bytes  # zstd frame, then raw bytes after `decompress`
     raw_size: int = -1  # expected raw size (-1: unknown)
     ident: int = -1  # member index in the table (seeds its document order)
+    buffer: np.ndarray | None = None  # pooled buffer behind `data`, if any
 
 
 def read_member(table: MemberTable, files: ShardFiles, i: int) -> Sample:
@@ -291,11 +332,53 @@ def _decompressor(zdict: bytes | None) -> zstandard.ZstdDecompressor:
     return d
 
 
-def decompress_sample(s: Sample, zdict: bytes | None = None) -> Sample:
-    """zstd frame -> raw bytes; checks the size the manifest promised."""
+class BufferPool:
+    """Reuses decompression buffers. Writing into fresh memory costs page faults that, for MiB-sized
+    members held by many lanes, take as long as zstd itself; buffers come back when the object
+    that owns them (a member's Segments) is garbage collected."""
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> np.ndarray:
+        with self._lock:
+            for j, b in enumerate(self._free):
+                if len(b) >= size:
+                    return self._free.pop(j)
+        # powers of two, so a buffer fits the many members of similar size that follow
+        return np.empty(1 << max(20, (size - 1).bit_length()), dtype=np.uint8)
+
+    def give(self, buf: np.ndarray):
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buf)
+
+    def own(self, owner, buf: np.ndarray):
+        """Return buf to the pool when owner is collected."""
+        weakref.finalize(owner, self.give, buf)
+
+
+def decompress_sample(s: Sample, zdict: bytes | None = None, pool: BufferPool | None = None) -> Sample:
+    """zstd frame -> raw bytes (or, with a pool, a numpy view of a pooled buffer, kept in
+    `s.buffer`); checks the size the manifest promised and the frame checksum."""
     try:
-        limit = s.raw_size if s.raw_size >= 0 else 0
-        raw = _decompressor(zdict).decompress(s.data, max_output_size=limit)
+        if pool is None or s.raw_size < 0:
+            raw = _decompressor(zdict).decompress(s.data, max_output_size=max(s.raw_size, 0))
+        else:
+            s.buffer = pool.take(s.raw_size)
+            raw = s.buffer[:s.raw_size]
+            with _decompressor(zdict).stream_reader(s.data) as r:
+                got = 0
+                view = memoryview(raw)
+                while got < len(raw):
+                    n = r.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                if got != len(raw) or r.read(1):  # reading to the end also checks the frame checksum
+                    raise DataError(f"{s.where}: decompressed size differs from the manifest's {s.raw_size}")
     except zstandard.ZstdError as e:
         raise DataError(f"{s.where}: bad zstd frame ({e})") from None
     if s.raw_size >= 0 and len(raw) != s.raw_size:
@@ -353,7 +436,7 @@ def member_segments(s: Sample, eos_id: int, order_seed: Sequence[int] | None = N
     if order_seed is not None and len(docs) > 1:
         perm = np.random.default_rng(list(order_seed)).permutation(len(docs))
         docs = [docs[j] for j in perm]
-    raw = np.frombuffer(s.data, dtype=np.uint8)
+    raw = s.data if isinstance(s.data, np.ndarray) else np.frombuffer(s.data, dtype=np.uint8)
     offsets = [d["offset"] for d in docs]
     lengths = [d["length"] for d in docs]
     eos = [d["doc_offset"] + d["length"] == d["doc_size"] for d in docs]
@@ -420,23 +503,26 @@ class TokenReader:
 
     def fill(self, out: np.ndarray) -> int:
         """Writes up to len(out) tokens into out; returns how many (fewer only at the end)."""
-        want = int(min(len(out), self.remaining))
-        pos = 0
-        cur = self._cur
+        # Hot loop (once per row per lane): locals only, one slice copy per document piece.
+        want = len(out)
+        if self.remaining < want:
+            want = int(self.remaining)
+        pos, cur, i, w = 0, self._cur, self._seg, self._within
         while pos < want:
-            if cur is None or self._seg >= len(cur.lengths):
+            if cur is None or i >= len(cur.lengths):
                 if not self._advance_member():
                     break
-                cur = self._cur
+                cur, i, w = self._cur, 0, 0
                 continue
-            i, w = self._seg, self._within
             n = cur.lengths[i]
             if w < n:
-                take = min(n - w, want - pos)
+                take = n - w
+                if take > want - pos:
+                    take = want - pos
                 o = cur.offsets[i] + w
                 out[pos:pos + take] = cur.raw[o:o + take]
                 pos += take
-                self._within = w = w + take
+                w += take
                 if w < n:
                     break  # out is full
             if cur.eos[i]:
@@ -444,7 +530,8 @@ class TokenReader:
                     break  # the EOS goes first into the next buffer
                 out[pos] = self.eos_id
                 pos += 1
-            self._seg, self._within = i + 1, 0
+            i, w = i + 1, 0
+        self._seg, self._within = i, w
         self.remaining -= pos
         return pos
 
@@ -489,7 +576,7 @@ def documents_from_wds(sample: dict) -> list[tuple[str, bytes, dict]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stream slicing, packing and batching
+# Packing and batching
 # ---------------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import yaml
 
 IntTuple = tuple[int, ...]
+PerStage = Union[int, IntTuple]  # one value for every stage, or one per stage
 
 
 @dataclass
@@ -40,8 +41,8 @@ class ModelConfig:
     depth: IntTuple = (2, 2)
     max_seq_len: IntTuple = (256, 8)
     """Patches per stage; their product is the training sequence length in bytes."""
-    dim_head: int = 32
-    heads: int = 4
+    dim_head: PerStage = 32
+    heads: PerStage = 4
     ff_mult: float = 4.0
     attn_dropout: float = 0.0
     ff_dropout: float = 0.0
@@ -246,7 +247,13 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], key, source)
+        errors = []
+        for option in inner:  # first type that accepts the value wins
+            try:
+                return coerce(value, option, key, source)
+            except ValueError as exc:
+                errors.append(str(exc).split(" expects ", 1)[-1].split(", got ")[0])
+        raise ValueError(f"{source}: config key {key} expects {' or '.join(errors)}, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):
             value = [yaml.safe_load(v) for v in value.split(",")]
@@ -306,6 +313,10 @@ def validate(cfg: Config) -> None:
                 f"config keys model.dim and model.{key} must have one entry per stage: "
                 f"{m.dim} has {stages}, {getattr(m, key)} has {len(getattr(m, key))}"
             )
+    for key in ("heads", "dim_head"):
+        value = getattr(m, key)
+        if isinstance(value, tuple) and len(value) != stages:
+            raise ValueError(f"config key model.{key} needs one entry per stage ({stages}) or a single value, got {value}")
     if m.attention is not None and len(m.attention) != stages:
         raise ValueError(f"config key model.attention needs one entry per stage ({stages}), got {len(m.attention)}")
     for key in ("steps", "micro_batch", "global_batch", "eval_interval", "log_interval"):

@@ -1,7 +1,6 @@
 """Shard builder: round trips through our loader, upstream webdataset and tar + zstd; determinism;
 bad input."""
 import hashlib
-import io
 import json
 import os
 import random
@@ -131,6 +130,7 @@ def test_manifest_fields_and_checksums(corpus, tmp_path):
     out = tmp_path / "shards"
     man = build_shards([str(src)], str(out), val_fraction=0.3, member_bytes=MEMBER, zstd_level=5, progress=False)
     on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps({k: v for k, v in man.items() if k != "_dir"}))  # returned == written
     assert on_disk["builder"]["version"] == builder.BUILDER_VERSION
     assert on_disk["builder"]["args"]["zstd_level"] == 5 and on_disk["builder"]["args"]["val_fraction"] == 0.3
     for s in on_disk["shards"]:

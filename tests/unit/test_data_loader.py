@@ -119,6 +119,11 @@ def test_validation_pass_is_documents_joined_with_eos(shards):
         np.testing.assert_array_equal(flat[:len(expect)], expect)
         assert (flat[len(expect):] == PAD).all()
     assert count_sequences(path, "val", SEQ) == -(-len(expect) // SEQ)
+    # the same pass composed from the generic stages: tar -> decompress -> unbundle -> pack -> batch
+    composed = list(stages.batch(stages.pack(stages.unbundle(stages.decompress(stages.tar_members(val_urls)), EOS),
+                                             SEQ, EOS, pad_id=PAD), 1))
+    loader = ByteLoader(path, split="val", seq_len=SEQ, global_batch=1, micro_batch=1, loop=False)
+    assert len(composed) == len(loader) and all(torch.equal(a, b) for a, b in zip(composed, loader))
     # each iter() of a non-looping loader is a fresh pass
     loader = ByteLoader(path, split="val", seq_len=SEQ, global_batch=2, micro_batch=2, loop=False)
     first, second = list(loader), list(loader)
@@ -227,7 +232,7 @@ def test_corrupt_member_raises_with_name_or_is_skipped(shards, tmp_path):
         list(ByteLoader(str(bad), **kw))
     ld = ByteLoader(str(bad), on_error="skip", **kw)
     n_rows = sum(len(b) for b in ld)
-    assert ld.errors.skipped == 1 and "member 000001" in ld.errors.last
+    assert ld.errors.skipped == ld.skipped == 1 and "member 000001" in ld.errors.last
     assert n_rows == len(ld) * 2
 
 
@@ -256,3 +261,25 @@ def _split(row, sep):
         else:
             cur.append(t)
     yield cur
+
+
+def test_missing_shard_is_named_or_skipped(shards, tmp_path):
+    import shutil
+
+    path, _ = shards
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    man = load_manifest(str(bad))
+    victim = [s for s in man["shards"] if s["split"] == "val"][0]
+    (bad / victim["path"]).unlink()
+    kw = dict(seq_len=SEQ, global_batch=2, micro_batch=2, loop=False, split="val")
+    with pytest.raises(stages.DataError, match=victim["path"]):
+        list(ByteLoader(str(bad), **kw))
+    ld = ByteLoader(str(bad), on_error="skip", **kw)
+    batches = list(ld)
+    assert ld.errors.skipped == victim["members"] and len(batches) == len(ld)
+    # what was read is exactly the surviving shards' documents, then padding
+    rest = [s["url"] for s in stages.shard_list(man, "val") if s["path"] != victim["path"]]
+    expect = [t for _, d in stages.documents(stages.decompress(stages.tar_members(rest))) for t in list(d) + [EOS]]
+    flat = np.concatenate([b.numpy().reshape(-1) for b in batches])
+    assert flat[:len(expect)].tolist() == expect and (flat[len(expect):] == PAD).all()

@@ -9,6 +9,16 @@ from terrabyte.pretrain.model import TerraByte
 NUM_TOKENS = 256
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    threads waiting for a descheduled sibling make them up to 40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(max_seq_len=(4, 4), **kw):
     """A tiny model; 2 or 3 stages depending on max_seq_len."""
     stages = len(max_seq_len)
@@ -136,7 +146,7 @@ def test_meta_build_then_init_weights():
     model.to_empty(device="cpu")
     model.init_weights()
     ref = tiny((4, 4), dim=(32, 16), depth=(1, 1))
-    torch.testing.assert_close(model.stages[0].rotary.cos, ref.stages[0].rotary.cos)
+    torch.testing.assert_close(model.stages[0].rotary.freqs, ref.stages[0].rotary.freqs)
     loss = model(random_bytes(1, 16), return_loss=True)
     assert torch.isfinite(loss)
     # scaled init: residual output projections are smaller than input projections
@@ -285,3 +295,79 @@ def test_generate_prompt_too_long_and_sliding_window():
     # once the context (16) is full, half of it (two patches) is dropped and re-primed
     window = out[:, 16:27]  # bytes 27 is predicted after the window moved from 8 to 16
     assert out[0, 27] == next_logits(model, window).argmax(-1)[0]
+
+
+# ---------------------------------------------------------------- attention paths and sampling
+
+@pytest.mark.parametrize("n", [1, 4, 16, 40])
+def test_dense_attention_paths_match_sdpa(n):
+    """Short CPU sequences take the math path, longer ones SDPA: both equal SDPA causal."""
+    from terrabyte.pretrain.model import DenseAttention, math_attention
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(DenseAttention()(q, k, v), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(math_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_flash_attn_flag_falls_back_silently_on_cpu():
+    x = random_bytes(2, 16)
+    torch.testing.assert_close(tiny(flash_attn=True)(x), tiny(flash_attn=False)(x), rtol=0, atol=0)
+
+
+def test_top_k_and_top_p_filters():
+    from terrabyte.pretrain.model import top_k_filter, top_p_filter
+
+    logits = torch.arange(20.0).view(1, 20)
+    kept = torch.isfinite(top_k_filter(logits, 0.9))  # keeps int(0.1 * 20) = 2 by count
+    assert kept.sum() == 2 and kept[0, 18:].all()
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert torch.isfinite(top_p_filter(probs, 0.75)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(probs, 0.5)).tolist() == [[True, False, False, False]]
+
+
+def test_sampling_follows_the_distribution():
+    """The exponential-race sampler draws from softmax(logits / temperature)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]]).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    draws = TerraByte._sample(logits, 1.0, None, None, g)
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    torch.testing.assert_close(freq, logits[0].softmax(-1), rtol=0, atol=0.015)
+    assert torch.equal(TerraByte._sample(logits[:2], 0.0, None, None, g), torch.tensor([2, 2]))
+
+
+def test_sparse_attention_stage_cached_equals_uncached():
+    pytest.importorskip("terrabyte.kernels")
+    attention = ({"kind": "sparse", "pattern": {"local": 3, "global_tokens": 1, "block": 16}}, None)
+    model = tiny((12, 4), attention=attention)
+    dense = tiny((12, 4))
+    dense.load_state_dict(model.state_dict())
+    x = random_bytes(2, 48)
+    full = model(x)
+    assert not torch.allclose(full, dense(x), atol=1e-4)  # the pattern changes the result
+    cache = model.init_cache(2)
+    torch.testing.assert_close(model.forward_cached(x[:, :7], cache), full[:, 7], rtol=0, atol=1e-5)
+    for j in range(8, 48):
+        torch.testing.assert_close(model.forward_cached(x[:, j - 1:j], cache), full[:, j], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_table(tmp_path, capsys):
+    """`terrabyte bench model --quick`: every row measured (positive numbers), table also in --out."""
+    import argparse
+
+    from terrabyte.pretrain import bench_model
+
+    parser = argparse.ArgumentParser()
+    bench_model.add_arguments(parser)
+    out = tmp_path / "bench.md"
+    args = parser.parse_args(["--quick", "--no-baseline", "--threads", "1", "--out", str(out)])
+    assert bench_model.run(args) == 0
+    table = out.read_text()
+    assert table == capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "metric" not in line]
+    assert len(rows) == 2 * len(bench_model.QUICK.train) + 3 * len(bench_model.QUICK.generate)
+    for row in rows:
+        value = row.split("|")[2].strip().split()[0].replace(",", "")
+        assert float(value) > 0, row
