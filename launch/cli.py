@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help, add_help=False)
     _add_lazy(sub, "generate", "terrabyte.pretrain.inference", "sample bytes from a trained model",
               setup="add_generate_arguments", handler="run_generate")
+    _add_lazy(sub, "eval", "terrabyte.pretrain.evaluate", "bits-per-byte of a trained model on shards or files")
     _add_lazy(sub, "export", "terrabyte.pretrain.inference", "write a run's model as one safetensors file",
               setup="add_export_arguments", handler="run_export")
+    _add_lazy(sub, "launch", "terrabyte.launch.launchers", "print or run the deepspeed/torchrun/mpirun command for N nodes")
+    _add_lazy(sub, "slurm", "terrabyte.launch.slurm", "write (and submit) a SLURM job script with preemption and requeue")
     bench = sub.add_parser("bench", help="benchmarks that print a side-by-side table")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name, (module, help) in BENCHES.items():

@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from terrabyte.pretrain import TerraByte
+from terrabyte.pretrain.evaluate import byte_log_probs, documents, evaluate, windows
+from terrabyte.pretrain.inference import save_safetensors
+
+CONFIG = dict(num_tokens=256, dim=(32, 16), depth=(1, 1), max_seq_len=(8, 4), dim_head=8, heads=2)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return TerraByte(**CONFIG).eval()
+
+
+def test_windows_score_every_byte_once():
+    for n in (1, 31, 32, 33, 100):
+        for stride in (32, 16, 5):
+            covered = []
+            for w in windows(n, 32, stride):
+                assert w.start <= w.score_from < w.score_to <= min(w.start + 32, n)
+                covered.extend(range(w.score_from, w.score_to))
+            assert covered == list(range(n))
+
+
+def test_basic_equals_one_forward_for_short_documents(model):
+    doc = torch.randint(0, 256, (27,))
+    logits = model(doc[None])[0]
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, doc[:, None]).squeeze(-1)
+    for mode in ("basic", "sliding", "strided", "sliding_strided"):
+        got = byte_log_probs(model, doc, mode, stride=None, batch=4)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_modes_on_long_documents(model):
+    doc = torch.randint(0, 256, (200,))
+    basic = byte_log_probs(model, doc, "basic", None, 4)
+    sliding = byte_log_probs(model, doc, "sliding", 8, 4)
+    strided = byte_log_probs(model, doc, "strided", None, 4)
+    # the first window is shared by all modes
+    torch.testing.assert_close(sliding[:32], basic[:32])
+    # sliding: byte 40 is scored in the window starting at 16 (offset 24), with more context than basic
+    logits = model(doc[None, 16:48])[0]
+    torch.testing.assert_close(
+        sliding[40], torch.log_softmax(logits.double(), -1)[24, doc[40]], atol=1e-5, rtol=1e-5)
+    # strided: bytes in the second half of a patch (patch = 4 bytes) come from the shifted pass
+    shifted = model(doc[None, 30:62])[0]  # window 32..64 moved back by 2 bytes
+    torch.testing.assert_close(
+        strided[34 + 1], torch.log_softmax(shifted.double(), -1)[5, doc[35]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(strided[33], basic[33])  # first half of its patch: the regular pass
+    assert not torch.equal(strided, basic)
+
+
+def test_shards_and_files_give_the_same_number(tmp_path, model):
+    from terrabyte.data_pipeline.builder import build_shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = torch.Generator().manual_seed(1)
+    for i in range(6):
+        (src / f"f{i}.bin").write_bytes(bytes(torch.randint(0, 256, (50 + 37 * i,), generator=rng).tolist()))
+    build_shards([str(src)], str(tmp_path / "shards"), progress=False)
+    from_files = evaluate(model, documents([str(src)], "all"), "sliding", 16, 4)
+    from_shards = evaluate(model, documents([str(tmp_path / "shards")], "all"), "sliding", 16, 4)
+    assert from_files["bytes"] == from_shards["bytes"] == sum(50 + 37 * i for i in range(6))
+    assert from_files["documents"] == from_shards["documents"] == 6
+    assert from_files["bits_per_byte"] == pytest.approx(from_shards["bits_per_byte"], rel=1e-12)
+
+    save_safetensors(model, CONFIG, tmp_path / "m.safetensors")
+    proc = subprocess.run(
+        [sys.executable, "-m", "terrabyte.launch.cli", "eval", "--checkpoint", str(tmp_path / "m.safetensors"),
+         "--data", str(src), "--mode", "sliding", "--stride", "16", "--split", "all", "--out", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report == json.loads(proc.stdout)
+    assert report["bits_per_byte"] == pytest.approx(from_files["bits_per_byte"], rel=1e-6)
