@@ -34,12 +34,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["terrabyte." + name for name in SUBPACKAGES]
-    + ["terrabyte.launch.slurm"],
+    packages=["terrabyte." + name for name in SUBPACKAGES],
     package_dir={"terrabyte." + name: name for name in SUBPACKAGES},
     package_data={
         "terrabyte.configs": ["*.yaml"],
-        "terrabyte.launch": ["slurm/*.sh", "slurm/*.j2", "templates/*"],
+        "terrabyte.launch": ["slurm/*.sh", "*.md"],
     },
     install_requires=install_requires,
     extras_require={
