@@ -73,7 +73,8 @@ case "$cmd" in
   test)
     setup_system_tools
     setup_python
-    exec python -m pytest tests -q -p no:cacheprovider "$@"
+    if [ $# -eq 0 ]; then set -- tests; fi
+    exec python -m pytest -q -p no:cacheprovider "$@"
     ;;
   *)
     echo "usage: bash launch/quickstart.sh pretrain|test [args]" >&2
