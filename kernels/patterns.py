@@ -51,7 +51,6 @@ them tile by tile.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -125,7 +124,8 @@ def _parse_dilated(where: str, value: Any) -> tuple[Dilated, ...]:
     for k, entry in enumerate(value):
         at = f"{where}[{k}]"
         if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
-            raise ValueError(f"sparse pattern: {at} must be [segment, dilation] or [segment, dilation, offset], got {entry!r}")
+            raise ValueError(f"sparse pattern: {at} must be [segment, dilation] or [segment, dilation, offset], "
+                             f"got {entry!r}")
         segment = _int_value(f"{at} segment", entry[0], minimum=1)
         dilation = _int_value(f"{at} dilation", entry[1], minimum=1)
         if dilation > segment:
@@ -150,7 +150,8 @@ def _parse_head(cfg: Any, where: str) -> tuple[HeadPattern | None, int, dict | N
     if "csr" in cfg:
         mixed = [k for k in PART_KEYS if k in cfg]
         if mixed:
-            raise ValueError(f"sparse pattern: {where} gives both 'csr' and {mixed[0]!r}; an explicit layout replaces the parts")
+            raise ValueError(f"sparse pattern: {where} gives both 'csr' and {mixed[0]!r}; "
+                             "an explicit layout replaces the parts")
         csr = cfg["csr"]
         if not isinstance(csr, dict) or set(csr) != {"indptr", "indices"}:
             raise ValueError(f"sparse pattern: {where}.csr must be a mapping with exactly 'indptr' and 'indices'")
@@ -219,7 +220,8 @@ class SparsePattern:
         self.layout = layout
         if layout is not None:
             self._heads: tuple[HeadPattern, ...] = ()
-            self.num_heads: int | None = layout.dense.shape[0]
+            # one layout serves any number of heads; several fix the count
+            self.num_heads: int | None = layout.dense.shape[0] if layout.dense.shape[0] > 1 else None
         elif isinstance(heads, HeadPattern) or heads is None:
             self._heads = (heads or HeadPattern(),)
             self.num_heads = None  # any number of heads
@@ -242,11 +244,13 @@ class SparsePattern:
             parsed = [_parse_head(c, f"pattern[{h}]") for h, c in enumerate(cfg)]
             blocks = {b for _, b, _ in parsed}
             if len(blocks) != 1:
-                raise ValueError(f"sparse pattern: per-head patterns use different block sizes {sorted(blocks)}; use one")
+                raise ValueError(f"sparse pattern: per-head patterns use different block sizes {sorted(blocks)}; "
+                                 "use one")
             block = blocks.pop()
             if any(csr is not None for _, _, csr in parsed):
                 if not all(csr is not None for _, _, csr in parsed):
-                    raise ValueError("sparse pattern: mix of 'csr' and part-based heads; give every head a csr layout or none")
+                    raise ValueError("sparse pattern: mix of 'csr' and part-based heads; "
+                                     "give every head a csr layout or none")
                 return cls.from_csr_lists([csr for _, _, csr in parsed], block=block)
             return cls([h for h, _, _ in parsed], block=block)
         head, block, csr = _parse_head(cfg, "pattern")
@@ -258,7 +262,8 @@ class SparsePattern:
     def from_block_layout(cls, layout: torch.Tensor, block: int = DEFAULT_BLOCK) -> "SparsePattern":
         """An explicit layout: bool (rows, rows) or (heads, rows, rows), True = tile attended."""
         if not isinstance(layout, torch.Tensor) or layout.dim() not in (2, 3) or layout.shape[-1] != layout.shape[-2]:
-            raise ValueError("sparse pattern: a block layout must be a square bool tensor (rows, rows) or (heads, rows, rows)")
+            raise ValueError("sparse pattern: a block layout must be a square bool tensor (rows, rows) "
+                             "or (heads, rows, rows)")
         dense = layout.detach().cpu().bool()
         if dense.dim() == 2:
             dense = dense[None]
@@ -278,9 +283,11 @@ class SparsePattern:
             indices = torch.as_tensor(csr["indices"], dtype=torch.int64).flatten()
             rows = indptr.numel() - 1
             if rows < 1 or indptr[0] != 0 or bool((indptr[1:] < indptr[:-1]).any()) or indptr[-1] != indices.numel():
-                raise ValueError(f"sparse pattern: csr of head {h}: indptr must start at 0, never decrease and end at len(indices)")
+                raise ValueError(f"sparse pattern: csr of head {h}: indptr must start at 0, never decrease "
+                                 "and end at len(indices)")
             if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows):
-                raise ValueError(f"sparse pattern: csr of head {h}: key blocks must lie in [0, {rows}), got {indices.tolist()}")
+                raise ValueError(f"sparse pattern: csr of head {h}: key blocks must lie in [0, {rows}), "
+                                 f"got {indices.tolist()}")
             dense = torch.zeros(rows, rows, dtype=torch.bool)
             row_of = torch.repeat_interleave(torch.arange(rows), indptr[1:] - indptr[:-1])
             dense[row_of, indices] = True
@@ -298,20 +305,23 @@ class SparsePattern:
             if hp.stride:
                 out["stride"] = hp.stride
             if hp.dilated:
-                out["dilated"] = [[d.segment, d.dilation] + ([] if d.offset is None else [d.offset]) for d in hp.dilated]
+                out["dilated"] = [[d.segment, d.dilation] + ([] if d.offset is None else [d.offset])
+                                  for d in hp.dilated]
             if hp.global_tokens:
                 out["global_tokens"] = hp.global_tokens
             return out
 
         if self.layout is not None:
-            return [{"block": self.block, "csr": {"indptr": (p - p[0]).tolist(), "indices": self.layout.indices[p[0]:p[-1]].tolist()}}
+            return [{"block": self.block,
+                     "csr": {"indptr": (p - p[0]).tolist(), "indices": self.layout.indices[p[0]:p[-1]].tolist()}}
                     for p in self.layout.indptr]
         if self.num_heads is None:
             return one(self._heads[0])
         return [one(hp) for hp in self._heads]
 
     def __repr__(self) -> str:
-        return f"SparsePattern({self.to_config() if self.layout is None else f'<csr {tuple(self.layout.dense.shape)}>'})"
+        what = self.to_config() if self.layout is None else f"<csr {tuple(self.layout.dense.shape)}>"
+        return f"SparsePattern({what})"
 
     # ----------------------------------------------------------------------------- per head
     @property
@@ -332,7 +342,8 @@ class SparsePattern:
 
     def check_heads(self, heads: int, where: str = "attention") -> None:
         if self.num_heads is not None and self.num_heads != heads:
-            raise ValueError(f"{where}: the sparse pattern is given for {self.num_heads} heads but the input has {heads}")
+            raise ValueError(f"{where}: the sparse pattern is given for {self.num_heads} heads "
+                             f"but the input has {heads}")
 
     def check_length(self, n: int, where: str = "attention") -> None:
         if not 1 <= n <= MAX_POSITIONS:
@@ -361,6 +372,8 @@ class SparsePattern:
         self.check_heads(heads)
         key = (heads, n, str(device))
         if key not in self._tables:
+            if len(self._tables) > 64:  # lengths vary (generation): keep the cache small
+                self._tables.clear()
             width = PARAMS_FIXED + 3 * self.num_dilated
             rows = []
             for h in range(heads):
@@ -380,11 +393,14 @@ class SparsePattern:
     def _head_index(self, head: int | torch.Tensor | None, heads: int | None) -> torch.Tensor | int:
         if head is not None:
             return head
-        if heads is None:
+        if heads is not None:
+            self.check_heads(heads, "sparse pattern")
+        else:
             heads = self.num_heads
         if heads is None:
             if not self.head_invariant:
-                raise ValueError("sparse pattern: the mask differs per head (dilated offsets follow the head index); pass head= or heads=")
+                raise ValueError("sparse pattern: the mask differs per head (dilated offsets follow the head index); "
+                                 "pass head= or heads=")
             return 0
         return torch.arange(heads)
 
@@ -410,7 +426,8 @@ class SparsePattern:
             inside = (qb < rows) & (kb < rows) & (q >= 0) & (k >= 0)
             ok = dense[hh, qb.clamp(0, rows - 1), kb.clamp(0, rows - 1)] & inside
         else:
-            table = self.param_table(self._table_heads(h), None, device=q.device).long()
+            # a per-head pattern has one row per head; one config for all heads has a single row
+            table = self.param_table(self.num_heads or 1, None, device=q.device).long()
             hh = torch.as_tensor(h, device=q.device)
             if self.num_heads is None:
                 # One config for all heads: only the LongNet offset depends on the head.
@@ -424,34 +441,19 @@ class SparsePattern:
             ok = ok.expand(torch.broadcast_shapes(ok.shape, h.shape))
         return ok
 
-    def _table_heads(self, h: Any) -> int:
-        if self.num_heads is not None:
-            return self.num_heads
-        return 1
+    def _parts(self) -> tuple[bool, bool, tuple[bool, ...]]:
+        """Python constants for _allowed_parts: global part?, stride part?, per dilated slot whether
+        its offset follows the head. Taken out of the pattern so mask_mod traces (torch.compile)."""
+        return self.has_global, self.has_stride, tuple(
+            self._heads[0].dilated[d].offset is None if d < len(self._heads[0].dilated) else False
+            for d in range(self.num_dilated))
 
-    def _allowed_row(self, q: torch.Tensor, k: torch.Tensor, row: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
-        """Union of the parts; ``row`` is a parameter row (or rows, indexed by head, last axis = columns)."""
-        col = lambda c: row[..., c]  # noqa: E731 - a column of the (possibly per-head) table
-        diff = q - k
-        w = col(0)
-        ok = (diff < w) & (-diff < w)
-        if self.has_global:
-            g = col(1)
-            ok = ok | (k < g) | (q < g)
-        if self.has_stride:
-            l = col(2)
-            ls = l.clamp(min=1)
-            ok = ok | ((l > 0) & (q % ls == k % ls))
-        for d in range(self.num_dilated):
-            s, r = col(PARAMS_FIXED + 3 * d), col(PARAMS_FIXED + 3 * d + 1)
-            off = col(PARAMS_FIXED + 3 * d + 2)
-            if head is not None and self._heads[0].dilated[d].offset is None:
-                off = head % r.clamp(min=1)
-            ss, rs = s.clamp(min=1), r.clamp(min=1)
-            ok = ok | ((s > 0) & (q // ss == k // ss) & (q % rs == off) & (k % rs == off))
-        return ok
+    def _allowed_row(self, q: torch.Tensor, k: torch.Tensor, row: torch.Tensor,
+                     head: torch.Tensor | None) -> torch.Tensor:
+        return _allowed_parts(q, k, row, head, *self._parts())
 
-    def dense_mask(self, n: int, heads: int | None = None, causal: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+    def dense_mask(self, n: int, heads: int | None = None, causal: bool = True,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
         """Bool mask (heads, n, n), or (n, n) when ``heads`` is None and every head is the same."""
         i = torch.arange(n, device=device)
         if heads is None and self.num_heads is None:
@@ -471,10 +473,12 @@ class SparsePattern:
                 return ok & (kv_idx <= q_idx) if causal else ok
 
             return mask_mod
-        table = self.param_table(heads, None, device=device).long()
+        table = self.param_table(heads, None, device=device).long()  # per-head offsets already in it
+        has_global, has_stride, head_offsets = self._parts()
+        no_head_offsets = tuple(False for _ in head_offsets)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            ok = self._allowed_row(q_idx, kv_idx, table[h], None)
+            ok = _allowed_parts(q_idx, kv_idx, table[h], None, has_global, has_stride, no_head_offsets)
             return ok & (kv_idx <= q_idx) if causal else ok
 
         return mask_mod
@@ -510,6 +514,36 @@ class SparsePattern:
                     full += is_full
                     masked += not is_full
         return full, masked
+
+
+def _allowed_parts(q: torch.Tensor, k: torch.Tensor, row: torch.Tensor, head: torch.Tensor | None,
+                   has_global: bool, has_stride: bool, head_offsets: tuple[bool, ...]) -> torch.Tensor:
+    """Union of the parts, element-wise, in plain tensor ops (traceable by torch.compile / Flex).
+
+    ``row`` is a parameter-table row, or rows indexed by head (last axis = columns). Dilated slot d
+    takes its offset from ``head % dilation`` when ``head`` is given and ``head_offsets[d]``.
+    """
+    def col(c):
+        return row[..., c]
+
+    diff = q - k
+    w = col(0)
+    ok = (diff < w) & (-diff < w)
+    if has_global:
+        g = col(1)
+        ok = ok | (k < g) | (q < g)
+    if has_stride:
+        l = col(2)
+        ls = l.clamp(min=1)
+        ok = ok | ((l > 0) & (q % ls == k % ls))
+    for d, from_head in enumerate(head_offsets):
+        s, r = col(PARAMS_FIXED + 3 * d), col(PARAMS_FIXED + 3 * d + 1)
+        off = col(PARAMS_FIXED + 3 * d + 2)
+        if head is not None and from_head:
+            off = head % r.clamp(min=1)
+        ss, rs = s.clamp(min=1), r.clamp(min=1)
+        ok = ok | ((s > 0) & (q // ss == k // ss) & (q % rs == off) & (k % rs == off))
+    return ok
 
 
 # ================================================================================================
@@ -592,7 +626,8 @@ def _unpack(params: Sequence[int]) -> tuple[int, int, int, list[tuple[int, int, 
     return w, g, l, dils
 
 
-def _visit(params: Sequence[int], n: int, block: int, xb: int, causal: bool, transposed: bool) -> list[tuple[int, bool]]:
+def _visit(params: Sequence[int], n: int, block: int, xb: int, causal: bool,
+           transposed: bool) -> list[tuple[int, bool]]:
     """Tiles (other block, full) visited for fixed block ``xb`` (a query block, or a key block when
     ``transposed``), in kernel order: the unmasked pass, then the masked pass. Mirrors ``_sweep``."""
     w, g, l, dils = _unpack(params)
@@ -751,7 +786,8 @@ def _dilated_candidates(x0, xl, xb, s, r, off, n, causal, transposed, B) -> Iter
             yield blk, _first_residue(b0, r, off) <= bl
 
 
-def _visit_csr(layout: BlockLayout, head: int, n: int, block: int, xb: int, causal: bool, transposed: bool) -> list[tuple[int, bool]]:
+def _visit_csr(layout: BlockLayout, head: int, n: int, block: int, xb: int, causal: bool,
+               transposed: bool) -> list[tuple[int, bool]]:
     ptr, idx = (layout.t_indptr, layout.t_indices) if transposed else (layout.indptr, layout.indices)
     h = head % ptr.shape[0]
     nbc = n // block

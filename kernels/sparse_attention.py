@@ -22,8 +22,7 @@ stays linear in the length), ``SparseAttentionFunction`` (the autograd.Function)
 from __future__ import annotations
 
 import math
-import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import triton
@@ -64,7 +63,9 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Were the kernels decorated for Triton's interpreter? Triton decides when ``@triton.jit``
+    runs (this module's import), so a TRITON_INTERPRET set later changes nothing."""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 # ================================================================================================
@@ -387,24 +388,175 @@ def _global_touch_range(xb, x0, xl, g, n, CAUSAL: tl.constexpr, TRANSPOSED: tl.c
     return lo, hi
 
 
+# Parts, in ownership order: 0 local, 1 global, 2 stride, 3 + d dilated part d. They run as a
+# runtime loop so that each pass inlines a single tile body (compile time and code size stay those
+# of a dense flash-attention kernel, whatever the number of parts).
+
+@triton.jit
+def _part_setup(p, xb, x0, xl, n, w, g, l, prm, FULL_PASS: tl.constexpr, CAUSAL: tl.constexpr,
+                TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr):
+    """Candidate list of part ``p`` for fixed block ``xb``: (count, base, stepping). Candidate u is
+    block base + u, except where ``stepping`` (see _part_candidate)."""
+    nb = tl.cdiv(n, BLOCK)
+    nbc = n // BLOCK
+    count = xb * 0
+    base = xb * 0
+    stepping = xb < 0
+    if p == 0:
+        if FULL_PASS:
+            lo, hi = _local_full_range(xb, w, nbc, CAUSAL, TRANSPOSED, BLOCK)
+        else:
+            lo, hi = _local_touch_range(x0, xl, w, n, CAUSAL, TRANSPOSED, BLOCK)
+        count = hi - lo + 1
+        base = lo
+    elif p == 1:
+        if HAS_GLOBAL:
+            if FULL_PASS:
+                lo, hi = _global_full_range(xb, g, nbc, CAUSAL, TRANSPOSED, BLOCK)
+            else:
+                lo, hi = _global_touch_range(xb, x0, xl, g, n, CAUSAL, TRANSPOSED, BLOCK)
+            count = hi - lo + 1
+            base = lo
+    elif p == 2:
+        if HAS_STRIDE:
+            if not FULL_PASS:  # a strided part never fills a tile
+                # l >= BLOCK: shift tau * l (tau in [t_lo, t_hi]) hits at most two blocks.
+                # l < BLOCK: scan the blocks [r_lo, r_hi].
+                ls = tl.maximum(l, 1)
+                far = (n - 1 - x0) // ls
+                near = xl // ls
+                if TRANSPOSED:
+                    t_lo = -far
+                    r_hi = nb - 1
+                    if CAUSAL:
+                        t_hi = xb * 0
+                        r_lo = xb
+                    else:
+                        t_hi = near
+                        r_lo = xb * 0
+                else:
+                    t_hi = near
+                    r_lo = xb * 0
+                    if CAUSAL:
+                        t_lo = xb * 0
+                        r_hi = xb
+                    else:
+                        t_lo = -far
+                        r_hi = nb - 1
+                stepping = l >= BLOCK
+                count = tl.where(stepping, 2 * (t_hi - t_lo + 1), r_hi - r_lo + 1)
+                count = tl.where(l > 0, count, 0)
+                base = tl.where(stepping, t_lo, r_lo)
+    else:
+        d = p - 3
+        s = tl.load(prm + 3 + 3 * d)
+        r = tl.load(prm + 4 + 3 * d)
+        if FULL_PASS:
+            lo, hi = _dilated_full_range(xb, x0, xl, s, r, n, nbc, CAUSAL, TRANSPOSED, BLOCK)
+            count = hi - lo + 1
+            base = lo
+        else:
+            # Blocks of the segments the fixed block spans; r >= BLOCK: step over p % r == off.
+            off = tl.load(prm + 5 + 3 * d)
+            ss = tl.maximum(s, 1)
+            rs = tl.maximum(r, 1)
+            pos_lo = (x0 // ss) * ss
+            pos_hi = tl.minimum((xl // ss + 1) * ss, n) - 1
+            if CAUSAL and not TRANSPOSED:
+                pos_hi = tl.minimum(pos_hi, xl)
+            if CAUSAL and TRANSPOSED:
+                pos_lo = tl.maximum(pos_lo, x0)
+            b_lo = pos_lo // BLOCK
+            b_hi = pos_hi // BLOCK
+            p0 = _first_residue(b_lo * BLOCK, rs, off)
+            p_end = tl.minimum((b_hi + 1) * BLOCK, n) - 1
+            stepping = r >= BLOCK
+            count = tl.where(stepping, tl.where(p0 <= p_end, (tl.maximum(p_end, p0) - p0) // rs + 1, 0),
+                             b_hi - b_lo + 1)
+            count = tl.where((s > 0) & (_first_residue(x0, rs, off) <= xl), count, 0)
+            base = tl.where(stepping, p0, b_lo)
+    return tl.maximum(count, 0), base, stepping
+
+
+@triton.jit
+def _part_candidate(p, u, base, stepping, xb, x0, xl, n, l, prm, CAUSAL: tl.constexpr, TRANSPOSED: tl.constexpr,
+                    BLOCK: tl.constexpr, HAS_STRIDE: tl.constexpr):
+    """Block of candidate ``u`` of part ``p`` and whether the part really touches it."""
+    blk = base + u
+    ok = u >= 0
+    if p == 2:
+        if HAS_STRIDE:
+            if stepping:
+                # blocks listed falling (forward) or rising (transposed): a repeat is the one just before
+                tau = base + u // 2
+                hi_b = tl.minimum(xl - tau * l, n - 1) // BLOCK
+                lo_b = tl.maximum(x0 - tau * l, 0) // BLOCK
+                prev_lo = tl.maximum(x0 - (tau - 1) * l, 0) // BLOCK
+                odd = (u % 2) == 1
+                blk = tl.where(odd, lo_b, hi_b)
+                ok = tl.where(odd, lo_b != hi_b, (tau == base) | (hi_b != prev_lo))
+            else:
+                q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
+                ok = _touch_stride(q0, ql, k0, kl, l, CAUSAL)
+    elif p >= 3:
+        d = p - 3
+        rs = tl.maximum(tl.load(prm + 4 + 3 * d), 1)
+        off = tl.load(prm + 5 + 3 * d)
+        if stepping:
+            blk = (base + u * rs) // BLOCK
+        else:
+            b0 = blk * BLOCK
+            ok = _first_residue(b0, rs, off) <= tl.minimum(b0 + BLOCK, n) - 1
+    return blk, ok
+
+
+@triton.jit
+def _claimed(p, q0, ql, k0, kl, w, g, l, prm, FULL_PASS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+             HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr):
+    """Does a part before ``p`` own the tile (fill it, in the unmasked pass; touch it, otherwise)?"""
+    c = q0 < 0
+    for e in range(0, p):
+        if e == 0:
+            if FULL_PASS:
+                c = c | _full_local(q0, ql, k0, kl, w, CAUSAL, BLOCK)
+            else:
+                c = c | _touch_local(q0, ql, k0, kl, w, CAUSAL)
+        elif e == 1:
+            if HAS_GLOBAL:
+                if FULL_PASS:
+                    c = c | _full_global(q0, ql, k0, kl, g, CAUSAL, BLOCK)
+                else:
+                    c = c | _touch_global(q0, ql, k0, kl, g, CAUSAL)
+        elif e == 2:
+            if HAS_STRIDE:
+                if not FULL_PASS:
+                    c = c | _touch_stride(q0, ql, k0, kl, l, CAUSAL)
+        else:
+            d = e - 3
+            s = tl.load(prm + 3 + 3 * d)
+            r = tl.load(prm + 4 + 3 * d)
+            if FULL_PASS:
+                c = c | _full_dilated(q0, ql, k0, kl, s, r, CAUSAL, BLOCK)
+            else:
+                c = c | _touch_dilated(q0, ql, k0, kl, s, r, tl.load(prm + 5 + 3 * d), CAUSAL)
+    return c
+
+
 @triton.jit
 def _sweep(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b, map_ptr,
            xb, n, prm, ptr_ptr, idx_ptr, qk_scale,
            KIND: tl.constexpr, FULL_PASS: tl.constexpr, MASKED: tl.constexpr, TRANSPOSED: tl.constexpr,
-           CAUSAL: tl.constexpr,
-           BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-           HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr, HAS_MAP: tl.constexpr,
-           DOT_PREC: tl.constexpr):
+           CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+           HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr,
+           HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
     """One pass over the tiles of fixed block ``xb``: the entirely attended ones without a mask
-    (FULL_PASS) or the partly attended ones with the element-wise predicate (MASKED, its negation)."""
+    (FULL_PASS) or the partly attended ones with the element-wise predicate (MASKED, its negation).
+    Each tile belongs to the first part that fills it (unmasked pass) or touches it (masked pass)."""
     x0 = xb * BLOCK
     xl = tl.minimum(x0 + BLOCK, n) - 1
-    nb = tl.cdiv(n, BLOCK)
-    nbc = n // BLOCK
     if LAYOUT_CSR:
-        start = tl.load(ptr_ptr + xb)
-        end = tl.load(ptr_ptr + xb + 1)
-        for u in range(start, end):
+        nbc = n // BLOCK
+        for u in range(tl.load(ptr_ptr + xb), tl.load(ptr_ptr + xb + 1)):
             blk = tl.load(idx_ptr + u)
             if TRANSPOSED:
                 strict = blk > xb
@@ -429,164 +581,22 @@ def _sweep(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_
         w = tl.load(prm)
         g = tl.load(prm + 1)
         l = tl.load(prm + 2)
-        if FULL_PASS:
-            # Each entirely attended tile belongs to the first of local, global, dilated_0.. that fills it.
-            lo, hi = _local_full_range(xb, w, nbc, CAUSAL, TRANSPOSED, BLOCK)
-            for u in range(0, hi - lo + 1):
-                s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a,
-                                       stride_b, map_ptr, lo + u, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL,
-                                       BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR,
-                                       HAS_MAP, DOT_PREC)
-            if HAS_GLOBAL:
-                lo, hi = _global_full_range(xb, g, nbc, CAUSAL, TRANSPOSED, BLOCK)
-                for u in range(0, hi - lo + 1):
-                    blk = lo + u
-                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
-                    if _full_local(q0, ql, k0, kl, w, CAUSAL, BLOCK) == 0:
-                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
-                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
-                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
-                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
-            for d in tl.static_range(NUM_DIL):
-                s = tl.load(prm + 3 + 3 * d)
-                r = tl.load(prm + 4 + 3 * d)
-                lo, hi = _dilated_full_range(xb, x0, xl, s, r, n, nbc, CAUSAL, TRANSPOSED, BLOCK)
-                for u in range(0, hi - lo + 1):
-                    blk = lo + u
-                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
-                    skip = _full_local(q0, ql, k0, kl, w, CAUSAL, BLOCK)
-                    if HAS_GLOBAL:
-                        skip = skip | _full_global(q0, ql, k0, kl, g, CAUSAL, BLOCK)
-                    for e in tl.static_range(d):
-                        skip = skip | _full_dilated(q0, ql, k0, kl, tl.load(prm + 3 + 3 * e),
-                                                    tl.load(prm + 4 + 3 * e), CAUSAL, BLOCK)
-                    if skip == 0:
-                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
-                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
-                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
-                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
-        else:
-            # Partly attended tiles; each belongs to the first of local, global, stride, dilated_0..
-            # that touches it (the union predicate decides the elements).
-            lo, hi = _local_touch_range(x0, xl, w, n, CAUSAL, TRANSPOSED, BLOCK)
-            for u in range(0, hi - lo + 1):
-                blk = lo + u
+        for p in range(0, 3 + NUM_DIL):
+            count, base, stepping = _part_setup(p, xb, x0, xl, n, w, g, l, prm, FULL_PASS, CAUSAL, TRANSPOSED,
+                                                BLOCK, HAS_GLOBAL, HAS_STRIDE)
+            for u in range(0, count):
+                blk, ok = _part_candidate(p, u, base, stepping, xb, x0, xl, n, l, prm, CAUSAL, TRANSPOSED, BLOCK,
+                                          HAS_STRIDE)
                 q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
-                if _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL) == 0:
+                skip = (ok == 0) | _claimed(p, q0, ql, k0, kl, w, g, l, prm, FULL_PASS, CAUSAL, BLOCK, HAS_GLOBAL,
+                                            HAS_STRIDE)
+                if MASKED:
+                    skip = skip | _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL)
+                if skip == 0:
                     s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a,
                                            stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL,
                                            BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR,
                                            HAS_MAP, DOT_PREC)
-            if HAS_GLOBAL:
-                lo, hi = _global_touch_range(xb, x0, xl, g, n, CAUSAL, TRANSPOSED, BLOCK)
-                for u in range(0, hi - lo + 1):
-                    blk = lo + u
-                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
-                    skip = _touch_local(q0, ql, k0, kl, w, CAUSAL)
-                    skip = skip | _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL)
-                    if skip == 0:
-                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
-                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
-                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
-                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
-            if HAS_STRIDE:
-                # l >= BLOCK: each shift tau * l hits at most two blocks, listed falling (forward) or
-                # rising (transposed) so a repeat is always the block just before. l < BLOCK: scan.
-                ls = tl.maximum(l, 1)
-                far = (n - 1 - x0) // ls
-                near = xl // ls
-                if TRANSPOSED:
-                    t_lo = -far
-                    if CAUSAL:
-                        t_hi = xb * 0
-                    else:
-                        t_hi = near
-                    r_hi = nb - 1
-                    if CAUSAL:
-                        r_lo = xb
-                    else:
-                        r_lo = xb * 0
-                else:
-                    t_hi = near
-                    if CAUSAL:
-                        t_lo = xb * 0
-                    else:
-                        t_lo = -far
-                    r_lo = xb * 0
-                    if CAUSAL:
-                        r_hi = xb
-                    else:
-                        r_hi = nb - 1
-                step = l >= BLOCK
-                count = tl.where(step, 2 * (t_hi - t_lo + 1), r_hi - r_lo + 1)
-                count = tl.where(l > 0, count, 0)
-                for u in range(0, count):
-                    if step:
-                        tau = t_lo + u // 2
-                        hi_b = tl.minimum(xl - tau * l, n - 1) // BLOCK
-                        lo_b = tl.maximum(x0 - tau * l, 0) // BLOCK
-                        prev_lo = tl.maximum(x0 - (tau - 1) * l, 0) // BLOCK
-                        odd = (u % 2) == 1
-                        blk = tl.where(odd, lo_b, hi_b)
-                        ok = tl.where(odd, lo_b != hi_b, (tau == t_lo) | (hi_b != prev_lo))
-                    else:
-                        blk = r_lo + u
-                        q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
-                        ok = _touch_stride(q0, ql, k0, kl, l, CAUSAL)
-                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
-                    skip = (ok == 0) | _touch_local(q0, ql, k0, kl, w, CAUSAL)
-                    if HAS_GLOBAL:
-                        skip = skip | _touch_global(q0, ql, k0, kl, g, CAUSAL)
-                    skip = skip | _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL)
-                    if skip == 0:
-                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
-                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
-                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
-                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
-            for d in tl.static_range(NUM_DIL):
-                s = tl.load(prm + 3 + 3 * d)
-                r = tl.load(prm + 4 + 3 * d)
-                off = tl.load(prm + 5 + 3 * d)
-                ss = tl.maximum(s, 1)
-                rs = tl.maximum(r, 1)
-                # Blocks of the segments the fixed block spans; r >= BLOCK: step over p % r == off.
-                pos_lo = (x0 // ss) * ss
-                pos_hi = tl.minimum((xl // ss + 1) * ss, n) - 1
-                if CAUSAL and not TRANSPOSED:
-                    pos_hi = tl.minimum(pos_hi, xl)
-                if CAUSAL and TRANSPOSED:
-                    pos_lo = tl.maximum(pos_lo, x0)
-                b_lo = pos_lo // BLOCK
-                b_hi = pos_hi // BLOCK
-                step = r >= BLOCK
-                p0 = _first_residue(b_lo * BLOCK, rs, off)
-                p_end = tl.minimum((b_hi + 1) * BLOCK, n) - 1
-                count = tl.where(step, tl.where(p0 <= p_end, (tl.maximum(p_end, p0) - p0) // rs + 1, 0),
-                                 b_hi - b_lo + 1)
-                count = tl.where((s > 0) & (_first_residue(x0, rs, off) <= xl), count, 0)
-                for u in range(0, count):
-                    if step:
-                        blk = (p0 + u * rs) // BLOCK
-                        ok = u >= 0
-                    else:
-                        blk = b_lo + u
-                        b0 = blk * BLOCK
-                        ok = _first_residue(b0, rs, off) <= tl.minimum(b0 + BLOCK, n) - 1
-                    q0, ql, k0, kl = _orient(blk, x0, xl, n, BLOCK, TRANSPOSED)
-                    skip = (ok == 0) | _touch_local(q0, ql, k0, kl, w, CAUSAL)
-                    if HAS_GLOBAL:
-                        skip = skip | _touch_global(q0, ql, k0, kl, g, CAUSAL)
-                    if HAS_STRIDE:
-                        skip = skip | _touch_stride(q0, ql, k0, kl, l, CAUSAL)
-                    for e in tl.static_range(d):
-                        skip = skip | _touch_dilated(q0, ql, k0, kl, tl.load(prm + 3 + 3 * e), tl.load(prm + 4 + 3 * e),
-                                                     tl.load(prm + 5 + 3 * e), CAUSAL)
-                    skip = skip | _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL)
-                    if skip == 0:
-                        s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr,
-                                               stride_a, stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND,
-                                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE,
-                                               NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
     return s0, s1, s2, s3
 
 
@@ -617,8 +627,8 @@ def _fwd_kernel(Q, K, V, O, LSE, PRM, PTR, IDX,
     v_base = V + b * svb + h * svh
     for PASS in tl.static_range(2):
         acc, _, m_i, l_i = _sweep(acc, acc, m_i, l_i, q, q, m_i, m_i, k_base, v_base, LSE, LSE, sks, svs, LSE,
-                                  xb, n, prm, ptr, IDX, qk_scale, _FWD, PASS == 0, PASS == 1, False, CAUSAL, BLOCK, HEAD_DIM,
-                                  BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+                                  xb, n, prm, ptr, IDX, qk_scale, _FWD, PASS == 0, PASS == 1, False, CAUSAL, BLOCK,
+                                  HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
     # Rows past the end never get a key (l = 0); they are not stored, keep them finite anyway.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     _store_rows(O + b * sob + h * soh, offs_x, sos, offs_d, n, (acc / l_safe[:, None]).to(O.dtype.element_ty),
@@ -693,8 +703,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, PRM, PTR, IDX,
     for PASS in tl.static_range(2):
         dk, dv, _, _ = _sweep(dk, dv, unused, unused, k, v, unused, unused, Q + b * sqb + h * sqh,
                               DO + b * sdb + h * sdh, LSE + bh * n, DELTA + bh * n, sqs, sds, LSE,
-                              xb, n, prm, ptr, IDX, qk_scale, _DKDV, PASS == 0, PASS == 1, True, CAUSAL, BLOCK, HEAD_DIM,
-                              BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+                              xb, n, prm, ptr, IDX, qk_scale, _DKDV, PASS == 0, PASS == 1, True, CAUSAL, BLOCK,
+                              HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
     _store_rows(DK + b * sdkb + h * sdkh, offs_x, sdks, offs_d, n, (dk * sm_scale).to(DK.dtype.element_ty),
                 HEAD_DIM, BLOCK_D)
     _store_rows(DV + b * sdvb + h * sdvh, offs_x, sdvs, offs_d, n, dv.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D)
@@ -716,8 +726,8 @@ def _count_kernel(COUNTS, MAP, PRM, PTR, IDX, n, prm_row, csr_heads,
     for PASS in tl.static_range(2):
         _, _, n_full, n_masked = _sweep(n_full, n_full, n_full, n_masked, n_full, n_full, n_full, n_full,
                                         COUNTS, COUNTS, COUNTS, COUNTS, 0, 0, MAP + row * nb, xb, n, prm, ptr, IDX,
-                                        1.0, _COUNT, PASS == 0, PASS == 1, TRANSPOSED, CAUSAL, BLOCK, 32, 32, HAS_GLOBAL,
-                                        HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP, "ieee")
+                                        1.0, _COUNT, PASS == 0, PASS == 1, TRANSPOSED, CAUSAL, BLOCK, 32, 32,
+                                        HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP, "ieee")
     tl.store(COUNTS + row * 2, tl.max(n_full, 0).to(tl.int64))
     tl.store(COUNTS + row * 2 + 1, tl.max(n_masked, 0).to(tl.int64))
 
@@ -728,37 +738,51 @@ def _count_kernel(COUNTS, MAP, PRM, PTR, IDX, n, prm_row, csr_heads,
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
                   causal: bool, scale: float | None) -> float:
-    """Validate before launch (one clear ValueError per problem) and return the softmax scale."""
+    """Validate before any work (one clear ValueError per problem); return the softmax scale."""
     if not isinstance(pattern, SparsePattern):
-        raise ValueError(f"sparse_attention: pattern must be a SparsePattern (use SparsePattern.from_config), got {type(pattern).__name__}")
+        raise ValueError("sparse_attention: pattern must be a SparsePattern (use SparsePattern.from_config), "
+                         f"got {type(pattern).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"sparse_attention: {name} must be a 4-D tensor (batch, heads, seq, head_dim), "
                              f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"sparse_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"sparse_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"sparse_attention: dtype {q.dtype} is not supported (use float16, bfloat16 or float32)")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"sparse_attention: q, k, v must be floating point, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"sparse_attention: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     batch, heads, n, head_dim = q.shape
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"sparse_attention: head_dim {head_dim} is not supported (must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}])")
-    if batch < 1 or heads < 1:
-        raise ValueError(f"sparse_attention: empty batch or heads in shape {tuple(q.shape)}")
-    if batch * heads > 65535:
-        raise ValueError(f"sparse_attention: batch * heads = {batch * heads} exceeds the grid limit 65535")
+    if batch < 1 or heads < 1 or head_dim < 1:
+        raise ValueError(f"sparse_attention: empty batch, heads or head_dim in shape {tuple(q.shape)}")
     pattern.check_length(n, "sparse_attention")
     pattern.check_heads(heads, "sparse_attention")
     if not isinstance(causal, bool):
         raise ValueError(f"sparse_attention: causal must be True or False, got {causal!r}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"sparse_attention: scale must be a positive finite number, got {scale!r}")
     return float(scale)
+
+
+def _check_triton_inputs(q: torch.Tensor) -> None:
+    """What the kernels support beyond _check_inputs."""
+    batch, heads, n, head_dim = q.shape
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"sparse_attention: dtype {q.dtype} is not supported by the kernels "
+                         "(use float16, bfloat16 or float32)")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"sparse_attention: head_dim {head_dim} is not supported by the kernels "
+                         f"(must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}])")
+    if batch * heads > 65535:
+        raise ValueError(f"sparse_attention: batch * heads = {batch * heads} exceeds the kernels' grid limit 65535")
+    if not q.is_cuda and not _interpreting():
+        raise ValueError("sparse_attention: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                         "terrabyte.kernels is first imported (Triton reads it when the kernels are decorated)")
 
 
 def _launch_meta(pattern: SparsePattern, heads: int, n: int, head_dim: int, dtype: torch.dtype,
@@ -783,10 +807,18 @@ def _launch_meta(pattern: SparsePattern, heads: int, n: int, head_dim: int, dtyp
     return (prm, fwd_csr, bwd_csr, csr_heads), meta
 
 
-def _launch_options(block: int) -> dict:
+def _launch_options(block: int, head_dim: int = 32) -> dict:
+    """Warps per program: 8 once a tile side reaches 128 (at 4 the D=128 accumulators spill on sm_90,
+    checked with cuobjdump --dump-resource-usage). Stages: the loads sit behind the tile-selection
+    branch, so Triton does not software-pipeline them; 2 keeps shared memory low."""
     if _interpreting():
         return {}
-    return {"num_warps": 8 if block >= 128 else 4, "num_stages": 2}
+    return {"num_warps": 8 if max(block, head_dim) >= 128 else 4, "num_stages": 2}
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (several GPUs per process)."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -794,6 +826,16 @@ class SparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pattern: SparsePattern, causal: bool, scale: float):
+        with _on_device(q):
+            return SparseAttentionFunction._forward(ctx, q, k, v, pattern, causal, scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        with _on_device(do):
+            return SparseAttentionFunction._backward(ctx, do)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, pattern: SparsePattern, causal: bool, scale: float):
         batch, heads, n, head_dim = q.shape
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         (prm, fwd_csr, bwd_csr, csr_heads), meta = _launch_meta(pattern, heads, n, head_dim, q.dtype, q.device)
@@ -804,19 +846,19 @@ class SparseAttentionFunction(torch.autograd.Function):
         _fwd_kernel[grid](q, k, v, o, lse, prm, *fwd_csr,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                           n, heads, prm.shape[1], csr_heads, scale * math.log2(math.e),
-                          **meta, **_launch_options(pattern.block))
+                          **meta, **_launch_options(pattern.block, meta["BLOCK_D"]))
         ctx.save_for_backward(q, k, v, o, lse, prm, *fwd_csr, *bwd_csr)
         ctx.pattern, ctx.causal, ctx.scale, ctx.meta, ctx.csr_heads = pattern, causal, scale, meta, csr_heads
         return o
 
     @staticmethod
-    def backward(ctx, do):
+    def _backward(ctx, do):
         q, k, v, o, lse, prm, ptr, idx, t_ptr, t_idx = ctx.saved_tensors
         batch, heads, n, head_dim = q.shape
         do = do if do.stride(-1) == 1 else do.contiguous()
         block, meta, scale = ctx.pattern.block, ctx.meta, ctx.scale
         grid = (triton.cdiv(n, block), batch * heads)
-        options = _launch_options(block)
+        options = _launch_options(block, meta["BLOCK_D"])
         delta = _empty((batch, heads, n), torch.float32, q.device)
         _bwd_preprocess_kernel[grid](o, do, delta, *o.stride()[:3], *do.stride()[:3], n, heads,
                                      BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], **options)
@@ -856,7 +898,7 @@ def count_tiles(pattern: SparsePattern, n: int, heads: int, causal: bool = True,
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
                         causal: bool = True, scale: float | None = None, chunk: int | None = None) -> torch.Tensor:
-    """Exact masked softmax attention in plain PyTorch (fp32 math, output in q's dtype).
+    """Exact masked softmax attention in plain PyTorch (fp32 or fp64 math, output in q's dtype).
 
     Without ``chunk`` it builds the (heads, n, n) mask. With ``chunk`` it handles ``chunk`` queries at
     a time from masks computed on the fly, and under autograd recomputes each chunk in backward
@@ -887,10 +929,11 @@ def _chunk_attention(q, k, v, rows, pattern, causal, scale):
 
 
 def _masked_softmax_attention(q, k, v, mask, scale):
-    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale
+    compute = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 in fp32, float64 stays exact
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(compute), k.to(compute)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhij,bhjd->bhid", probs, v.float()).to(q.dtype)
+    return torch.einsum("bhij,bhjd->bhid", probs, v.to(compute)).to(q.dtype)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
@@ -907,7 +950,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     scale = _check_inputs(q, k, v, pattern, causal, scale)
     if backend == "reference" or (backend == "auto" and not q.is_cuda):
         return reference_attention(q, k, v, pattern, causal=causal, scale=scale, chunk=chunk)
-    if not q.is_cuda and not _interpreting():
-        raise ValueError("sparse_attention: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                         "terrabyte.kernels is imported")
+    _check_triton_inputs(q)
     return SparseAttentionFunction.apply(q, k, v, pattern, causal, scale)

@@ -2,7 +2,7 @@
 
 The model is built on the meta device, so even the 1B config costs no memory. FLOPs count matrix
 multiplies (2 per multiply-add) and attention scores/values over the causal half of each stage's
-window; forward + backward = 3x forward. Activation memory is a per-micro-batch estimate of what
+window (for a sparse stage: over the tiles the kernel computes); forward + backward = 3x forward. Activation memory is a per-micro-batch estimate of what
 autograd keeps per block (inputs of the norms, q/k/v, attention output, the three feed-forward
 projections), plus logits; with activation checkpointing only each block's input is kept, plus one
 block being recomputed.
@@ -42,11 +42,23 @@ def flops_per_byte(model: TerraByte, cfg: Config) -> list[float]:
     per_stage = []
     for s, (params, stage) in enumerate(zip(stage_parameters(model), model.stages)):
         tokens_per_byte = math.prod(lens[: s + 1]) / math.prod(lens)
-        window = lens[s]
-        attn = 2 * 2 * stage.depth * stage.heads * stage.dim_head * (window + 1) / 2
+        attn = 2 * 2 * stage.depth * stage.heads * stage.dim_head * keys_per_query(cfg, s, lens[s])
         forward = 2 * params["matmul"] + attn
         per_stage.append(3 * forward * tokens_per_byte)
     return per_stage
+
+
+def keys_per_query(cfg: Config, stage: int, window: int) -> float:
+    """Keys each query scores: half the window when dense causal; for a sparse stage, what the
+    kernel computes (whole tiles, counted on head 0)."""
+    spec = (cfg.model.attention or [None] * len(cfg.model.dim))[stage]
+    if not spec or spec.get("kind", "dense") == "dense":
+        return (window + 1) / 2
+    from terrabyte.kernels import SparsePattern
+
+    pattern = SparsePattern.from_config(spec["pattern"])
+    full, masked = pattern.num_tiles(window, 1)
+    return (full + masked) * pattern.block**2 / window
 
 
 def activation_bytes(model: TerraByte, cfg: Config) -> float:

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from terrabyte.kernels import SparsePattern
-from terrabyte.kernels import patterns as P
 
 
 def brute_allowed(cfg: dict, head: int, i: int, j: int, causal: bool) -> bool:

@@ -1,0 +1,309 @@
+"""The one GPU check of the sparse attention kernels: correctness on the GPU, then the benchmark.
+
+    python -m terrabyte.kernels.gpu_check [--budget 170] [--out DIR]
+
+Run it on a CUDA machine (written for an H100/H200 with torch 2.11 / triton 3.6); it aims to end
+within ``--budget`` seconds (default 170) and skips the benchmark steps that no longer fit.
+
+1. compile every kernel variant used below in parallel worker processes (they fill Triton's disk
+   cache, so the checks and timings then load the binaries instead of compiling one by one);
+2. correctness against ``reference_attention`` (fp32 math) of the output and the three gradients in
+   bf16, fp16 and fp32, head dims 32/64/128, blocks 64 and 128, causal and not, explicit CSR, lengths
+   that are not multiples of the block; the kernels' tile walk against the Python layout; a tensor
+   of more than 2**31 elements (64-bit offsets), checked on slices;
+3. ``terrabyte bench attention`` at 8K..1M for head dims 64 and 128.
+
+Writes ``gpu_check.json`` and ``gpu_check.md`` (the tables for kernels/BENCHMARKS.md) to ``--out``
+(default: $OUT when set, else ./gpu_check_out). Exit code 1 if a correctness check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
+
+import torch
+
+
+def _bootstrap() -> None:
+    """Make ``terrabyte.kernels`` importable from a plain checkout (no pip install on the GPU box)."""
+    try:
+        import terrabyte.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import importlib.util
+    import types
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = types.ModuleType("terrabyte")
+    root.__path__ = []
+    sys.modules["terrabyte"] = root
+    spec = importlib.util.spec_from_file_location("terrabyte.kernels", os.path.join(here, "__init__.py"),
+                                                  submodule_search_locations=[here])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["terrabyte.kernels"] = module
+    spec.loader.exec_module(module)
+    root.kernels = module
+
+
+_bootstrap()
+
+# Correctness cases: (name, pattern config, n, head_dim, dtype, causal, heads). Few distinct kernel
+# variants (dtype, head dim, block, parts present, causal): each one costs a compile.
+CASES = [
+    ("bf16 d64 union causal", {"local": 64, "stride": 256, "dilated": [[512, 2], [2048, 8]], "block": 64},
+     2053, 64, "bf16", True, 4),
+    ("fp16 d128 local+global causal", {"local": 256, "global_tokens": 4, "block": 64}, 1000, 128, "fp16", True, 2),
+    ("bf16 d128 mixed heads non-causal",
+     [{"local": 100, "block": 64}, {"stride": 192, "global_tokens": 8, "block": 64},
+      {"dilated": [[256, 4, 1]], "block": 64}],
+     1500, 128, "bf16", False, 3),
+    ("fp32 d32 csr causal", "csr", 16 * 64 - 5, 32, "fp32", True, 2),
+    ("bf16 d64 block128 causal", {"local": 300, "dilated": [[1024, 1]], "block": 128}, 2000, 64, "bf16", True, 2),
+]
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}  # relative Frobenius error
+BENCH_PATTERN = {"local": 512, "dilated": [[2048, 4], [8192, 16]], "global_tokens": 64, "block": 64}
+BENCH_LENGTHS = [8192, 32768, 131072, 1048576]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICE = "cuda"  # --device cpu: a dry run of the checks under TRITON_INTERPRET=1, shrunk, bf16 as fp32
+
+
+def say(msg: str) -> None:
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def make_pattern(cfg, n, heads, seed=0):
+    from terrabyte.kernels import SparsePattern
+
+    if cfg == "csr":
+        g = torch.Generator().manual_seed(seed)
+        blocks = -(-n // 64)
+        return SparsePattern.from_block_layout(torch.rand(heads, blocks, blocks, generator=g) < 0.3, block=64)
+    return SparsePattern.from_config(cfg)
+
+
+def shrink(cfg):
+    """The dry run's version of a pattern: sizes / 8, so parts still matter at 150 positions."""
+    if isinstance(cfg, list):
+        return [shrink(c) for c in cfg]
+    out = {k: (max(v // 8, 1) if isinstance(v, int) and k != "block" else v) for k, v in cfg.items()}
+    if "dilated" in cfg:
+        out["dilated"] = [[max(e[0] // 8, e[1])] + list(e[1:]) for e in cfg["dilated"]]
+    out["block"] = min(cfg.get("block", 64), 32)
+    return out
+
+
+def _warm(job):
+    """Worker: one forward+backward compiles a kernel variant into Triton's disk cache. The shapes
+    are those of the later run: Triton specialises integer arguments (divisibility by 16), so
+    another length could compile another binary."""
+    cfg, n, head_dim, dtype, causal, heads, batch = job
+    from terrabyte.kernels import sparse_attention
+
+    pattern = make_pattern(cfg, n, heads)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=DTYPES[dtype], requires_grad=True)
+               for _ in range(3))
+    out = sparse_attention(q, k, v, pattern, causal=causal)
+    out.sum().backward()
+    torch.cuda.synchronize()
+    return str(job[:1])
+
+
+def warm_up(jobs) -> None:
+    start = time.monotonic()
+    try:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=min(len(jobs), max(1, (os.cpu_count() or 2) - 2)),
+                                 mp_context=mp.get_context("spawn")) as pool:
+            list(pool.map(_warm, jobs))
+        say(f"compiled {len(jobs)} kernel variants in parallel in {time.monotonic() - start:.1f}s")
+    except Exception:  # compiling in the main process later is slower but fine
+        say("parallel warm-up failed, kernels compile on first use:\n" + traceback.format_exc())
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+
+
+def check_case(name, cfg, n, head_dim, dtype_name, causal, heads) -> bool:
+    from terrabyte.kernels import reference_attention, sparse_attention
+    from terrabyte.kernels.sparse_attention import poison_outputs
+
+    if DEVICE == "cpu":  # dry run: the interpreter is slow and computes bf16 wrongly
+        n = min(n, 200 if cfg == "csr" else 150)
+        dtype_name = "fp32" if dtype_name == "bf16" else dtype_name
+        cfg = cfg if cfg == "csr" else shrink(cfg)
+    pattern = make_pattern(cfg, n, heads)
+    dtype = DTYPES[dtype_name]
+    q, k, v = (torch.randn(2, heads, n, head_dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(2, heads, n, head_dim, device=DEVICE, dtype=dtype)
+    with poison_outputs():
+        out = sparse_attention(q, k, v, pattern, causal=causal, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    rq, rk, rv = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(rq, rk, rv, pattern, causal=causal, chunk=512)
+    ref_grads = torch.autograd.grad(ref, (rq, rk, rv), do.float())
+    errs = [rel_err(a, b) for a, b in zip((out, *grads), (ref, *ref_grads))]
+    finite = all(bool(torch.isfinite(t).all()) for t in (out, *grads))
+    ok = finite and max(errs) < TOLERANCE[dtype_name]
+    say(f"{'ok  ' if ok else 'FAIL'} {name} n={n}: rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs)
+        + ("" if finite else " (NaN/inf: unwritten output)"))
+    return ok
+
+
+def check_walk() -> bool:
+    from terrabyte.kernels import SparsePattern
+    from terrabyte.kernels.sparse_attention import count_tiles
+
+    ok = True
+    for cfg, n in ((CASES[0][1], 1100), (CASES[2][1], 900)):
+        if DEVICE == "cpu":
+            cfg, n = shrink(cfg), n // 8
+        pattern = SparsePattern.from_config(cfg)
+        heads = pattern.num_heads or 2
+        for causal in (True, False):
+            for transposed in (False, True):
+                _, visits = count_tiles(pattern, n, heads, causal, transposed, device=DEVICE, with_map=True)
+                blocks = -(-n // pattern.block)
+                expect = torch.zeros(heads, blocks, blocks, dtype=torch.int32)
+                for h in range(heads):
+                    for x in range(blocks):
+                        walk = pattern.query_blocks if transposed else pattern.key_blocks
+                        for b, full in walk(x, n, h, causal, with_full=True):
+                            expect[h, x, b] += 1 if full else 16
+                ok &= torch.equal(visits.cpu(), expect)
+    say(f"{'ok  ' if ok else 'FAIL'} kernel tile walk equals the Python layout (forward and transposed)")
+    return ok
+
+
+def check_int64(n: int = (1 << 22) + 64, heads: int = 8, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """batch * heads * n * head_dim > 2**31: compare slices with the reference (local windows are
+    translation invariant, so a slice with enough history is an exact oracle)."""
+    from terrabyte.kernels import SparsePattern, reference_attention, sparse_attention
+
+    head_dim, w = 64, 128
+    pattern = SparsePattern.from_config({"local": w, "block": 64})
+    q, k, v = (torch.randn(1, heads, n, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    out = sparse_attention(q, k, v, pattern, backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    lo = n - 64 - w  # the slice holds every key the last 64 queries attend and every query of the last 64 keys
+    sl = [t[:, -1:, lo:].detach().float().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*sl, pattern)
+    rdq, rdk, rdv = torch.autograd.grad(ref, sl, do[:, -1:, lo:].float())
+    pairs = [(out, ref), (dq, rdq), (dk, rdk), (dv, rdv)]
+    errs = [rel_err(a[:, -1:, -64:], b[:, :, -64:]) for a, b in pairs]
+    ok = max(errs) < TOLERANCE["bf16" if dtype == torch.bfloat16 else "fp32"]
+    big = " (> 2**31: 64-bit offsets)" if q.numel() > 2**31 else ""
+    say(f"{'ok  ' if ok else 'FAIL'} {q.numel()} elements per tensor{big}: last rows rel err "
+        + " ".join(f"{e:.1e}" for e in errs))
+    return ok
+
+
+def bench(head_dim: int, deadline: float, max_flex: int) -> dict | None:
+    from terrabyte.kernels import SparsePattern
+    from terrabyte.kernels.bench import Bench, Report, format_table
+
+    pattern = SparsePattern.from_config(BENCH_PATTERN)
+    report = Report(device=torch.cuda.get_device_name(), dtype="bf16", batch=1, heads=8, head_dim=head_dim,
+                    causal=True, pattern=pattern.to_config())
+    args = SimpleNamespace(max_flex_length=max_flex, max_dense_length=1 << 17, warmup=1, reps=3)
+    runner = Bench(pattern, report, torch.device("cuda"), torch.bfloat16, args)
+    for n in BENCH_LENGTHS:
+        if time.monotonic() > deadline:
+            say(f"time budget reached: benchmark stops before n={n}")
+            break
+        report.rows += runner.length(n)
+    if time.monotonic() < deadline:
+        report.longest_fit = runner.longest_fit(start=max(BENCH_LENGTHS), deadline=deadline)
+    say(format_table(report))
+    return {"report": report, "table": format_table(report)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=170.0, help="seconds to aim for in total")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
+    parser.add_argument("--max-flex-length", type=int, default=1 << 17)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: dry run of the correctness checks under TRITON_INTERPRET=1 (shrunk)")
+    args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cpu":
+        return dry_run()
+    if not torch.cuda.is_available():
+        say("gpu_check: no CUDA device; run the CPU tests instead (pytest tests/unit/test_sparse_attention.py)")
+        return 2
+    t0 = time.monotonic()
+    deadline = t0 + args.budget
+    import triton
+
+    say(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}")
+    jobs = [(*c[1:], 2) for c in CASES] + [(BENCH_PATTERN, BENCH_LENGTHS[0], d, "bf16", True, 8, 1) for d in (64, 128)]
+    warm_up(jobs)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "date": time.strftime("%Y-%m-%d"), "checks": {}, "bench": []}
+    ok = True
+    for case in CASES:
+        try:
+            passed = check_case(*case)
+        except Exception:
+            say(f"FAIL {case[0]}:\n{traceback.format_exc()}")
+            passed = False
+        results["checks"][case[0]] = passed
+        ok &= passed
+    for name, fn in (("tile walk", check_walk), ("64-bit offsets", check_int64)):
+        try:
+            passed = fn()
+        except Exception:
+            say(f"FAIL {name}:\n{traceback.format_exc()}")
+            passed = False
+        results["checks"][name] = passed
+        ok &= passed
+        torch.cuda.empty_cache()
+    say(f"correctness {'passed' if ok else 'FAILED'} after {time.monotonic() - t0:.0f}s")
+    tables = []
+    for head_dim in (64, 128):
+        if time.monotonic() > deadline:
+            break
+        try:
+            res = bench(head_dim, deadline, args.max_flex_length)
+            from dataclasses import asdict
+
+            results["bench"].append(asdict(res["report"]))
+            tables.append(res["table"])
+        except Exception:
+            say(f"benchmark head_dim {head_dim} failed:\n{traceback.format_exc()}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1)
+    with open(os.path.join(args.out, "gpu_check.md"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(tables))
+    say(f"done in {time.monotonic() - t0:.0f}s; results in {args.out}")
+    return 0 if ok else 1
+
+
+def dry_run() -> int:
+    from terrabyte.kernels.sparse_attention import _interpreting
+
+    if not _interpreting():
+        say("gpu_check --device cpu needs TRITON_INTERPRET=1 in the environment")
+        return 2
+    ok = all([check_case(*case) for case in CASES] + [check_walk(), check_int64(7 * 64 + 3, 2, torch.float32)])
+    say(f"dry run {'passed' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

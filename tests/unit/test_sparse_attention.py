@@ -1,0 +1,244 @@
+"""Triton sparse attention vs the PyTorch reference, on CPU through the Triton interpreter.
+
+TRITON_INTERPRET=1 must be set before ``@triton.jit`` decorates the kernels, i.e. before
+``terrabyte.kernels`` is first imported in this process (tests/conftest.py sets it for the whole
+run; the line below covers running this file alone). The interpreter computes fp32 and fp16
+correctly; bf16 arithmetic is wrong there, so bf16 runs only in kernels/gpu_check.py on a GPU.
+Shapes stay small: interpreter time grows with programs x visited tiles.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from terrabyte.kernels import SparsePattern, reference_attention, sparse_attention  # noqa: E402
+from terrabyte.kernels.sparse_attention import (  # noqa: E402
+    _interpreting,
+    _launch_meta,
+    count_tiles,
+    poison_outputs,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _interpreting(),
+                                reason="terrabyte.kernels was imported before TRITON_INTERPRET=1 was set")
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def random_layout_pattern(rng: random.Random, blocks: int, block: int, heads: int) -> SparsePattern:
+    layout = torch.tensor([[[rng.random() < 0.4 for _ in range(blocks)] for _ in range(blocks)] for _ in range(heads)])
+    return SparsePattern.from_block_layout(layout, block=block)
+
+
+def run_and_compare(pattern, n, head_dim, dtype, causal, heads=2, batch=1, layout="bhnd"):
+    """Kernel output and gradients (outputs poisoned with NaN beforehand) against the reference on
+    fp32 copies of the same fresh random inputs."""
+    shape = (batch, heads, n, head_dim) if layout == "bhnd" else (batch, n, heads, head_dim)
+    leaves = [torch.randn(shape, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(3)]
+    q, k, v = leaves if layout == "bhnd" else [t.transpose(1, 2) for t in leaves]  # strided views
+    grad_out = torch.randn(batch, heads, n, head_dim, dtype=dtype, device=DEVICE)
+    with poison_outputs():
+        out = sparse_attention(q, k, v, pattern, causal=causal, backend="triton")
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    rq, rk, rv = ref_leaves if layout == "bhnd" else [t.transpose(1, 2) for t in ref_leaves]
+    ref = reference_attention(rq, rk, rv, pattern, causal=causal)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.float())
+    assert out.dtype == dtype and out.shape == q.shape
+    for name, got, want in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, ref_grads)):
+        assert torch.isfinite(got).all(), f"{name} has NaN/inf: a poisoned element was never written"
+        torch.testing.assert_close(got.float(), want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    return out, grads
+
+
+CASES = {
+    # name: (pattern config, n, head_dim, dtype, causal, heads)
+    "local": ({"local": 40, "block": 32}, 100, 32, torch.float32, True, 2),
+    "stride_wide": ({"stride": 40, "block": 32}, 130, 64, torch.float32, True, 2),
+    "stride_narrow_noncausal": ({"stride": 5, "block": 16}, 45, 32, torch.float16, False, 2),
+    "dilated_per_head_offsets": ({"dilated": [[64, 4], [96, 1]], "block": 32}, 150, 32, torch.float16, True, 4),
+    "global_noncausal": ({"global_tokens": 5, "local": 16, "block": 32}, 97, 64, torch.float32, False, 2),
+    "mixed_heads": ([{"local": 20, "block": 32}, {"stride": 33, "global_tokens": 2, "block": 32},
+                     {"dilated": [[40, 2, 1]], "block": 32}], 120, 32, torch.float32, True, 3),
+    "union_noncausal": ({"local": 33, "stride": 48, "global_tokens": 3, "dilated": [[64, 2], [128, 1]], "block": 32},
+                        150, 64, torch.float16, False, 2),
+    "head_dim_48_short": ({"local": 8, "block": 16}, 37, 48, torch.float32, True, 1),
+    "default_block_64": ({"local": 150, "global_tokens": 4, "block": 64}, 300, 64, torch.float16, True, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_match_reference(name):
+    cfg, n, head_dim, dtype, causal, heads = CASES[name]
+    run_and_compare(SparsePattern.from_config(cfg), n, head_dim, dtype, causal, heads=heads)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_explicit_csr_layout(causal):
+    rng = random.Random()
+    pattern = random_layout_pattern(rng, blocks=4, block=32, heads=2)
+    run_and_compare(pattern, 4 * 32 - 7, 32, torch.float32, causal)
+
+
+def test_batch_and_strided_inputs():
+    pattern = SparsePattern.from_config({"local": 24, "global_tokens": 1, "block": 32})
+    run_and_compare(pattern, 70, 32, torch.float32, True, heads=2, batch=2, layout="bnhd")
+
+
+def test_single_position_sequence():
+    run_and_compare(SparsePattern.from_config({"block": 16}), 1, 32, torch.float32, True, heads=1)
+
+
+def test_covering_pattern_equals_dense_causal_attention():
+    """Independent oracle: a window covering the whole sequence is plain causal attention."""
+    q, k, v = (torch.randn(1, 2, 75, 32, device=DEVICE) for _ in range(3))
+    pattern = SparsePattern.from_config({"local": 75, "block": 32})
+    out = sparse_attention(q, k, v, pattern, causal=True, backend="triton")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_backward_is_deterministic():
+    pattern = SparsePattern.from_config({"local": 20, "stride": 33, "block": 16})
+    q, k, v = (torch.randn(1, 1, 60, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(1, 1, 60, 32, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        out = sparse_attention(q, k, v, pattern, backend="triton")
+        runs.append([out] + list(torch.autograd.grad(out, (q, k, v), grad_out)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_kernel_walk_matches_python_layout():
+    """The kernels' tile enumeration (run alone) visits exactly the tiles key_blocks/query_blocks
+    list, each once, with the same full/masked split: forward and transposed."""
+    rng = random.Random()
+    patterns = [
+        (SparsePattern.from_config({"local": 40, "stride": 20, "global_tokens": 20, "block": 16}), 150),
+        (SparsePattern.from_config([{"dilated": [[48, 2], [32, 1], [100, 20]], "block": 16},
+                                    {"stride": 36, "local": 33, "block": 16}]), 170),
+        (random_layout_pattern(rng, blocks=6, block=16, heads=2), 90),
+    ]
+    for pattern, n in patterns:
+        blocks = -(-n // pattern.block)
+        for causal in (True, False):
+            for transposed in (False, True):
+                counts, visits = count_tiles(pattern, n, heads=2, causal=causal, transposed=transposed, with_map=True)
+                expect = torch.zeros(2, blocks, blocks, dtype=torch.int32)
+                for h in range(2):
+                    for x in range(blocks):
+                        walk = pattern.query_blocks if transposed else pattern.key_blocks
+                        for b, full in walk(x, n, h, causal, with_full=True):
+                            expect[h, x, b] += 1 if full else 16
+                assert torch.equal(visits.cpu(), expect), (pattern, causal, transposed)
+                assert torch.equal(counts[..., 0].cpu(), (expect == 1).sum(-1))
+                assert torch.equal(counts[..., 1].cpu(), (expect == 16).sum(-1))
+
+
+def test_kernel_metadata_does_not_grow_with_length():
+    pattern = SparsePattern.from_config({"local": 256, "stride": 128, "dilated": [[512, 2], [2048, 8]],
+                                         "global_tokens": 4})
+    small = _launch_meta(pattern, 8, 1000, 64, torch.float16, torch.device("cpu"))[0]
+    huge = _launch_meta(pattern, 8, 2**30, 64, torch.float16, torch.device("cpu"))[0]
+    assert small[0].shape == huge[0].shape == (8, 9) and small[0].dtype == torch.int32
+    assert huge[0][:, 0].tolist() == [256] * 8  # the table only holds the pattern's integers
+
+
+# ---------------------------------------------------------------- reference and dispatch
+
+def test_chunked_reference_matches_full_reference():
+    pattern = SparsePattern.from_config([{"local": 7, "dilated": [[16, 2]], "block": 16}, {"stride": 5, "block": 16}])
+    q, k, v = (torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    full = reference_attention(q, k, v, pattern)
+    chunked = reference_attention(q, k, v, pattern, chunk=16)
+    torch.testing.assert_close(chunked, full)
+    g = torch.randn_like(full)
+    for a, b in zip(torch.autograd.grad(full, (q, k, v), g), torch.autograd.grad(chunked, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    pattern = SparsePattern.from_config({"local": 5, "global_tokens": 2, "block": 16})
+    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))  # head_dim 8: fine for the reference
+    assert torch.equal(sparse_attention(q, k, v, pattern, causal=False),
+                       reference_attention(q, k, v, pattern, causal=False))
+
+
+def _qkv(shape=(1, 2, 40, 32), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype, device=DEVICE) for _ in range(3)]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: (*_qkv((1, 2, 40, 16)), p), "head_dim 16 is not supported by the kernels"),
+    (lambda p: (*_qkv((1, 2, 40, 256)), p), "head_dim 256 is not supported"),
+    (lambda p: (_qkv()[0], _qkv((1, 2, 41, 32))[0], _qkv()[0], p), "shapes differ"),
+    (lambda p: (_qkv()[0], _qkv()[1].half(), _qkv()[2], p), "dtypes differ"),
+    (lambda p: (*_qkv(dtype=torch.float64), p), "float64 is not supported by the kernels"),
+    (lambda p: (_qkv()[0][0], _qkv()[1][0], _qkv()[2][0], p), "must be a 4-D tensor"),
+    (lambda p: (*_qkv(), SparsePattern.from_config([{"local": 3}] * 3)), "given for 3 heads but the input has 2"),
+    (lambda p: (*_qkv(), {"local": 3}), "must be a SparsePattern"),
+    (lambda p: (*_qkv(), SparsePattern.from_block_layout(torch.ones(2, 2, dtype=torch.bool), block=16)),
+     "covers 2 blocks"),
+])
+def test_bad_inputs_fail_before_launch(make, message):
+    args = make(SparsePattern.from_config({"local": 3, "block": 16}))
+    with pytest.raises(ValueError, match=message):
+        sparse_attention(*args, backend="triton")
+
+
+def test_bad_call_arguments():
+    q, k, v = _qkv()
+    p = SparsePattern.from_config({"local": 3})
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sparse_attention(q, k, v, p, backend="flash")
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        sparse_attention(q, k, v, p, scale=float("nan"))
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        reference_attention(q, k, v, p, chunk=0)
+
+
+def test_bench_command_runs_on_cpu(tmp_path, capsys):
+    """`terrabyte bench attention` without a GPU: the reference path at small sizes, a full table."""
+    import argparse
+    import json
+
+    from terrabyte.kernels import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--device", "cpu", "--lengths", "64,128", "--reps", "1", "--warmup", "0",
+                              "--pattern", '{"local": 32, "global_tokens": 2, "block": 16}', "--json", str(out)])
+    assert bench.run(args) == 0
+    table = capsys.readouterr().out
+    assert "| 128 | reference (cpu) |" in table and "| 128 | sdpa dense causal |" in table
+    report = json.loads(out.read_text())
+    rows = {(r["length"], r["impl"]): r for r in report["rows"]}
+    ours = rows[(128, "reference (cpu)")]
+    assert ours["fwd_ms"] > 0 and ours["fwd_bwd_ms"] > 0
+    # 8 query blocks of 16 per head: the block, the 2 before it (window 32) and global block 0
+    assert ours["tiles"] == 2 * (1 + 2 + 3 + 5 * 4)
+    assert ours["metadata_bytes"] == rows[(64, "reference (cpu)")]["metadata_bytes"] == 2 * 3 * 4
+    with pytest.raises(ValueError, match="--lengths must be comma-separated integers"):
+        bench.run(parser.parse_args(["--device", "cpu", "--lengths", "1k"]))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
+def test_flex_attention_with_mask_mod_equals_reference():
+    """The benchmark's FlexAttention baseline gets exactly this attended set (forward; FlexAttention
+    has no CPU backward)."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    pattern = SparsePattern.from_config([{"local": 20, "stride": 33, "global_tokens": 2, "block": 16},
+                                         {"dilated": [[64, 4], [128, 1]], "block": 16}])
+    q, k, v = (torch.randn(1, 2, 200, 32) for _ in range(3))
+    mask = flex.create_block_mask(pattern.mask_mod(2, causal=True), None, 2, 200, 200, device="cpu")
+    with torch.no_grad():
+        out = flex.flex_attention(q, k, v, block_mask=mask)
+    torch.testing.assert_close(out, reference_attention(q, k, v, pattern), atol=1e-5, rtol=1e-5)
