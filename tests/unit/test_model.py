@@ -371,3 +371,31 @@ def test_bench_quick_writes_table(tmp_path, capsys):
     for row in rows:
         value = row.split("|")[2].strip().split()[0].replace(",", "")
         assert float(value) > 0, row
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from terrabyte.pretrain.model import Rotary, apply_rotary
+
+    rot = Rotary(8, 32)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, generator=g), torch.randn(8, generator=g)
+
+    def score(i, j):
+        qi = apply_rotary(q.expand(32, 8), rot.freqs)[i]
+        kj = apply_rotary(k.expand(32, 8), rot.freqs)[j]
+        return (qi * kj).sum()
+
+    torch.testing.assert_close(score(5, 2), score(20, 17))
+    torch.testing.assert_close(score(0, 0), (q * k).sum())  # position 0 is the identity
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+def test_swiglu_function_matches_autograd():
+    from terrabyte.pretrain.model import SwiGLU
+
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up))
+    out = SwiGLU.apply(gate, up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)

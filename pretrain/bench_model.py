@@ -1,0 +1,383 @@
+"""Benchmark the TerraByte model: ``terrabyte bench model``.
+
+Rows: training throughput (forward + backward + AdamW step) and peak memory at two sequence shapes,
+and generation speed at a short and a long context. When ``MEGABYTE_pytorch`` is importable
+(optional, never a dependency) the same rows are measured for it on the same configuration, with
+its rotary embeddings and SDPA attention switched on, and a feed-forward width chosen for TerraByte
+so both parameter counts are within 5%.
+
+Method, so the numbers survive a shared machine:
+- Timings interleave the two models step by step and report the fastest repeat (min of N): noise
+  from other processes only ever adds time.
+- Peak memory is measured in a fresh spawned process per (model, shape), after one warm-up step on
+  a short sequence (so weights, AdamW state and library workspaces already exist): on CUDA the
+  growth of ``torch.cuda.max_memory_allocated`` over the allocated memory before the step; on CPU
+  the growth of the peak RSS (``VmHWM`` in /proc/self/status, reset before the step) over the RSS
+  before the step, with glibc's mmap threshold pinned (``MALLOC_ENV``) so freed blocks leave RSS.
+  Not ``getrusage().ru_maxrss``: Linux carries the parent's RSS into it across fork + exec, so a
+  spawned child would report the benchmark process's size. Either way: what one training step at that shape adds
+  (activations, gradients, temporaries).
+- Generation: TerraByte uses its KV-cached ``generate``; MEGABYTE-pytorch re-runs its full forward
+  per byte (what its ``generate`` does). "decode" excludes the prompt pass (time to first byte,
+  reported separately); "end-to-end" includes it. EOS is ignored so lengths are fixed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue as queue_mod
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .model import TerraByte
+
+logger = logging.getLogger(__name__)
+
+BENCH_CONFIG = dict(num_tokens=256, dim=(256, 128), depth=(4, 2), max_seq_len=(4096, 4), dim_head=32, heads=8)
+PARAM_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Shapes:
+    train: tuple  # ((seq_len, batch), ...)
+    generate: tuple  # ((prompt_len, new_bytes), ...)
+    train_repeats: int
+    gen_repeats: int
+
+
+FULL = Shapes(train=((4096, 4), (16384, 1)), generate=((64, 256), (4032, 64)), train_repeats=3, gen_repeats=3)
+QUICK = Shapes(train=((512, 2),), generate=((16, 16), (256, 8)), train_repeats=1, gen_repeats=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (seconds), for smoke tests")
+    parser.add_argument("--out", metavar="FILE", help="also write the markdown table to FILE")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip MEGABYTE-pytorch even if installed")
+    parser.add_argument("--no-flash", action="store_true", help="build TerraByte with flash_attn=False")
+
+
+# ---------------------------------------------------------------- models
+
+def _megabyte_cls():
+    try:
+        from MEGABYTE_pytorch import MEGABYTE
+    except ImportError:
+        return None
+    return MEGABYTE
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build(kind: str, ff_mult: float, flash: bool, device: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "terrabyte":
+        model = TerraByte(**BENCH_CONFIG, ff_mult=ff_mult, flash_attn=flash)
+    else:
+        model = _megabyte_cls()(**BENCH_CONFIG, flash_attn=True, rel_pos=True)
+    return model.to(device)
+
+
+def match_ff_mult(target: int) -> float:
+    """ff_mult for TerraByte whose parameter count is closest to ``target`` (bisection)."""
+    def count(mult):
+        with torch.device("meta"):
+            return _n_params(TerraByte(**BENCH_CONFIG, ff_mult=mult))
+    lo, hi = 0.5, 16.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if count(mid) < target else (lo, mid)
+    return min((lo, hi), key=lambda m: abs(count(m) - target))
+
+
+# ---------------------------------------------------------------- measurements
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _train_step_fn(kind, model, opt, x):
+    def step():
+        loss = model(x, return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); harmless if not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _memory_child(kind, ff_mult, flash, device, seq_len, batch, threads, queue):
+    if threads:
+        torch.set_num_threads(threads)
+    model = _build(kind, ff_mult, flash, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # warm-up on one short sequence: weights, AdamW state and library workspaces exist before the
+    # baseline, so the growth measured is what the sequence shape costs (activations, gradients)
+    short = math.prod(BENCH_CONFIG["max_seq_len"][1:]) * 2
+    _train_step_fn(kind, model, opt, torch.randint(0, 256, (1, short), device=device))()
+    x = torch.randint(0, 256, (batch, seq_len), device=device)
+    step = _train_step_fn(kind, model, opt, x)
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        _sync(device)
+        queue.put(torch.cuda.max_memory_allocated() - base)
+    else:
+        _reset_peak_rss()
+        base = _status_bytes("VmRSS")
+        step()
+        queue.put(_status_bytes("VmHWM") - base)
+
+
+# glibc otherwise raises its mmap threshold after large frees and keeps later blocks on the heap,
+# so RSS stops following live memory and peaks differ by hundreds of MiB between identical runs
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def peak_train_memory(kind, ff_mult, flash, device, seq_len, batch, threads) -> int:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(kind, ff_mult, flash, device, seq_len, batch, threads, queue))
+    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
+    os.environ.update(MALLOC_ENV)  # the spawned interpreter reads it at start
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    while True:  # a child that dies (out of memory, import error) must not hang the benchmark
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"memory measurement for {kind} exited with code {proc.exitcode}") from None
+    proc.join()
+    return result
+
+
+def time_train(models: dict, device: str, seq_len: int, batch: int, repeats: int) -> dict:
+    """Bytes/s per model, min over interleaved repeats (after one warm-up step each)."""
+    x = torch.randint(0, 256, (batch, seq_len), device=device)
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        steps[name] = _train_step_fn(name, model, torch.optim.AdamW(model.parameters(), lr=1e-4), x)
+        steps[name]()
+    best = {name: math.inf for name in models}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+    return {name: batch * seq_len / t for name, t in best.items()}
+
+
+def _megabyte_generate(model, prime, new_bytes, temperature=1.0, filter_thres=0.9):
+    """MEGABYTE-pytorch's generate loop (full forward per byte), bounded to new_bytes.
+    Returns (time to first byte, total time)."""
+    seq = prime
+    t0 = time.perf_counter()
+    first = None
+    for _ in range(new_bytes):
+        logits = model(seq)[:, -1]
+        k = max(int((1 - filter_thres) * logits.shape[-1]), 1)
+        val, ind = torch.topk(logits, k)
+        logits = torch.full_like(logits, float("-inf")).scatter_(1, ind, val)
+        gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(min=1e-20)).clamp(min=1e-20))
+        sample = ((logits / temperature) + gumbel).argmax(dim=-1, keepdim=True)
+        seq = torch.cat((seq, sample), dim=-1)
+        if first is None:
+            _sync(str(seq.device))
+            first = time.perf_counter() - t0
+    _sync(str(seq.device))
+    return first, time.perf_counter() - t0
+
+
+def _terrabyte_generate(model, prime, new_bytes, temperature=1.0, filter_thres=0.9):
+    first = None
+    t0 = time.perf_counter()
+
+    def on_byte(_):
+        nonlocal first
+        if first is None:
+            _sync(str(prime.device))
+            first = time.perf_counter() - t0
+
+    model.generate(prime, max_new_bytes=new_bytes, temperature=temperature, filter_thres=filter_thres,
+                   ignore_eos=True, callback=on_byte)
+    _sync(str(prime.device))
+    return first, time.perf_counter() - t0
+
+
+def time_generate(models: dict, device: str, prompt_len: int, new_bytes: int, repeats: int) -> dict:
+    """{name: (time to first byte s, decode bytes/s, end-to-end bytes/s)}, best of repeats."""
+    torch.manual_seed(0)
+    prime = torch.randint(0, 256, (1, prompt_len), device=device)
+    fns = {name: _terrabyte_generate if name == "terrabyte" else _megabyte_generate for name in models}
+    runs = {name: [] for name in models}
+    with torch.no_grad():
+        for name, model in models.items():
+            model.eval()
+            fns[name](model, prime[:, :16], 2)  # warm-up
+        for _ in range(repeats):  # interleaved, like the training rows
+            for name, model in models.items():
+                runs[name].append(fns[name](model, prime, new_bytes))
+    out = {}
+    for name in models:
+        first = min(r[0] for r in runs[name])
+        total = min(r[1] for r in runs[name])
+        decode = min(r[1] - r[0] for r in runs[name])
+        out[name] = (first, (new_bytes - 1) / decode, new_bytes / total)
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+def _fmt_rate(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+def _fmt_mib(v: int) -> str:
+    return f"{v / 2**20:,.0f} MiB"
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def run(args) -> int:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but CUDA is not available; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = QUICK if args.quick else FULL
+    flash = not args.no_flash
+    baseline = None if args.no_baseline else _megabyte_cls()
+    if baseline is None and not args.no_baseline:
+        logger.info("MEGABYTE_pytorch is not installed: TerraByte rows only")
+
+    ff_mult = 4.0
+    counts = {}
+    if baseline is not None:
+        counts["megabyte"] = _n_params(_build("megabyte", ff_mult, flash, "meta"))
+        ff_mult = match_ff_mult(counts["megabyte"])
+    models = {"terrabyte": _build("terrabyte", ff_mult, flash, device)}
+    counts["terrabyte"] = _n_params(models["terrabyte"])
+    if baseline is not None:
+        models["megabyte"] = _build("megabyte", ff_mult, flash, device)
+        gap = counts["terrabyte"] / counts["megabyte"] - 1
+        if abs(gap) > PARAM_TOLERANCE:
+            logger.warning("parameter counts differ by %.1f%% (> 5%%)", 100 * gap)
+
+    rows = []  # (metric, {name: value str}, ratio str)
+
+    def add(metric, values: dict, fmt, higher_is_better=True):
+        cells = {k: fmt(v) for k, v in values.items()}
+        ratio = ""
+        if "megabyte" in values and values["megabyte"]:
+            r = values["terrabyte"] / values["megabyte"]
+            ratio = f"{r:.2f}x" if higher_is_better else f"{r:.2f}x (lower is better)"
+        rows.append((metric, cells, ratio))
+
+    for seq_len, batch in shapes.train:
+        logger.info("training %d bytes x batch %d", seq_len, batch)
+        rates = time_train(models, device, seq_len, batch, shapes.train_repeats)
+        add(f"train bytes/s, {seq_len} B x batch {batch} (fwd+bwd+AdamW)", rates, _fmt_rate)
+        mem = {name: peak_train_memory(name, ff_mult, flash, device, seq_len, batch, args.threads) for name in models}
+        what = "peak CUDA memory growth" if device.startswith("cuda") else "peak RSS growth"
+        add(f"{what}, {seq_len} B x batch {batch}", mem, _fmt_mib, higher_is_better=False)
+    for prompt_len, new_bytes in shapes.generate:
+        logger.info("generating %d bytes after %d", new_bytes, prompt_len)
+        res = time_generate(models, device, prompt_len, new_bytes, shapes.gen_repeats)
+        tag = f"{new_bytes} B after a {prompt_len} B prompt"
+        add(f"generate {tag}: decode bytes/s", {k: v[1] for k, v in res.items()}, _fmt_rate)
+        add(f"generate {tag}: end-to-end bytes/s", {k: v[2] for k, v in res.items()}, _fmt_rate)
+        add(f"generate {tag}: time to first byte (s)", {k: v[0] for k, v in res.items()},
+            lambda v: f"{v:.3f}", higher_is_better=False)
+
+    names = list(models)
+    header = ["metric", *(f"{n} ({counts[n]:,} params)" for n in names)]
+    if baseline is not None:
+        header.append("terrabyte / megabyte")
+    lines = [
+        f"Machine: {_machine(device)}; date: {datetime.date.today().isoformat()}; "
+        f"config: {BENCH_CONFIG}, terrabyte ff_mult={ff_mult:.3f}, flash_attn={flash}"
+        + (" (quick shapes)" if args.quick else ""),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for metric, cells, ratio in rows:
+        line = [metric, *(cells.get(n, "") for n in names)] + ([ratio] if baseline is not None else [])
+        lines.append("| " + " | ".join(line) + " |")
+    table = "\n".join(lines) + "\n"
+    sys.stdout.write(table)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(table)
+        os.replace(tmp, args.out)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
