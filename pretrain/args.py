@@ -94,6 +94,9 @@ class TrainConfig:
     sample_bytes: int = 200
     """Bytes generated at each evaluation and at the end (0 disables)."""
     sample_prompt: str = "def "
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN/inf on any rank is skipped (no update) and counted; training stops
+    after this many such steps in a row."""
 
 
 @dataclass
@@ -112,11 +115,35 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    """How the ranks split the work. The world size must be a multiple of
+    ``pipeline_stages x tensor_parallel x sequence_parallel``; what is left over is data parallelism.
+    The batch sizes live in ``train``; gradient accumulation is derived from them."""
+
     zero_stage: int = 3
-    """DeepSpeed ZeRO stage (0-3)."""
+    """DeepSpeed ZeRO stage (0-3); pipeline parallelism needs 0 or 1."""
     offload: str = "none"
-    """``none``, ``cpu`` or ``nvme`` (ZeRO-3 parameter and optimizer offload)."""
+    """``none``; ``cpu``: optimizer state in CPU memory (and the parameters too under ZeRO-3);
+    ``nvme``: both on NVMe under ``nvme_path`` (ZeRO-3 only)."""
     nvme_path: str = "/local_nvme"
+    pipeline_stages: int = 1
+    """Pipeline-parallel stages (DeepSpeed PipelineModule; ZeRO-0/1 only)."""
+    pipeline_partition: str = "parameters"
+    """How layers are spread over pipeline stages: ``parameters`` (balance parameter counts) or
+    ``uniform`` (balance layer counts)."""
+    tensor_parallel: int = 1
+    """DeepSpeed AutoTP degree: attention and feed-forward projections split column/row-wise over
+    this many ranks. Must divide ``model.heads``."""
+    sequence_parallel: int = 1
+    """DeepSpeed-Ulysses degree: the patches of each sequence are split over this many ranks; the global
+    stage's attention gathers the sequence and splits the heads instead. Must divide ``model.heads``
+    and ``model.max_seq_len[0]``."""
+    zero_quantized_weights: bool = False
+    """ZeRO++ qwZ: all-gather int8-quantized weights (ZeRO-3, GPU)."""
+    zero_quantized_gradients: bool = False
+    """ZeRO++ qgZ: reduce-scatter int4-quantized gradients (ZeRO-3, GPU)."""
+    zero_hpz_partition_size: int = 1
+    """ZeRO++ hpZ: keep a secondary weight shard within groups of this many ranks (usually the GPUs of
+    one node) so backward all-gathers stay inside the node; 1 disables it."""
 
 
 @dataclass
@@ -127,6 +154,10 @@ class CheckpointConfig:
     """Keep only the newest this many checkpoints."""
     export: bool = True
     """Write ``model.safetensors`` + ``model_config.json`` into the run directory at the end."""
+    universal: Optional[bool] = None
+    """Resume through DeepSpeed's universal checkpoint format (converted once, next to the checkpoint).
+    ``null``: only when the saved parallel layout differs from the current one; ``true``: always;
+    ``false``: never (a different layout is then an error)."""
 
 
 @dataclass
@@ -331,20 +362,123 @@ def validate(cfg: Config) -> None:
         )
     _choice(cfg.train.precision, ("auto", "fp32", "bf16"), "train.precision")
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
-    _choice(cfg.parallel.offload, ("none", "cpu", "nvme"), "parallel.offload")
     _choice(cfg.data.on_error, ("raise", "skip"), "data.on_error")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"config key parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
-    if cfg.parallel.offload != "none" and cfg.parallel.zero_stage != 3:
-        raise ValueError("parallel.offload needs parallel.zero_stage 3")
+    _positive(cfg.train.max_nonfinite_steps, "train.max_nonfinite_steps")
+    validate_parallel(cfg)
+
+
+def validate_parallel(cfg: Config) -> None:
+    """Parallel settings that are impossible whatever the world size: one message saying what to change."""
+    p, m = cfg.parallel, cfg.model
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"config key parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    for key in ("pipeline_stages", "tensor_parallel", "sequence_parallel", "zero_hpz_partition_size"):
+        _positive(getattr(p, key), f"parallel.{key}")
+    _choice(p.offload, ("none", "cpu", "nvme"), "parallel.offload")
+    _choice(p.pipeline_partition, ("parameters", "uniform"), "parallel.pipeline_partition")
+    if p.offload == "cpu" and p.zero_stage == 0:
+        raise ValueError("parallel.offload cpu needs parallel.zero_stage 1, 2 or 3 (ZeRO-Offload); got 0")
+    if p.offload == "nvme" and p.zero_stage != 3:
+        raise ValueError(f"parallel.offload nvme needs parallel.zero_stage 3 (ZeRO-Infinity); got {p.zero_stage}")
+    for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+        if getattr(p, key) and p.zero_stage != 3:
+            raise ValueError(f"parallel.{key} (ZeRO++) needs parallel.zero_stage 3; got {p.zero_stage}")
+    if p.zero_hpz_partition_size > 1 and p.zero_stage != 3:
+        raise ValueError(f"parallel.zero_hpz_partition_size > 1 (ZeRO++ hpZ) needs parallel.zero_stage 3; got {p.zero_stage}")
+
+    degrees = {k: getattr(p, k) for k in ("pipeline_stages", "tensor_parallel", "sequence_parallel")}
+    used = [f"parallel.{k}={v}" for k, v in degrees.items() if v > 1]
+    if used and cfg.train.compile:
+        raise ValueError(f"train.compile is not supported with {used[0]} (yet): set train.compile false")
+    if cfg.train.compile and p.zero_stage == 3:
+        # TorchDynamo traces ZeRO-3's empty parameter shards where the model reads a parameter outside
+        # its module's forward (the start tokens)
+        raise ValueError("train.compile does not work with parallel.zero_stage 3: use --parallel.zero_stage 2 "
+                         "(or 1) with it, or set train.compile false")
+    if len(used) > 1:
+        raise ValueError(
+            f"{' and '.join(used)} cannot be combined (yet): use one of pipeline, tensor or sequence "
+            f"parallelism, each combines with data parallelism over the remaining ranks"
+        )
+    if p.pipeline_stages > 1:
+        if p.zero_stage > 1:
+            raise ValueError(
+                f"parallel.pipeline_stages={p.pipeline_stages} needs parallel.zero_stage 0 or 1 (DeepSpeed "
+                f"pipelines do not support ZeRO-2/3); got {p.zero_stage}: set --parallel.zero_stage 1"
+            )
+        if m.tie_embeddings:
+            raise ValueError("model.tie_embeddings is not supported with parallel.pipeline_stages > 1; set it false")
+        if m.attn_dropout or m.ff_dropout:
+            # each pipeline layer would draw from its stage's RNG: not the plain model's dropout masks
+            raise ValueError("model.attn_dropout/ff_dropout must be 0 with parallel.pipeline_stages > 1")
+        layers = sum(m.depth) + len(m.dim) + 1  # blocks; embedding, one projection per stage boundary, head
+        if p.pipeline_stages > layers:
+            raise ValueError(
+                f"parallel.pipeline_stages={p.pipeline_stages} exceeds the model's {layers} pipeline layers "
+                f"(blocks of model.depth {m.depth}, the embedding, {len(m.dim) - 1} stage projection(s) and the "
+                f"head): use fewer stages"
+            )
+    heads = m.heads if isinstance(m.heads, tuple) else (m.heads,) * len(m.dim)
+    if p.sequence_parallel > 1:
+        sp = p.sequence_parallel
+        if heads[0] % sp:
+            raise ValueError(
+                f"parallel.sequence_parallel={sp} must divide the global stage's model.heads={heads[0]} (Ulysses "
+                f"splits them over the sequence-parallel ranks): change one of them"
+            )
+        if m.max_seq_len[0] % sp:
+            raise ValueError(
+                f"parallel.sequence_parallel={sp} must divide model.max_seq_len[0]={m.max_seq_len[0]} (each rank "
+                f"holds an equal run of patches): change one of them"
+            )
+    if p.tensor_parallel > 1:
+        tp = p.tensor_parallel
+        for s, h in enumerate(heads):
+            if h % tp:
+                raise ValueError(
+                    f"parallel.tensor_parallel={tp} must divide stage {s}'s model.heads={h} (attention is split "
+                    f"by heads): change one of them"
+                )
+        from .model import _ff_hidden  # the feed-forward width every stage really gets
+
+        for s, d in enumerate(m.dim):
+            hidden = _ff_hidden(d, m.ff_mult)
+            if hidden % tp:
+                raise ValueError(
+                    f"parallel.tensor_parallel={tp} must divide stage {s}'s feed-forward width {hidden} "
+                    f"(from model.dim={d}, model.ff_mult={m.ff_mult}): change one of them"
+                )
+
+
+def model_parallel_size(cfg: Config) -> int:
+    """Ranks that work on the same sequences: one data-parallel replica."""
+    p = cfg.parallel
+    return p.pipeline_stages * p.tensor_parallel * p.sequence_parallel
 
 
 def validate_world(cfg: Config, world_size: int) -> int:
-    """Check the batch against the data-parallel world size; returns gradient accumulation steps."""
-    per_step = cfg.train.micro_batch * world_size
+    """Check the parallel degrees and the batch against the world size; returns gradient accumulation
+    steps (micro-batches per rank per optimizer step)."""
+    replica = model_parallel_size(cfg)
+    if world_size % replica:
+        p = cfg.parallel
+        raise ValueError(
+            f"world size {world_size} is not a multiple of parallel.pipeline_stages x tensor_parallel x "
+            f"sequence_parallel = {p.pipeline_stages} x {p.tensor_parallel} x {p.sequence_parallel} = {replica}: "
+            f"launch a multiple of {replica} ranks or change the parallel degrees"
+        )
+    dp = world_size // replica
+    hpz, zero_ranks = cfg.parallel.zero_hpz_partition_size, dp * cfg.parallel.sequence_parallel
+    if hpz > 1 and zero_ranks % hpz:
+        raise ValueError(
+            f"parallel.zero_hpz_partition_size={hpz} must divide the {zero_ranks} ranks ZeRO partitions over "
+            f"(data x sequence parallel): use a divisor, usually the GPUs per node"
+        )
+    per_step = cfg.train.micro_batch * dp
     if cfg.train.global_batch % per_step:
         raise ValueError(
             f"train.global_batch ({cfg.train.global_batch}) must be a multiple of train.micro_batch x "
-            f"world size ({cfg.train.micro_batch} x {world_size} = {per_step})"
+            f"data-parallel world size ({cfg.train.micro_batch} x {dp} = {per_step}; world size {world_size} "
+            f"over {replica} rank(s) per replica)"
         )
     return cfg.train.global_batch // per_step

@@ -14,13 +14,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import engine as eng
 from .args import Config, load_config
 from .estimate import flops_per_byte
 from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
 from .model import TerraByte
+from .parallel import plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = eng.init_distributed()
         setup_logging(cfg.logging.level, self.rank)
+        # the parallel degrees against the world size and the batch, before any work
+        self.layout = plan_layout(cfg, self.world, self.rank)
+        self.accumulation = self.layout.accumulation
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
@@ -71,15 +74,16 @@ class Trainer:
         # counted before ZeRO-3 partitions the parameters away
         self.flops_per_byte = sum(flops_per_byte(model, cfg))
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
-        if cfg.train.compile:
-            model = torch.compile(model)
-        self.engine = eng.wrap(model, cfg, self.world)
-        self.model: TerraByte = self.engine.module
-        self.accumulation = eng.validate_world(cfg, self.world)
+        self.pad_id = model.pad_id
+        self.resume = eng.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
+        self.engine = eng.wrap(model, cfg, self.layout, self.resume)
+        del model  # a pipeline stage keeps only its own layers
         self.train_loader = self._loader("train", loop=True)
         self.val_batches = self._validation_batches()
         self.metrics = MetricLogger(self.run_dir / "tensorboard", enabled=cfg.logging.tensorboard and self.rank == 0)
         self.step = 0
+        self.bad_streak = 0  # steps in a row skipped for a non-finite loss
+        self.last_saved: int | None = None
         self.stop_requested = False
         self.loader_wait = 0.0
         self._resume()
@@ -96,8 +100,8 @@ class Trainer:
             seq_len=self.cfg.model.seq_len,
             global_batch=self.cfg.train.global_batch,
             micro_batch=self.cfg.train.micro_batch,
-            dp_rank=self.rank if rank is None else rank,
-            dp_world=self.world if world is None else world,
+            dp_rank=self.layout.dp_rank if rank is None else rank,
+            dp_world=self.layout.dp if world is None else world,
             seed=self.cfg.run.seed,
             num_workers=self.cfg.data.num_workers,
             eos_id=m["num_tokens"] + 1,
@@ -107,10 +111,10 @@ class Trainer:
         )
 
     def _validation_batches(self) -> list[torch.Tensor]:
-        """The first ``val_sequences`` validation sequences, dealt round-robin to ranks.
+        """The first ``val_sequences`` validation sequences, dealt round-robin to data-parallel ranks.
 
-        Every rank gets the same number of micro-batches (padding with all-pad rows, which score
-        nothing) because each forward under ZeRO-3 is a collective.
+        Every rank gets the same number of full micro-batches (padding with all-pad rows, which score
+        nothing) because each forward under ZeRO-3 is a collective and a pipeline's shapes are fixed.
         """
         wanted = self.cfg.data.val_sequences
         rows: list[torch.Tensor] = []
@@ -121,19 +125,19 @@ class Trainer:
         if not rows:
             raise ValueError(f"data {self.data_path} has no validation sequences (raise the builder's --val-fraction)")
         rows = rows[:wanted]
-        mine = rows[self.rank :: self.world]
-        per_rank = math.ceil(len(rows) / self.world)
-        pad = torch.full_like(rows[0], self.model.pad_id)
+        dp, mb = self.layout.dp, self.cfg.train.micro_batch
+        mine = rows[self.layout.dp_rank :: dp]
+        per_rank = math.ceil(len(rows) / dp / mb) * mb
+        pad = torch.full_like(rows[0], self.pad_id)
         mine += [pad] * (per_rank - len(mine))
-        mb = self.cfg.train.micro_batch
         return [torch.stack(mine[i : i + mb]) for i in range(0, len(mine), mb)]
 
     def _resume(self) -> None:
-        state = eng.load(self.engine, self.run_dir, self.model_config)
+        state = eng.load(self.engine, self.resume)
         if state is None:
             log.info("fresh run in %s", self.run_dir)
             return
-        self.step = int(state["step"])
+        self.step = self.last_saved = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         log.info("resumed from step %d in %s", self.step, self.run_dir)
@@ -150,20 +154,18 @@ class Trainer:
     def train_step(self, batches) -> tuple[float, int]:
         """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, bytes scored), both
         over all ranks."""
-        total_loss, total_tokens = 0.0, 0
+        micro = []
         for _ in range(self.accumulation):
             waited = time.perf_counter()
             x = next(batches)
             self.loader_wait += time.perf_counter() - waited
-            x = x.to(self.device())
-            loss = self.engine(x, return_loss=True)
-            self.engine.backward(loss)
-            self.engine.step()
-            total_loss += loss.item()
-            total_tokens += int((x != self.model.pad_id).sum())
-        # the global mean, so the logged loss does not depend on how the batch is split over ranks
+            micro.append(x.to(self.device()))
+        total_loss = eng.train_batch(self.engine, micro)  # plain, pipeline, tensor or sequence parallel
+        total_tokens = sum(int((x != self.pad_id).sum()) for x in micro)
+        # the global mean, so the logged loss does not depend on how the batch is split over ranks;
+        # every rank of a replica (pipeline stage, tensor/sequence peer) saw the same bytes
         loss_sum, tokens = eng.all_reduce_sum([total_loss / self.accumulation, total_tokens])
-        return loss_sum / self.world, int(tokens)
+        return loss_sum / self.world, int(tokens) // self.layout.replica
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -171,12 +173,9 @@ class Trainer:
         self.engine.eval()
         nats, count = 0.0, 0
         for x in self.val_batches:
-            x = x.to(self.device())
-            logits = self.engine(x)
-            nats += F.cross_entropy(
-                logits.float().transpose(1, 2), x, ignore_index=self.model.pad_id, reduction="sum"
-            ).item()
-            count += int((x != self.model.pad_id).sum())
+            batch_nats, batch_count = eng.score(self.engine, x.to(self.device()), self.pad_id)
+            nats += batch_nats
+            count += batch_count
         self.engine.train()
         nats, count = eng.all_reduce_sum([nats, count])
         return bits_per_byte(nats / max(count, 1))
@@ -188,20 +187,43 @@ class Trainer:
         if n <= 0:
             return None
         text = None
-        self.engine.eval()
-        with eng.gathered_parameters(self.model):
-            if self.rank == 0:
-                prompt = torch.tensor([list(self.cfg.train.sample_prompt.encode())], device=self.device())
-                gen = torch.Generator(device=self.device()).manual_seed(self.cfg.run.seed)
-                out = self.model.generate(prime=prompt, max_new_bytes=n, temperature=0.8, generator=gen)
-                data = bytes(b for b in out[0, prompt.shape[1] :].tolist() if b < 256)
-                text = data.decode("utf-8", errors="replace")
-        self.engine.train()
+        # a plain copy on rank 0: generation runs on one rank, which sharded modules cannot do alone
+        state = eng.full_state_dict(self.engine)
+        if self.rank == 0:
+            model = TerraByte(**self.model_config)
+            model.load_state_dict(state)
+            model.to(self.device()).eval()
+            prompt = torch.tensor([list(self.cfg.train.sample_prompt.encode())], device=self.device())
+            gen = torch.Generator(device=self.device()).manual_seed(self.cfg.run.seed)
+            out = model.generate(prime=prompt, max_new_bytes=n, temperature=0.8, generator=gen)
+            data = bytes(b for b in out[0, prompt.shape[1] :].tolist() if b < 256)
+            text = data.decode("utf-8", errors="replace")
         return text
 
     def save(self) -> None:
         state = {"step": self.step, "loader": self.train_loader.state_dict(), "rng": torch.get_rng_state()}
         eng.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep, self.model_config)
+        self.last_saved = self.step
+
+    def _check_nonfinite(self) -> str | None:
+        """Count steps skipped for a NaN/inf loss (decided on all ranks together); after
+        ``train.max_nonfinite_steps`` in a row, the message to stop with. No checkpoint is written during
+        such a run of steps."""
+        if not eng.last_step_skipped(self.engine):
+            self.bad_streak = 0
+            return None
+        self.bad_streak += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in all)",
+                    self.step, self.bad_streak, eng.skipped_steps(self.engine))
+        if self.bad_streak >= limit:
+            saved = f"step {self.last_saved}" if self.last_saved is not None else "none yet"
+            return (
+                f"training stopped: the loss was NaN/inf in {limit} steps in a row (steps "
+                f"{self.step - limit + 1}-{self.step}; train.max_nonfinite_steps={limit}); the last checkpoint "
+                f"({saved}) is unaffected: lower optim.lr (or train.grad_clip), then resume"
+            )
+        return None
 
     # ------------------------------------------------------------------ loop
 
@@ -230,6 +252,11 @@ class Trainer:
                 loss, scored = self.train_step(batches)
                 self.step += 1
                 bar.update(1)
+                stop = self._check_nonfinite()
+                if stop:
+                    bar.close()
+                    self.metrics.close()
+                    raise ValueError(stop)
                 window_bytes += scored
                 window_loss += loss
                 window_steps += 1
@@ -249,6 +276,7 @@ class Trainer:
                     }
                     if self.peak_tflops:
                         values["perf/mfu"] = values["perf/model_tflops_per_rank"] / self.peak_tflops
+                    values["train/skipped_steps"] = eng.skipped_steps(self.engine)
                     skipped = getattr(self.train_loader, "skipped", None)
                     if skipped is not None:
                         values["data/skipped_members"] = skipped
@@ -265,7 +293,7 @@ class Trainer:
                         self.metrics.text(self.step, "samples", cfg.train.sample_prompt + text)
                         log.info("sample at step %d: %r", self.step, cfg.train.sample_prompt + text)
                     self.metrics.flush()
-                if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+                if (self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps) and not self.bad_streak:
                     self.save()
         bar.close()
         if cfg.checkpoint.export:

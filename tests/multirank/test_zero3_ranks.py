@@ -1,50 +1,131 @@
-"""ZeRO-3 over 2 real ranks (torchrun, gloo) against 1 rank on the same global batch."""
-import os
+"""ZeRO-3 over 2 real ranks (torchrun, gloo): the same losses as 1 rank on the same global batch; a
+2-rank resume continues exactly; a 2-rank checkpoint resumes on 1 rank through DeepSpeed's universal
+format (and refuses to without it); a damaged checkpoint stops with one line; the export and the raw
+checkpoint generate the same bytes; the CPU-offload preset and bf16 train the same way."""
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.unit.test_train import TINY, scalars
+from .conftest import assert_losses_match, launch, losses, scalars
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import build_shards
-
-    src = tmp_path_factory.mktemp("corpus")
-    for i in range(30):
-        (src / f"m{i}.txt").write_bytes(bytes(range(256)) * 3 + f"document {i} ".encode() * 50)
-    out = tmp_path_factory.mktemp("shards")
-    build_shards([str(src)], str(out), val_fraction=0.2, progress=False)
-    return out
-
-
-def train(run_dir: Path, shards: Path, ranks: int, micro_batch: int):
-    args = ["--config", "tiny", "--data.path", str(shards), *TINY, "--run.dir", str(run_dir),
-            "--train.steps", "6", "--train.eval_interval", "6", "--checkpoint.interval", "6",
-            "--train.micro_batch", str(micro_batch), "--train.global_batch", "4"]
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "terrabyte.pretrain", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "terrabyte.pretrain", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return scalars(run_dir, "train/loss"), scalars(run_dir, "val/bits_per_byte")
+def runs(tmp_path_factory, shards):
+    root = tmp_path_factory.mktemp("zero3")
+    split, straight = root / "split", root / "straight"
+    launch(split, shards, 2)  # steps 1-6, checkpoint at 6
+    shutil.copytree(split, root / "at6")  # the 2-rank checkpoint, before the run goes on
+    first_half = losses(split)
+    resumed = launch(split, shards, 2, steps=12)
+    launch(straight, shards, 2, steps=12)
+    return {"root": root, "split": split, "straight": straight, "at6": root / "at6", "first_half": first_half,
+            "resumed": resumed}
 
 
-def test_two_ranks_match_one(tmp_path, shards):
-    one_loss, one_val = train(tmp_path / "one", shards, ranks=1, micro_batch=2)   # 2 micro-batches accumulated
-    two_loss, two_val = train(tmp_path / "two", shards, ranks=2, micro_batch=2)   # 1 micro-batch per rank
-    assert sorted(one_loss) == sorted(two_loss) == list(range(1, 7))
-    # fp32 on CPU; only the order of the gradient reductions differs between the two layouts
-    for step in one_loss:
-        assert two_loss[step] == pytest.approx(one_loss[step], rel=1e-4), step
-    assert two_val[6] == pytest.approx(one_val[6], rel=1e-4)
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "tensorboard")
+    return dst
+
+
+def test_two_ranks_match_one(runs, baseline):
+    two = runs["first_half"]
+    assert sorted(two) == list(range(1, 7))
+    assert_losses_match(two, losses(baseline), range(1, 7))
+    assert scalars(runs["split"], "val/bits_per_byte")[6] == pytest.approx(
+        scalars(baseline, "val/bits_per_byte")[6], rel=1e-4)
     # ZeRO-3 really sharded: each rank wrote its own partition of the optimizer state
-    parts = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step6").glob("*optim_states.pt"))
-    assert len(parts) == 2, parts
+    parts = sorted(p.name for p in (runs["at6"] / "checkpoints" / "step6").glob("*optim_states.pt"))
+    assert parts == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_two_rank_resume_is_exact(runs):
+    assert "resumed from step 6" in runs["resumed"].stderr
+    resumed, straight = losses(runs["split"]), losses(runs["straight"])
+    assert_losses_match(resumed, straight, range(7, 13), rel=1e-6)
+
+
+def test_universal_checkpoint_resumes_on_one_rank(runs, baseline, shards):
+    run = copy_run(runs["at6"], runs["root"] / "to_one")
+    proc = launch(run, shards, 1, steps=12)
+    assert "through a universal checkpoint (2 rank(s) (data 2" in proc.stderr
+    assert (run / "checkpoints" / "step6" / "universal" / "zero").is_dir()
+    # weights, Adam moments and step, schedule and data position all carried over
+    assert_losses_match(losses(run), losses(baseline), range(7, 13))
+
+
+def test_layout_change_without_conversion_is_refused(runs, shards):
+    run = copy_run(runs["at6"], runs["root"] / "refused")
+    proc = launch(run, shards, 1, "--checkpoint.universal", "false", steps=12, check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("terrabyte: error: checkpoint") and "was written by 2 rank(s)" in line
+    assert "drop --checkpoint.universal false" in line and "Traceback" not in proc.stderr
+
+
+def test_truncated_checkpoint_file_is_one_line(runs, shards):
+    run = copy_run(runs["at6"], runs["root"] / "truncated")
+    optim = run / "checkpoints" / "step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:1000])
+    proc = launch(run, shards, 2, steps=12, check=False)
+    assert proc.returncode != 0
+    # both ranks stop with the same line (no hang, no traceback of ours; torchrun adds its own report)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("terrabyte: error:")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt has 1000 of" in lines[0] and "truncated" in lines[0]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
+def test_export_matches_checkpoint_and_generates(runs):
+    import torch
+    from safetensors.torch import load_file
+
+    from terrabyte.pretrain.inference import load_state
+
+    straight = runs["straight"]
+    exported = load_file(str(straight / "model.safetensors"))
+    _, consolidated = load_state(straight / "checkpoints")  # the 2 ZeRO-3 shards merged offline
+    assert set(exported) == set(consolidated)
+    for name, tensor in consolidated.items():
+        assert torch.equal(exported[name], tensor), name
+    outs = []
+    for source in (straight / "model.safetensors", straight / "checkpoints"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "terrabyte.launch.cli", "generate", "--checkpoint", str(source),
+             "--prompt", "document ", "--max-bytes", "24", "--temperature", "0"],
+            capture_output=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        outs.append(proc.stdout)
+    assert outs[0] == outs[1] and outs[0].startswith(b"document ") and len(outs[0]) > len(b"document \n")
+
+
+
+def test_cpu_offload_matches(tmp_path, shards, baseline):
+    # parameters and optimizer state in CPU memory, DeepSpeed's CPU Adam (compiled on first use, ~1 min)
+    run = tmp_path / "offload"
+    launch(run, shards, 2, "--parallel.offload", "cpu", timeout=600)
+    assert_losses_match(losses(run), losses(baseline), range(1, 7))
+
+
+def test_bf16_two_ranks_match_one(tmp_path, shards):
+    import torch
+    from safetensors.torch import load_file
+
+    from terrabyte.pretrain.inference import load_state
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(one, shards, 1, "--train.precision", "bf16")
+    launch(two, shards, 2, "--train.precision", "bf16")
+    # bf16 keeps 8 bits of mantissa: 1e-2 is about two units in the last place at these losses
+    assert_losses_match(losses(two), losses(one), range(1, 7), rel=1e-2)
+    exported = load_file(str(two / "model.safetensors"))  # the bf16 weights the model ran with
+    _, masters = load_state(two / "checkpoints")  # the fp32 master weights from the ZeRO shards
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert {t.dtype for t in masters.values()} == {torch.float32}
+    for name, master in masters.items():
+        assert torch.equal(exported[name], master.to(torch.bfloat16)), name

@@ -1,0 +1,194 @@
+"""The parallel section: impossible settings stop up front with one message saying what to change;
+the DeepSpeed config each setting produces; where each rank sits; the pipeline decomposition and
+the checkpoint file check, all without launching ranks."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from terrabyte.pretrain.args import load_config, validate_world
+from terrabyte.pretrain.parallel import (TP_COLUMN, TP_ROW, PipelineLoss, _Source, pipeline_key, pipeline_layers,
+                                         plan_layout)
+
+SMALL = ["--model.dim", "64,32", "--model.depth", "2,1", "--model.max_seq_len", "32,4", "--model.dim_head", "16",
+         "--model.heads", "4", "--train.micro_batch", "2", "--train.global_batch", "8"]
+
+
+def cfg(*overrides):
+    return load_config("tiny", [*SMALL, *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "3"],
+     "parallel.pipeline_stages=2 needs parallel.zero_stage 0 or 1"),
+    (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "2"], "set --parallel.zero_stage 1"),
+    (["--parallel.sequence_parallel", "3"], "parallel.sequence_parallel=3 must divide the global stage's model.heads=4"),
+    (["--parallel.sequence_parallel", "4", "--model.max_seq_len", "30,4"],
+     "parallel.sequence_parallel=4 must divide model.max_seq_len[0]=30"),
+    (["--parallel.tensor_parallel", "3"], "parallel.tensor_parallel=3 must divide stage 0's model.heads=4"),
+    (["--parallel.tensor_parallel", "16", "--model.heads", "16", "--model.dim", "256,128"],
+     "parallel.tensor_parallel=16 must divide stage 1's feed-forward width 344"),
+    (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1", "--parallel.tensor_parallel", "2"],
+     "parallel.pipeline_stages=2 and parallel.tensor_parallel=2 cannot be combined"),
+    (["--parallel.pipeline_stages", "9", "--parallel.zero_stage", "1"], "exceeds the model's 6 pipeline layers"),
+    (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1", "--model.tie_embeddings", "true"],
+     "model.tie_embeddings is not supported with parallel.pipeline_stages > 1"),
+    (["--parallel.sequence_parallel", "2", "--train.compile", "true"], "train.compile is not supported"),
+    (["--train.compile", "true"], "train.compile does not work with parallel.zero_stage 3"),
+    (["--parallel.pipeline_partition", "type:Block"], "parallel.pipeline_partition must be one of parameters, uniform"),
+    (["--parallel.tensor_parallel", "0"], "parallel.tensor_parallel must be positive"),
+    (["--parallel.offload", "nvme", "--parallel.zero_stage", "2"], "parallel.offload nvme needs parallel.zero_stage 3"),
+    (["--parallel.offload", "cpu", "--parallel.zero_stage", "0"], "parallel.offload cpu needs parallel.zero_stage 1"),
+    (["--parallel.zero_quantized_weights", "true", "--parallel.zero_stage", "2"],
+     "parallel.zero_quantized_weights (ZeRO++) needs parallel.zero_stage 3"),
+    (["--parallel.zero_hpz_partition_size", "2", "--parallel.zero_stage", "1"], "hpZ) needs parallel.zero_stage 3"),
+])
+def test_impossible_settings_stop_with_one_line(overrides, message):
+    with pytest.raises(ValueError) as err:
+        cfg(*overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_world_and_batch_against_the_degrees():
+    c = cfg("--parallel.tensor_parallel", "2")
+    with pytest.raises(ValueError, match=re.escape("world size 3 is not a multiple of parallel.pipeline_stages x "
+                                                   "tensor_parallel x sequence_parallel = 1 x 2 x 1 = 2")):
+        validate_world(c, 3)
+    assert validate_world(c, 4) == 2  # 2 data-parallel replicas x micro 2 x 2 accumulation = 8
+    with pytest.raises(ValueError, match=r"parallel.zero_hpz_partition_size=4 must divide the 2 ranks ZeRO"):
+        validate_world(cfg("--parallel.zero_hpz_partition_size", "4"), 2)
+    with pytest.raises(ValueError, match=re.escape("train.global_batch (8) must be a multiple of train.micro_batch x "
+                                                   "data-parallel world size (2 x 8 = 16")):
+        validate_world(c, 16)
+
+
+def test_ranks_are_placed_like_deepspeed_groups():
+    # pipeline: DeepSpeed numbers ranks stage-major, rank = stage * dp + data rank
+    pp = cfg("--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1")
+    assert [plan_layout(pp, 4, r).dp_rank for r in range(4)] == [0, 1, 0, 1]
+    # tensor and sequence parallel peers are adjacent ranks
+    tp = cfg("--parallel.tensor_parallel", "2")
+    assert [plan_layout(tp, 4, r).dp_rank for r in range(4)] == [0, 0, 1, 1]
+    sp = cfg("--parallel.sequence_parallel", "2")
+    layouts = [plan_layout(sp, 4, r) for r in range(4)]
+    assert [(l.dp_rank, l.sp_rank) for l in layouts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert layouts[0].dp == 2 and layouts[0].replica == 2 and layouts[0].accumulation == 2
+
+
+def ds_config(c, world=1, **kw):
+    from terrabyte.pretrain.engine import deepspeed_config
+
+    return deepspeed_config(c, plan_layout(c, world, 0), **kw)
+
+
+def test_deepspeed_config_for_each_setting():
+    base = ds_config(cfg(), world=2)
+    assert base["zero_optimization"]["stage"] == 3
+    assert (base["train_batch_size"], base["train_micro_batch_size_per_gpu"], base["gradient_accumulation_steps"]) \
+        == (8, 2, 2)
+    assert "offload_param" not in base["zero_optimization"] and base["optimizer"]["params"]["torch_adam"]
+    assert "tensor_parallel" not in base and "checkpoint" not in base
+
+    cpu3 = ds_config(cfg("--parallel.offload", "cpu"))["zero_optimization"]
+    assert cpu3["offload_param"]["device"] == "cpu" and cpu3["offload_optimizer"]["device"] == "cpu"
+    cpu2 = ds_config(cfg("--parallel.offload", "cpu", "--parallel.zero_stage", "2"))
+    assert "offload_param" not in cpu2["zero_optimization"]
+    assert cpu2["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cpu2["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's CPU Adam for offload
+    nvme = ds_config(cfg("--parallel.offload", "nvme", "--parallel.nvme_path", "/scratch"))["zero_optimization"]
+    assert nvme["offload_param"] == {"device": "nvme", "nvme_path": "/scratch", "pin_memory": False}
+
+    zpp = ds_config(cfg("--parallel.zero_quantized_weights", "true", "--parallel.zero_quantized_gradients", "true",
+                        "--parallel.zero_hpz_partition_size", "2"), world=2)["zero_optimization"]
+    assert zpp["zero_quantized_weights"] and zpp["zero_quantized_gradients"] and zpp["zero_hpz_partition_size"] == 2
+
+    assert ds_config(cfg("--train.precision", "bf16"))["bf16"] == {"enabled": True}
+    assert ds_config(cfg(), universal=True)["checkpoint"] == {"load_universal": True}
+
+    # sequence-parallel peers count as data-parallel ranks to DeepSpeed
+    sp = ds_config(cfg("--parallel.sequence_parallel", "2"), world=4)
+    assert (sp["train_batch_size"], sp["gradient_accumulation_steps"]) == (16, 2)
+    pp = ds_config(cfg("--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1"), world=2)
+    assert (pp["train_batch_size"], pp["gradient_accumulation_steps"], pp["zero_optimization"]["stage"]) == (8, 4, 1)
+
+
+def test_autotp_specs_cover_exactly_the_attention_and_feed_forward_projections():
+    from terrabyte.pretrain.model import TerraByte
+
+    tp = ds_config(cfg("--parallel.tensor_parallel", "2"), world=2)["tensor_parallel"]
+    assert tp["autotp_size"] == 2 and tp["partition_config"]["use_default_specs"] is False
+    specs = {s["partition_type"]: s["patterns"] for s in tp["partition_config"]["layer_specs"]}
+    assert specs == {"column": TP_COLUMN, "row": TP_ROW}
+    model = TerraByte(**cfg().model.kwargs())
+
+    def matching(patterns):
+        return {n.rsplit(".", 2)[-2] for n, _ in model.named_parameters() if any(re.match(p, n) for p in patterns)}
+
+    assert matching(TP_COLUMN) == {"to_q", "to_k", "to_v", "gate_proj", "up_proj"}
+    assert matching(TP_ROW) == {"to_out", "down_proj"}
+    blocks = sum(len(s.layers) for s in model.stages)
+    assert sum(any(re.match(p, n) for p in TP_COLUMN + TP_ROW) for n, _ in model.named_parameters()) == 7 * blocks
+
+
+@pytest.mark.parametrize("shape, checkpoint", [(((16, 4, 2), (2, 1, 1)), False), (((8, 4), (2, 2)), True)])
+def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
+    """The layer list, chained by hand, is the model: same logits, loss, gradients and parameter names
+    (with activation checkpointing in the block layers too)."""
+    from terrabyte.pretrain.model import TerraByte
+
+    max_seq_len, depth = shape
+    torch.manual_seed(0)
+    model = TerraByte(num_tokens=256, dim=(48, 32, 16)[:len(depth)], depth=depth, max_seq_len=max_seq_len,
+                      dim_head=8, heads=2, checkpoint_activations=checkpoint)
+    x = torch.randint(0, 258, (3, model.context_length))
+    x[0, -5:] = model.pad_id
+    layers = [cls(*args) for cls, args in pipeline_layers(_Source(model))]
+    assert len(layers) == sum(depth) + len(depth) + 1
+    names = [k for layer in layers for k in layer.state_dict()]
+    assert sorted(names) == sorted(model.state_dict()) and len(set(names)) == len(names)
+
+    ref_loss = model(x, return_loss=True)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = x
+    for layer in layers:
+        out = layer(out)
+    assert torch.allclose(out, model(x), atol=1e-6)
+    loss = PipelineLoss(model.pad_id)(out, x)
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[n], atol=1e-6), n
+    assert pipeline_key("12.stages.1.layers.0.attn.to_q.weight") == "stages.1.layers.0.attn.to_q.weight"
+
+
+def test_checkpoint_files_are_checked_against_the_manifest(tmp_path):
+    from terrabyte.pretrain.engine import FILES_MANIFEST, _file_sizes, verify_files
+
+    ckpt = tmp_path / "step4"
+    ckpt.mkdir()
+    (ckpt / "a_model_states.pt").write_bytes(b"x" * 100)
+    (ckpt / "b_optim_states.pt").write_bytes(b"y" * 50)
+    (ckpt / FILES_MANIFEST).write_text(json.dumps(_file_sizes(ckpt)))
+    verify_files(ckpt)
+    (ckpt / "b_optim_states.pt").write_bytes(b"y" * 20)
+    with pytest.raises(ValueError, match=r"b_optim_states.pt has 20 of 50 bytes \(truncated\?\)"):
+        verify_files(ckpt)
+    (ckpt / "a_model_states.pt").unlink()
+    with pytest.raises(ValueError, match="is incomplete: a_model_states.pt is missing"):
+        verify_files(ckpt)
+
+
+def test_cli_stops_before_any_work():
+    """A single process asked for 2-way tensor parallelism: one line, exit 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "terrabyte.pretrain", "--config", "tiny", *SMALL,
+                           "--parallel.tensor_parallel", "2", "--run.dir", "/nonexistent/never-created"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "terrabyte: error: world size 1 is not a multiple of" in proc.stderr
+    assert "Traceback" not in proc.stderr
