@@ -221,7 +221,7 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) 
         for key, value in values.items():
             set_value(cfg, f"{section}.{key}", value, source=str(path))
     for key, value in parse_overrides(overrides or []):
-        set_value(cfg, key, yaml.safe_load(value) if value != "" else "", source="command line")
+        set_value(cfg, key, value, source="command line", text=True)
     validate(cfg)
     return cfg
 
@@ -255,7 +255,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def set_value(cfg: Config, dotted: str, value: Any, source: str) -> None:
+def set_value(cfg: Config, dotted: str, value: Any, source: str, text: bool = False) -> None:
+    """Set ``section.key``; ``text`` values come from the command line and are parsed as YAML unless
+    the key holds a string (so ``--run.dir off`` stays the directory "off")."""
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ValueError(f"{source}: config key {dotted!r} must be section.key")
@@ -268,7 +270,16 @@ def set_value(cfg: Config, dotted: str, value: Any, source: str) -> None:
     if key not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(section))
         raise ValueError(f"{source}: unknown config key {dotted!r} (known in {section_name}: {known})")
+    if text:
+        value = _parse_text(value, hints[key])
     setattr(section, key, coerce(value, hints[key], dotted, source))
+
+
+def _parse_text(value: str, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if hint is str or (str in args and type(None) in args and value not in ("null", "~", "")):
+        return value
+    return yaml.safe_load(value) if value != "" else ""
 
 
 def coerce(value: Any, hint: Any, key: str, source: str) -> Any:

@@ -10,6 +10,9 @@ def test_tiny_loads_with_overrides():
     assert cfg.run.dir == "/tmp/x"
     assert cfg.data.path is None
     assert load_config("tiny", ["--optim.lr", "3e-3"]).optim.lr == 0.003
+    # string keys keep the text as typed, even words YAML would read as booleans or numbers
+    assert load_config("tiny", ["--run.dir", "off", "--data.path", "123"]).run.dir == "off"
+    assert load_config("tiny", ["--data.path", "123"]).data.path == "123"
     assert cfg.parallel.zero_stage == 3
     assert cfg.model.seq_len == cfg.model.max_seq_len[0] * cfg.model.max_seq_len[1]
 
