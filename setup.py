@@ -38,7 +38,7 @@ setup(
     package_dir={"terrabyte." + name: name for name in SUBPACKAGES},
     package_data={
         "terrabyte.configs": ["*.yaml"],
-        "terrabyte.launch": ["slurm/*.sh", "*.md"],
+        "terrabyte.launch": ["slurm/*.sh"],
     },
     install_requires=install_requires,
     extras_require={

@@ -59,6 +59,10 @@ def resolve_data(cfg: Config, rank: int) -> Path:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.stop_requested = False
+        # installed first: a stop asked for while the model is being built waits for the first step
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
         self.rank, self.world = eng.init_distributed()
         setup_logging(cfg.logging.level, self.rank)
         # the parallel degrees against the world size and the batch, before any work
@@ -84,7 +88,6 @@ class Trainer:
         self.step = 0
         self.bad_streak = 0  # steps in a row skipped for a non-finite loss
         self.last_saved: int | None = None
-        self.stop_requested = False
         self.loader_wait = 0.0
         self._resume()
 
@@ -232,8 +235,6 @@ class Trainer:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         cfg = self.cfg
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._request_stop)
         if self.rank == 0:
             log.info("TensorBoard: tensorboard --logdir %s", self.run_dir / "tensorboard")
             self.metrics.hparams(flatten(cfg.to_dict()), ["val/bits_per_byte", "train/loss"])
@@ -246,6 +247,10 @@ class Trainer:
                 if eng.all_reduce_max(int(self.stop_requested)):
                     self.save()
                     log.warning("stopped at step %d after a signal; checkpoint saved", self.step)
+                    # Python restores the default actions at shutdown: a second signal then would
+                    # kill the rank and turn exit code 75 into a crash
+                    for sig in (signal.SIGUSR1, signal.SIGTERM):
+                        signal.signal(sig, signal.SIG_IGN)
                     bar.close()
                     self.metrics.close()
                     return EXIT_PREEMPTED

@@ -24,13 +24,16 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
+# cred_expire=10: a requeued job may start again after the job credential lifetime, 120 s by default;
+# restarting earlier fails ("Job credential revoked"). sched_interval=2: pending jobs are looked at
+# every 2 s instead of every 60 s.
 SLURM_CONF = """\
 ClusterName=terrabytetest
 SlurmctldHost=localhost
 SlurmUser={user}
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={d}/run/munge.socket
+AuthInfo=socket={d}/run/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
@@ -43,6 +46,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
@@ -85,6 +89,14 @@ class LocalSlurm:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 30.0) -> "LocalSlurm":
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop(keep=True)  # no daemon left behind; the logs stay for the error message
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
         missing = [tool for tool in DAEMONS if shutil.which(tool) is None]
         if missing:
             raise RuntimeError(
@@ -114,7 +126,6 @@ class LocalSlurm:
         subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=self.env, capture_output=True)
         subprocess.run(["slurmd", "-f", str(conf), "-N", "localhost"], check=True, env=self.env, capture_output=True)
         self._wait_node_idle(timeout)
-        return self
 
     def _wait_node_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -135,8 +146,8 @@ class LocalSlurm:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and self.squeue_ids():
                 time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
-            _kill_pidfile(self.dir / "run" / f"{name}.pid")
+        pids = [_pid_from(self.dir / "run" / f"{name}.pid") for name in ("slurmd", "slurmctld", "munged")]
+        _terminate([pid for pid in pids if pid is not None])
         if self._own_dir and not keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -196,25 +207,34 @@ def _user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def _kill_pidfile(path: Path, timeout: float = 10.0) -> None:
-    if not path.is_file():
-        return
+def _pid_from(path: Path) -> int | None:
     try:
-        pid = int(path.read_text().strip())
-    except ValueError:
-        return
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent can reap it
+
+
+def _terminate(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM to each pid, wait for all, SIGKILL the ones still there."""
+    for pid in pids:
         try:
-            os.kill(pid, 0)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
