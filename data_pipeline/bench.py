@@ -4,7 +4,7 @@ One process, one corpus (default: the standard library's *.py files):
   1. build   - `build_shards` at the given zstd level, MB/s of raw input;
   2. zstd    - plain decompression of every train member of the same shards (pread + decompress),
                the ceiling any loader of these shards can reach;
-  3. loader  - `--epochs` epochs of `ByteLoader` (packed int64 batches), MB/s of tokens delivered,
+  3. loader  - `--epochs` epochs of `ByteLoader` (packed int32 and int64 batches), MB/s of tokens delivered,
                with 0 and 1 prefetch threads;
   4. streaming - mosaicml-streaming's MDSWriter/StreamingDataset on the same documents, only when
                the package is installed (never a dependency).
@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--micro-batch", type=int, default=8, help="loader micro-batch")
     parser.add_argument("--num-workers", type=int, nargs="+", default=[0, 1],
                         help="loader prefetch threads (one table row per value)")
+    parser.add_argument("--dtypes", nargs="+", choices=("int32", "int64"), default=["int32", "int64"],
+                        help="batch dtypes to measure (the trainer loads int32 and widens on the device)")
     parser.add_argument("--epochs", type=int, default=3,
                         help="loader epochs per measurement (steady state: decompression buffers get reused)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each read measurement (best kept)")
@@ -77,12 +79,14 @@ def bench_plain_zstd(path: str) -> int:
     return total
 
 
-def bench_loader(path: str, args, workers: int) -> int:
-    """`args.epochs` full epochs of packed int64 batches; returns tokens delivered."""
+def bench_loader(path: str, args, workers: int, dtype: str = "int64") -> int:
+    """`args.epochs` full epochs of packed batches; returns tokens delivered."""
+    import torch
+
     from .loader import ByteLoader
 
     loader = ByteLoader(path, seq_len=args.seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
-                        num_workers=workers)
+                        num_workers=workers, dtype=getattr(torch, dtype))
     it = iter(loader)
     tokens = 0
     for _ in range(len(loader) * args.epochs):
@@ -153,7 +157,8 @@ def run(args) -> int:
         build_s, build_c, man = _best(build, args.repeats)
         raw_all = man["totals"]["all"]["raw_bytes"]
         zstd_s, zstd_c, raw_train = _best(lambda: bench_plain_zstd(shard_dir), args.repeats)
-        loads = {w: _best(lambda: bench_loader(shard_dir, args, w), args.repeats) for w in args.num_workers}
+        loads = {(w, d): _best(lambda: bench_loader(shard_dir, args, w, d), args.repeats)
+                 for d in args.dtypes for w in args.num_workers}
         mds = bench_streaming(inputs, include, exclude, workdir, args.repeats)
     finally:
         if args.workdir is None:
@@ -166,11 +171,11 @@ def run(args) -> int:
         ("plain zstd decompress", raw_train / zstd_s / mb, raw_train / zstd_c / mb,
          f"{raw_train / mb:.1f} MB, all train members"),
     ]
-    for w, (loader_s, loader_c, tokens) in loads.items():
+    for (w, d), (loader_s, loader_c, tokens) in loads.items():
         wall, cpu = tokens / loader_s / mb, tokens / loader_c / mb
-        rows.append((f"ByteLoader, {args.epochs} epoch(s) (seq {args.seq_len}, batch {args.global_batch}/"
+        rows.append((f"ByteLoader {d}, {args.epochs} epoch(s) (seq {args.seq_len}, batch {args.global_batch}/"
                      f"{args.micro_batch}, {w} prefetch threads)", wall, cpu,
-                     f"{tokens / mb:.1f} M tokens (int64); {100 * wall / (raw_train / zstd_s / mb):.0f}% of plain "
+                     f"{tokens / mb:.1f} M tokens ({d}); {100 * wall / (raw_train / zstd_s / mb):.0f}% of plain "
                      f"zstd (wall), {100 * cpu / (raw_train / zstd_c / mb):.0f}% (CPU)"))
     if mds is not None:
         w, r, n = mds

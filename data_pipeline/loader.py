@@ -44,6 +44,9 @@ HOLD_BYTES = 256 << 20  # members held across lane boundaries, at most
 BLOCK_BYTES = 16 << 20  # per-rank uint16 lane buffer, filled a block of steps at a time
 
 
+_NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
+
+
 def _manifest_id(manifest: dict, split: str) -> int:
     """A short fingerprint of the split's shards (resuming on rebuilt data is refused)."""
     h = hashlib.sha256()
@@ -77,7 +80,8 @@ class ByteLoader:
     def __init__(self, path: str, split: str = "train", seq_len: int = 2048, global_batch: int = 8,
                  micro_batch: int = 4, dp_rank: int = 0, dp_world: int = 1, seed: int = 0, num_workers: int = 0,
                  eos_id: int = 257, pad_id: int = 256, loop: bool = True, on_error: str = "raise",
-                 shuffle: bool = True, prefetch: int = 2, allow_pipe: bool = False):
+                 shuffle: bool = True, prefetch: int = 2, allow_pipe: bool = False,
+                 dtype: torch.dtype = torch.int64):
         for name, v in (("seq_len", seq_len), ("global_batch", global_batch), ("micro_batch", micro_batch),
                         ("dp_world", dp_world), ("prefetch", prefetch)):
             if int(v) < 1:
@@ -91,6 +95,11 @@ class ByteLoader:
             raise ValueError(f"ByteLoader: on_error={on_error!r} must be 'raise' or 'skip'")
         if num_workers < 0:
             raise ValueError(f"ByteLoader: num_workers={num_workers} must be >= 0")
+        if dtype not in _NP_DTYPES:
+            raise ValueError(f"ByteLoader: dtype={dtype} must be torch.int64 or torch.int32")
+        # int32 halves the bytes written per token and moved to the accelerator; the trainer widens
+        # to int64 on the device, where it is free
+        self.dtype, self._np_dtype = dtype, _NP_DTYPES[dtype]
         self.path, self.split, self.seq_len = path, split, int(seq_len)
         self.global_batch, self.micro_batch = int(global_batch), int(micro_batch)
         self.dp_rank, self.dp_world, self.seed = int(dp_rank), int(dp_world), int(seed)
@@ -286,7 +295,7 @@ class ByteLoader:
                     for k in range(micro0 if g == step0 else 0, A):
                         if generation != self._generation:
                             return
-                        batch = torch.from_numpy(lanebuf[k * m:(k + 1) * m, s].astype(np.int64))
+                        batch = torch.from_numpy(lanebuf[k * m:(k + 1) * m, s].astype(self._np_dtype))
                         self._advance(A, steps)  # before yield: state = batches handed out
                         yield batch
 
@@ -299,7 +308,7 @@ class ByteLoader:
         start, stop = min(first_row * L, self.total_tokens), min(self.total_tokens, last_row * L)
         reader = self._range_reader(order, cum, start, stop, 0)
         for _ in range(self._step, self.eval_batches):
-            out = np.empty((m, L), dtype=np.int64)
+            out = np.empty((m, L), dtype=self._np_dtype)
             flat = out.reshape(-1)  # this rank's rows are contiguous in the stream
             n = reader.fill(flat)
             flat[n:] = self.pad_id  # past the end of the data: pad

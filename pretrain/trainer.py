@@ -111,6 +111,8 @@ class Trainer:
             pad_id=m["num_tokens"],
             loop=loop,
             on_error=self.cfg.data.on_error,
+            # training batches travel as int32 and are widened on the device (see train_step)
+            dtype=torch.int32 if loop else torch.int64,
         )
 
     def _validation_batches(self) -> list[torch.Tensor]:
@@ -162,7 +164,7 @@ class Trainer:
             waited = time.perf_counter()
             x = next(batches)
             self.loader_wait += time.perf_counter() - waited
-            micro.append(x.to(self.device()))
+            micro.append(x.to(self.device(), non_blocking=True).long())
         total_loss = eng.train_batch(self.engine, micro)  # plain, pipeline, tensor or sequence parallel
         total_tokens = sum(int((x != self.pad_id).sum()) for x in micro)
         # the global mean, so the logged loss does not depend on how the batch is split over ranks;

@@ -283,3 +283,31 @@ def test_missing_shard_is_named_or_skipped(shards, tmp_path):
     expect = [t for _, d in stages.documents(stages.decompress(stages.tar_members(rest))) for t in list(d) + [EOS]]
     flat = np.concatenate([b.numpy().reshape(-1) for b in batches])
     assert flat[:len(expect)].tolist() == expect and (flat[len(expect):] == PAD).all()
+
+
+def test_int32_batches_equal_int64(tmp_path):
+    import torch
+
+    from terrabyte.data_pipeline.builder import build_shards
+    from terrabyte.data_pipeline.loader import ByteLoader
+
+    src = tmp_path / "c"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i}.bin").write_bytes(bytes(range(256)) * (i + 1))
+    build_shards([str(src)], str(tmp_path / "s"), progress=False)
+    kw = dict(seq_len=64, global_batch=4, micro_batch=2)
+    wide = ByteLoader(str(tmp_path / "s"), **kw)
+    narrow = ByteLoader(str(tmp_path / "s"), dtype=torch.int32, **kw)
+    import itertools
+
+    assert len(wide) == len(narrow) > 0
+    for a, b in zip(itertools.islice(wide, len(wide)), itertools.islice(narrow, len(narrow))):
+        assert a.dtype == torch.int64 and b.dtype == torch.int32
+        assert torch.equal(a, b.long())
+    try:
+        ByteLoader(str(tmp_path / "s"), dtype=torch.int16, **kw)
+    except ValueError as exc:
+        assert "dtype" in str(exc)
+    else:
+        raise AssertionError("int16 accepted")
