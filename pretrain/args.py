@@ -69,7 +69,7 @@ class DataConfig:
     """Shard directory (with manifest.json). Unset: shards of this Python's standard library source,
     built once into ``<run.dir>/data``."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """Threads per rank that prefetch and decompress shard members (batches never depend on it)."""
     val_sequences: int = 64
     """Validation sequences scored at each evaluation (the same ones every time)."""
     on_error: str = "raise"
