@@ -349,8 +349,9 @@ class Stage(nn.Module):
         x = torch.cat((start, emb), dim=1)
         return x if ctx is None else x + ctx
 
-    def forward(self, x: Tensor) -> Tensor:
-        freqs = None if self.rotary is None else self.rotary.freqs[: x.shape[1]]
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        """x: (B, n, dim) tokens at positions [start, start + n) of this stage's sequence."""
+        freqs = None if self.rotary is None else self.rotary.freqs[start : start + x.shape[1]]
         for block in self.layers.values():
             if self.checkpoint_activations and torch.is_grad_enabled():
                 x = checkpoint(block, x, freqs, use_reentrant=False)

@@ -332,14 +332,7 @@ class SequenceParallel(nn.Module):
         # reduces its gradient as collectives, so all ranks must touch the same parameters
         start = stage.start_token.to(emb.dtype).expand(b, 1, -1)
         x = torch.cat((start, emb), dim=1) if p0 == 0 else emb + 0 * start
-        # as Stage.forward, with rotary positions offset to p0
-        freqs = None if stage.rotary is None else stage.rotary.freqs[p0:p1]
-        for block in stage.layers.values():
-            if stage.checkpoint_activations and torch.is_grad_enabled():
-                x = checkpoint(block, x, freqs, use_reentrant=False)
-            else:
-                x = block(x, freqs)
-        return stage.norm(x)
+        return stage(x, start=p0)  # rotary positions of this rank's patches
 
     def forward(self, x: Tensor, return_loss: bool = False) -> Tensor:
         ids = x.reshape(x.shape[0], -1)
