@@ -631,14 +631,11 @@ def check_same_model(stored: dict, current: dict, where: str) -> None:
 
 def export_safetensors(engine, path: str | Path, model_config: dict) -> None:
     """Consolidate the (possibly sharded) parameters into one safetensors file on rank 0."""
-    from safetensors.torch import save_file
+    from .inference import write_safetensors
 
     tensors = full_state_dict(engine)
     if engine.global_rank == 0:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"model_config": json.dumps(model_config), "format": "pt"})
-        os.replace(tmp, path)
+        write_safetensors(tensors, model_config, path)
     barrier()
 
 

@@ -67,14 +67,19 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> TerraB
     return model.to(device).eval()
 
 
-def save_safetensors(model: TerraByte, config: dict, path: str | Path) -> None:
+def write_safetensors(tensors: dict[str, torch.Tensor], config: dict, path: str | Path) -> None:
+    """One safetensors file with the model config in its metadata, written to a temporary name first."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"model_config": json.dumps(config), "format": "pt"})
     os.replace(tmp, path)
+
+
+def save_safetensors(model: TerraByte, config: dict, path: str | Path) -> None:
+    # clone: tied weights share storage, which safetensors refuses
+    write_safetensors({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, config, path)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -3,10 +3,10 @@
 format (and refuses to without it); a damaged checkpoint stops with one line; the export and the raw
 checkpoint generate the same bytes; the CPU-offload preset and bf16 train the same way."""
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from tests.unit.test_train import generate_greedy
 
 from .conftest import assert_losses_match, launch, losses, scalars
 
@@ -92,15 +92,7 @@ def test_export_matches_checkpoint_and_generates(runs):
     assert set(exported) == set(consolidated)
     for name, tensor in consolidated.items():
         assert torch.equal(exported[name], tensor), name
-    outs = []
-    for source in (straight / "model.safetensors", straight / "checkpoints"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "terrabyte.launch.cli", "generate", "--checkpoint", str(source),
-             "--prompt", "document ", "--max-bytes", "24", "--temperature", "0"],
-            capture_output=True, timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-        outs.append(proc.stdout)
+    outs = [generate_greedy(source, "document ") for source in (straight / "model.safetensors", straight / "checkpoints")]
     assert outs[0] == outs[1] and outs[0].startswith(b"document ") and len(outs[0]) > len(b"document \n")
 
 

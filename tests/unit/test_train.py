@@ -1,6 +1,5 @@
 """A real one-process DeepSpeed ZeRO-3 run of a tiny model: loss falls, checkpoints resume exactly,
 the exported model and the raw checkpoint generate the same bytes, bad input gives one line."""
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,17 @@ def run_cli(args, check=True, timeout=300):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def generate_greedy(source: Path, prompt: str, max_bytes: int = 24) -> bytes:
+    """What `terrabyte generate` prints for ``source`` at temperature 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "terrabyte.launch.cli", "generate", "--checkpoint", str(source),
+         "--prompt", prompt, "--max-bytes", str(max_bytes), "--temperature", "0"],
+        capture_output=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return proc.stdout
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:
@@ -86,15 +96,7 @@ def test_zero3_run_trains_checkpoints_and_resumes_exactly(tmp_path, shards):
     assert "model.depth" in bad.stderr and "Traceback" not in bad.stderr
 
     # generation: the exported file and the ZeRO checkpoint consolidated on the fly agree (greedy)
-    outs = []
-    for source in (straight / "model.safetensors", straight / "checkpoints"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "terrabyte.launch.cli", "generate", "--checkpoint", str(source),
-             "--prompt", "def ", "--max-bytes", "24", "--temperature", "0"],
-            capture_output=True, timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-        outs.append(proc.stdout)
+    outs = [generate_greedy(source, "def ") for source in (straight / "model.safetensors", straight / "checkpoints")]
     assert outs[0] == outs[1]
     assert outs[0].startswith(b"def ") and len(outs[0]) > len(b"def \n")
 
