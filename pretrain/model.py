@@ -378,21 +378,28 @@ class Stage(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Incremental decoding: a lean functional path over fused weight copies
+# Incremental decoding: a lean functional path over folded weight copies
 # --------------------------------------------------------------------------------------------
-# Decoding moves one token at a time through small matrices, so per-op overhead dominates on CPU
-# and launch overhead on GPU. The decode path therefore calls functional ops on fused copies of the
-# weights (q|k|v and gate|up in one matrix each), rotates q, k and v with one complex multiply (the v
-# row of the table is the identity) and writes k and v to the cache in one copy. The uncached
-# ``forward`` is the reference it is tested against.
+# Decoding moves a few tokens at a time through small matrices, so on CPU the time goes to per-op
+# overhead and to streaming the weights, and on GPU to launch overhead. The decode path therefore
+# calls functional ops on 2-D rows and on weight copies prepared once per cache:
+# - q|k|v and gate|up are one matrix each;
+# - each RMSNorm's gain, times sqrt(dim), is folded into the matrix that reads its output, so a
+#   norm costs two tiny ops (the row norm, then hypot with sqrt(dim * eps)) and a division of the
+#   matrix product: x / rms(x) = sqrt(dim) * x / sqrt(|x|^2 + dim * eps). F.rms_norm costs ~5x more
+#   on CPU for one row;
+# - q, k and v are rotated by one complex multiply (v's row of the table is the identity) and k, v
+#   go to the cache in one copy;
+# - residual additions are fused into the output GEMMs (addmm).
+# The uncached ``forward`` is the reference it is tested against.
 
 @dataclass
 class _LayerWeights:
-    attn_norm: Tensor
-    wqkv: Tensor   # (3 * heads * dim_head, dim): rows ordered (q|k|v, head, d)
+    # transposed views (in, out) of (out, in) matrices: torch.mm(x, w) runs as a transposed GEMM
+    # over contiguous rows, the fast case for one-row inputs
+    wqkv: Tensor   # (dim, 3 * heads * dim_head), attention norm folded in; columns (q|k|v, head, d)
     wo: Tensor
-    ff_norm: Tensor
-    wgu: Tensor    # (2 * hidden, dim): rows gate then up
+    wgu: Tensor    # (dim, 2 * hidden), feed-forward norm folded in; columns gate then up
     wdown: Tensor
 
 
@@ -402,41 +409,60 @@ class _StagePlan:
     dim: int
     heads: int
     dim_head: int
-    eps: float
-    freqs: Optional[Tensor]  # (3, 1, 1, seq_len, dim_head / 2) complex; row 2 (v) is all ones
+    norm_eps: Tensor  # 0-dim: sqrt(dim * eps), the hypot partner of a row norm
+    freqs: Optional[Tensor]  # (seq_len, 3, 1, dim_head / 2) complex; the v row (2) is all ones
     allowed: Optional[Callable]  # sparse pattern's mask function, None for dense
-    norm: Tensor
+    w_out: Tensor  # (dim, out): final norm folded into to_next (upper stages) or to_logits (last)
 
 
-def _stage_plan(stage: "Stage") -> _StagePlan:
+def _fold_norm(weight: Tensor, norm: nn.RMSNorm) -> Tensor:
+    """(weight @ diag(gain * sqrt(dim))).T: a matrix reading a normalised row, made to read x / |x|."""
+    return (weight * (norm.weight * math.sqrt(norm.weight.numel()))).detach().contiguous().t()
+
+
+def _stage_plan(stage: "Stage", w_out: Tensor) -> _StagePlan:
     layers = []
     for block in stage.layers.values():
         attn, ff = block.attn, block.ff
         layers.append(_LayerWeights(
-            attn_norm=block.attn_norm.weight.detach(),
-            wqkv=torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)).detach(),
-            wo=attn.to_out.weight.detach(),
-            ff_norm=block.ff_norm.weight.detach(),
-            wgu=torch.cat((ff.gate_proj.weight, ff.up_proj.weight)).detach(),
-            wdown=ff.down_proj.weight.detach(),
+            wqkv=_fold_norm(torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)), block.attn_norm),
+            wo=attn.to_out.weight.detach().t(),
+            wgu=_fold_norm(torch.cat((ff.gate_proj.weight, ff.up_proj.weight)), block.ff_norm),
+            wdown=ff.down_proj.weight.detach().t(),
         ))
     freqs = None
     if stage.rotary is not None:
         f = stage.rotary.freqs
-        freqs = torch.stack((f, f, torch.ones_like(f)))[:, None, None]
+        freqs = torch.stack((f, f, torch.ones_like(f)), dim=1)[:, :, None]
     attend = stage.layers["0"].attn.attend
     allowed = getattr(attend, "allowed", None)
     if isinstance(attend, SparseAttention):
         allowed = functools.partial(attend.allowed, heads=stage.heads)
-    return _StagePlan(layers, stage.dim, stage.heads, stage.dim_head, stage.norm.eps or NORM_EPS, freqs,
-                      allowed, stage.norm.weight.detach())
+    eps = stage.norm.eps or NORM_EPS
+    norm_eps = torch.tensor(math.sqrt(stage.dim * eps), dtype=w_out.dtype, device=w_out.device)
+    return _StagePlan(layers, stage.dim, stage.heads, stage.dim_head, norm_eps, freqs, allowed,
+                      _fold_norm(w_out, stage.norm))
+
+
+def _normed_mm(x: Tensor, w: Tensor, norm_eps: Tensor) -> Tensor:
+    """rms_norm(x) @ w for rows x: (r, dim), with the norm's gain folded into w."""
+    scale = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), norm_eps)
+    return torch.mm(x, w).div_(scale)
+
+
+def _embed_units(embed: PatchEmbed, units: Tensor) -> Tensor:
+    """PatchEmbed.forward without the module-call overhead: (b, n, unit_size) ids -> (b, n, dim)."""
+    if embed.proj is None:
+        return F.embedding(units.squeeze(-1), embed.token_emb.weight)
+    return F.linear(F.embedding(units, embed.token_emb.weight).flatten(-2), embed.proj.weight)
 
 
 def _stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor:
     """Run new tokens x: (b, m, dim) at positions [start, start + m) through one stage's blocks,
-    reading and extending kv: (depth, 2, b, heads, seq_len, dim_head). Returns the normalised
-    output of the last position, (b, 1, dim)."""
-    b, m, _ = x.shape
+    reading and extending kv: (depth, 2, b, heads, seq_len, dim_head). Returns the last
+    position's output through the final norm and ``w_out``: (b, w_out rows)."""
+    b, m, dim = x.shape
+    h, d = plan.heads, plan.dim_head
     end = start + m
     mask = None
     if (m > 1 and start > 0) or plan.allowed is not None:
@@ -447,29 +473,33 @@ def _stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor
             mask = mask & plan.allowed(q_idx, k_idx)
     # a fresh dense sequence is plain causal; one new dense query may see every cached key
     causal = mask is None and m > 1
-    freqs = None if plan.freqs is None else plan.freqs[..., start:end, :]
-    shape = (plan.dim,)
+    x = x.reshape(b * m, dim)
     last = len(plan.layers) - 1
+    # narrow/select rather than [] indexing: per-call Python overhead matters here
+    freqs = None if plan.freqs is None else plan.freqs.narrow(0, start, m)
     for i, w in enumerate(plan.layers):
-        h = F.rms_norm(x, shape, w.attn_norm, plan.eps)
-        # (b, m, 3*h*d) -> (3, b, h, m, d)
-        qkv = F.linear(h, w.wqkv).view(b, m, 3, plan.heads, plan.dim_head).permute(2, 0, 3, 1, 4)
+        qkv = _normed_mm(x, w.wqkv, plan.norm_eps).view(b, m, 3, h, d)
         if freqs is not None:
-            qkv = apply_rotary(qkv, freqs)
-        kv[i, :, :, :, start:end] = qkv[1:]
-        q = qkv[0]
+            pairs = torch.view_as_complex(qkv.float().view(b, m, 3, h, d // 2, 2))
+            qkv = torch.view_as_real(pairs * freqs).view(b, m, 3, h, d).type_as(x)
+        layer_kv = kv[i]  # (2, b, h, seq_len, d)
+        layer_kv.narrow(3, start, m).copy_(qkv.narrow(2, 1, 2).permute(2, 0, 3, 1, 4))
         if i == last and m > 1:
             # only the last position's output is needed from the last layer
-            q, x = q[:, :, -1:], x[:, -1:]
+            qkv, x, m = qkv.narrow(1, m - 1, 1), x.view(b, m, dim).select(1, m - 1), 1
             if mask is not None:
                 mask = mask[..., -1:, :]
             causal = False
-        out = F.scaled_dot_product_attention(q, kv[i, 0, :, :, :end], kv[i, 1, :, :, :end],
-                                             attn_mask=mask, is_causal=causal)
-        x = x + F.linear(out.transpose(1, 2).reshape(b, -1, plan.heads * plan.dim_head), w.wo)
-        gate, up = F.linear(F.rms_norm(x, shape, w.ff_norm, plan.eps), w.wgu).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, w.wdown)
-    return F.rms_norm(x[:, -1:], shape, plan.norm, plan.eps)
+        if end == 1 and mask is None:
+            out = qkv.select(2, 2)  # a single visible key: attention returns its value
+        else:
+            keys, values = layer_kv.narrow(3, 0, end).unbind(0)
+            q = qkv.select(2, 0).transpose(1, 2)  # (b, h, m, d)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal).transpose(1, 2)
+        x = torch.addmm(x, out.reshape(b * m, h * d), w.wo)
+        gate, up = _normed_mm(x, w.wgu, plan.norm_eps).chunk(2, dim=-1)
+        x = torch.addmm(x, F.silu(gate).mul_(up), w.wdown)
+    return _normed_mm(x.view(b, -1, dim).select(1, -1), plan.w_out, plan.norm_eps)
 
 
 @dataclass
@@ -508,10 +538,15 @@ class TerraByteCache:
 # Sampling helpers
 # --------------------------------------------------------------------------------------------
 
+def top_k_count(vocab: int, filter_thres: float) -> int:
+    """How many logits a top-k filter keeps: the top (1 - filter_thres) fraction, at least one."""
+    # round first: (1 - 0.9) * 20 is 1.9999999999999996 in floating point, and 10% of 20 is 2
+    return max(int(round((1 - filter_thres) * vocab, 6)), 1)
+
+
 def top_k_filter(logits: Tensor, filter_thres: float) -> Tensor:
     """Keep the top (1 - filter_thres) fraction of logits by count (MEGABYTE-pytorch semantics)."""
-    # round first: (1 - 0.9) * 20 is 1.9999999999999996 in floating point, and 10% of 20 is 2
-    k = max(int(round((1 - filter_thres) * logits.shape[-1], 6)), 1)
+    k = top_k_count(logits.shape[-1], filter_thres)
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -718,7 +753,8 @@ class TerraByte(nn.Module):
         stages = []
         for stage in self.stages:
             shape = (stage.depth, 2, batch_size, stage.heads, stage.seq_len, stage.dim_head)
-            stages.append(StageCache(torch.empty(shape, device=device, dtype=dtype), _stage_plan(stage)))
+            w_out = self.to_logits.weight if stage.to_next is None else stage.to_next.weight
+            stages.append(StageCache(torch.empty(shape, device=device, dtype=dtype), _stage_plan(stage, w_out)))
         tokens = torch.full((batch_size, self.context_length), self.pad_id, dtype=torch.long, device=device)
         return TerraByteCache(tokens=tokens, stages=stages)
 
@@ -751,7 +787,7 @@ class TerraByte(nn.Module):
         if m == 0 and cache.logits is not None:
             return cache.logits
         t = cache.length + m
-        cache.tokens[:, cache.length:t] = new_tokens
+        cache.tokens.narrow(1, cache.length, m).copy_(new_tokens)
         cache.length = t
         b = cache.batch_size
         for s, stage in enumerate(self.stages):
@@ -766,19 +802,23 @@ class TerraByte(nn.Module):
                 continue  # nothing new at this stage; its ctx is current
             # units lo-1 .. pos-1 of this parent feed positions lo .. pos
             first_unit = max(lo - 1, 0)
-            units = cache.tokens[:, parent + first_unit * size: parent + pos * size].view(b, -1, size)
-            x = stage.embed(units) if units.shape[1] else None
+            n_units = pos - first_unit
+            x = None
+            if n_units:
+                units = cache.tokens.narrow(1, parent + first_unit * size, n_units * size).view(b, n_units, size)
+                x = _embed_units(stage.embed, units)
             if lo == 0:
                 start = stage.start_token.to(st.kv.dtype).expand(b, 1, -1)
                 x = start if x is None else torch.cat((start, x), dim=1)
             if s > 0:
-                x = x + cache.stages[s - 1].ctx[:, lo:pos + 1]
-            h = _stage_decode(st.plan, x, st.kv, lo)  # (b, 1, dim)
+                ctx = cache.stages[s - 1].ctx.narrow(1, lo, pos + 1 - lo)
+                x = x + ctx
+            out = _stage_decode(st.plan, x, st.kv, lo)  # (b, rows of w_out)
             st.length = pos + 1
             if stage.to_next is not None:
-                st.ctx = stage.project_down(h)  # (b, next_seq_len, next_dim)
+                st.ctx = out.view(b, stage.next_seq_len, -1)  # (b, next_seq_len, next_dim)
             else:
-                cache.logits = F.linear(h[:, 0], self.to_logits.weight)
+                cache.logits = out
         return cache.logits
 
     # ---------------------------------------------------------------- generation
@@ -882,15 +922,26 @@ class TerraByte(nn.Module):
 
     @staticmethod
     def _sample(logits: Tensor, temperature, filter_thres, top_p, generator) -> Tensor:
-        """(b, vocab) float logits -> (b,) ids."""
+        """(b, vocab) float logits -> (b,) ids.
+
+        Samples among the top-k candidates only (sorted by topk), so every op after topk works on
+        k values instead of the vocabulary: the same distribution as masking the rest to -inf.
+        """
         if temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if filter_thres:
-            logits = top_k_filter(logits, filter_thres)
+        vocab = logits.shape[-1]
+        k = top_k_count(vocab, filter_thres) if filter_thres else vocab
+        idx = None
+        if k < vocab or (top_p is not None and top_p < 1.0):
+            logits, idx = logits.topk(k, dim=-1)  # sorted, largest first
+        if temperature != 1.0:
+            logits = logits / temperature
         if top_p is not None and top_p < 1.0:
-            logits = top_p_filter(logits, top_p)
+            probs = logits.softmax(dim=-1)
+            # drop a candidate when the mass before it already reaches top_p (the first stays)
+            logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
         # exponential race: argmax(logits - log E), E ~ Exp(1), draws from softmax(logits)
         # (Gumbel-max) in three small ops instead of softmax + multinomial
         noise = torch.empty_like(logits).exponential_(generator=generator)
-        return (logits - noise.log()).argmax(dim=-1)
+        choice = (logits - noise.log_()).argmax(dim=-1, keepdim=True)
+        return (choice if idx is None else idx.gather(-1, choice)).squeeze(-1)

@@ -399,3 +399,21 @@ def test_swiglu_function_matches_autograd():
     assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up))
     out = SwiGLU.apply(gate, up)
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("temperature,filter_thres,top_p", [(1.0, 0.9, None), (0.7, 0.5, 0.8), (1.3, None, 0.6)])
+def test_sampling_among_top_candidates_matches_masked_softmax(temperature, filter_thres, top_p):
+    """_sample draws among topk's candidates only; its distribution equals softmax over the
+    logits that the reference filters (top_k_filter, then top_p_filter) leave finite."""
+    from terrabyte.pretrain.model import top_k_filter, top_p_filter
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 12, generator=g) * 2
+    ref = logits / temperature
+    if filter_thres:
+        ref = top_k_filter(ref, filter_thres)
+    if top_p:
+        ref = top_p_filter(ref, top_p)
+    draws = TerraByte._sample(logits.expand(40000, 12), temperature, filter_thres, top_p, g)
+    freq = torch.bincount(draws, minlength=12).float() / draws.numel()
+    torch.testing.assert_close(freq, ref[0].softmax(-1), rtol=0, atol=0.01)
