@@ -8,6 +8,7 @@ One process, one corpus (default: the standard library's *.py files):
                with 0 and 1 prefetch threads;
   4. streaming - mosaicml-streaming's MDSWriter/StreamingDataset on the same documents, only when
                the package is installed (never a dependency).
+Measurements 2 and 3 take turns, one run of each per round, best of `--repeats` rounds kept.
 `--save` appends the table, with machine and date, to data_pipeline/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -56,6 +57,18 @@ def _best(f, repeats):
         wall = min(wall, time.perf_counter() - t)
         cpu = min(cpu, time.process_time() - c)
     return wall, cpu, out
+
+
+def _best_interleaved(fs: dict, repeats: int) -> dict:
+    """`_best` of each of fs, taking turns (one run of each per round), so that a noisy spell on a
+    shared machine slows all of them alike instead of the one measured then: their ratios are what
+    the table reports."""
+    out = {k: (float("inf"), float("inf"), None) for k in fs}
+    for _ in range(max(1, repeats)):
+        for k, f in fs.items():
+            wall, cpu, result = _best(f, 1)
+            out[k] = (min(out[k][0], wall), min(out[k][1], cpu), result)
+    return out
 
 
 def bench_plain_zstd(path: str) -> int:
@@ -156,9 +169,10 @@ def run(args) -> int:
 
         build_s, build_c, man = _best(build, args.repeats)
         raw_all = man["totals"]["all"]["raw_bytes"]
-        zstd_s, zstd_c, raw_train = _best(lambda: bench_plain_zstd(shard_dir), args.repeats)
-        loads = {(w, d): _best(lambda: bench_loader(shard_dir, args, w, d), args.repeats)
+        reads = {(w, d): (lambda w=w, d=d: bench_loader(shard_dir, args, w, d))
                  for d in args.dtypes for w in args.num_workers}
+        loads = _best_interleaved({"zstd": lambda: bench_plain_zstd(shard_dir), **reads}, args.repeats)
+        zstd_s, zstd_c, raw_train = loads.pop("zstd")
         mds = bench_streaming(inputs, include, exclude, workdir, args.repeats)
     finally:
         if args.workdir is None:

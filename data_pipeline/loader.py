@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import sysconfig
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 HOLD_BYTES = 256 << 20  # members held across lane boundaries, at most
-BLOCK_BYTES = 16 << 20  # per-rank uint16 lane buffer, filled a block of steps at a time
+BLOCK_BYTES = 4 << 20  # per-rank uint16 lane buffer, a block of steps; small enough to stay in cache
 
 
 _NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
@@ -130,6 +131,7 @@ class ByteLoader:
         # The member where lane j starts is where lane j-1 ends, many steps later: hold it (up to
         # HOLD_BYTES of them) instead of decompressing it twice.
         self._held: dict = {}
+        self._cache_lock = threading.Lock()  # _members and _held: used by the main and prefetch threads
         self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="byteloader") if self.num_workers else None
         self._epoch = self._step = self._micro = 0
         self._generation = 0  # bumped by load_state_dict: stale iterators stop
@@ -230,20 +232,32 @@ class ByteLoader:
             idx = itertools.chain(idx, (j % len(order) for j in itertools.count(last + 1)))
         seed = self.seed
 
-        def load(j):
-            m = int(order[j])
-            key = (epoch, m)
-            segs = self._held.pop(key, None) or self._members.get(key)
-            if segs is None:
-                segs = self._load_member(m, (seed, epoch, m) if self.shuffle else None)
-                if segs is not None:
-                    self._members[key] = segs
-            if hold_first and j == first_j and offset and segs is not None:
+        def hold(j, key, segs):  # (under self._cache_lock)
+            if hold_first and j == first_j and offset:
                 if sum(len(h.raw) * h.raw.itemsize for h in self._held.values()) < HOLD_BYTES:
                     self._held[key] = segs
+
+        def cached(j):  # a member another lane still holds: no thread hand-off needed
+            key = (epoch, int(order[j]))
+            with self._cache_lock:
+                segs = self._held.pop(key, None) or self._members.get(key)
+                if segs is not None:
+                    hold(j, key, segs)
             return segs
 
-        members = (a for a in stages.prefetch_map(load, idx, self._executor, self.prefetch) if a is not None)
+        def load(j):
+            segs = cached(j)
+            if segs is None:
+                m = int(order[j])
+                segs = self._load_member(m, (seed, epoch, m) if self.shuffle else None)
+                if segs is not None:
+                    with self._cache_lock:
+                        self._members[(epoch, m)] = segs
+                        hold(j, (epoch, m), segs)
+            return segs
+
+        members = (a for a in stages.prefetch_map(load, idx, self._executor, self.prefetch, ready=cached)
+                   if a is not None)
         return stages.TokenReader(members, self.eos_id, skip=offset, limit=stop - start)
 
     def _epoch_stream(self, epoch: int):
@@ -264,16 +278,20 @@ class ByteLoader:
         B, W, m, L, A = self.global_batch, self.dp_world, self.micro_batch, self.seq_len, self.grad_accum
         per_rank = B // W
         # Each lane is read BLOCK steps at a time into a reused uint16 buffer (one fill call per lane
-        # per block, not per row); a micro-batch is then one gather + cast into a fresh, small int64
-        # array, so a yielded batch is never overwritten.
+        # per block, not per row); a micro-batch is then one gather + cast into a fresh, small array,
+        # so a yielded batch is never overwritten. The small arrays reuse freed, cache-hot memory and
+        # a small lane buffer (BLOCK_BYTES) is still in cache when it is cast: filling fresh
+        # batch-dtype blocks instead measured slower (BENCHMARKS.md, third 2026-11-27 section).
         block_steps = max(1, min(64, BLOCK_BYTES // (per_rank * L * 2)))
-        lanebuf = np.empty((per_rank, block_steps, L), dtype=np.uint16)
+        lanebuf = stages.fresh_buffer(per_rank * block_steps * L * 2).view(np.uint16)
+        lanebuf = lanebuf.reshape(per_rank, block_steps, L)
         while generation == self._generation:
             epoch, step0, micro0 = self._epoch, self._step, self._micro
             order, cum = self._epoch_stream(epoch)
             lane_list, steps = stages.lanes(self.total_tokens, B, L)
             mine = lane_list[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-            self._held.clear()
+            with self._cache_lock:
+                self._held.clear()
             readers, firsts = [], []
             for j, lane in enumerate(mine):
                 first = step0 + (1 if j // m < micro0 else 0)  # lanes of micro-batches already yielded
@@ -282,14 +300,7 @@ class ByteLoader:
                                                   hold_first=(j > 0 and first == 0)))
             for b0 in range(step0, steps, block_steps):
                 nb = min(block_steps, steps - b0)
-                for j, reader in enumerate(readers):
-                    s0 = max(b0, firsts[j]) - b0  # first step of this block the lane still owes
-                    if s0 >= nb:
-                        continue
-                    want = (nb - s0) * L
-                    if reader.fill(lanebuf[j].reshape(-1)[s0 * L:nb * L]) != want:
-                        raise DataError(f"lane {self.dp_rank * per_rank + j} of epoch {epoch} ran short before "
-                                        f"step {b0 + nb}: shards changed since the manifest was written?")
+                self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
                 for s in range(nb):
                     g = b0 + s
                     for k in range(micro0 if g == step0 else 0, A):
@@ -298,6 +309,17 @@ class ByteLoader:
                         batch = torch.from_numpy(lanebuf[k * m:(k + 1) * m, s].astype(self._np_dtype))
                         self._advance(A, steps)  # before yield: state = batches handed out
                         yield batch
+
+    def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int):
+        """Steps [b0, b0+nb) of every lane into lanebuf[lane, :nb]; steps before firsts[j] (micro-batches
+        yielded before a resume) are left unwritten."""
+        L = self.seq_len
+        lanes = lanebuf.reshape(len(readers), -1)  # each lane's steps back to back
+        for j, reader in enumerate(readers):
+            s0 = max(b0, firsts[j]) - b0  # first step of this block the lane still owes
+            if s0 < nb and reader.fill(lanes[j, s0 * L:nb * L]) != (nb - s0) * L:
+                raise DataError(f"lane {self.dp_rank * len(readers) + j} of epoch {epoch} ran short before "
+                                f"step {b0 + nb}: shards changed since the manifest was written?")
 
     def _iter_eval(self, generation: int):
         m, L = self.micro_batch, self.seq_len

@@ -185,3 +185,54 @@ def test_split_of_is_stable():
         h = int.from_bytes(hashlib.sha256(f"file{i}.py".encode()).digest()[:8], "big")
         assert split_of(f"file{i}.py", 0.1) == ("val" if h < 0.1 * 2**64 else "train")
     assert split_of("anything", 0.0) == "train"
+
+
+def test_fresh_buffer_is_whole_writable_and_huge_page_aligned():
+    import mmap
+
+    small, big = stages.fresh_buffer(1000), stages.fresh_buffer((3 << 20) + 5)
+    assert small.dtype == big.dtype == np.uint8 and len(small) == 1000 and len(big) == (3 << 20) + 5
+    big[:] = 7
+    big[-1] = 9
+    assert int(big.sum()) == 7 * (len(big) - 1) + 9
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert big.ctypes.data % (1 << 21) == 0  # huge pages back only 2 MiB-aligned ranges
+
+
+def test_buffer_pool_rounds_to_mib_and_reuses_the_best_fit():
+    pool = stages.BufferPool()
+    a, b = pool.take((2 << 20) + 1), pool.take(100)
+    assert len(a) == 3 << 20 and len(b) == 1 << 20
+    pool.give(a)
+    pool.give(b)
+    assert pool.take(5000) is b  # the smallest that fits, not the first
+    assert pool.take(2 << 20) is a
+    assert len(pool.take(2 << 20)) == 2 << 20  # pool empty: a new one
+
+
+def test_decompress_into_a_pooled_multi_mib_buffer():
+    raw = (b"terrabyte pools buffers " * 200_000)[:(5 << 19) + 3]  # 2.5 MiB: the huge-page path
+    zst = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+    pool = stages.BufferPool()
+    s = stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=len(raw)), pool=pool)
+    assert s.data.tobytes() == raw and len(s.buffer) == 3 << 20
+    buf = s.buffer
+    owner = stages.Segments.build(s.data, [0], [len(raw)], [True])
+    pool.own(owner, buf)
+    del owner, s
+    assert pool.take(len(raw)) is buf  # came back when its owner was collected
+
+
+def test_prefetch_map_skips_the_executor_for_ready_items():
+    calls = []
+
+    def f(i):
+        calls.append(i)
+        return i * 10
+
+    def ready(i):  # every third item is a cache hit (0 included: a value, not a miss)
+        return i * 10 if i % 3 == 0 else None
+
+    with ThreadPoolExecutor(2) as ex:
+        assert list(stages.prefetch_map(f, range(12), ex, depth=3, ready=ready)) == [i * 10 for i in range(12)]
+    assert sorted(calls) == [i for i in range(12) if i % 3]
