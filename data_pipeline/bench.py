@@ -17,11 +17,12 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
+
+from terrabyte.launch.machine import describe as describe_machine
 
 logger = logging.getLogger(__name__)
 
@@ -136,19 +137,6 @@ def bench_streaming(inputs, include, exclude, workdir: str, repeats: int):
     return write_s, read_s, total
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}"
-
-
 def run(args) -> int:
     import zstandard
 
@@ -198,7 +186,7 @@ def run(args) -> int:
     else:
         rows.append(("mosaicml-streaming", float("nan"), float("nan"), "not installed: skipped"))
     ratio = raw_all / man["totals"]["all"]["compressed_bytes"]
-    header = (f"### {datetime.date.today().isoformat()} — {machine()}\n\n"
+    header = (f"### {datetime.date.today().isoformat()} — {describe_machine()}\n\n"
               f"Corpus: {', '.join(inputs)} ({man['totals']['all']['documents']} documents, "
               f"{raw_all / 1e6:.1f} MB, zstd ratio {ratio:.2f}); python-zstandard {zstandard.__version__}\n\n")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from terrabyte.launch.machine import describe as describe_machine
+
 from .patterns import SparsePattern
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
     pattern.check_heads(heads, "bench attention")
-    report = Report(device=_device_name(device), dtype=dtype_name, batch=args.batch, heads=heads, head_dim=head_dim,
+    machine = describe_machine(str(device)) + ("" if on_gpu else " (reference path)")
+    report = Report(device=machine, dtype=dtype_name, batch=args.batch, heads=heads, head_dim=head_dim,
                     causal=not args.non_causal, pattern=pattern.to_config())
     bench = Bench(pattern, report, device, DTYPES[dtype_name], args)
     for n in lengths:
@@ -307,12 +310,6 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, reference path)"
 
 
 def main(argv: list[str] | None = None) -> int:

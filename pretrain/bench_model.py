@@ -29,13 +29,14 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import platform
 import queue as queue_mod
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+from terrabyte.launch.machine import describe as describe_machine
 
 from .model import TerraByte
 
@@ -53,7 +54,7 @@ class Shapes:
     gen_repeats: int
 
 
-FULL = Shapes(train=((4096, 4), (16384, 1)), generate=((64, 256), (4032, 64)), train_repeats=3, gen_repeats=3)
+FULL = Shapes(train=((4096, 4), (16384, 1)), generate=((64, 256), (4032, 64)), train_repeats=3, gen_repeats=5)
 QUICK = Shapes(train=((512, 2),), generate=((16, 16), (256, 8)), train_repeats=1, gen_repeats=1)
 
 
@@ -279,21 +280,6 @@ def _fmt_mib(v: int) -> str:
     return f"{v / 2**20:,.0f} MiB"
 
 
-def _machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def run(args) -> int:
     device = args.device
     if device == "auto":
@@ -352,7 +338,7 @@ def run(args) -> int:
     if baseline is not None:
         header.append("terrabyte / megabyte")
     lines = [
-        f"Machine: {_machine(device)}; date: {datetime.date.today().isoformat()}; "
+        f"Machine: {describe_machine(device)}; date: {datetime.date.today().isoformat()}; "
         f"config: {BENCH_CONFIG}, terrabyte ff_mult={ff_mult:.3f}, flash_attn={flash}"
         + (" (quick shapes)" if args.quick else ""),
         "",

@@ -388,8 +388,7 @@ class Stage(nn.Module):
 #   norm costs two tiny ops (the row norm, then hypot with sqrt(dim * eps)) and a division of the
 #   matrix product: x / rms(x) = sqrt(dim) * x / sqrt(|x|^2 + dim * eps). F.rms_norm costs ~5x more
 #   on CPU for one row;
-# - q, k and v are rotated by one complex multiply (v's row of the table is the identity) and k, v
-#   go to the cache in one copy;
+# - q and k are rotated in place by one complex multiply, so k and v go to the cache in one copy;
 # - residual additions are fused into the output GEMMs (addmm).
 # The uncached ``forward`` is the reference it is tested against.
 
@@ -410,7 +409,7 @@ class _StagePlan:
     heads: int
     dim_head: int
     norm_eps: Tensor  # 0-dim: sqrt(dim * eps), the hypot partner of a row norm
-    freqs: Optional[Tensor]  # (seq_len, 3, 1, dim_head / 2) complex; the v row (2) is all ones
+    freqs: Optional[Tensor]  # (seq_len, 2, 1, dim_head / 2) complex: rows for q and k
     allowed: Optional[Callable]  # sparse pattern's mask function, None for dense
     w_out: Tensor  # (dim, out): final norm folded into to_next (upper stages) or to_logits (last)
 
@@ -433,7 +432,7 @@ def _stage_plan(stage: "Stage", w_out: Tensor) -> _StagePlan:
     freqs = None
     if stage.rotary is not None:
         f = stage.rotary.freqs
-        freqs = torch.stack((f, f, torch.ones_like(f)), dim=1)[:, :, None]
+        freqs = torch.stack((f, f), dim=1)[:, :, None]
     attend = stage.layers["0"].attn.attend
     allowed = getattr(attend, "allowed", None)
     if isinstance(attend, SparseAttention):
@@ -480,8 +479,9 @@ def _stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor
     for i, w in enumerate(plan.layers):
         qkv = _normed_mm(x, w.wqkv, plan.norm_eps).view(b, m, 3, h, d)
         if freqs is not None:
-            pairs = torch.view_as_complex(qkv.float().view(b, m, 3, h, d // 2, 2))
-            qkv = torch.view_as_real(pairs * freqs).view(b, m, 3, h, d).type_as(x)
+            qkv_f = qkv.float()  # qkv itself in fp32: a fresh product, free to overwrite
+            torch.view_as_complex(qkv_f.view(b, m, 3, h, d // 2, 2)).narrow(2, 0, 2).mul_(freqs)
+            qkv = qkv_f.type_as(x)
         layer_kv = kv[i]  # (2, b, h, seq_len, d)
         layer_kv.narrow(3, start, m).copy_(qkv.narrow(2, 1, 2).permute(2, 0, 3, 1, 4))
         if i == last and m > 1:
@@ -516,7 +516,7 @@ class TerraByteCache:
     """State of an incremental decode: the bytes so far and one KV cache per stage.
 
     Holds fused copies of the weights taken at ``init_cache`` time: build a new cache after the
-    weights change.
+    weights change (``init_cache`` notices the change and copies them again).
     """
     tokens: Tensor                 # (b, context_length) ids; [:, :length] are valid
     stages: list = field(default_factory=list)
@@ -637,6 +637,7 @@ class TerraByte(nn.Module):
         if tie_embeddings:
             self.to_logits.weight = self.stages[-1].embed.token_emb.weight
         self.checkpoint_activations = checkpoint_activations
+        self._plans = None  # (parameter key, decode plans), see _decode_plans
         self.init_weights()
 
     @classmethod
@@ -743,18 +744,34 @@ class TerraByte(nn.Module):
 
     # ---------------------------------------------------------------- cached forward
 
+    def train(self, mode: bool = True) -> "TerraByte":
+        self._plans = None  # training changes the weights the fused decode copies were made from
+        return super().train(mode)
+
+    def _decode_plans(self) -> list:
+        """Fused decode weights, one plan per stage. In eval mode they are kept for the next cache
+        while no parameter changed (same storage, same version counter: in-place updates such as
+        optimizer steps or load_state_dict bump it), so repeated generate calls skip the copies."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._plans is not None and self._plans[0] == key:
+            return self._plans[1]
+        plans = [_stage_plan(stage, self.to_logits.weight if stage.to_next is None else stage.to_next.weight)
+                 for stage in self.stages]
+        self._plans = None if self.training else (key, plans)
+        return plans
+
     @torch.no_grad()
     def init_cache(self, batch_size: int, device=None) -> TerraByteCache:
         """Empty decode state for ``batch_size`` sequences: preallocated KV caches in the weights'
-        dtype, plus fused weight copies for the decode path (about the size of the blocks)."""
+        dtype, plus fused weight copies for the decode path (about the size of the blocks; in eval
+        mode shared with later caches until a parameter changes)."""
         ref = self.to_logits.weight
         device = ref.device if device is None else device
         dtype = ref.dtype
         stages = []
-        for stage in self.stages:
+        for stage, plan in zip(self.stages, self._decode_plans()):
             shape = (stage.depth, 2, batch_size, stage.heads, stage.seq_len, stage.dim_head)
-            w_out = self.to_logits.weight if stage.to_next is None else stage.to_next.weight
-            stages.append(StageCache(torch.empty(shape, device=device, dtype=dtype), _stage_plan(stage, w_out)))
+            stages.append(StageCache(torch.empty(shape, device=device, dtype=dtype), plan))
         tokens = torch.full((batch_size, self.context_length), self.pad_id, dtype=torch.long, device=device)
         return TerraByteCache(tokens=tokens, stages=stages)
 

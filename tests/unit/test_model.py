@@ -223,6 +223,36 @@ def test_cached_multi_byte_chunks_equal_uncached():
         torch.testing.assert_close(logits, full[:, pos], rtol=0, atol=1e-5)
 
 
+def test_decode_weights_follow_parameter_updates():
+    """Eval-mode caches share fused decode weights until a parameter changes: an optimizer step,
+    load_state_dict or a train() call all make the next cache see the new weights."""
+    model = tiny((4, 4))
+    x = random_bytes(2, 9)
+
+    def check():
+        # logits for byte 9 after 9 bytes; the full forward needs a 10th byte to return them
+        full = model(torch.cat((x, x[:, :1]), dim=1))[:, 9]
+        torch.testing.assert_close(model.forward_cached(x, model.init_cache(2)), full, rtol=0, atol=1e-5)
+
+    check()
+    assert model.init_cache(1).stages[0].plan is model.init_cache(1).stages[0].plan  # reused
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x, return_loss=True).backward()
+    opt.step()
+    model.eval()
+    check()
+    with torch.no_grad():  # in place, in eval mode: only the version counter tells
+        model.stages[1].layers["0"].ff.down_proj.weight.mul_(3.0)
+    check()
+    other = tiny((4, 4))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    model.load_state_dict(other.state_dict())
+    check()
+
+
 # ---------------------------------------------------------------- generation
 
 def test_generate_lengths_and_greedy_determinism():
