@@ -270,6 +270,37 @@ def time_generate(models: dict, device: str, prompt_len: int, new_bytes: int, re
     return out
 
 
+def decode_gemv_floor(model: TerraByte, device: str, repeats: int, patches: int = 64) -> float:
+    """Bytes/s of TerraByte's decode matrix-vector products alone, batch 1: per top-level patch,
+    each stage's fused decode matrices (and patch-embedding projection) once per unit of that
+    stage, with no other op in between. Batch-1 decoding streams every weight once per token, so
+    generation cannot beat this rate on the machine: it bounds the generation rows."""
+    model.eval()
+    per_patch = []  # (matrix, times per top-level patch)
+    for stage, plan in zip(model.stages, model._decode_plans()):
+        mats = [w for layer in plan.layers for w in (layer.wqkv, layer.wo, layer.wgu, layer.wdown)]
+        mats.append(plan.w_out)
+        if stage.embed.proj is not None:
+            mats.append(stage.embed.proj.weight.detach().t())
+        per_patch += [(w, model.unit_sizes[0] // stage.unit_size) for w in mats]
+    rows = {w.shape[0]: torch.randn(1, w.shape[0], device=device, dtype=w.dtype) for w, _ in per_patch}
+
+    def run():
+        for _ in range(patches):
+            for w, times in per_patch:
+                for _ in range(times):
+                    torch.mm(rows[w.shape[0]], w)
+        _sync(device)
+
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return patches * model.unit_sizes[0] / best
+
+
 # ---------------------------------------------------------------- report
 
 def _fmt_rate(v: float) -> str:
@@ -324,6 +355,7 @@ def run(args) -> int:
         mem = {name: peak_train_memory(name, ff_mult, flash, device, seq_len, batch, args.threads) for name in models}
         what = "peak CUDA memory growth" if device.startswith("cuda") else "peak RSS growth"
         add(f"{what}, {seq_len} B x batch {batch}", mem, _fmt_mib, higher_is_better=False)
+    first_decode = None  # (shape tag, MEGABYTE-pytorch decode bytes/s) of the first generation row
     for prompt_len, new_bytes in shapes.generate:
         logger.info("generating %d bytes after %d", new_bytes, prompt_len)
         res = time_generate(models, device, prompt_len, new_bytes, shapes.gen_repeats)
@@ -332,6 +364,13 @@ def run(args) -> int:
         add(f"generate {tag}: end-to-end bytes/s", {k: v[2] for k, v in res.items()}, _fmt_rate)
         add(f"generate {tag}: time to first byte (s)", {k: v[0] for k, v in res.items()},
             lambda v: f"{v:.3f}", higher_is_better=False)
+        if first_decode is None:
+            first_decode = (tag, res.get("megabyte", (0, 0))[1])
+    if shapes.generate:
+        floor = decode_gemv_floor(models["terrabyte"], device, shapes.gen_repeats)
+        tag, baseline_rate = first_decode
+        rows.append(("decode bound: the decode GEMVs alone, no other op (bytes/s)", {"terrabyte": _fmt_rate(floor)},
+                     f"{floor / baseline_rate:.2f}x at most ({tag})" if baseline_rate else ""))
 
     names = list(models)
     header = ["metric", *(f"{n} ({counts[n]:,} params)" for n in names)]

@@ -397,7 +397,8 @@ def test_bench_quick_writes_table(tmp_path, capsys):
     table = out.read_text()
     assert table == capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| ") and "metric" not in line]
-    assert len(rows) == 2 * len(bench_model.QUICK.train) + 3 * len(bench_model.QUICK.generate)
+    # 2 rows per training shape, 3 per generation shape, and the decode bound
+    assert len(rows) == 2 * len(bench_model.QUICK.train) + 3 * len(bench_model.QUICK.generate) + 1
     for row in rows:
         value = row.split("|")[2].strip().split()[0].replace(",", "")
         assert float(value) > 0, row
