@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run of about 5 minutes: for a session with a GPU machine.
+#
+#   here:  bash launch/gpu/prepare_wheels.sh
+#   there: bash launch/gpu/check.sh             (device tool: carry [".whl"], timeout_s 480)
+#
+# 1. kernels: correctness of the Triton sparse attention (bf16/fp16/fp32, fwd+bwd) against the
+#    reference, then its benchmark against FlexAttention/SDPA (kernels/gpu_check.py, 150 s budget);
+# 2. model: `terrabyte bench model` on the GPU, MEGABYTE-pytorch side by side;
+# 3. engine: the `small` config (128M) for 40 steps on one GPU in bf16 under ZeRO-3: bytes/s,
+#    model TFLOP/s and MFU read back from its TensorBoard events.
+# Results land in $OUT (kernels: gpu_check.md/json; bench_model.md; train_small.md; ds_report.txt)
+# for kernels/BENCHMARKS.md, pretrain/BENCHMARKS.md and the issues. A failing step does not stop
+# the later ones; the exit code is the number of failed steps.
+set -uo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$repo"
+out="${OUT:-$repo/gpu_check_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+failed=0
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+
+# the carried wheels, then this checkout (its folders become `terrabyte.*` only when installed)
+site=/tmp/terrabyte_site
+pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$@"; }
+if [ -d .whl ]; then pip_install .whl/*.whl || exit 99; fi
+pip_install --no-build-isolation . || exit 99
+export PYTHONPATH="$site" PATH="$site/bin:$PATH"
+
+step "environment"
+nvidia-smi -L
+python3 -c "import torch, triton, deepspeed; print('torch', torch.__version__, 'triton', triton.__version__, 'deepspeed', deepspeed.__version__)" || failed=$((failed + 1))
+ds_report > "$out/ds_report.txt" 2>&1 || true
+
+step "kernels: correctness, then benchmark"
+timeout 210 python3 -m terrabyte.kernels.gpu_check --budget 150 --out "$out" || failed=$((failed + 1))
+
+step "model: terrabyte bench model on the GPU"
+timeout 150 python3 -m terrabyte.pretrain.bench_model --device cuda --out "$out/bench_model.md" || failed=$((failed + 1))
+
+step "engine: small config, 40 steps, bf16, ZeRO-3, one GPU"
+run_dir=/tmp/terrabyte_small
+rm -rf "$run_dir"
+timeout 240 python3 -m terrabyte.launch.cli pretrain --config small --run.dir "$run_dir" \
+  --train.steps 40 --train.global_batch 64 --train.micro_batch 8 --train.log_interval 10 \
+  --train.eval_interval 40 --optim.warmup_steps 10 --checkpoint.interval 1000 \
+  > "$out/train_small.log" 2>&1 || failed=$((failed + 1))
+tail -5 "$out/train_small.log"
+python3 - "$run_dir" "$out/train_small.md" <<'PY' || failed=$((failed + 1))
+import glob, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+run_dir, dest = sys.argv[1:]
+ea = EventAccumulator(f"{run_dir}/tensorboard", size_guidance={"scalars": 0})
+ea.Reload()
+tags = ["train/loss", "train/bytes_per_second", "perf/model_tflops_per_rank", "perf/mfu", "perf/peak_memory_gib",
+        "perf/loader_wait_fraction"]
+have = [t for t in tags if t in ea.Tags()["scalars"]]
+steps = sorted({e.step for t in have for e in ea.Scalars(t)})
+lines = ["| step | " + " | ".join(have) + " |", "|---" * (len(have) + 1) + "|"]
+for s in steps:
+    row = {t: e.value for t in have for e in ea.Scalars(t) if e.step == s}
+    lines.append(f"| {s} | " + " | ".join(f"{row[t]:.4g}" if t in row else "" for t in have) + " |")
+table = "\n".join(lines) + "\n"
+open(dest, "w").write(table)
+print(table)
+PY
+
+step "done: $failed failed step(s); results in $out"
+ls -la "$out"
+exit "$failed"
