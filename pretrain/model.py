@@ -189,7 +189,7 @@ def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
 
 class Rotary(nn.Module):
     """Rotation table for positions [0, max_len); non-persistent so meta-built models recompute it.
-    Complex, so ``model.to(bfloat16)`` leaves it in full precision."""
+    Always complex64, whatever dtype the model is cast to (see ``_apply``)."""
 
     def __init__(self, dim_head: int, max_len: int):
         super().__init__()
@@ -206,6 +206,18 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, self.dim_head, 2, device=device).float() / self.dim_head)
         angles = torch.outer(torch.arange(self.max_len, device=device).float(), inv_freq)  # (n, d/2)
         self.freqs.copy_(torch.polar(torch.ones_like(angles), angles))
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast the table to a real dtype too, keeping only the cosines: let
+        # it follow the conversion's device only
+        freqs = self._buffers.pop("freqs")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, device=freqs.device)).device
+            moved = torch.empty_like(freqs, device=device) if freqs.is_meta else freqs.to(device)
+            self.register_buffer("freqs", moved, persistent=False)
+        return self
 
 
 class Attention(nn.Module):

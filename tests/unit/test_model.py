@@ -421,6 +421,24 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert not torch.allclose(score(5, 2), score(5, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_cast_model_keeps_its_rotary_table(dtype):
+    """model.to(dtype) casts complex buffers to real ones; the rotary table must survive it, so a
+    cast model still computes the fp32 model's logits (to its precision), cached and uncached."""
+    model = tiny((4, 4))
+    x = random_bytes(2, 13)
+    ref = model(x)
+    cast = tiny((4, 4)).to(dtype)
+    for stage, fp32_stage in zip(cast.stages, model.stages):
+        assert stage.rotary.freqs.dtype == torch.complex64
+        torch.testing.assert_close(stage.rotary.freqs, fp32_stage.rotary.freqs, rtol=0, atol=0)
+    tol = 1e-6 if dtype == torch.float64 else 0.05
+    if dtype != torch.float16:  # CPU half matmuls are not all implemented
+        torch.testing.assert_close(cast(x).float(), ref, rtol=0, atol=tol)
+        cached = cast.forward_cached(x[:, :12], cast.init_cache(2)).float()
+        torch.testing.assert_close(cached, ref[:, 12], rtol=0, atol=tol)
+
+
 def test_swiglu_function_matches_autograd():
     from terrabyte.pretrain.model import SwiGLU
 
