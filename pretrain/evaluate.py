@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .model import TerraByte
 

@@ -55,7 +55,20 @@ def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads(metadata["model_config"]), state
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu") -> TerraByte:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU, fp32 elsewhere; else one of DTYPES."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} must be auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> TerraByte:
     config, state = load_state(source)
     model = TerraByte(**config)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -64,7 +77,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> TerraB
             f"{source} does not match the model it describes: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], config: dict, path: str | Path) -> None:
@@ -94,12 +107,14 @@ def add_generate_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", help="weights for decoding: auto (bf16 on GPU, fp32 on CPU), "
+                        "fp32, bf16 or fp16")
 
 
 def run_generate(args) -> int:
     if args.max_bytes <= 0:
         raise ValueError(f"--max-bytes must be positive, got {args.max_bytes}")
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, resolve_dtype(args.dtype, args.device))
     prompt = args.prompt.encode()
     prime = torch.tensor([list(prompt)], device=args.device) if prompt else None
     out = sys.stdout.buffer

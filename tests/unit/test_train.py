@@ -29,11 +29,11 @@ def run_cli(args, check=True, timeout=300):
     return proc
 
 
-def generate_greedy(source: Path, prompt: str, max_bytes: int = 24) -> bytes:
+def generate_greedy(source: Path, prompt: str, max_bytes: int = 24, *extra: str) -> bytes:
     """What `terrabyte generate` prints for ``source`` at temperature 0."""
     proc = subprocess.run(
         [sys.executable, "-m", "terrabyte.launch.cli", "generate", "--checkpoint", str(source),
-         "--prompt", prompt, "--max-bytes", str(max_bytes), "--temperature", "0"],
+         "--prompt", prompt, "--max-bytes", str(max_bytes), "--temperature", "0", *extra],
         capture_output=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
@@ -99,6 +99,14 @@ def test_zero3_run_trains_checkpoints_and_resumes_exactly(tmp_path, shards):
     outs = [generate_greedy(source, "def ") for source in (straight / "model.safetensors", straight / "checkpoints")]
     assert outs[0] == outs[1]
     assert outs[0].startswith(b"def ") and len(outs[0]) > len(b"def \n")
+    # --dtype bf16 decodes a bf16 copy of the weights: the same bytes as doing so in process
+    from terrabyte.pretrain.inference import load_model
+
+    bf16 = load_model(straight / "model.safetensors", dtype=torch.bfloat16)
+    prime = torch.tensor([list(b"def ")])
+    ids = bf16.generate(prime, max_new_bytes=24, temperature=0.0)[0, 4:].tolist()
+    expected = b"def " + bytes(i for i in ids if i < 256) + b"\n"
+    assert generate_greedy(straight / "model.safetensors", "def ", 24, "--dtype", "bf16") == expected
 
 
 def test_export_matches_checkpoint(tmp_path, shards):
