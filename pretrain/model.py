@@ -394,12 +394,12 @@ class Stage(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Decoding moves a few tokens at a time through small matrices, so on CPU the time goes to per-op
 # overhead and to streaming the weights, and on GPU to launch overhead. The decode path therefore
-# calls functional ops on 2-D rows and on weight copies prepared once per cache:
+# calls functional ops on 2-D rows and on weight copies prepared once (TerraByte._decode_plans):
 # - q|k|v and gate|up are one matrix each;
 # - each RMSNorm's gain, times sqrt(dim), is folded into the matrix that reads its output, so a
 #   norm costs two tiny ops (the row norm, then hypot with sqrt(dim * eps)) and a division of the
-#   matrix product: x / rms(x) = sqrt(dim) * x / sqrt(|x|^2 + dim * eps). F.rms_norm costs ~5x more
-#   on CPU for one row;
+#   matrix product: x / rms(x) = sqrt(dim) * x / sqrt(|x|^2 + dim * eps). F.rms_norm with its
+#   gain costs about twice as much on CPU for one row (~10 us against ~5);
 # - q and k are rotated in place by one complex multiply, so k and v go to the cache in one copy;
 # - residual additions are fused into the output GEMMs (addmm).
 # The uncached ``forward`` is the reference it is tested against.
