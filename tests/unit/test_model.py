@@ -433,10 +433,9 @@ def test_cast_model_keeps_its_rotary_table(dtype):
         assert stage.rotary.freqs.dtype == torch.complex64
         torch.testing.assert_close(stage.rotary.freqs, fp32_stage.rotary.freqs, rtol=0, atol=0)
     tol = 1e-6 if dtype == torch.float64 else 0.05
-    if dtype != torch.float16:  # CPU half matmuls are not all implemented
-        torch.testing.assert_close(cast(x).float(), ref, rtol=0, atol=tol)
-        cached = cast.forward_cached(x[:, :12], cast.init_cache(2)).float()
-        torch.testing.assert_close(cached, ref[:, 12], rtol=0, atol=tol)
+    torch.testing.assert_close(cast(x).float(), ref, rtol=0, atol=tol)
+    cached = cast.forward_cached(x[:, :12], cast.init_cache(2)).float()
+    torch.testing.assert_close(cached, ref[:, 12], rtol=0, atol=tol)
 
 
 def test_swiglu_function_matches_autograd():
