@@ -423,6 +423,7 @@ class _StagePlan:
     norm_eps: Tensor  # 0-dim: sqrt(dim * eps), the hypot partner of a row norm
     freqs: Optional[Tensor]  # (seq_len, 2, 1, dim_head / 2) complex: rows for q and k
     allowed: Optional[Callable]  # sparse pattern's mask function, None for dense
+    sparse: Optional[Callable]  # the stage's sparse attention (q, k, v), for a fresh sequence
     w_out: Tensor  # (dim, out): final norm folded into to_next (upper stages) or to_logits (last)
 
 
@@ -447,12 +448,23 @@ def _stage_plan(stage: "Stage", w_out: Tensor) -> _StagePlan:
         freqs = torch.stack((f, f), dim=1)[:, :, None]
     attend = stage.layers["0"].attn.attend
     allowed = getattr(attend, "allowed", None)
+    sparse = None
     if isinstance(attend, SparseAttention):
         allowed = functools.partial(attend.allowed, heads=stage.heads)
+        sparse = attend
     eps = stage.norm.eps or NORM_EPS
     norm_eps = torch.tensor(math.sqrt(stage.dim * eps), dtype=w_out.dtype, device=w_out.device)
-    return _StagePlan(layers, stage.dim, stage.heads, stage.dim_head, norm_eps, freqs, allowed,
+    return _StagePlan(layers, stage.dim, stage.heads, stage.dim_head, norm_eps, freqs, allowed, sparse,
                       _fold_norm(w_out, stage.norm))
+
+
+def _decode_mask(plan: _StagePlan, start: int, end: int, device) -> Tensor:
+    """Which keys [0, end) queries [start, end) see: causal, and the pattern's own mask if any.
+    (end - start) x end booleans: meant for a few query rows."""
+    q_idx = torch.arange(start, end, device=device)[:, None]
+    k_idx = torch.arange(end, device=device)[None, :]
+    mask = k_idx <= q_idx
+    return mask if plan.allowed is None else mask & plan.allowed(q_idx, k_idx)
 
 
 def _normed_mm(x: Tensor, w: Tensor, norm_eps: Tensor) -> Tensor:
@@ -475,15 +487,14 @@ def _stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor
     b, m, dim = x.shape
     h, d = plan.heads, plan.dim_head
     end = start + m
+    # a fresh sparse sequence (a prompt) runs the stage's own sparse kernel, linear in its length: a
+    # mask over all its query rows would be quadratic (131072 patches: 17 G booleans)
+    sparse_prefill = plan.sparse is not None and start == 0 and m > 1
     mask = None
-    if (m > 1 and start > 0) or plan.allowed is not None:
-        q_idx = torch.arange(start, end, device=x.device)[:, None]
-        k_idx = torch.arange(end, device=x.device)[None, :]
-        mask = k_idx <= q_idx
-        if plan.allowed is not None:
-            mask = mask & plan.allowed(q_idx, k_idx)
+    if not sparse_prefill and ((m > 1 and start > 0) or plan.allowed is not None):
+        mask = _decode_mask(plan, start, end, x.device)
     # a fresh dense sequence is plain causal; one new dense query may see every cached key
-    causal = mask is None and m > 1
+    causal = mask is None and m > 1 and not sparse_prefill
     x = x.reshape(b * m, dim)
     last = len(plan.layers) - 1
     # narrow/select rather than [] indexing: per-call Python overhead matters here
@@ -499,7 +510,9 @@ def _stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor
         if i == last and m > 1:
             # only the last position's output is needed from the last layer
             qkv, x, m = qkv.narrow(1, m - 1, 1), x.view(b, m, dim).select(1, m - 1), 1
-            if mask is not None:
+            if sparse_prefill:
+                mask, sparse_prefill = _decode_mask(plan, end - 1, end, x.device), False
+            elif mask is not None:
                 mask = mask[..., -1:, :]
             causal = False
         if end == 1 and mask is None:
@@ -507,7 +520,11 @@ def _stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor
         else:
             keys, values = layer_kv.narrow(3, 0, end).unbind(0)
             q = qkv.select(2, 0).transpose(1, 2)  # (b, h, m, d)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal).transpose(1, 2)
+            if sparse_prefill:
+                out = plan.sparse(q, keys, values)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+            out = out.transpose(1, 2)
         x = torch.addmm(x, out.reshape(b * m, h * d), w.wo)
         gate, up = _normed_mm(x, w.wgu, plan.norm_eps).chunk(2, dim=-1)
         x = torch.addmm(x, F.silu(gate).mul_(up), w.wdown)

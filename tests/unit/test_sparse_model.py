@@ -81,6 +81,28 @@ def test_per_head_pattern_cached_decoding_equals_forward():
                                    msg=f"position {j}")
 
 
+def test_sparse_prompt_runs_the_sparse_kernel_not_a_dense_mask():
+    """A prompt of many patches goes through the stage's sparse attention; decode-time masks are
+    built for one query row at a time (a mask over every prompt row is quadratic in its length)."""
+    model = build(sparse({"local": 2, "dilated": [[8, 2]], "global_tokens": 1, "block": 16})).eval()
+    x = random_bytes(2, 64, seed=5)
+    full = model(x)
+    plan = model._decode_plans()[0]  # the global stage's, shared with the caches below
+    rows, allowed = [], plan.allowed
+
+    def recording(q_idx, k_idx):
+        rows.append(q_idx.numel())
+        return allowed(q_idx, k_idx)
+
+    plan.allowed = recording
+    cache = model.init_cache(2)
+    assert cache.stages[0].plan is plan
+    torch.testing.assert_close(model.forward_cached(x[:, :50], cache), full[:, 50], rtol=0, atol=1e-5)
+    for j in range(51, 64):
+        torch.testing.assert_close(model.forward_cached(x[:, j - 1:j], cache), full[:, j], rtol=0, atol=1e-5)
+    assert rows and max(rows) == 1  # the 12-patch prompt: no 12-row mask
+
+
 def test_sparse_stage_from_a_config_dict():
     cfg = {"num_tokens": 256, "dim": [32, 16], "depth": [1, 1], "max_seq_len": [16, 4], "dim_head": 8, "heads": 2,
            "attention": [{"kind": "sparse", "pattern": {"local": 4, "global_tokens": 1, "block": 16}}, None]}
