@@ -458,6 +458,31 @@ def _stage_plan(stage: "Stage", w_out: Tensor) -> _StagePlan:
                       _fold_norm(w_out, stage.norm))
 
 
+def _visible_keys(mask: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """For one query row of a sparse stage, mask (heads or 1, 1, end): the visible key positions
+    per head, left-aligned and padded, (H, kmax), and which of them are real, (H, 1, kmax). None
+    when the pattern still covers half the keys or more (gathering would then cost more than
+    reading them all)."""
+    visible = mask.reshape(-1, mask.shape[-1])  # (H, end)
+    count = visible.sum(-1)
+    kmax = int(count.max())  # one host sync per call, not per layer
+    if 2 * kmax > visible.shape[-1]:
+        return None
+    # a stable sort of "hidden" puts each row's visible keys first, in position order
+    idx = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices[:, :kmax]
+    real = torch.arange(kmax, device=mask.device) < count[:, None]
+    return idx, real[:, None, :]
+
+
+def _gather_keys(layer_kv: Tensor, end: int, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values at positions idx (H, kmax) of each head (H = heads, or 1 for all heads):
+    (b, heads, kmax, d) each, read from layer_kv (2, b, heads, seq_len, d)."""
+    _, b, h, _, d = layer_kv.shape
+    index = idx[None, :, :, None].expand(b, h, -1, d)
+    keys, values = layer_kv.narrow(3, 0, end).unbind(0)
+    return torch.gather(keys, 2, index), torch.gather(values, 2, index)
+
+
 def _decode_mask(plan: _StagePlan, start: int, end: int, device) -> Tensor:
     """Which keys [0, end) queries [start, end) see: causal, and the pattern's own mask if any.
     (end - start) x end booleans: meant for a few query rows."""
@@ -495,6 +520,9 @@ def _stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor
         mask = _decode_mask(plan, start, end, x.device)
     # a fresh dense sequence is plain causal; one new dense query may see every cached key
     causal = mask is None and m > 1 and not sparse_prefill
+    # one query of a sparse stage late in a long sequence sees a small share of the cache: attend
+    # over just those keys (cost linear in the pattern, not the context)
+    gathered = _visible_keys(mask) if plan.sparse is not None and m == 1 and mask is not None else None
     x = x.reshape(b * m, dim)
     last = len(plan.layers) - 1
     # narrow/select rather than [] indexing: per-call Python overhead matters here
@@ -518,12 +546,16 @@ def _stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor
         if end == 1 and mask is None:
             out = qkv.select(2, 2)  # a single visible key: attention returns its value
         else:
-            keys, values = layer_kv.narrow(3, 0, end).unbind(0)
             q = qkv.select(2, 0).transpose(1, 2)  # (b, h, m, d)
-            if sparse_prefill:
-                out = plan.sparse(q, keys, values)
+            if gathered is not None:
+                keys, values = _gather_keys(layer_kv, end, gathered[0])
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=gathered[1])
             else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+                keys, values = layer_kv.narrow(3, 0, end).unbind(0)
+                if sparse_prefill:
+                    out = plan.sparse(q, keys, values)
+                else:
+                    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
             out = out.transpose(1, 2)
         x = torch.addmm(x, out.reshape(b * m, h * d), w.wo)
         gate, up = _normed_mm(x, w.wgu, plan.norm_eps).chunk(2, dim=-1)

@@ -81,9 +81,19 @@ def test_per_head_pattern_cached_decoding_equals_forward():
                                    msg=f"position {j}")
 
 
-def test_sparse_prompt_runs_the_sparse_kernel_not_a_dense_mask():
+def test_sparse_prompt_runs_the_sparse_kernel_not_a_dense_mask(monkeypatch):
     """A prompt of many patches goes through the stage's sparse attention; decode-time masks are
-    built for one query row at a time (a mask over every prompt row is quadratic in its length)."""
+    built for one query row at a time (a mask over every prompt row is quadratic in its length),
+    and a query that sees few of the cached keys attends over just those."""
+    from terrabyte.pretrain import model as model_module
+
+    gathered, gather = [], model_module._gather_keys
+
+    def recording_gather(layer_kv, end, idx):
+        gathered.append((end, idx.shape[-1]))
+        return gather(layer_kv, end, idx)
+
+    monkeypatch.setattr(model_module, "_gather_keys", recording_gather)
     model = build(sparse({"local": 2, "dilated": [[8, 2]], "global_tokens": 1, "block": 16})).eval()
     x = random_bytes(2, 64, seed=5)
     full = model(x)
@@ -101,6 +111,7 @@ def test_sparse_prompt_runs_the_sparse_kernel_not_a_dense_mask():
     for j in range(51, 64):
         torch.testing.assert_close(model.forward_cached(x[:, j - 1:j], cache), full[:, j], rtol=0, atol=1e-5)
     assert rows and max(rows) == 1  # the 12-patch prompt: no 12-row mask
+    assert gathered and all(kmax * 2 <= end for end, kmax in gathered)
 
 
 def test_sparse_stage_from_a_config_dict():
