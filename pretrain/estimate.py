@@ -78,6 +78,11 @@ def activation_bytes(model: TerraByte, cfg: Config) -> float:
     return total * bytes_per_value
 
 
+def decode_cache_bytes(model: TerraByte, bytes_per_value: int) -> int:
+    """Key/value caches that generation allocates per sequence (``TerraByte.init_cache``)."""
+    return sum(2 * st.depth * st.heads * st.seq_len * st.dim_head for st in model.stages) * bytes_per_value
+
+
 def describe(cfg: Config) -> str:
     model = meta_model(cfg)
     params = stage_parameters(model)
@@ -101,5 +106,6 @@ def describe(cfg: Config) -> str:
         f"{'fp32' if cfg.train.precision == 'fp32' else 'bf16'}, checkpointing "
         f"{'on' if cfg.model.checkpoint_activations else 'off'}): {activation_bytes(model, cfg) / 2**30:.2f} GiB",
         f"training FLOPs per optimizer step: {sum(flops) * cfg.train.global_batch * model.context_length:.3g}",
+        f"generation key/value cache per sequence (bf16): {decode_cache_bytes(model, 2) / 2**30:.2f} GiB",
     ]
     return "\n".join(lines)

@@ -80,3 +80,14 @@ def test_dry_run_counts_without_allocating():
     assert sum(s["total"] for s in per_stage) == total
     text = describe(cfg)
     assert f"{total:,}" in text and "FLOPs/byte" in text and "activation memory" in text
+    assert "key/value cache per sequence" in text
+
+
+def test_decode_cache_estimate_is_what_generation_allocates():
+    from terrabyte.pretrain.estimate import decode_cache_bytes
+    from terrabyte.pretrain.model import TerraByte
+
+    model = TerraByte(num_tokens=256, dim=(32, 24, 16), depth=(2, 1, 3), max_seq_len=(6, 4, 2), dim_head=8,
+                      heads=(4, 2, 2))
+    cache = model.init_cache(1)
+    assert decode_cache_bytes(model, 4) == sum(st.kv.numel() * st.kv.element_size() for st in cache.stages)
