@@ -145,6 +145,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-bytes", type=int, default=None, help="stop after scoring this many bytes")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", help="weights: fp32 (default: reproducible numbers), bf16, "
+                        "fp16, or auto (bf16 on GPU); log-probs are always taken in fp32")
 
 
 def evaluate(model: TerraByte, docs: Iterable[tuple[str, bytes]], mode: str = "basic", stride: int | None = None,
@@ -180,11 +182,13 @@ def evaluate(model: TerraByte, docs: Iterable[tuple[str, bytes]], mode: str = "b
 
 
 def run(args) -> int:
-    from .inference import load_model
+    from .inference import DTYPES, load_model, resolve_dtype
 
-    model = load_model(args.checkpoint, args.device)
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = load_model(args.checkpoint, args.device, dtype)
     report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes)
-    report.update(checkpoint=str(args.checkpoint), data=[str(d) for d in args.data], split=args.split)
+    report.update(checkpoint=str(args.checkpoint), data=[str(d) for d in args.data], split=args.split,
+                  dtype=next(name for name, d in DTYPES.items() if d == dtype))
     text = json.dumps(report, indent=2)
     sys.stdout.write(text + "\n")
     if args.out:

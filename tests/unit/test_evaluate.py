@@ -81,3 +81,16 @@ def test_shards_and_files_give_the_same_number(tmp_path, model):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report == json.loads(proc.stdout)
     assert report["bits_per_byte"] == pytest.approx(from_files["bits_per_byte"], rel=1e-6)
+    assert report["dtype"] == "fp32"
+
+    # bf16 weights: the same windows, a number within bf16's rounding of the fp32 one
+    proc = subprocess.run(
+        [sys.executable, "-m", "terrabyte.launch.cli", "eval", "--checkpoint", str(tmp_path / "m.safetensors"),
+         "--data", str(src), "--mode", "sliding", "--stride", "16", "--split", "all", "--dtype", "bf16"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bf16 = json.loads(proc.stdout)
+    assert bf16["dtype"] == "bf16" and bf16["bytes"] == report["bytes"]
+    assert bf16["bits_per_byte"] == pytest.approx(report["bits_per_byte"], rel=0.02)
+    assert bf16["bits_per_byte"] != report["bits_per_byte"]  # it did run in bf16
