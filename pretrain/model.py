@@ -605,23 +605,6 @@ def top_k_count(vocab: int, filter_thres: float) -> int:
     return max(int(round((1 - filter_thres) * vocab, 6)), 1)
 
 
-def top_k_filter(logits: Tensor, filter_thres: float) -> Tensor:
-    """Keep the top (1 - filter_thres) fraction of logits by count (MEGABYTE-pytorch semantics)."""
-    k = top_k_count(logits.shape[-1], filter_thres)
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Nucleus filter: keep the smallest set of logits whose probability mass reaches top_p."""
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(dim=-1)
-    # drop a token when the mass before it already reaches top_p (the top token always stays)
-    drop = (probs.cumsum(dim=-1) - probs) >= top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-
-
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------

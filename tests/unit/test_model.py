@@ -346,9 +346,27 @@ def test_flash_attn_flag_falls_back_silently_on_cpu():
     torch.testing.assert_close(tiny(flash_attn=True)(x), tiny(flash_attn=False)(x), rtol=0, atol=0)
 
 
-def test_top_k_and_top_p_filters():
-    from terrabyte.pretrain.model import top_k_filter, top_p_filter
+# Reference filters for the sampler, which draws among topk's candidates instead of masking the
+# vocabulary: masking to -inf is the textbook form its distribution must equal.
 
+def top_k_filter(logits, filter_thres):
+    """Keep the top (1 - filter_thres) fraction of logits by count (MEGABYTE-pytorch semantics)."""
+    from terrabyte.pretrain.model import top_k_count
+
+    kth = torch.topk(logits, top_k_count(logits.shape[-1], filter_thres), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus filter: keep the smallest set of logits whose probability mass reaches top_p."""
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    # drop a token when the mass before it already reaches top_p (the top token always stays)
+    sorted_logits = sorted_logits.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+
+
+def test_top_k_and_top_p_filters():
     logits = torch.arange(20.0).view(1, 20)
     kept = torch.isfinite(top_k_filter(logits, 0.9))  # keeps int(0.1 * 20) = 2 by count
     assert kept.sum() == 2 and kept[0, 18:].all()
@@ -453,8 +471,6 @@ def test_swiglu_function_matches_autograd():
 def test_sampling_among_top_candidates_matches_masked_softmax(temperature, filter_thres, top_p):
     """_sample draws among topk's candidates only; its distribution equals softmax over the
     logits that the reference filters (top_k_filter, then top_p_filter) leave finite."""
-    from terrabyte.pretrain.model import top_k_filter, top_p_filter
-
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(1, 12, generator=g) * 2
     ref = logits / temperature
