@@ -185,10 +185,10 @@ def run(args) -> int:
     from .inference import DTYPES, load_model, resolve_dtype
 
     dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.checkpoint, args.device, dtype)
+    model = load_model(args.checkpoint, args.device, DTYPES[dtype])
     report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes)
     report.update(checkpoint=str(args.checkpoint), data=[str(d) for d in args.data], split=args.split,
-                  dtype=next(name for name, d in DTYPES.items() if d == dtype))
+                  dtype=dtype)
     text = json.dumps(report, indent=2)
     sys.stdout.write(text + "\n")
     if args.out:

@@ -58,13 +58,13 @@ def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU, fp32 elsewhere; else one of DTYPES."""
+def resolve_dtype(name: str, device: str | torch.device) -> str:
+    """A key of DTYPES for ``--dtype name``: ``auto`` is bf16 on a GPU, fp32 elsewhere."""
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r} must be auto or one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    return name
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu",
@@ -114,7 +114,7 @@ def add_generate_arguments(parser) -> None:
 def run_generate(args) -> int:
     if args.max_bytes <= 0:
         raise ValueError(f"--max-bytes must be positive, got {args.max_bytes}")
-    model = load_model(args.checkpoint, args.device, resolve_dtype(args.dtype, args.device))
+    model = load_model(args.checkpoint, args.device, DTYPES[resolve_dtype(args.dtype, args.device)])
     prompt = args.prompt.encode()
     prime = torch.tensor([list(prompt)], device=args.device) if prompt else None
     out = sys.stdout.buffer
