@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from terrabyte.launch.machine import describe as describe_machine
+from .system import describe_machine
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from terrabyte.launch.machine import describe as describe_machine
+from terrabyte.data_pipeline.system import describe_machine
 
 from .patterns import SparsePattern
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from terrabyte.launch.machine import describe as describe_machine
+from terrabyte.data_pipeline.system import describe_machine
 
 from .model import TerraByte
 

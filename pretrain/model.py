@@ -599,6 +599,16 @@ class TerraByteCache:
 # Sampling helpers
 # --------------------------------------------------------------------------------------------
 
+def cross_entropy(logits: Tensor, targets: Tensor, pad_id: int, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of (..., vocab) logits against (...) target ids, PAD targets ignored.
+
+    The one loss of every layout (plain, pipeline, sequence-parallel, evaluation): it accumulates in
+    fp32 whatever the logits' dtype, so bf16 and fp32 runs report the same number.
+    """
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=pad_id, reduction=reduction)
+
+
 def top_k_count(vocab: int, filter_thres: float) -> int:
     """How many logits a top-k filter keeps: the top (1 - filter_thres) fraction, at least one."""
     # round first: (1 - 0.9) * 20 is 1.9999999999999996 in floating point, and 10% of 20 is 2
