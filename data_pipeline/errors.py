@@ -7,6 +7,9 @@ of the library caught before these classes existed.
 """
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class TerrabyteError(Exception):
     """Bad input: a file, key or value the message names."""
@@ -22,3 +25,17 @@ class DataError(TerrabyteError, ValueError):
 
 class CheckpointError(TerrabyteError, ValueError):
     """A checkpoint that is missing, incomplete, damaged or written for another model or layout."""
+
+
+def run_guarded(fn: Callable, *args) -> int:
+    """Run a command's ``fn``: user errors (and OS errors such as a missing file) become one line on
+    stderr and exit code 2; a Ctrl-C exits 130; anything else is a bug and keeps its traceback."""
+    try:
+        result = fn(*args)
+    except (TerrabyteError, OSError) as exc:
+        sys.stderr.write(f"terrabyte: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("terrabyte: interrupted\n")
+        return 130
+    return int(result or 0)

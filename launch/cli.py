@@ -14,7 +14,8 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Callable
+
+from terrabyte.data_pipeline.errors import ConfigError, run_guarded
 
 log = logging.getLogger("terrabyte")
 
@@ -31,19 +32,6 @@ BENCHES = {
 }
 
 
-def run_guarded(fn: Callable, *args) -> int:
-    """Run ``fn``; user errors become one line on stderr and exit code 2."""
-    try:
-        result = fn(*args)
-    except (ValueError, OSError) as exc:
-        sys.stderr.write(f"terrabyte: error: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("terrabyte: interrupted\n")
-        return 130
-    return int(result or 0)
-
-
 def _add_lazy(sub, name: str, module: str, help: str, setup: str = "add_arguments", handler: str = "run"):
     """A subcommand whose module is imported only when it is used or its help is asked for."""
     parser = sub.add_parser(name, help=help, description=help)
@@ -58,7 +46,7 @@ def _add_lazy(sub, name: str, module: str, help: str, setup: str = "add_argument
 
 
 def _missing(name: str, exc: Exception) -> int:
-    raise ValueError(f"`terrabyte {name}` is unavailable: {exc}")
+    raise ConfigError(f"`terrabyte {name}` is unavailable: {exc}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.system import free_port
+
 log = logging.getLogger(__name__)
 
 TRAINER_MODULE = "terrabyte.pretrain"
@@ -76,27 +79,27 @@ def parse_hostfile(path: str | Path) -> list[Host]:
             continue
         match = _HOST_LINE.match(text)
         if match is None:
-            raise ValueError(f"hostfile {path} line {number}: expected 'HOST slots=N', got {raw.strip()!r}")
+            raise ConfigError(f"hostfile {path} line {number}: expected 'HOST slots=N', got {raw.strip()!r}")
         name, slots = match["host"], int(match["slots"])
         if slots < 1:
-            raise ValueError(f"hostfile {path} line {number}: slots must be at least 1, got {slots}")
+            raise ConfigError(f"hostfile {path} line {number}: slots must be at least 1, got {slots}")
         if name in seen:
-            raise ValueError(f"hostfile {path} line {number}: host {name!r} already listed on line {seen[name]}")
+            raise ConfigError(f"hostfile {path} line {number}: host {name!r} already listed on line {seen[name]}")
         seen[name] = number
         hosts.append(Host(name, slots, number))
     if not hosts:
-        raise ValueError(f"hostfile {path} lists no hosts (expected lines 'HOST slots=N')")
+        raise ConfigError(f"hostfile {path} lists no hosts (expected lines 'HOST slots=N')")
     return hosts
 
 
 def check_hosts(hosts: list[Host], path: str | Path, nodes: int, procs_per_node: int) -> None:
     if len(hosts) != nodes:
-        raise ValueError(
+        raise ConfigError(
             f"hostfile {path} lists {len(hosts)} host(s) but --nodes is {nodes} (make them agree)"
         )
     for host in hosts:
         if host.slots < procs_per_node:
-            raise ValueError(
+            raise ConfigError(
                 f"hostfile {path} line {host.line}: host {host.name!r} has slots={host.slots}, "
                 f"fewer than --gpus-per-node {procs_per_node}"
             )
@@ -107,7 +110,7 @@ def check_allocation(nodes: int, env: dict[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     allocated = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
     if allocated and allocated.isdigit() and int(allocated) != nodes:
-        raise ValueError(
+        raise ConfigError(
             f"--nodes {nodes} does not match this SLURM allocation of {allocated} node(s) "
             f"(SLURM_JOB_NUM_NODES); use --nodes {allocated} or request {nodes} node(s)"
         )
@@ -151,27 +154,27 @@ class LaunchSpec:
 
 def validate(spec: LaunchSpec, launcher: str) -> None:
     if launcher not in LAUNCHERS:
-        raise ValueError(f"--launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        raise ConfigError(f"--launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     if spec.nodes < 1:
-        raise ValueError(f"--nodes must be at least 1, got {spec.nodes}")
+        raise ConfigError(f"--nodes must be at least 1, got {spec.nodes}")
     if spec.procs_per_node < 1:
-        raise ValueError(
+        raise ConfigError(
             f"--gpus-per-node must be at least 1, got {spec.procs_per_node} "
             "(on a CPU machine give the number of CPU ranks per node)"
         )
     if spec.hosts is not None:
         check_hosts(spec.hosts, spec.hostfile, spec.nodes, spec.procs_per_node)
     if spec.node_rank is not None and not 0 <= spec.node_rank < spec.nodes:
-        raise ValueError(f"--node-rank {spec.node_rank} is outside 0..{spec.nodes - 1} for --nodes {spec.nodes}")
+        raise ConfigError(f"--node-rank {spec.node_rank} is outside 0..{spec.nodes - 1} for --nodes {spec.nodes}")
     if spec.rdzv_timeout < 1:
-        raise ValueError(f"--rdzv-timeout must be a positive number of seconds, got {spec.rdzv_timeout}")
+        raise ConfigError(f"--rdzv-timeout must be a positive number of seconds, got {spec.rdzv_timeout}")
     multi = spec.nodes > 1
     if multi and launcher == "deepspeed" and spec.hosts is None:
-        raise ValueError(f"--launcher deepspeed with --nodes {spec.nodes} needs --hostfile (lines 'HOST slots=N')")
+        raise ConfigError(f"--launcher deepspeed with --nodes {spec.nodes} needs --hostfile (lines 'HOST slots=N')")
     if multi and launcher == "torchrun" and spec.resolved_master_addr() is None:
-        raise ValueError(f"--launcher torchrun with --nodes {spec.nodes} needs --master-addr or --hostfile")
+        raise ConfigError(f"--launcher torchrun with --nodes {spec.nodes} needs --master-addr or --hostfile")
     if multi and launcher == "mpirun" and spec.hosts is None:
-        raise ValueError(f"--launcher mpirun with --nodes {spec.nodes} needs --hostfile (lines 'HOST slots=N')")
+        raise ConfigError(f"--launcher mpirun with --nodes {spec.nodes} needs --hostfile (lines 'HOST slots=N')")
 
 
 def deepspeed_command(spec: LaunchSpec) -> list[str]:
@@ -244,12 +247,6 @@ def mpi_flavor(executable: str = "mpirun") -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "mpich"
     return "openmpi" if "Open MPI" in out.stdout + out.stderr else "mpich"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- running
@@ -398,7 +395,7 @@ def check_master_resolves(spec: LaunchSpec) -> None:
         try:
             socket.getaddrinfo(master, spec.port())
         except OSError:
-            raise ValueError(
+            raise ConfigError(
                 f"master address {master!r} does not resolve from {socket.gethostname()} "
                 "(check --master-addr or the first hostfile line)"
             ) from None
@@ -456,7 +453,7 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
     check_allocation(args.nodes)
     port = args.master_port
     if port is None and args.nodes == 1:
-        port = _free_port()
+        port = free_port()
     flavor = args.mpi if args.mpi != "auto" else (mpi_flavor() if args.launcher == "mpirun" else "mpich")
     return LaunchSpec(
         nodes=args.nodes,

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.system import atomic_path
+
 from .launchers import DEFAULT_RDZV_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ def time_limit_seconds(text: str) -> int:
     """SLURM time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
     match = _TIME.match(text.strip())
     if match is None:
-        raise ValueError(f"--time {text!r} is not a SLURM time (e.g. 90, 04:00:00 or 1-12:00:00)")
+        raise ConfigError(f"--time {text!r} is not a SLURM time (e.g. 90, 04:00:00 or 1-12:00:00)")
     days, a, b, c = (int(match[g]) if match[g] is not None else None for g in ("days", "a", "b", "c"))
     if days is not None:  # D-H[:M[:S]]
         seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
@@ -62,7 +65,7 @@ def time_limit_seconds(text: str) -> int:
     else:  # M
         seconds = a * 60
     if seconds <= 0:
-        raise ValueError(f"--time {text!r} must be longer than zero")
+        raise ConfigError(f"--time {text!r} must be longer than zero")
     return seconds
 
 
@@ -98,40 +101,40 @@ class JobSpec:
 
 def validate(spec: JobSpec) -> None:
     if spec.launcher not in LAUNCHERS:
-        raise ValueError(f"--launcher {spec.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        raise ConfigError(f"--launcher {spec.launcher!r} is not one of {', '.join(LAUNCHERS)}")
     if spec.nodes < 1:
-        raise ValueError(f"--nodes must be at least 1, got {spec.nodes}")
+        raise ConfigError(f"--nodes must be at least 1, got {spec.nodes}")
     if spec.gpus_per_node < 0:
-        raise ValueError(f"--gpus-per-node must be 0 (CPU ranks) or more, got {spec.gpus_per_node}")
+        raise ConfigError(f"--gpus-per-node must be 0 (CPU ranks) or more, got {spec.gpus_per_node}")
     if spec.gpus_per_node == 0 and not spec.tasks_per_node:
-        raise ValueError("--gpus-per-node 0 needs --tasks-per-node N (the number of CPU ranks per node)")
+        raise ConfigError("--gpus-per-node 0 needs --tasks-per-node N (the number of CPU ranks per node)")
     if spec.gpus_per_node > 0 and spec.tasks_per_node not in (None, spec.gpus_per_node):
-        raise ValueError(
+        raise ConfigError(
             f"--tasks-per-node {spec.tasks_per_node} differs from --gpus-per-node {spec.gpus_per_node}: "
             "with GPUs there is one rank per GPU (leave --tasks-per-node out)"
         )
     if spec.tasks_per_node is not None and spec.tasks_per_node < 1:
-        raise ValueError(f"--tasks-per-node must be at least 1, got {spec.tasks_per_node}")
+        raise ConfigError(f"--tasks-per-node must be at least 1, got {spec.tasks_per_node}")
     if spec.cpus_per_task is not None and spec.cpus_per_task < 1:
-        raise ValueError(f"--cpus-per-task must be at least 1, got {spec.cpus_per_task}")
+        raise ConfigError(f"--cpus-per-task must be at least 1, got {spec.cpus_per_task}")
     limit = time_limit_seconds(spec.time)
     if not 0 < spec.signal_seconds <= MAX_SIGNAL_SECONDS:
-        raise ValueError(f"--requeue-signal-seconds must be 1..{MAX_SIGNAL_SECONDS}, got {spec.signal_seconds}")
+        raise ConfigError(f"--requeue-signal-seconds must be 1..{MAX_SIGNAL_SECONDS}, got {spec.signal_seconds}")
     if spec.signal_seconds >= limit:
-        raise ValueError(
+        raise ConfigError(
             f"--requeue-signal-seconds {spec.signal_seconds} is not shorter than --time {spec.time} "
             f"({limit} s): the stop signal would come before the job starts training"
         )
     if spec.array is not None and spec.array < 1:
-        raise ValueError(f"--array must be at least 1, got {spec.array}")
+        raise ConfigError(f"--array must be at least 1, got {spec.array}")
     if not re.fullmatch(r"[\w.+-]+", spec.job_name):
-        raise ValueError(f"--job-name {spec.job_name!r} may only use letters, digits and . _ + -")
+        raise ConfigError(f"--job-name {spec.job_name!r} may only use letters, digits and . _ + -")
     for option in spec.sbatch_options:
         if not option.startswith("--"):
-            raise ValueError(f"--sbatch-option {option!r} must be a long sbatch option such as --qos=high")
+            raise ConfigError(f"--sbatch-option {option!r} must be a long sbatch option such as --qos=high")
     for flag in ("--run.dir", "--config"):
         if any(arg == flag or arg.startswith(flag + "=") for arg in spec.overrides):
-            raise ValueError(f"give {flag} through `terrabyte slurm {flag.replace('.', '-')}`, not after `--`")
+            raise ConfigError(f"give {flag} through `terrabyte slurm {flag.replace('.', '-')}`, not after `--`")
 
 
 def sbatch_lines(spec: JobSpec) -> list[str]:
@@ -198,7 +201,7 @@ def render(spec: JobSpec, template: str | None = None) -> str:
     def substitute(match: re.Match) -> str:
         name = match.group(1)
         if name not in values:
-            raise ValueError(f"SLURM template has an unknown placeholder {{{{{name}}}}}")
+            raise ConfigError(f"SLURM template has an unknown placeholder {{{{{name}}}}}")
         return values[name]
 
     return _PLACEHOLDER.sub(substitute, text)
@@ -207,10 +210,9 @@ def render(spec: JobSpec, template: str | None = None) -> str:
 def write_script(text: str, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+        tmp.chmod(0o755)
     return path
 
 
@@ -221,7 +223,7 @@ def submit(script: str | Path, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise ValueError(f"sbatch {script} failed: {reason}")
+        raise ConfigError(f"sbatch {script} failed: {reason}")
     return result.stdout.strip().split(";")[0]
 
 
@@ -281,7 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     venv = args.venv or _active_venv()
     if venv is None:
-        raise ValueError("no virtual environment is active: pass --venv PATH (it must exist on every node)")
+        raise ConfigError("no virtual environment is active: pass --venv PATH (it must exist on every node)")
     venv = str(Path(venv).absolute())
     if not (Path(venv) / "bin" / "activate").is_file():
         log.warning("virtual environment %s has no bin/activate here; the job checks again on each node", venv)

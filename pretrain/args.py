@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from terrabyte.data_pipeline.errors import ConfigError
+
 IntTuple = tuple[int, ...]
 PerStage = Union[int, IntTuple]  # one value for every stage, or one per stage
 
@@ -200,7 +202,7 @@ def resolve_config_path(name_or_path: str) -> Path:
         return path
     candidate = resources.files("terrabyte.configs") / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"unknown config {name_or_path!r}: give a YAML path or one of {', '.join(available_configs())}"
         )
     return Path(str(candidate))
@@ -211,13 +213,13 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
     cfg = Config()
     for section, values in raw.items():
         if not isinstance(values, dict):
-            raise ValueError(f"config file {path}: section {section!r} must be a mapping")
+            raise ConfigError(f"config file {path}: section {section!r} must be a mapping")
         for key, value in values.items():
             set_value(cfg, f"{section}.{key}", value, source=str(path))
     for key, value in parse_overrides(overrides or []):
@@ -242,13 +244,13 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ValueError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
-                raise ValueError(f"override {arg} has no value")
+                raise ConfigError(f"override {arg} has no value")
             key, value = arg[2:], args[i + 1]
             i += 2
         pairs.append((key, value))
@@ -260,16 +262,16 @@ def set_value(cfg: Config, dotted: str, value: Any, source: str, text: bool = Fa
     the key holds a string (so ``--run.dir off`` stays the directory "off")."""
     parts = dotted.split(".")
     if len(parts) != 2:
-        raise ValueError(f"{source}: config key {dotted!r} must be section.key")
+        raise ConfigError(f"{source}: config key {dotted!r} must be section.key")
     section_name, key = parts
     sections = {f.name for f in dataclasses.fields(Config)}
     if section_name not in sections:
-        raise ValueError(f"{source}: unknown config section {section_name!r} (known: {', '.join(sorted(sections))})")
+        raise ConfigError(f"{source}: unknown config section {section_name!r} (known: {', '.join(sorted(sections))})")
     section = getattr(cfg, section_name)
     hints = typing.get_type_hints(type(section))
     if key not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(section))
-        raise ValueError(f"{source}: unknown config key {dotted!r} (known in {section_name}: {known})")
+        raise ConfigError(f"{source}: unknown config key {dotted!r} (known in {section_name}: {known})")
     if text:
         value = _parse_text(value, hints[key])
     setattr(section, key, coerce(value, hints[key], dotted, source))
@@ -295,7 +297,7 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
                 return coerce(value, option, key, source)
             except ValueError as exc:
                 errors.append(str(exc).split(" expects ", 1)[-1].split(", got ")[0])
-        raise ValueError(f"{source}: config key {key} expects {' or '.join(errors)}, got {value!r}")
+        raise ConfigError(f"{source}: config key {key} expects {' or '.join(errors)}, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):
             value = [yaml.safe_load(v) for v in value.split(",")]
@@ -304,19 +306,19 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
-            raise ValueError(f"{source}: config key {key} expects a list of integers, got {value!r}")
+            raise ConfigError(f"{source}: config key {key} expects a list of integers, got {value!r}")
         return tuple(value)
     if hint is list or origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{source}: config key {key} expects a list, got {value!r}")
+            raise ConfigError(f"{source}: config key {key} expects a list, got {value!r}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{source}: config key {key} expects true or false, got {value!r}")
+            raise ConfigError(f"{source}: config key {key} expects true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{source}: config key {key} expects an integer, got {value!r}")
+            raise ConfigError(f"{source}: config key {key} expects an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
@@ -325,49 +327,49 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{source}: config key {key} expects a number, got {value!r}")
+            raise ConfigError(f"{source}: config key {key} expects a number, got {value!r}")
         return float(value)
     if hint is str:
         if value is None or isinstance(value, (dict, list)):
-            raise ValueError(f"{source}: config key {key} expects a string, got {value!r}")
+            raise ConfigError(f"{source}: config key {key} expects a string, got {value!r}")
         return str(value)
     return value
 
 
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
-        raise ValueError(f"config key {key} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"config key {key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _positive(value: float, key: str) -> None:
     if value <= 0:
-        raise ValueError(f"config key {key} must be positive, got {value!r}")
+        raise ConfigError(f"config key {key} must be positive, got {value!r}")
 
 
 def validate(cfg: Config) -> None:
     m = cfg.model
     stages = len(m.dim)
     if stages < 2:
-        raise ValueError(f"config key model.dim needs at least 2 stages, got {m.dim}")
+        raise ConfigError(f"config key model.dim needs at least 2 stages, got {m.dim}")
     for key in ("depth", "max_seq_len"):
         if len(getattr(m, key)) != stages:
-            raise ValueError(
+            raise ConfigError(
                 f"config keys model.dim and model.{key} must have one entry per stage: "
                 f"{m.dim} has {stages}, {getattr(m, key)} has {len(getattr(m, key))}"
             )
     for key in ("heads", "dim_head"):
         value = getattr(m, key)
         if isinstance(value, tuple) and len(value) != stages:
-            raise ValueError(f"config key model.{key} needs one entry per stage ({stages}) or a single value, got {value}")
+            raise ConfigError(f"config key model.{key} needs one entry per stage ({stages}) or a single value, got {value}")
     if m.attention is not None and len(m.attention) != stages:
-        raise ValueError(f"config key model.attention needs one entry per stage ({stages}), got {len(m.attention)}")
+        raise ConfigError(f"config key model.attention needs one entry per stage ({stages}), got {len(m.attention)}")
     for key in ("steps", "micro_batch", "global_batch", "eval_interval", "log_interval"):
         _positive(getattr(cfg.train, key), f"train.{key}")
     _positive(cfg.checkpoint.interval, "checkpoint.interval")
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
     _positive(cfg.optim.lr, "optim.lr")
     if cfg.train.global_batch % cfg.train.micro_batch:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch ({cfg.train.global_batch}) must be a multiple of train.micro_batch "
             f"({cfg.train.micro_batch})"
         )
@@ -382,49 +384,49 @@ def validate_parallel(cfg: Config) -> None:
     """Parallel settings that are impossible whatever the world size: one message saying what to change."""
     p, m = cfg.parallel, cfg.model
     if p.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"config key parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+        raise ConfigError(f"config key parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     for key in ("pipeline_stages", "tensor_parallel", "sequence_parallel", "zero_hpz_partition_size"):
         _positive(getattr(p, key), f"parallel.{key}")
     _choice(p.offload, ("none", "cpu", "nvme"), "parallel.offload")
     _choice(p.pipeline_partition, ("parameters", "uniform"), "parallel.pipeline_partition")
     if p.offload == "cpu" and p.zero_stage == 0:
-        raise ValueError("parallel.offload cpu needs parallel.zero_stage 1, 2 or 3 (ZeRO-Offload); got 0")
+        raise ConfigError("parallel.offload cpu needs parallel.zero_stage 1, 2 or 3 (ZeRO-Offload); got 0")
     if p.offload == "nvme" and p.zero_stage != 3:
-        raise ValueError(f"parallel.offload nvme needs parallel.zero_stage 3 (ZeRO-Infinity); got {p.zero_stage}")
+        raise ConfigError(f"parallel.offload nvme needs parallel.zero_stage 3 (ZeRO-Infinity); got {p.zero_stage}")
     for key in ("zero_quantized_weights", "zero_quantized_gradients"):
         if getattr(p, key) and p.zero_stage != 3:
-            raise ValueError(f"parallel.{key} (ZeRO++) needs parallel.zero_stage 3; got {p.zero_stage}")
+            raise ConfigError(f"parallel.{key} (ZeRO++) needs parallel.zero_stage 3; got {p.zero_stage}")
     if p.zero_hpz_partition_size > 1 and p.zero_stage != 3:
-        raise ValueError(f"parallel.zero_hpz_partition_size > 1 (ZeRO++ hpZ) needs parallel.zero_stage 3; got {p.zero_stage}")
+        raise ConfigError(f"parallel.zero_hpz_partition_size > 1 (ZeRO++ hpZ) needs parallel.zero_stage 3; got {p.zero_stage}")
 
     degrees = {k: getattr(p, k) for k in ("pipeline_stages", "tensor_parallel", "sequence_parallel")}
     used = [f"parallel.{k}={v}" for k, v in degrees.items() if v > 1]
     if used and cfg.train.compile:
-        raise ValueError(f"train.compile is not supported with {used[0]} (yet): set train.compile false")
+        raise ConfigError(f"train.compile is not supported with {used[0]} (yet): set train.compile false")
     if cfg.train.compile and p.zero_stage == 3:
         # TorchDynamo traces ZeRO-3's empty parameter shards where the model reads a parameter outside
         # its module's forward (the start tokens)
-        raise ValueError("train.compile does not work with parallel.zero_stage 3: use --parallel.zero_stage 2 "
+        raise ConfigError("train.compile does not work with parallel.zero_stage 3: use --parallel.zero_stage 2 "
                          "(or 1) with it, or set train.compile false")
     if len(used) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"{' and '.join(used)} cannot be combined (yet): use one of pipeline, tensor or sequence "
             f"parallelism, each combines with data parallelism over the remaining ranks"
         )
     if p.pipeline_stages > 1:
         if p.zero_stage > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.pipeline_stages={p.pipeline_stages} needs parallel.zero_stage 0 or 1 (DeepSpeed "
                 f"pipelines do not support ZeRO-2/3); got {p.zero_stage}: set --parallel.zero_stage 1"
             )
         if m.tie_embeddings:
-            raise ValueError("model.tie_embeddings is not supported with parallel.pipeline_stages > 1; set it false")
+            raise ConfigError("model.tie_embeddings is not supported with parallel.pipeline_stages > 1; set it false")
         if m.attn_dropout or m.ff_dropout:
             # each pipeline layer would draw from its stage's RNG: not the plain model's dropout masks
-            raise ValueError("model.attn_dropout/ff_dropout must be 0 with parallel.pipeline_stages > 1")
+            raise ConfigError("model.attn_dropout/ff_dropout must be 0 with parallel.pipeline_stages > 1")
         layers = sum(m.depth) + len(m.dim) + 1  # blocks; embedding, one projection per stage boundary, head
         if p.pipeline_stages > layers:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.pipeline_stages={p.pipeline_stages} exceeds the model's {layers} pipeline layers "
                 f"(blocks of model.depth {m.depth}, the embedding, {len(m.dim) - 1} stage projection(s) and the "
                 f"head): use fewer stages"
@@ -433,12 +435,12 @@ def validate_parallel(cfg: Config) -> None:
     if p.sequence_parallel > 1:
         sp = p.sequence_parallel
         if heads[0] % sp:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.sequence_parallel={sp} must divide the global stage's model.heads={heads[0]} (Ulysses "
                 f"splits them over the sequence-parallel ranks): change one of them"
             )
         if m.max_seq_len[0] % sp:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.sequence_parallel={sp} must divide model.max_seq_len[0]={m.max_seq_len[0]} (each rank "
                 f"holds an equal run of patches): change one of them"
             )
@@ -446,7 +448,7 @@ def validate_parallel(cfg: Config) -> None:
         tp = p.tensor_parallel
         for s, h in enumerate(heads):
             if h % tp:
-                raise ValueError(
+                raise ConfigError(
                     f"parallel.tensor_parallel={tp} must divide stage {s}'s model.heads={h} (attention is split "
                     f"by heads): change one of them"
                 )
@@ -455,7 +457,7 @@ def validate_parallel(cfg: Config) -> None:
         for s, d in enumerate(m.dim):
             hidden = _ff_hidden(d, m.ff_mult)
             if hidden % tp:
-                raise ValueError(
+                raise ConfigError(
                     f"parallel.tensor_parallel={tp} must divide stage {s}'s feed-forward width {hidden} "
                     f"(from model.dim={d}, model.ff_mult={m.ff_mult}): change one of them"
                 )
@@ -473,7 +475,7 @@ def validate_world(cfg: Config, world_size: int) -> int:
     replica = model_parallel_size(cfg)
     if world_size % replica:
         p = cfg.parallel
-        raise ValueError(
+        raise ConfigError(
             f"world size {world_size} is not a multiple of parallel.pipeline_stages x tensor_parallel x "
             f"sequence_parallel = {p.pipeline_stages} x {p.tensor_parallel} x {p.sequence_parallel} = {replica}: "
             f"launch a multiple of {replica} ranks or change the parallel degrees"
@@ -481,13 +483,13 @@ def validate_world(cfg: Config, world_size: int) -> int:
     dp = world_size // replica
     hpz, zero_ranks = cfg.parallel.zero_hpz_partition_size, dp * cfg.parallel.sequence_parallel
     if hpz > 1 and zero_ranks % hpz:
-        raise ValueError(
+        raise ConfigError(
             f"parallel.zero_hpz_partition_size={hpz} must divide the {zero_ranks} ranks ZeRO partitions over "
             f"(data x sequence parallel): use a divisor, usually the GPUs per node"
         )
     per_step = cfg.train.micro_batch * dp
     if cfg.train.global_batch % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch ({cfg.train.global_batch}) must be a multiple of train.micro_batch x "
             f"data-parallel world size ({cfg.train.micro_batch} x {dp} = {per_step}; world size {world_size} "
             f"over {replica} rank(s) per replica)"

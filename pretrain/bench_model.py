@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from terrabyte.data_pipeline.system import describe_machine
+from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from .model import TerraByte
 
@@ -316,7 +317,7 @@ def run(args) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but CUDA is not available; use --device cpu")
+        raise ConfigError("--device cuda was given but CUDA is not available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = QUICK if args.quick else FULL
@@ -390,10 +391,7 @@ def run(args) -> int:
     table = "\n".join(lines) + "\n"
     sys.stdout.write(table)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(table)
-        os.replace(tmp, args.out)
+        atomic_write(args.out, table)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .model import TerraByte
+from terrabyte.data_pipeline.errors import ConfigError, DataError
+from terrabyte.data_pipeline.system import atomic_write
+
+from .model import TerraByte, cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def byte_log_probs(model: TerraByte, doc: torch.Tensor, mode: str, stride: int |
     context = model.context_length
     stride = context if mode in ("basic", "strided") else (stride or context // 2)
     if not 0 < stride <= context:
-        raise ValueError(f"--stride must be in 1..{context} (the model's context), got {stride}")
+        raise ConfigError(f"--stride must be in 1..{context} (the model's context), got {stride}")
     plans = windows(len(doc), context, stride)
     first, first_pos = _score(model, doc, plans, shift=0, batch=batch)
     patch = model.unit_sizes[0]  # bytes per top-level patch
@@ -87,8 +89,8 @@ def _score(model: TerraByte, doc: torch.Tensor, plans: list[Window], shift: int,
             x[row, : len(piece)] = piece
         x = x.to(device)
         with torch.no_grad():
-            logits = model(x).float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, x.unsqueeze(-1)).squeeze(-1).cpu().double()
+            # the training loss, unreduced: PAD positions (past a document's end) come out 0, unscored
+            logp = -cross_entropy(model(x), x, model.pad_id, reduction="none").view(x.shape).cpu().double()
         for row, (w, s) in enumerate(zip(chunk, starts)):
             lo, hi = w.score_from, min(w.score_to, s + context)
             logps[lo:hi] = logp[row, lo - s : hi - s]
@@ -169,7 +171,7 @@ def evaluate(model: TerraByte, docs: Iterable[tuple[str, bytes]], mode: str = "b
         bar.update(len(data))
     bar.close()
     if count == 0:
-        raise ValueError("no bytes to evaluate: the data holds no non-empty documents")
+        raise DataError("no bytes to evaluate: the data holds no non-empty documents")
     return {
         "mode": mode,
         "stride": stride if mode.startswith("sliding") else None,
@@ -192,7 +194,5 @@ def run(args) -> int:
     text = json.dumps(report, indent=2)
     sys.stdout.write(text + "\n")
     if args.out:
-        tmp = f"{args.out}.tmp"
-        Path(tmp).write_text(text + "\n")
-        os.replace(tmp, args.out)
+        atomic_write(args.out, text + "\n")
     return 0

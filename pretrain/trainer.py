@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from terrabyte.data_pipeline.errors import DataError
+
+from . import checkpoint as ckpt
 from . import engine as eng
 from .args import Config, load_config
 from .estimate import flops_per_byte
@@ -78,9 +81,9 @@ class Trainer:
         # counted before ZeRO-3 partitions the parameters away
         self.flops_per_byte = sum(flops_per_byte(model, cfg))
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
-        self.pad_id = model.pad_id
-        self.resume = eng.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
-        self.engine = eng.wrap(model, cfg, self.layout, self.resume)
+        self.vocab = model.vocab
+        self.resume = ckpt.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
+        self.engine = eng.wrap(model, cfg, self.layout, universal=bool(self.resume and self.resume.universal))
         del model  # a pipeline stage keeps only its own layers
         self.train_loader = self._loader("train", loop=True)
         self.val_batches = self._validation_batches()
@@ -96,7 +99,6 @@ class Trainer:
     def _loader(self, split: str, loop: bool, rank: int | None = None, world: int | None = None):
         from terrabyte.data_pipeline.loader import ByteLoader
 
-        m = self.model_config
         return ByteLoader(
             str(self.data_path),
             split=split,
@@ -107,8 +109,8 @@ class Trainer:
             dp_world=self.layout.dp if world is None else world,
             seed=self.cfg.run.seed,
             num_workers=self.cfg.data.num_workers,
-            eos_id=m["num_tokens"] + 1,
-            pad_id=m["num_tokens"],
+            eos_id=self.vocab.eos_id,
+            pad_id=self.vocab.pad_id,
             loop=loop,
             on_error=self.cfg.data.on_error,
             # training batches travel as int32 and are widened on the device (see train_step)
@@ -128,17 +130,17 @@ class Trainer:
             if len(rows) >= wanted:
                 break
         if not rows:
-            raise ValueError(f"data {self.data_path} has no validation sequences (raise the builder's --val-fraction)")
+            raise DataError(f"data {self.data_path} has no validation sequences (raise the builder's --val-fraction)")
         rows = rows[:wanted]
         dp, mb = self.layout.dp, self.cfg.train.micro_batch
         mine = rows[self.layout.dp_rank :: dp]
         per_rank = math.ceil(len(rows) / dp / mb) * mb
-        pad = torch.full_like(rows[0], self.pad_id)
+        pad = torch.full_like(rows[0], self.vocab.pad_id)
         mine += [pad] * (per_rank - len(mine))
         return [torch.stack(mine[i : i + mb]) for i in range(0, len(mine), mb)]
 
     def _resume(self) -> None:
-        state = eng.load(self.engine, self.resume)
+        state = ckpt.load(self.engine, self.resume)
         if state is None:
             log.info("fresh run in %s", self.run_dir)
             return
@@ -166,7 +168,7 @@ class Trainer:
             self.loader_wait += time.perf_counter() - waited
             micro.append(x.to(self.device(), non_blocking=True).long())
         total_loss = eng.train_batch(self.engine, micro)  # plain, pipeline, tensor or sequence parallel
-        total_tokens = sum(int((x != self.pad_id).sum()) for x in micro)
+        total_tokens = sum(int((x != self.vocab.pad_id).sum()) for x in micro)
         # the global mean, so the logged loss does not depend on how the batch is split over ranks;
         # every rank of a replica (pipeline stage, tensor/sequence peer) saw the same bytes
         loss_sum, tokens = eng.all_reduce_sum([total_loss / self.accumulation, total_tokens])
@@ -178,7 +180,7 @@ class Trainer:
         self.engine.eval()
         nats, count = 0.0, 0
         for x in self.val_batches:
-            batch_nats, batch_count = eng.score(self.engine, x.to(self.device()), self.pad_id)
+            batch_nats, batch_count = eng.score(self.engine, x.to(self.device()), self.vocab.pad_id)
             nats += batch_nats
             count += batch_count
         self.engine.train()
@@ -193,7 +195,7 @@ class Trainer:
             return None
         text = None
         # a plain copy on rank 0: generation runs on one rank, which sharded modules cannot do alone
-        state = eng.full_state_dict(self.engine)
+        state = ckpt.full_state_dict(self.engine)
         if self.rank == 0:
             model = TerraByte(**self.model_config)
             model.load_state_dict(state)
@@ -201,13 +203,13 @@ class Trainer:
             prompt = torch.tensor([list(self.cfg.train.sample_prompt.encode())], device=self.device())
             gen = torch.Generator(device=self.device()).manual_seed(self.cfg.run.seed)
             out = model.generate(prime=prompt, max_new_bytes=n, temperature=0.8, generator=gen)
-            data = bytes(b for b in out[0, prompt.shape[1] :].tolist() if b < 256)
+            data = self.vocab.data_bytes(out[0, prompt.shape[1] :].tolist())
             text = data.decode("utf-8", errors="replace")
         return text
 
     def save(self) -> None:
         state = {"step": self.step, "loader": self.train_loader.state_dict(), "rng": torch.get_rng_state()}
-        eng.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep, self.model_config)
+        ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep, self.model_config)
         self.last_saved = self.step
 
     def _check_nonfinite(self) -> str | None:
@@ -304,8 +306,8 @@ class Trainer:
                     self.save()
         bar.close()
         if cfg.checkpoint.export:
-            eng.export_safetensors(self.engine, self.run_dir / "model.safetensors", self.model_config)
-            log.info("exported %s", self.run_dir / "model.safetensors")
+            ckpt.export_safetensors(self.engine, self.run_dir / ckpt.EXPORT_FILE, self.model_config)
+            log.info("exported %s", self.run_dir / ckpt.EXPORT_FILE)
         self.metrics.close()
         if last_val is not None:
             log.info("done: %d steps, validation bits-per-byte %.4f", self.step, last_val)

@@ -15,11 +15,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from terrabyte.data_pipeline.system import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -57,12 +58,6 @@ SlurmdPort={slurmd_port}
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_hardware() -> tuple[int, int]:
@@ -120,7 +115,7 @@ class LocalSlurm:
         self.cpus, memory = _node_hardware()
         conf = d / "slurm.conf"
         conf.write_text(SLURM_CONF.format(
-            d=d, user=_user(), ctld_port=_free_port(), slurmd_port=_free_port(), cpus=self.cpus, memory=memory,
+            d=d, user=_user(), ctld_port=free_port(), slurmd_port=free_port(), cpus=self.cpus, memory=memory,
         ))
         self.env["SLURM_CONF"] = str(conf)
         subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=self.env, capture_output=True)

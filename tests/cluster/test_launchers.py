@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
+from terrabyte.data_pipeline.system import free_port
+
 from .common import (
     EXIT_PREEMPTED,
     checkpoint_complete,
     child_env,
-    free_port,
     latest_step,
     resumed_step,
     stopped_step,

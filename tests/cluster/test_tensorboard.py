@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .common import child_env, free_port, tensorboard_scalars, tiny_args, wait_for
+from terrabyte.data_pipeline.system import free_port
+
+from .common import child_env, tensorboard_scalars, tiny_args, wait_for
 
 TAGS = ("train/loss", "train/bits_per_byte", "train/lr", "val/bits_per_byte")
 

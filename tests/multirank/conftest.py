@@ -1,10 +1,11 @@
 """Shared pieces of the multi-rank tests: a small corpus, and tiny training runs started through the real
 launchers (torchrun, deepspeed) on CPU with gloo, compared against one single-rank baseline run."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from terrabyte.data_pipeline.system import free_port
 
 import pytest
 
@@ -15,12 +16,6 @@ RUN = ["--config", "tiny", *TINY, "--train.micro_batch", "2", "--train.global_ba
        "--train.eval_interval", "6", "--checkpoint.interval", "6"]
 # fp32 on CPU: layouts differ only in the order of reductions
 REL = 1e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(run_dir: Path, shards: Path, ranks: int, *overrides: str, steps: int = 6, launcher: str = "torchrun",
@@ -34,7 +29,7 @@ def launch(run_dir: Path, shards: Path, ranks: int, *overrides: str, steps: int 
                "-m", "terrabyte.pretrain", *args]
     elif launcher == "deepspeed":
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), "--no_local_rank", "--module", "terrabyte.pretrain", *args]
+               "--master_port", str(free_port()), "--no_local_rank", "--module", "terrabyte.pretrain", *args]
     else:
         raise ValueError(launcher)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

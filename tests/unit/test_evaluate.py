@@ -7,7 +7,7 @@ import torch
 
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.evaluate import byte_log_probs, documents, evaluate, windows
-from terrabyte.pretrain.inference import save_safetensors
+from terrabyte.pretrain.checkpoint import save_safetensors
 
 CONFIG = dict(num_tokens=256, dim=(32, 16), depth=(1, 1), max_seq_len=(8, 4), dim_head=8, heads=2)
 

@@ -168,7 +168,7 @@ def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
 
 
 def test_checkpoint_files_are_checked_against_the_manifest(tmp_path):
-    from terrabyte.pretrain.engine import FILES_MANIFEST, _file_sizes, verify_files
+    from terrabyte.pretrain.checkpoint import FILES_MANIFEST, _file_sizes, verify_files
 
     ckpt = tmp_path / "step4"
     ckpt.mkdir()

@@ -122,7 +122,7 @@ def test_export_matches_checkpoint(tmp_path, shards):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from terrabyte.pretrain.inference import load_state
+    from terrabyte.pretrain.checkpoint import load_state
 
     config, state = load_state(run)
     exported = load_file(str(out))

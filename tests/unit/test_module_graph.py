@@ -1,0 +1,99 @@
+"""The package's import graph: no cycle between files, and layers point one way.
+
+Every ``import`` counts, function-level ones included (a lazy import hides a cycle, it does not
+remove it). ``launch/`` is the top layer: ``kernels/``, ``data_pipeline/`` and ``pretrain/`` never
+import it.
+"""
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("pretrain", "kernels", "data_pipeline", "launch", "configs")
+LOWER_LAYERS = ("kernels", "data_pipeline", "pretrain")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["terrabyte", *parts])
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: modules of this package it imports}, e.g. terrabyte.pretrain.trainer -> {...}."""
+    files = {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from . import engine` names a module; `from .model import X` names the module
+                candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for candidate in candidates:
+                if candidate in files and candidate != name:
+                    targets.add(candidate)
+        graph[name] = targets
+    return graph
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm; returns the components with more than one module (the cycles)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_graph_sees_known_edges():
+    graph = import_graph()
+    assert "terrabyte.pretrain.model" in graph["terrabyte.pretrain.trainer"]
+    assert "terrabyte.pretrain.engine" in graph["terrabyte.pretrain.trainer"]  # `from . import engine as eng`
+    assert "terrabyte.data_pipeline.errors" in graph["terrabyte.launch.cli"]
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle_between_files():
+    assert strongly_connected(import_graph()) == []
+
+
+def test_lower_layers_never_import_launch():
+    bad = sorted((module, target) for module, targets in import_graph().items()
+                 for target in targets
+                 if module.split(".")[1] in LOWER_LAYERS and target.startswith("terrabyte.launch"))
+    assert bad == []
