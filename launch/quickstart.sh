@@ -32,7 +32,7 @@ setup_python() {
   stamp="$venv/.terrabyte-installed"
   if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || ! python -c "import terrabyte.pretrain" 2>/dev/null; then
     log "installing terrabyte (editable) with its dependencies"
-    pip install -q -e ".[dev,mpi]"
+    pip install -q -e ".[dev,mpi,bench]"
     touch "$stamp"
   fi
   # DeepSpeed compiles its CPU shared-memory collective op on first use (~2 min on 2 cores); do it

@@ -1,0 +1,87 @@
+"""`terrabyte bench quality`: both models on one stream, scored on the trainer's validation bytes."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from terrabyte.pretrain import bench_quality as bq
+
+SMALL = ["--model.dim", "32,16", "--model.depth", "1,1", "--model.max_seq_len", "16,4", "--model.dim_head", "8",
+         "--model.heads", "2", "--train.micro_batch", "2", "--train.global_batch", "4", "--data.val_sequences", "4",
+         "--optim.warmup_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from terrabyte.data_pipeline.builder import build_shards
+
+    root = tmp_path_factory.mktemp("quality")
+    src = root / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"m{i}.py").write_text("".join(f"def g{j}(y):\n    return y + {i * j}\n\n" for j in range(40)))
+    build_shards([str(src)], str(root / "shards"), val_fraction=0.25, progress=False)
+    return root / "shards"
+
+
+def _args(tmp_path, shards, *flags):
+    parser = argparse.ArgumentParser()
+    bq.add_arguments(parser)
+    return parser.parse_args(["--dir", str(tmp_path / "work"), "--threads", "1", *flags,
+                              "--", "--data.path", str(shards), *SMALL])
+
+
+def test_validation_set_is_the_trainers(shards):
+    cfg = bq.load_config("tiny", ["--data.path", str(shards), *SMALL])
+    batches = bq.validation_batches(cfg, str(shards))
+    assert [tuple(b.shape) for b in batches] == [(2, 64), (2, 64)]
+    again = bq.validation_batches(cfg, str(shards))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_terrabyte_alone_when_peer_missing(tmp_path, shards, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(bq, "megabyte_class", lambda: None)
+    args = _args(tmp_path, shards, "--steps", "3", "--seeds", "0,1", "--eval-interval", "2")
+    with caplog.at_level("WARNING"):
+        assert bq.run(args) == 0
+    assert bq.PEER_INSTALL in caplog.text
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| TerraByte")]
+    assert len(rows) == 1 and "MEGABYTE" not in out.split("| model")[1]
+    results = json.loads((tmp_path / "work" / "quality.json").read_text())
+    assert [r["seed"] for r in results] == [0, 1]
+    for r in results:
+        curve = r["curves"]["TerraByte"]
+        assert [point[0] for point in curve] == [1, 2, 3]
+        assert curve[0][3] is None and curve[1][3] is not None  # validation at step 2 and the last
+        assert math.isfinite(r["final_bpb"]["TerraByte"]) and r["final_bpb"]["TerraByte"] == curve[-1][3]
+    # different seeds: different init and data order
+    assert results[0]["final_bpb"] != results[1]["final_bpb"]
+
+
+def test_same_seed_same_numbers(tmp_path, shards, monkeypatch):
+    monkeypatch.setattr(bq, "megabyte_class", lambda: None)
+    cfg = bq._with(bq.load_config("tiny", ["--data.path", str(shards), *SMALL]), train={"steps": 2})
+    val = bq.validation_batches(cfg, str(shards))
+    first = bq.run_seed(cfg, str(shards), 3, baseline=False, equal_time=False, eval_interval=1, val=val)
+    second = bq.run_seed(cfg, str(shards), 3, baseline=False, equal_time=False, eval_interval=1, val=val)
+    assert first.final_bpb == second.final_bpb
+    assert [p[2] for p in first.curves["TerraByte"]] == [p[2] for p in second.curves["TerraByte"]]
+
+
+@pytest.mark.skipif(bq.megabyte_class() is None, reason="MEGABYTE-pytorch is not installed (optional peer)")
+def test_both_models_and_equal_time(tmp_path, shards, capsys):
+    assert bq.run(_args(tmp_path, shards, "--steps", "2", "--seeds", "0")) == 0
+    out = capsys.readouterr().out
+    assert "| TerraByte" in out and "| MEGABYTE-pytorch" in out and "equal wall-clock" in out
+    (result,) = json.loads((tmp_path / "work" / "quality.json").read_text())
+    budget, _ = result["equal_time"]["TerraByte"]
+    ratio = result["seconds_per_step"]["MEGABYTE-pytorch"] / result["seconds_per_step"]["TerraByte"]
+    assert budget == max(1, round(2 * ratio))
+
+
+def test_bad_seeds_name_the_flag(tmp_path, shards):
+    with pytest.raises(bq.ConfigError, match="--seeds"):
+        bq.run(_args(tmp_path, shards, "--seeds", "a,b"))
