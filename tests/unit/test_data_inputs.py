@@ -18,8 +18,10 @@ import torch
 import zstandard
 
 from terrabyte.data_pipeline import builder, stages
-from terrabyte.data_pipeline.builder import build_shards, load_manifest, verify_shards
+from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.manifest import load_manifest
 from terrabyte.data_pipeline.loader import ByteLoader
+from terrabyte.data_pipeline.verify import verify_shards
 
 
 def all_docs(out, split=None):
