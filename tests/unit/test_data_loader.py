@@ -316,3 +316,19 @@ def test_int32_batches_equal_int64(tmp_path):
         assert "dtype" in str(exc)
     else:
         raise AssertionError("int16 accepted")
+
+
+def test_special_ids_come_from_the_vocab(shards):
+    from terrabyte.data_pipeline.vocab import BYTES, Vocab
+
+    path, _ = shards
+    kw = dict(seq_len=SEQ, global_batch=2, micro_batch=2, split="val", loop=False)
+    default = list(ByteLoader(path, **kw))
+    assert all(torch.equal(a, b) for a, b in zip(default, ByteLoader(path, vocab=BYTES, **kw)))
+    wide = list(ByteLoader(path, vocab=Vocab(300), **kw))  # pad 300, EOS 301
+    flat, wflat = torch.cat(default).reshape(-1), torch.cat(wide).reshape(-1)
+    assert (flat == EOS).any() and (flat == PAD).any()
+    assert torch.equal(wflat == 301, flat == EOS) and torch.equal(wflat == 300, flat == PAD)
+    assert torch.equal(wflat[flat < 256], flat[flat < 256])
+    explicit = ByteLoader(path, eos_id=EOS, pad_id=PAD, vocab=Vocab(300), **kw)  # explicit ids win
+    assert (explicit.eos_id, explicit.pad_id) == (EOS, PAD)
