@@ -77,9 +77,9 @@ def bench_plain_zstd(path: str) -> int:
     import zstandard
 
     from . import stages
-    from .builder import load_manifest
+    from .manifest import load_manifest, shard_list
 
-    table = stages.member_table(stages.shard_list(load_manifest(path), "train"))
+    table = stages.member_table(shard_list(load_manifest(path), "train"))
     files = stages.ShardFiles()
     d = zstandard.ZstdDecompressor()
     total = 0
@@ -141,7 +141,7 @@ def run(args) -> int:
     import zstandard
 
     from .builder import build_shards
-    from .loader import STDLIB_EXCLUDE, STDLIB_INCLUDE, stdlib_corpus
+    from .stdlib_corpus import STDLIB_EXCLUDE, STDLIB_INCLUDE, stdlib_corpus
 
     inputs = args.input or [stdlib_corpus()]
     include = args.include if args.include is not None else (list(STDLIB_INCLUDE) if not args.input else [])

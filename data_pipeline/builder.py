@@ -37,15 +37,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 import zstandard
 
 from . import readers
+from .errors import ConfigError, DataError, TerrabyteError
+from .manifest import DICT_FILE, FORMAT, INDEX_KEYS, MANIFEST, SPLITS
 from .readers import Document, ReadOptions, Source
+from .system import atomic_write
 
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1.0"
-FORMAT = "terrabyte-shards"
-MANIFEST = "manifest.json"
-DICT_FILE = "zstd.dict"
-SPLITS = ("train", "val")
 SHARD_RE = re.compile(r"^(train|val)-(\d{5})-(\d{6})\.tar$")
 MARKER_RE = re.compile(r"^\.task-(\d{5})\.json$")
 TAR_BLOCK = 512
@@ -76,16 +75,16 @@ class BuildConfig:
 
     def validate(self):
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
         if not 1 <= self.zstd_level <= 22:
-            raise ValueError(f"zstd_level={self.zstd_level} must be in 1..22")
+            raise ConfigError(f"zstd_level={self.zstd_level} must be in 1..22")
         for name in ("member_bytes", "shard_bytes", "task_bytes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'skip'")
+            raise ConfigError(f"on_error={self.on_error!r} must be 'raise' or 'skip'")
         if self.min_bytes < 0 or self.max_bytes < 0 or self.dict_bytes < 0:
-            raise ValueError("min_bytes, max_bytes and dict_bytes must be >= 0")
+            raise ConfigError("min_bytes, max_bytes and dict_bytes must be >= 0")
         readers.source_kind("x", self.input_format)
 
     def fingerprint(self) -> str:
@@ -203,7 +202,7 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._rec = dict(split=self.split, path=self.name, task=self.task, documents=0, members=0,
                          raw_bytes=0, compressed_bytes=0)
-        self._idx = {k: [] for k in ("json_offset", "json_size", "zst_offset", "zst_size", "raw", "starts", "ends", "cont")}
+        self._idx = {k: [] for k in INDEX_KEYS}
 
     def _write(self, b: bytes):
         self._f.write(b)
@@ -318,12 +317,9 @@ def _load_marker(out_dir: str, task: int, fingerprint: str) -> dict | None:
     return rec
 
 
-def write_json_atomic(path: str, obj, indent=None):
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_json(path: str, obj):
+    """The completion markers and the manifest: sorted keys, one line, replaced in one rename."""
+    atomic_write(path, json.dumps(obj, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -410,7 +406,7 @@ def run_task(task: int, sources: Sequence[Source], cfg: BuildConfig, out_dir: st
     record = dict(task=task, fingerprint=_task_fingerprint(cfg, sources),
                   shards=writers["train"].records + writers["val"].records,
                   stats={k: v for k, v in asdict(stats).items()})
-    write_json_atomic(_marker_path(out_dir, task), record)
+    _write_json(_marker_path(out_dir, task), record)
     return record
 
 
@@ -475,7 +471,7 @@ def train_dictionary(tasks, cfg: BuildConfig) -> bytes:
             if total > 100 << 20:
                 break
     if len(samples) < 8:
-        raise ValueError(f"too few documents ({len(samples)}) to train a zstd dictionary; drop --dict-bytes")
+        raise ConfigError(f"too few documents ({len(samples)}) to train a zstd dictionary; drop --dict-bytes")
     d = zstandard.train_dictionary(cfg.dict_bytes, samples, level=cfg.zstd_level)
     return d.as_bytes()
 
@@ -514,60 +510,6 @@ def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int |
     }
 
 
-def run_pipe(template: str, name: str) -> bytes:
-    """Output of a `pipe:` command template with `{}` replaced by a file name (manifest, shard)."""
-    import shlex
-    import subprocess
-
-    cmd = template[len("pipe:"):].replace("{}", shlex.quote(name))
-    r = subprocess.run(cmd, shell=True, capture_output=True)
-    if r.returncode != 0:
-        msg = r.stderr.decode(errors="replace").strip().splitlines()
-        raise FileNotFoundError(f"pipe command {cmd!r} failed (exit {r.returncode}): {msg[-1] if msg else ''}")
-    return r.stdout
-
-
-def load_manifest(path: str, allow_pipe: bool = False) -> dict:
-    """Reads and checks `<dir>/manifest.json` (a directory, a manifest file, an http(s) URL of
-    either, or with `allow_pipe` a `pipe:CMD` template whose `{}` is replaced by each file name);
-    raises naming the file. The directory is kept as `_dir` to resolve shard paths."""
-    path = os.fspath(path)
-    if path.startswith("pipe:"):
-        if not allow_pipe:
-            raise ValueError(f"data path {path!r} runs a shell command: allow it explicitly "
-                             "(ByteLoader(allow_pipe=True) / data.allow_pipe) or use a local path or http(s) URL")
-        if "{}" not in path:
-            raise ValueError(f"pipe: data path {path!r} needs a '{{}}' where the file name goes, e.g. "
-                             "'pipe:aws s3 cp s3://bucket/shards/{} -'")
-        text, mpath, base = run_pipe(path, MANIFEST), path.replace("{}", MANIFEST), path
-    elif path.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        mpath = path if path.endswith(".json") else path.rstrip("/") + "/" + MANIFEST
-        try:
-            with urllib.request.urlopen(mpath, timeout=60) as r:
-                text = r.read()
-        except (urllib.error.URLError, OSError) as e:
-            raise FileNotFoundError(f"cannot fetch shard manifest {mpath!r}: {e}") from None
-        base = mpath.rsplit("/", 1)[0]
-    else:
-        mpath = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
-        if not os.path.exists(mpath):
-            raise FileNotFoundError(f"no {MANIFEST} in {path!r}: build shards first with `terrabyte shards build`")
-        with open(mpath, "rb") as f:
-            text = f.read()
-        base = os.path.dirname(os.path.abspath(mpath))
-    try:
-        man = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{mpath!r} is not valid JSON ({e}); rebuild the shards") from None
-    if not isinstance(man, dict) or man.get("format") != FORMAT or "shards" not in man:
-        raise ValueError(f"{mpath!r} is not a Terrabyte shard manifest; rebuild the shards")
-    man["_dir"] = base
-    return man
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +533,7 @@ def mpi_comm_from_env():
             try:
                 from mpi4py import MPI
             except ImportError:
-                raise ValueError("launched under MPI but mpi4py is not installed: pip install 'terrabyte[mpi]'") from None
+                raise ConfigError("launched under MPI but mpi4py is not installed: pip install 'terrabyte[mpi]'") from None
             return MPI.COMM_WORLD
     return None
 
@@ -660,14 +602,14 @@ def build_shards(
     )
     cfg.validate()
     if workers < 1:
-        raise ValueError(f"workers={workers} must be >= 1")
+        raise ConfigError(f"workers={workers} must be >= 1")
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
 
     sources = readers.discover_sources(cfg.inputs, cfg.include, cfg.exclude, cfg.input_format)
     if not sources:
-        raise ValueError(f"no input files left in {', '.join(map(repr, cfg.inputs))} after include/exclude filters")
+        raise DataError(f"no input files left in {', '.join(map(repr, cfg.inputs))} after include/exclude filters")
     if any(s.kind == "stdin" for s in sources) and (world > 1 or workers > 1):
-        raise ValueError("stdin input ('-') needs a single process: drop --workers and mpirun")
+        raise ConfigError("stdin input ('-') needs a single process: drop --workers and mpirun")
     tasks = plan_tasks(sources, cfg.task_bytes)
     os.makedirs(out_dir, exist_ok=True)
     if rank == 0:
@@ -680,10 +622,7 @@ def build_shards(
         with _all_ranks(comm, rank):  # an error on rank 0 must not leave the others waiting
             if rank == 0:
                 zdict = train_dictionary(tasks, cfg)
-                tmp = os.path.join(out_dir, f".{DICT_FILE}.tmp")
-                with open(tmp, "wb") as f:
-                    f.write(zdict)
-                os.replace(tmp, os.path.join(out_dir, DICT_FILE))
+                atomic_write(os.path.join(out_dir, DICT_FILE), zdict)
         if comm is not None:
             zdict = comm.bcast(zdict, root=0)
 
@@ -734,14 +673,14 @@ def build_shards(
             _cleanup_stale(out_dir, set(), set())
         else:
             _cleanup_stale(out_dir, {s["path"] for s in manifest["shards"]}, set(range(len(tasks))))
-            write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+            _write_json(os.path.join(out_dir, MANIFEST), manifest)
             t = manifest["totals"]["all"]
             logger.info("wrote %d shards, %d documents, %.1f MB raw -> %.1f MB to %s",
                         t["shards"], t["documents"], t["raw_bytes"] / 1e6, t["compressed_bytes"] / 1e6, out_dir)
     if comm is not None:
         error, manifest = comm.bcast((error, manifest), root=0)
     if error:
-        raise ValueError(error)
+        raise DataError(error)
     return manifest
 
 
@@ -776,7 +715,9 @@ def _run_tasks(todo, tasks, cfg, out_dir, drop, zdict, pool, queue, records: dic
 class _all_ranks:
     """Context manager around rank-local work followed by a collective: every rank learns whether
     any rank failed, so no rank waits forever in the next collective. The failing rank re-raises
-    its own error; the others raise a ValueError naming it."""
+    its own error; the others raise one naming it: a DataError when it was bad input (a
+    TerrabyteError or OSError: the CLI prints one line), a RuntimeError when it was a bug (its
+    traceback is on the failing rank)."""
 
     def __init__(self, comm, rank: int):
         self.comm, self.rank = comm, rank
@@ -787,104 +728,11 @@ class _all_ranks:
     def __exit__(self, exc_type, exc, tb):
         if self.comm is None:
             return False
-        mine = f"{exc_type.__name__}: {exc}" if exc is not None else None
+        mine = None
+        if exc is not None:
+            mine = (f"{exc_type.__name__}: {exc}", isinstance(exc, (TerrabyteError, OSError)))
         failed = [(r, e) for r, e in enumerate(self.comm.allgather(mine)) if e]
         if exc is not None or not failed:
             return False
-        r, e = failed[0]
-        raise ValueError(f"shard build failed on MPI rank {r}: {e}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Verify and stats
-# ---------------------------------------------------------------------------------------------
-
-
-def verify_shards(path: str, *, progress: bool = False) -> list[str]:
-    """Checks every shard of a build: present, sha256, tar structure, and every member (JSON
-    parses, zstd frame decompresses to the recorded size). Returns one message per problem, each
-    naming the shard and member."""
-    from . import stages
-
-    man = load_manifest(path)
-    base = man["_dir"]
-    zdict = None
-    if man.get("zstd_dict"):
-        try:
-            with open(os.path.join(base, man["zstd_dict"]["path"]), "rb") as f:
-                zdict = f.read()
-        except OSError as e:
-            return [f"zstd dictionary {man['zstd_dict']['path']}: {e.strerror}"]
-    problems: list[str] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(s["tar_bytes"] for s in man["shards"]), unit="B", unit_scale=True, desc="verify")
-    files = stages.ShardFiles()
-    try:
-        for shard in man["shards"]:
-            url = os.path.join(base, shard["path"])
-            problems.extend(_verify_one(shard, url, files, zdict))
-            if bar is not None:
-                bar.update(shard["tar_bytes"])
-    finally:
-        files.close()
-        if bar is not None:
-            bar.close()
-    return problems
-
-
-def _verify_one(shard: dict, url: str, files, zdict) -> list[str]:
-    from . import stages
-
-    name = shard["path"]
-    if not os.path.isfile(url):
-        return [f"{name}: missing"]
-    out = []
-    h = hashlib.sha256()
-    with open(url, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    if h.hexdigest() != shard["sha256"]:
-        out.append(f"{name}: sha256 mismatch (file changed or corrupt)")
-    try:
-        with tarfile.open(url, "r:") as tf:
-            names = [m.name for m in tf.getmembers()]
-        want = [f"{k:06d}.{ext}" for k in range(shard["members"]) for ext in ("json", "zst")]
-        if names != want:
-            out.append(f"{name}: tar lists {len(names)} files, expected {len(want)} ({want[:1]}...)")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        out.append(f"{name}: not a readable tar ({e})")
-    table = stages.member_table([dict(shard, url=url)])
-    for i in range(len(table)):
-        try:
-            s = stages.parse_meta(stages.decompress_sample(stages.read_member(table, files, i), zdict))
-            got = sum(d["length"] for d in s.meta["docs"])
-            if got != len(s.data):
-                raise stages.DataError(f"{s.where}: JSON pieces cover {got} bytes of {len(s.data)}")
-        except stages.DataError as e:
-            out.append(str(e).replace(url, name))
-    return out
-
-
-def format_stats(man: dict) -> str:
-    """A plain-text summary table of a manifest."""
-    rows = [("split", "shards", "documents", "members", "raw MB", "zstd MB", "ratio")]
-    for split in SPLITS + ("all",):
-        t = man["totals"][split]
-        ratio = t["raw_bytes"] / t["compressed_bytes"] if t["compressed_bytes"] else 0.0
-        rows.append((split, str(t["shards"]), str(t["documents"]), str(t["members"]), f"{t['raw_bytes'] / 1e6:.1f}",
-                     f"{t['compressed_bytes'] / 1e6:.1f}", f"{ratio:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    args = man["builder"]["args"]
-    lines.append("")
-    lines.append(f"builder {man['builder']['version']}, zstd level {args['zstd_level']}, member {args['member_bytes']} B, "
-                 f"val fraction {args['val_fraction']}, {man.get('tasks', '?')} task(s)"
-                 + (f", dictionary id {man['zstd_dict']['id']}" if man.get("zstd_dict") else ""))
-    st = man.get("stats", {})
-    lines.append(f"read {st.get('documents_read', 0)} documents from {st.get('sources', 0)} sources; "
-                 f"duplicates dropped {st.get('duplicates', 0)}, size-filtered {st.get('filtered_size', 0)}, "
-                 f"sources skipped {st.get('skipped_sources', 0)}")
-    return "\n".join(lines) + "\n"
+        r, (e, bad_input) = failed[0]
+        raise (DataError if bad_input else RuntimeError)(f"shard build failed on MPI rank {r}: {e}")

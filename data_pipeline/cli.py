@@ -1,7 +1,8 @@
 """`terrabyte shards {build,stats,verify}`: registered into the main CLI by `add_subcommands`.
 
 Each leaf parser sets `func`, a handler taking the parsed args and returning an exit code. Errors
-in user input surface as ValueError/OSError, which the main CLI prints as one line.
+in user input surface as TerrabyteError (errors.py) or OSError, which the main CLI prints as one
+line; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import argparse
 import logging
 import re
 import sys
+
+from .errors import TerrabyteError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ def cmd_build(args) -> int:
         dedup=args.dedup, min_bytes=args.min_bytes, max_bytes=args.max_bytes, dict_bytes=args.dict_bytes,
         on_error=args.on_error, comm=comm)
     if rank == 0:
-        from .builder import format_stats
+        from .verify import format_stats
 
         sys.stdout.write(format_stats(man))
     return 0
@@ -106,7 +109,8 @@ def cmd_build(args) -> int:
 def cmd_stats(args) -> int:
     import json
 
-    from .builder import format_stats, load_manifest
+    from .manifest import load_manifest
+    from .verify import format_stats
 
     man = load_manifest(args.dir)
     if args.json:
@@ -117,7 +121,8 @@ def cmd_stats(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .builder import load_manifest, verify_shards
+    from .manifest import load_manifest
+    from .verify import verify_shards
 
     problems = verify_shards(args.dir, progress=not args.no_progress)
     for p in problems:
@@ -129,14 +134,14 @@ def cmd_verify(args) -> int:
 
 def main(argv=None) -> int:
     """Standalone entry (`python -m terrabyte.data_pipeline.cli shards ...`), same error policy as
-    the main CLI: one line, no traceback, for bad input."""
+    the main CLI: one line, no traceback, for bad input (a TerrabyteError or OSError)."""
     parser = argparse.ArgumentParser(prog="terrabyte")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
+    except (TerrabyteError, OSError) as e:
         sys.stderr.write(f"terrabyte: error: {e}\n")
         return 1
 

@@ -17,15 +17,15 @@ resuming seeks with the member offsets stored in the manifest (no re-reading). T
 `dp_world` (same global batch) continues the same global sequence of samples, since the lanes do not
 depend on the world size. `num_workers` threads only prefetch and decompress members; results are
 consumed in a fixed order, so batches never depend on it.
+
+`split_documents` and `count_sequences` are the other read-side entry points by path: the whole
+documents of a split (for `terrabyte eval`) and the validation pass's length.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import itertools
 import logging
-import os
-import sysconfig
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +35,10 @@ import numpy as np
 import torch
 
 from . import stages
-from .builder import DICT_FILE, build_shards, load_manifest
-from .stages import DataError, ErrorCounter, ShardFiles
+from .errors import CheckpointError, ConfigError, DataError
+from .manifest import load_dictionary, load_manifest, shard_list
+from .stages import ErrorCounter, ShardFiles
+from .vocab import BYTES, Vocab
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +66,31 @@ def _split_tokens(manifest: dict, split: str) -> int:
 def count_sequences(path: str, split: str = "val", seq_len: int = 2048) -> int:
     """Number of seq_len sequences (the last one padded) in a full non-looping pass of a split."""
     man = load_manifest(path)
-    stages.shard_list(man, split)  # raises if the split is empty
+    shard_list(man, split)  # raises if the split is empty
     return -(-_split_tokens(man, split) // seq_len)
 
 
+def split_documents(path: str, split: str = "val") -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of every document of a split of the build at `path`, in stored order (shards
+    in manifest order, members in tar order; chunks of large documents joined). `split` "all"
+    means every split the manifest has, in sorted order. Shards are read sequentially as tar
+    files, so `path` must be a local build; a bad member raises a DataError naming it."""
+    man = load_manifest(path)
+    zdict = load_dictionary(man)
+    splits = sorted({s["split"] for s in man["shards"]}) if split == "all" else [split]
+    for name in splits:
+        urls = [s["url"] for s in shard_list(man, name)]
+        yield from stages.documents(stages.decompress(stages.tar_members(urls), zdict))
+
+
 class ByteLoader:
-    """Iterates micro-batches: int64 tensors (micro_batch, seq_len) of bytes 0..255 and `eos_id`.
+    """Iterates micro-batches: tensors (micro_batch, seq_len) of `dtype` holding data values
+    0..vocab.num_tokens-1 (bytes), `eos_id` after each document and (loop=False only) `pad_id`.
+    The ids come from `vocab` (default `BYTES`: pad 256, EOS 257); `eos_id` / `pad_id`, when
+    given, override it.
 
     loop=True (training): endless epochs, order as in the module docstring; a corpus too small for
-    one global step raises ValueError. loop=False (validation): the split once, unshuffled; each
+    one global step raises ConfigError. loop=False (validation): the split once, unshuffled; each
     rank reads a contiguous range; the last sequence is padded with `pad_id` and every rank yields
     the same number of full micro-batches (rows past the end of the data are all `pad_id`). Each
     `iter()` of a non-looping loader is a fresh pass.
@@ -80,43 +98,46 @@ class ByteLoader:
 
     def __init__(self, path: str, split: str = "train", seq_len: int = 2048, global_batch: int = 8,
                  micro_batch: int = 4, dp_rank: int = 0, dp_world: int = 1, seed: int = 0, num_workers: int = 0,
-                 eos_id: int = 257, pad_id: int = 256, loop: bool = True, on_error: str = "raise",
-                 shuffle: bool = True, prefetch: int = 2, allow_pipe: bool = False,
-                 dtype: torch.dtype = torch.int64):
+                 eos_id: int | None = None, pad_id: int | None = None, loop: bool = True,
+                 on_error: str = "raise", shuffle: bool = True, prefetch: int = 2, allow_pipe: bool = False,
+                 dtype: torch.dtype = torch.int64, vocab: Vocab = BYTES):
         for name, v in (("seq_len", seq_len), ("global_batch", global_batch), ("micro_batch", micro_batch),
                         ("dp_world", dp_world), ("prefetch", prefetch)):
             if int(v) < 1:
-                raise ValueError(f"ByteLoader: {name}={v} must be >= 1")
+                raise ConfigError(f"ByteLoader: {name}={v} must be >= 1")
         if not 0 <= dp_rank < dp_world:
-            raise ValueError(f"ByteLoader: dp_rank={dp_rank} must be in [0, dp_world={dp_world})")
+            raise ConfigError(f"ByteLoader: dp_rank={dp_rank} must be in [0, dp_world={dp_world})")
         if global_batch % (dp_world * micro_batch):
-            raise ValueError(f"ByteLoader: global_batch={global_batch} is not a multiple of "
-                             f"dp_world*micro_batch={dp_world}*{micro_batch}")
+            raise ConfigError(f"ByteLoader: global_batch={global_batch} is not a multiple of "
+                              f"dp_world*micro_batch={dp_world}*{micro_batch}")
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"ByteLoader: on_error={on_error!r} must be 'raise' or 'skip'")
+            raise ConfigError(f"ByteLoader: on_error={on_error!r} must be 'raise' or 'skip'")
         if num_workers < 0:
-            raise ValueError(f"ByteLoader: num_workers={num_workers} must be >= 0")
+            raise ConfigError(f"ByteLoader: num_workers={num_workers} must be >= 0")
         if dtype not in _NP_DTYPES:
-            raise ValueError(f"ByteLoader: dtype={dtype} must be torch.int64 or torch.int32")
+            raise ConfigError(f"ByteLoader: dtype={dtype} must be torch.int64 or torch.int32")
         # int32 halves the bytes written per token and moved to the accelerator; the trainer widens
         # to int64 on the device, where it is free
         self.dtype, self._np_dtype = dtype, _NP_DTYPES[dtype]
         self.path, self.split, self.seq_len = path, split, int(seq_len)
         self.global_batch, self.micro_batch = int(global_batch), int(micro_batch)
         self.dp_rank, self.dp_world, self.seed = int(dp_rank), int(dp_world), int(seed)
-        self.eos_id, self.pad_id, self.loop, self.on_error = int(eos_id), int(pad_id), bool(loop), on_error
+        self.vocab = vocab
+        self.eos_id = int(vocab.eos_id if eos_id is None else eos_id)
+        self.pad_id = int(vocab.pad_id if pad_id is None else pad_id)
+        self.loop, self.on_error = bool(loop), on_error
         self.shuffle, self.prefetch, self.num_workers = bool(shuffle) and bool(loop), int(prefetch), int(num_workers)
         self.grad_accum = self.global_batch // (self.dp_world * self.micro_batch)
 
         self.manifest = load_manifest(path, allow_pipe=allow_pipe)
-        self.table = stages.member_table(stages.shard_list(self.manifest, split))
+        self.table = stages.member_table(shard_list(self.manifest, split))
         self.total_tokens = int(self.table.tokens.sum())
         self.manifest_id = _manifest_id(self.manifest, split)
-        self.zdict = self._load_dict()
+        self.zdict = load_dictionary(self.manifest)
         if self.loop:
             _, self.steps_per_epoch = stages.lanes(self.total_tokens, self.global_batch, self.seq_len)
             if self.steps_per_epoch == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"split {split!r} of {path!r} has {self.total_tokens} tokens, fewer than global_batch*seq_len = "
                     f"{self.global_batch}*{self.seq_len}: use a smaller batch or sequence, or more data")
         else:
@@ -163,19 +184,19 @@ class ByteLoader:
         try:
             epoch, step, micro = int(state["epoch"]), int(state["step"]), int(state["micro"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"loader state {state!r} lacks integer epoch/step/micro") from None
+            raise CheckpointError(f"loader state {state!r} lacks integer epoch/step/micro") from None
         for key in ("seed", "seq_len", "global_batch", "manifest"):
             if key in state and int(state[key]) != getattr(self, "manifest_id" if key == "manifest" else key):
                 what = "the shards were rebuilt" if key == "manifest" else f"{key} changed to {getattr(self, key)}"
-                raise ValueError(f"cannot resume data loader: saved {key}={state[key]} but {what}; "
-                                 "exact resume needs the same data order settings")
+                raise ConfigError(f"cannot resume data loader: saved {key}={state[key]} but {what}; "
+                                  "exact resume needs the same data order settings")
         if micro and (state.get("dp_world", self.dp_world) != self.dp_world
                       or state.get("micro_batch", self.micro_batch) != self.micro_batch):
-            raise ValueError(f"cannot resume mid-step (micro={micro}) with a different dp_world/micro_batch; "
-                             "save loader state at optimizer-step boundaries")
+            raise ConfigError(f"cannot resume mid-step (micro={micro}) with a different dp_world/micro_batch; "
+                              "save loader state at optimizer-step boundaries")
         limit = self.steps_per_epoch if self.loop else self.eval_batches
         if step < 0 or epoch < 0 or not 0 <= micro < max(self.grad_accum, 1) or (step >= limit and limit):
-            raise ValueError(f"loader state epoch={epoch} step={step} micro={micro} is out of range for this data")
+            raise CheckpointError(f"loader state epoch={epoch} step={step} micro={micro} is out of range for this data")
         self._epoch, self._step, self._micro = epoch, step, micro
         self._generation += 1
 
@@ -192,17 +213,6 @@ class ByteLoader:
             pass
 
     # -- internals ------------------------------------------------------------------------------
-
-    def _load_dict(self) -> bytes | None:
-        info = self.manifest.get("zstd_dict")
-        if not info:
-            return None
-        url = stages._join(self.manifest["_dir"], info.get("path", DICT_FILE))
-        try:
-            return stages.read_whole(url)
-        except OSError as e:
-            raise FileNotFoundError(f"zstd dictionary {stages.display(url)!r} named by the manifest is missing: "
-                                    f"{e.strerror or e}") from None
 
     def _load_member(self, i: int, order_seed) -> stages.Segments | None:
         """read -> decompress -> parse -> segments for member i (runs on a prefetch thread)."""
@@ -340,49 +350,3 @@ class ByteLoader:
             if self._step == self.eval_batches:
                 self._step = 0  # the next iter() is a fresh pass
             yield torch.from_numpy(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# The embedded default corpus
-# ---------------------------------------------------------------------------------------------
-
-STDLIB_INCLUDE = ("*.py",)
-STDLIB_EXCLUDE = ("site-packages/*", "dist-packages/*")
-
-
-def stdlib_corpus() -> str:
-    """The running interpreter's standard library source directory (~30 MB of .py files)."""
-    return sysconfig.get_paths()["stdlib"]
-
-
-def _valid_default(out_dir: str, corpus: str) -> bool:
-    try:
-        man = load_manifest(out_dir)
-    except (OSError, ValueError):
-        return False
-    args = man["builder"]["args"]
-    if list(args.get("inputs", [])) != [corpus] or list(args.get("include", [])) != list(STDLIB_INCLUDE):
-        return False
-    return all(os.path.getsize(os.path.join(out_dir, s["path"])) == s["tar_bytes"]
-               if os.path.exists(os.path.join(out_dir, s["path"])) else False for s in man["shards"])
-
-
-def ensure_default_shards(out_dir: str, progress: bool = False) -> str:
-    """Builds shards of the standard library's *.py files into out_dir once; returns out_dir.
-
-    Safe when several local ranks call it at once (a file lock serialises them; the first builds,
-    the rest find the finished manifest). On several nodes, call it on one rank and barrier.
-    """
-    corpus = stdlib_corpus()
-    if _valid_default(out_dir, corpus):
-        return out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".build.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not _valid_default(out_dir, corpus):
-                logger.info("building default shards from %s into %s", corpus, out_dir)
-                build_shards([corpus], out_dir, include=STDLIB_INCLUDE, exclude=STDLIB_EXCLUDE, progress=progress)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return out_dir

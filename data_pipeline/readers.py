@@ -29,6 +29,8 @@ from typing import Iterator, Sequence
 
 import zstandard
 
+from .errors import ConfigError, DataError
+
 logger = logging.getLogger(__name__)
 
 # Input formats chosen with --format. "auto" picks by file name; "raw" reads every file as bytes.
@@ -64,7 +66,7 @@ class ReadOptions:
 
 def source_kind(name: str, input_format: str) -> str:
     if input_format not in FORMATS:
-        raise ValueError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
     if input_format == "raw":
         return "file"
     if input_format == "mediawiki":
@@ -109,7 +111,7 @@ def discover_sources(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
-        raise ValueError("no inputs given: pass at least one file, directory, glob or '-' for stdin")
+        raise ConfigError("no inputs given: pass at least one file, directory, glob or '-' for stdin")
     sources: list[Source] = []
     for raw in inputs:
         item = os.fspath(raw)
@@ -117,8 +119,8 @@ def discover_sources(
             sources.append(Source("stdin", STDIN, "stdin", 0))
             continue
         if item.startswith(("http://", "https://", "pipe:")):
-            raise ValueError(f"input {item!r}: URLs and pipe: inputs are read by the loader only; "
-                             "download the corpus first")
+            raise ConfigError(f"input {item!r}: URLs and pipe: inputs are read by the loader only; "
+                              "download the corpus first")
         if _has_magic(item) and not os.path.exists(item):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
@@ -241,7 +243,7 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                     f = tf.extractfile(info)
                     yield Document(name, f.read() if f else b"", src.name)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, OSError) as e:
-        raise ValueError(f"cannot read archive {src.path!r}: {e}") from None
+        raise DataError(f"cannot read archive {src.path!r}: {e}") from None
 
 
 def read_jsonl(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
@@ -261,13 +263,13 @@ def read_jsonl(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterat
                     rec = json.loads(line)
                     text = rec[field]
                 except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{src.path}:{lineno}: not a JSON object with a {field!r} field "
-                                     "(set --text-field)") from None
+                    raise DataError(f"{src.path}:{lineno}: not a JSON object with a {field!r} field "
+                                    "(set --text-field)") from None
                 data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
                 path = f"{src.name}:{lineno}"
                 yield Document(path, data, group_key(path, opts.group_depth))
     except (OSError, EOFError, zstandard.ZstdError) as e:
-        raise ValueError(f"cannot read JSON Lines file {src.path!r}: {e}") from None
+        raise DataError(f"cannot read JSON Lines file {src.path!r}: {e}") from None
 
 
 # expat error codes that mean "the input ended early" (enwik8/9 end mid-page)
@@ -304,7 +306,7 @@ def read_mediawiki(src: Source, opts: ReadOptions, include=(), exclude=()) -> It
             yield Document(path, text.encode("utf-8"), group_key(path, opts.group_depth))
     except ET.ParseError as e:
         if n == 0 or e.code not in _TRUNCATION_CODES:
-            raise ValueError(f"cannot parse MediaWiki XML {src.path!r}: {e}") from None
+            raise DataError(f"cannot parse MediaWiki XML {src.path!r}: {e}") from None
         logger.info("%s: stopped at a truncated page after %d pages", src.path, n)
     finally:
         f.close()

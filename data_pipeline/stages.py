@@ -1,16 +1,26 @@
-"""Small composable stages of the loading pipeline.
+"""The read side's stages: from a manifest's member index to token streams.
 
-Like webdataset's `filters.py`, a stage is a plain generator over an iterable (or a function of one
-item, wrapped by `_map` into a generator), so each is testable alone and the loader is just their
-composition:
+Like webdataset's `filters.py`, each piece is a plain function of one item or a generator over an
+iterable, testable alone. `ByteLoader` (loader.py) uses them in this order, per lane of an epoch:
 
-    member_table -> epoch_order -> lanes (the rank split) -> read_member (tar by offset)
-        -> decompress -> unbundle (Segments: documents + EOS) -> pack(seq_len, skip, limit) -> batch
+    member_table -> epoch_order -> lanes (the rank split) -> locate (where a lane starts)
+        -> prefetch_map(read_member (one pread of a member's JSON + zstd) -> decompress_sample
+                        (into a BufferPool buffer) -> parse_meta -> member_segments)
+        -> TokenReader.fill (documents + EOS, into the loader's lane buffer)
 
-`tar_members` is the sequential alternative to `read_members` (expands a tar stream the way
-webdataset's `tar_file_expander` + `group_by_keys` do); `verify` and streaming readers use it.
-Errors follow one policy, a handler: "raise" names the shard and member; "skip" drops the member,
-counts it in an `ErrorCounter` and logs it.
+and cuts micro-batches out of the filled lane buffer itself: there is no separate pack or batch
+stage, because the loader fills a block of steps of each lane per `fill` call into one reused
+buffer and casts each micro-batch from it (why: `ByteLoader._iter_train`, data_pipeline/BENCHMARKS.md).
+
+The sequential path, for whole documents instead of packed batches (`loader.split_documents`,
+used by `terrabyte eval`, and the tests):
+
+    tar_members (expands tar shards as webdataset's `tar_file_expander` + `group_by_keys` do)
+        -> decompress -> documents (chunks of large documents joined)
+
+`documents_from_wds` reads one sample of upstream `webdataset`. Errors follow one policy, a
+handler: "raise" raises a `DataError` naming the shard and member; "skip" drops the member, counts
+it in an `ErrorCounter` and logs it.
 """
 from __future__ import annotations
 
@@ -30,16 +40,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 import zstandard
 
+from .errors import DataError
+from .manifest import INDEX_KEYS, display, run_pipe
+from .system import atomic_write
+
 logger = logging.getLogger(__name__)
-
-INDEX_KEYS = ("json_offset", "json_size", "zst_offset", "zst_size", "raw", "starts", "ends", "cont")
-
-
-class DataError(ValueError):
-    """A shard or member that cannot be read as written (corrupt, truncated, missing)."""
 
 
 @dataclass
@@ -67,27 +74,8 @@ def _handle(err: Exception, where: str, on_error: str, counter: ErrorCounter | N
 
 
 # ---------------------------------------------------------------------------------------------
-# Shard list and member table (from the manifest)
+# Member table (from the manifest's shard list)
 # ---------------------------------------------------------------------------------------------
-
-
-def shard_list(manifest: dict, split: str) -> list[dict]:
-    """The split's shards, in manifest order, with absolute paths (`url`)."""
-    base = manifest.get("_dir", ".")
-    shards = [dict(s, url=_join(base, s["path"])) for s in manifest["shards"] if s["split"] == split]
-    if not shards:
-        have = sorted({s["split"] for s in manifest["shards"]})
-        raise ValueError(f"manifest in {base!r} has no {split!r} shards (it has: {', '.join(have) or 'none'}); "
-                         "rebuild with a different --val-fraction or pick another split")
-    return shards
-
-
-def _join(base: str, path: str) -> str:
-    if base.startswith("pipe:"):
-        return f"{base}\0{path}"  # template and file name; ShardFiles runs it
-    if "://" in base:
-        return base.rstrip("/") + "/" + path
-    return os.path.join(base, path)
 
 
 @dataclass
@@ -192,15 +180,11 @@ class ShardFiles:
     def _fetch_pipe(self, url: str) -> str:
         import tempfile
 
-        from .builder import run_pipe
-
         template, name = url.split("\0", 1)
         if self._cache_dir is None:
             self._cache_dir = tempfile.mkdtemp(prefix="terrabyte-pipe-")
         local = os.path.join(self._cache_dir, os.path.basename(name))
-        with open(local + ".tmp", "wb") as f:
-            f.write(run_pipe(template, name))
-        os.replace(local + ".tmp", local)
+        atomic_write(local, run_pipe(template, name))
         return local
 
     def pread(self, url: str, offset: int, size: int) -> bytes:
@@ -231,26 +215,6 @@ class ShardFiles:
 
                 shutil.rmtree(self._cache_dir, ignore_errors=True)
                 self._cache_dir = None
-
-
-def display(url: str) -> str:
-    """A shard location for messages (a pipe: location is a template and a file name)."""
-    return url.replace("\0", " ")
-
-
-def read_whole(url: str) -> bytes:
-    """A whole small file (e.g. the zstd dictionary) from a local path, http(s) URL or pipe:."""
-    if url.startswith("pipe:"):
-        from .builder import run_pipe
-
-        return run_pipe(*url.split("\0", 1))
-    if "://" in url:
-        import urllib.request
-
-        with urllib.request.urlopen(url, timeout=60) as r:
-            return r.read()
-    with open(url, "rb") as f:
-        return f.read()
 
 
 def _http_range(url: str, offset: int, size: int) -> bytes:
@@ -485,15 +449,10 @@ def _tokens_vectorized(raw, offsets, lengths, ends, eos_id) -> np.ndarray:
     return out
 
 
-def member_tokens(s: Sample, eos_id: int, order_seed: Sequence[int] | None = None) -> np.ndarray:
-    """A parsed member as one uint16 token array (documents, EOS after each ending document)."""
-    return member_segments(s, eos_id, order_seed).tokens(eos_id)
-
-
 class TokenReader:
-    """Reads a stream of Segments into caller-given buffers (casting to the buffer's dtype while
-    copying: one pass from zstd output to the int64 batch). `skip` tokens are dropped first, and at
-    most `limit` tokens are delivered."""
+    """Reads a stream of Segments into caller-given buffers, casting to the buffer's dtype while
+    copying (the loader's lane buffer is uint16). `skip` tokens are dropped first, and at most
+    `limit` tokens are delivered."""
 
     def __init__(self, members: Iterable[Segments], eos_id: int, skip: int = 0, limit: int | None = None):
         self._members = iter(members)
@@ -576,11 +535,6 @@ def decompress(samples: Iterable[Sample], zdict: bytes | None = None, on_error="
     return _map(samples, lambda s: decompress_sample(s, zdict), on_error, counter)
 
 
-def unbundle(samples: Iterable[Sample], eos_id: int, on_error="raise", counter=None) -> Iterator[Segments]:
-    """Samples -> Segments (documents in stored order, EOS after each ending document)."""
-    return _map(samples, lambda s: member_segments(parse_meta(s), eos_id), on_error, counter)
-
-
 def documents(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
     """Samples -> (path, document bytes), joining chunks of large documents."""
     partial: list[bytes] = []
@@ -598,48 +552,6 @@ def documents_from_wds(sample: dict) -> list[tuple[str, bytes, dict]]:
     raw = zstandard.ZstdDecompressor().decompress(sample["zst"])
     meta = json.loads(sample["json"])
     return [(d["path"], raw[d["offset"]:d["offset"] + d["length"]], d) for d in meta["docs"]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing and batching
-# ---------------------------------------------------------------------------------------------
-
-
-def pack(members: Iterable[Segments], seq_len: int, eos_id: int, pad_id: int | None = None,
-         skip: int = 0, limit: int | None = None) -> Iterator[np.ndarray]:
-    """Packs a stream of members into int64 arrays of exactly seq_len (EOS between documents);
-    the final partial one is padded with pad_id, or dropped when pad_id is None."""
-    reader = TokenReader(members, eos_id, skip, limit)
-    while True:
-        row = np.empty(seq_len, dtype=np.int64)
-        n = reader.fill(row)
-        if n < seq_len:
-            if n and pad_id is not None:
-                row[n:] = pad_id
-                yield row
-            return
-        yield row
-
-
-def batch(seqs: Iterable[np.ndarray], n: int) -> Iterator[torch.Tensor]:
-    """Groups n sequences into an int64 tensor (n, seq_len); a final short group is dropped."""
-    group = []
-    for s in seqs:
-        group.append(s)
-        if len(group) == n:
-            yield stack(group)
-            group = []
-
-
-def stack(seqs: Sequence[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(seqs).astype(np.int64, copy=False))
-
-
-def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Per-position document index within each row (EOS belongs to the document it ends), for
-    attention masks that keep packed documents apart: attend only where ids are equal."""
-    is_eos = (tokens == eos_id).long()
-    return torch.cumsum(is_eos, dim=-1) - is_eos
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,7 +106,9 @@ def documents(sources: list[str], split: str) -> Iterator[tuple[str, bytes]]:
     for source in sources:
         path = Path(source)
         if (path / "manifest.json").is_file():
-            yield from _shard_documents(path, split)
+            from terrabyte.data_pipeline.loader import split_documents
+
+            yield from split_documents(str(path), split)
         elif path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
                 yield str(file.relative_to(path)), _read(file)
@@ -121,17 +123,6 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise OSError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _shard_documents(path: Path, split: str) -> Iterator[tuple[str, bytes]]:
-    from terrabyte.data_pipeline import stages
-    from terrabyte.data_pipeline.builder import load_manifest
-
-    manifest = load_manifest(str(path))
-    splits = sorted({s["split"] for s in manifest["shards"]}) if split == "all" else [split]
-    for name in splits:
-        urls = [s["url"] for s in stages.shard_list(manifest, name)]
-        yield from stages.documents(stages.decompress(stages.tar_members(urls)))
 
 
 # --------------------------------------------------------------------------- CLI

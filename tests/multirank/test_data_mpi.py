@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from terrabyte.data_pipeline.builder import build_shards, load_manifest
+from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.manifest import load_manifest
 
 MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
 

@@ -21,7 +21,8 @@ def test_bench_data_table(tmp_path, capsys):
     loader_rows = [v for k, v in rows.items() if k.startswith("ByteLoader")]
     assert len(loader_rows) == 4  # int32 and int64, 0 and 1 prefetch threads
     assert sum("(int32)" in r for r in loader_rows) == 2
-    from terrabyte.data_pipeline.builder import build_shards, load_manifest
+    from terrabyte.data_pipeline.builder import build_shards
+    from terrabyte.data_pipeline.manifest import load_manifest
     from terrabyte.data_pipeline.loader import ByteLoader
 
     build_shards([str(src)], str(tmp_path / "s"), progress=False)

@@ -18,8 +18,11 @@ import torch
 import zstandard
 
 from terrabyte.data_pipeline import builder, stages
-from terrabyte.data_pipeline.builder import build_shards, load_manifest, verify_shards
+from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.errors import DataError
 from terrabyte.data_pipeline.loader import ByteLoader
+from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline.verify import verify_shards
 
 
 def all_docs(out, split=None):
@@ -262,3 +265,17 @@ def test_loader_reads_pipe_only_when_allowed(tmp_path):
     assert not os.path.exists(cache)  # ...removed on close
     with pytest.raises(FileNotFoundError, match="pipe command"):
         ByteLoader(f"pipe:cat {tmp_path}/nowhere/{{}}", allow_pipe=True, **kw)
+
+
+def test_split_documents_of_a_dictionary_build(tmp_path):
+    from terrabyte.data_pipeline.loader import split_documents
+
+    make_tree(tmp_path / "in", n=60)
+    out = tmp_path / "s"
+    build_shards([str(tmp_path / "in")], str(out), dict_bytes=1024, member_bytes=512, val_fraction=0.2,
+                 progress=False)
+    for split in ("train", "val"):
+        assert dict(split_documents(str(out), split)) == all_docs(out, split)
+    assert dict(split_documents(str(out), "all")) == all_docs(out)
+    with pytest.raises(DataError, match="no 'test' shards"):
+        list(split_documents(str(out), "test"))

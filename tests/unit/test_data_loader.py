@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import build_shards, load_manifest
-from terrabyte.data_pipeline.loader import ByteLoader, count_sequences, ensure_default_shards, stdlib_corpus
+from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.errors import DataError
+from terrabyte.data_pipeline.loader import ByteLoader, count_sequences
+from terrabyte.data_pipeline.manifest import load_manifest, shard_list
+from terrabyte.data_pipeline.stdlib_corpus import ensure_default_shards, stdlib_corpus
+
+from .reference_stages import batch, member_tokens, pack, unbundle
 
 EOS, PAD = 257, 256
 SEQ = 32
@@ -46,13 +51,13 @@ def take(loader, n):
 def stream_of_epoch(path, seed, epoch):
     """The epoch's token stream recomputed from the manifest with the sequential stages."""
     man = load_manifest(path)
-    table = stages.member_table(stages.shard_list(man, "train"))
+    table = stages.member_table(shard_list(man, "train"))
     order = stages.epoch_order(table, seed, epoch)
     samples = {s.where: s for s in stages.decompress(stages.tar_members(table.urls))}
     out = []
     for i in order:
         s = stages.parse_meta(samples[table.where(int(i))])
-        out.append(stages.member_tokens(s, EOS, (seed, epoch, int(i))))
+        out.append(member_tokens(s, EOS, (seed, epoch, int(i))))
     return np.concatenate(out).astype(np.int64)
 
 
@@ -85,7 +90,7 @@ def test_batches_are_lanes_of_the_epoch_stream(shards):
 def test_stream_holds_every_document_once_with_eos(shards):
     path, docs = shards
     man = load_manifest(path)
-    table = stages.member_table(stages.shard_list(man, "train"))
+    table = stages.member_table(shard_list(man, "train"))
     samples = list(stages.decompress(stages.tar_members(table.urls)))
     train_docs = dict(stages.documents(samples))
     stream = stream_of_epoch(path, 0, 0)
@@ -104,7 +109,7 @@ def test_stream_holds_every_document_once_with_eos(shards):
 def test_validation_pass_is_documents_joined_with_eos(shards):
     path, _ = shards
     man = load_manifest(path)
-    val_urls = [s["url"] for s in stages.shard_list(man, "val")]
+    val_urls = [s["url"] for s in shard_list(man, "val")]
     val_docs = list(stages.documents(stages.decompress(stages.tar_members(val_urls))))
     expect = np.concatenate([np.append(np.frombuffer(d, np.uint8).astype(np.int64), EOS) for _, d in val_docs])
     for world in (1, 2, 3):
@@ -120,8 +125,8 @@ def test_validation_pass_is_documents_joined_with_eos(shards):
         assert (flat[len(expect):] == PAD).all()
     assert count_sequences(path, "val", SEQ) == -(-len(expect) // SEQ)
     # the same pass composed from the generic stages: tar -> decompress -> unbundle -> pack -> batch
-    composed = list(stages.batch(stages.pack(stages.unbundle(stages.decompress(stages.tar_members(val_urls)), EOS),
-                                             SEQ, EOS, pad_id=PAD), 1))
+    composed = list(batch(pack(unbundle(stages.decompress(stages.tar_members(val_urls)), EOS),
+                               SEQ, EOS, pad_id=PAD), 1))
     loader = ByteLoader(path, split="val", seq_len=SEQ, global_batch=1, micro_batch=1, loop=False)
     assert len(composed) == len(loader) and all(torch.equal(a, b) for a, b in zip(composed, loader))
     # each iter() of a non-looping loader is a fresh pass
@@ -228,7 +233,7 @@ def test_corrupt_member_raises_with_name_or_is_skipped(shards, tmp_path):
         f.seek(zo + zs // 2)
         f.write(b"\xff" * 8)
     kw = dict(seq_len=SEQ, global_batch=2, micro_batch=2, loop=False, split="train")
-    with pytest.raises(stages.DataError, match=rf"{shard['path']} member 000001"):
+    with pytest.raises(DataError, match=rf"{shard['path']} member 000001"):
         list(ByteLoader(str(bad), **kw))
     ld = ByteLoader(str(bad), on_error="skip", **kw)
     n_rows = sum(len(b) for b in ld)
@@ -273,13 +278,13 @@ def test_missing_shard_is_named_or_skipped(shards, tmp_path):
     victim = [s for s in man["shards"] if s["split"] == "val"][0]
     (bad / victim["path"]).unlink()
     kw = dict(seq_len=SEQ, global_batch=2, micro_batch=2, loop=False, split="val")
-    with pytest.raises(stages.DataError, match=victim["path"]):
+    with pytest.raises(DataError, match=victim["path"]):
         list(ByteLoader(str(bad), **kw))
     ld = ByteLoader(str(bad), on_error="skip", **kw)
     batches = list(ld)
     assert ld.errors.skipped == victim["members"] and len(batches) == len(ld)
     # what was read is exactly the surviving shards' documents, then padding
-    rest = [s["url"] for s in stages.shard_list(man, "val") if s["path"] != victim["path"]]
+    rest = [s["url"] for s in shard_list(man, "val") if s["path"] != victim["path"]]
     expect = [t for _, d in stages.documents(stages.decompress(stages.tar_members(rest))) for t in list(d) + [EOS]]
     flat = np.concatenate([b.numpy().reshape(-1) for b in batches])
     assert flat[:len(expect)].tolist() == expect and (flat[len(expect):] == PAD).all()
@@ -311,3 +316,19 @@ def test_int32_batches_equal_int64(tmp_path):
         assert "dtype" in str(exc)
     else:
         raise AssertionError("int16 accepted")
+
+
+def test_special_ids_come_from_the_vocab(shards):
+    from terrabyte.data_pipeline.vocab import BYTES, Vocab
+
+    path, _ = shards
+    kw = dict(seq_len=SEQ, global_batch=2, micro_batch=2, split="val", loop=False)
+    default = list(ByteLoader(path, **kw))
+    assert all(torch.equal(a, b) for a, b in zip(default, ByteLoader(path, vocab=BYTES, **kw)))
+    wide = list(ByteLoader(path, vocab=Vocab(300), **kw))  # pad 300, EOS 301
+    flat, wflat = torch.cat(default).reshape(-1), torch.cat(wide).reshape(-1)
+    assert (flat == EOS).any() and (flat == PAD).any()
+    assert torch.equal(wflat == 301, flat == EOS) and torch.equal(wflat == 300, flat == PAD)
+    assert torch.equal(wflat[flat < 256], flat[flat < 256])
+    explicit = ByteLoader(path, eos_id=EOS, pad_id=PAD, vocab=Vocab(300), **kw)  # explicit ids win
+    assert (explicit.eos_id, explicit.pad_id) == (EOS, PAD)

@@ -9,6 +9,9 @@ import zstandard
 
 from terrabyte.data_pipeline import stages
 from terrabyte.data_pipeline.builder import Bundler, split_of
+from terrabyte.data_pipeline.errors import DataError
+
+from .reference_stages import batch, document_ids, member_tokens, pack
 
 EOS, PAD = 257, 256
 
@@ -24,16 +27,16 @@ def sample(docs, order_seed=None):
 
 def test_member_tokens_insert_eos_after_each_document():
     s = stages.parse_meta(sample([("a", b"ab"), ("b", b""), ("c", b"\x00\xff")]))
-    toks = stages.member_tokens(s, EOS)
+    toks = member_tokens(s, EOS)
     assert toks.dtype == np.uint16
     assert toks.tolist() == [97, 98, EOS, EOS, 0, 255, EOS]
 
 
 def test_member_tokens_seeded_document_order():
     docs = [(f"d{i}", bytes([i]) * (i + 1)) for i in range(6)]
-    a = stages.member_tokens(stages.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
-    b = stages.member_tokens(stages.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
-    c = stages.member_tokens(stages.parse_meta(sample(docs)), EOS, (2, 0, 5)).tolist()
+    a = member_tokens(stages.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
+    b = member_tokens(stages.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
+    c = member_tokens(stages.parse_meta(sample(docs)), EOS, (2, 0, 5)).tolist()
     assert a == b and a != c
     perm = np.random.default_rng([1, 0, 5]).permutation(6)
     assert a == [t for i in perm for t in [i] * (i + 1) + [EOS]]
@@ -44,7 +47,7 @@ def test_chunks_of_a_large_document_have_eos_only_at_the_end():
     members = list(b.add("big", bytes(range(25)))) + list(b.flush())
     assert [len(m.raw) for m in members] == [9, 9, 7]  # equal chunks, not 10 + 10 + 5
     assert [m.cont for m in members] == [1, 1, 0]
-    toks = [stages.member_tokens(stages.Sample("x", {"docs": m.pieces}, m.raw), EOS).tolist() for m in members]
+    toks = [member_tokens(stages.Sample("x", {"docs": m.pieces}, m.raw), EOS).tolist() for m in members]
     assert sum(toks, []) == list(range(25)) + [EOS]
 
 
@@ -89,12 +92,12 @@ def test_token_reader_fill_skip_limit():
 
 def test_pack_pads_or_drops_the_tail():
     members = [segs(bytes(range(5)), bytes(range(5, 7)), ends=[False, False]), segs(bytes(range(7, 20)), ends=[False])]
-    packed = list(stages.pack(members, 6, EOS))
+    packed = list(pack(members, 6, EOS))
     assert [p.tolist() for p in packed] == [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
     assert packed[0].dtype == np.int64
-    padded = list(stages.pack(members, 6, EOS, pad_id=PAD))
+    padded = list(pack(members, 6, EOS, pad_id=PAD))
     assert padded[-1].tolist() == [18, 19, PAD, PAD, PAD, PAD]
-    assert [p.tolist() for p in stages.pack(members, 4, EOS, skip=3, limit=6)] == [[3, 4, 5, 6]]
+    assert [p.tolist() for p in pack(members, 4, EOS, skip=3, limit=6)] == [[3, 4, 5, 6]]
 
 
 def test_tiny_documents_take_the_vectorised_path():
@@ -103,14 +106,14 @@ def test_tiny_documents_take_the_vectorised_path():
     seg = stages.member_segments(stages.parse_meta(s), EOS)
     assert len(seg.lengths) == 1 and seg.raw.dtype == np.uint16  # materialised
     assert seg.tokens(EOS).tolist() == [t for d in docs for t in list(d) + [EOS]]
-    shuffled = stages.member_tokens(stages.parse_meta(sample([(f"d{i}", d) for i, d in enumerate(docs)])), EOS, (4, 2))
+    shuffled = member_tokens(stages.parse_meta(sample([(f"d{i}", d) for i, d in enumerate(docs)])), EOS, (4, 2))
     perm = np.random.default_rng([4, 2]).permutation(len(docs))
     assert shuffled.tolist() == [t for i in perm for t in list(docs[i]) + [EOS]]
 
 
 def test_batch_and_stack():
     seqs = [np.full(4, i, dtype=np.uint16) for i in range(5)]
-    out = list(stages.batch(iter(seqs), 2))
+    out = list(batch(iter(seqs), 2))
     assert len(out) == 2 and out[1].dtype == torch.int64 and out[1].tolist() == [[2] * 4, [3] * 4]
 
 
@@ -146,11 +149,11 @@ def test_decompress_checks_size_and_frame():
     zst = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
     ok = stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=len(raw)))
     assert ok.data == raw
-    with pytest.raises(stages.DataError, match="s m"):
+    with pytest.raises(DataError, match="s m"):
         stages.decompress_sample(stages.Sample("s m", b"{}", zst[:-3], raw_size=len(raw)))
-    with pytest.raises(stages.DataError, match="manifest says 5"):
+    with pytest.raises(DataError, match="manifest says 5"):
         stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=5))
-    with pytest.raises(stages.DataError, match="malformed member JSON"):
+    with pytest.raises(DataError, match="malformed member JSON"):
         stages.parse_meta(stages.Sample("s m", b"{not json", raw))
     counter = stages.ErrorCounter()
     good = stages.Sample("a", b"{}", zst, len(raw))
@@ -161,7 +164,7 @@ def test_decompress_checks_size_and_frame():
 
 def test_document_ids():
     t = torch.tensor([[1, 2, EOS, 3, EOS, EOS, 4]])
-    assert stages.document_ids(t, EOS).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
+    assert document_ids(t, EOS).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
 
 
 def test_prefetch_map_keeps_order():

@@ -1,0 +1,138 @@
+"""The shard format's names, and reading a build's `manifest.json`: what the write side promises
+the read side.
+
+The builder writes, next to its tar shards, one `manifest.json`:
+
+    {"format": "terrabyte-shards", "builder": {"version", "args"}, "tasks", "zstd_dict",
+     "shards": [{"split", "path", "task", "documents", "members", "raw_bytes", "compressed_bytes",
+                 "tar_bytes", "sha256", "index": {INDEX_KEYS -> one int per member}}, ...],
+     "totals": {split or "all": {...}}, "stats": {...}}
+
+`load_manifest` reads it from a directory, a file, an http(s) URL or a `pipe:` command template and
+keeps where it came from as `_dir`; `shard_list` and `file_url` turn the relative shard and
+dictionary paths into locations the readers (`stages.ShardFiles`, `read_whole`) open. This module
+reads no shard: the builder, the loader, `verify` and the stages all build on it, and it imports
+none of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import ConfigError, DataError
+
+FORMAT = "terrabyte-shards"
+MANIFEST = "manifest.json"
+DICT_FILE = "zstd.dict"
+SPLITS = ("train", "val")
+INDEX_KEYS = ("json_offset", "json_size", "zst_offset", "zst_size", "raw", "starts", "ends", "cont")
+"""Per-member columns of a shard's `index`: where its JSON and zstd payloads sit in the tar (data
+offsets, not headers), its raw size, documents starting / ending in it, and whether its last
+document continues in the next member."""
+
+
+def run_pipe(template: str, name: str) -> bytes:
+    """Output of a `pipe:` command template with `{}` replaced by a file name (manifest, shard)."""
+    import shlex
+    import subprocess
+
+    cmd = template[len("pipe:"):].replace("{}", shlex.quote(name))
+    r = subprocess.run(cmd, shell=True, capture_output=True)
+    if r.returncode != 0:
+        msg = r.stderr.decode(errors="replace").strip().splitlines()
+        raise FileNotFoundError(f"pipe command {cmd!r} failed (exit {r.returncode}): {msg[-1] if msg else ''}")
+    return r.stdout
+
+
+def load_manifest(path: str, allow_pipe: bool = False) -> dict:
+    """Reads and checks `<dir>/manifest.json` (a directory, a manifest file, an http(s) URL of
+    either, or with `allow_pipe` a `pipe:CMD` template whose `{}` is replaced by each file name);
+    raises naming the file. The directory is kept as `_dir` to resolve shard paths."""
+    path = os.fspath(path)
+    if path.startswith("pipe:"):
+        if not allow_pipe:
+            raise ConfigError(f"data path {path!r} runs a shell command: allow it explicitly "
+                              "(ByteLoader(allow_pipe=True) / data.allow_pipe) or use a local path or http(s) URL")
+        if "{}" not in path:
+            raise ConfigError(f"pipe: data path {path!r} needs a '{{}}' where the file name goes, e.g. "
+                              "'pipe:aws s3 cp s3://bucket/shards/{} -'")
+        text, mpath, base = run_pipe(path, MANIFEST), path.replace("{}", MANIFEST), path
+    elif path.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        mpath = path if path.endswith(".json") else path.rstrip("/") + "/" + MANIFEST
+        try:
+            with urllib.request.urlopen(mpath, timeout=60) as r:
+                text = r.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise FileNotFoundError(f"cannot fetch shard manifest {mpath!r}: {e}") from None
+        base = mpath.rsplit("/", 1)[0]
+    else:
+        mpath = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
+        if not os.path.exists(mpath):
+            raise FileNotFoundError(f"no {MANIFEST} in {path!r}: build shards first with `terrabyte shards build`")
+        with open(mpath, "rb") as f:
+            text = f.read()
+        base = os.path.dirname(os.path.abspath(mpath))
+    try:
+        man = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{mpath!r} is not valid JSON ({e}); rebuild the shards") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT or "shards" not in man:
+        raise DataError(f"{mpath!r} is not a Terrabyte shard manifest; rebuild the shards")
+    man["_dir"] = base
+    return man
+
+
+def file_url(manifest: dict, path: str) -> str:
+    """Where to read the build's file `path` (a shard, the dictionary): a local path, an http(s)
+    URL, or for a `pipe:` build the template and the file name joined by NUL (`display` prints it)."""
+    base = manifest.get("_dir", ".")
+    if base.startswith("pipe:"):
+        return f"{base}\0{path}"  # template and file name; stages.ShardFiles runs it
+    if "://" in base:
+        return base.rstrip("/") + "/" + path
+    return os.path.join(base, path)
+
+
+def display(url: str) -> str:
+    """A shard location for messages (a pipe: location is a template and a file name)."""
+    return url.replace("\0", " ")
+
+
+def shard_list(manifest: dict, split: str) -> list[dict]:
+    """The split's shards, in manifest order, with their locations (`url`)."""
+    shards = [dict(s, url=file_url(manifest, s["path"])) for s in manifest["shards"] if s["split"] == split]
+    if not shards:
+        have = sorted({s["split"] for s in manifest["shards"]})
+        raise DataError(f"manifest in {manifest.get('_dir', '.')!r} has no {split!r} shards (it has: "
+                        f"{', '.join(have) or 'none'}); rebuild with a different --val-fraction or pick another split")
+    return shards
+
+
+def read_whole(url: str) -> bytes:
+    """A whole small file (e.g. the zstd dictionary) from a local path, http(s) URL or pipe:."""
+    if url.startswith("pipe:"):
+        return run_pipe(*url.split("\0", 1))
+    if "://" in url:
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.read()
+    with open(url, "rb") as f:
+        return f.read()
+
+
+def load_dictionary(manifest: dict) -> bytes | None:
+    """The zstd dictionary the build was compressed with, or None; FileNotFoundError naming it if
+    the manifest names one that cannot be read."""
+    info = manifest.get("zstd_dict")
+    if not info:
+        return None
+    url = file_url(manifest, info.get("path", DICT_FILE))
+    try:
+        return read_whole(url)
+    except OSError as e:
+        raise FileNotFoundError(f"zstd dictionary {display(url)!r} named by the manifest is missing: "
+                                f"{e.strerror or e}") from None
