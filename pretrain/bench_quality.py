@@ -153,7 +153,7 @@ class Contender:
 def _shards(cfg: Config, work_dir: Path) -> str:
     if cfg.data.path:
         return cfg.data.path
-    from terrabyte.data_pipeline.loader import ensure_default_shards
+    from terrabyte.data_pipeline.stdlib_corpus import ensure_default_shards
 
     return ensure_default_shards(str(work_dir / "data"))
 
@@ -161,10 +161,8 @@ def _shards(cfg: Config, work_dir: Path) -> str:
 def _loader(cfg: Config, shards: str, split: str, seed: int, loop: bool):
     from terrabyte.data_pipeline.loader import ByteLoader
 
-    vocab = _vocab(cfg)
     return ByteLoader(shards, split=split, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch,
-                      micro_batch=cfg.train.micro_batch, seed=seed, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
-                      loop=loop)
+                      micro_batch=cfg.train.micro_batch, seed=seed, loop=loop, vocab=_vocab(cfg))
 
 
 def _vocab(cfg: Config):

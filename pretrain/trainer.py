@@ -45,7 +45,7 @@ def setup_logging(level: str, rank: int) -> None:
 
 def resolve_data(cfg: Config, rank: int) -> Path:
     """The shard directory: ``data.path``, or the standard-library corpus built once into the run."""
-    from terrabyte.data_pipeline.loader import ensure_default_shards
+    from terrabyte.data_pipeline.stdlib_corpus import ensure_default_shards
 
     if cfg.data.path:
         path = Path(cfg.data.path)
@@ -109,8 +109,7 @@ class Trainer:
             dp_world=self.layout.dp if world is None else world,
             seed=self.cfg.run.seed,
             num_workers=self.cfg.data.num_workers,
-            eos_id=self.vocab.eos_id,
-            pad_id=self.vocab.pad_id,
+            vocab=self.vocab,
             loop=loop,
             on_error=self.cfg.data.on_error,
             # training batches travel as int32 and are widened on the device (see train_step)
