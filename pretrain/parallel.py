@@ -2,7 +2,8 @@
 DeepSpeed-Ulysses sequence parallelism and the AutoTP partition specs.
 
 The model file knows nothing of ranks. Everything here reuses the model's own modules (and methods,
-where they fit) so the parallel forms compute what ``TerraByte.forward`` computes:
+where they fit: ``Stage.inputs`` builds every stage's input tokens, ``model.cross_entropy`` is the
+loss) so the parallel forms compute what ``TerraByte.forward`` computes:
 
 * ``plan_layout``: which ranks form a data-parallel replica (pipeline stages, tensor- or
   sequence-parallel peers) and which data-parallel rank reads which data.
@@ -22,12 +23,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from terrabyte.data_pipeline.errors import ConfigError
+
 from .args import validate_world
-from .model import Stage, TerraByte
+from .model import Attention, Stage, TerraByte, cross_entropy
 
 if TYPE_CHECKING:
     from .args import Config
@@ -140,7 +142,7 @@ class EmbedLayer(_PipeLayer):
 
     def forward(self, ids: Tensor):
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
-            raise ValueError(
+            raise ConfigError(
                 f"pipeline input has shape {tuple(ids.shape)}; it takes whole sequences (batch, {self.context_length})"
             )
         units = ids.view(ids.shape[0], -1, self.unit_sizes[0])  # (b, patches, patch bytes)
@@ -209,8 +211,7 @@ class PipelineLoss:
         self.reduction = "mean"
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=self.pad_id, reduction=self.reduction)
+        return cross_entropy(logits, labels, self.pad_id, self.reduction)
 
 
 def pipeline_layers(source: _Source) -> list[tuple[type, tuple]]:
@@ -310,7 +311,7 @@ class SequenceParallel(nn.Module):
     def __init__(self, model: TerraByte, group, rank: int, size: int):
         super().__init__()
         if model.max_seq_len[0] % size:
-            raise ValueError(f"sequence parallel size {size} must divide the {model.max_seq_len[0]} global patches")
+            raise ConfigError(f"sequence parallel size {size} must divide the {model.max_seq_len[0]} global patches")
         self.stages = model.stages
         self.to_logits = model.to_logits
         self.group, self.sp_rank, self.sp_size = group, rank, size
@@ -326,18 +327,17 @@ class SequenceParallel(nn.Module):
         per = self.patches // self.sp_size
         p0, p1 = self.sp_rank * per, (self.sp_rank + 1) * per
         units = ids.view(b, self.patches, self.unit_sizes[0])
-        # as Stage.inputs: position i sees patch i-1, position 0 the start token
-        emb = stage.embed(units[:, max(p0 - 1, 0):p1 - 1])
-        # every rank uses the start token, if only with weight 0: ZeRO-3 gathers a parameter and
-        # reduces its gradient as collectives, so all ranks must touch the same parameters
-        start = stage.start_token.to(emb.dtype).expand(b, 1, -1)
-        x = torch.cat((start, emb), dim=1) if p0 == 0 else emb + 0 * start
+        x = stage.inputs(units, start=p0, end=p1)  # (b, p1 - p0, dim0)
+        if p0 > 0:
+            # every rank uses the start token, if only with weight 0: ZeRO-3 gathers a parameter and
+            # reduces its gradient as collectives, so all ranks must touch the same parameters
+            x = x + 0 * stage.start_token.to(x.dtype)
         return stage(x, start=p0)  # rotary positions of this rank's patches
 
     def forward(self, x: Tensor, return_loss: bool = False) -> Tensor:
         ids = x.reshape(x.shape[0], -1)
         if ids.shape[1] != self.context_length:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence-parallel input has {ids.shape[1]} bytes per row; it takes whole sequences of "
                 f"{self.context_length}"
             )
@@ -353,8 +353,7 @@ class SequenceParallel(nn.Module):
                 ctx = stage.project_down(h)
         logits = self.to_logits(h).view(b, span, self.vocab_size)
         if return_loss:
-            nats = F.cross_entropy(logits.reshape(-1, self.vocab_size), mine.reshape(-1),
-                                   ignore_index=self.pad_id, reduction="sum")
+            nats = cross_entropy(logits, mine, self.pad_id, reduction="sum")
             scored = (ids != self.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
             return nats * self.sp_size / scored
         return self._gather_sequence(logits).view(*x.shape, self.vocab_size)
@@ -393,8 +392,6 @@ def autotp_config(tp: int) -> dict:
 def shard_attention_heads(module: nn.Module, tp: int) -> int:
     """After AutoTP split q/k/v by heads, each rank's ``Attention`` holds ``heads / tp`` of them: fix
     the head count its reshapes use (AutoTP only knows HF attribute names). Returns modules changed."""
-    from .model import Attention
-
     changed = 0
     for sub in module.modules():
         if isinstance(sub, Attention):

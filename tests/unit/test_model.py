@@ -351,7 +351,7 @@ def test_flash_attn_flag_falls_back_silently_on_cpu():
 
 def top_k_filter(logits, filter_thres):
     """Keep the top (1 - filter_thres) fraction of logits by count (MEGABYTE-pytorch semantics)."""
-    from terrabyte.pretrain.model import top_k_count
+    from terrabyte.pretrain.decode import top_k_count
 
     kth = torch.topk(logits, top_k_count(logits.shape[-1], filter_thres), dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))

@@ -85,7 +85,7 @@ def test_sparse_prompt_runs_the_sparse_kernel_not_a_dense_mask(monkeypatch):
     """A prompt of many patches goes through the stage's sparse attention; decode-time masks are
     built for one query row at a time (a mask over every prompt row is quadratic in its length),
     and a query that sees few of the cached keys attends over just those."""
-    from terrabyte.pretrain import model as model_module
+    from terrabyte.pretrain import decode as model_module
 
     gathered, gather = [], model_module._gather_keys
 
