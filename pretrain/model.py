@@ -141,7 +141,10 @@ class SparseAttention(nn.Module):
         super().__init__()
         from terrabyte.kernels import SparsePattern, sparse_attention
 
-        self.pattern = SparsePattern.from_config(pattern_config)
+        try:
+            self.pattern = SparsePattern.from_config(pattern_config)
+        except ValueError as exc:  # the pattern comes from the config: name it, in one line
+            raise ConfigError(f"sparse attention pattern {pattern_config!r}: {exc}") from None
         self._sparse_attention = sparse_attention
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

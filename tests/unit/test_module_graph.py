@@ -19,9 +19,24 @@ def _module_name(path: Path) -> str:
     return ".".join(["terrabyte", *parts])
 
 
+def _files() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module name an ``import`` statement in the file names (absolute ones as written)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return names
+
+
 def import_graph() -> dict[str, set[str]]:
     """{module: modules of this package it imports}, e.g. terrabyte.pretrain.trainer -> {...}."""
-    files = {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    files = _files()
     graph = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
@@ -35,8 +50,9 @@ def import_graph() -> dict[str, set[str]]:
                     anchor = package.split(".")
                     anchor = anchor[: len(anchor) - (node.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
-                # `from . import engine` names a module; `from .model import X` names the module
-                candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+                # `from . import engine` names a module; `from .model import X` names names in one
+                candidates = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+                              for alias in node.names]
             else:
                 continue
             for candidate in candidates:
@@ -97,3 +113,10 @@ def test_lower_layers_never_import_launch():
                  for target in targets
                  if module.split(".")[1] in LOWER_LAYERS and target.startswith("terrabyte.launch"))
     assert bad == []
+
+
+def test_model_never_imports_deepspeed():
+    for module in ("pretrain/model.py", "pretrain/decode.py"):
+        names = imported_names(REPO / module)
+        assert "torch" in names  # the scanner sees this file's imports
+        assert not [n for n in names if n.split(".")[0] == "deepspeed"], module
