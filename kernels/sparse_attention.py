@@ -12,7 +12,7 @@ LongNet dilated segments, global tokens) given by a few integers per head, or an
 layout. A program never reads a list of blocks: ``_sweep`` enumerates, from those integers, the
 blocks each part touches, skips the ones an earlier part owns, and visits every touched tile exactly
 once in two passes: tiles that are entirely attended without any mask, then the partly attended
-ones with the element-wise predicate ``_allowed``. ``patterns._visit`` is the plain-Python twin of
+ones with the element-wise predicate ``_allowed``. ``tile_walk.visit`` is the plain-Python twin of
 ``_sweep``; the tests compare them tile by tile through ``_count_kernel``.
 
 Public: ``sparse_attention`` (Triton on CUDA tensors, the PyTorch reference on CPU tensors unless
@@ -307,7 +307,7 @@ def _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a
 
 # ================================================================================================
 # Enumeration of the tiles of one fixed block (a query block; a key block when TRANSPOSED).
-# Twin of patterns._visit: same parts, same order, same ownership rules.
+# Twin of tile_walk.visit: same parts, same order, same ownership rules.
 # ================================================================================================
 
 @triton.jit
