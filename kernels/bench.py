@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from terrabyte.data_pipeline.system import describe_machine
+from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from .patterns import SparsePattern
 
@@ -288,10 +287,7 @@ def format_table(report: Report) -> str:
 
 
 def _write_json(path: str, report: Report) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(asdict(report), fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(asdict(report), indent=1))
 
 
 def _parse_lengths(text: str) -> list[int]:
