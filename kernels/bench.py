@@ -2,12 +2,14 @@
 
 For one fixed pattern and a list of lengths it reports, per implementation, forward and
 forward+backward time and TFLOP/s, the block-mask build time of FlexAttention (separately), the
-layout metadata in bytes, and the longest sequence whose forward+backward fits in GPU memory.
+layout metadata in bytes, and with ``--find-max`` (GPU) the longest sequence whose
+forward+backward fits in GPU memory. ``--json`` also writes the report as JSON (atomically).
 
-FLOPs are counted on computed tiles, as the issue asks: 4 * b * b * head_dim per computed b x b tile
-for the forward (QK^T and PV), 3.5x that for forward+backward (the FlashAttention convention:
-backward = 2.5x forward), times batch; tiles are counted by the kernels' own enumeration. Flex is
-counted on its own block mask (128 x 128 blocks), dense SDPA on the causal half, n^2 / 2.
+FLOPs are counted on computed tiles: 4 * b * b * head_dim per computed b x b tile for the forward
+(QK^T and PV), 3.5x that for forward+backward (the FlashAttention convention: backward = 2.5x
+forward), times batch. Tiles are counted by the kernels' own walk (``count_tiles``) on a GPU, by its
+Python twin (``SparsePattern.num_tiles``, ``tile_walk.py``) on CPU. Flex is counted on its own block
+mask (128 x 128 blocks), dense SDPA on the causal half, n^2 / 2 (n^2 with ``--non-causal``).
 
 On a machine without CUDA it runs the PyTorch reference (chunked) and dense SDPA at small sizes, so
 the command always works; those numbers say nothing about the kernels.

@@ -2,8 +2,9 @@
 
 A :class:`SparsePattern` describes the attended set of every head as the UNION of a few parts, each
 defined by a handful of integers, so the layout of a sequence of any length is computed on the fly
-(inside the Triton kernels, by :func:`allowed`, or by :meth:`SparsePattern.key_blocks`) and never
-stored. Positions are 0-based absolute indices in the sequence; ``i`` is a query, ``j`` a key.
+(inside the Triton kernels, by :meth:`SparsePattern.allowed`, or by :meth:`SparsePattern.key_blocks`)
+and never stored. Positions are 0-based absolute indices in the sequence; ``i`` is a query, ``j`` a
+key.
 
 Config keys (``SparsePattern.from_config``; the model's ``attention: {kind: sparse, pattern: ...}``)
 -----------------------------------------------------------------------------------------------
