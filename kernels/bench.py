@@ -2,12 +2,14 @@
 
 For one fixed pattern and a list of lengths it reports, per implementation, forward and
 forward+backward time and TFLOP/s, the block-mask build time of FlexAttention (separately), the
-layout metadata in bytes, and the longest sequence whose forward+backward fits in GPU memory.
+layout metadata in bytes, and with ``--find-max`` (GPU) the longest sequence whose
+forward+backward fits in GPU memory. ``--json`` also writes the report as JSON (atomically).
 
-FLOPs are counted on computed tiles, as the issue asks: 4 * b * b * head_dim per computed b x b tile
-for the forward (QK^T and PV), 3.5x that for forward+backward (the FlashAttention convention:
-backward = 2.5x forward), times batch; tiles are counted by the kernels' own enumeration. Flex is
-counted on its own block mask (128 x 128 blocks), dense SDPA on the causal half, n^2 / 2.
+FLOPs are counted on computed tiles: 4 * b * b * head_dim per computed b x b tile for the forward
+(QK^T and PV), 3.5x that for forward+backward (the FlashAttention convention: backward = 2.5x
+forward), times batch. Tiles are counted by the kernels' own walk (``count_tiles``) on a GPU, by its
+Python twin (``SparsePattern.num_tiles``, ``tile_walk.py``) on CPU. Flex is counted on its own block
+mask (128 x 128 blocks), dense SDPA on the causal half, n^2 / 2 (n^2 with ``--non-causal``).
 
 On a machine without CUDA it runs the PyTorch reference (chunked) and dense SDPA at small sizes, so
 the command always works; those numbers say nothing about the kernels.
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from terrabyte.data_pipeline.system import describe_machine
+from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from .patterns import SparsePattern
 
@@ -288,10 +289,7 @@ def format_table(report: Report) -> str:
 
 
 def _write_json(path: str, report: Report) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(asdict(report), fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(asdict(report), indent=1))
 
 
 def _parse_lengths(text: str) -> list[int]:

@@ -12,8 +12,15 @@ LongNet dilated segments, global tokens) given by a few integers per head, or an
 layout. A program never reads a list of blocks: ``_sweep`` enumerates, from those integers, the
 blocks each part touches, skips the ones an earlier part owns, and visits every touched tile exactly
 once in two passes: tiles that are entirely attended without any mask, then the partly attended
-ones with the element-wise predicate ``_allowed``. ``patterns._visit`` is the plain-Python twin of
-``_sweep``; the tests compare them tile by tile through ``_count_kernel``.
+ones with the element-wise predicate ``_allowed``. ``tile_walk.visit`` is the plain-Python twin of
+``_sweep``; the tests compare them tile by tile through ``_count_kernel`` (``count_tiles``).
+
+Reading order, as in the tutorial: each kernel calls its inner function once per pass
+(``_attn_fwd_inner(acc, l_i, m_i, q, ...)``, ``_attn_bwd_dq_inner(dq, q, do, lse, delta, ...)``,
+``_attn_bwd_dkdv_inner(dk, dv, k, v, ...)``, ``_count_inner``), which runs the shared walk
+``_sweep`` with the kernel's tile body (``_fwd_tile``, ``_dq_tile``, ``_dkdv_tile``,
+``_count_tile``). The walk carries the kernel's values in positional slots it never reads; the inner
+function and ``_tile`` are the two places that bind them to names.
 
 Public: ``sparse_attention`` (Triton on CUDA tensors, the PyTorch reference on CPU tensors unless
 ``backend="triton"``), ``reference_attention`` (plain PyTorch, exact, optionally chunked so memory
@@ -35,12 +42,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
 BACKENDS = ("auto", "triton", "reference")
 
-# What a tile does (constexpr KIND of _sweep / _tile).
+# Which kernel's tile body the walk runs (constexpr KIND of _sweep / _tile).
 _FWD = tl.constexpr(0)
 _DQ = tl.constexpr(1)
 _DKDV = tl.constexpr(2)
 _COUNT = tl.constexpr(3)  # record visited tiles only (tests, benchmark tile counts)
-_LOG2E = tl.constexpr(1.4426950408889634)
 
 _poison_outputs = False  # tests: fill outputs with NaN before launch so unwritten elements show
 
@@ -207,12 +213,10 @@ def _orient(blk, x0, xl, n, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 # ================================================================================================
-# Tile bodies. State slots (s0, s1, s2, s3) and fixed-side slots (f0..f3) per KIND:
-#   _FWD : s0 acc (B, D) fp32, s2 row max m, s3 row sum l   | f0 q            | moving: K, V
-#   _DQ  : s0 dq (B, D) fp32                                | f0 q, f1 dO, f2 lse, f3 delta | K, V
-#   _DKDV: s0 dk, s1 dv (B, D) fp32                         | f0 k, f1 v      | moving: Q, dO, lse, delta
-#   _COUNT: s2 full tiles, s3 masked tiles (per lane)       | -               | map row (if HAS_MAP)
-# Unused slots carry any tensor through unchanged.
+# Tile bodies, one per kernel. A tile is the (BLOCK x BLOCK) square between the program's fixed
+# block and one moving block of the walk: forward and dQ fix a query block ``qb`` and move over key
+# blocks ``kb``; dK/dV fixes a key block and moves over query blocks. MASKED: the tile is only partly
+# attended, so the element-wise predicate applies (and the moving rows may run past n).
 # ================================================================================================
 
 @triton.jit
@@ -239,75 +243,104 @@ def _store_rows(base, rows, stride, offs_d, n, x, HEAD_DIM: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b, map_ptr,
-          blk, xb, n, prm, qk_scale,
-          KIND: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
-          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr,
-          NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
-    offs_b = blk * BLOCK + tl.arange(0, BLOCK)
+def _fwd_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k, stride_v, kb, qb, n, prm, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
+              LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over key block ``kb``: the running output ``acc`` (BLOCK, BLOCK_D) fp32, row sum
+    ``l_i`` and row max ``m_i`` (base 2, scores already scaled by ``qk_scale``) of query block ``qb``."""
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    if KIND == _COUNT:
+    k = _load_rows(k_ptr, offs_n, stride_k, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_ptr, offs_n, stride_v, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        ok = _allowed(offs_m[:, None], offs_n[None, :], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
+        qk = tl.where(ok, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with nothing attended so far keeps m = -inf; shift by 0 then, so no inf - inf.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k, stride_v, kb, qb, n, prm, qk_scale,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
+             LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ of query block ``qb`` (fp32, before the softmax scale) plus key block ``kb``'s share:
+    P = exp2(S - lse), dS = P * (dO V^T - delta), dQ += dS K."""
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(k_ptr, offs_n, stride_k, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_ptr, offs_n, stride_v, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(qk - lse[:, None])
+    if MASKED:
+        ok = _allowed(offs_m[:, None], offs_n[None, :], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_q, stride_do, qb, kb, n, prm, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
+               LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK, dV of key block ``kb`` (fp32, dK before the softmax scale) plus query block ``qb``'s share,
+    on the transposed tile (rows are keys, columns queries): dV += P^T dO, dK += dS^T Q."""
+    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr, offs_m, stride_q, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+    do = _load_rows(do_ptr, offs_m, stride_do, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
+    if MASKED:
+        lse = tl.load(lse_ptr + offs_m, mask=offs_m < n, other=0.0)
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < n, other=0.0)
+    else:
+        lse = tl.load(lse_ptr + offs_m)
+        delta = tl.load(delta_ptr + offs_m)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    p_t = tl.math.exp2(qk_t - lse[None, :])
+    if MASKED:
+        ok = _allowed(offs_m[None, :], offs_n[:, None], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
+        p_t = tl.where(ok, p_t, 0.0)
+    dv = dv + tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = dk + tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _count_tile(n_full, n_masked, map_ptr, blk, MASKED: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Count the visit (per lane) and, with HAS_MAP (tests), add to the visit map: 1 per unmasked
+    visit, 16 per masked one, so repeats show."""
+    if MASKED:
+        n_masked = n_masked + 1.0
+    else:
+        n_full = n_full + 1.0
+    if HAS_MAP:
+        seen = tl.load(map_ptr + blk)
         if MASKED:
-            s3 = s3 + 1.0
+            tl.store(map_ptr + blk, seen + 16)
         else:
-            s2 = s2 + 1.0
-        if HAS_MAP:  # tests: 1 per unmasked visit, 16 per masked visit, so repeats show
-            seen = tl.load(map_ptr + blk)
-            if MASKED:
-                tl.store(map_ptr + blk, seen + 16)
-            else:
-                tl.store(map_ptr + blk, seen + 1)
-    elif KIND == _FWD:
-        k = _load_rows(a_ptr, offs_b, stride_a, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_rows(b_ptr, offs_b, stride_b, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
-        qk = tl.dot(f0, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if MASKED:
-            ok = _allowed(offs_x[:, None], offs_b[None, :], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
-            qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(s2, tl.max(qk, 1))
-        # A row with nothing attended so far keeps m = -inf; shift by 0 then, so no inf - inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(s2 - m_use)
-        s3 = s3 * alpha + tl.sum(p, 1)
-        s0 = s0 * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        s2 = m_new
-    elif KIND == _DQ:
-        k = _load_rows(a_ptr, offs_b, stride_a, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_rows(b_ptr, offs_b, stride_b, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
-        qk = tl.dot(f0, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(qk - f2[:, None])
-        if MASKED:
-            ok = _allowed(offs_x[:, None], offs_b[None, :], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
-            p = tl.where(ok, p, 0.0)
-        dp = tl.dot(f1, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - f3[:, None])
-        s0 = s0 + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    else:  # _DKDV: the tile transposed, rows are keys of the fixed block, columns queries of blk
-        q = _load_rows(a_ptr, offs_b, stride_a, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
-        do = _load_rows(b_ptr, offs_b, stride_b, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
-        if MASKED:
-            lse = tl.load(av_ptr + offs_b, mask=offs_b < n, other=0.0)
-            delta = tl.load(bv_ptr + offs_b, mask=offs_b < n, other=0.0)
-        else:
-            lse = tl.load(av_ptr + offs_b)
-            delta = tl.load(bv_ptr + offs_b)
-        qk_t = tl.dot(f0, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        p_t = tl.math.exp2(qk_t - lse[None, :])
-        if MASKED:
-            ok = _allowed(offs_b[None, :], offs_x[:, None], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
-            p_t = tl.where(ok, p_t, 0.0)
-        s1 = s1 + tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-        dp_t = tl.dot(f1, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        s0 = s0 + tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    return s0, s1, s2, s3
+            tl.store(map_ptr + blk, seen + 1)
+    return n_full, n_masked
 
 
 # ================================================================================================
 # Enumeration of the tiles of one fixed block (a query block; a key block when TRANSPOSED).
-# Twin of patterns._visit: same parts, same order, same ownership rules.
+# Twin of tile_walk.visit: same parts, same order, same ownership rules.
 # ================================================================================================
 
 @triton.jit
@@ -542,8 +575,38 @@ def _claimed(p, q0, ql, k0, kl, w, g, l, prm, FULL_PASS: tl.constexpr, CAUSAL: t
     return c
 
 
+# ------------------------------------------------------------------------------------------------
+# The walk shared by the four kernels. It carries the calling kernel's state through the tiles
+# without reading it: three carried values s0..s2, four read-only operands f0..f3 of the fixed
+# block, and the moving side's pointers (rows a_ptr / b_ptr with their strides, per-row vectors
+# av_ptr / bv_ptr). ``_tile`` binds these slots to the named arguments of the kernel's tile body;
+# each kernel's ``_*_inner`` binds its names to them. An unused slot carries any value unchanged.
+# ------------------------------------------------------------------------------------------------
+
 @triton.jit
-def _sweep(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b, map_ptr,
+def _tile(s0, s1, s2, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b, blk, xb, n, prm, qk_scale,
+          KIND: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr,
+          NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The tile of fixed block ``xb`` and moving block ``blk``, by the body of kernel KIND."""
+    if KIND == _FWD:  # s0..s2 = acc, m_i, l_i; f0 = q; a, b = K, V rows
+        s0, s2, s1 = _fwd_tile(s0, s2, s1, f0, a_ptr, b_ptr, stride_a, stride_b, blk, xb, n, prm, qk_scale,
+                               MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL,
+                               LAYOUT_CSR, DOT_PREC)
+    elif KIND == _DQ:  # s0 = dq; f0..f3 = q, do, lse, delta; a, b = K, V rows
+        s0 = _dq_tile(s0, f0, f1, f2, f3, a_ptr, b_ptr, stride_a, stride_b, blk, xb, n, prm, qk_scale,
+                      MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, DOT_PREC)
+    elif KIND == _DKDV:  # s0, s1 = dk, dv; f0, f1 = k, v; a, b = Q, dO rows; av, bv = LSE, DELTA
+        s0, s1 = _dkdv_tile(s0, s1, f0, f1, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b, blk, xb, n, prm,
+                            qk_scale, MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL,
+                            LAYOUT_CSR, DOT_PREC)
+    else:  # _COUNT: s0, s1 = n_full, n_masked; a = the visit-map row
+        s0, s1 = _count_tile(s0, s1, a_ptr, blk, MASKED, HAS_MAP)
+    return s0, s1, s2
+
+
+@triton.jit
+def _sweep(s0, s1, s2, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b,
            xb, n, prm, ptr_ptr, idx_ptr, qk_scale,
            KIND: tl.constexpr, FULL_PASS: tl.constexpr, MASKED: tl.constexpr, TRANSPOSED: tl.constexpr,
            CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -573,10 +636,9 @@ def _sweep(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_
             else:
                 take = inside & (full == 0)
             if take:
-                s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a,
-                                       stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL, BLOCK,
-                                       HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP,
-                                       DOT_PREC)
+                s0, s1, s2 = _tile(s0, s1, s2, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a, stride_b,
+                                   blk, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D,
+                                   HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
     else:
         w = tl.load(prm)
         g = tl.load(prm + 1)
@@ -593,16 +655,31 @@ def _sweep(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_
                 if MASKED:
                     skip = skip | _full_any(q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL, NUM_DIL)
                 if skip == 0:
-                    s0, s1, s2, s3 = _tile(s0, s1, s2, s3, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a,
-                                           stride_b, map_ptr, blk, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL,
-                                           BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR,
-                                           HAS_MAP, DOT_PREC)
-    return s0, s1, s2, s3
+                    s0, s1, s2 = _tile(s0, s1, s2, f0, f1, f2, f3, a_ptr, b_ptr, av_ptr, bv_ptr, stride_a,
+                                       stride_b, blk, xb, n, prm, qk_scale, KIND, MASKED, CAUSAL, BLOCK, HEAD_DIM,
+                                       BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP, DOT_PREC)
+    return s0, s1, s2
 
 
 # ================================================================================================
-# Kernels. Grid: (blocks of the sequence, batch * heads). Offsets are int64 from the start.
+# Kernels. Grid: (blocks of the sequence, batch * heads). Offsets are int64 from the start. Each
+# kernel runs its inner function twice over its fixed block: PASS 0 computes the entirely attended
+# tiles without a mask, PASS 1 the partly attended ones with the element-wise predicate.
 # ================================================================================================
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k, stride_v, qb, n, prm, csr_ptr, csr_idx, qk_scale,
+                    PASS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
+                    LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Pass PASS of query block ``qb`` over its key blocks: ``_fwd_tile`` on each tile."""
+    # Slots s0, s1, s2 = acc, m_i, l_i: in this order the sm_90 code is the same as before the slots
+    # were named (another order reschedules it).
+    acc, m_i, l_i = _sweep(acc, m_i, l_i, q, q, q, q, k_ptr, v_ptr, v_ptr, v_ptr, stride_k, stride_v,
+                           qb, n, prm, csr_ptr, csr_idx, qk_scale, _FWD, PASS == 0, PASS == 1, False, CAUSAL, BLOCK,
+                           HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+    return acc, l_i, m_i
+
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, PRM, PTR, IDX,
@@ -611,29 +688,29 @@ def _fwd_kernel(Q, K, V, O, LSE, PRM, PTR, IDX,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
                 LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
-    xb = tl.program_id(0)
+    qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     prm = PRM + h * prm_row
     ptr = PTR + (h % csr_heads) * (tl.cdiv(n, BLOCK) + 1)
-    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * sqb + h * sqh, offs_x, sqs, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqs, offs_d, n, True, HEAD_DIM, BLOCK_D)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_ptr = K + b * skb + h * skh
+    v_ptr = V + b * svb + h * svh
     for PASS in tl.static_range(2):
-        acc, _, m_i, l_i = _sweep(acc, acc, m_i, l_i, q, q, m_i, m_i, k_base, v_base, LSE, LSE, sks, svs, LSE,
-                                  xb, n, prm, ptr, IDX, qk_scale, _FWD, PASS == 0, PASS == 1, False, CAUSAL, BLOCK,
-                                  HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, qb, n, prm, ptr, IDX, qk_scale,
+                                        PASS, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL,
+                                        LAYOUT_CSR, DOT_PREC)
     # Rows past the end never get a key (l = 0); they are not stored, keep them finite anyway.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    _store_rows(O + b * sob + h * soh, offs_x, sos, offs_d, n, (acc / l_safe[:, None]).to(O.dtype.element_ty),
+    _store_rows(O + b * sob + h * soh, offs_m, sos, offs_d, n, (acc / l_safe[:, None]).to(O.dtype.element_ty),
                 HEAD_DIM, BLOCK_D)
-    tl.store(LSE + bh * n + offs_x, m_i + tl.math.log2(l_safe), mask=offs_x < n)
+    tl.store(LSE + bh * n + offs_m, m_i + tl.math.log2(l_safe), mask=offs_m < n)
 
 
 @triton.jit
@@ -651,33 +728,60 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, n, H,
 
 
 @triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k, stride_v, qb, n, prm, csr_ptr, csr_idx,
+                       qk_scale, PASS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                       HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """Pass PASS of query block ``qb`` over its key blocks (the forward's walk): ``_dq_tile`` on each."""
+    dq, _, _ = _sweep(dq, dq, dq, q, do, lse, delta, k_ptr, v_ptr, v_ptr, v_ptr, stride_k, stride_v,
+                      qb, n, prm, csr_ptr, csr_idx, qk_scale, _DQ, PASS == 0, PASS == 1, False, CAUSAL, BLOCK,
+                      HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, PRM, PTR, IDX,
                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdqb, sdqh, sdqs,
                    n, H, prm_row, csr_heads, qk_scale, sm_scale,
                    CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
                    LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
-    xb = tl.program_id(0)
+    qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     prm = PRM + h * prm_row
     ptr = PTR + (h % csr_heads) * (tl.cdiv(n, BLOCK) + 1)
-    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * sqb + h * sqh, offs_x, sqs, offs_d, n, True, HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO + b * sdb + h * sdh, offs_x, sds, offs_d, n, True, HEAD_DIM, BLOCK_D)
-    lse = tl.load(LSE + bh * n + offs_x, mask=offs_x < n, other=0.0)
-    delta = tl.load(DELTA + bh * n + offs_x, mask=offs_x < n, other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqs, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b * sdb + h * sdh, offs_m, sds, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    lse = tl.load(LSE + bh * n + offs_m, mask=offs_m < n, other=0.0)
+    delta = tl.load(DELTA + bh * n + offs_m, mask=offs_m < n, other=0.0)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_ptr = K + b * skb + h * skh
+    v_ptr = V + b * svb + h * svh
     for PASS in tl.static_range(2):
-        dq, _, _, _ = _sweep(dq, dq, lse, lse, q, do, lse, delta, k_base, v_base, LSE, LSE, sks, svs, LSE,
-                             xb, n, prm, ptr, IDX, qk_scale, _DQ, PASS == 0, PASS == 1, False, CAUSAL, BLOCK, HEAD_DIM,
-                             BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
-    _store_rows(DQ + b * sdqb + h * sdqh, offs_x, sdqs, offs_d, n, (dq * sm_scale).to(DQ.dtype.element_ty),
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, sks, svs, qb, n, prm, ptr, IDX, qk_scale,
+                                PASS, CAUSAL, BLOCK, HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR,
+                                DOT_PREC)
+    _store_rows(DQ + b * sdqb + h * sdqh, offs_m, sdqs, offs_d, n, (dq * sm_scale).to(DQ.dtype.element_ty),
                 HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_q, stride_do, kb, n, prm,
+                         csr_ptr, csr_idx, qk_scale, PASS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                         HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    """Pass PASS of key block ``kb`` over the query blocks that attend it (the transposed walk):
+    ``_dkdv_tile`` on each."""
+    dk, dv, _ = _sweep(dk, dv, dv, k, v, k, k, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_q, stride_do,
+                       kb, n, prm, csr_ptr, csr_idx, qk_scale, _DKDV, PASS == 0, PASS == 1, True, CAUSAL, BLOCK,
+                       HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -687,27 +791,38 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, PRM, PTR, IDX,
                      CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
                      LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
-    xb = tl.program_id(0)
+    kb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     prm = PRM + h * prm_row
     ptr = PTR + (h % csr_heads) * (tl.cdiv(n, BLOCK) + 1)
-    offs_x = xb * BLOCK + tl.arange(0, BLOCK)
+    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * skb + h * skh, offs_x, sks, offs_d, n, True, HEAD_DIM, BLOCK_D)
-    v = _load_rows(V + b * svb + h * svh, offs_x, svs, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    k = _load_rows(K + b * skb + h * skh, offs_n, sks, offs_d, n, True, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V + b * svb + h * svh, offs_n, svs, offs_d, n, True, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    unused = tl.zeros([BLOCK], dtype=tl.float32)
     for PASS in tl.static_range(2):
-        dk, dv, _, _ = _sweep(dk, dv, unused, unused, k, v, unused, unused, Q + b * sqb + h * sqh,
-                              DO + b * sdb + h * sdh, LSE + bh * n, DELTA + bh * n, sqs, sds, LSE,
-                              xb, n, prm, ptr, IDX, qk_scale, _DKDV, PASS == 0, PASS == 1, True, CAUSAL, BLOCK,
-                              HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, False, DOT_PREC)
-    _store_rows(DK + b * sdkb + h * sdkh, offs_x, sdks, offs_d, n, (dk * sm_scale).to(DK.dtype.element_ty),
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh, LSE + bh * n,
+                                      DELTA + bh * n, sqs, sds, kb, n, prm, ptr, IDX, qk_scale, PASS, CAUSAL, BLOCK,
+                                      HEAD_DIM, BLOCK_D, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, DOT_PREC)
+    _store_rows(DK + b * sdkb + h * sdkh, offs_n, sdks, offs_d, n, (dk * sm_scale).to(DK.dtype.element_ty),
                 HEAD_DIM, BLOCK_D)
-    _store_rows(DV + b * sdvb + h * sdvh, offs_x, sdvs, offs_d, n, dv.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b * sdvb + h * sdvh, offs_n, sdvs, offs_d, n, dv.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _count_inner(n_full, n_masked, map_ptr, xb, n, prm, csr_ptr, csr_idx, PASS: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                 HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr, LAYOUT_CSR: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Pass PASS of fixed block ``xb`` (a key block when TRANSPOSED): ``_count_tile`` on each tile.
+    No tile is loaded, so head dim, scale and dot precision are placeholders."""
+    n_full, n_masked, _ = _sweep(n_full, n_masked, n_masked, n_full, n_full, n_full, n_full, map_ptr, map_ptr,
+                                 map_ptr, map_ptr, 0, 0, xb, n, prm, csr_ptr, csr_idx, 1.0, _COUNT, PASS == 0,
+                                 PASS == 1, TRANSPOSED, CAUSAL, BLOCK, 32, 32, HAS_GLOBAL, HAS_STRIDE, NUM_DIL,
+                                 LAYOUT_CSR, HAS_MAP, "ieee")
+    return n_full, n_masked
 
 
 @triton.jit
@@ -724,10 +839,8 @@ def _count_kernel(COUNTS, MAP, PRM, PTR, IDX, n, prm_row, csr_heads,
     n_full = tl.zeros([BLOCK], dtype=tl.float32)
     n_masked = tl.zeros([BLOCK], dtype=tl.float32)
     for PASS in tl.static_range(2):
-        _, _, n_full, n_masked = _sweep(n_full, n_full, n_full, n_masked, n_full, n_full, n_full, n_full,
-                                        COUNTS, COUNTS, COUNTS, COUNTS, 0, 0, MAP + row * nb, xb, n, prm, ptr, IDX,
-                                        1.0, _COUNT, PASS == 0, PASS == 1, TRANSPOSED, CAUSAL, BLOCK, 32, 32,
-                                        HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP, "ieee")
+        n_full, n_masked = _count_inner(n_full, n_masked, MAP + row * nb, xb, n, prm, ptr, IDX, PASS, TRANSPOSED,
+                                        CAUSAL, BLOCK, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR, HAS_MAP)
     tl.store(COUNTS + row * 2, tl.max(n_full, 0).to(tl.int64))
     tl.store(COUNTS + row * 2 + 1, tl.max(n_masked, 0).to(tl.int64))
 
