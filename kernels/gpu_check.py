@@ -31,7 +31,8 @@ import torch
 
 
 def _bootstrap() -> None:
-    """Make ``terrabyte.kernels`` importable from a plain checkout (no pip install on the GPU box)."""
+    """Make ``terrabyte.kernels`` (and ``terrabyte.data_pipeline``, whose host helpers the benchmark
+    uses) importable from a plain checkout (no pip install on the GPU box)."""
     try:
         import terrabyte.kernels  # noqa: F401
         return
@@ -40,16 +41,18 @@ def _bootstrap() -> None:
     import importlib.util
     import types
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     root = types.ModuleType("terrabyte")
     root.__path__ = []
     sys.modules["terrabyte"] = root
-    spec = importlib.util.spec_from_file_location("terrabyte.kernels", os.path.join(here, "__init__.py"),
-                                                  submodule_search_locations=[here])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["terrabyte.kernels"] = module
-    spec.loader.exec_module(module)
-    root.kernels = module
+    for name in ("data_pipeline", "kernels"):
+        folder = os.path.join(repo, name)
+        spec = importlib.util.spec_from_file_location(f"terrabyte.{name}", os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"terrabyte.{name}"] = module
+        spec.loader.exec_module(module)
+        setattr(root, name, module)
 
 
 _bootstrap()
