@@ -7,23 +7,11 @@ import pytest
 import torch
 
 from terrabyte.pretrain import bench_quality as bq
+from tests.unit.test_train import shards  # noqa: F401  (the fixture: a small learnable corpus)
 
 SMALL = ["--model.dim", "32,16", "--model.depth", "1,1", "--model.max_seq_len", "16,4", "--model.dim_head", "8",
          "--model.heads", "2", "--train.micro_batch", "2", "--train.global_batch", "4", "--data.val_sequences", "4",
          "--optim.warmup_steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import build_shards
-
-    root = tmp_path_factory.mktemp("quality")
-    src = root / "src"
-    src.mkdir()
-    for i in range(12):
-        (src / f"m{i}.py").write_text("".join(f"def g{j}(y):\n    return y + {i * j}\n\n" for j in range(40)))
-    build_shards([str(src)], str(root / "shards"), val_fraction=0.25, progress=False)
-    return root / "shards"
 
 
 def _args(tmp_path, shards, *flags):
