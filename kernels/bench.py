@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from .patterns import SparsePattern
@@ -96,16 +97,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         pattern_cfg = json.loads(args.pattern)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--pattern is not valid JSON: {exc}") from None
-    pattern = SparsePattern.from_config(pattern_cfg)
+        raise ConfigError(f"--pattern is not valid JSON: {exc}") from None
+    try:
+        pattern = SparsePattern.from_config(pattern_cfg)
+    except ValueError as exc:
+        raise ConfigError(f"--pattern: {exc}") from None
     lengths = _parse_lengths(args.lengths or (GPU_LENGTHS if on_gpu else CPU_LENGTHS))
     heads = args.heads or (8 if on_gpu else 2)
     head_dim = args.head_dim or (64 if on_gpu else 32)
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
     for name, value in (("--batch", args.batch), ("--heads", heads), ("--head-dim", head_dim), ("--reps", args.reps)):
         if value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
-    pattern.check_heads(heads, "bench attention")
+            raise ConfigError(f"{name} must be positive, got {value}")
+    try:
+        pattern.check_heads(heads, "bench attention")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     machine = describe_machine(str(device)) + ("" if on_gpu else " (reference path)")
     report = Report(device=machine, dtype=dtype_name, batch=args.batch, heads=heads, head_dim=head_dim,
                     causal=not args.non_causal, pattern=pattern.to_config())
@@ -296,15 +303,15 @@ def _parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--lengths must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"--lengths must be comma-separated integers, got {text!r}") from None
     if not lengths or min(lengths) < 1:
-        raise ValueError(f"--lengths must hold positive integers, got {text!r}")
+        raise ConfigError(f"--lengths must hold positive integers, got {text!r}")
     return lengths
 
 
 def _pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available")
+        raise ConfigError("--device cuda asked for, but CUDA is not available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

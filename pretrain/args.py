@@ -363,6 +363,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key model.{key} needs one entry per stage ({stages}) or a single value, got {value}")
     if m.attention is not None and len(m.attention) != stages:
         raise ConfigError(f"config key model.attention needs one entry per stage ({stages}), got {len(m.attention)}")
+    for s, spec in enumerate(m.attention or []):
+        if isinstance(spec, dict) and spec.get("kind") == "sparse" and "pattern" in spec:
+            from terrabyte.kernels import SparsePattern
+
+            heads = m.heads if isinstance(m.heads, int) else m.heads[s if len(m.heads) > 1 else 0]
+            try:
+                SparsePattern.from_config(spec["pattern"]).check_heads(heads, f"model.attention[{s}]")
+            except ValueError as exc:
+                raise ConfigError(f"config key model.attention[{s}].pattern: {exc}") from None
     for key in ("steps", "micro_batch", "global_batch", "eval_interval", "log_interval"):
         _positive(getattr(cfg.train, key), f"train.{key}")
     _positive(cfg.checkpoint.interval, "checkpoint.interval")

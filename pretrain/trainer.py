@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.errors import DataError
+from terrabyte.data_pipeline.errors import DataError, TerrabyteError
 
 from . import checkpoint as ckpt
 from . import engine as eng
@@ -264,7 +264,7 @@ class Trainer:
                 if stop:
                     bar.close()
                     self.metrics.close()
-                    raise ValueError(stop)
+                    raise TerrabyteError(stop)
                 window_bytes += scored
                 window_loss += loss
                 window_steps += 1
