@@ -324,7 +324,10 @@ def advance(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) -> Tens
         # positions lo .. pos are new; they read the parent's complete units (those before pos)
         units = cache.tokens.narrow(1, parent, pos * size).view(b, pos, size)
         ctx = None if s == 0 else cache.stages[s - 1].ctx.narrow(1, lo, pos + 1 - lo)
-        x = stage.inputs(units, ctx, start=lo, end=pos + 1, embed=st.plan.embed)  # (b, pos + 1 - lo, dim)
+        # position 0 reads the unit just before the parent (none before the first: the start token)
+        before = cache.tokens.narrow(1, parent - size, size) if lo == 0 and parent > 0 else None
+        x = stage.inputs(units, ctx, start=lo, end=pos + 1, embed=st.plan.embed,
+                         before=before)  # (b, pos + 1 - lo, dim)
         out = stage_decode(st.plan, x, st.kv, lo)  # (b, rows of w_out)
         st.length = pos + 1
         if stage.to_next is not None:

@@ -9,11 +9,13 @@ stage 0 is the coarsest, the last stage works on single bytes.
 Data flow for stage s with units of ``unit_sizes[s]`` bytes, grouped ``max_seq_len[s]`` per parent
 unit of the stage above:
 
-    input[i] = (start_token_s if i == 0 else embed_s(unit i-1))  +  ctx_{s-1}[i]
+    input[i] = embed_s(unit i-1)  +  ctx_{s-1}[i]
     ctx_s    = to_next_s(stage_s(input))            one vector per child position of stage s+1
 
-so the output at position i has seen only units < i of its own parent (and, through ctx, all
-earlier parents). The last stage's output at byte position j is the prediction of byte j itself
+where unit -1 is the last unit of the previous parent (the stream shifted by one unit, as in
+MEGABYTE's local model), or the learned start token at the very start of the sequence. So the
+output at position i has seen only units < i of its own parent, the unit just before the parent,
+and, through ctx, all earlier parents. The last stage's output at byte position j is the prediction of byte j itself
 from bytes < j: strictly causal, no shift in the loss.
 
 This file holds the layers, ``Stage`` and ``TerraByte`` with its full forward and loss; cached
@@ -40,9 +42,6 @@ from . import decode
 
 logger = logging.getLogger(__name__)
 
-# Standard std for hidden projections (GPT-2 / LLaMA); residual outputs are further divided by
-# sqrt(2 * depth) so the residual stream's variance does not grow with depth.
-INIT_STD = 0.02
 ROPE_THETA = 10000.0
 NORM_EPS = 1e-6
 # SwiGLU has three matrices instead of two: hidden = 2/3 * ff_mult * dim keeps the parameter count
@@ -186,6 +185,15 @@ def build_attention(spec, *, dropout: float, flash: bool) -> Callable:
 # Layers
 # --------------------------------------------------------------------------------------------
 
+def trunc_normal(weight: Tensor, std: float) -> None:
+    nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
+
+
+def init_fan_in(linear: nn.Linear) -> None:
+    """std = 1 / sqrt(fan_in), truncated at 3 std: a unit-RMS input gives a unit-RMS output."""
+    trunc_normal(linear.weight, linear.in_features ** -0.5)
+
+
 def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotary embedding on adjacent pairs (x[2i], x[2i+1]) as complex numbers (RoFormer; the layout
     torchtitan uses): one complex multiply, ~4x faster fwd+bwd on CPU than the rotate-half form.
@@ -303,13 +311,19 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), freqs)
         return x + self.ff(self.ff_norm(x))
 
-    def init_weights(self, out_std: float) -> None:
+    def init_weights(self, residual_scale: float) -> None:
         for norm in (self.attn_norm, self.ff_norm):
             norm.reset_parameters()
+        # std in the stream's width: dim^-0.5 for what reads the stream, the residual scale of that
+        # for what writes into it. The stream starts at unit RMS (byte embeddings of std 1, fan-in
+        # patch projections), so the blocks must write at a comparable scale: GPT-2's fixed 0.02
+        # left their first updates ~100x smaller than the stream and cost 0.3 bits per byte after
+        # 120 steps of the tiny config (pretrain/BENCHMARKS.md, "Model quality").
+        std = self.attn.to_q.in_features ** -0.5
         for lin in (self.attn.to_q, self.attn.to_k, self.attn.to_v, self.ff.gate_proj, self.ff.up_proj):
-            nn.init.trunc_normal_(lin.weight, std=INIT_STD, a=-3 * INIT_STD, b=3 * INIT_STD)
+            trunc_normal(lin.weight, std)
         for lin in (self.attn.to_out, self.ff.down_proj):
-            nn.init.trunc_normal_(lin.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+            trunc_normal(lin.weight, std * residual_scale)
 
 
 class PatchEmbed(nn.Module):
@@ -337,8 +351,27 @@ class PatchEmbed(nn.Module):
     def init_weights(self, emb_std: float) -> None:
         nn.init.normal_(self.token_emb.weight, std=emb_std)
         if self.proj is not None:
-            std = self.proj.in_features ** -0.5  # unit-variance output from unit-variance bytes
-            nn.init.trunc_normal_(self.proj.weight, std=std, a=-3 * std, b=3 * std)
+            init_fan_in(self.proj)
+
+
+def units_before(ids: Tensor, span: int, unit_size: int, lo: int = 0, hi: Optional[int] = None
+                 ) -> tuple[Tensor, Tensor]:
+    """The unit before each group, for ``Stage.inputs``: (before (B, unit_size), starts (B,)).
+
+    ids: (b, n) rows tiled by groups of ``span`` ids (a parent unit: one lower-stage sequence),
+    each made of units of ``unit_size`` ids; for groups lo .. hi-1 of every row (B = b * (hi - lo))
+    the last unit of the group before, and whether the group starts its row (no unit before it).
+    """
+    b = ids.shape[0]
+    groups = ids.shape[1] // span
+    hi = groups if hi is None else hi
+    ends = ids.view(b, groups, span)[:, :, span - unit_size:]  # (b, groups, unit_size): each group's last unit
+    before = ends[:, max(lo - 1, 0): hi - 1]  # before groups max(lo, 1) .. hi-1
+    starts = torch.zeros(b, hi - lo, dtype=torch.bool, device=ids.device)
+    if lo == 0:
+        before = torch.cat((ends[:, :1], before), dim=1)  # any unit: the start token replaces it
+        starts[:, 0] = True
+    return before.reshape(-1, unit_size), starts.reshape(-1)
 
 
 class Stage(nn.Module):
@@ -361,25 +394,35 @@ class Stage(nn.Module):
         self.checkpoint_activations = False
 
     def inputs(self, units: Tensor, ctx: Optional[Tensor] = None, *, start: int = 0,
-               end: Optional[int] = None, embed: Optional[Callable] = None) -> Tensor:
+               end: Optional[int] = None, embed: Optional[Callable] = None,
+               before: Optional[Tensor] = None, starts: Optional[Tensor] = None) -> Tensor:
         """Input tokens of positions [start, end) of this stage's sequence: (B, end - start, dim).
 
-        Position i sees unit i-1 (position 0 the start token): no position sees its own unit.
+        Position i sees unit i-1, and position 0 the unit just before the sequence in the byte
+        stream, ``before`` (B, unit_size), which is the previous parent's last unit (MEGABYTE's
+        shifted input): the first byte of a patch sees the byte before it directly, not only
+        through the global stage (pretrain/BENCHMARKS.md, "Model quality"). Where no unit comes
+        before (``before`` None: every row; ``starts`` (B,) bool: those rows), the start token
+        stands in. No position sees its own unit.
         units: (B, >= end - 1, unit_size) ids of the sequence, at least those before ``end``
         (default: all of them, end = units.shape[1]); ctx: (B, end - start, dim) or None. The
         full forward, the pipeline layers, sequence parallelism (this rank's positions) and
         cached decoding (the new positions, with a lighter ``embed``) all build inputs here.
         """
+        embed = self.embed if embed is None else embed
         end = units.shape[1] if end is None else end
         first = max(start - 1, 0)
         n = end - 1 - first  # units read: first .. end - 2
         emb = None
-        # decoding often needs the start token alone; under autograd the empty call stays, so
-        # every parameter takes part in backward (DDP and ZeRO expect a gradient for each)
+        # decoding often needs position 0 alone; under autograd the empty call stays, so every
+        # parameter takes part in backward (DDP and ZeRO expect a gradient for each)
         if n > 0 or torch.is_grad_enabled():
-            emb = (self.embed if embed is None else embed)(units.narrow(1, first, n))  # (B, n, dim)
+            emb = embed(units.narrow(1, first, n))  # (B, n, dim)
         if start == 0:
             tok = self.start_token.expand(units.shape[0], 1, -1)
+            if before is not None:
+                prev = embed(before.unsqueeze(1))  # (B, 1, dim)
+                tok = prev if starts is None else torch.where(starts.view(-1, 1, 1), tok.to(prev.dtype), prev)
             x = tok if emb is None else torch.cat((tok.to(emb.dtype), emb), dim=1)
         else:
             x = emb
@@ -404,13 +447,12 @@ class Stage(nn.Module):
         nn.init.normal_(self.start_token, std=1.0)
         if self.rotary is not None:
             self.rotary.reset_parameters()
-        out_std = INIT_STD / math.sqrt(2 * self.depth)
         for block in self.layers.values():
-            block.init_weights(out_std)
+            # two residual writes per block: the stream's variance stays O(1) whatever the depth
+            block.init_weights(residual_scale=1 / math.sqrt(2 * self.depth))
         self.norm.reset_parameters()
         if self.to_next is not None:
-            std = self.dim ** -0.5  # input is RMS-normalised
-            nn.init.trunc_normal_(self.to_next.weight, std=std, a=-3 * std, b=3 * std)
+            init_fan_in(self.to_next)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,8 +584,7 @@ class TerraByte(nn.Module):
             # a tied table doubles as the output layer: keep its logits O(1) with std dim^-0.5
             stage.init_weights(emb_std=last_dim ** -0.5 if (is_last and self.tie_embeddings) else 1.0)
         if not self.tie_embeddings:
-            std = last_dim ** -0.5
-            nn.init.trunc_normal_(self.to_logits.weight, std=std, a=-3 * std, b=3 * std)
+            init_fan_in(self.to_logits)
 
     # ---------------------------------------------------------------- input handling
 
@@ -602,7 +643,8 @@ class TerraByte(nn.Module):
         for s, stage in enumerate(self.stages):
             # group ids into this stage's sequences: (B_s, positions, unit_size)
             units = ids.view(b if s == 0 else -1, -1 if s == 0 else stage.seq_len, stage.unit_size)
-            h = stage(stage.inputs(units, ctx))
+            before, starts = (None, None) if s == 0 else units_before(ids, self.unit_sizes[s - 1], stage.unit_size)
+            h = stage(stage.inputs(units, ctx, before=before, starts=starts))
             if stage.to_next is not None:
                 ctx = stage.project_down(h)  # (B_s * positions, next_seq_len, next_dim)
         logits = self.to_logits(h).view(b, -1, self.vocab_size)[:, :n]  # (b, n, vocab)

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from terrabyte.data_pipeline.errors import ConfigError
 
 from .args import validate_world
-from .model import Attention, Stage, TerraByte, cross_entropy
+from .model import Attention, Stage, TerraByte, cross_entropy, units_before
 
 if TYPE_CHECKING:
     from .args import Config
@@ -185,7 +185,8 @@ class TransitionLayer(_PipeLayer):
         upper, lower = self.stage(self.s), self.stage(self.s + 1)
         ctx = Stage.project_down(upper, upper.norm(x))  # (B * positions, next_seq_len, next_dim)
         units = ids.view(-1, self.seq_lens[self.s + 1], self.unit_sizes[self.s + 1])
-        return Stage.inputs(lower, units, ctx), ids
+        before, starts = units_before(ids, self.unit_sizes[self.s], self.unit_sizes[self.s + 1])
+        return Stage.inputs(lower, units, ctx, before=before, starts=starts), ids
 
 
 class HeadLayer(_PipeLayer):
@@ -346,9 +347,15 @@ class SequenceParallel(nn.Module):
         span = h.shape[1] * self.unit_sizes[0]
         mine = ids[:, self.sp_rank * span:(self.sp_rank + 1) * span]  # this rank's bytes (b, n / sp)
         ctx = self.stages[0].project_down(h)
-        for stage in list(self.stages)[1:]:
+        for s, stage in enumerate(self.stages):
+            if s == 0:
+                continue
             units = mine.reshape(-1, stage.seq_len, stage.unit_size)
-            h = stage(stage.inputs(units, ctx))
+            # this rank's groups of the stage, and the unit before each, which may be another rank's
+            parent = self.unit_sizes[s - 1]
+            lo = self.sp_rank * span // parent
+            before, starts = units_before(ids, parent, stage.unit_size, lo, lo + span // parent)
+            h = stage(stage.inputs(units, ctx, before=before, starts=starts))
             if stage.to_next is not None:
                 ctx = stage.project_down(h)
         logits = self.to_logits(h).view(b, span, self.vocab_size)
