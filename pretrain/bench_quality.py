@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--dir", default="runs/bench_quality", help="where the default shards, the curves and the PNG go")
     parser.add_argument("--out", metavar="FILE", help="also write the markdown table to FILE")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="train nothing: print one table from earlier runs' quality.json files "
+                             "(e.g. one process per seed, run side by side)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="config overrides after `--`, e.g. -- --model.heads 8,8 --optim.lr 3e-3")
 
@@ -329,7 +332,28 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def merge(paths: list[str]) -> list[SeedResult]:
+    """The seeds of earlier runs (their quality.json files), in seed order; one steps count."""
+    results = []
+    for path in paths:
+        try:
+            results += [SeedResult(**r) for r in json.loads(Path(path).read_text())]
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"--merge {path}: not a quality.json written by this benchmark ({exc})") from None
+    steps = {len(r.curves["TerraByte"]) for r in results}
+    if len(steps) != 1:
+        raise ConfigError(f"--merge: the runs trained for different numbers of steps {sorted(steps)}")
+    return sorted(results, key=lambda r: r.seed)
+
+
 def run(args) -> int:
+    if args.merge:
+        results = merge(args.merge)
+        table = format_table(results, len(results[0].curves["TerraByte"]))
+        sys.stdout.write(table)
+        if args.out:
+            atomic_write(args.out, table)
+        return 0
     overrides = [a for a in (args.overrides or []) if a != "--"]
     cfg = load_config(args.config, overrides)
     if args.steps is not None:

@@ -53,9 +53,7 @@ FF_MULTIPLE_OF = 8
 CPU_MATH_ATTENTION_MAX_LEN = 16
 
 
-# --------------------------------------------------------------------------------------------
-# Argument helpers
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- Argument helpers
 
 def _per_stage(name: str, value, stages: int) -> tuple:
     """Broadcast an int/float to all stages or check a per-stage tuple's length."""
@@ -80,9 +78,7 @@ def _ff_hidden(dim: int, mult: float) -> int:
     return max(FF_MULTIPLE_OF, FF_MULTIPLE_OF * math.ceil(hidden / FF_MULTIPLE_OF))
 
 
-# --------------------------------------------------------------------------------------------
-# Attention callables: (q, k, v) of shape (b, heads, n, d) -> (b, heads, n, d), causal
-# --------------------------------------------------------------------------------------------
+# -------------------------------------------- Attention callables: (q, k, v) (b, heads, n, d) -> (b, heads, n, d), causal
 
 @functools.lru_cache(maxsize=None)
 def _flash_attn_func():
@@ -181,9 +177,7 @@ def build_attention(spec, *, dropout: float, flash: bool) -> Callable:
     raise ConfigError(f"attention kind {kind!r} is unknown; use 'dense' or 'sparse'")
 
 
-# --------------------------------------------------------------------------------------------
-# Layers
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- Layers
 
 def trunc_normal(weight: Tensor, std: float) -> None:
     nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
@@ -314,11 +308,9 @@ class Block(nn.Module):
     def init_weights(self, residual_scale: float) -> None:
         for norm in (self.attn_norm, self.ff_norm):
             norm.reset_parameters()
-        # std in the stream's width: dim^-0.5 for what reads the stream, the residual scale of that
-        # for what writes into it. The stream starts at unit RMS (byte embeddings of std 1, fan-in
-        # patch projections), so the blocks must write at a comparable scale: GPT-2's fixed 0.02
-        # left their first updates ~100x smaller than the stream and cost 0.3 bits per byte after
-        # 120 steps of the tiny config (pretrain/BENCHMARKS.md, "Model quality").
+        # dim^-0.5 for what reads the unit-RMS stream, times the residual scale for what writes to
+        # it: GPT-2's fixed 0.02 wrote ~100x below the stream and cost 0.3 bits per byte after 120
+        # steps of the tiny config (pretrain/BENCHMARKS.md, "Model quality")
         std = self.attn.to_q.in_features ** -0.5
         for lin in (self.attn.to_q, self.attn.to_k, self.attn.to_v, self.ff.gate_proj, self.ff.up_proj):
             trunc_normal(lin.weight, std)
@@ -356,12 +348,9 @@ class PatchEmbed(nn.Module):
 
 def units_before(ids: Tensor, span: int, unit_size: int, lo: int = 0, hi: Optional[int] = None
                  ) -> tuple[Tensor, Tensor]:
-    """The unit before each group, for ``Stage.inputs``: (before (B, unit_size), starts (B,)).
-
-    ids: (b, n) rows tiled by groups of ``span`` ids (a parent unit: one lower-stage sequence),
-    each made of units of ``unit_size`` ids; for groups lo .. hi-1 of every row (B = b * (hi - lo))
-    the last unit of the group before, and whether the group starts its row (no unit before it).
-    """
+    """For groups lo..hi-1 of ``span`` ids (one lower-stage sequence each) tiling every row of ids
+    (b, n): the previous group's last unit and whether the group starts its row, for
+    ``Stage.inputs``: (before (B, unit_size), starts (B,)), B = b * (hi - lo)."""
     b = ids.shape[0]
     groups = ids.shape[1] // span
     hi = groups if hi is None else hi
@@ -398,16 +387,12 @@ class Stage(nn.Module):
                before: Optional[Tensor] = None, starts: Optional[Tensor] = None) -> Tensor:
         """Input tokens of positions [start, end) of this stage's sequence: (B, end - start, dim).
 
-        Position i sees unit i-1, and position 0 the unit just before the sequence in the byte
-        stream, ``before`` (B, unit_size), which is the previous parent's last unit (MEGABYTE's
-        shifted input): the first byte of a patch sees the byte before it directly, not only
-        through the global stage (pretrain/BENCHMARKS.md, "Model quality"). Where no unit comes
-        before (``before`` None: every row; ``starts`` (B,) bool: those rows), the start token
-        stands in. No position sees its own unit.
-        units: (B, >= end - 1, unit_size) ids of the sequence, at least those before ``end``
-        (default: all of them, end = units.shape[1]); ctx: (B, end - start, dim) or None. The
-        full forward, the pipeline layers, sequence parallelism (this rank's positions) and
-        cached decoding (the new positions, with a lighter ``embed``) all build inputs here.
+        Position i sees unit i-1; position 0 sees ``before`` (B, unit_size), the unit before the
+        sequence in the stream (MEGABYTE's shifted input: a patch's first byte sees the byte before
+        it directly), or the start token where none comes before (``before`` None: all rows;
+        ``starts`` (B,) bool: those rows). units: (B, >= end - 1, unit_size) ids, at least those
+        before ``end`` (default units.shape[1]); ctx: (B, end - start, dim) or None. The forward,
+        pipeline, sequence-parallel and decode paths (with a lighter ``embed``) all build inputs here.
         """
         embed = self.embed if embed is None else embed
         end = units.shape[1] if end is None else end
@@ -455,9 +440,7 @@ class Stage(nn.Module):
             init_fan_in(self.to_next)
 
 
-# --------------------------------------------------------------------------------------------
-# Loss
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- Loss
 
 def cross_entropy(logits: Tensor, targets: Tensor, pad_id: int, reduction: str = "mean") -> Tensor:
     """Cross-entropy of (..., vocab) logits against (...) target ids, PAD targets ignored.
@@ -469,9 +452,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, pad_id: int, reduction: str =
                            ignore_index=pad_id, reduction=reduction)
 
 
-# --------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- The model
 
 class TerraByte(nn.Module):
     """Hierarchical byte transformer. See the module docstring for the data flow.

@@ -49,6 +49,26 @@ def test_terrabyte_alone_when_peer_missing(tmp_path, shards, capsys, caplog, mon
     assert results[0]["final_bpb"] != results[1]["final_bpb"]
 
 
+def test_merge_prints_one_table_of_both_runs(tmp_path, shards, capsys, monkeypatch):
+    monkeypatch.setattr(bq, "megabyte_class", lambda: None)
+    for seed in ("0", "1"):
+        parser = argparse.ArgumentParser()
+        bq.add_arguments(parser)
+        args = parser.parse_args(["--dir", str(tmp_path / seed), "--threads", "1", "--steps", "2", "--seeds", seed,
+                                  "--", "--data.path", str(shards), *SMALL])
+        assert bq.run(args) == 0
+    capsys.readouterr()
+    parser = argparse.ArgumentParser()
+    bq.add_arguments(parser)
+    files = [str(tmp_path / seed / "quality.json") for seed in ("1", "0")]
+    assert bq.run(parser.parse_args(["--merge", *files])) == 0
+    out = capsys.readouterr().out
+    per_seed = [json.loads(open(f).read())[0]["final_bpb"]["TerraByte"] for f in reversed(files)]
+    assert "(seeds 0, 1)" in out and f"{per_seed[0]:.3f} / {per_seed[1]:.3f}" in out
+    with pytest.raises(bq.ConfigError, match="--merge"):
+        bq.run(parser.parse_args(["--merge", str(tmp_path / "missing.json")]))
+
+
 def test_same_seed_same_numbers(tmp_path, shards, monkeypatch):
     monkeypatch.setattr(bq, "megabyte_class", lambda: None)
     cfg = bq._with(bq.load_config("tiny", ["--data.path", str(shards), *SMALL]), train={"steps": 2})
