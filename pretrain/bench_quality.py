@@ -350,6 +350,8 @@ def run(args) -> int:
     if args.merge:
         results = merge(args.merge)
         table = format_table(results, len(results[0].curves["TerraByte"]))
+        png = Path(args.dir) / "quality.png"
+        table += f"\nLoss curves: {png}\n" if plot(results, png) else f"\n(no PNG: `{PLOT_INSTALL}`)\n"
         sys.stdout.write(table)
         if args.out:
             atomic_write(args.out, table)
