@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------- models
 
-def _megabyte_cls():
+def megabyte_class():
+    """MEGABYTE-pytorch's model class, or None when it is not installed (an optional peer)."""
     try:
         from MEGABYTE_pytorch import MEGABYTE
     except ImportError:
@@ -87,7 +88,7 @@ def _build(kind: str, ff_mult: float, flash: bool, device: str, seed: int = 0):
     if kind == "terrabyte":
         model = TerraByte(**BENCH_CONFIG, ff_mult=ff_mult, flash_attn=flash)
     else:
-        model = _megabyte_cls()(**BENCH_CONFIG, flash_attn=True, rel_pos=True)
+        model = megabyte_class()(**BENCH_CONFIG, flash_attn=True, rel_pos=True)
     return model.to(device)
 
 
@@ -322,7 +323,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     shapes = QUICK if args.quick else FULL
     flash = not args.no_flash
-    baseline = None if args.no_baseline else _megabyte_cls()
+    baseline = None if args.no_baseline else megabyte_class()
     if baseline is None and not args.no_baseline:
         logger.info("MEGABYTE_pytorch is not installed: TerraByte rows only")
 

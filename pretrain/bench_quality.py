@@ -36,6 +36,7 @@ from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from .args import Config, load_config
+from .bench_model import megabyte_class
 from .engine import lr_lambda, param_groups
 from .model import TerraByte, cross_entropy
 
@@ -64,15 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------- models
-
-
-def megabyte_class():
-    """MEGABYTE-pytorch's model class, or None when it is not installed."""
-    try:
-        from MEGABYTE_pytorch import MEGABYTE
-    except ImportError:
-        return None
-    return MEGABYTE
 
 
 def build_megabyte(cfg: Config):
