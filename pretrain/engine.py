@@ -22,7 +22,6 @@ from terrabyte.data_pipeline.errors import TerrabyteError
 from terrabyte.data_pipeline.system import free_port
 
 from .args import Config
-from .model import cross_entropy
 from .parallel import Layout, SequenceParallel, autotp_config, pipeline_module, sequence_parallel_group, shard_attention_heads
 
 log = logging.getLogger(__name__)
@@ -328,7 +327,7 @@ def score(engine, x: torch.Tensor, pad_id: int) -> tuple[float, int]:
         finally:
             loss_fn.reduction = "mean"
         return float(mean_nats), count
-    return cross_entropy(engine(x), x, pad_id, reduction="sum").item(), count
+    return engine(x, return_loss="sum").item(), count
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -319,29 +319,51 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Embed units of ``unit_size`` bytes: byte embeddings concatenated, projected to ``dim``.
+    """Embed units of bytes: byte embeddings concatenated group by group, projected to ``dim``.
+
+    ``groups`` are the unit's nesting from the top, e.g. ``(8, 8)`` for a unit of 8 sub-units of 8
+    bytes. With one group this is MEGABYTE's embedding: the unit's byte embeddings concatenated and
+    projected, ``unit_size * byte_dim * dim`` parameters. With more, each inner group of bytes is
+    first projected back to ``byte_dim`` (``levels``), so a unit's embedding costs
+    ``sum(groups) * byte_dim * ...`` parameters instead of ``prod(groups)``: a 4096-byte unit into a
+    2048-wide stage would otherwise need 4.3B parameters (and its lookup a unit_size x byte_dim
+    tensor per unit). The inner projections are linear, so the embedding stays a linear map of the
+    unit's bytes, as in MEGABYTE, only a factored one; the top stage of the 3-stage quality bench
+    learns as well with it (pretrain/BENCHMARKS.md, "Upper-stage embeddings").
 
     Input (..., unit_size) ids, output (..., dim). A unit of one byte is a plain embedding.
     """
 
-    def __init__(self, vocab_size: int, byte_dim: int, unit_size: int, dim: int):
+    def __init__(self, vocab_size: int, byte_dim: int, groups: tuple, dim: int):
         super().__init__()
-        self.unit_size = unit_size
-        if unit_size == 1:
+        self.unit_size = math.prod(groups)
+        self.groups = tuple(groups)
+        if self.unit_size == 1:
             self.token_emb = nn.Embedding(vocab_size, dim)
             self.proj = None
-        else:
-            self.token_emb = nn.Embedding(vocab_size, byte_dim)
-            self.proj = nn.Linear(unit_size * byte_dim, dim, bias=False)
+            self.levels = None
+            return
+        self.token_emb = nn.Embedding(vocab_size, byte_dim)
+        inner = [g for g in self.groups[1:] if g > 1][::-1]  # innermost first
+        top = self.unit_size // math.prod(inner)
+        self.levels = nn.ModuleList([nn.Linear(g * byte_dim, byte_dim, bias=False) for g in inner]) if inner else None
+        self._level_groups = tuple(inner)
+        self.proj = nn.Linear(top * byte_dim, dim, bias=False)
 
     def forward(self, units: Tensor) -> Tensor:
         if self.proj is None:
             return self.token_emb(units.squeeze(-1))
-        emb = rearrange(self.token_emb(units), "... p e -> ... (p e)")  # (..., unit_size * byte_dim)
-        return self.proj(emb)
+        x = self.token_emb(units)  # (..., unit_size, byte_dim)
+        if self.levels is not None:
+            for g, level in zip(self._level_groups, self.levels):
+                x = level(rearrange(x, "... (k g) e -> ... k (g e)", g=g))  # (..., unit_size / g..., byte_dim)
+        return self.proj(rearrange(x, "... k e -> ... (k e)"))
 
     def init_weights(self, emb_std: float) -> None:
         nn.init.normal_(self.token_emb.weight, std=emb_std)
+        if self.levels is not None:
+            for level in self.levels:
+                init_fan_in(level)
         if self.proj is not None:
             init_fan_in(self.proj)
 
@@ -367,11 +389,15 @@ class Stage(nn.Module):
     """One level of the hierarchy: embedder, start token, blocks, final norm, projection down."""
 
     def __init__(self, *, dim, depth, seq_len, unit_size, vocab_size, byte_dim, heads, dim_head,
-                 ff_hidden, attend_factory, ff_dropout, rotary, next_dim=None, next_seq_len=None):
+                 ff_hidden, attend_factory, ff_dropout, rotary, next_dim=None, next_seq_len=None,
+                 embed_groups: Optional[tuple] = None):
         super().__init__()
         self.dim, self.seq_len, self.unit_size = dim, seq_len, unit_size
         self.heads, self.dim_head, self.depth = heads, dim_head, depth
-        self.embed = PatchEmbed(vocab_size, byte_dim, unit_size, dim)
+        groups = (unit_size,) if embed_groups is None else tuple(embed_groups)
+        if math.prod(groups) != unit_size:
+            raise ConfigError(f"embed_groups={groups} must multiply to the unit size {unit_size}")
+        self.embed = PatchEmbed(vocab_size, byte_dim, groups, dim)
         self.start_token = nn.Parameter(torch.empty(dim))
         self.rotary = Rotary(dim_head, seq_len) if rotary else None
         self.layers = nn.ModuleDict(
@@ -413,11 +439,16 @@ class Stage(nn.Module):
             x = emb
         return x if ctx is None else x + ctx
 
-    def forward(self, x: Tensor, start: int = 0) -> Tensor:
-        """x: (B, n, dim) tokens at positions [start, start + n) of this stage's sequence."""
+    def forward(self, x: Tensor, start: int = 0, checkpoint_blocks: Optional[bool] = None) -> Tensor:
+        """x: (B, n, dim) tokens at positions [start, start + n) of this stage's sequence.
+
+        ``checkpoint_blocks`` (default: ``checkpoint_activations``) recomputes each block in
+        backward; the lower stages run inside recomputed chunks, where it would only recompute twice.
+        """
         freqs = None if self.rotary is None else self.rotary.freqs[start : start + x.shape[1]]
+        per_block = self.checkpoint_activations if checkpoint_blocks is None else checkpoint_blocks
         for block in self.layers.values():
-            if self.checkpoint_activations and torch.is_grad_enabled():
+            if per_block and torch.is_grad_enabled():
                 x = checkpoint(block, x, freqs, use_reentrant=False)
             else:
                 x = block(x, freqs)
@@ -452,6 +483,121 @@ def cross_entropy(logits: Tensor, targets: Tensor, pad_id: int, reduction: str =
                            ignore_index=pad_id, reduction=reduction)
 
 
+# ---------------------------------------------------------------------------- Chunked execution
+#
+# Below the global stage every patch is independent once stage 0's output for it is known, so the
+# lower stages, the logits and the loss run over a few patches at a time: under autograd each chunk
+# but the last is recomputed in backward (its activations are dropped after its forward), so
+# activation memory is O(global stage) + O(one chunk), the (n, vocab) logits never exist and the
+# loss is summed chunk by chunk (the tiled loss of ALST, with torch.utils.checkpoint). The plain
+# forward, the pipeline's last layer, sequence parallelism (a rank's own patches) and evaluation
+# all run ``lower_stages``; stage 0's embedding runs in chunks the same way (``global_inputs``).
+
+# CUDA caps a grid's y and z axes at 65,535 and flash-attn, SDPA and our sparse kernel put the batch
+# (times heads) there: no chunk may hand a kernel more sequences x heads than this
+MAX_KERNEL_BATCH = 65535
+# what one chunk's activations may take when ``chunk_bytes`` is left automatic (counted in fp32)
+AUTO_CHUNK_ACTIVATION_BYTES = 1 << 30
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def block_activation_values(stage: "Stage") -> int:
+    """Values autograd keeps per token per block: norm inputs, q/k/v, attention output, feed-forward."""
+    inner = stage.heads * stage.dim_head
+    hidden = stage.layers["0"].ff.up_proj.out_features if stage.depth else 0
+    return 4 * stage.dim + 4 * inner + 3 * hidden
+
+
+def _recompute_if(recompute: bool, fn: Callable, *args) -> Tensor:
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def global_inputs(stage: "Stage", ids: Tensor, start: int, end: int, patches_per_chunk: int) -> Tensor:
+    """Stage 0's input tokens for patches [start, end) of every row of ids (b, n): (b, end - start,
+    dim0), embedded ``patches_per_chunk`` patches at a time (the byte embeddings of a patch are
+    patch x byte_dim values: never all at once)."""
+    units = ids.view(ids.shape[0], -1, stage.unit_size)  # (b, patches, patch bytes)
+    pieces = []
+    for lo in range(start, end, patches_per_chunk):
+        hi = min(lo + patches_per_chunk, end)
+        embed = functools.partial(Stage.inputs, stage, start=lo, end=hi)
+        pieces.append(_recompute_if(hi < end, embed, units))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def chunk_plan(rows: int, patches: int, per_chunk: int) -> list[tuple[int, int, int, int]]:
+    """(row0, row1, patch0, patch1) chunks in row-major order: runs of one row's patches, or whole
+    rows together when a row has fewer than ``per_chunk`` patches."""
+    if patches >= per_chunk:
+        return [(r, r + 1, q, min(q + per_chunk, patches)) for r in range(rows) for q in range(0, patches, per_chunk)]
+    together = max(1, per_chunk // max(patches, 1))
+    return [(r, min(r + together, rows), 0, patches) for r in range(0, rows, together)]
+
+
+def _inner_before(chunk_ids: Tensor, patch_before: Tensor, patch_starts: Tensor, span: int, unit: int):
+    """``units_before`` inside a chunk for a stage whose sequences span ``span`` bytes: the first
+    group of a patch sees the end of the previous patch (``patch_before`` (R, >= unit)), the others
+    the group before them. chunk_ids (R, patch) -> (before (R * k, unit), starts (R * k,))."""
+    rows, patch = chunk_ids.shape
+    k = patch // span
+    ends = chunk_ids.view(rows, k, span)[:, :, span - unit:]  # (R, k, unit): each group's last unit
+    before = torch.cat((patch_before[:, None, patch_before.shape[1] - unit:], ends[:, :-1]), dim=1)
+    starts = torch.zeros(rows, k, dtype=torch.bool, device=chunk_ids.device)
+    starts[:, 0] = patch_starts
+    return before.reshape(-1, unit), starts.reshape(-1)
+
+
+def _lower_chunk(stages, to_logits: nn.Linear, rows: Tensor, chunk_ids: Tensor, before: Tensor,
+                 starts: Tensor, *, pad_id: int, reduction: str) -> Tensor:
+    """One chunk of R patches through stages 1.. and the head. rows (R, dim0): stage 0's output
+    for them; chunk_ids (R, patch); before (R, unit_sizes[1]) and starts (R,) as ``units_before``."""
+    ctx = Stage.project_down(stages[0], rows[:, None])  # (R, seq_len1, dim1)
+    patch_before, patch_starts = before, starts
+    for s in range(1, len(stages)):
+        stage = stages[s]
+        if s > 1:
+            before, starts = _inner_before(chunk_ids, patch_before, patch_starts, stages[s - 1].unit_size,
+                                           stage.unit_size)
+        units = chunk_ids.view(-1, stage.seq_len, stage.unit_size)  # (B_s, positions, unit bytes)
+        h = stage(stage.inputs(units, ctx, before=before, starts=starts), checkpoint_blocks=False)
+        if stage.to_next is not None:
+            ctx = stage.project_down(h)  # (B_s * positions, next_seq_len, next_dim)
+    logits = to_logits(h).view(-1, to_logits.out_features)  # (R * patch, vocab)
+    if reduction == "logits":
+        return logits
+    nats = cross_entropy(logits, chunk_ids.reshape(-1).long(), pad_id, reduction="none")
+    return nats.sum() if reduction == "sum" else nats
+
+
+def lower_stages(stages, to_logits: nn.Linear, h0: Tensor, ids: Tensor, *, first_patch: int,
+                 patches_per_chunk: int, pad_id: int, reduction: str) -> Tensor:
+    """Stages 1.. and the loss for global patches [first_patch, first_patch + p) of every row.
+
+    h0: (b, p, dim0) stage 0's normalised output for those patches; ids: (b, n) whole rows (the
+    unit before a patch may lie outside the range). ``stages[0]`` needs only ``to_next``,
+    ``next_seq_len`` and ``unit_size`` (a pipeline layer passes a part of it). Returns for ``reduction`` "sum" the
+    0-dim fp32 nats over non-PAD bytes, "none" the nats (b, p * patch), "logits" (b, p * patch, vocab).
+    """
+    b, p, _ = h0.shape
+    patch = stages[0].unit_size
+    units = ids.view(b, -1, patch)  # (b, patches, patch bytes)
+    chunks = chunk_plan(b, p, patches_per_chunk)
+    run = functools.partial(_lower_chunk, stages, to_logits, pad_id=pad_id, reduction=reduction)
+    outs = []
+    for k, (r0, r1, q0, q1) in enumerate(chunks):
+        lo, hi = first_patch + q0, first_patch + q1
+        before, starts = units_before(ids[r0:r1], patch, stages[1].unit_size, lo, hi)  # (R, u1), (R,)
+        rows = h0[r0:r1, q0:q1].reshape(-1, h0.shape[-1])  # (R, dim0)
+        chunk_ids = units[r0:r1, lo:hi].reshape(-1, patch)  # (R, patch)
+        outs.append(_recompute_if(k < len(chunks) - 1, run, rows, chunk_ids, before, starts))
+    if reduction == "sum":
+        return torch.stack(outs).sum()
+    out = torch.cat(outs)
+    return out.view(b, p * patch, *out.shape[1:])
+
+
 # ---------------------------------------------------------------------------- The model
 
 class TerraByte(nn.Module):
@@ -479,6 +625,8 @@ class TerraByte(nn.Module):
         tie_embeddings: bool = False,
         attention=None,
         checkpoint_activations: bool = False,
+        chunk_bytes: Optional[int] = None,
+        unit_embedding: str = "grouped",
     ):
         super().__init__()
         if not isinstance(max_seq_len, (list, tuple)) or len(max_seq_len) < 2:
@@ -501,6 +649,9 @@ class TerraByte(nn.Module):
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"{name}={p} must be in [0, 1)")
 
+        if unit_embedding not in ("grouped", "concat"):
+            raise ConfigError(f"unit_embedding={unit_embedding!r} must be 'grouped' or 'concat'")
+
         self.vocab = Vocab(num_tokens)
         self.max_seq_len = max_seq_len
         self.num_stages = stages
@@ -520,11 +671,13 @@ class TerraByte(nn.Module):
                 attend_factory=functools.partial(build_attention, attention[s], dropout=attn_dropout, flash=flash_attn),
                 ff_dropout=ff_dropout, rotary=rotary,
                 next_dim=None if last else dim[s + 1], next_seq_len=None if last else max_seq_len[s + 1],
+                embed_groups=max_seq_len[s + 1:] or (1,) if unit_embedding == "grouped" else None,
             ))
         self.to_logits = nn.Linear(dim[-1], self.vocab_size, bias=False)
         if tie_embeddings:
             self.to_logits.weight = self.stages[-1].embed.token_emb.weight
         self.checkpoint_activations = checkpoint_activations
+        self.chunk_bytes = self._resolve_chunk_bytes(chunk_bytes)
         self._plans = None  # (parameter key, decode plans), see _decode_plans
         self.init_weights()
 
@@ -566,6 +719,43 @@ class TerraByte(nn.Module):
             stage.init_weights(emb_std=last_dim ** -0.5 if (is_last and self.tie_embeddings) else 1.0)
         if not self.tie_embeddings:
             init_fan_in(self.to_logits)
+
+    # ---------------------------------------------------------------- chunk size
+
+    def auto_chunk_bytes(self) -> int:
+        """Bytes per lower-stage chunk whose activations take about AUTO_CHUNK_ACTIVATION_BYTES."""
+        per_byte = 2 * self.vocab_size  # logits and their gradient
+        for s in range(1, self.num_stages):
+            stage = self.stages[s]
+            per_byte += stage.depth * block_activation_values(stage) / stage.unit_size
+        return int(AUTO_CHUNK_ACTIVATION_BYTES / (4 * per_byte))
+
+    def max_chunk_bytes(self) -> int:
+        """The largest chunk whose kernel calls stay within MAX_KERNEL_BATCH sequences x heads."""
+        return min(MAX_KERNEL_BATCH // self.stages[s].heads * self.unit_sizes[s - 1]
+                   for s in range(1, self.num_stages))
+
+    def _resolve_chunk_bytes(self, chunk_bytes: Optional[int]) -> int:
+        patch = self.unit_sizes[0]
+        if chunk_bytes is None:
+            chunk_bytes = min(self.auto_chunk_bytes(), self.max_chunk_bytes()) // patch * patch
+            return max(patch, min(chunk_bytes, self.context_length))
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1 or chunk_bytes % patch:
+            lower = max(patch, (chunk_bytes if isinstance(chunk_bytes, int) else 0) // patch * patch)
+            raise ConfigError(
+                f"model.chunk_bytes={chunk_bytes!r} must be a positive multiple of the global patch "
+                f"({patch} bytes), e.g. {lower} or {lower + patch}; leave it unset for automatic"
+            )
+        limit = self.max_chunk_bytes() // patch * patch
+        if chunk_bytes > limit:
+            logger.warning("model.chunk_bytes=%d would give a kernel more than %d sequences x heads; using %d",
+                           chunk_bytes, MAX_KERNEL_BATCH, limit)
+            chunk_bytes = limit
+        return max(patch, min(chunk_bytes, self.context_length))
+
+    def patches_per_chunk(self, rows: int = 1) -> int:
+        """Global patches per chunk when ``rows`` rows are embedded together."""
+        return max(1, self.chunk_bytes // (self.unit_sizes[0] * rows))
 
     # ---------------------------------------------------------------- input handling
 
@@ -610,30 +800,38 @@ class TerraByte(nn.Module):
 
     # ---------------------------------------------------------------- full forward
 
-    def forward(self, x: Tensor, return_loss: bool = False) -> Tensor:
-        """x: (b, n) or (b, k, *max_seq_len[1:]) ids.
+    def global_stage(self, ids: Tensor, start: int = 0, end: Optional[int] = None) -> Tensor:
+        """Stage 0 over patches [start, end) of padded ids (b, n): (b, end - start, dim0), normalised."""
+        stage = self.stages[0]
+        end = ids.shape[1] // stage.unit_size if end is None else end
+        x = global_inputs(stage, ids, start, end, self.patches_per_chunk(ids.shape[0]))
+        return stage(x, start=start)
+
+    def forward(self, x: Tensor, return_loss=False) -> Tensor:
+        """x: (b, n) or (b, k, *max_seq_len[1:]) ids (any integer dtype).
 
         Returns logits of shape x.shape + (vocab_size,) (logits[..., j, :] predicts byte j from
-        bytes < j), or with ``return_loss`` the mean cross-entropy over non-PAD targets.
+        bytes < j), or with ``return_loss`` the cross-entropy over non-PAD targets: True or "mean"
+        the mean, "sum" the sum, "none" per byte (x.shape, 0 at PAD). The loss never builds the
+        logits of more than one chunk (``chunk_bytes``).
         """
+        reduction = "mean" if return_loss is True else return_loss
+        if reduction is not False and reduction not in REDUCTIONS:
+            raise ConfigError(f"return_loss={return_loss!r} must be a bool or one of {REDUCTIONS}")
         in_shape = x.shape
         ids, n = self._flatten_input(x)
-        b = ids.shape[0]
-        ctx = None
-        h = None
-        for s, stage in enumerate(self.stages):
-            # group ids into this stage's sequences: (B_s, positions, unit_size)
-            units = ids.view(b if s == 0 else -1, -1 if s == 0 else stage.seq_len, stage.unit_size)
-            before, starts = (None, None) if s == 0 else units_before(ids, self.unit_sizes[s - 1], stage.unit_size)
-            h = stage(stage.inputs(units, ctx, before=before, starts=starts))
-            if stage.to_next is not None:
-                ctx = stage.project_down(h)  # (B_s * positions, next_seq_len, next_dim)
-        logits = self.to_logits(h).view(b, -1, self.vocab_size)[:, :n]  # (b, n, vocab)
-        if return_loss:
-            if n == 0:
-                raise ConfigError("cannot compute a loss on an empty sequence")
-            return cross_entropy(logits, ids[:, :n], self.pad_id)
-        return logits.reshape(*in_shape, self.vocab_size)
+        if reduction and n == 0:
+            raise ConfigError("cannot compute a loss on an empty sequence")
+        out = lower_stages(self.stages, self.to_logits, self.global_stage(ids), ids, first_patch=0,
+                           patches_per_chunk=self.patches_per_chunk(), pad_id=self.pad_id,
+                           reduction={False: "logits", "mean": "sum"}.get(reduction, reduction))
+        if reduction == "mean":
+            return out / (ids != self.pad_id).sum()
+        if reduction == "sum":
+            return out
+        if reduction == "none":
+            return out[:, :n].reshape(in_shape)
+        return out[:, :n].reshape(*in_shape, self.vocab_size)
 
     # ---------------------------------------------------------------- cached decoding (decode.py)
 

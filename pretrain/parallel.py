@@ -2,13 +2,14 @@
 DeepSpeed-Ulysses sequence parallelism and the AutoTP partition specs.
 
 The model file knows nothing of ranks. Everything here reuses the model's own modules (and methods,
-where they fit: ``Stage.inputs`` builds every stage's input tokens, ``model.cross_entropy`` is the
-loss) so the parallel forms compute what ``TerraByte.forward`` computes:
+where they fit: ``global_inputs`` and ``lower_stages`` are the chunked execution of the plain forward,
+``Stage.inputs`` builds every stage's input tokens) so the parallel forms compute what ``TerraByte.forward`` computes:
 
 * ``plan_layout``: which ranks form a data-parallel replica (pipeline stages, tensor- or
   sequence-parallel peers) and which data-parallel rank reads which data.
 * ``pipeline_module``: the hierarchy as a flat list of ``deepspeed.pipe.LayerSpec`` (embedding,
-  global blocks, the global->local projection, local blocks, head) for DeepSpeed's pipeline engine.
+  global blocks, then the lower stages with the loss as one chunked layer) for DeepSpeed's pipeline
+  engine.
 * ``SequenceParallel``: each rank of a sequence-parallel group holds a contiguous run of patches.
   The global stage's attention runs through Ulysses ``DistributedAttention`` (all-to-all: whole
   sequence, a slice of the heads); the lower stages are independent per patch given the global
@@ -19,6 +20,7 @@ DeepSpeed is imported lazily, inside the functions that need it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -29,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from terrabyte.data_pipeline.errors import ConfigError
 
 from .args import validate_world
-from .model import Attention, Stage, TerraByte, cross_entropy, units_before
+from .model import Attention, TerraByte, global_inputs, lower_stages
 
 if TYPE_CHECKING:
     from .args import Config
@@ -139,18 +141,21 @@ class EmbedLayer(_PipeLayer):
     def __init__(self, source: _Source):
         super().__init__(source, ["stages.0.embed", "stages.0.start_token"])
         self.context_length = source.model.context_length
+        self.chunk_bytes = source.model.chunk_bytes
+        self.stage(0).unit_size = source.model.unit_sizes[0]
 
     def forward(self, ids: Tensor):
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
             raise ConfigError(
                 f"pipeline input has shape {tuple(ids.shape)}; it takes whole sequences (batch, {self.context_length})"
             )
-        units = ids.view(ids.shape[0], -1, self.unit_sizes[0])  # (b, patches, patch bytes)
-        return Stage.inputs(self.stage(0), units, None), ids
+        patches = self.seq_lens[0]
+        per_chunk = max(1, self.chunk_bytes // (self.unit_sizes[0] * ids.shape[0]))
+        return global_inputs(self.stage(0), ids, 0, patches, per_chunk), ids
 
 
 class BlockLayer(_PipeLayer):
-    """One transformer block of stage ``s``: (x, ids) -> (x, ids)."""
+    """One transformer block of stage 0: (x, ids) -> (x, ids)."""
 
     def __init__(self, source: _Source, s: int, i: int):
         stage = source.model.stages[s]
@@ -171,59 +176,49 @@ class BlockLayer(_PipeLayer):
         return x, ids
 
 
-class TransitionLayer(_PipeLayer):
-    """Stage s's final norm and projection down, then stage s+1's inputs: (x_s, ids) -> (x_{s+1}, ids)."""
-
-    def __init__(self, source: _Source, s: int):
-        super().__init__(source, [f"stages.{s}.norm", f"stages.{s}.to_next",
-                                  f"stages.{s + 1}.embed", f"stages.{s + 1}.start_token"])
-        self.s = s
-        self.stage(s).next_seq_len = source.model.stages[s].next_seq_len
-
-    def forward(self, inputs):
-        x, ids = inputs
-        upper, lower = self.stage(self.s), self.stage(self.s + 1)
-        ctx = Stage.project_down(upper, upper.norm(x))  # (B * positions, next_seq_len, next_dim)
-        units = ids.view(-1, self.seq_lens[self.s + 1], self.unit_sizes[self.s + 1])
-        before, starts = units_before(ids, self.unit_sizes[self.s], self.unit_sizes[self.s + 1])
-        return Stage.inputs(lower, units, ctx, before=before, starts=starts), ids
-
-
-class HeadLayer(_PipeLayer):
-    """The last stage's norm and the output projection: (x, ids) -> logits (b, n, vocab)."""
+class LowerLayer(_PipeLayer):
+    """Stage 0's final norm and projection down, the lower stages and the loss, chunk by chunk
+    (``model.lower_stages``, as the plain forward): (x_0, ids) -> 0-dim sum of nats over non-PAD
+    bytes. One layer, because a chunk runs through every lower stage before the next chunk starts:
+    split over pipeline ranks, the lower stages would pass whole-sequence activations."""
 
     def __init__(self, source: _Source):
-        last = len(source.model.stages) - 1
-        super().__init__(source, [f"stages.{last}.norm", "to_logits"])
-        self.last = last
+        model = source.model
+        names = ["stages.0.norm", "stages.0.to_next", "to_logits"] + [f"stages.{s}" for s in range(1, model.num_stages)]
+        super().__init__(source, names)
+        top = self.stage(0)
+        top.next_seq_len, top.unit_size = model.stages[0].next_seq_len, model.unit_sizes[0]
+        self.num_stages, self.pad_id = model.num_stages, model.pad_id
+        self.chunk_bytes = model.chunk_bytes
 
     def forward(self, inputs):
         x, ids = inputs
-        h = self.stage(self.last).norm(x)
-        return self.to_logits(h).view(ids.shape[0], -1, self.vocab_size)
+        h0 = self.stage(0).norm(x)
+        stages = [self.stage(s) for s in range(self.num_stages)]
+        return lower_stages(stages, self.to_logits, h0, ids, first_patch=0,
+                            patches_per_chunk=max(1, self.chunk_bytes // self.unit_sizes[0]),
+                            pad_id=self.pad_id, reduction="sum")
 
 
 class PipelineLoss:
-    """Cross-entropy over non-PAD targets; ``reduction`` is ``mean`` for training (as the plain
-    model's loss) and ``sum`` while scoring."""
+    """The last layer's summed nats over the labels' non-PAD bytes: ``reduction`` is ``mean`` for
+    training (as the plain model's loss) and ``sum`` while scoring."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
         self.reduction = "mean"
 
-    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return cross_entropy(logits, labels, self.pad_id, self.reduction)
+    def __call__(self, nats: Tensor, labels: Tensor) -> Tensor:
+        return nats if self.reduction == "sum" else nats / (labels != self.pad_id).sum()
 
 
 def pipeline_layers(source: _Source) -> list[tuple[type, tuple]]:
     """The hierarchy as one flat sequence of (layer class, arguments): embedding, stage 0's blocks,
-    0->1 transition, stage 1's blocks, ..., head."""
+    then the lower stages with the loss."""
     model = source.model
     layers: list[tuple[type, tuple]] = [(EmbedLayer, (source,))]
-    for s, stage in enumerate(model.stages):
-        layers += [(BlockLayer, (source, s, i)) for i in range(stage.depth)]
-        last = s == len(model.stages) - 1
-        layers.append((HeadLayer, (source,)) if last else (TransitionLayer, (source, s)))
+    layers += [(BlockLayer, (source, 0, i)) for i in range(model.stages[0].depth)]
+    layers.append((LowerLayer, (source,)))
     return layers
 
 
@@ -305,8 +300,10 @@ class SequenceParallel(nn.Module):
 
     ``forward(x, return_loss=True)`` returns this rank's share of the loss, scaled so that the mean over
     the group equals the plain model's mean loss over the whole micro-batch (gradients are averaged
-    over all ranks). Without ``return_loss`` it returns the whole sequence's logits on every rank (for
-    evaluation; not differentiable).
+    over all ranks); ``return_loss="sum"`` the group's summed nats on every rank (scoring: only a
+    scalar crosses ranks). Without ``return_loss`` it returns the whole sequence's logits on every
+    rank (not differentiable). The lower stages run on the rank's own patches in chunks
+    (``model.lower_stages``).
     """
 
     def __init__(self, model: TerraByte, group, rank: int, size: int):
@@ -319,51 +316,49 @@ class SequenceParallel(nn.Module):
         self.pad_id, self.vocab_size = model.pad_id, model.vocab_size
         self.patches, self.unit_sizes = model.max_seq_len[0], model.unit_sizes
         self.context_length = model.context_length
+        self.chunk_bytes = model.chunk_bytes
         for block in model.stages[0].layers.values():
             block.attn.attend = UlyssesAttention(block.attn.attend, group)
 
-    def _global_stage(self, ids: Tensor) -> Tensor:
+    def _global_stage(self, ids: Tensor, p0: int, p1: int) -> Tensor:
         """Stage 0 for this rank's patches [p0, p1): (b, p1 - p0, dim0), normalised."""
-        stage, b = self.stages[0], ids.shape[0]
-        per = self.patches // self.sp_size
-        p0, p1 = self.sp_rank * per, (self.sp_rank + 1) * per
-        units = ids.view(b, self.patches, self.unit_sizes[0])
-        x = stage.inputs(units, start=p0, end=p1)  # (b, p1 - p0, dim0)
+        stage = self.stages[0]
+        per_chunk = max(1, self.chunk_bytes // (self.unit_sizes[0] * ids.shape[0]))
+        x = global_inputs(stage, ids, p0, p1, per_chunk)  # (b, p1 - p0, dim0)
         if p0 > 0:
             # every rank uses the start token, if only with weight 0: ZeRO-3 gathers a parameter and
             # reduces its gradient as collectives, so all ranks must touch the same parameters
             x = x + 0 * stage.start_token.to(x.dtype)
         return stage(x, start=p0)  # rotary positions of this rank's patches
 
-    def forward(self, x: Tensor, return_loss: bool = False) -> Tensor:
+    def forward(self, x: Tensor, return_loss=False) -> Tensor:
         ids = x.reshape(x.shape[0], -1)
         if ids.shape[1] != self.context_length:
             raise ConfigError(
                 f"sequence-parallel input has {ids.shape[1]} bytes per row; it takes whole sequences of "
                 f"{self.context_length}"
             )
-        b = ids.shape[0]
-        h = self._global_stage(ids)
-        span = h.shape[1] * self.unit_sizes[0]
-        mine = ids[:, self.sp_rank * span:(self.sp_rank + 1) * span]  # this rank's bytes (b, n / sp)
-        ctx = self.stages[0].project_down(h)
-        for s, stage in enumerate(self.stages):
-            if s == 0:
-                continue
-            units = mine.reshape(-1, stage.seq_len, stage.unit_size)
-            # this rank's groups of the stage, and the unit before each, which may be another rank's
-            parent = self.unit_sizes[s - 1]
-            lo = self.sp_rank * span // parent
-            before, starts = units_before(ids, parent, stage.unit_size, lo, lo + span // parent)
-            h = stage(stage.inputs(units, ctx, before=before, starts=starts))
-            if stage.to_next is not None:
-                ctx = stage.project_down(h)
-        logits = self.to_logits(h).view(b, span, self.vocab_size)
-        if return_loss:
-            nats = cross_entropy(logits, mine, self.pad_id, reduction="sum")
+        per = self.patches // self.sp_size
+        p0 = self.sp_rank * per
+        h = self._global_stage(ids, p0, p0 + per)
+        run = functools.partial(lower_stages, self.stages, self.to_logits, h, ids, first_patch=p0,
+                                patches_per_chunk=max(1, self.chunk_bytes // self.unit_sizes[0]), pad_id=self.pad_id)
+        if return_loss is True or return_loss == "mean":
             scored = (ids != self.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
-            return nats * self.sp_size / scored
-        return self._gather_sequence(logits).view(*x.shape, self.vocab_size)
+            return run(reduction="sum") * self.sp_size / scored
+        if return_loss == "sum":
+            return self._sum_over_group(run(reduction="sum"))
+        if return_loss:
+            raise ConfigError(f"sequence parallelism scores with return_loss True, 'mean' or 'sum', not {return_loss!r}")
+        return self._gather_sequence(run(reduction="logits")).view(*x.shape, self.vocab_size)
+
+    def _sum_over_group(self, value: Tensor) -> Tensor:
+        """The group's total on every rank (for scoring: not differentiable)."""
+        import deepspeed.comm as dist
+
+        total = value.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return total
 
     def _gather_sequence(self, part: Tensor) -> Tensor:
         import deepspeed.comm as dist

@@ -147,7 +147,7 @@ def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
     x = torch.randint(0, 258, (3, model.context_length))
     x[0, -5:] = model.pad_id
     layers = [cls(*args) for cls, args in pipeline_layers(_Source(model))]
-    assert len(layers) == sum(depth) + len(depth) + 1
+    assert len(layers) == depth[0] + 2  # embedding, the global blocks, the chunked lower stages
     names = [k for layer in layers for k in layer.state_dict()]
     assert sorted(names) == sorted(model.state_dict()) and len(set(names)) == len(names)
 
@@ -158,7 +158,7 @@ def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
     out = x
     for layer in layers:
         out = layer(out)
-    assert torch.allclose(out, model(x), atol=1e-6)
+    assert torch.allclose(out, model(x, return_loss="sum"), atol=1e-5)
     loss = PipelineLoss(model.pad_id)(out, x)
     assert torch.allclose(loss, ref_loss, atol=1e-6)
     loss.backward()
