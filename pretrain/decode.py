@@ -335,6 +335,7 @@ def stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int,
         x = torch.addmm(x, F.silu(gate).mul_(up), w.wdown)
     return _normed_mm(x.view(b, -1, dim).select(1, -1), plan.w_out, plan.norm_eps)
 
+
 # --------------------------------------------------------------------------------------------
 # Caches and the cached forward
 # --------------------------------------------------------------------------------------------
@@ -422,7 +423,8 @@ def prefill_patches(model: nn.Module, cache: TerraByteCache) -> int:
     """Global-stage patches per prefill piece: ``cache.prefill_chunk_bytes`` in whole patches (at
     least one), or automatically as many as keep one piece within PREFILL_MEMORY_BYTES: the
     global stage's activations per patch, and the (heads, piece, piece) scores a fresh piece may
-    take in a plain attention path (the PyTorch sparse reference, SDPA's math kernel)."""
+    take in a plain attention path (the PyTorch sparse reference holds its mask, the scores, the
+    masked scores and the probabilities at once: four such tensors)."""
     patch = model.unit_sizes[0]
     if cache.prefill_chunk_bytes is not None:
         return max(1, cache.prefill_chunk_bytes // patch)
@@ -432,7 +434,7 @@ def prefill_patches(model: nn.Module, cache: TerraByteCache) -> int:
     # the stream, embedding, q|k|v (and its fp32 rotary copy), attention output, gate|up, product
     per_patch = b * itemsize * (3 * plan.dim + 8 * plan.heads * plan.dim_head + 3 * hidden)
     by_activations = PREFILL_MEMORY_BYTES // max(per_patch, 1)
-    by_scores = math.isqrt(PREFILL_MEMORY_BYTES // (4 * b * plan.heads))
+    by_scores = math.isqrt(PREFILL_MEMORY_BYTES // (4 * 4 * b * plan.heads))
     return max(1, min(by_activations, by_scores, model.max_seq_len[0]))
 
 
@@ -454,10 +456,11 @@ def advance(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) -> Tens
         return cache.logits
     t = cache.length + m
     cache.tokens.narrow(1, cache.length, m).copy_(new_tokens)
-    step = prefill_patches(model, cache) * model.unit_sizes[0]
-    for piece_end in range((cache.length // step + 1) * step, t, step):
-        cache.length = piece_end
-        _advance_stages(model, cache, 1)
+    if m > model.unit_sizes[0]:  # decode steps skip the piece arithmetic
+        step = prefill_patches(model, cache) * model.unit_sizes[0]
+        for piece_end in range((cache.length // step + 1) * step, t, step):
+            cache.length = piece_end
+            _advance_stages(model, cache, 1)
     cache.length = t
     _advance_stages(model, cache, model.num_stages)
     return cache.logits
