@@ -30,6 +30,7 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip MEGABYTE-pytorch even if installed")
     parser.add_argument("--no-flash", action="store_true", help="build TerraByte with flash_attn=False")
+    parser.add_argument("--long-prompts", action="store_true",
+                        help="only the long-prompt rows: decode steps of a sparse global stage after "
+                             f"{' and '.join(f'{n // 1024} KiB' for n in LONG_PROMPTS)} prompts, and "
+                             "prefill peak memory in pieces and at once")
 
 
 # ---------------------------------------------------------------- models
@@ -168,9 +173,14 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def peak_train_memory(kind, ff_mult, flash, device, seq_len, batch, threads) -> int:
+    return _in_child(_memory_child, (kind, ff_mult, flash, device, seq_len, batch, threads), kind)
+
+
+def _in_child(target, args: tuple, what: str):
+    """target(*args, queue) in a fresh spawned process (glibc's mmap threshold pinned): what it puts."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(kind, ff_mult, flash, device, seq_len, batch, threads, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     saved = {k: os.environ.get(k) for k in MALLOC_ENV}
     os.environ.update(MALLOC_ENV)  # the spawned interpreter reads it at start
     try:
@@ -187,7 +197,7 @@ def peak_train_memory(kind, ff_mult, flash, device, seq_len, batch, threads) -> 
             break
         except queue_mod.Empty:
             if not proc.is_alive():
-                raise RuntimeError(f"memory measurement for {kind} exited with code {proc.exitcode}") from None
+                raise RuntimeError(f"memory measurement for {what} exited with code {proc.exitcode}") from None
     proc.join()
     return result
 
@@ -303,6 +313,112 @@ def decode_gemv_floor(model: TerraByte, device: str, repeats: int, patches: int 
     return patches * model.unit_sizes[0] / best
 
 
+# ---------------------------------------------------------------- long prompts
+
+# A small model whose global stage is sparse (local window, a sink token, a LongNet segment) over
+# 128 KiB: long prompts without the big model's cost.
+LONG_CONFIG = dict(num_tokens=256, dim=(128, 64), depth=(2, 1), max_seq_len=(32768, 4), dim_head=32, heads=4,
+                   attention=({"kind": "sparse", "pattern": {"local": 64, "global_tokens": 1,
+                                                            "dilated": [[1024, 16]], "block": 64}}, None))
+LONG_PROMPTS = (4096, 65536)
+LONG_NEW_BYTES = 128
+# prefill memory at once and in pieces; at once the PyTorch sparse reference (CPU) holds
+# (heads, n, n) masks and scores, so the prompt stays at 16 KiB there
+LONG_MEMORY_PROMPT = {"cpu": 16384, "cuda": 65536}
+
+
+def _long_model(device: str) -> TerraByte:
+    torch.manual_seed(0)
+    return TerraByte(**LONG_CONFIG).to(device).eval()
+
+
+def time_decode_steps(model: TerraByte, prompt: torch.Tensor, new_bytes: int, repeats: int,
+                      mask_rows: bool = False) -> tuple[float, float]:
+    """Median seconds of the decode steps after the prompt (greedy) that run the global stage (one
+    byte in a patch) and of the others, best of repeats. ``mask_rows``: the sparse stage's steps
+    build an O(context) mask row and sort it (the path before key lists, kept for callables
+    without one) instead of gathering the attended keys."""
+    device, patch = str(prompt.device), model.unit_sizes[0]
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for plan in model._decode_plans():
+            plan.keys = None if mask_rows else plan.keys
+        cache = model.init_cache(prompt.shape[0])
+        logits = model.forward_cached(prompt, cache)
+        times = ([], [])  # (global-stage steps, the others)
+        for _ in range(new_bytes):
+            _sync(device)
+            t0 = time.perf_counter()
+            logits = model.forward_cached(logits.argmax(-1, keepdim=True), cache)
+            _sync(device)
+            times[cache.length % patch != 0].append(time.perf_counter() - t0)
+        best = [min(b, statistics.median(t)) for b, t in zip(best, times)]
+        model._plans = None  # fresh plans (and key listers) for the next run
+    return best[0], best[1]
+
+
+def _prefill_memory_child(device, prompt_len, chunk_bytes, threads, queue):
+    if threads:
+        torch.set_num_threads(threads)
+    model = _long_model(device)
+    with torch.no_grad():
+        model.forward_cached(torch.randint(0, 256, (1, 64), device=device), model.init_cache(1))  # warm-up
+        cache = model.init_cache(1, prefill_chunk_bytes=chunk_bytes)
+        for st in cache.stages:
+            st.kv.zero_()  # the caches' pages exist before the baseline: what follows are temporaries
+        prompt = torch.randint(0, 256, (1, prompt_len), device=device)
+        if device.startswith("cuda"):
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            model.forward_cached(prompt, cache)
+            _sync(device)
+            queue.put(torch.cuda.max_memory_allocated() - base)
+        else:
+            _reset_peak_rss()
+            base = _status_bytes("VmRSS")
+            model.forward_cached(prompt, cache)
+            queue.put(_status_bytes("VmHWM") - base)
+
+
+def long_prompt_rows(device: str, threads, repeats: int = 3) -> list:
+    """(metric, value) rows: decode time per byte after short and long prompts, with key lists and
+    with mask rows, then prefill peak memory growth beyond the KV caches, at once and in pieces."""
+    model = _long_model(device)
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n in LONG_PROMPTS:
+        prompt = torch.randint(0, 256, (1, n), generator=g).to(device)
+        for mask_rows in (False, True):
+            how = "mask rows (before)" if mask_rows else "attended keys"
+            step, other = time_decode_steps(model, prompt, LONG_NEW_BYTES, repeats, mask_rows)
+            rows.append((f"decode step with the sparse global stage after a {n // 1024} KiB prompt, {how} (ms)",
+                         f"{1e3 * step:.3f}"))
+            rows.append((f"decode step without it after a {n // 1024} KiB prompt, {how} (ms)", f"{1e3 * other:.3f}"))
+    at_once = LONG_MEMORY_PROMPT["cuda" if device.startswith("cuda") else "cpu"]
+    what = "peak CUDA memory growth" if device.startswith("cuda") else "peak RSS growth"
+    for n, label, chunk in ((at_once, "at once (before)", at_once), (at_once, "in automatic pieces", None),
+                            (LONG_PROMPTS[-1], "in automatic pieces", None)):
+        mem = _in_child(_prefill_memory_child, (device, n, chunk, threads), "prefill")
+        rows.append((f"prefill {what} beyond the KV caches, {n // 1024} KiB prompt, {label}", _fmt_mib(mem)))
+    kv = sum(st.kv.numel() * st.kv.element_size() for st in model.init_cache(1).stages)
+    rows.append(("KV caches of that model (whole context, batch 1)", _fmt_mib(kv)))
+    return rows
+
+
+def run_long_prompts(args, device: str) -> int:
+    rows = long_prompt_rows(device, args.threads)
+    lines = [f"Machine: {describe_machine(device)}; date: {datetime.date.today().isoformat()}; "
+             f"config: {LONG_CONFIG}, {LONG_NEW_BYTES} new bytes, greedy", "",
+             "| metric | terrabyte |", "|---|---|"]
+    lines += [f"| {metric} | {value} |" for metric, value in rows]
+    table = "\n".join(lines) + "\n"
+    sys.stdout.write(table)
+    if args.out:
+        atomic_write(args.out, table)
+    return 0
+
+
 # ---------------------------------------------------------------- report
 
 def _fmt_rate(v: float) -> str:
@@ -321,6 +437,8 @@ def run(args) -> int:
         raise ConfigError("--device cuda was given but CUDA is not available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.long_prompts:
+        return run_long_prompts(args, device)
     shapes = QUICK if args.quick else FULL
     flash = not args.no_flash
     baseline = None if args.no_baseline else megabyte_class()

@@ -38,6 +38,11 @@ from terrabyte.data_pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# Activation memory one prefill piece may take beyond the caches (on top of the weights and the KV
+# caches, which grow with the context anyway): the automatic piece size follows from it, and so do
+# the query row groups when many queries attend over a long cache.
+PREFILL_MEMORY_BYTES = 64 * 2**20
+
 
 # --------------------------------------------------------------------------------------------
 # Decode plans: folded weight copies, one per stage
@@ -63,6 +68,7 @@ class _StagePlan:
     freqs: Optional[Tensor]  # (seq_len, 2, 1, dim_head / 2) complex: rows for q and k
     allowed: Optional[Callable]  # sparse pattern's mask function (q_idx, k_idx), None for dense
     sparse: Optional[Callable]  # the stage's sparse attention (q, k, v), for a fresh sequence
+    keys: Optional[Callable]  # (q_start, q_end, n, device=) -> attended keys (idx, valid) (H, m, kmax)
     w_out: Tensor  # (dim, out): final norm folded into to_next (upper stages) or to_logits (last)
     embed: Callable  # the stage's unit embedding without module-call overhead, see embed_units
 
@@ -98,18 +104,52 @@ def stage_plan(stage: nn.Module, w_out: Tensor) -> _StagePlan:
     if stage.rotary is not None:
         f = stage.rotary.freqs
         freqs = torch.stack((f, f), dim=1)[:, :, None]
-    # sparse attention is known by its interface, an allowed(q_idx, k_idx, heads) mask method: mask
-    # rows come from it, and a fresh prompt runs through the callable itself
+    # sparse attention is known by its interface, an allowed(q_idx, k_idx, heads) mask method: a
+    # fresh prompt runs through the callable itself, later queries over the cache attend the keys
+    # its key lister names (see key_lister), or without one take mask rows from allowed
     attend = stage.layers["0"].attn.attend
-    allowed = sparse = None
+    allowed = sparse = keys = None
     if hasattr(attend, "allowed"):
         allowed = functools.partial(attend.allowed, heads=stage.heads)
         sparse = attend
+        keys = key_lister(attend, stage.heads)
     # the eps RMSNorm itself uses (None: the dtype's machine epsilon)
     eps = stage.norm.eps if stage.norm.eps is not None else torch.finfo(w_out.dtype).eps
     norm_eps = torch.tensor(math.sqrt(stage.dim * eps), dtype=w_out.dtype, device=w_out.device)
-    return _StagePlan(layers, stage.dim, stage.heads, stage.dim_head, norm_eps, freqs, allowed, sparse,
+    return _StagePlan(layers, stage.dim, stage.heads, stage.dim_head, norm_eps, freqs, allowed, sparse, keys,
                       _fold_norm(w_out, stage.norm), functools.partial(embed_units, stage.embed))
+
+
+def key_lister(attend: Callable, heads: int) -> Optional[Callable]:
+    """The attended keys of a sparse callable as ``(q_start, q_end, n, device=) -> (idx, valid)``,
+    both (H, m, kmax) (H = 1 when every head sees the same keys), or None when it has no lister.
+
+    Looked up on the callable, then on its ``pattern`` (``SparseAttention`` keeps its
+    ``SparsePattern`` there): ``attended_key_rows`` (all rows at once, as ``SparsePattern`` has
+    it), else ``attended_keys(q_pos, n, head, causal)`` (one sorted list per query and head)."""
+    for owner in (attend, getattr(attend, "pattern", None)):
+        rows = getattr(owner, "attended_key_rows", None)
+        if rows is not None:
+            return functools.partial(rows, heads=heads, causal=True)
+    for owner in (attend, getattr(attend, "pattern", None)):
+        lists = getattr(owner, "attended_keys", None)
+        if lists is not None:
+            return functools.partial(_rows_from_lists, lists, heads)
+    return None
+
+
+def _rows_from_lists(attended_keys: Callable, heads: int, q_start: int, q_end: int, n: int,
+                     device=None) -> tuple[Tensor, Tensor]:
+    """attended_keys(q, n, head, causal) per query and head, padded: (idx, valid) (heads, m, kmax)."""
+    lists = [[torch.as_tensor(attended_keys(q, n, head, True), dtype=torch.long).cpu()
+              for q in range(q_start, q_end)] for head in range(heads)]
+    kmax = max(1, max(len(k) for row in lists for k in row))
+    idx = torch.zeros(heads, q_end - q_start, kmax, dtype=torch.long)
+    valid = torch.zeros(heads, q_end - q_start, kmax, dtype=torch.bool)
+    for h, row in enumerate(lists):
+        for r, k in enumerate(row):
+            idx[h, r, :len(k)], valid[h, r, :len(k)] = k, True
+    return idx.to(device), valid.to(device)
 
 
 def decode_plans(model: nn.Module) -> list:
@@ -132,9 +172,9 @@ def decode_plans(model: nn.Module) -> list:
 
 def _visible_keys(mask: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     """For one query row of a sparse stage, mask (heads or 1, 1, end): the visible key positions
-    per head, left-aligned and padded, (H, kmax), and which of them are real, (H, 1, kmax). None
-    when the pattern still covers half the keys or more (gathering would then cost more than
-    reading them all)."""
+    per head, left-aligned and padded, (H, 1, kmax), and which of them are real, (H, 1, kmax).
+    None when the pattern still covers half the keys or more (gathering would then cost more than
+    reading them all). The fallback for a callable with ``allowed`` but no key lister: O(end)."""
     visible = mask.reshape(-1, mask.shape[-1])  # (H, end)
     count = visible.sum(-1)
     kmax = int(count.max())  # one host sync per call, not per layer
@@ -143,7 +183,7 @@ def _visible_keys(mask: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     # a stable sort of "hidden" puts each row's visible keys first, in position order
     idx = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices[:, :kmax]
     real = torch.arange(kmax, device=mask.device) < count[:, None]
-    return idx, real[:, None, :]
+    return idx[:, None, :], real[:, None, :]
 
 
 def _gather_keys(layer_kv: Tensor, end: int, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,30 +204,114 @@ def _decode_mask(plan: _StagePlan, start: int, end: int, device) -> Tensor:
     return mask if plan.allowed is None else mask & plan.allowed(q_idx, k_idx)
 
 
+def _gathered_attention(q: Tensor, layer_kv: Tensor, end: int, idx: Tensor, valid: Tensor) -> Tensor:
+    """Each query row over its own keys: q (b, h, r, d), idx and valid (H, r, kmax) -> (b, h, r, d).
+
+    Rows fold into the head axis, so one SDPA call serves them all (for r = 1 exactly the call of
+    one decode step)."""
+    b, h, r, d = q.shape
+    kmax = idx.shape[-1]
+    keys, values = _gather_keys(layer_kv, end, idx.reshape(idx.shape[0], r * kmax))  # (b, h, r * kmax, d)
+    keys, values = (t.view(b, h * r, kmax, d) for t in (keys, values))
+    mask = valid.expand(h, r, kmax).reshape(h * r, 1, kmax)
+    out = F.scaled_dot_product_attention(q.reshape(b, h * r, 1, d), keys, values, attn_mask=mask)
+    return out.view(b, h, r, d)
+
+
+def _row_groups(rows: int, row_bytes: int, budget: int) -> list[tuple[int, int]]:
+    """[lo, hi) slices of ``rows`` query rows, each at most ``budget`` bytes of temporaries."""
+    step = max(1, budget // max(row_bytes, 1))
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def _cached_attention(plan: _StagePlan, start: int, end: int, b: int, itemsize: int,
+                      budget: int, device) -> Callable[[Tensor, Tensor], Tensor]:
+    """Attention of queries [start, end) (start > 0) over the cached keys [0, end): a function
+    (q (b, h, m, d), layer_kv) -> (b, h, m, d), set up once per call and used by every layer.
+
+    A sparse stage with a key lister gathers each query's attended keys (cost O(attended keys),
+    not O(end)); other stages take mask rows, dense causal or from ``allowed``. Many rows (a later
+    prefill piece) go in groups of at most ``budget`` bytes of gathered keys or scores.
+    """
+    m, h, d = end - start, plan.heads, plan.dim_head
+    if plan.keys is not None:
+        idx, valid = plan.keys(start, end, end, device=device)  # (H, m, kmax)
+        kmax = idx.shape[-1]
+        if m == 1 and 2 * kmax > end:  # half the cache or more: read it all under a mask row
+            mask = torch.zeros(idx.shape[0], 1, end + 1, dtype=torch.bool, device=idx.device)
+            mask = mask.scatter_(2, idx.masked_fill(~valid, end), True)[..., :end]
+            return functools.partial(_masked_attention, end=end, mask=mask)
+        # gathered keys and values, then the scores
+        groups = _row_groups(m, b * h * kmax * (2 * d * itemsize + 4), budget)
+        return functools.partial(_grouped, groups=groups, attend=lambda q, kv, lo, hi: _gathered_attention(
+            q, kv, end, idx[:, lo:hi], valid[:, lo:hi]))
+    if m == 1:
+        if plan.allowed is None:  # one dense query sees every cached key
+            return functools.partial(_masked_attention, end=end, mask=None)
+        mask = _decode_mask(plan, start, end, device)
+        gathered = _visible_keys(mask) if plan.sparse is not None else None
+        if gathered is not None:
+            return lambda q, kv: _gathered_attention(q, kv, end, *gathered)
+        return functools.partial(_masked_attention, end=end, mask=mask)
+    groups = _row_groups(m, b * h * end * 4 + end, budget)
+
+    def rows(q, kv, lo, hi):
+        mask = _decode_mask(plan, start + lo, start + hi, q.device)  # ([H,] hi - lo, start + hi)
+        return _masked_attention(q, kv, start + hi, mask)
+    return functools.partial(_grouped, groups=groups, attend=rows)
+
+
+def _masked_attention(q: Tensor, layer_kv: Tensor, end: int, mask: Optional[Tensor]) -> Tensor:
+    keys, values = layer_kv.narrow(3, 0, end).unbind(0)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def _grouped(q: Tensor, layer_kv: Tensor, groups: list, attend: Callable) -> Tensor:
+    """``attend(q rows, layer_kv, lo, hi)`` over query row groups, concatenated: (b, h, m, d)."""
+    if len(groups) == 1:
+        return attend(q, layer_kv, *groups[0])
+    return torch.cat([attend(q.narrow(2, lo, hi - lo), layer_kv, lo, hi) for lo, hi in groups], dim=2)
+
+
+def _fresh_attention(plan: _StagePlan) -> Callable[[Tensor, Tensor], Tensor]:
+    """Attention of a fresh sequence [0, m) (m > 1) over itself: the sparse stage's own callable,
+    linear in m (a mask over every query row would be quadratic: 131072 patches, 17 G booleans),
+    or dense causal SDPA."""
+    def attend(q, layer_kv):
+        keys, values = layer_kv.narrow(3, 0, q.shape[2]).unbind(0)
+        if plan.sparse is not None:
+            return plan.sparse(q, keys, values)
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+    return attend
+
+
 def _normed_mm(x: Tensor, w: Tensor, norm_eps: Tensor) -> Tensor:
     """rms_norm(x) @ w for rows x: (r, dim), with the norm's gain folded into w."""
     scale = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), norm_eps)
     return torch.mm(x, w).div_(scale)
 
 
-def stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor:
+def stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int,
+                 budget: Optional[int] = None) -> Tensor:
     """Run new tokens x: (b, m, dim) at positions [start, start + m) through one stage's blocks,
     reading and extending kv: (depth, 2, b, heads, seq_len, dim_head). Returns the last
-    position's output through the final norm and ``w_out``: (b, w_out rows)."""
+    position's output through the final norm and ``w_out``: (b, w_out rows). ``budget`` bounds the
+    attention temporaries of many queries over a long cache (row groups; default
+    PREFILL_MEMORY_BYTES)."""
+    budget = PREFILL_MEMORY_BYTES if budget is None else budget
     b, m, dim = x.shape
     h, d = plan.heads, plan.dim_head
     end = start + m
-    # a fresh sparse sequence (a prompt) runs the stage's own sparse kernel, linear in its length: a
-    # mask over all its query rows would be quadratic (131072 patches: 17 G booleans)
-    sparse_prefill = plan.sparse is not None and start == 0 and m > 1
-    mask = None
-    if not sparse_prefill and ((m > 1 and start > 0) or plan.allowed is not None):
-        mask = _decode_mask(plan, start, end, x.device)
-    # a fresh dense sequence is plain causal; one new dense query may see every cached key
-    causal = mask is None and m > 1 and not sparse_prefill
-    # one query of a sparse stage late in a long sequence sees a small share of the cache: attend
-    # over just those keys (cost linear in the pattern, not the context)
-    gathered = _visible_keys(mask) if plan.sparse is not None and m == 1 and mask is not None else None
+
+    def attention_for(first: int) -> Optional[Callable]:
+        """How queries [first, end) attend; None for the first position alone (it sees only itself)."""
+        if end == 1:
+            return None
+        if first == 0:
+            return _fresh_attention(plan)
+        return _cached_attention(plan, first, end, b, x.element_size(), budget, x.device)
+
+    attend = attention_for(start)
     x = x.reshape(b * m, dim)
     last = len(plan.layers) - 1
     # narrow/select rather than [] indexing: per-call Python overhead matters here
@@ -203,25 +327,11 @@ def stage_decode(plan: _StagePlan, x: Tensor, kv: Tensor, start: int) -> Tensor:
         if i == last and m > 1:
             # only the last position's output is needed from the last layer
             qkv, x, m = qkv.narrow(1, m - 1, 1), x.view(b, m, dim).select(1, m - 1), 1
-            if sparse_prefill:
-                mask, sparse_prefill = _decode_mask(plan, end - 1, end, x.device), False
-            elif mask is not None:
-                mask = mask[..., -1:, :]
-            causal = False
-        if end == 1 and mask is None:
+            attend = attention_for(end - 1)
+        if attend is None:
             out = qkv.select(2, 2)  # a single visible key: attention returns its value
         else:
-            q = qkv.select(2, 0).transpose(1, 2)  # (b, h, m, d)
-            if gathered is not None:
-                keys, values = _gather_keys(layer_kv, end, gathered[0])
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=gathered[1])
-            else:
-                keys, values = layer_kv.narrow(3, 0, end).unbind(0)
-                if sparse_prefill:
-                    out = plan.sparse(q, keys, values)
-                else:
-                    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
-            out = out.transpose(1, 2)
+            out = attend(qkv.select(2, 0).transpose(1, 2), layer_kv).transpose(1, 2)  # (b, m, h, d)
         x = torch.addmm(x, out.reshape(b * m, h * d), w.wo)
         gate, up = _normed_mm(x, w.wgu, plan.norm_eps).chunk(2, dim=-1)
         x = torch.addmm(x, F.silu(gate).mul_(up), w.wdown)
@@ -252,6 +362,7 @@ class TerraByteCache:
     stages: list = field(default_factory=list)
     length: int = 0
     logits: Optional[Tensor] = None  # (b, vocab_size) for byte `length`
+    prefill_chunk_bytes: Optional[int] = None  # bytes per prefill piece, None: automatic (prefill_patches)
 
     @property
     def batch_size(self) -> int:
@@ -264,11 +375,22 @@ class TerraByteCache:
             st.length, st.parent, st.ctx = 0, -1, None
 
 
+def check_chunk_bytes(value) -> Optional[int]:
+    """prefill_chunk_bytes is None (automatic) or a positive int."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"prefill_chunk_bytes={value!r} must be a positive integer (prompt bytes per "
+                          f"prefill piece) or None for the automatic size")
+    return value
+
+
 @torch.no_grad()
-def init_cache(model: nn.Module, batch_size: int, device=None) -> TerraByteCache:
+def init_cache(model: nn.Module, batch_size: int, device=None,
+               prefill_chunk_bytes: Optional[int] = None) -> TerraByteCache:
     """Empty decode state for ``batch_size`` sequences: preallocated KV caches in the weights'
     dtype, plus fused weight copies for the decode path (about the size of the blocks; in eval
-    mode shared with later caches until a parameter changes)."""
+    mode shared with later caches until a parameter changes). Long inputs go through in pieces of
+    about ``prefill_chunk_bytes`` (see ``advance``)."""
+    check_chunk_bytes(prefill_chunk_bytes)
     ref = model.to_logits.weight
     device = ref.device if device is None else device
     dtype = ref.dtype
@@ -277,13 +399,14 @@ def init_cache(model: nn.Module, batch_size: int, device=None) -> TerraByteCache
         shape = (stage.depth, 2, batch_size, stage.heads, stage.seq_len, stage.dim_head)
         stages.append(StageCache(torch.empty(shape, device=device, dtype=dtype), plan))
     tokens = torch.full((batch_size, model.context_length), model.pad_id, dtype=torch.long, device=device)
-    return TerraByteCache(tokens=tokens, stages=stages)
+    return TerraByteCache(tokens=tokens, stages=stages, prefill_chunk_bytes=prefill_chunk_bytes)
 
 
 @torch.no_grad()
 def forward_cached(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) -> Tensor:
     """Append ``new_tokens`` (b, m) to the cached sequence; return logits (b, vocab_size) of the
-    next byte. m may be 0 (logits for the first byte of an empty cache) or more (a prompt)."""
+    next byte. m may be 0 (logits for the first byte of an empty cache) or more (a prompt, which
+    goes through in pieces of ``cache.prefill_chunk_bytes``)."""
     if new_tokens.ndim != 2 or new_tokens.shape[0] != cache.batch_size:
         raise ConfigError(
             f"new tokens have shape {tuple(new_tokens.shape)}; expected (batch={cache.batch_size}, m)"
@@ -298,6 +421,25 @@ def forward_cached(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) 
     return model._advance(new_tokens, cache)
 
 
+def prefill_patches(model: nn.Module, cache: TerraByteCache) -> int:
+    """Global-stage patches per prefill piece: ``cache.prefill_chunk_bytes`` in whole patches (at
+    least one), or automatically as many as keep one piece within PREFILL_MEMORY_BYTES: the
+    global stage's activations per patch, and the (heads, piece, piece) scores a fresh piece may
+    take in a plain attention path (the PyTorch sparse reference holds its mask, the scores, the
+    masked scores and the probabilities at once: four such tensors)."""
+    patch = model.unit_sizes[0]
+    if cache.prefill_chunk_bytes is not None:
+        return max(1, cache.prefill_chunk_bytes // patch)
+    st = cache.stages[0]
+    plan, b, itemsize = st.plan, cache.batch_size, st.kv.element_size()
+    hidden = plan.layers[0].wgu.shape[1] // 2 if plan.layers else 0
+    # the stream, embedding, q|k|v (and its fp32 rotary copy), attention output, gate|up, product
+    per_patch = b * itemsize * (3 * plan.dim + 8 * plan.heads * plan.dim_head + 3 * hidden)
+    by_activations = PREFILL_MEMORY_BYTES // max(per_patch, 1)
+    by_scores = math.isqrt(PREFILL_MEMORY_BYTES // (4 * 4 * b * plan.heads))
+    return max(1, min(by_activations, by_scores, model.max_seq_len[0]))
+
+
 def advance(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) -> Tensor:
     """Append ids (unchecked) and return logits for the next byte.
 
@@ -305,16 +447,32 @@ def advance(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) -> Tens
     the unit holding the next byte, for the parent unit that holds it (a new parent resets
     that stage's cache). With one new byte that is one token for the last stage, plus one token
     for each stage whose unit boundary the byte completes.
+
+    A long input goes through in pieces that end on multiples of ``prefill_patches`` global
+    patches, so memory stays O(KV cache) + O(one piece): only the global stage runs the pieces
+    before the last (the lower stages and the logits restart in the last piece's new parent units
+    anyway), and every stage returns just its last position's output.
     """
     m = new_tokens.shape[1]
     if m == 0 and cache.logits is not None:
         return cache.logits
     t = cache.length + m
     cache.tokens.narrow(1, cache.length, m).copy_(new_tokens)
+    if m > model.unit_sizes[0]:  # decode steps skip the piece arithmetic
+        step = prefill_patches(model, cache) * model.unit_sizes[0]
+        for piece_end in range((cache.length // step + 1) * step, t, step):
+            cache.length = piece_end
+            _advance_stages(model, cache, 1)
     cache.length = t
-    b = cache.batch_size
-    for s, stage in enumerate(model.stages):
-        st = cache.stages[s]
+    _advance_stages(model, cache, model.num_stages)
+    return cache.logits
+
+
+def _advance_stages(model: nn.Module, cache: TerraByteCache, stages: int) -> None:
+    """Bring the first ``stages`` stages up to byte ``cache.length`` (tokens already written)."""
+    t, b = cache.length, cache.batch_size
+    for s in range(stages):
+        stage, st = model.stages[s], cache.stages[s]
         size = stage.unit_size
         parent = 0 if s == 0 else (t // model.unit_sizes[s - 1]) * model.unit_sizes[s - 1]
         pos = (t - parent) // size  # position whose output predicts the unit holding byte t
@@ -336,7 +494,6 @@ def advance(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) -> Tens
             st.ctx = out.view(b, stage.next_seq_len, -1)  # (b, next_seq_len, next_dim)
         else:
             cache.logits = out
-    return cache.logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +515,7 @@ def generate(
     sliding_window: bool = False,
     generator: Optional[torch.Generator] = None,
     ignore_eos: bool = False,
+    prefill_chunk_bytes: Optional[int] = None,
 ) -> Tensor:
     """Sample continuations with the KV cache. Returns (b, n_prime + new) ids.
 
@@ -368,6 +526,8 @@ def generate(
     sequences ended, or at the context end unless ``sliding_window`` re-primes the cache with the
     most recent bytes (dropping whole top-level patches). ``callback(new_ids)`` gets (b,) ids
     after each step. ``ignore_eos`` keeps going after EOS (benchmarks need a fixed length).
+    The prompt is prefilled in pieces of ``prefill_chunk_bytes`` (whole global patches; None sizes
+    them from PREFILL_MEMORY_BYTES), in memory O(KV cache) + O(one piece), with the same result.
     Each step goes through ``model._advance``, where a test can intercept it.
     """
     device = model.to_logits.weight.device
@@ -378,6 +538,7 @@ def generate(
     model._check_ids(prime)
     b, n = prime.shape
     T, patch = model.context_length, model.unit_sizes[0]
+    check_chunk_bytes(prefill_chunk_bytes)
     if temperature < 0:
         raise ConfigError(f"temperature={temperature} must be >= 0")
     if filter_thres is not None and not 0.0 <= filter_thres < 1.0:
@@ -415,7 +576,7 @@ def generate(
     is_stop[stop] = True
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
-    cache = init_cache(model, b, device=device)
+    cache = init_cache(model, b, device=device, prefill_chunk_bytes=prefill_chunk_bytes)
     logits = model._advance(out[:, window:n], cache)
     steps = 0
     for steps in range(1, max_new_bytes + 1):

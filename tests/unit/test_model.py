@@ -223,6 +223,27 @@ def test_cached_multi_byte_chunks_equal_uncached():
         torch.testing.assert_close(logits, full[:, pos], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("msl", STAGE_SHAPES)
+def test_prefill_in_pieces_equals_one_shot(msl):
+    """A prompt prefilled a few patches at a time (dense stages) gives the one-shot logits and
+    the same greedy continuation; bad piece sizes are named."""
+    from terrabyte.data_pipeline.errors import ConfigError
+
+    model = tiny(msl)
+    T, patch = math.prod(msl), model.unit_sizes[0]
+    x = random_bytes(2, T - patch - 1, seed=3)  # not a whole number of patches
+    ref = model.forward_cached(x, model.init_cache(2))
+    for chunk in (1, patch + 1, 3 * patch):
+        torch.testing.assert_close(model.forward_cached(x, model.init_cache(2, prefill_chunk_bytes=chunk)), ref,
+                                   rtol=0, atol=1e-5)
+    greedy = model.generate(x[:, :9], max_new_bytes=5, temperature=0.0, ignore_eos=True)
+    assert torch.equal(model.generate(x[:, :9], max_new_bytes=5, temperature=0.0, ignore_eos=True,
+                                      prefill_chunk_bytes=1), greedy)
+    for bad in (0, -patch, True, 2.5):
+        with pytest.raises(ConfigError, match=f"prefill_chunk_bytes={bad!r}"):
+            model.generate(x, max_new_bytes=1, prefill_chunk_bytes=bad)
+
+
 def test_decode_weights_follow_parameter_updates():
     """Eval-mode caches share fused decode weights until a parameter changes: an optimizer step,
     load_state_dict or a train() call all make the next cache see the new weights."""

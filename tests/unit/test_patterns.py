@@ -140,6 +140,55 @@ def test_allowed_broadcasts_and_head_rules():
     assert p.allowed(far, far - 1, head=0).item() and not p.allowed(far, far - 3, head=0).item()
 
 
+def assert_keys_match_mask(p: SparsePattern, n: int, heads: int, causal: bool, where) -> None:
+    """attended_key_rows over every query, and attended_keys of a few, list exactly the mask's keys."""
+    mask = p.dense_mask(n, heads=heads, causal=causal)  # (heads, n, n)
+    idx, valid = p.attended_key_rows(0, n, n, heads=heads, causal=causal)
+    assert idx.shape[0] in (1, heads) and idx.shape[:2] == (idx.shape[0], n), where
+    listed = torch.zeros(heads, n, n + 1, dtype=torch.bool)
+    listed.scatter_(2, idx.masked_fill(~valid, n).expand(heads, -1, -1), True)
+    assert torch.equal(listed[..., :n], mask), where
+    assert bool((idx[..., 1:] > idx[..., :-1])[valid[..., 1:]].all()), where  # sorted, distinct
+    for q in (0, n // 2, n - 1):
+        h = q % heads
+        assert torch.equal(p.attended_keys(q, n, head=h, causal=causal), mask[h, q].nonzero().flatten()), where
+
+
+def test_attended_keys_are_exactly_the_mask():
+    """Part-based patterns (one config for all heads, per-head lists) and csr layouts, many n."""
+    rng = random.Random()
+    seed = rng.randrange(10**6)
+    rng.seed(seed)
+    for trial in range(40):
+        causal = trial % 3 != 0
+        n = rng.randint(1, 70)
+        if trial % 4 == 3:
+            rows, heads = rng.randint(1, 5), rng.randint(1, 3)
+            p = SparsePattern.from_block_layout(torch.rand(heads, rows, rows) < 0.4, block=16)
+            n = max(1, rows * 16 - rng.randrange(16))
+        else:
+            cfgs = [random_cfg(rng, 16) for _ in range(rng.choice([1, 2, 3]))]
+            for c in cfgs:
+                c["block"] = 16
+            p = SparsePattern.from_config(cfgs if len(cfgs) > 1 else cfgs[0])
+            heads = p.num_heads or 3
+        assert_keys_match_mask(p, n, heads, causal, (seed, trial, p, n, causal))
+
+
+def test_attended_keys_cost_follows_the_pattern_not_the_length():
+    """Far into a 2**30-position sequence a query lists its few keys without touching the rest."""
+    p = SparsePattern.from_config({"local": 4, "global_tokens": 2, "dilated": [[64, 8]], "block": 16})
+    q = 2**30 - 3  # q % 8 == 5: head 5's dilated offset
+    keys = p.attended_keys(q, 2**30, head=5)
+    seg = q // 64 * 64
+    assert keys.tolist() == [0, 1, *range(seg + 5, q - 3, 8), *range(q - 3, q + 1)]
+    assert p.attended_keys(q, 2**30, head=0).tolist() == [0, 1, *range(q - 3, q + 1)]
+    idx, valid = p.attended_key_rows(q, q + 1, 2**30, heads=8)
+    assert idx.shape == (8, 1, 13) and valid.sum(-1).flatten().tolist() == [6] * 5 + [13] + [6] * 2
+    with pytest.raises(ValueError, match="pass head= or heads="):
+        p.attended_key_rows(0, 4, 8)
+
+
 def test_mask_mod_is_the_same_predicate():
     cfgs = [{"local": 5, "stride": 7, "block": 16}, {"dilated": [[24, 3]], "global_tokens": 2, "block": 16}]
     p = SparsePattern.from_config(cfgs)
