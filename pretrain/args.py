@@ -55,6 +55,14 @@ class ModelConfig:
     attention: Optional[list] = None
     """Per-stage attention specs, e.g. ``[{kind: sparse, pattern: {local: 256}}, null]``."""
     checkpoint_activations: bool = False
+    chunk_bytes: Optional[int] = None
+    """Bytes of each chunk the lower stages, logits and loss run on (a multiple of the global patch;
+    activation memory below the global stage is one chunk's). Unset: about 1 GiB of fp32
+    activations' worth, capped so no kernel call gets more than 65,535 sequences x heads."""
+    unit_embedding: str = "grouped"
+    """How an upper stage embeds its units: ``grouped`` (bytes projected group by group: parameters
+    do not grow with the unit) or ``concat`` (MEGABYTE: all the unit's bytes in one projection).
+    Two-stage models are the same either way."""
 
     @property
     def seq_len(self) -> int:

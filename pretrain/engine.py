@@ -333,7 +333,7 @@ def score(engine, x: torch.Tensor, pad_id: int) -> tuple[float, int]:
 def all_reduce_sum(values: list[float]) -> list[float]:
     import deepspeed.comm as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    tensor = torch.tensor(values, dtype=torch.float64, device=compute_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -341,7 +341,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def all_reduce_max(value: int) -> int:
     import deepspeed.comm as dist
 
-    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    tensor = torch.tensor([value], dtype=torch.int64, device=compute_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
@@ -352,7 +352,8 @@ def barrier() -> None:
     dist.barrier()
 
 
-def _comm_device() -> torch.device:
+def compute_device() -> torch.device:
+    """This rank's accelerator (set by ``init_distributed``), or the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

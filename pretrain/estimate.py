@@ -5,16 +5,20 @@ multiplies (2 per multiply-add) and attention scores/values over the causal half
 window (for a sparse stage: over the tiles the kernel computes); forward + backward = 3x forward. Activation memory is a per-micro-batch estimate of what
 autograd keeps per block (inputs of the norms, q/k/v, attention output, the three feed-forward
 projections), plus logits; with activation checkpointing only each block's input is kept, plus one
-block being recomputed.
+block being recomputed. Below the global stage activations are those of two chunks of
+``model.chunk_bytes`` (the chunk kept for backward and the one being recomputed), whatever the context.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
+from terrabyte.data_pipeline.errors import ConfigError
+
 from .args import Config
-from .model import TerraByte
+from .model import TerraByte, block_activation_values
 
 
 def meta_model(cfg: Config) -> TerraByte:
@@ -61,21 +65,89 @@ def keys_per_query(cfg: Config, stage: int, window: int) -> float:
     return (full + masked) * pattern.block**2 / window
 
 
-def activation_bytes(model: TerraByte, cfg: Config) -> float:
-    bytes_per_value = 4 if cfg.train.precision == "fp32" else 2
-    lens, mb = model.max_seq_len, cfg.train.micro_batch
-    total = 0.0
-    for s, stage in enumerate(model.stages):
-        tokens = mb * math.prod(lens[: s + 1])
-        ff_hidden = stage.layers["0"].ff.up_proj.out_features if stage.depth else 0
-        inner = stage.heads * stage.dim_head
-        per_block = tokens * (4 * stage.dim + 4 * inner + 3 * ff_hidden)
-        if cfg.model.checkpoint_activations:
-            total += tokens * stage.dim * stage.depth + per_block
-        else:
-            total += per_block * stage.depth
-    total += 2 * mb * math.prod(lens) * model.vocab_size  # logits and their gradient
-    return total * bytes_per_value
+def _bytes_per_value(cfg: Config) -> int:
+    return 4 if cfg.train.precision == "fp32" else 2
+
+
+def global_activation_bytes(model: TerraByte, cfg: Config) -> float:
+    """Stage 0 over a micro-batch: what autograd keeps for its blocks (each block's input alone with
+    checkpointing, plus one block being recomputed), and one chunk of its byte embeddings."""
+    stage, mb = model.stages[0], cfg.train.micro_batch
+    tokens = mb * model.max_seq_len[0]
+    per_block = tokens * block_activation_values(stage)
+    if cfg.model.checkpoint_activations:
+        kept = tokens * stage.dim * stage.depth + per_block
+    else:
+        kept = per_block * stage.depth
+    rows = mb * model.patches_per_chunk(mb)
+    embedding = 3 * rows * model.unit_sizes[0] * model.dims[-1]  # byte embeddings, their gradient, levels
+    return (kept + tokens * stage.dim + embedding) * _bytes_per_value(cfg)
+
+
+def chunk_activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None) -> float:
+    """Two chunks of the lower stages (the one kept for backward, the one being recomputed): every
+    lower block's activations, the logits and their gradient in fp32."""
+    chunk = model.chunk_bytes if chunk_bytes is None else chunk_bytes
+    per_byte = 0.0
+    for s in range(1, model.num_stages):
+        stage = model.stages[s]
+        per_byte += stage.depth * block_activation_values(stage) / stage.unit_size
+    per_byte = per_byte * _bytes_per_value(cfg) + 2 * 4 * model.vocab_size
+    return 2 * chunk * per_byte
+
+
+def activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None) -> float:
+    return global_activation_bytes(model, cfg) + chunk_activation_bytes(model, cfg, chunk_bytes)
+
+
+def model_state_bytes(model: TerraByte, cfg: Config) -> float:
+    """Parameters, gradients and Adam moments on one device with no sharding: fp32 master weights
+    and moments (12 bytes per parameter) plus the training copy and its gradient."""
+    params = sum(p.numel() for p in model.parameters())
+    return params * (12 + 2 * _bytes_per_value(cfg))
+
+
+def largest_chunk(model: TerraByte, cfg: Config, memory_bytes: float) -> int | None:
+    """The largest chunk_bytes (a multiple of the global patch, within the kernel batch limit)
+    whose estimate fits ``memory_bytes``; None when even one patch per chunk does not."""
+    patch = model.unit_sizes[0]
+    free = memory_bytes - model_state_bytes(model, cfg) - global_activation_bytes(model, cfg)
+    per_patch = chunk_activation_bytes(model, cfg, patch)
+    if free < per_patch:
+        return None
+    top = min(model.max_chunk_bytes(), model.context_length * cfg.train.micro_batch)
+    return max(patch, min(int(free // per_patch) * patch, top // patch * patch))
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of a CUDA device, or of the host for any other."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(cfg: Config, device: torch.device, shards: int = 1) -> None:
+    """Stop before the model is built when one micro-batch cannot fit the device (ConfigError naming
+    the chunk size that would fit). ``shards``: ranks the model states are split over (ZeRO-3)."""
+    model = meta_model(cfg)
+    verdict = memory_verdict(model, cfg, device_memory_bytes(device), f"{device.type} memory", shards)
+    if verdict is not None:
+        raise ConfigError(verdict)
+
+
+def memory_verdict(model: TerraByte, cfg: Config, memory_bytes: float, where: str, shards: int = 1) -> str | None:
+    """None when the estimate fits ``memory_bytes``; else one line saying what would fit."""
+    need = model_state_bytes(model, cfg) / shards + activation_bytes(model, cfg)
+    if need <= memory_bytes:
+        return None
+    fits = largest_chunk(model, cfg, memory_bytes)
+    head = (f"{where}: the estimate for one micro-batch of {cfg.train.micro_batch} x {model.context_length} bytes "
+            f"is {need / 2**30:.1f} GiB, over the {memory_bytes / 2**30:.1f} GiB available")
+    if fits is not None:
+        return f"{head}; model.chunk_bytes={fits} would fit (now {model.chunk_bytes})"
+    return (f"{head} even with one patch per chunk: the global stage alone needs "
+            f"{global_activation_bytes(model, cfg) / 2**30:.1f} GiB; use activation checkpointing, a smaller "
+            f"micro-batch or sequence parallelism")
 
 
 def decode_cache_bytes(model: TerraByte, bytes_per_value: int) -> int:
@@ -83,7 +155,7 @@ def decode_cache_bytes(model: TerraByte, bytes_per_value: int) -> int:
     return sum(2 * st.depth * st.heads * st.seq_len * st.dim_head for st in model.stages) * bytes_per_value
 
 
-def describe(cfg: Config) -> str:
+def describe(cfg: Config, memory_gib: float | None = None) -> str:
     model = meta_model(cfg)
     params = stage_parameters(model)
     flops = flops_per_byte(model, cfg)
@@ -104,8 +176,17 @@ def describe(cfg: Config) -> str:
         "",
         f"activation memory per micro-batch of {cfg.train.micro_batch} (estimate, "
         f"{'fp32' if cfg.train.precision == 'fp32' else 'bf16'}, checkpointing "
-        f"{'on' if cfg.model.checkpoint_activations else 'off'}): {activation_bytes(model, cfg) / 2**30:.2f} GiB",
+        f"{'on' if cfg.model.checkpoint_activations else 'off'}): {activation_bytes(model, cfg) / 2**30:.2f} GiB "
+        f"= global stage {global_activation_bytes(model, cfg) / 2**30:.2f} GiB + lower-stage chunks of "
+        f"{model.chunk_bytes} bytes {chunk_activation_bytes(model, cfg) / 2**30:.2f} GiB",
+        f"model states on one device, unsharded (fp32 master, Adam): {model_state_bytes(model, cfg) / 2**30:.2f} GiB",
         f"training FLOPs per optimizer step: {sum(flops) * cfg.train.global_batch * model.context_length:.3g}",
         f"generation key/value cache per sequence (bf16): {decode_cache_bytes(model, 2) / 2**30:.2f} GiB",
     ]
+    if memory_gib is not None:
+        fits = largest_chunk(model, cfg, memory_gib * 2**30)
+        verdict = memory_verdict(model, cfg, memory_gib * 2**30, f"--memory {memory_gib:g}")
+        lines.append(f"largest chunk that fits {memory_gib:g} GiB: "
+                     + (f"model.chunk_bytes={fits}" if fits is not None else "none"))
+        lines.append(verdict or f"fits {memory_gib:g} GiB with model.chunk_bytes={model.chunk_bytes}")
     return "\n".join(lines)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.errors import DataError, TerrabyteError
+from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteError
 
 from . import checkpoint as ckpt
 from . import engine as eng
 from .args import Config, load_config
-from .estimate import flops_per_byte
+from .estimate import check_fits, flops_per_byte
 from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
 from .model import TerraByte
 from .parallel import plan_layout
@@ -77,6 +77,9 @@ class Trainer:
 
         self.data_path = resolve_data(cfg, self.rank)
         self.model_config = cfg.model.kwargs()
+        if self.layout.pipeline == 1 and self.layout.sequence == 1:
+            # a context that cannot fit stops here, before the model exists (estimate.py)
+            check_fits(cfg, eng.compute_device(), self.layout.dp if cfg.parallel.zero_stage == 3 else 1)
         model = TerraByte(**self.model_config)
         # counted before ZeRO-3 partitions the parameters away
         self.flops_per_byte = sum(flops_per_byte(model, cfg))
@@ -322,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default="tiny", help="config name in configs/ or a YAML path (default: tiny)")
     parser.add_argument("--dry-run", action="store_true", help="print model size and cost estimates, do not train")
+    parser.add_argument("--memory", type=float, default=None, metavar="GIB",
+                        help="with --dry-run: check the estimate against this much device memory and print "
+                             "the largest model.chunk_bytes that fits")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
+    if args.memory is not None and (not args.dry_run or args.memory <= 0):
+        raise ConfigError(f"--memory {args.memory:g} needs --dry-run and a positive number of GiB")
     if args.dry_run:
         from .estimate import describe
 
-        sys.stdout.write(describe(cfg) + "\n")
+        sys.stdout.write(describe(cfg, args.memory) + "\n")
         return 0
     return Trainer(cfg).train()
