@@ -10,6 +10,13 @@ documents come from shards or from the raw files they were built from. Modes:
   prediction of the pass where it sits in the first half of its patch (the paper found the loss
   rises towards the end of a patch).
 - ``sliding_strided``: both.
+
+``--context`` sets the window: ``full`` (default) the model's whole context, so a document up to that
+length is scored as ONE context; or a smaller number of bytes. A batch is padded only to its longest
+window, and the model scores it with ``return_loss="none"``: lower stages in chunks, no logits
+tensor, so memory follows the window, not the model's context. The report splits bits-per-byte by
+the byte's position inside its window (first 8 KiB, 8-64 KiB, 64-512 KiB, ...): does the far
+context help?
 """
 from __future__ import annotations
 
@@ -25,9 +32,9 @@ from typing import Iterable, Iterator
 import torch
 
 from terrabyte.data_pipeline.errors import ConfigError, DataError
-from terrabyte.data_pipeline.system import atomic_write
+from terrabyte.data_pipeline.system import atomic_path, atomic_write
 
-from .model import TerraByte, cross_entropy
+from .model import TerraByte
 
 log = logging.getLogger(__name__)
 
@@ -54,48 +61,100 @@ def windows(n: int, context: int, stride: int) -> list[Window]:
     return out
 
 
-def byte_log_probs(model: TerraByte, doc: torch.Tensor, mode: str, stride: int | None, batch: int) -> torch.Tensor:
+# bits-per-byte by position inside the window: [0, 8 KiB), [8, 64 KiB), ... growing 8x
+FIRST_BUCKET = 8192
+BUCKET_GROWTH = 8
+
+
+def resolve_context(value: str | int | None, model: TerraByte) -> int:
+    """``--context``: ``full`` (or None) is the model's context; a number of bytes at most that."""
+    if value is None or value == "full":
+        return model.context_length
+    try:
+        context = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--context {value!r} must be 'full' or a number of bytes") from None
+    if not 0 < context <= model.context_length:
+        raise ConfigError(f"--context {context} must be in 1..{model.context_length} (the model's context)")
+    return context
+
+
+def byte_log_probs(model: TerraByte, doc: torch.Tensor, mode: str, stride: int | None, batch: int,
+                   context: int | None = None) -> torch.Tensor:
     """Natural-log probability of each byte of ``doc`` (1-D ids) under the chosen mode."""
-    context = model.context_length
+    return score_document(model, doc, mode, stride, batch, context)[0]
+
+
+def score_document(model: TerraByte, doc: torch.Tensor, mode: str, stride: int | None, batch: int,
+                   context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``byte_log_probs`` and each byte's position inside the window it was scored in."""
+    context = model.context_length if context is None else context
     stride = context if mode in ("basic", "strided") else (stride or context // 2)
     if not 0 < stride <= context:
-        raise ConfigError(f"--stride must be in 1..{context} (the model's context), got {stride}")
+        raise ConfigError(f"--stride must be in 1..{context} (the evaluation context), got {stride}")
     plans = windows(len(doc), context, stride)
-    first, first_pos = _score(model, doc, plans, shift=0, batch=batch)
+    first, first_pos = _score(model, doc, plans, shift=0, batch=batch, context=context)
     patch = model.unit_sizes[0]  # bytes per top-level patch
     half = patch // 2
     if mode in ("basic", "sliding") or half == 0:
-        return first
+        return first, first_pos
     # the second pass sees every window moved back by half a patch (never before the document start)
-    second, second_pos = _score(model, doc, plans, shift=half, batch=batch)
-    use_second = (first_pos >= half) & (second_pos < half)
-    return torch.where(use_second, second, first)
+    second, second_pos = _score(model, doc, plans, shift=half, batch=batch, context=context)
+    use_second = (first_pos % patch >= half) & (second_pos % patch < half) & (second_pos >= 0)
+    return torch.where(use_second, second, first), torch.where(use_second, second_pos, first_pos)
 
 
-def _score(model: TerraByte, doc: torch.Tensor, plans: list[Window], shift: int, batch: int):
-    """Per-byte log-probs, and each byte's position inside its patch, when every window starts
+def _score(model: TerraByte, doc: torch.Tensor, plans: list[Window], shift: int, batch: int, context: int):
+    """Per-byte log-probs, and each byte's position inside its window, when every window starts
     ``shift`` bytes earlier (clamped at 0)."""
-    context, device = model.context_length, model.to_logits.weight.device
+    device = model.to_logits.weight.device
     patch = model.unit_sizes[0]
     logps = torch.zeros(len(doc), dtype=torch.float64)
-    # a shifted window ends before its last bytes: they keep position `patch`, so never chosen
-    positions = torch.full((len(doc),), patch, dtype=torch.long)
+    # a shifted window ends before its last bytes: they keep position -1, so never chosen
+    positions = torch.full((len(doc),), -1, dtype=torch.int32)
     for i in range(0, len(plans), batch):
         chunk = plans[i : i + batch]
         starts = [max(0, w.start - shift) for w in chunk]
-        x = torch.full((len(chunk), context), model.pad_id, dtype=torch.long)
+        longest = max(len(doc[s : s + context]) for s in starts)
+        x = torch.full((len(chunk), patch * math.ceil(longest / patch)), model.pad_id, dtype=torch.long)
         for row, (w, s) in enumerate(zip(chunk, starts)):
             piece = doc[s : s + context]
             x[row, : len(piece)] = piece
         x = x.to(device)
         with torch.no_grad():
-            # the training loss, unreduced: PAD positions (past a document's end) come out 0, unscored
-            logp = -cross_entropy(model(x), x, model.pad_id, reduction="none").view(x.shape).cpu().double()
+            # the training loss, unreduced and chunked: PAD positions (past a document's end) are 0
+            logp = -model(x, return_loss="none").cpu().double()
         for row, (w, s) in enumerate(zip(chunk, starts)):
             lo, hi = w.score_from, min(w.score_to, s + context)
             logps[lo:hi] = logp[row, lo - s : hi - s]
-            positions[lo:hi] = torch.arange(lo - s, hi - s) % patch
+            positions[lo:hi] = torch.arange(lo - s, hi - s, dtype=torch.int32)
     return logps, positions
+
+
+def bucket_edges(context: int) -> list[int]:
+    edges = [0, FIRST_BUCKET]
+    while edges[-1] < context:
+        edges.append(edges[-1] * BUCKET_GROWTH)
+    return [min(e, context) for e in edges]
+
+
+class PositionBuckets:
+    """Nats and bytes by position inside the window, summed over documents."""
+
+    def __init__(self, context: int):
+        self.edges = bucket_edges(context)
+        self.nats = [0.0] * (len(self.edges) - 1)
+        self.bytes = [0] * (len(self.edges) - 1)
+
+    def add(self, logps: torch.Tensor, positions: torch.Tensor) -> None:
+        index = torch.bucketize(positions.long(), torch.tensor(self.edges[1:-1]), right=True)
+        self.nats = [a - b for a, b in zip(self.nats, torch.zeros(len(self.nats), dtype=torch.float64)
+                                           .index_add_(0, index, logps).tolist())]
+        self.bytes = [a + b for a, b in zip(self.bytes, torch.bincount(index, minlength=len(self.bytes)).tolist())]
+
+    def report(self) -> list[dict]:
+        return [{"from": lo, "to": hi, "bytes": n, "bits_per_byte": nats / n / math.log(2) if n else None}
+                for lo, hi, n, nats in zip(self.edges, self.edges[1:], self.bytes, self.nats)]
 
 
 # --------------------------------------------------------------------------- documents
@@ -136,16 +195,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stride", type=int, default=None, help="sliding-window stride in bytes (default: context/2)")
     parser.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--max-bytes", type=int, default=None, help="stop after scoring this many bytes")
-    parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("--context", default="full",
+                        help="window in bytes, or 'full' (default): the model's whole context, so each document "
+                             "up to that length is scored as one context")
+    parser.add_argument("--out", default=None, help="also write the JSON report here (and its plot beside it)")
+    parser.add_argument("--plot", default=None, help="PNG of bits-per-byte by position (default: --out with .png)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", help="weights: fp32 (default: reproducible numbers), bf16, "
                         "fp16, or auto (bf16 on GPU); log-probs are always taken in fp32")
 
 
 def evaluate(model: TerraByte, docs: Iterable[tuple[str, bytes]], mode: str = "basic", stride: int | None = None,
-             batch: int = 8, max_bytes: int | None = None) -> dict:
+             batch: int = 8, max_bytes: int | None = None, context: str | int | None = None) -> dict:
     from tqdm.auto import tqdm
 
+    context = resolve_context(context, model)
+    buckets = PositionBuckets(context)
     nats, count, ndocs, started = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(desc=f"eval ({mode})", unit="B", unit_scale=True, file=sys.stderr)
     for _, data in docs:
@@ -156,7 +221,9 @@ def evaluate(model: TerraByte, docs: Iterable[tuple[str, bytes]], mode: str = "b
         if not data:
             continue
         ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-        nats -= float(byte_log_probs(model, ids, mode, stride, batch).sum())
+        logps, positions = score_document(model, ids, mode, stride, batch, context)
+        nats -= float(logps.sum())
+        buckets.add(logps, positions)
         count += len(data)
         ndocs += 1
         bar.update(len(data))
@@ -169,9 +236,36 @@ def evaluate(model: TerraByte, docs: Iterable[tuple[str, bytes]], mode: str = "b
         "documents": ndocs,
         "bytes": count,
         "bits_per_byte": nats / count / math.log(2),
-        "context_bytes": model.context_length,
+        "context_bytes": context,
+        "model_context_bytes": model.context_length,
+        "by_position": buckets.report(),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def plot_positions(report: dict, path: Path) -> bool:
+    """Bits-per-byte against position inside the window (log x); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in report["by_position"] if r["bytes"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.step([max(r["from"], 1) for r in rows] + [rows[-1]["to"]], [r["bits_per_byte"] for r in rows]
+            + [rows[-1]["bits_per_byte"]], where="post")
+    ax.set_xscale("log")
+    ax.set_xlabel("position inside the context (bytes)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"{report['documents']} documents, {report['bytes']:,} bytes, context {report['context_bytes']:,}")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return True
 
 
 def run(args) -> int:
@@ -179,11 +273,15 @@ def run(args) -> int:
 
     dtype = resolve_dtype(args.dtype, args.device)
     model = load_model(args.checkpoint, args.device, DTYPES[dtype])
-    report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes)
+    report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes,
+                      args.context)
     report.update(checkpoint=str(args.checkpoint), data=[str(d) for d in args.data], split=args.split,
                   dtype=dtype)
     text = json.dumps(report, indent=2)
     sys.stdout.write(text + "\n")
     if args.out:
         atomic_write(args.out, text + "\n")
+    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+    if plot and not plot_positions(report, Path(plot)):
+        log.warning("no plot: matplotlib is not installed (`pip install matplotlib`)")
     return 0

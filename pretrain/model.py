@@ -435,6 +435,11 @@ class Stage(nn.Module):
                 prev = embed(before.unsqueeze(1))  # (B, 1, dim)
                 tok = prev if starts is None else torch.where(starts.view(-1, 1, 1), tok.to(prev.dtype), prev)
             x = tok if emb is None else torch.cat((tok.to(emb.dtype), emb), dim=1)
+        elif torch.is_grad_enabled():
+            # the start token takes part, if only with weight 0, wherever the sequence is entered:
+            # ZeRO-3 reduces gradients as collectives in the order they become ready, so every
+            # rank (and every chunk of the global embedding) must touch the same parameters
+            x = emb + 0 * self.start_token.to(emb.dtype)
         else:
             x = emb
         return x if ctx is None else x + ctx

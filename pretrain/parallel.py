@@ -324,11 +324,7 @@ class SequenceParallel(nn.Module):
         """Stage 0 for this rank's patches [p0, p1): (b, p1 - p0, dim0), normalised."""
         stage = self.stages[0]
         per_chunk = max(1, self.chunk_bytes // (self.unit_sizes[0] * ids.shape[0]))
-        x = global_inputs(stage, ids, p0, p1, per_chunk)  # (b, p1 - p0, dim0)
-        if p0 > 0:
-            # every rank uses the start token, if only with weight 0: ZeRO-3 gathers a parameter and
-            # reduces its gradient as collectives, so all ranks must touch the same parameters
-            x = x + 0 * stage.start_token.to(x.dtype)
+        x = global_inputs(stage, ids, p0, p1, per_chunk)  # (b, p1 - p0, dim0); every rank touches the start token
         return stage(x, start=p0)  # rotary positions of this rank's patches
 
     def forward(self, x: Tensor, return_loss=False) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.evaluate import byte_log_probs, documents, evaluate, windows
 from terrabyte.pretrain.checkpoint import save_safetensors
+from terrabyte.data_pipeline.errors import ConfigError
 
 CONFIG = dict(num_tokens=256, dim=(32, 16), depth=(1, 1), max_seq_len=(8, 4), dim_head=8, heads=2)
 
@@ -82,6 +83,7 @@ def test_shards_and_files_give_the_same_number(tmp_path, model):
     assert report == json.loads(proc.stdout)
     assert report["bits_per_byte"] == pytest.approx(from_files["bits_per_byte"], rel=1e-6)
     assert report["dtype"] == "fp32"
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the by-position plot beside it
 
     # bf16 weights: the same windows, a number within bf16's rounding of the fp32 one
     proc = subprocess.run(
@@ -94,3 +96,25 @@ def test_shards_and_files_give_the_same_number(tmp_path, model):
     assert bf16["dtype"] == "bf16" and bf16["bytes"] == report["bytes"]
     assert bf16["bits_per_byte"] == pytest.approx(report["bits_per_byte"], rel=0.02)
     assert bf16["bits_per_byte"] != report["bits_per_byte"]  # it did run in bf16
+
+
+def test_full_context_scores_by_position_and_bounds_the_window(model, monkeypatch):
+    """``--context full``: a document up to the model's context is one window; the by-position
+    buckets split the same nats; a smaller --context only ever gives positions below it."""
+    from terrabyte.pretrain import evaluate as ev
+
+    monkeypatch.setattr(ev, "FIRST_BUCKET", 4)  # buckets [0, 4), [4, 32) for a 32-byte context
+    doc = bytes(torch.randint(0, 256, (75,), generator=torch.Generator().manual_seed(3)).tolist())
+    report = evaluate(model, [("d", doc)], "basic", None, 4, context="full")
+    assert report["context_bytes"] == 32 and report["bytes"] == 75
+    buckets = report["by_position"]
+    assert [(b["from"], b["to"]) for b in buckets] == [(0, 4), (4, 32)]
+    assert [b["bytes"] for b in buckets] == [4 * 3, 28 + 28 + 7]  # windows of 32, 32 and 11 bytes
+    total = sum(b["bits_per_byte"] * b["bytes"] for b in buckets) / 75
+    assert total == pytest.approx(report["bits_per_byte"], rel=1e-12)
+    logps, positions = ev.score_document(model, torch.tensor(list(doc)), "basic", None, 4, 16)
+    assert int(positions.max()) == 15 and int(positions.min()) == 0
+    with pytest.raises(ConfigError, match="--context 64 must be in 1..32"):
+        evaluate(model, [("d", doc)], context=64)
+    with pytest.raises(ConfigError, match="--context 'half'"):
+        evaluate(model, [("d", doc)], context="half")
