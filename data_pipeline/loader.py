@@ -172,7 +172,9 @@ class ByteLoader:
 
     def __iter__(self) -> Iterator[torch.Tensor | ByteBatch]:
         self._generation += 1
-        it = self._iter_train(self._generation) if self.loop else self._iter_eval(self._generation)
+        if self.loop:
+            return self._iter_train(self._generation)
+        it = self._iter_eval(self._generation)
         return it if self.dtype == torch.uint8 else (b.to_ids(dtype=self.dtype) for b in it)
 
     @property
@@ -304,6 +306,7 @@ class ByteLoader:
         block_steps = max(1, min(64, BLOCK_BYTES // (per_rank * L)))
         fresh = per_rank * L > BLOCK_BYTES
         lanebuf = None if fresh else stages.fresh_buffer(per_rank * block_steps * L).reshape(per_rank, block_steps, L)
+        wide = {torch.int64: np.int64, torch.int32: np.int32}.get(self.dtype)
         while generation == self._generation:
             epoch, step0, micro0 = self._epoch, self._step, self._micro
             order, cum = self._epoch_stream(epoch)
@@ -322,15 +325,22 @@ class ByteLoader:
                 if fresh:
                     lanebuf = stages.fresh_buffer(per_rank * L).reshape(per_rank, 1, L)
                 marks = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
+                eos, bounds = _batch_eos(marks, nb, m, L)
                 for s in range(nb):
                     g = b0 + s
                     for k in range(micro0 if g == step0 else 0, A):
                         if generation != self._generation:
                             return
                         rows = lanebuf[k * m:(k + 1) * m, s]
-                        data = torch.from_numpy(rows if fresh else rows.copy())
-                        batch = ByteBatch(data, _rows_eos(marks[k * m:(k + 1) * m], s * L, L),
-                                          torch.full((m,), L, dtype=torch.int64), self.eos_id, self.pad_id)
+                        q = s * A + k
+                        where = eos[bounds[q]:bounds[q + 1]]
+                        if wide is not None:  # int64/int32 ids widened on the host: cast, then EOS in
+                            ids = rows.astype(wide)
+                            ids.reshape(-1)[where] = self.eos_id
+                            batch = torch.from_numpy(ids)
+                        else:
+                            batch = ByteBatch(torch.from_numpy(rows if fresh else rows.copy()), torch.from_numpy(where),
+                                              None, self.eos_id, self.pad_id)
                         self._advance(A, steps)  # before yield: state = batches handed out
                         yield batch
 
@@ -374,13 +384,21 @@ class ByteLoader:
             yield batch
 
 
-def _rows_eos(marks: list, start: int, seq_len: int) -> torch.Tensor:
-    """Flat EOS positions of a micro-batch: of each lane's block marks, those in [start, start +
-    seq_len) (the step's row), shifted to row r of the batch."""
-    parts = []
-    for r, mk in enumerate(marks):
-        if len(mk):
-            a, b = np.searchsorted(mk, (start, start + seq_len))
-            if b > a:
-                parts.append(mk[a:b] + (r * seq_len - start))
-    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+def _batch_eos(marks: list, nb: int, m: int, seq_len: int) -> tuple[np.ndarray, list]:
+    """The EOS positions of a block's micro-batches, computed for the whole block at once (per
+    batch, a slice): lane j's mark p (step p // seq_len) belongs to micro-batch (step, j // m) at
+    flat position (j % m) * seq_len + p % seq_len. Returns the positions ordered by batch (step *
+    lanes / m + k) and the bounds of each batch's slice."""
+    lanes = len(marks)
+    per_step = lanes // m
+    counts = [len(mk) for mk in marks]
+    if not sum(counts):
+        return np.zeros(0, dtype=np.int64), [0] * (nb * per_step + 1)
+    pos = np.concatenate(marks)
+    lane = np.repeat(np.arange(lanes, dtype=np.int64), counts)
+    step, col = np.divmod(pos, seq_len)
+    batch = step * per_step + lane // m
+    flat = (lane % m) * seq_len + col
+    order = np.lexsort((flat, batch))
+    bounds = np.searchsorted(batch[order], np.arange(nb * per_step + 1)).tolist()
+    return flat[order], bounds

@@ -10,7 +10,8 @@ iterable, testable alone. `ByteLoader` (loader.py) uses them in this order, per 
 
 and cuts micro-batches out of the filled lane buffer itself: there is no separate pack or batch
 stage, because the loader fills a block of steps of each lane per `fill` call into one reused
-buffer and casts each micro-batch from it (why: `ByteLoader._iter_train`, data_pipeline/BENCHMARKS.md).
+uint8 buffer (EOS positions on the side) and copies each micro-batch from it (why:
+`ByteLoader._iter_train`, batch.py, data_pipeline/BENCHMARKS.md).
 
 The sequential path, for whole documents instead of packed batches (`loader.split_documents`,
 used by `terrabyte eval`, and the tests):
