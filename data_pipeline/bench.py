@@ -4,7 +4,8 @@ One process, one corpus (default: the standard library's *.py files):
   1. build   - `build_shards` at the given zstd level, MB/s of raw input;
   2. zstd    - plain decompression of every train member of the same shards (pread + decompress),
                the ceiling any loader of these shards can reach;
-  3. loader  - `--epochs` epochs of `ByteLoader` (packed int32 and int64 batches), MB/s of tokens delivered,
+  3. loader  - `--epochs` epochs of `ByteLoader` (packed uint8 `ByteBatch`es, what the trainer loads, and
+               int64 batches), MB/s of tokens delivered,
                with 0 and 1 prefetch threads;
   4. streaming - mosaicml-streaming's MDSWriter/StreamingDataset on the same documents, only when
                the package is installed (never a dependency).
@@ -39,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--micro-batch", type=int, default=8, help="loader micro-batch")
     parser.add_argument("--num-workers", type=int, nargs="+", default=[0, 1],
                         help="loader prefetch threads (one table row per value)")
-    parser.add_argument("--dtypes", nargs="+", choices=("int32", "int64"), default=["int32", "int64"],
-                        help="batch dtypes to measure (the trainer loads int32 and widens on the device)")
+    parser.add_argument("--dtypes", nargs="+", choices=("uint8", "int32", "int64"), default=["uint8", "int64"],
+                        help="batch dtypes to measure (the trainer loads uint8 ByteBatches and widens on the device)")
     parser.add_argument("--epochs", type=int, default=3,
                         help="loader epochs per measurement (steady state: decompression buffers get reused)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each read measurement (best kept)")

@@ -9,10 +9,16 @@ Layout of one shard (a plain ustar tar, readable by `tar tf`, `zstd -d` and upst
     ...
 
 A *member* bundles small documents up to about `member_bytes` raw (so members are 1x-2x
-`member_bytes`) or holds one chunk of a document larger than `member_bytes` (chunks of equal size).
-Each JSON entry locates a piece of a document inside the member: bytes [offset, offset+length) of
-the member are bytes [doc_offset, doc_offset+length) of the document `path` of total size
-`doc_size`. Keys carry no dots because webdataset splits sample keys at the first dot.
+`member_bytes`) or holds one chunk of a document larger than `member_bytes` (chunks of equal size,
+in consecutive members: a *continued* document). Each JSON entry locates a piece of a document
+inside the member: bytes [offset, offset+length) of the member are bytes [doc_offset,
+doc_offset+length) of the document `path` of total size `doc_size`. Keys carry no dots because
+webdataset splits sample keys at the first dot. Each shard's manifest record lists the continued
+documents that start in it (`spans`: path, size, first member, member count).
+
+A document larger than `member_bytes` is never held whole: the readers hand it over as a stream,
+read in blocks of `READ_BLOCK` into a streaming zstd compressor, one member at a time, so the
+builder's memory is bounded by `member_bytes` whatever the document's size (BENCHMARKS.md).
 
 Work is cut into *tasks*: runs of sources (sorted) of about `task_bytes`, fixed by the inputs alone,
 so the shards are byte-identical whatever `workers` or the number of MPI ranks. A task writes its own
@@ -23,6 +29,7 @@ last; a directory without `manifest.json` is not a finished build.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import multiprocessing as mp
@@ -44,12 +51,13 @@ from .system import atomic_write
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "1.0"
+BUILDER_VERSION = "1.1"  # 1.1: streamed large documents, per-shard `spans`
 SHARD_RE = re.compile(r"^(train|val)-(\d{5})-(\d{6})\.tar$")
 MARKER_RE = re.compile(r"^\.task-(\d{5})\.json$")
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tar pads archives to whole records of 10 KiB
 TAR_MTIME = 0  # fixed header fields make shards byte-reproducible
+READ_BLOCK = 1 << 20  # bytes of a streamed document read at a time
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,13 @@ def shard_name(split: str, task: int, index: int) -> str:
 
 @dataclass
 class Member:
-    raw: bytes
+    raw: bytes | None  # None for a chunk of a streamed document (compressed as it was read)
     pieces: list  # dicts: path, offset, length, doc_offset, doc_size
+    size: int = -1  # raw bytes
+
+    def __post_init__(self):
+        if self.raw is not None:
+            self.size = len(self.raw)
 
     @property
     def ends(self) -> int:  # documents that end in this member
@@ -131,6 +144,32 @@ class Member:
         return int(p["doc_offset"] + p["length"] < p["doc_size"])
 
 
+def chunk_plan(size: int, member_bytes: int) -> list[tuple[int, int]]:
+    """(start, length) of the equal chunks a document larger than `member_bytes` is cut into."""
+    chunks = -(-size // member_bytes)
+    step = -(-size // chunks)
+    return [(start, min(step, size - start)) for start in range(0, size, step)]
+
+
+def _piece(path: str, start: int, length: int, size: int, offset: int = 0) -> dict:
+    return dict(path=path, offset=offset, length=length, doc_offset=start, doc_size=size)
+
+
+def stream_members(doc: Document, member_bytes: int, cctx: zstandard.ZstdCompressor,
+                   block_bytes: int = READ_BLOCK, hasher=None) -> Iterator[tuple[Member, bytes]]:
+    """A streamed document -> (member, zstd frame) per chunk, in order. Reads `block_bytes` at a
+    time into a streaming compressor, so at most one block and one compressed chunk are held;
+    `hasher` (e.g. blake2b) sees every byte, for de-duplication without a second read."""
+    for start, n in chunk_plan(doc.size, member_bytes):
+        out = io.BytesIO()
+        with cctx.stream_writer(out, size=n, closefd=False) as w:
+            for block in doc.blocks(n, block_bytes):
+                if hasher is not None:
+                    hasher.update(block)
+                w.write(block)
+        yield Member(None, [_piece(doc.path, start, n, doc.size)], n), out.getvalue()
+
+
 class Bundler:
     """Groups documents into members: small ones bundled, large ones cut into equal chunks."""
 
@@ -144,13 +183,10 @@ class Bundler:
         n = len(data)
         if n > self.member_bytes:
             yield from self.flush()
-            chunks = -(-n // self.member_bytes)
-            step = -(-n // chunks)
-            for start in range(0, n, step):
-                piece = data[start:start + step]
-                yield Member(piece, [dict(path=path, offset=0, length=len(piece), doc_offset=start, doc_size=n)])
+            for start, length in chunk_plan(n, self.member_bytes):
+                yield Member(data[start:start + length], [_piece(path, start, length, n)])
             return
-        self._pieces.append(dict(path=path, offset=self._size, length=n, doc_offset=0, doc_size=n))
+        self._pieces.append(_piece(path, 0, n, n, offset=self._size))
         self._parts.append(data)
         self._size += n
         if self._size >= self.member_bytes:
@@ -160,6 +196,13 @@ class Bundler:
         if self._pieces:
             yield Member(b"".join(self._parts), self._pieces)
         self._parts, self._pieces, self._size = [], [], 0
+
+    def save(self) -> tuple:
+        """The documents waiting for a member (restored when a streamed document is taken out)."""
+        return list(self._parts), list(self._pieces), self._size
+
+    def restore(self, saved: tuple):
+        self._parts, self._pieces, self._size = list(saved[0]), list(saved[1]), saved[2]
 
 
 def member_json(member: Member) -> bytes:
@@ -193,6 +236,7 @@ class ShardWriter:
         self.index = 0
         self.records: list[dict] = []
         self._f = None
+        self._span: dict | None = None  # the continued document being written
 
     def _open(self):
         self.name = shard_name(self.split, self.task, self.index)
@@ -201,7 +245,7 @@ class ShardWriter:
         self._pos = 0
         self._sha = hashlib.sha256()
         self._rec = dict(split=self.split, path=self.name, task=self.task, documents=0, members=0,
-                         raw_bytes=0, compressed_bytes=0)
+                         raw_bytes=0, compressed_bytes=0, spans=[])
         self._idx = {k: [] for k in INDEX_KEYS}
 
     def _write(self, b: bytes):
@@ -231,15 +275,55 @@ class ShardWriter:
         idx["json_size"].append(len(js))
         idx["zst_offset"].append(self._add_file(f"{key}.zst", zst))
         idx["zst_size"].append(len(zst))
-        idx["raw"].append(len(member.raw))
+        idx["raw"].append(member.size)
         idx["starts"].append(member.starts)
         idx["ends"].append(member.ends)
         idx["cont"].append(member.cont)
         r = self._rec
+        first, last = member.pieces[0], member.pieces[-1]
+        if first["doc_offset"] > 0 and self._span is not None:
+            self._span["members"] += 1  # (possibly in the record of an earlier shard)
+        if member.cont and last["doc_offset"] == 0:
+            self._span = dict(path=last["path"], size=last["doc_size"], member=int(key), members=1)
+            r["spans"].append(self._span)
         r["documents"] += member.starts
         r["members"] += 1
-        r["raw_bytes"] += len(member.raw)
+        r["raw_bytes"] += member.size
         r["compressed_bytes"] += len(zst)
+
+    def mark(self) -> tuple:
+        """Where the writer stands between two documents, for `rollback`."""
+        state = None
+        if self._f is not None:
+            state = (self._pos, self._sha.copy(), dict(self._rec, spans=list(self._rec["spans"])),
+                     {k: len(v) for k, v in self._idx.items()})
+        return len(self.records), self.index, state
+
+    def rollback(self, mark: tuple):
+        """Back to `mark`: takes out a streamed document that failed or turned out a duplicate
+        half-way through, even from shards finished since (they are deleted, or reopened under
+        their temporary name), so no shard holds part of a document."""
+        nrec, index, state = mark
+        if self._f is not None and (state is None or self.index != index):
+            self.abort()  # a shard opened after the mark
+        reopen = state is not None and self._f is None
+        for rec in self.records[nrec + reopen:]:
+            _remove_quietly(os.path.join(self.out_dir, rec["path"]))
+        if state is not None:
+            pos, sha, rec, lens = state
+            if reopen:  # the marked shard was finished since: back under its temporary name
+                done = self.records[nrec]
+                self.name = done["path"]
+                self.tmp = os.path.join(self.out_dir, f".{self.name}.tmp")
+                os.replace(os.path.join(self.out_dir, self.name), self.tmp)
+                self._f = open(self.tmp, "r+b")
+                self._idx = {k: list(done["index"][k]) for k in INDEX_KEYS}
+            self._f.truncate(pos)
+            self._f.seek(pos)
+            self._idx = {k: v[:lens[k]] for k, v in self._idx.items()}
+            self._pos, self._sha, self._rec = pos, sha.copy(), dict(rec, spans=list(rec["spans"]))
+        del self.records[nrec:]
+        self.index, self._span = index, None
 
     def close(self):
         if self._f is None:
@@ -333,13 +417,20 @@ class TaskStats:
     skipped_names: list = field(default_factory=list)
 
 
-def _iter_documents(sources, cfg: BuildConfig, stats: TaskStats) -> Iterator[Document]:
-    opts = ReadOptions(text_field=cfg.text_field, group_depth=cfg.group_depth)
+def _iter_documents(sources, cfg: BuildConfig, stats: TaskStats, failed: list | None = None) -> Iterator[Document]:
+    """Every document of the sources; documents larger than `member_bytes` come as streams. The
+    consumer reads a stream after this generator yields it, so a read error happens outside it:
+    the consumer appends it to `failed` and this generator raises it on resuming, in the source's
+    own reading loop, where the on_error policy applies to it like to any other error of the
+    source."""
+    opts = ReadOptions(text_field=cfg.text_field, group_depth=cfg.group_depth, stream_bytes=cfg.member_bytes)
     for src in sources:
         stats.sources += 1
         try:
             for doc in readers.read_source(src, opts, cfg.include, cfg.exclude):
                 yield doc
+                if failed:
+                    raise failed.pop()
         except (OSError, ValueError) as e:
             if cfg.on_error != "skip":
                 raise
@@ -362,15 +453,42 @@ def run_task(task: int, sources: Sequence[Source], cfg: BuildConfig, out_dir: st
                                     write_checksum=True)
     stats = TaskStats()
     seen: set = set()
+    failed: list = []
 
     def emit(split: str, members: Iterable[Member]):
         for m in members:
             writers[split].add(m, cctx.compress(m.raw))
 
+    def stream(split: str, doc: Document) -> bool:
+        """Writes a streamed document; False if it turned out a duplicate or failed to read under
+        on_error="skip" (then it is taken out of the shards again)."""
+        w, b = writers[split], bundlers[split]
+        mark, saved = w.mark(), b.save()
+        h = hashlib.blake2b(digest_size=16) if cfg.dedup and drop is None else None
+        try:
+            emit(split, b.flush())
+            for m, zst in stream_members(doc, cfg.member_bytes, cctx, READ_BLOCK, h):
+                w.add(m, zst)
+        except (OSError, ValueError) as e:
+            w.rollback(mark)
+            b.restore(saved)
+            if cfg.on_error != "skip":
+                raise
+            failed.append(e)  # _iter_documents skips the rest of this source, as for any read error
+            return False
+        if h is not None:
+            if h.digest() in seen:
+                w.rollback(mark)
+                b.restore(saved)
+                stats.duplicates += 1
+                return False
+            seen.add(h.digest())
+        return True
+
     try:
         pending_docs, pending_bytes = 0, 0
-        for ordinal, doc in enumerate(_iter_documents(sources, cfg, stats)):
-            n = len(doc.data)
+        for ordinal, doc in enumerate(_iter_documents(sources, cfg, stats, failed)):
+            n = doc.size
             stats.documents_read += 1
             stats.bytes_read += n
             pending_docs += 1
@@ -383,6 +501,8 @@ def run_task(task: int, sources: Sequence[Source], cfg: BuildConfig, out_dir: st
                     if ordinal in drop:
                         stats.duplicates += 1
                         continue
+                elif doc.stream is not None:
+                    pass  # hashed while written (stream)
                 else:  # one task: dedup on the fly, first copy wins
                     h = hashlib.blake2b(doc.data, digest_size=16).digest()
                     if h in seen:
@@ -390,7 +510,10 @@ def run_task(task: int, sources: Sequence[Source], cfg: BuildConfig, out_dir: st
                         continue
                     seen.add(h)
             split = split_of(doc.group, cfg.val_fraction)
-            emit(split, bundlers[split].add(doc.path, doc.data))
+            if doc.stream is None:
+                emit(split, bundlers[split].add(doc.path, doc.data))
+            elif not stream(split, doc):
+                continue
             if progress is not None and (pending_bytes >= 1 << 20 or pending_docs >= 256):
                 progress(pending_docs, pending_bytes)
                 pending_docs, pending_bytes = 0, 0
@@ -434,11 +557,25 @@ def _worker_run_task(task, sources, cfg, out_dir, drop, zdict):
 
 def _hash_sources(sources, cfg: BuildConfig) -> list[bytes]:
     """Content hashes of a task's documents, in reading order (size-filtered ones hash to b"")."""
-    out = []
-    for doc in _iter_documents(sources, cfg, TaskStats()):
-        n = len(doc.data)
-        keep = n >= cfg.min_bytes and not (cfg.max_bytes and n > cfg.max_bytes)
-        out.append(hashlib.blake2b(doc.data, digest_size=16).digest() if keep else b"")
+    out, failed = [], []
+    for doc in _iter_documents(sources, cfg, TaskStats(), failed):
+        n = doc.size
+        if n < cfg.min_bytes or (cfg.max_bytes and n > cfg.max_bytes):
+            out.append(b"")
+        elif doc.stream is None:
+            out.append(hashlib.blake2b(doc.data, digest_size=16).digest())
+        else:  # in blocks: bounded memory, as in run_task
+            h = hashlib.blake2b(digest_size=16)
+            try:
+                for block in doc.blocks(n, READ_BLOCK):
+                    h.update(block)
+            except (OSError, ValueError) as e:
+                if cfg.on_error != "skip":
+                    raise
+                failed.append(e)
+                out.append(b"")
+                continue
+            out.append(h.digest())
     return out
 
 
@@ -464,9 +601,10 @@ def train_dictionary(tasks, cfg: BuildConfig) -> bytes:
     all_sources = [s for t in tasks for s in t]
     stride = max(1, len(all_sources) // 1000)
     for src in all_sources[::stride]:
-        for doc in readers.read_source(src, ReadOptions(cfg.text_field, cfg.group_depth), cfg.include, cfg.exclude):
-            if doc.data:
-                samples.append(doc.data[: 1 << 20])
+        opts = ReadOptions(cfg.text_field, cfg.group_depth, stream_bytes=1 << 20)
+        for doc in readers.read_source(src, opts, cfg.include, cfg.exclude):
+            if doc.size:
+                samples.append(doc.read(1 << 20))
                 total += len(samples[-1])
             if total > 100 << 20:
                 break

@@ -18,6 +18,12 @@ resuming seeks with the member offsets stored in the manifest (no re-reading). T
 depend on the world size. `num_workers` threads only prefetch and decompress members; results are
 consumed in a fixed order, so batches never depend on it.
 
+Batches stay one byte per byte on the host: the lane buffer is uint8 with the EOS positions on
+the side, and `dtype=torch.uint8` yields them as `ByteBatch`es (batch.py) that the trainer widens
+on the device (`batch.to_ids(device)`), so a gigabyte sequence costs a gigabyte of host memory,
+not eight. int64 / int32 batches are the same widened on the host. A document cut into several
+members (a continued document) is one run of bytes in the stream: no EOS between its parts.
+
 `split_documents` and `count_sequences` are the other read-side entry points by path: the whole
 documents of a split (for `terrabyte eval`) and the validation pass's length.
 """
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 
 from . import stages
+from .batch import ByteBatch
 from .errors import CheckpointError, ConfigError, DataError
 from .manifest import load_dictionary, load_manifest, shard_list
 from .stages import ErrorCounter, ShardFiles
@@ -44,10 +51,10 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 HOLD_BYTES = 256 << 20  # members held across lane boundaries, at most
-BLOCK_BYTES = 4 << 20  # per-rank uint16 lane buffer, a block of steps; small enough to stay in cache
+BLOCK_BYTES = 4 << 20  # per-rank uint8 lane buffer, a block of steps; small enough to stay in cache
 
 
-_NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
+_DTYPES = (torch.uint8, torch.int64, torch.int32)
 
 
 def _manifest_id(manifest: dict, split: str) -> int:
@@ -84,10 +91,12 @@ def split_documents(path: str, split: str = "val") -> Iterator[tuple[str, bytes]
 
 
 class ByteLoader:
-    """Iterates micro-batches: tensors (micro_batch, seq_len) of `dtype` holding data values
-    0..vocab.num_tokens-1 (bytes), `eos_id` after each document and (loop=False only) `pad_id`.
-    The ids come from `vocab` (default `BYTES`: pad 256, EOS 257); `eos_id` / `pad_id`, when
-    given, override it.
+    """Iterates micro-batches (micro_batch, seq_len) holding data values 0..vocab.num_tokens-1
+    (bytes), `eos_id` after each document and (loop=False only) `pad_id`: with
+    `dtype=torch.uint8` as `ByteBatch`es, one byte per byte until `to_ids(device)` widens them
+    on the device (what the trainer uses); with torch.int64 / torch.int32 as id tensors widened on
+    the host. The ids come from `vocab` (default `BYTES`: pad 256, EOS 257); `eos_id` / `pad_id`,
+    when given, override it.
 
     loop=True (training): endless epochs, order as in the module docstring; a corpus too small for
     one global step raises ConfigError. loop=False (validation): the split once, unshuffled; each
@@ -114,11 +123,9 @@ class ByteLoader:
             raise ConfigError(f"ByteLoader: on_error={on_error!r} must be 'raise' or 'skip'")
         if num_workers < 0:
             raise ConfigError(f"ByteLoader: num_workers={num_workers} must be >= 0")
-        if dtype not in _NP_DTYPES:
-            raise ConfigError(f"ByteLoader: dtype={dtype} must be torch.int64 or torch.int32")
-        # int32 halves the bytes written per token and moved to the accelerator; the trainer widens
-        # to int64 on the device, where it is free
-        self.dtype, self._np_dtype = dtype, _NP_DTYPES[dtype]
+        if dtype not in _DTYPES:
+            raise ConfigError(f"ByteLoader: dtype={dtype} must be torch.uint8 (ByteBatch), torch.int64 or torch.int32")
+        self.dtype = dtype
         self.path, self.split, self.seq_len = path, split, int(seq_len)
         self.global_batch, self.micro_batch = int(global_batch), int(micro_batch)
         self.dp_rank, self.dp_world, self.seed = int(dp_rank), int(dp_world), int(seed)
@@ -163,9 +170,12 @@ class ByteLoader:
         """Micro-batches per epoch on this rank (loop=True) or in one pass (loop=False)."""
         return self.steps_per_epoch * self.grad_accum if self.loop else self.eval_batches
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | ByteBatch]:
         self._generation += 1
-        return self._iter_train(self._generation) if self.loop else self._iter_eval(self._generation)
+        if self.loop:
+            return self._iter_train(self._generation)
+        it = self._iter_eval(self._generation)
+        return it if self.dtype == torch.uint8 else (b.to_ids(dtype=self.dtype) for b in it)
 
     @property
     def skipped(self) -> int:
@@ -287,14 +297,16 @@ class ByteLoader:
     def _iter_train(self, generation: int):
         B, W, m, L, A = self.global_batch, self.dp_world, self.micro_batch, self.seq_len, self.grad_accum
         per_rank = B // W
-        # Each lane is read BLOCK steps at a time into a reused uint16 buffer (one fill call per lane
-        # per block, not per row); a micro-batch is then one gather + cast into a fresh, small array,
-        # so a yielded batch is never overwritten. The small arrays reuse freed, cache-hot memory and
-        # a small lane buffer (BLOCK_BYTES) is still in cache when it is cast: filling fresh
-        # batch-dtype blocks instead measured slower (BENCHMARKS.md, third 2026-11-27 section).
-        block_steps = max(1, min(64, BLOCK_BYTES // (per_rank * L * 2)))
-        lanebuf = stages.fresh_buffer(per_rank * block_steps * L * 2).view(np.uint16)
-        lanebuf = lanebuf.reshape(per_rank, block_steps, L)
+        # Each lane is read BLOCK steps at a time into a reused uint8 buffer (one fill call per lane
+        # per block, not per row), its EOS positions on the side; a micro-batch is then one gather
+        # into a fresh, small array, so a yielded batch is never overwritten. The small arrays reuse
+        # freed, cache-hot memory and a small lane buffer (BLOCK_BYTES) is still in cache when it is
+        # copied (BENCHMARKS.md, third 2026-11-27 section). A step larger than BLOCK_BYTES (long
+        # sequences) gets a fresh buffer instead, and its micro-batches are views of it: no copy.
+        block_steps = max(1, min(64, BLOCK_BYTES // (per_rank * L)))
+        fresh = per_rank * L > BLOCK_BYTES
+        lanebuf = None if fresh else stages.fresh_buffer(per_rank * block_steps * L).reshape(per_rank, block_steps, L)
+        wide = {torch.int64: np.int64, torch.int32: np.int32}.get(self.dtype)
         while generation == self._generation:
             epoch, step0, micro0 = self._epoch, self._step, self._micro
             order, cum = self._epoch_stream(epoch)
@@ -310,26 +322,43 @@ class ByteLoader:
                                                   hold_first=(j > 0 and first == 0)))
             for b0 in range(step0, steps, block_steps):
                 nb = min(block_steps, steps - b0)
-                self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
+                if fresh:
+                    lanebuf = stages.fresh_buffer(per_rank * L).reshape(per_rank, 1, L)
+                marks = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
+                eos, bounds = _batch_eos(marks, nb, m, L)
                 for s in range(nb):
                     g = b0 + s
                     for k in range(micro0 if g == step0 else 0, A):
                         if generation != self._generation:
                             return
-                        batch = torch.from_numpy(lanebuf[k * m:(k + 1) * m, s].astype(self._np_dtype))
+                        rows = lanebuf[k * m:(k + 1) * m, s]
+                        q = s * A + k
+                        where = eos[bounds[q]:bounds[q + 1]]
+                        if wide is not None:  # int64/int32 ids widened on the host: cast, then EOS in
+                            ids = rows.astype(wide)
+                            ids.reshape(-1)[where] = self.eos_id
+                            batch = torch.from_numpy(ids)
+                        else:
+                            batch = ByteBatch(torch.from_numpy(rows if fresh else rows.copy()), torch.from_numpy(where),
+                                              None, self.eos_id, self.pad_id)
                         self._advance(A, steps)  # before yield: state = batches handed out
                         yield batch
 
-    def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int):
+    def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int) -> list:
         """Steps [b0, b0+nb) of every lane into lanebuf[lane, :nb]; steps before firsts[j] (micro-batches
-        yielded before a resume) are left unwritten."""
+        yielded before a resume) are left unwritten. Returns each lane's EOS positions in the block
+        (ascending int64 arrays, lane-block coordinates step * seq_len + column)."""
         L = self.seq_len
         lanes = lanebuf.reshape(len(readers), -1)  # each lane's steps back to back
+        marks = []
         for j, reader in enumerate(readers):
             s0 = max(b0, firsts[j]) - b0  # first step of this block the lane still owes
-            if s0 < nb and reader.fill(lanes[j, s0 * L:nb * L]) != (nb - s0) * L:
+            eos: list = []
+            if s0 < nb and reader.fill(lanes[j, s0 * L:nb * L], eos) != (nb - s0) * L:
                 raise DataError(f"lane {self.dp_rank * len(readers) + j} of epoch {epoch} ran short before "
                                 f"step {b0 + nb}: shards changed since the manifest was written?")
+            marks.append(np.asarray(eos, dtype=np.int64) + s0 * L)
+        return marks
 
     def _iter_eval(self, generation: int):
         m, L = self.micro_batch, self.seq_len
@@ -340,13 +369,36 @@ class ByteLoader:
         start, stop = min(first_row * L, self.total_tokens), min(self.total_tokens, last_row * L)
         reader = self._range_reader(order, cum, start, stop, 0)
         for _ in range(self._step, self.eval_batches):
-            out = np.empty((m, L), dtype=self._np_dtype)
-            flat = out.reshape(-1)  # this rank's rows are contiguous in the stream
-            n = reader.fill(flat)
-            flat[n:] = self.pad_id  # past the end of the data: pad
+            out = stages.fresh_buffer(m * L) if m * L > BLOCK_BYTES else np.empty(m * L, dtype=np.uint8)
+            eos: list = []
+            n = reader.fill(out, eos)  # this rank's rows are contiguous in the stream
+            out[n:] = 0  # past the end of the data: pad
+            lengths = np.clip(n - np.arange(m, dtype=np.int64) * L, 0, L)
+            batch = ByteBatch(torch.from_numpy(out.reshape(m, L)), torch.from_numpy(np.asarray(eos, dtype=np.int64)),
+                              torch.from_numpy(lengths), self.eos_id, self.pad_id)
             if generation != self._generation:
                 return
             self._step += 1
             if self._step == self.eval_batches:
                 self._step = 0  # the next iter() is a fresh pass
-            yield torch.from_numpy(out)
+            yield batch
+
+
+def _batch_eos(marks: list, nb: int, m: int, seq_len: int) -> tuple[np.ndarray, list]:
+    """The EOS positions of a block's micro-batches, computed for the whole block at once (per
+    batch, a slice): lane j's mark p (step p // seq_len) belongs to micro-batch (step, j // m) at
+    flat position (j % m) * seq_len + p % seq_len. Returns the positions ordered by batch (step *
+    lanes / m + k) and the bounds of each batch's slice."""
+    lanes = len(marks)
+    per_step = lanes // m
+    counts = [len(mk) for mk in marks]
+    if not sum(counts):
+        return np.zeros(0, dtype=np.int64), [0] * (nb * per_step + 1)
+    pos = np.concatenate(marks)
+    lane = np.repeat(np.arange(lanes, dtype=np.int64), counts)
+    step, col = np.divmod(pos, seq_len)
+    batch = step * per_step + lane // m
+    flat = (lane % m) * seq_len + col
+    order = np.lexsort((flat, batch))
+    bounds = np.searchsorted(batch[order], np.arange(nb * per_step + 1)).tolist()
+    return flat[order], bounds

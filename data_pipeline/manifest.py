@@ -5,8 +5,15 @@ The builder writes, next to its tar shards, one `manifest.json`:
 
     {"format": "terrabyte-shards", "builder": {"version", "args"}, "tasks", "zstd_dict",
      "shards": [{"split", "path", "task", "documents", "members", "raw_bytes", "compressed_bytes",
-                 "tar_bytes", "sha256", "index": {INDEX_KEYS -> one int per member}}, ...],
+                 "tar_bytes", "sha256", "index": {INDEX_KEYS -> one int per member},
+                 "spans": [{"path", "size", "member", "members"}, ...]}, ...],
      "totals": {split or "all": {...}}, "stats": {...}}
+
+`spans` (builder 1.1; absent before, and optional for readers) lists the continued documents that
+start in the shard: a document larger than a member, cut into `members` consecutive members (which
+may run on into the next shards) from member `member`, `size` raw bytes in all. Readers that do not
+know it lose nothing: the member JSON and the `cont` column say the same, `spans` lets `verify`
+check a chain against its recorded size and `stats` report them without reading a shard.
 
 `load_manifest` reads it from a directory, a file, an http(s) URL or a `pipe:` command template and
 keeps where it came from as `_dir`; `shard_list` and `file_url` turn the relative shard and

@@ -24,8 +24,9 @@ import sys
 import tarfile
 import xml.etree.ElementTree as ET
 import zipfile
+import zlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import zstandard
 
@@ -52,9 +53,38 @@ class Source:
 
 @dataclass
 class Document:
+    """One document. Small ones come read (`data`); one larger than `ReadOptions.stream_bytes`
+    comes unread, as a `stream` of `size` bytes, so that a document larger than memory never has
+    to be held whole. A stream is valid only until the next document is asked for (archives are
+    read in one pass, never seeking): consume it first, or not at all."""
+
     path: str  # recorded path, relative, "/"-separated
-    data: bytes
+    data: bytes | None
     group: str  # split group key
+    size: int = -1  # bytes (len(data) when read)
+    stream: BinaryIO | None = None
+
+    def __post_init__(self):
+        if self.data is not None:
+            self.size = len(self.data)
+
+    def blocks(self, nbytes: int, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The next `nbytes` of the document in blocks of at most `block_bytes`; a source that
+        ends early raises a DataError naming the document."""
+        if self.data is not None:
+            raise ValueError("blocks() reads a streamed document; this one is in memory")
+        while nbytes > 0:
+            b = self.stream.read(min(block_bytes, nbytes))
+            if not b:
+                raise DataError(f"input document {self.path!r} ended early ({nbytes} of its {self.size} bytes missing)")
+            nbytes -= len(b)
+            yield b
+
+    def read(self, limit: int | None = None) -> bytes:
+        """The document's bytes (the first `limit` of them), read from its stream if need be."""
+        if self.data is not None:
+            return self.data if limit is None else self.data[:limit]
+        return b"".join(self.blocks(self.size if limit is None else min(limit, self.size)))
 
 
 @dataclass(frozen=True)
@@ -62,6 +92,26 @@ class ReadOptions:
     text_field: str = "text"
     group_depth: int = 0  # 0: group by document path; N: by its first N path components
     allow_urls: bool = False
+    stream_bytes: int = 0
+    """Files and archive members larger than this come as streams (`Document.stream`); 0: never."""
+
+
+class _Guarded:
+    """A document stream whose read errors become one DataError naming the input (a truncated
+    archive fails while the builder reads the document, not while the reader yields it)."""
+
+    def __init__(self, f, where: str):
+        self._f, self._where = f, where
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._f.read(n)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, OSError, zlib.error) as e:
+            raise DataError(f"cannot read {self._where}: {e}") from None
+
+
+def _streams(opts: ReadOptions, size: int) -> bool:
+    return 0 < opts.stream_bytes < size
 
 
 def source_kind(name: str, input_format: str) -> str:
@@ -194,7 +244,16 @@ def read_file_bytes(path: str) -> bytes:
 
 
 def read_plain(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
-    yield Document(src.name, read_file_bytes(src.path), group_key(src.name, opts.group_depth))
+    group = group_key(src.name, opts.group_depth)
+    if not _streams(opts, src.size):
+        yield Document(src.name, read_file_bytes(src.path), group)
+        return
+    try:
+        f = open(src.path, "rb")
+    except OSError as e:
+        raise OSError(f"cannot read input file {src.path!r}: {e.strerror or e}") from None
+    with f:
+        yield Document(src.name, None, group, os.fstat(f.fileno()).st_size, _Guarded(f, f"input file {src.path!r}"))
 
 
 def _open_decompressed(path: str, fileobj=None):
@@ -223,7 +282,12 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                     if info.is_dir():
                         continue
                     name = f"{src.name}/{info.filename}"
-                    if _matches(name, include, exclude):
+                    if not _matches(name, include, exclude):
+                        continue
+                    if _streams(opts, info.file_size):
+                        with zf.open(info) as f:
+                            yield Document(name, None, src.name, info.file_size, _Guarded(f, f"archive {src.path!r}"))
+                    else:
                         yield Document(name, zf.read(info), src.name)
             return
         with open(src.path, "rb") as raw:
@@ -241,7 +305,10 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                     if not _matches(name, include, exclude):
                         continue
                     f = tf.extractfile(info)
-                    yield Document(name, f.read() if f else b"", src.name)
+                    if f is not None and _streams(opts, info.size):
+                        yield Document(name, None, src.name, info.size, _Guarded(f, f"archive {src.path!r}"))
+                    else:
+                        yield Document(name, f.read() if f else b"", src.name)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, OSError) as e:
         raise DataError(f"cannot read archive {src.path!r}: {e}") from None
 

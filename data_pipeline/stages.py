@@ -10,7 +10,8 @@ iterable, testable alone. `ByteLoader` (loader.py) uses them in this order, per 
 
 and cuts micro-batches out of the filled lane buffer itself: there is no separate pack or batch
 stage, because the loader fills a block of steps of each lane per `fill` call into one reused
-buffer and casts each micro-batch from it (why: `ByteLoader._iter_train`, data_pipeline/BENCHMARKS.md).
+uint8 buffer (EOS positions on the side) and copies each micro-batch from it (why:
+`ByteLoader._iter_train`, batch.py, data_pipeline/BENCHMARKS.md).
 
 The sequential path, for whole documents instead of packed batches (`loader.split_documents`,
 used by `terrabyte eval`, and the tests):
@@ -394,7 +395,8 @@ def parse_meta(s: Sample) -> Sample:
 class Segments:
     """A member's token stream without materialising it: segment i is `lengths[i]` tokens of
     `raw` from `offsets[i]`, followed by one EOS if `eos[i]`. `raw` is the member's uint8 bytes, or
-    (for members of many tiny documents) a uint16 array that already holds the EOS tokens."""
+    (for members of many tiny documents) the whole stream already laid out, one byte per token,
+    with 0 where an EOS goes and those positions in `marks`."""
 
     raw: np.ndarray
     offsets: list
@@ -402,14 +404,15 @@ class Segments:
     eos: list
     starts: list  # token index where each segment starts
     ntokens: int
+    marks: np.ndarray | None = None  # positions in `raw` that hold an EOS (ascending)
 
     @classmethod
-    def build(cls, raw: np.ndarray, offsets, lengths, eos) -> "Segments":
+    def build(cls, raw: np.ndarray, offsets, lengths, eos, marks: np.ndarray | None = None) -> "Segments":
         starts = list(itertools.accumulate(map(operator.add, lengths, eos), initial=0))
-        return cls(raw, list(offsets), list(lengths), list(eos), starts[:-1], starts[-1])
+        return cls(raw, list(offsets), list(lengths), list(eos), starts[:-1], starts[-1], marks)
 
     def tokens(self, eos_id: int) -> np.ndarray:
-        """The stream as one uint16 array (for tests and small inputs)."""
+        """The stream as one uint16 array of ids (for tests and small inputs)."""
         out = np.empty(self.ntokens, dtype=np.uint16)
         TokenReader([self], eos_id).fill(out)
         return out
@@ -431,28 +434,33 @@ def member_segments(s: Sample, eos_id: int, order_seed: Sequence[int] | None = N
     eos = [d["doc_offset"] + d["length"] == d["doc_size"] for d in docs]
     if len(docs) > 1 and len(raw) < _TINY_DOCS * len(docs):
         # Per-document Python work would dominate: build the token array in a few numpy passes.
-        tokens = _tokens_vectorized(raw, np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
-                                    np.asarray(eos, bool), eos_id)
-        return Segments.build(tokens, [0], [len(tokens)], [False])
+        tokens, marks = _tokens_vectorized(raw, np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
+                                           np.asarray(eos, bool))
+        return Segments.build(tokens, [0], [len(tokens)], [False], marks)
     return Segments.build(raw, offsets, lengths, eos)
 
 
-def _tokens_vectorized(raw, offsets, lengths, ends, eos_id) -> np.ndarray:
-    out = np.empty(int(lengths.sum() + ends.sum()), dtype=np.uint16)
+def _tokens_vectorized(raw, offsets, lengths, ends) -> tuple[np.ndarray, np.ndarray]:
+    """The documents laid out in order as uint8, a 0 in each EOS slot, and those slots."""
+    out = np.empty(int(lengths.sum() + ends.sum()), dtype=np.uint8)
     dst = np.concatenate([[0], np.cumsum(lengths + ends)[:-1]])  # where each document starts
+    marks = (dst + lengths)[ends]
     is_data = np.ones(len(out), dtype=bool)
-    is_data[(dst + lengths)[ends]] = False
-    out[~is_data] = eos_id
+    is_data[marks] = False
+    out[marks] = 0
     # data position p holds raw[offsets[i] + (p - first data position of document i)]
     first = np.cumsum(np.concatenate([[0], lengths[:-1]]))
     out[is_data] = raw[np.repeat(offsets - first, lengths) + np.arange(int(lengths.sum()))]
-    return out
+    return out, marks
 
 
 class TokenReader:
     """Reads a stream of Segments into caller-given buffers, casting to the buffer's dtype while
-    copying (the loader's lane buffer is uint16). `skip` tokens are dropped first, and at most
-    `limit` tokens are delivered."""
+    copying. `skip` tokens are dropped first, and at most `limit` tokens are delivered.
+
+    `fill(out)` writes EOS ids into `out` (a buffer wide enough for them); `fill(out, eos_at)`
+    writes 0 there instead and appends the positions to the list `eos_at`: the loader's lane
+    buffer is uint8, one byte per byte, whatever the sequence length (batch.py)."""
 
     def __init__(self, members: Iterable[Segments], eos_id: int, skip: int = 0, limit: int | None = None):
         self._members = iter(members)
@@ -485,7 +493,7 @@ class TokenReader:
             self._within = t - cur.starts[self._seg]  # == lengths[seg] means "at its EOS"
             return
 
-    def fill(self, out: np.ndarray) -> int:
+    def fill(self, out: np.ndarray, eos_at: list | None = None) -> int:
         """Writes up to len(out) tokens into out; returns how many (fewer only at the end)."""
         # Hot loop (once per row per lane): locals only, one slice copy per document piece.
         want = len(out)
@@ -505,6 +513,13 @@ class TokenReader:
                     take = want - pos
                 o = cur.offsets[i] + w
                 out[pos:pos + take] = cur.raw[o:o + take]
+                if cur.marks is not None:  # EOS slots inside the copied range
+                    mk = cur.marks[np.searchsorted(cur.marks, o):np.searchsorted(cur.marks, o + take)]
+                    if len(mk):
+                        if eos_at is None:
+                            out[mk + (pos - o)] = self.eos_id
+                        else:
+                            eos_at.extend((mk + (pos - o)).tolist())
                 pos += take
                 w += take
                 if w < n:
@@ -512,7 +527,11 @@ class TokenReader:
             if cur.eos[i]:
                 if pos == want:
                     break  # the EOS goes first into the next buffer
-                out[pos] = self.eos_id
+                if eos_at is None:
+                    out[pos] = self.eos_id
+                else:
+                    out[pos] = 0
+                    eos_at.append(pos)
                 pos += 1
             i, w = i + 1, 0
         self._seg, self._within = i, w

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from terrabyte.data_pipeline.batch import ByteBatch
 from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteError
 
 from . import checkpoint as ckpt
@@ -115,18 +116,18 @@ class Trainer:
             vocab=self.vocab,
             loop=loop,
             on_error=self.cfg.data.on_error,
-            # training batches travel as int32 and are widened on the device (see train_step)
-            dtype=torch.int32 if loop else torch.int64,
+            # ByteBatches: one byte per byte on the host, widened to int64 ids on the device (to_ids)
+            dtype=torch.uint8,
         )
 
-    def _validation_batches(self) -> list[torch.Tensor]:
+    def _validation_batches(self) -> list[ByteBatch]:
         """The first ``val_sequences`` validation sequences, dealt round-robin to data-parallel ranks.
 
         Every rank gets the same number of full micro-batches (padding with all-pad rows, which score
         nothing) because each forward under ZeRO-3 is a collective and a pipeline's shapes are fixed.
         """
         wanted = self.cfg.data.val_sequences
-        rows: list[torch.Tensor] = []
+        rows: list[ByteBatch] = []
         for batch in self._loader("val", loop=False, rank=0, world=1):
             rows.extend(batch)
             if len(rows) >= wanted:
@@ -137,9 +138,9 @@ class Trainer:
         dp, mb = self.layout.dp, self.cfg.train.micro_batch
         mine = rows[self.layout.dp_rank :: dp]
         per_rank = math.ceil(len(rows) / dp / mb) * mb
-        pad = torch.full_like(rows[0], self.vocab.pad_id)
+        pad = rows[0].padding()
         mine += [pad] * (per_rank - len(mine))
-        return [torch.stack(mine[i : i + mb]) for i in range(0, len(mine), mb)]
+        return [ByteBatch.stack(mine[i : i + mb]) for i in range(0, len(mine), mb)]
 
     def _resume(self) -> None:
         state = ckpt.load(self.engine, self.resume)
@@ -168,7 +169,7 @@ class Trainer:
             waited = time.perf_counter()
             x = next(batches)
             self.loader_wait += time.perf_counter() - waited
-            micro.append(x.to(self.device(), non_blocking=True).long())
+            micro.append(x.to_ids(self.device(), non_blocking=True))
         total_loss = eng.train_batch(self.engine, micro)  # plain, pipeline, tensor or sequence parallel
         total_tokens = sum(int((x != self.vocab.pad_id).sum()) for x in micro)
         # the global mean, so the logged loss does not depend on how the batch is split over ranks;
@@ -182,7 +183,7 @@ class Trainer:
         self.engine.eval()
         nats, count = 0.0, 0
         for x in self.val_batches:
-            batch_nats, batch_count = eng.score(self.engine, x.to(self.device()), self.vocab.pad_id)
+            batch_nats, batch_count = eng.score(self.engine, x.to_ids(self.device()), self.vocab.pad_id)
             nats += batch_nats
             count += batch_count
         self.engine.train()

@@ -19,8 +19,8 @@ def test_bench_data_table(tmp_path, capsys):
     assert any(k.startswith("build (zstd level 3)") for k in rows)
     assert "plain zstd decompress" in rows
     loader_rows = [v for k, v in rows.items() if k.startswith("ByteLoader")]
-    assert len(loader_rows) == 4  # int32 and int64, 0 and 1 prefetch threads
-    assert sum("(int32)" in r for r in loader_rows) == 2
+    assert len(loader_rows) == 4  # uint8 and int64, 0 and 1 prefetch threads
+    assert sum("(uint8)" in r for r in loader_rows) == 2
     from terrabyte.data_pipeline.builder import build_shards
     from terrabyte.data_pipeline.manifest import load_manifest
     from terrabyte.data_pipeline.loader import ByteLoader

@@ -13,6 +13,7 @@ import zstandard
 
 from terrabyte.data_pipeline import builder, readers, stages
 from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.errors import DataError
 from terrabyte.data_pipeline.loader import ByteLoader
 
 EOS, PAD = 257, 256
@@ -233,3 +234,122 @@ def test_failure_mid_build_leaves_no_manifest(corpus, tmp_path, monkeypatch):
     # on_error="skip" builds the rest and counts the skipped input
     man = build_shards([str(src)], str(out), member_bytes=2 * MEMBER, on_error="skip", progress=False)
     assert man["stats"]["skipped_sources"] == 1 and man["stats"]["skipped_names"] == ["bin/random.bin"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents larger than a member: streamed, continued across members, in bounded memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _big(n, seed=1):
+    return random.Random(seed).randbytes(n)
+
+
+def _tar_gz(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_a_document_larger_than_a_member_is_continued_across_members(tmp_path):
+    from terrabyte.data_pipeline.loader import split_documents
+    from terrabyte.data_pipeline.verify import format_stats, verify_shards
+
+    big = _big(10 * MEMBER + 77)
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"small one")
+    (src / "big.bin").write_bytes(big)
+    _tar_gz(src / "z.tar.gz", {"inner/huge.bin": big[::-1], "inner/tiny.txt": b"x"})
+    out = tmp_path / "s"
+    man = build_shards([str(src)], str(out), member_bytes=MEMBER, shard_bytes=3 * MEMBER, val_fraction=0, progress=False)
+    spans = [sp for s in man["shards"] for sp in s["spans"]]
+    assert [(sp["path"], sp["size"], sp["members"]) for sp in spans] == [
+        ("big.bin", len(big), 11), ("z.tar.gz/inner/huge.bin", len(big), 11)]
+    assert len(man["shards"]) > 2  # the chunks roll over into further shards: one document across shards
+    docs = dict(split_documents(str(out), "train"))
+    assert docs == {"a.txt": b"small one", "big.bin": big, "z.tar.gz/inner/huge.bin": big[::-1],
+                    "z.tar.gz/inner/tiny.txt": b"x"}
+    assert verify_shards(str(out)) == []
+    assert "continued documents (cut into several members): 2 in 22 members" in format_stats(man)
+    # a damaged chain is named: drop a middle member's piece of the continued document from the index
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["spans"][0]["members"] = 12
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert any("spans record says 'big.bin'" in p for p in verify_shards(str(out)))
+
+
+def test_streamed_document_memory_is_bounded(tmp_path):
+    """The builder holds a block and a member, not the document: tracemalloc's peak (Python and
+    numpy allocations) stays far below the 24 MB input, from a plain file and from a tar."""
+    import tarfile
+    import tracemalloc
+
+    src = tmp_path / "c"
+    src.mkdir()
+    block = _big(1 << 16)
+    with open(src / "big.bin", "wb") as f:
+        for i in range(384):  # 24 MiB
+            f.write(block[i:] + block[:i])
+    with tarfile.open(src / "big.tar", "w") as tf:
+        tf.add(src / "big.bin", arcname="big.bin")
+    for name in ("big.bin", "big.tar"):
+        tracemalloc.start()
+        try:
+            man = build_shards([str(src / name)], str(tmp_path / name), member_bytes=1 << 20, zstd_level=1,
+                               val_fraction=0, progress=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert man["totals"]["all"]["raw_bytes"] == 24 << 20 and man["totals"]["all"]["members"] == 24
+        assert peak < 6 << 20, f"{name}: peak {peak / 1e6:.1f} MB while building a 25 MB document"
+
+
+def test_a_failure_inside_a_streamed_document_leaves_no_part_of_it(tmp_path):
+    from terrabyte.data_pipeline.loader import split_documents
+    from terrabyte.data_pipeline.verify import verify_shards
+
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"kept before")
+    big = _big(20 * MEMBER)
+    _tar_gz(src / "b.tar.gz", {"huge.bin": big})
+    whole = (src / "b.tar.gz").read_bytes()
+    (src / "b.tar.gz").write_bytes(whole[:len(whole) * 2 // 3])  # truncated inside huge.bin
+    (src / "c.txt").write_bytes(b"kept after")
+    out = tmp_path / "s"
+    kw = dict(member_bytes=MEMBER, shard_bytes=3 * MEMBER, val_fraction=0, progress=False)
+    with pytest.raises(DataError, match="b.tar.gz"):
+        build_shards([str(src)], str(out), **kw)
+    assert not (out / "manifest.json").exists() and not [p for p in os.listdir(out) if p.endswith(".tar") or p.endswith(".tmp")]
+    # skip: the chunks written before the error (several shards of them) are taken out again
+    man = build_shards([str(src)], str(out), on_error="skip", **kw)
+    assert man["stats"]["skipped_names"] == ["b.tar.gz"]
+    assert dict(split_documents(str(out), "train")) == {"a.txt": b"kept before", "c.txt": b"kept after"}
+    assert man["totals"]["all"]["members"] == 1 and all(not s["spans"] for s in man["shards"])
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", ".task-00000.json"] + [s["path"] for s in man["shards"]])
+    assert verify_shards(str(out)) == []
+
+
+@pytest.mark.parametrize("task_bytes", [1 << 30, 1])  # on the fly (one task), and by the pre-pass
+def test_streamed_duplicates_are_dropped_without_a_trace(tmp_path, task_bytes):
+    from terrabyte.data_pipeline.loader import split_documents
+
+    src = tmp_path / "c"
+    src.mkdir()
+    big = _big(5 * MEMBER)
+    for name, data in [("a.txt", b"one"), ("b.bin", big), ("c.txt", b"two"), ("d.bin", big), ("e.txt", b"three")]:
+        (src / name).write_bytes(data)
+    kw = dict(member_bytes=MEMBER, val_fraction=0, progress=False, task_bytes=task_bytes)
+    man = build_shards([str(src)], str(tmp_path / "s"), dedup=True, **kw)
+    assert man["stats"]["duplicates"] == 1
+    assert dict(split_documents(str(tmp_path / "s"), "train")) == {"a.txt": b"one", "b.bin": big, "c.txt": b"two",
+                                                                   "e.txt": b"three"}
+    os.remove(src / "d.bin")  # the same shards as if the copy had never been there
+    ref = build_shards([str(src)], str(tmp_path / "r"), **kw)
+    assert [s["index"] for s in man["shards"]] == [s["index"] for s in ref["shards"]]

@@ -332,3 +332,112 @@ def test_special_ids_come_from_the_vocab(shards):
     assert torch.equal(wflat[flat < 256], flat[flat < 256])
     explicit = ByteLoader(path, eos_id=EOS, pad_id=PAD, vocab=Vocab(300), **kw)  # explicit ids win
     assert (explicit.eos_id, explicit.pad_id) == (EOS, PAD)
+
+
+# ---------------------------------------------------------------------------------------------
+# One byte per byte: ByteBatch, and documents continued across many members
+# ---------------------------------------------------------------------------------------------
+
+BIG = random.Random(7).randbytes(40 * 1024)  # 10 members of 4 KiB: a continued document
+
+
+@pytest.fixture(scope="module")
+def long_shards(tmp_path_factory):
+    """Tiny JSON Lines documents (the vectorised member path), mid-sized files and one document
+    that spans ten members."""
+    root = tmp_path_factory.mktemp("long")
+    src = root / "corpus"
+    docs = write_corpus(src, n=30, seed=4)
+    (src / "big.bin").write_bytes(BIG)
+    rng = random.Random(5)
+    with open(src / "tiny.jsonl", "w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"text": "ab\x00"[:rng.randrange(4)] * rng.randrange(3)}) + "\n")
+    build_shards([str(src)], str(root / "shards"), val_fraction=0, member_bytes=4096, shard_bytes=20000, progress=False)
+    return str(root / "shards"), docs
+
+
+def stream_ids(path, seed, epoch, eos, shuffle=True):
+    """The epoch's id stream from the sequential stages (the reference the loader must match)."""
+    table = stages.member_table(shard_list(load_manifest(path), "train"))
+    order = stages.epoch_order(table, seed, epoch, shuffle)
+    samples = {s.where: s for s in stages.decompress(stages.tar_members(table.urls))}
+    return np.concatenate([member_tokens(stages.parse_meta(samples[table.where(int(i))]), eos,
+                                         (seed, epoch, int(i)) if shuffle else None) for i in order]).astype(np.int64)
+
+
+@pytest.mark.parametrize("L,B,m,workers,num_tokens", [(128, 4, 2, 0, 256), (250, 2, 1, 1, 256), (96, 6, 3, 0, 300),
+                                                       (512, 2, 2, 2, 256)])
+def test_byte_batches_widen_to_the_reference_ids(long_shards, L, B, m, workers, num_tokens, monkeypatch):
+    from terrabyte.data_pipeline import loader as loader_module
+    from terrabyte.data_pipeline.batch import ByteBatch
+    from terrabyte.data_pipeline.vocab import Vocab
+
+    path, _ = long_shards
+    if L == 512:  # a step larger than the lane block (long sequences): fresh buffers, batches are views
+        monkeypatch.setattr(loader_module, "BLOCK_BYTES", 256)
+    vocab = Vocab(num_tokens)
+    kw = dict(seq_len=L, global_batch=B, micro_batch=m, seed=2, num_workers=workers, vocab=vocab)
+    loader = ByteLoader(path, dtype=torch.uint8, **kw)
+    wide = iter(ByteLoader(path, **kw))
+    A, steps = B // m, loader.steps_per_epoch
+    it = iter(loader)
+    for epoch in range(2):
+        stream = stream_ids(path, 2, epoch, vocab.eos_id)
+        lane_len = len(stream) // B
+        for g in range(steps):
+            for k in range(A):
+                b = next(it)
+                assert isinstance(b, ByteBatch) and b.data.dtype == torch.uint8 and b.shape == (m, L)
+                ids = b.to_ids("cpu")
+                assert ids.dtype == torch.int64 and torch.equal(ids, next(wide))
+                for r in range(m):
+                    start = (k * m + r) * lane_len + g * L
+                    np.testing.assert_array_equal(ids[r].numpy(), stream[start:start + L])
+    # eval: stored order, last rows padded; rows and stacking keep the ids
+    ev = list(ByteLoader(path, dtype=torch.uint8, loop=False, **kw))
+    flat = torch.cat([b.to_ids() for b in ev]).reshape(-1).numpy()
+    stream = stream_ids(path, 0, 0, vocab.eos_id, shuffle=False)
+    np.testing.assert_array_equal(flat[:len(stream)], stream)
+    assert (flat[len(stream):] == vocab.pad_id).all() and len(flat) > len(stream)
+    rows = [r for b in ev for r in b]
+    again = ByteBatch.stack(rows + [rows[0].padding(2)]).to_ids()
+    assert torch.equal(again[:-2].reshape(-1), torch.from_numpy(flat)) and (again[-2:] == vocab.pad_id).all()
+
+
+def test_a_continued_document_is_one_run_of_the_stream(long_shards):
+    path, _ = long_shards
+    table = stages.member_table(shard_list(load_manifest(path), "train"))
+    assert table.cols["cont"].sum() == 9  # ten members, nine of which continue
+    for seed in (0, 1):
+        ids = torch.cat([b.to_ids() for b in ByteLoader(path, seq_len=64, global_batch=1, micro_batch=1, seed=seed,
+                                                          dtype=torch.uint8, loop=False)]).reshape(-1).numpy()
+        docs, cur = [], []
+        for t in ids.tolist():
+            if t == EOS:
+                docs.append(bytes(cur))
+                cur = []
+            elif t != PAD:
+                cur.append(t)
+        assert docs.count(BIG) == 1  # whole, in order, no EOS between its parts
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_inside_a_continued_document_is_exact(long_shards, workers):
+    path, _ = long_shards
+    kw = dict(seq_len=256, global_batch=2, micro_batch=1, seed=3, dtype=torch.uint8)
+    ref = [b.to_ids() for b in take(ByteLoader(path, **kw), 60)]
+    inside = 0
+    for k in range(1, 60, 3):
+        first = ByteLoader(path, **kw)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        state = first.state_dict()
+        resumed = ByteLoader(path, num_workers=workers, **kw)
+        resumed.load_state_dict(state)
+        got = [b.to_ids() for b in take(resumed, 4)]
+        assert all(torch.equal(a, b) for a, b in zip(got, ref[k:k + 4]))
+        row = bytes(ref[k][0].tolist()) if (ref[k][0] < 256).all() else b""
+        inside += bool(row) and BIG.find(row) > 0  # this batch starts in the middle of the big document
+    assert inside >= 2

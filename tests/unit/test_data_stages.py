@@ -104,8 +104,18 @@ def test_tiny_documents_take_the_vectorised_path():
     docs = [bytes([i % 256]) * (i % 7) for i in range(300)]  # mean < 256 bytes
     s = sample([(f"d{i}", d) for i, d in enumerate(docs)])
     seg = stages.member_segments(stages.parse_meta(s), EOS)
-    assert len(seg.lengths) == 1 and seg.raw.dtype == np.uint16  # materialised
+    assert len(seg.lengths) == 1 and seg.raw.dtype == np.uint8 and len(seg.marks) == len(docs)  # materialised
     assert seg.tokens(EOS).tolist() == [t for d in docs for t in list(d) + [EOS]]
+    # read one byte per byte in odd-sized pieces: EOS slots hold 0, their positions on the side
+    reader, out, eos, pos = stages.TokenReader([seg], EOS), np.empty(seg.ntokens, np.uint8), [], 0
+    while pos < seg.ntokens:
+        got: list = []
+        n = reader.fill(out[pos:pos + 37], got)
+        eos += [pos + p for p in got]
+        pos += n
+    ids = out.astype(np.int64)
+    ids[eos] = EOS
+    assert ids.tolist() == seg.tokens(EOS).tolist() and out[eos].tolist() == [0] * len(eos)
     shuffled = member_tokens(stages.parse_meta(sample([(f"d{i}", d) for i, d in enumerate(docs)])), EOS, (4, 2))
     perm = np.random.default_rng([4, 2]).permutation(len(docs))
     assert shuffled.tolist() == [t for i in perm for t in list(docs[i]) + [EOS]]
