@@ -7,8 +7,10 @@ integers with tensor ops, never from an n x n object), K and V gathered block by
 against the query block, the element-wise predicate on the tiles that are not entirely attended,
 softmax in fp32 (fp64 stays fp64). Cost and memory are linear in n for a fixed pattern.
 
-The tiles are a superset of the ones the Triton walk (``tile_walk.visit``) computes only where a
-tile-level test is conservative; the element-wise mask makes the result exact either way. Rows are
+The tiles hold every attended pair; where a tile-level test is conservative they may differ from
+the Triton walk's (``tile_walk.visit``), and the element-wise mask makes the result exact either
+way. A periodic pattern has few distinct tile masks, so the plan keeps those once and a chunk
+gathers them instead of evaluating the predicate (a few dozen full-size tensor ops). Rows are
 processed in chunks of (batch x heads slice, query blocks, key-block columns) sized by a byte budget,
 so the transient memory is bounded whatever the batch or the length. Autograd saves only q, k, v,
 the output and the log-sum-exp, and recomputes each chunk in backward as FlashAttention does
@@ -21,7 +23,6 @@ Public: ``gathered_attention`` (the call), ``GatheredAttentionFunction`` (its au
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET = 64 << 20
 PLAN_CACHE_SIZE = 16  # (pattern, n, heads, causal, device) plans kept
 TABLE_CACHE_SIZE = 8  # chunk layouts kept per plan (one per chunk size in use)
+MASK_CACHE_BYTES = 16 << 20  # distinct tile masks kept per plan; beyond, masks are computed per chunk
 
 
 # ================================================================================================
@@ -51,17 +53,20 @@ class _HeadBlocks:
     blocks: torch.Tensor  # int64 (tiles,)
     full: torch.Tensor  # bool (tiles,)
     nfull: torch.Tensor  # int64 (nb,)
+    mask_id: torch.Tensor | None = None  # int64 (tiles,): row of GatherPlan.bad_masks (0 for full tiles)
 
 
 @dataclass
 class Chunk:
     """Query blocks [r0, r1) and their key-block table (heads or 1, r1 - r0, width), -1 = none.
-    Columns [0, nf) hold entirely attended tiles (no element mask), the rest partly attended ones."""
+    Columns [0, nf) hold entirely attended tiles (no element mask), the rest partly attended ones,
+    whose masks are rows ``mask_ids`` (same shape; 0 = padding) of the plan's ``bad_masks``."""
 
     r0: int
     r1: int
     table: torch.Tensor
     nf: int
+    mask_ids: torch.Tensor | None
 
 
 @dataclass
@@ -75,6 +80,9 @@ class GatherPlan:
     per_head: list  # distinct _HeadBlocks
     counts: list  # per query block, the widest row over the distinct heads (Python ints)
     device: torch.device
+    # Distinct element masks of the partly attended tiles, negated (True = not attended), row 0 all
+    # True (padding); None where there are too many distinct ones (computed per chunk instead).
+    bad_masks: torch.Tensor | None = None
     _chunks: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @property
@@ -91,10 +99,11 @@ class GatherPlan:
         return len(self.per_head) == 1
 
     def index_bytes(self) -> int:
-        """Bytes of block indices held (the flat lists and every cached chunk table)."""
-        flat = sum(8 * (hb.ptr.numel() + hb.blocks.numel() + hb.nfull.numel()) + hb.full.numel()
-                   for hb in self.per_head)
-        return flat + sum(8 * c.table.numel() for chunks in self._chunks.values() for c in chunks)
+        """Bytes the plan holds: block lists, mask ids, distinct masks, every cached chunk table."""
+        held = [t for hb in self.per_head for t in (hb.ptr, hb.blocks, hb.full, hb.nfull, hb.mask_id)]
+        held += [t for chunks in self._chunks.values() for c in chunks for t in (c.table, c.mask_ids)]
+        held.append(self.bad_masks)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def chunks(self, tiles_per_chunk: int) -> list:
         """Consecutive query blocks grouped greedily so that rows x width <= ``tiles_per_chunk``
@@ -118,7 +127,7 @@ class GatherPlan:
     def _chunk(self, r0: int, r1: int) -> Chunk:
         nf = max(int(hb.nfull[r0:r1].max()) for hb in self.per_head)
         nm = max(int((hb.ptr[r0 + 1:r1 + 1] - hb.ptr[r0:r1] - hb.nfull[r0:r1]).max()) for hb in self.per_head)
-        tables = []
+        tables, ids = [], []
         for hb in self.per_head:
             table = torch.full((r1 - r0, nf + nm), -1, dtype=torch.int64)
             a, b = int(hb.ptr[r0]), int(hb.ptr[r1])
@@ -127,8 +136,15 @@ class GatherPlan:
             col = torch.where(hb.full[a:b], col, nf + col - hb.nfull[rows])
             table[rows - r0, col] = hb.blocks[a:b]
             tables.append(table)
-        table = torch.stack(tables)[self.head_of] if not self.shared_table else tables[0][None]
-        return Chunk(r0, r1, table.to(self.device), nf)
+            if self.bad_masks is not None:
+                mask_ids = torch.zeros((r1 - r0, nf + nm), dtype=torch.int64)
+                mask_ids[rows - r0, col] = hb.mask_id[a:b]
+                ids.append(mask_ids[:, nf:])
+
+        def per_head(ts):
+            return (torch.stack(ts)[self.head_of] if not self.shared_table else ts[0][None]).to(self.device)
+
+        return Chunk(r0, r1, per_head(tables), nf, per_head(ids) if ids else None)
 
 
 _PLANS: OrderedDict = OrderedDict()
@@ -157,7 +173,10 @@ def gather_plan(pattern: SparsePattern, n: int, heads: int, causal: bool = True,
             per_head.append(_head_blocks(rows, blocks, ident, n, pattern, causal))
         head_of.append(rows_of[ident])
     counts = torch.stack([hb.ptr[1:] - hb.ptr[:-1] for hb in per_head]).amax(0).tolist()
-    plan = GatherPlan(n, pattern.block, heads, torch.tensor(head_of), per_head, counts, torch.device(device))
+    first_head = {u: head_of.index(u) for u in range(len(per_head))}
+    bad_masks = _distinct_masks(pattern, per_head, first_head, n, causal)
+    plan = GatherPlan(n, pattern.block, heads, torch.tensor(head_of), per_head, counts, torch.device(device),
+                      None if bad_masks is None else bad_masks.to(device))
     log.debug("gather plan: n=%d heads=%d blocks=%d distinct heads=%d tiles/batch=%d", n, heads, nb,
               len(per_head), plan.tiles)
     _PLANS[key] = plan
@@ -261,6 +280,84 @@ def _head_blocks(rows: torch.Tensor, blocks: torch.Tensor, ident, n: int, patter
     return _HeadBlocks(ptr, blocks, full, torch.bincount(rows[full], minlength=nb))
 
 
+def _tile_masks(pattern: SparsePattern, rows: torch.Tensor, blocks: torch.Tensor, head: int | torch.Tensor,
+                n: int, causal: bool) -> torch.Tensor:
+    """Element-wise predicate of tiles (query block rows[t], key block blocks[t]): bool (T, B, B);
+    ``head`` an int or a (T,) tensor. Keys past n are never attended."""
+    B = pattern.block
+    offs = torch.arange(B, dtype=torch.int32)
+    qpos = (rows.to(torch.int32) * B)[:, None, None] + offs[:, None]
+    kpos = (blocks.to(torch.int32) * B)[:, None, None] + offs[None, :]
+    if pattern.is_csr:  # a layout attends whole tiles: bounds and causality only
+        ok = (kpos < n) & (kpos <= qpos) if causal else (kpos < n).expand(-1, B, -1)
+    else:
+        head = head if isinstance(head, int) else head.view(-1, 1, 1)
+        ok = pattern.allowed(qpos, kpos, head=head, causal=causal) & (kpos < n)
+    return ok
+
+
+def _distinct_masks(pattern: SparsePattern, per_head: list, first_head: dict, n: int, causal: bool,
+                    limit_bytes: int = MASK_CACHE_BYTES) -> torch.Tensor | None:
+    """The negated masks of all partly attended tiles, one per distinct mask; sets each head's
+    ``mask_id``.
+
+    A periodic pattern has few distinct tile masks (a diagonal tile, a dilated tile per residue
+    phase, segment and sequence ends), so one gather per chunk replaces the element-wise predicate
+    (a few dozen full-size tensor ops). Tiles are grouped by a signature that determines their mask
+    (``_tile_signature``), and the predicate runs once per group. Returns None, and the masks are
+    computed per chunk, when the distinct masks would exceed ``limit_bytes``."""
+    B = pattern.block
+    masks, total = [torch.zeros(1, B, B, dtype=torch.bool)], 1  # row 0: padding, nothing attended
+    for u, hb in enumerate(per_head):
+        rows = torch.repeat_interleave(torch.arange(hb.ptr.numel() - 1), hb.ptr[1:] - hb.ptr[:-1])
+        part = (~hb.full).nonzero()[:, 0]
+        mask_id = torch.zeros(hb.blocks.numel(), dtype=torch.int64)
+        if part.numel():
+            sig = _tile_signature(pattern, first_head[u], rows[part], hb.blocks[part], n)
+            uniq, inverse = torch.unique(sig, dim=0, return_inverse=True)
+            if (total + uniq.shape[0]) * B * B > limit_bytes:
+                log.debug("gather plan: %d distinct tile masks; computed per chunk instead", total + uniq.shape[0])
+                return None
+            first = torch.full((uniq.shape[0],), part.numel()).scatter_reduce_(
+                0, inverse, torch.arange(part.numel()), "amin")
+            rep = part[first]
+            masks.append(_tile_masks(pattern, rows[rep], hb.blocks[rep], first_head[u], n, causal))
+            mask_id[part] = total + inverse
+            total += uniq.shape[0]
+        hb.mask_id = mask_id
+    return ~torch.cat(masks)
+
+
+def _tile_signature(pattern: SparsePattern, head: int, rows: torch.Tensor, blocks: torch.Tensor,
+                    n: int) -> torch.Tensor:
+    """Integers (T, columns) such that tiles with equal rows have equal element masks.
+
+    With a = 0..B-1, b = 0..B-1 the offsets inside the tile and D = q0 - k0: the local window and
+    causality see D + a - b only through D clipped to +-(w + B); the stride sees D mod l; global
+    tokens see g - k0 and g - q0 clipped to [0, B]; the sequence end n - k0 clipped to [0, B]; a
+    dilated part sees the residues q0 mod r, k0 mod r, where the first segment boundary falls inside
+    each block (s - q0 mod s, clipped to B = none) and the segment difference clipped to what the
+    boundaries inside one block can make up (+-(B // s + 2))."""
+    B = pattern.block
+    q0, k0 = rows * B, blocks * B
+    d = q0 - k0
+    cols = [torch.clamp(n - k0, 0, B)]
+    if pattern.is_csr:
+        return torch.stack(cols + [torch.clamp(d, -B, B)], 1)
+    w, g, l, dils = _unpack(pattern.head(head).params(head, n))
+    reach = max(w, 1) + B
+    cols.append(torch.clamp(d, -reach, reach))
+    if g > 0:
+        cols += [torch.clamp(g - k0, 0, B), torch.clamp(g - q0, 0, B)]
+    if l > 0:
+        cols.append(d % l)
+    for s, r, _ in dils:
+        span = B // s + 2
+        cols += [q0 % r, k0 % r, torch.clamp(s - q0 % s, max=B), torch.clamp(s - k0 % s, max=B),
+                 torch.clamp(q0 // s - k0 // s, -span, span)]
+    return torch.stack(cols, 1)
+
+
 # ================================================================================================
 # The tile math on one chunk: (slice of batch x heads, query blocks, key-block columns).
 # ================================================================================================
@@ -292,28 +389,36 @@ class _Blocks:
     def _sizes(self, budget: int) -> tuple[int, int]:
         """(batch x heads rows per slice, tiles per chunk of a slice) that keep a chunk within budget."""
         B, d, es = self.B, self.d, self.compute.itemsize
-        tile_bytes = B * (4 * d + 3 * B) * es + 4 * B * B * 8  # K, V, dK, dV, S, P, dS + int64 mask terms
+        # K, V, dK, dV, S, P, dS, and a bool mask (gathered and transposed; int32 positions where the
+        # masks are not cached, which the factor 2 on B * B leaves room for only roughly)
+        tile_bytes = B * (4 * d + 3 * B) * es + 2 * B * B
         tiles = max(1, budget // tile_bytes)
         per_bh = max(1, max(self.plan.counts) * len(self.plan.counts))
         slices = max(1, min(self.bh, tiles // per_bh))
         return slices, max(1, tiles // slices)
 
     def pieces(self):
-        """(bh slice, chunk, column range) in order: every tile of every row exactly once."""
-        for s0 in range(0, self.bh, self.slices):
-            s1 = min(s0 + self.slices, self.bh)
-            for chunk in self.plan.chunks(self.tiles):
-                width = chunk.table.shape[-1]
-                step = max(1, self.tiles // (chunk.r1 - chunk.r0))
-                for c0 in range(0, width, step):
-                    yield s0, s1, chunk, c0, min(c0 + step, width)
+        """(rows of batch x heads, query blocks, key-block columns, masks) covering every tile once.
 
-    def scores(self, s0, s1, chunk: Chunk, c0, c1):
-        """Masked scores (S, R, B, cols * B) of the chunk, and the gathered K, V and flat block ids."""
+        Slices of batch x heads are the innermost loop so that a mask that is the same for every
+        head is computed once per chunk, not once per slice (the model runs thousands of rows)."""
+        shared = self.plan.shared_table and self.head_invariant_mask
+        for chunk in self.plan.chunks(self.tiles):
+            width = chunk.table.shape[-1]
+            step = max(1, self.tiles // (chunk.r1 - chunk.r0))
+            for c0 in range(0, width, step):
+                c1 = min(c0 + step, width)
+                masks = self._masks(chunk, c0, c1, None) if shared else None
+                for s0 in range(0, self.bh, self.slices):
+                    s1 = min(s0 + self.slices, self.bh)
+                    yield Piece(s0, s1, chunk, c0, c1, masks)
+
+    def scores(self, piece: "Piece"):
+        """Masked scores (S, R, B, cols * B) of a piece, with its q, gathered K and V, flat block ids."""
+        s0, s1, chunk, c0, c1 = piece.s0, piece.s1, piece.chunk, piece.c0, piece.c1
         S, B = s1 - s0, self.B
         heads = torch.arange(s0, s1, device=self.q.device) % self.heads
         idx = chunk.table[:, :, c0:c1] if chunk.table.shape[0] == 1 else chunk.table[heads, :, c0:c1]
-        valid = idx >= 0
         idc = idx.clamp(min=0)
         if idx.shape[0] == 1:
             kg, vg = self.k[s0:s1][:, idc[0]], self.v[s0:s1][:, idc[0]]
@@ -324,30 +429,59 @@ class _Blocks:
         kg, vg = kg.reshape(S, R, V * B, self.d), vg.reshape(S, R, V * B, self.d)
         qc = self.q[s0:s1, chunk.r0:chunk.r1]
         scores = qc @ kg.transpose(-1, -2)
-        nf = max(0, min(chunk.nf, c1) - c0)  # columns of entirely attended tiles in this piece
-        if nf:
-            ok = valid[:, :, None, :nf, None].expand(-1, -1, 1, -1, B).reshape(idx.shape[0], R, 1, nf * B)
-            scores[..., :nf * B].masked_fill_(~ok, float("-inf"))
-        if nf < V:
-            ok = self._mask(idc[:, :, nf:], valid[:, :, nf:], chunk.r0, heads)
-            scores[..., nf * B:].masked_fill_(~ok, float("-inf"))
+        bad_full, bad_masked = piece.masks or self._masks(chunk, c0, c1, heads)
+        nf = max(0, min(chunk.nf, c1) - c0)
+        if bad_full is not None:
+            scores[..., :nf * B].masked_fill_(bad_full, float("-inf"))
+        if bad_masked is not None:
+            scores[..., nf * B:].masked_fill_(bad_masked, float("-inf"))
         flat = (torch.arange(s0, s1, device=idc.device)[:, None, None] * self.nb + idc).reshape(-1)
         return scores, qc, kg, vg, flat
 
-    def _mask(self, idc, valid, r0, heads):
-        """Element-wise predicate (1 or S, R, B, cols * B) on partly attended tiles."""
-        B, R = self.B, idc.shape[1]
-        offs = torch.arange(B, device=idc.device)
-        qpos = ((r0 + torch.arange(R, device=idc.device)) * B)[:, None, None] + offs[:, None]  # (R, B, 1)
-        kpos = (idc[..., None] * B + offs).reshape(idc.shape[0], R, 1, -1)  # (H', R, 1, cols * B)
-        kval = valid[..., None].expand(-1, -1, -1, B).reshape(kpos.shape)
-        if self.pattern.is_csr:
-            ok = (kpos <= qpos) if self.causal else torch.ones_like(kval)
-        elif self.head_invariant_mask:
-            ok = self.pattern.allowed(qpos, kpos, head=0, causal=self.causal)
-        else:
-            ok = self.pattern.allowed(qpos, kpos, head=heads.view(-1, 1, 1, 1), causal=self.causal)
-        return ok & kval & (kpos < self.n) & (qpos < self.n)
+    def _masks(self, chunk: Chunk, c0: int, c1: int, heads: torch.Tensor | None):
+        """Where scores must be -inf: padding columns among the entirely attended tiles (1 or S, R, 1,
+        cols * B), and the negated element-wise predicate on the others (1 or S, R, B, cols * B).
+        ``heads`` None: one mask for every head. Query rows past n are left unmasked: their dO is 0,
+        so they add nothing to any gradient, and their outputs are dropped."""
+        B = self.B
+        table = chunk.table if heads is None or chunk.table.shape[0] == 1 else chunk.table[heads]
+        idx = table[:, :, c0:c1]
+        R = idx.shape[1]
+        nf = max(0, min(chunk.nf, c1) - c0)  # columns of entirely attended tiles in this piece
+        offs = torch.arange(B, dtype=torch.int32, device=idx.device)
+        bad_full = bad_masked = None
+        if nf:
+            bad_full = (idx[:, :, None, :nf, None] < 0).expand(-1, -1, 1, -1, B).reshape(idx.shape[0], R, 1, nf * B)
+        if nf < idx.shape[2] and chunk.mask_ids is not None:
+            ids = chunk.mask_ids if heads is None or chunk.mask_ids.shape[0] == 1 else chunk.mask_ids[heads]
+            ids = ids[:, :, max(c0, chunk.nf) - chunk.nf: c1 - chunk.nf]
+            bad_masked = self.plan.bad_masks[ids].transpose(2, 3).reshape(ids.shape[0], R, B, -1)
+        elif nf < idx.shape[2]:
+            rest = idx[:, :, nf:]
+            qpos = ((chunk.r0 + torch.arange(R, dtype=torch.int32, device=idx.device)) * B)[:, None, None] \
+                + offs[:, None]  # (R, B, 1)
+            kpos = (rest[..., None].to(torch.int32) * B + offs).reshape(rest.shape[0], R, 1, -1)
+            kval = ((rest >= 0)[..., None] & (kpos.view(*rest.shape, B) < self.n)).reshape(kpos.shape)
+            if self.pattern.is_csr:  # a layout attends whole tiles: bounds and causality only
+                ok = (kpos <= qpos) & kval if self.causal else kval.expand(-1, -1, B, -1)
+            elif heads is None or self.head_invariant_mask:
+                ok = self.pattern.allowed(qpos, kpos, head=0, causal=self.causal) & kval
+            else:
+                ok = self.pattern.allowed(qpos, kpos, head=heads.view(-1, 1, 1, 1), causal=self.causal) & kval
+            bad_masked = ~ok
+        return bad_full, bad_masked
+
+
+@dataclass
+class Piece:
+    """Rows [s0, s1) of batch x heads, one chunk of query blocks, its table columns [c0, c1)."""
+
+    s0: int
+    s1: int
+    chunk: Chunk
+    c0: int
+    c1: int
+    masks: tuple | None  # precomputed for every head, or None: computed per piece
 
 
 class GatheredAttentionFunction(torch.autograd.Function):
@@ -359,15 +493,15 @@ class GatheredAttentionFunction(torch.autograd.Function):
         acc = torch.zeros_like(blk.q)
         m_run = torch.full(blk.q.shape[:-1], float("-inf"), dtype=blk.compute, device=q.device)
         l_run = torch.zeros_like(m_run)
-        for s0, s1, chunk, c0, c1 in blk.pieces():
-            scores, _, _, vg, _ = blk.scores(s0, s1, chunk, c0, c1)
-            rows = (slice(s0, s1), slice(chunk.r0, chunk.r1))
+        for piece in blk.pieces():
+            scores, _, _, vg, _ = blk.scores(piece)
+            rows = (slice(piece.s0, piece.s1), slice(piece.chunk.r0, piece.chunk.r1))
             m = scores.amax(-1)
-            if c0:  # a later column piece of the same rows: online softmax, as in the kernels
+            if piece.c0:  # a later column piece of the same rows: online softmax, as in the kernels
                 m = torch.maximum(m, m_run[rows])
             m_use = torch.where(m == float("-inf"), 0.0, m)  # nothing attended yet: no inf - inf
             p = torch.exp_(scores.sub_(m_use[..., None]))
-            if c0:
+            if piece.c0:
                 alpha = torch.exp(m_run[rows] - m_use)
                 l_run[rows] = l_run[rows] * alpha + p.sum(-1)
                 acc[rows] = acc[rows] * alpha[..., None] + p @ vg
@@ -393,9 +527,9 @@ class GatheredAttentionFunction(torch.autograd.Function):
         dq = torch.zeros_like(blk.q)
         dk = torch.zeros_like(blk.k).view(-1, blk.B, blk.d)
         dv = torch.zeros_like(blk.v).view(-1, blk.B, blk.d)
-        for s0, s1, chunk, c0, c1 in blk.pieces():
-            scores, qc, kg, vg, flat = blk.scores(s0, s1, chunk, c0, c1)
-            rows = (slice(s0, s1), slice(chunk.r0, chunk.r1))
+        for piece in blk.pieces():
+            scores, qc, kg, vg, flat = blk.scores(piece)
+            rows = (slice(piece.s0, piece.s1), slice(piece.chunk.r0, piece.chunk.r1))
             p = torch.exp_(scores.sub_(lse[rows][..., None]))
             doc = dob[rows]
             dv.index_add_(0, flat, (p.transpose(-1, -2) @ doc).view(-1, blk.B, blk.d))

@@ -1089,7 +1089,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
 
         return gathered_attention(q, k, v, pattern, causal=causal, scale=scale)
     _check_triton_inputs(q)
-    slices = batch_slices(q.shape[0], q.shape[1])
+    slices = batch_slices(q.shape[0], q.shape[1], GRID_LIMIT)
     if len(slices) == 1:
         return SparseAttentionFunction.apply(q, k, v, pattern, causal, scale)
     return torch.cat([SparseAttentionFunction.apply(q[a:b], k[a:b], v[a:b], pattern, causal, scale)
