@@ -305,8 +305,18 @@ def test_gathered_matches_reference(name):
     gather_and_compare(SparsePattern.from_config(cfg), n, heads, batch, causal)
 
 
+@pytest.fixture
+def one_thread():
+    """Many small tensor ops: on a shared 2-core machine a second intra-op thread that is not
+    scheduled makes each op wait (5-10x slower); these tests are about results and memory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("budget", [1, 300_000])
-def test_gathered_matches_reference_in_small_chunks(budget):
+def test_gathered_matches_reference_in_small_chunks(budget, one_thread):
     """A tiny budget splits batch x heads, the query blocks and (budget 1) each row's key blocks
     (online softmax across pieces); the result does not change."""
     pattern = SparsePattern.from_config({"local": 20, "stride": 40, "global_tokens": 3, "dilated": [[64, 4]],
@@ -368,7 +378,7 @@ def test_gather_plan_covers_the_attended_set_exactly():
                 assert torch.equal(~plan.bad_masks[hb.mask_id[~hb.full]] & inside, got[~hb.full]), where
 
 
-def test_gathered_path_is_linear_in_length(monkeypatch):
+def test_gathered_path_is_linear_in_length(monkeypatch, one_thread):
     """n = 65536: the plan holds O(n) integers, no chunk's scores exceed the budget (n^2 scores
     would be 16 GiB), and forward + backward run in about a second."""
     n, budget = 65536, 4 << 20
