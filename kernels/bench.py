@@ -11,8 +11,12 @@ forward), times batch. Tiles are counted by the kernels' own walk (``count_tiles
 Python twin (``SparsePattern.num_tiles``, ``tile_walk.py``) on CPU. Flex is counted on its own block
 mask (128 x 128 blocks), dense SDPA on the causal half, n^2 / 2 (n^2 with ``--non-causal``).
 
-On a machine without CUDA it runs the PyTorch reference (chunked) and dense SDPA at small sizes, so
-the command always works; those numbers say nothing about the kernels.
+On a machine without CUDA it runs the block-gathered PyTorch path (``gathered_attention``, the
+``sparse_attention`` default off the GPU), the dense-mask reference (chunked, up to
+``--max-reference-length``) and dense SDPA, so the command always works; those numbers say nothing
+about the kernels. The last column, forward+backward microseconds per sequence position, stays
+roughly flat as n doubles for a path whose cost is linear in n (once n exceeds the pattern's
+longest segment).
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ class Row:
     build_ms: float | None = None
     metadata_bytes: int | None = None
     tiles: int | None = None
+    us_per_position: float | None = None  # fwd+bwd time / length
     note: str = ""
 
 
@@ -85,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip FlexAttention above this length (its block mask grows as (n/128)^2)")
     parser.add_argument("--max-dense-length", type=int, default=1 << 17,
                         help="skip dense SDPA above this length (its cost grows as n^2)")
+    parser.add_argument("--max-reference-length", type=int, default=8192,
+                        help="CPU: skip the dense-mask reference above this length (its cost grows as n^2)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--find-max", action="store_true", help="also search the longest sequence that fits (GPU)")
@@ -113,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         pattern.check_heads(heads, "bench attention")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    machine = describe_machine(str(device)) + ("" if on_gpu else " (reference path)")
+    machine = describe_machine(str(device)) + ("" if on_gpu else " (PyTorch paths)")
     report = Report(device=machine, dtype=dtype_name, batch=args.batch, heads=heads, head_dim=head_dim,
                     causal=not args.non_causal, pattern=pattern.to_config())
     bench = Bench(pattern, report, device, DTYPES[dtype_name], args)
@@ -141,7 +148,12 @@ class Bench:
         return (*qkv, torch.randn(shape, device=self.device, dtype=self.dtype))
 
     def length(self, n: int) -> list[Row]:
-        rows = [self._ours(n)]
+        rows = [self._ours(n)] if self.gpu else [self._gathered(n)]
+        if not self.gpu and n <= self.args.max_reference_length:
+            rows.append(self._ours(n))
+        elif not self.gpu:
+            rows.append(Row(n, "reference (cpu)",
+                            note=f"skipped above --max-reference-length {self.args.max_reference_length}"))
         if self.gpu and n <= self.args.max_flex_length:
             rows.append(self._guard(n, "flex", self._flex))
         elif self.gpu:
@@ -184,6 +196,19 @@ class Bench:
         row.metadata_bytes = self.pattern.metadata_bytes(n, r.heads)
         return row
 
+    def _gathered(self, n: int) -> Row:
+        from .gathered_attention import gather_plan, gathered_attention
+
+        r = self.report
+        name = "gather (cpu)"
+        plan = gather_plan(self.pattern, n, r.heads, r.causal, self.device)
+        flops = plan.tiles * r.batch * 4 * self.pattern.block ** 2 * r.head_dim
+        attend = lambda q, k, v: gathered_attention(q, k, v, self.pattern, causal=r.causal)  # noqa: E731
+        row = self._guard(n, name, lambda n: self._time(n, name, attend, flops))
+        row.tiles = plan.tiles
+        row.metadata_bytes = plan.index_bytes()
+        return row
+
     def _flex(self, n: int) -> Row:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -223,7 +248,7 @@ class Bench:
 
         fwd_bwd_ms = self._median_ms(fwd_bwd)
         return Row(n, name, fwd_ms=fwd_ms, fwd_tflops=fwd_flops / fwd_ms / 1e9, fwd_bwd_ms=fwd_bwd_ms,
-                   fwd_bwd_tflops=BWD_FACTOR * fwd_flops / fwd_bwd_ms / 1e9)
+                   fwd_bwd_tflops=BWD_FACTOR * fwd_flops / fwd_bwd_ms / 1e9, us_per_position=fwd_bwd_ms * 1e3 / n)
 
     def _median_ms(self, fn: Callable) -> float:
         for _ in range(self.args.warmup):
@@ -282,12 +307,13 @@ def format_table(report: Report) -> str:
             f"heads {report.heads}, head_dim {report.head_dim}, {'causal' if report.causal else 'non-causal'}, "
             f"{report.date}\npattern: {json.dumps(report.pattern)}\n")
     cols = ("length", "implementation", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "mask build ms",
-            "metadata bytes", "tiles", "note")
+            "metadata bytes", "tiles", "fwd+bwd us/position", "note")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report.rows:
         lines.append("| " + " | ".join([
             str(r.length), r.impl, num(r.fwd_ms, ".3f"), num(r.fwd_tflops, ".3g"), num(r.fwd_bwd_ms, ".3f"),
-            num(r.fwd_bwd_tflops, ".3g"), num(r.build_ms, ".1f"), num(r.metadata_bytes, "d"), num(r.tiles, "d"), r.note,
+            num(r.fwd_bwd_tflops, ".3g"), num(r.build_ms, ".1f"), num(r.metadata_bytes, "d"), num(r.tiles, "d"),
+            num(r.us_per_position, ".3g"), r.note,
         ]) + " |")
     tail = ""
     if report.longest_fit is not None:

@@ -22,9 +22,10 @@ Reading order, as in the tutorial: each kernel calls its inner function once per
 ``_count_tile``). The walk carries the kernel's values in positional slots it never reads; the inner
 function and ``_tile`` are the two places that bind them to names.
 
-Public: ``sparse_attention`` (Triton on CUDA tensors, the PyTorch reference on CPU tensors unless
-``backend="triton"``), ``reference_attention`` (plain PyTorch, exact, optionally chunked so memory
-stays linear in the length), ``SparseAttentionFunction`` (the autograd.Function).
+Public: ``sparse_attention`` (Triton on CUDA tensors, the block-gathered PyTorch path of
+``gathered_attention.py`` on others unless ``backend="triton"``), ``reference_attention`` (plain
+PyTorch, exact, optionally chunked so memory stays O(chunk x n)), ``SparseAttentionFunction`` (the
+autograd.Function), ``batch_slices`` (how a batch splits across launches under the grid limit).
 """
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ from .patterns import SparsePattern
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "gather", "reference")
+# CUDA caps grid axis 1 (our batch x heads axis) at 65535 programs; larger batches launch in slices.
+GRID_LIMIT = 65535
 
 # Which kernel's tile body the walk runs (constexpr KIND of _sweep / _tile).
 _FWD = tl.constexpr(0)
@@ -891,8 +894,9 @@ def _check_triton_inputs(q: torch.Tensor) -> None:
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"sparse_attention: head_dim {head_dim} is not supported by the kernels "
                          f"(must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}])")
-    if batch * heads > 65535:
-        raise ValueError(f"sparse_attention: batch * heads = {batch * heads} exceeds the kernels' grid limit 65535")
+    if heads > GRID_LIMIT:
+        raise ValueError(f"sparse_attention: {heads} heads exceed the kernels' grid limit {GRID_LIMIT} "
+                         "(batch x heads per launch)")
     if not q.is_cuda and not _interpreting():
         raise ValueError("sparse_attention: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                          "terrabyte.kernels is first imported (Triton reads it when the kernels are decorated)")
@@ -1049,19 +1053,44 @@ def _masked_softmax_attention(q, k, v, mask, scale):
     return torch.einsum("bhij,bhjd->bhid", probs, v.to(compute)).to(q.dtype)
 
 
+def batch_slices(batch: int, heads: int, limit: int = GRID_LIMIT) -> list[tuple[int, int]]:
+    """[start, stop) batch ranges with (stop - start) * heads <= limit, covering [0, batch) in order:
+    one kernel launch each, since the grid's batch x heads axis may not exceed ``limit``."""
+    for name, value in (("batch", batch), ("heads", heads), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"batch_slices: {name} must be a positive integer, got {value!r}")
+    if heads > limit:
+        raise ValueError(f"batch_slices: {heads} heads exceed the grid limit {limit} even for one batch element")
+    step = limit // heads
+    return [(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
                      causal: bool = True, scale: float | None = None, *, backend: str = "auto",
                      chunk: int | None = None) -> torch.Tensor:
     """Softmax attention over the pattern's attended set; q, k, v (batch, heads, seq, head_dim).
 
-    ``backend="auto"`` runs the Triton kernels on CUDA tensors and ``reference_attention`` on others;
-    ``"triton"`` forces the kernels (on CPU tensors that needs TRITON_INTERPRET=1 set before
-    ``terrabyte.kernels`` is first imported); ``"reference"`` forces PyTorch (``chunk`` applies there).
+    ``backend="auto"`` runs the Triton kernels on CUDA tensors and the block-gathered PyTorch path
+    (``gathered_attention``: cost linear in n, any dtype and head_dim) on others; ``"triton"`` forces
+    the kernels (on CPU tensors that needs TRITON_INTERPRET=1 set before ``terrabyte.kernels`` is
+    first imported); ``"gather"`` forces the gathered path; ``"reference"`` the dense masked
+    reference, the exact oracle (``chunk`` applies there only).
     """
     if backend not in BACKENDS:
         raise ValueError(f"sparse_attention: backend must be one of {BACKENDS}, got {backend!r}")
     scale = _check_inputs(q, k, v, pattern, causal, scale)
-    if backend == "reference" or (backend == "auto" and not q.is_cuda):
+    if chunk is not None and backend != "reference":
+        raise ValueError(f"sparse_attention: chunk={chunk!r} applies to backend='reference' only, "
+                         f"not {backend!r}")
+    if backend == "reference":
         return reference_attention(q, k, v, pattern, causal=causal, scale=scale, chunk=chunk)
+    if backend == "gather" or (backend == "auto" and not q.is_cuda):
+        from .gathered_attention import gathered_attention  # it imports this module
+
+        return gathered_attention(q, k, v, pattern, causal=causal, scale=scale)
     _check_triton_inputs(q)
-    return SparseAttentionFunction.apply(q, k, v, pattern, causal, scale)
+    slices = batch_slices(q.shape[0], q.shape[1], GRID_LIMIT)
+    if len(slices) == 1:
+        return SparseAttentionFunction.apply(q, k, v, pattern, causal, scale)
+    return torch.cat([SparseAttentionFunction.apply(q[a:b], k[a:b], v[a:b], pattern, causal, scale)
+                      for a, b in slices])

@@ -18,14 +18,21 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from terrabyte.kernels import SparsePattern, reference_attention, sparse_attention  # noqa: E402
+import importlib  # noqa: E402
+
+from terrabyte.kernels import SparsePattern, gathered_attention, reference_attention, sparse_attention  # noqa: E402
+from terrabyte.kernels.gathered_attention import gather_plan  # noqa: E402
 from terrabyte.kernels.sparse_attention import (  # noqa: E402
     _interpreting,
     _launch_meta,
+    batch_slices,
     count_tiles,
     poison_outputs,
 )
 
+# the package's names sparse_attention / gathered_attention are the functions; these are the modules
+sparse_module = importlib.import_module("terrabyte.kernels.sparse_attention")
+gathered_module = importlib.import_module("terrabyte.kernels.gathered_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _interpreting(),
                                 reason="terrabyte.kernels was imported before TRITON_INTERPRET=1 was set")
@@ -164,11 +171,12 @@ def test_chunked_reference_matches_full_reference():
         torch.testing.assert_close(a, b)
 
 
-def test_auto_backend_on_cpu_is_the_reference():
+def test_auto_backend_off_cuda_is_the_gathered_path():
     pattern = SparsePattern.from_config({"local": 5, "global_tokens": 2, "block": 16})
-    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))  # head_dim 8: fine for the reference
-    assert torch.equal(sparse_attention(q, k, v, pattern, causal=False),
-                       reference_attention(q, k, v, pattern, causal=False))
+    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))  # head_dim 8: fine off the kernels
+    auto = sparse_attention(q, k, v, pattern, causal=False)
+    assert torch.equal(auto, sparse_attention(q, k, v, pattern, causal=False, backend="gather"))
+    torch.testing.assert_close(auto, reference_attention(q, k, v, pattern, causal=False), atol=1e-6, rtol=1e-6)
 
 
 def _qkv(shape=(1, 2, 40, 32), dtype=torch.float32):
@@ -202,6 +210,10 @@ def test_bad_call_arguments():
         sparse_attention(q, k, v, p, scale=float("nan"))
     with pytest.raises(ValueError, match="chunk must be a positive integer"):
         reference_attention(q, k, v, p, chunk=0)
+    with pytest.raises(ValueError, match="chunk=64 applies to backend='reference' only"):
+        sparse_attention(q, k, v, p, chunk=64)
+    with pytest.raises(ValueError, match="budget must be a positive number of bytes, got 0"):
+        gathered_attention(q, k, v, p, budget=0)
 
 
 def test_bench_command_runs_on_cpu(tmp_path, capsys):
@@ -219,6 +231,7 @@ def test_bench_command_runs_on_cpu(tmp_path, capsys):
     assert bench.run(args) == 0
     table = capsys.readouterr().out
     assert "| 128 | reference (cpu) |" in table and "| 128 | sdpa dense causal |" in table
+    assert "| 128 | gather (cpu) |" in table
     report = json.loads(out.read_text())
     rows = {(r["length"], r["impl"]): r for r in report["rows"]}
     ours = rows[(128, "reference (cpu)")]
@@ -226,6 +239,8 @@ def test_bench_command_runs_on_cpu(tmp_path, capsys):
     # 8 query blocks of 16 per head: the block, the 2 before it (window 32) and global block 0
     assert ours["tiles"] == 2 * (1 + 2 + 3 + 5 * 4)
     assert ours["metadata_bytes"] == rows[(64, "reference (cpu)")]["metadata_bytes"] == 2 * 3 * 4
+    gathered = rows[(128, "gather (cpu)")]
+    assert gathered["tiles"] == ours["tiles"] and gathered["us_per_position"] > 0
     with pytest.raises(ValueError, match="--lengths must be comma-separated integers"):
         bench.run(parser.parse_args(["--device", "cpu", "--lengths", "1k"]))
 
@@ -242,3 +257,181 @@ def test_flex_attention_with_mask_mod_equals_reference():
     with torch.no_grad():
         out = flex.flex_attention(q, k, v, block_mask=mask)
     torch.testing.assert_close(out, reference_attention(q, k, v, pattern), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- gathered PyTorch path
+
+GATHER_CASES = {
+    # name: (pattern config, n, heads, batch, causal)
+    "local": ({"local": 40, "block": 32}, 100, 2, 1, True),
+    "local_dilated_head_offsets": ({"local": 20, "dilated": [[64, 4], [96, 1], [48, 16], [200, 3]], "block": 16},
+                                   230, 5, 1, True),
+    "dilated_noncausal_fixed_offset": ({"dilated": [[40, 8, 3], [24, 2]], "block": 16}, 150, 3, 2, False),
+    "stride_wide": ({"stride": 40, "block": 32}, 130, 2, 1, True),
+    "stride_narrow_noncausal": ({"stride": 5, "block": 16}, 45, 2, 1, False),
+    "global_causal": ({"global_tokens": 5, "local": 16, "block": 16}, 97, 2, 3, True),
+    "global_noncausal": ({"global_tokens": 37, "local": 16, "block": 16}, 97, 2, 1, False),
+    "per_head_list": ([{"local": 20, "block": 32}, {"stride": 33, "global_tokens": 2, "block": 32},
+                       {"dilated": [[40, 2, 1]], "block": 32}], 120, 3, 2, True),
+    "union_noncausal": ({"local": 33, "stride": 48, "global_tokens": 3, "dilated": [[64, 2], [128, 1]],
+                         "block": 32}, 150, 2, 1, False),
+    "shorter_than_a_block": ({"local": 3, "dilated": [[8, 2]], "block": 64}, 10, 2, 2, True),
+    "single_position": ({"block": 16}, 1, 1, 1, True),
+}
+
+
+def gather_and_compare(pattern, n, heads, batch, causal, budget=gathered_module.DEFAULT_BUDGET, layout="bhnd",
+                       dtype=torch.float64, tol=None):
+    """Gathered output and gradients against the dense reference on the same fp64 inputs."""
+    shape = (batch, heads, n, 8) if layout == "bhnd" else (batch, n, heads, 8)
+    leaves = [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3)]
+    q, k, v = leaves if layout == "bhnd" else [t.transpose(1, 2) for t in leaves]
+    grad_out = torch.randn(batch, heads, n, 8, dtype=dtype)
+    out = gathered_attention(q, k, v, pattern, causal=causal, budget=budget)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rq, rk, rv = ref_leaves if layout == "bhnd" else [t.transpose(1, 2) for t in ref_leaves]
+    ref = reference_attention(rq, rk, rv, pattern, causal=causal)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    tol = tol or dict(atol=1e-10, rtol=1e-10)
+    for name, got, want in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, ref_grads)):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("name", list(GATHER_CASES))
+def test_gathered_matches_reference(name):
+    cfg, n, heads, batch, causal = GATHER_CASES[name]
+    gather_and_compare(SparsePattern.from_config(cfg), n, heads, batch, causal)
+
+
+@pytest.fixture
+def one_thread():
+    """Many small tensor ops: on a shared 2-core machine a second intra-op thread that is not
+    scheduled makes each op wait (5-10x slower); these tests are about results and memory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("budget", [1, 300_000])
+def test_gathered_matches_reference_in_small_chunks(budget, one_thread):
+    """A tiny budget splits batch x heads, the query blocks and (budget 1) each row's key blocks
+    (online softmax across pieces); the result does not change."""
+    pattern = SparsePattern.from_config({"local": 20, "stride": 40, "global_tokens": 3, "dilated": [[64, 4]],
+                                         "block": 16})
+    gather_and_compare(pattern, 90, 3, 2, True, budget=budget)
+    gather_and_compare(pattern, 90, 3, 2, False, budget=budget, layout="bnhd")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gathered_csr_layout(causal):
+    rng = random.Random()
+    gather_and_compare(random_layout_pattern(rng, blocks=5, block=16, heads=2), 5 * 16 - 9, 2, 2, causal)
+    gather_and_compare(random_layout_pattern(rng, blocks=4, block=16, heads=1), 4 * 16, 3, 1, causal)
+
+
+def test_gathered_low_precision_computes_in_fp32():
+    pattern = SparsePattern.from_config({"local": 24, "dilated": [[64, 4]], "block": 16})
+    gather_and_compare(pattern, 70, 2, 1, True, dtype=torch.bfloat16, tol=dict(atol=2e-2, rtol=2e-2))
+
+
+def _random_pattern(rng: random.Random) -> SparsePattern:
+    cfg = {"block": rng.choice([16, 32])}
+    if rng.random() < 0.6:
+        cfg["local"] = rng.randint(0, 80)
+    if rng.random() < 0.4:
+        cfg["stride"] = rng.randint(1, 70)
+    if rng.random() < 0.3:
+        cfg["global_tokens"] = rng.randint(0, 40)
+    if rng.random() < 0.7:
+        segments = [rng.randint(1, 120) for _ in range(rng.randint(1, 3))]
+        cfg["dilated"] = [[s, rng.randint(1, s)] for s in segments]
+    return SparsePattern.from_config(cfg)
+
+
+def test_gather_plan_covers_the_attended_set_exactly():
+    """On random patterns: every tile holding an attended pair is in the plan, a tile flagged
+    entirely attended is, and each partly attended tile's stored mask is its element-wise mask
+    (the signature grouping loses nothing)."""
+    rng = random.Random()
+    for _ in range(25):
+        pattern, n, causal, heads = _random_pattern(rng), rng.randint(1, 200), rng.random() < 0.5, 3
+        B = pattern.block
+        nb = -(-n // B)
+        dense = torch.zeros(heads, nb * B, nb * B, dtype=torch.bool)
+        dense[:, :n, :n] = pattern.dense_mask(n, heads=heads, causal=causal)
+        tiles = dense.view(heads, nb, B, nb, B).permute(0, 1, 3, 2, 4)  # (heads, qb, kb, B, B)
+        plan = gather_plan(pattern, n, heads, causal)
+        where = f"{pattern} n={n} causal={causal}"
+        for h in range(heads):
+            hb = plan.per_head[plan.head_of[h]]
+            rows = torch.repeat_interleave(torch.arange(nb), hb.ptr[1:] - hb.ptr[:-1])
+            listed = torch.zeros(nb, nb, dtype=torch.bool)
+            listed[rows, hb.blocks] = True
+            assert not (tiles[h].any((-1, -2)) & ~listed).any(), where
+            got = tiles[h][rows, hb.blocks]
+            assert got[hb.full].all(), where
+            if plan.bad_masks is not None:  # query rows past n are left unmasked on purpose
+                inside = (torch.arange(nb * B) < n).view(nb, B)[rows[~hb.full], :, None]
+                assert torch.equal(~plan.bad_masks[hb.mask_id[~hb.full]] & inside, got[~hb.full]), where
+
+
+def test_gathered_path_is_linear_in_length(monkeypatch, one_thread):
+    """n = 65536: the plan holds O(n) integers, no chunk's scores exceed the budget (n^2 scores
+    would be 16 GiB), and forward + backward run in about a second."""
+    n, budget = 65536, 4 << 20
+    pattern = SparsePattern.from_config({"local": 20, "dilated": [[256, 64]], "global_tokens": 1, "block": 16})
+    largest = []
+    scores = gathered_module._Blocks.scores
+
+    def recording(self, piece):
+        out = scores(self, piece)
+        largest.append(out[0].numel() * out[0].element_size())
+        return out
+
+    monkeypatch.setattr(gathered_module._Blocks, "scores", recording)
+    q, k, v = (torch.randn(1, 2, n, 4, requires_grad=True) for _ in range(3))
+    out = gathered_attention(q, k, v, pattern, budget=budget)
+    torch.autograd.grad(out.sum(), (q, k, v))
+    plan = gather_plan(pattern, n, 2, True)
+    blocks = n // 16
+    assert plan.tiles <= 2 * blocks * 8  # a few key blocks per query block, not n / 16
+    assert plan.index_bytes() < 200 * n
+    assert max(largest) <= budget and len(largest) > 2
+
+
+def test_batch_slices_respect_the_grid_limit():
+    assert batch_slices(3, 8) == [(0, 3)]
+    assert batch_slices(10_000, 8) == [(0, 8191), (8191, 10_000)]
+    assert batch_slices(5, 2, limit=4) == [(0, 2), (2, 4), (4, 5)]
+    assert all((b - a) * 12 <= 65535 for a, b in batch_slices(100_000, 12))
+    with pytest.raises(ValueError, match="70000 heads exceed the grid limit 65535"):
+        batch_slices(1, 70_000)
+    with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
+        batch_slices(0, 4)
+
+
+def test_kernels_launch_per_batch_slice(monkeypatch):
+    """With the grid limit lowered to 2 programs, a batch of 3 with 1 head runs as two launches,
+    batch [0, 2) and [2, 3); outputs and gradients unchanged."""
+    pattern = SparsePattern.from_config({"local": 8, "block": 16})
+    leaves = [torch.randn(3, 1, 16, 32, device=DEVICE, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(3, 1, 16, 32, device=DEVICE)
+    launches = []
+    apply = sparse_module.SparseAttentionFunction.apply
+
+    def counting(q, *args):
+        launches.append(q.shape[0])
+        return apply(q, *args)
+
+    monkeypatch.setattr(sparse_module, "GRID_LIMIT", 2)
+    monkeypatch.setattr(sparse_module.SparseAttentionFunction, "apply", counting)
+    out = sparse_attention(*leaves, pattern, backend="triton")
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert launches == [2, 1]
+    ref_leaves = [t.detach().requires_grad_() for t in leaves]
+    ref = reference_attention(*ref_leaves, pattern)
+    for got, want in zip([out, *grads], [ref, *torch.autograd.grad(ref, ref_leaves, grad_out)]):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
