@@ -76,11 +76,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
 
+        if self.layout.pipeline == 1 and self.layout.sequence == 1:
+            # a context that cannot fit stops here, before data or model exist (estimate.py)
+            check_fits(cfg, eng.compute_device(), self.layout.dp if cfg.parallel.zero_stage == 3 else 1)
         self.data_path = resolve_data(cfg, self.rank)
         self.model_config = cfg.model.kwargs()
-        if self.layout.pipeline == 1 and self.layout.sequence == 1:
-            # a context that cannot fit stops here, before the model exists (estimate.py)
-            check_fits(cfg, eng.compute_device(), self.layout.dp if cfg.parallel.zero_stage == 3 else 1)
         model = TerraByte(**self.model_config)
         # counted before ZeRO-3 partitions the parameters away
         self.flops_per_byte = sum(flops_per_byte(model, cfg))

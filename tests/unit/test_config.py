@@ -91,3 +91,39 @@ def test_decode_cache_estimate_is_what_generation_allocates():
                       heads=(4, 2, 2))
     cache = model.init_cache(1)
     assert decode_cache_bytes(model, 4) == sum(st.kv.numel() * st.kv.element_size() for st in cache.stages)
+
+
+def test_dry_run_memory_names_the_chunk_that_fits():
+    """long_1g fits one 141 GB GPU; on less memory the estimate names the largest chunk that fits, or
+    says that none does; the same line stops a run at start-up."""
+    from terrabyte.pretrain.estimate import (activation_bytes, chunk_activation_bytes, describe, largest_chunk,
+                                             memory_verdict, meta_model, model_state_bytes)
+
+    cfg = load_config("long_1g")
+    model = meta_model(cfg)
+    assert model.context_length == 2**30 and model.max_seq_len[0] <= 2**18 and model.num_stages >= 3
+    text = describe(cfg, 141)
+    assert "fits 141 GiB with model.chunk_bytes=1048576" in text
+    # twice the chunk, twice its activations: the chunk term is linear and the rest does not move
+    assert chunk_activation_bytes(model, cfg, 2 << 20) == pytest.approx(2 * chunk_activation_bytes(model, cfg, 1 << 20))
+    memory = model_state_bytes(model, cfg) + activation_bytes(model, cfg, 1 << 18) + 1
+    fits = largest_chunk(model, cfg, memory)
+    assert fits is not None and (1 << 18) <= fits < (1 << 20) and fits % model.unit_sizes[0] == 0
+    verdict = memory_verdict(model, cfg, memory, "cuda memory")
+    assert f"model.chunk_bytes={fits} would fit (now 1048576)" in verdict
+    none = memory_verdict(model, cfg, 4 * 2**30, "--memory 4")
+    assert "even with one patch per chunk" in none and "sequence parallelism" in none
+
+
+def test_start_up_stops_when_the_context_cannot_fit(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "terrabyte.pretrain", "--config", "long_1g", "--run.dir", str(tmp_path / "run"),
+         "--model.chunk_bytes", str(2**21)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("terrabyte: error")]
+    assert len(lines) == 1 and "cpu memory" in lines[0] and "GiB available" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "data").exists()  # stopped before building the default corpus
