@@ -51,7 +51,7 @@ from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from .args import Config, load_config
 from .bench_model import megabyte_class, spawn_child, status_bytes
-from .bench_quality import PEER_INSTALL, PLOT_INSTALL, _with, build_megabyte
+from .bench_quality import PEER_INSTALL, PLOT_INSTALL, _with, build_megabyte, save_figure
 from .model import TerraByte
 
 logger = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def _peak_bytes(device: str) -> int:
 
 def measure_child(kind, cfg, context, device, threads, memory_limit_gb, queue) -> None:
     """Child body: build, warm up, time the step; puts ("phase", "step") before each timed step
-    (the parent's cap starts there), then ("done", result) or ("failed", status)."""
+    (the parent's cap starts there), then ("done", result) or ("failed", {status, peak})."""
     try:
         if memory_limit_gb:
             limit = int(memory_limit_gb * GB)
@@ -221,7 +221,7 @@ def measure_child(kind, cfg, context, device, threads, memory_limit_gb, queue) -
         queue.put(("done", {"seconds": seconds, "peak_bytes": _peak_bytes(device), "params": params}))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status in the table
         status = "out of memory" if _is_out_of_memory(exc) else f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        queue.put(("failed", status))
+        queue.put(("failed", {"status": status, "peak_bytes": _peak_bytes(device)}))
 
 
 def _exit_status(code) -> str:
@@ -248,8 +248,8 @@ def measure(kind: str, cfg: Config, context: int, device: str, threads: int, mem
                 continue
             if what == "phase":
                 deadline = time.monotonic() + time_cap
-            elif what == "failed":
-                return {"status": value, "seconds": None}
+            elif what == "failed":  # its peak: how far it got
+                return {**value, "seconds": None}
             else:
                 over = value["seconds"] > time_cap
                 return {**value, "status": f"stopped: over {time_cap:g} s" if over else "ok"}
@@ -398,17 +398,16 @@ def plot(results: list[dict], kinds: list[str], time_cap: float, path: Path) -> 
         points = completed(results, kind)
         if points:
             ax.plot([n for n, _ in points], [t for _, t in points], "o-", label=MODELS[kind])
-    ax.axhline(time_cap, color="gray", ls="--", lw=0.8, label=f"time cap {time_cap:g} s")
+    if time_cap > 0:
+        ax.axhline(time_cap, color="gray", ls="--", lw=0.8, label=f"time cap {time_cap:g} s")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    if ax.has_data():  # a log axis or a legend over nothing warns
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
     ax.set_xlabel("context (bytes)")
     ax.set_ylabel("seconds per training step (batch 1)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -483,13 +482,3 @@ def run_gpu(args) -> int:
     sys.stdout.write(text)
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
