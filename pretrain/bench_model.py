@@ -125,7 +125,7 @@ def _train_step_fn(kind, model, opt, x):
     return step
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -162,9 +162,9 @@ def _memory_child(kind, ff_mult, flash, device, seq_len, batch, threads, queue):
         queue.put(torch.cuda.max_memory_allocated() - base)
     else:
         _reset_peak_rss()
-        base = _status_bytes("VmRSS")
+        base = status_bytes("VmRSS")
         step()
-        queue.put(_status_bytes("VmHWM") - base)
+        queue.put(status_bytes("VmHWM") - base)
 
 
 # glibc otherwise raises its mmap threshold after large frees and keeps later blocks on the heap,
@@ -176,8 +176,9 @@ def peak_train_memory(kind, ff_mult, flash, device, seq_len, batch, threads) -> 
     return _in_child(_memory_child, (kind, ff_mult, flash, device, seq_len, batch, threads), kind)
 
 
-def _in_child(target, args: tuple, what: str):
-    """target(*args, queue) in a fresh spawned process (glibc's mmap threshold pinned): what it puts."""
+def spawn_child(target, args: tuple):
+    """Start target(*args, queue) in a fresh spawned process with glibc's mmap threshold pinned, so
+    its memory is its own and RSS follows live memory: (process, queue)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
@@ -191,6 +192,12 @@ def _in_child(target, args: tuple, what: str):
                 os.environ.pop(k)
             else:
                 os.environ[k] = v
+    return proc, queue
+
+
+def _in_child(target, args: tuple, what: str):
+    """target(*args, queue) in a fresh spawned process (see ``spawn_child``): what it puts."""
+    proc, queue = spawn_child(target, args)
     while True:  # a child that dies (out of memory, import error) must not hang the benchmark
         try:
             result = queue.get(timeout=1.0)
@@ -376,9 +383,9 @@ def _prefill_memory_child(device, prompt_len, chunk_bytes, threads, queue):
             queue.put(torch.cuda.max_memory_allocated() - base)
         else:
             _reset_peak_rss()
-            base = _status_bytes("VmRSS")
+            base = status_bytes("VmRSS")
             model.forward_cached(prompt, cache)
-            queue.put(_status_bytes("VmHWM") - base)
+            queue.put(status_bytes("VmHWM") - base)
 
 
 def long_prompt_rows(device: str, threads, repeats: int = 3) -> list:

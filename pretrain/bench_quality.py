@@ -307,11 +307,18 @@ def plot(results: list[SeedResult], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
     by_step.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a finished matplotlib figure as the house PNG (parent folders made) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def _parse_seeds(text: str) -> list[int]:

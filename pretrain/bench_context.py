@@ -1,0 +1,484 @@
+"""How training cost grows with the context: ``terrabyte bench context``.
+
+One table: for each context (8 KiB to 16 MiB by default, CPU) one training step of batch 1 of
+- ``tb_sparse``: TerraByte, three stages, sparse global stage (configs/long_cpu.yaml with
+  ``max_seq_len[0] = context / 64``), lower stages in chunks under recomputation;
+- ``tb_dense``: TerraByte, two stages (the first and last dims of that config, patches of 8), dense
+  global attention, chunked lower stage: what the sparse stage and the third stage buy;
+- ``megabyte``: MEGABYTE-pytorch 0.3.6 (optional peer) with the same two-stage shape.
+
+Method:
+- A step is forward + backward + AdamW step. Every (model, context) runs in a fresh spawned
+  process (``bench_model.spawn_child``: glibc's mmap threshold pinned), after a warm-up step on two
+  global patches (imports, AdamW state, library workspaces). The time is that of one step, the
+  fastest of ``SMALL_REPEATS`` up to ``SMALL_CONTEXT`` (noise from other processes only adds time);
+  expect +-20% on a shared machine all the same.
+- Peak RSS is the child's own high-water mark (``VmHWM``), the whole process: interpreter, torch,
+  weights, optimizer state and the step. Not ``ru_maxrss``, which Linux carries over from the
+  parent across fork + exec.
+- The child runs under an address-space limit (``--memory-limit``, default the memory available at
+  start) so a model that outgrows the machine fails its allocation ("out of memory") instead of
+  waking the kernel's OOM killer on a shared machine.
+- A model stops at the first context where a step passes ``--time-cap`` seconds
+  (the child is killed there), runs out of memory or crashes; its larger contexts are skipped.
+- The exponent is the least-squares slope of log(seconds) against log(context) over the contexts a
+  model completed: about 1 for linear cost, 2 for quadratic. Small contexts are dominated by fixed
+  costs, so the exponent over a range that starts small understates the asymptotic growth.
+
+``--gpu``: on one CUDA device, doubling contexts of configs/long_1g.yaml's shape (patches of
+64 x 64 bytes, bf16 autocast) until one runs out of memory: the longest context one GPU trains, and
+the time of the long_1g step itself (1 GiB).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import queue as queue_mod
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from terrabyte.data_pipeline.cli import parse_size
+from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.system import atomic_write, describe_machine
+
+from .args import Config, load_config
+from .bench_model import megabyte_class, spawn_child, status_bytes
+from .bench_quality import PEER_INSTALL, PLOT_INSTALL, _with, build_megabyte, save_figure
+from .model import TerraByte
+
+logger = logging.getLogger(__name__)
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+GB = 1e9  # peak memory is reported in decimal GB, as the 12 GB target is stated
+DEFAULT_CONTEXTS = "8K,32K,128K,256K,512K,2M,8M,16M"
+MODELS = {
+    "tb_sparse": "TerraByte chunked + sparse (3 stages)",
+    "tb_dense": "TerraByte dense (2 stages)",
+    "megabyte": "MEGABYTE-pytorch (2 stages)",
+}
+# contexts up to this are timed as the fastest of a few steps: fixed costs and noise from other
+# processes weigh most there, and a few steps cost little
+SMALL_CONTEXT, SMALL_REPEATS = 128 * KIB, 3
+DENSE_PATCH = 8
+# the targets of issue #12 for the sparse model
+TARGET_CONTEXT, TARGET_RSS_GB, TARGET_EXPONENT = 16 * MIB, 12.0, 1.1
+TARGET_SPEED_CONTEXT, TARGET_SPEEDUP = 256 * KIB, 5.0
+GPU_CONFIG, GPU_FIRST, GPU_LAST, GPU_STEP_CONTEXT = "long_1g", 16 * MIB, 8 * GIB, GIB
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--contexts", default=DEFAULT_CONTEXTS,
+                        help=f"comma-separated context lengths in bytes, K/M/G suffixes (default: {DEFAULT_CONTEXTS})")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated rows to measure (default: {','.join(MODELS)})")
+    parser.add_argument("--time-cap", type=float, default=300.0,
+                        help="seconds a step may take; a model that passes it stops there (default: 300)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch CPU threads in each child (default: all cores, %(default)s here)")
+    parser.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                        help="address-space limit of each CPU child in GB (default: memory available at start; 0: none)")
+    parser.add_argument("--config", default="long_cpu",
+                        help="config of the sparse three-stage model, the others derive from it (default: long_cpu)")
+    parser.add_argument("--out", default="runs/bench_context/context.json",
+                        help="JSON of every measurement, rewritten after each (default: %(default)s)")
+    parser.add_argument("--png", default="runs/bench_context/context.png",
+                        help="seconds per step against context, log-log (default: %(default)s)")
+    parser.add_argument("--gpu", action="store_true",
+                        help=f"on a CUDA device: the longest context of {GPU_CONFIG}'s shape one GPU trains, and its step time")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="config overrides after `--`, e.g. -- --model.dim 64,32,16")
+
+
+# ---------------------------------------------------------------- options
+
+
+def parse_contexts(text: str, unit: int) -> list[int]:
+    """'8K,2M' -> [8192, 2097152], sorted; each a positive multiple of ``unit`` (the sparse model's
+    global patch, so every model gets whole patches)."""
+    contexts = []
+    for item in (s.strip() for s in text.split(",")):
+        try:
+            n = parse_size(item)
+        except Exception:
+            raise ConfigError(f"--contexts: {item!r} is not a size (examples: 8K, 512K, 2M)") from None
+        if n < unit or n % unit:
+            raise ConfigError(f"--contexts: {item!r} must be a positive multiple of the global patch ({unit} bytes)")
+        contexts.append(n)
+    return sorted(set(contexts))
+
+
+def parse_models(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise ConfigError(f"--models: unknown {unknown or text!r}; choose from {', '.join(MODELS)}")
+    return [n for n in MODELS if n in names]
+
+
+def default_memory_limit_gb() -> float:
+    """MemAvailable now, in GB: a child may take what the machine has free, no more."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GB
+    return 0.0
+
+
+def fmt_bytes(n: int) -> str:
+    for size, unit in ((GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------- model shapes
+
+
+def model_config(base: Config, kind: str, context: int) -> Config:
+    """The config of row ``kind`` at ``context`` bytes: the base (sparse, three stages) with its
+    global length set, or the two-stage dense shape made of its first and last stages."""
+    m = base.model
+    if kind == "tb_sparse":
+        unit = math.prod(m.max_seq_len[1:])
+        return _with(base, model={"max_seq_len": (context // unit, *m.max_seq_len[1:])})
+
+    def ends(value):  # per-stage value of the first and last stage
+        return (value[0], value[-1]) if isinstance(value, (list, tuple)) else value
+
+    return _with(base, model={
+        "dim": ends(m.dim), "depth": (m.depth[0], sum(m.depth[1:])), "heads": ends(m.heads),
+        "dim_head": ends(m.dim_head), "max_seq_len": (context // DENSE_PATCH, DENSE_PATCH), "attention": None,
+    })
+
+
+def build(kind: str, cfg: Config, device: str):
+    torch.manual_seed(0)
+    model = build_megabyte(cfg) if kind == "megabyte" else TerraByte(**cfg.model.kwargs())
+    return model.to(device).train()
+
+
+def describe_model(kind: str, cfg: Config) -> str:
+    m = cfg.model
+    parts = [f"dims {m.dim}", f"depths {m.depth}", f"heads {m.heads}", f"max_seq_len[1:] {m.max_seq_len[1:]}"]
+    parts.append(f"global attention {m.attention[0]}" if m.attention and m.attention[0] else "dense global attention")
+    if kind != "megabyte":
+        parts.append(f"checkpoint_activations {m.checkpoint_activations}, chunk_bytes {m.chunk_bytes or 'auto'}")
+    return f"`{kind}`: {MODELS[kind]}, " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------- one measurement (child process)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(
+        s in text for s in ("can't allocate memory", "Cannot allocate memory", "out of memory"))
+
+
+def _step(model, opt, x, device: str) -> None:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        loss = model(x, return_loss=True)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else status_bytes("VmHWM")
+
+
+def measure_child(kind, cfg, context, device, threads, memory_limit_gb, queue) -> None:
+    """Child body: build, warm up, time the step; puts ("phase", "step") before each timed step
+    (the parent's cap starts there), then ("done", result) or ("failed", {status, peak})."""
+    try:
+        if memory_limit_gb:
+            limit = int(memory_limit_gb * GB)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        torch.set_num_threads(threads)
+        model = build(kind, cfg, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        patch = context // cfg.model.max_seq_len[0]
+        dtype = torch.int32 if device.startswith("cuda") else torch.long  # 4 bytes a byte: 4 GiB at 1 GiB
+        _step(model, opt, torch.randint(0, 256, (1, 2 * patch), device=device, dtype=dtype), device)
+        x = torch.randint(0, 256, (1, context), device=device, dtype=dtype)
+        seconds = math.inf
+        for _ in range(SMALL_REPEATS if context <= SMALL_CONTEXT else 1):
+            queue.put(("phase", "step"))
+            started = time.perf_counter()
+            _step(model, opt, x, device)
+            seconds = min(seconds, time.perf_counter() - started)
+        params = sum(p.numel() for p in model.parameters())
+        queue.put(("done", {"seconds": seconds, "peak_bytes": _peak_bytes(device), "params": params}))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a status in the table
+        status = "out of memory" if _is_out_of_memory(exc) else f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        queue.put(("failed", {"status": status, "peak_bytes": _peak_bytes(device)}))
+
+
+def _exit_status(code) -> str:
+    return "out of memory (killed)" if code == -9 else f"crashed (exit code {code})"
+
+
+def measure(kind: str, cfg: Config, context: int, device: str, threads: int, memory_limit_gb: float,
+            time_cap: float) -> dict:
+    """One (model, context) in a fresh child: {"status", "seconds", "peak_bytes", "params"}; the
+    child is killed when a step passes ``time_cap``."""
+    proc, queue = spawn_child(measure_child, (kind, cfg, context, device, threads, memory_limit_gb))
+    deadline = None  # building and the short warm-up are not capped: they do not grow with the context
+    try:
+        while True:
+            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            try:
+                what, value = queue.get(timeout=wait)
+            except queue_mod.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    proc.kill()
+                    return {"status": f"stopped: over {time_cap:g} s", "seconds": None}
+                if not proc.is_alive():
+                    return {"status": _exit_status(proc.exitcode), "seconds": None}
+                continue
+            if what == "phase":
+                deadline = time.monotonic() + time_cap
+            elif what == "failed":  # its peak: how far it got
+                return {**value, "seconds": None}
+            else:
+                over = value["seconds"] > time_cap
+                return {**value, "status": f"stopped: over {time_cap:g} s" if over else "ok"}
+    finally:  # a child that reported is exiting; give it a moment, then make sure
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def sweep(base: Config, kinds: list[str], contexts: list[int], device: str, threads: int,
+          memory_limit_gb: float, time_cap: float, on_result=None) -> list[dict]:
+    """Every (context, model), contexts in order; a model that stopped is skipped after that."""
+    from tqdm.auto import tqdm
+
+    stopped = {}  # kind -> why, at which context
+    results = []
+    with tqdm(total=len(kinds) * len(contexts), desc="bench context", unit="step", file=sys.stderr) as bar:
+        for context in contexts:
+            for kind in kinds:
+                row = {"context": context, "model": kind}
+                if kind in stopped:
+                    row.update(status=f"skipped ({stopped[kind]})", seconds=None)
+                else:
+                    bar.set_postfix_str(f"{kind} at {fmt_bytes(context)}")
+                    cfg = model_config(base, kind, context)
+                    row.update(measure(kind, cfg, context, device, threads, memory_limit_gb, time_cap))
+                    logger.info("%s at %s: %s%s", kind, fmt_bytes(context), row["status"],
+                                f", {row['seconds']:.2f} s" if row.get("seconds") is not None else "")
+                    if row["status"] != "ok":
+                        stopped[kind] = f"{row['status']} at {fmt_bytes(context)}"
+                results.append(row)
+                bar.update(1)
+                if on_result:
+                    on_result(results)
+    return results
+
+
+def fit_exponent(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(seconds) against log(context); None below two contexts."""
+    if len(points) < 2:
+        return None
+    xs = [math.log(n) for n, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+
+
+def completed(results: list[dict], kind: str) -> list[tuple[int, float]]:
+    return [(r["context"], r["seconds"]) for r in results if r["model"] == kind and r["status"] == "ok"]
+
+
+def fits(results: list[dict], kinds: list[str]) -> dict:
+    """kind -> {"exponent", "from", "to"} over the contexts it completed."""
+    out = {}
+    for kind in kinds:
+        points = completed(results, kind)
+        out[kind] = {"exponent": fit_exponent(points), "from": points[0][0] if points else None,
+                     "to": points[-1][0] if points else None}
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| context | model | s/step | µs/byte | peak RSS (GB) | status |", "|---|---|---|---|---|---|"]
+    for r in results:
+        t, peak = r.get("seconds"), r.get("peak_bytes")
+        cells = [fmt_bytes(r["context"]), MODELS[r["model"]],
+                 f"{t:.3f}" if t is not None else "", f"{1e6 * t / r['context']:.2f}" if t is not None else "",
+                 f"{peak / GB:.2f}" if peak is not None else "", r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_fits(fitted: dict) -> str:
+    lines = []
+    for kind, f in fitted.items():
+        if f["exponent"] is None:
+            lines.append(f"- {kind}: no exponent (fewer than two contexts completed)")
+        else:
+            lines.append(f"- {kind}: time ~ context^{f['exponent']:.2f} over {fmt_bytes(f['from'])} to {fmt_bytes(f['to'])}")
+    return "Fitted exponents (least squares of log s/step against log context, completed contexts):\n" + "\n".join(lines) + "\n"
+
+
+def _row(results, kind, context):
+    return next((r for r in results if r["model"] == kind and r["context"] == context), None)
+
+
+def target_checks(results: list[dict], time_cap: float) -> list[str]:
+    """Issue #12's three targets for the sparse model, each PASS / FAIL / not measured."""
+    lines = []
+    at = _row(results, "tb_sparse", TARGET_CONTEXT)
+    if at and at["status"] == "ok":
+        gb = at["peak_bytes"] / GB
+        lines.append(f"{'PASS' if gb <= TARGET_RSS_GB else 'FAIL'}: tb_sparse at {fmt_bytes(TARGET_CONTEXT)} "
+                     f"peaks at {gb:.2f} GB RSS (target <= {TARGET_RSS_GB:g} GB)")
+    else:
+        lines.append(f"not measured: tb_sparse at {fmt_bytes(TARGET_CONTEXT)} peak RSS <= {TARGET_RSS_GB:g} GB "
+                     f"({at['status'] if at else 'context not in the run'})")
+    points = [(n, t) for n, t in completed(results, "tb_sparse") if 8 * KIB <= n <= TARGET_CONTEXT]
+    span = f"{fmt_bytes(8 * KIB)} to {fmt_bytes(TARGET_CONTEXT)}"
+    exponent = fit_exponent(points)
+    if points and points[0][0] == 8 * KIB and points[-1][0] == TARGET_CONTEXT and exponent is not None:
+        lines.append(f"{'PASS' if exponent <= TARGET_EXPONENT else 'FAIL'}: tb_sparse exponent {exponent:.2f} "
+                     f"over {span} (target <= {TARGET_EXPONENT:g})")
+    else:
+        got = f"{exponent:.2f} over {fmt_bytes(points[0][0])} to {fmt_bytes(points[-1][0])} only" if exponent is not None else "too few contexts"
+        lines.append(f"not measured: tb_sparse exponent <= {TARGET_EXPONENT:g} over {span} ({got})")
+    lines.append(_speedup_check(results, time_cap))
+    return lines
+
+
+def _speedup_check(results: list[dict], time_cap: float) -> str:
+    where = fmt_bytes(TARGET_SPEED_CONTEXT)
+    sparse, peer = _row(results, "tb_sparse", TARGET_SPEED_CONTEXT), _row(results, "megabyte", TARGET_SPEED_CONTEXT)
+    if not sparse or sparse["status"] != "ok" or not peer:
+        return f"not measured: tb_sparse >= {TARGET_SPEEDUP:g}x MEGABYTE-pytorch's bytes/s at {where}"
+    if peer["status"] == "ok":
+        ratio = peer["seconds"] / sparse["seconds"]
+        return (f"{'PASS' if ratio >= TARGET_SPEEDUP else 'FAIL'}: at {where} tb_sparse trains {ratio:.2f}x "
+                f"MEGABYTE-pytorch's bytes/s (target >= {TARGET_SPEEDUP:g}x)")
+    if peer["status"].startswith("stopped"):  # its step took longer than the cap: a lower bound
+        ratio = time_cap / sparse["seconds"]
+        return (f"{'PASS' if ratio >= TARGET_SPEEDUP else 'UNDECIDED'}: at {where} tb_sparse trains more than "
+                f"{ratio:.2f}x MEGABYTE-pytorch's bytes/s (its step passed the {time_cap:g} s cap; target >= {TARGET_SPEEDUP:g}x)")
+    return f"PASS: at {where} MEGABYTE-pytorch does not train ({peer['status']}); tb_sparse does"
+
+
+def plot(results: list[dict], kinds: list[str], time_cap: float, path: Path) -> bool:
+    """Seconds per step against context, log-log, one line per model; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind in kinds:
+        points = completed(results, kind)
+        if points:
+            ax.plot([n for n, _ in points], [t for _, t in points], "o-", label=MODELS[kind])
+    if time_cap > 0:
+        ax.axhline(time_cap, color="gray", ls="--", lw=0.8, label=f"time cap {time_cap:g} s")
+    ax.set_xscale("log", base=2)
+    if ax.has_data():  # a log axis or a legend over nothing warns
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("context (bytes)")
+    ax.set_ylabel("seconds per training step (batch 1)")
+    ax.grid(alpha=0.3, which="both")
+    save_figure(fig, path)
+    return True
+
+
+def _write_json(path: str, header: dict, results: list[dict], **extra) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({**header, **extra, "results": results}, indent=1))
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _base_config(args) -> Config:
+    overrides = [a for a in (args.overrides or []) if a != "--"]
+    return load_config(GPU_CONFIG if args.gpu else args.config, overrides)
+
+
+def run(args) -> int:
+    if args.time_cap < 0:
+        raise ConfigError(f"--time-cap must be >= 0 seconds, got {args.time_cap:g}")
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if args.gpu:
+        return run_gpu(args)
+    base = _base_config(args)
+    contexts = parse_contexts(args.contexts, math.prod(base.model.max_seq_len[1:]))
+    kinds = parse_models(args.models)
+    if "megabyte" in kinds and megabyte_class() is None:
+        logger.warning("MEGABYTE-pytorch is not installed, its rows are skipped; `%s`", PEER_INSTALL)
+        kinds.remove("megabyte")
+    limit = default_memory_limit_gb() if args.memory_limit is None else args.memory_limit
+    header = {"machine": describe_machine(), "date": datetime.date.today().isoformat(), "threads": args.threads,
+              "time_cap_s": args.time_cap, "memory_limit_gb": limit, "contexts": contexts, "models": kinds,
+              "configs": {k: describe_model(k, model_config(base, k, contexts[0])) for k in kinds}}
+    results = sweep(base, kinds, contexts, "cpu", args.threads, limit, args.time_cap,
+                    on_result=lambda rows: _write_json(args.out, header, rows))
+    fitted = fits(results, kinds)
+    checks = target_checks(results, args.time_cap)
+    _write_json(args.out, header, results, fits=fitted, checks=checks)
+    text = (f"Machine: {header['machine']}; date: {header['date']}; one training step (forward + backward + AdamW "
+            f"step), batch 1, {args.threads} threads, each in a fresh process (address space <= "
+            f"{limit:.1f} GB) after a warm-up step on two patches; fastest of {SMALL_REPEATS} steps up to "
+            f"{fmt_bytes(SMALL_CONTEXT)}; time cap {args.time_cap:g} s.\n\n"
+            + "\n".join(f"- {line}" for line in header["configs"].values()) + "\n\n"
+            + format_table(results) + "\n" + format_fits(fitted) + "\nTargets (issue #12):\n"
+            + "\n".join(f"- {line}" for line in checks) + "\n")
+    png = Path(args.png)
+    text += f"\nCurves: {png}\n" if plot(results, kinds, args.time_cap, png) else f"\n(no PNG: `{PLOT_INSTALL}`)\n"
+    sys.stdout.write(text)
+    return 0
+
+
+def run_gpu(args) -> int:
+    """Doubling contexts of long_1g's shape on one GPU until one fails: the longest that trains."""
+    if not torch.cuda.is_available():
+        raise ConfigError("--gpu needs a CUDA device; torch sees none")
+    base = _base_config(args)
+    unit = math.prod(base.model.max_seq_len[1:])
+    contexts = [GPU_FIRST << k for k in range(int(math.log2(GPU_LAST // GPU_FIRST)) + 1)]
+    header = {"machine": describe_machine("cuda"), "date": datetime.date.today().isoformat(),
+              "time_cap_s": args.time_cap, "config": GPU_CONFIG, "contexts": contexts}
+    results = sweep(base, ["tb_sparse"], [c for c in contexts if c % unit == 0], "cuda", args.threads, 0,
+                    args.time_cap, on_result=lambda rows: _write_json(args.out, header, rows))
+    longest = max((n for n, _ in completed(results, "tb_sparse")), default=None)
+    step = _row(results, "tb_sparse", GPU_STEP_CONTEXT)
+    _write_json(args.out, header, results, longest=longest)
+    text = (f"Machine: {header['machine']}; date: {header['date']}; {GPU_CONFIG} shape, one step (forward + "
+            f"backward + AdamW), batch 1, bf16 autocast; peak column: torch.cuda.max_memory_allocated.\n\n"
+            + format_table(results).replace("peak RSS", "peak CUDA")
+            + f"\nLongest context one GPU trains: {fmt_bytes(longest) if longest else 'none'}\n"
+            + f"{GPU_CONFIG} step ({fmt_bytes(GPU_STEP_CONTEXT)}): "
+            + (f"{step['seconds']:.2f} s\n" if step and step["status"] == "ok" else f"{step['status'] if step else 'not run'}\n"))
+    sys.stdout.write(text)
+    return 0
+
