@@ -7,9 +7,12 @@
 # 1. kernels: correctness of the Triton sparse attention (bf16/fp16/fp32, fwd+bwd) against the
 #    reference, then its benchmark against FlexAttention/SDPA (kernels/gpu_check.py, 150 s budget);
 # 2. model: `terrabyte bench model` on the GPU, MEGABYTE-pytorch side by side;
-# 3. engine: the `small` config (128M) for 40 steps on one GPU in bf16 under ZeRO-3: bytes/s,
+# 3. long contexts: `terrabyte bench context --gpu`: doubling long_1g-shaped contexts until one
+#    fails (the longest context one GPU trains) and the time of one 1 GiB long_1g step;
+# 4. engine: the `small` config (128M) for 40 steps on one GPU in bf16 under ZeRO-3: bytes/s,
 #    model TFLOP/s and MFU read back from its TensorBoard events.
-# Results land in $OUT (kernels: gpu_check.md/json; bench_model.md; train_small.md; ds_report.txt)
+# Results land in $OUT (kernels: gpu_check.md/json; bench_model.md; bench_context.md/json; train_small.md;
+# ds_report.txt)
 # for kernels/BENCHMARKS.md, pretrain/BENCHMARKS.md and the issues. A failing step does not stop
 # the later ones; the exit code is the number of failed steps.
 set -uo pipefail
@@ -38,6 +41,11 @@ timeout 210 python3 -m terrabyte.kernels.gpu_check --budget 150 --out "$out" || 
 
 step "model: terrabyte bench model on the GPU"
 timeout 150 python3 -m terrabyte.pretrain.bench_model --device cuda --out "$out/bench_model.md" || failed=$((failed + 1))
+
+step "long contexts: terrabyte bench context --gpu (longest context one GPU trains, the long_1g step)"
+timeout 200 python3 -m terrabyte.pretrain.bench_context --gpu --time-cap 120 --out "$out/bench_context.json" \
+  > "$out/bench_context.md" 2> "$out/bench_context.log" || failed=$((failed + 1))
+cat "$out/bench_context.md"
 
 step "engine: small config, 40 steps, bf16, ZeRO-3, one GPU"
 run_dir=/tmp/terrabyte_small
