@@ -524,9 +524,11 @@ class GatheredAttentionFunction(torch.autograd.Function):
         blk = _Blocks(ctx.pattern, q, k, v, ctx.causal, ctx.scale, ctx.budget)
         dob = blk.blocked(do)
         delta = (dob * blk.blocked(out)).sum(-1)
-        dq = torch.zeros_like(blk.q)
-        dk = torch.zeros_like(blk.k).view(-1, blk.B, blk.d)
-        dv = torch.zeros_like(blk.v).view(-1, blk.B, blk.d)
+        # fresh contiguous buffers: the blocked views keep the inputs' strides, which a model's
+        # (b, n, h, d) -> (b, h, n, d) transpose makes non-contiguous
+        dq = torch.zeros(blk.q.shape, dtype=blk.q.dtype, device=blk.q.device)
+        dk = torch.zeros(blk.k.shape, dtype=blk.k.dtype, device=blk.k.device).view(-1, blk.B, blk.d)
+        dv = torch.zeros(blk.v.shape, dtype=blk.v.dtype, device=blk.v.device).view(-1, blk.B, blk.d)
         for piece in blk.pieces():
             scores, qc, kg, vg, flat = blk.scores(piece)
             rows = (slice(piece.s0, piece.s1), slice(piece.chunk.r0, piece.chunk.r1))

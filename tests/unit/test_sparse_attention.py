@@ -323,6 +323,8 @@ def test_gathered_matches_reference_in_small_chunks(budget, one_thread):
                                          "block": 16})
     gather_and_compare(pattern, 90, 3, 2, True, budget=budget)
     gather_and_compare(pattern, 90, 3, 2, False, budget=budget, layout="bnhd")
+    # batch 1 of a (b, n, h, d) transpose (the model's layout): the blocked views are not contiguous
+    gather_and_compare(pattern, 90, 3, 1, True, budget=budget, layout="bnhd")
 
 
 @pytest.mark.parametrize("causal", [True, False])
