@@ -38,7 +38,7 @@ LAYOUT_FILE = "layout.json"
 UNIVERSAL_DIRNAME = "universal"  # inside a checkpoint's folder, so pruning removes both
 FILES_MANIFEST = "files.json"  # every file of a checkpoint with its size: missing/truncated files show
 # Model keys that may change between a checkpoint and its resumption.
-RESUMABLE_MODEL_KEYS = ("checkpoint_activations", "attn_dropout", "ff_dropout", "flash_attn")
+RESUMABLE_MODEL_KEYS = ("checkpoint_activations", "attn_dropout", "ff_dropout", "flash_attn", "chunk_bytes")
 # The exported model: one file, config in its metadata.
 EXPORT_FILE = "model.safetensors"
 
@@ -238,6 +238,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def check_same_model(stored: dict, current: dict, where: str) -> None:
+    # configs from before grouped embeddings embedded by concatenation; two stages embed alike either way
+    stored = {"unit_embedding": "concat", **stored}
+    if len(current.get("max_seq_len") or ()) == 2:
+        stored["unit_embedding"] = current.get("unit_embedding")
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
         if isinstance(a, list):
@@ -326,6 +330,14 @@ def full_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
 
 def load_state(source: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(model config, state dict) from a safetensors file, a run directory or a checkpoint folder."""
+    config, state = _load_state(source)
+    if "unit_embedding" not in config:
+        # written before grouped upper-stage embeddings existed: every stage embedded by concatenation
+        config = {**config, "unit_embedding": "concat"}
+    return config, state
+
+
+def _load_state(source: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
