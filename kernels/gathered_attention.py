@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .patterns import SparsePattern, _unpack
-from .sparse_attention import _check_inputs
+from .patterns import SparsePattern, _unpack, check_attention_inputs
 
 log = logging.getLogger(__name__)
 
@@ -555,7 +554,7 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patter
                        ) -> torch.Tensor:
     """Softmax attention over the pattern's attended set on any device and dtype, with cost and
     memory linear in n; q, k, v (batch, heads, seq, head_dim). ``budget``: transient bytes per chunk."""
-    scale = _check_inputs(q, k, v, pattern, causal, scale)
+    scale = check_attention_inputs(q, k, v, pattern, causal, scale)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"gathered_attention: budget must be a positive number of bytes, got {budget!r}")
     return GatheredAttentionFunction.apply(q, k, v, pattern, causal, scale, budget)

@@ -52,6 +52,8 @@ element-wise predicate.
 """
 from __future__ import annotations
 
+import math
+
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -700,3 +702,36 @@ def _sorted_unique(cand: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     kmax = max(int(valid.sum(-1).max()) if valid.numel() else 0, 1)
     cand, valid = cand[..., :kmax], valid[..., :kmax]
     return cand.masked_fill(~valid, 0), valid
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                  causal: bool, scale: float | None) -> float:
+    """Validate before any work (one clear ValueError per problem); return the softmax scale."""
+    if not isinstance(pattern, SparsePattern):
+        raise ValueError("sparse_attention: pattern must be a SparsePattern (use SparsePattern.from_config), "
+                         f"got {type(pattern).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"sparse_attention: {name} must be a 4-D tensor (batch, heads, seq, head_dim), "
+                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"sparse_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"sparse_attention: q, k, v must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"sparse_attention: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    batch, heads, n, head_dim = q.shape
+    if batch < 1 or heads < 1 or head_dim < 1:
+        raise ValueError(f"sparse_attention: empty batch, heads or head_dim in shape {tuple(q.shape)}")
+    pattern.check_length(n, "sparse_attention")
+    pattern.check_heads(heads, "sparse_attention")
+    if not isinstance(causal, bool):
+        raise ValueError(f"sparse_attention: causal must be True or False, got {causal!r}")
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"sparse_attention: scale must be a positive finite number, got {scale!r}")
+    return float(scale)

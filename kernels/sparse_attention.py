@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
-from .patterns import SparsePattern
+from .patterns import SparsePattern, check_attention_inputs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
@@ -852,41 +852,8 @@ def _count_kernel(COUNTS, MAP, PRM, PTR, IDX, n, prm_row, csr_heads,
 # Host side
 # ================================================================================================
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
-                  causal: bool, scale: float | None) -> float:
-    """Validate before any work (one clear ValueError per problem); return the softmax scale."""
-    if not isinstance(pattern, SparsePattern):
-        raise ValueError("sparse_attention: pattern must be a SparsePattern (use SparsePattern.from_config), "
-                         f"got {type(pattern).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"sparse_attention: {name} must be a 4-D tensor (batch, heads, seq, head_dim), "
-                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"sparse_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"sparse_attention: q, k, v must be floating point, got {q.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"sparse_attention: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    batch, heads, n, head_dim = q.shape
-    if batch < 1 or heads < 1 or head_dim < 1:
-        raise ValueError(f"sparse_attention: empty batch, heads or head_dim in shape {tuple(q.shape)}")
-    pattern.check_length(n, "sparse_attention")
-    pattern.check_heads(heads, "sparse_attention")
-    if not isinstance(causal, bool):
-        raise ValueError(f"sparse_attention: causal must be True or False, got {causal!r}")
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"sparse_attention: scale must be a positive finite number, got {scale!r}")
-    return float(scale)
-
-
 def _check_triton_inputs(q: torch.Tensor) -> None:
-    """What the kernels support beyond _check_inputs."""
+    """What the kernels support beyond check_attention_inputs."""
     batch, heads, n, head_dim = q.shape
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"sparse_attention: dtype {q.dtype} is not supported by the kernels "
@@ -1021,7 +988,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     a time from masks computed on the fly, and under autograd recomputes each chunk in backward
     (activation checkpointing), so memory stays O(chunk * n) instead of O(n^2).
     """
-    scale = _check_inputs(q, k, v, pattern, causal, scale)
+    scale = check_attention_inputs(q, k, v, pattern, causal, scale)
     n, heads = q.shape[2], q.shape[1]
     if chunk is None:
         mask = pattern.dense_mask(n, heads=heads, causal=causal, device=q.device)
@@ -1078,7 +1045,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     """
     if backend not in BACKENDS:
         raise ValueError(f"sparse_attention: backend must be one of {BACKENDS}, got {backend!r}")
-    scale = _check_inputs(q, k, v, pattern, causal, scale)
+    scale = check_attention_inputs(q, k, v, pattern, causal, scale)
     if chunk is not None and backend != "reference":
         raise ValueError(f"sparse_attention: chunk={chunk!r} applies to backend='reference' only, "
                          f"not {backend!r}")
