@@ -453,7 +453,7 @@ PART_CASES = {
     "shorter_than_a_block": ({"local": 3, "dilated": [[8, 2]], "global_tokens": 2, "block": 64}, 10, 2, 2, None),
     "single_position": ({"local": 4, "block": 16}, 1, 1, 1, None),
     "small_chunks": ({"local": 30, "dilated": [[64, 4], [32, 2]], "global_tokens": 3, "block": 16},
-                     260, 3, 2, 400_000),
+                     260, 3, 2, 2_000_000),  # one band row per chunk
     "per_head_list_same_parts": ([{"local": 20, "dilated": [[40, 2, 1]], "block": 32},
                                   {"local": 20, "dilated": [[40, 2, 0]], "block": 32}], 120, 2, 1, None),
 }
