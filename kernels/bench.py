@@ -149,6 +149,8 @@ class Bench:
 
     def length(self, n: int) -> list[Row]:
         rows = [self._ours(n)] if self.gpu else [self._gathered(n)]
+        if not self.gpu and self._part_path(n):  # the block-gathered tiles the fast path replaces
+            rows.append(self._gathered(n, fast=False))
         if not self.gpu and n <= self.args.max_reference_length:
             rows.append(self._ours(n))
         elif not self.gpu:
@@ -196,15 +198,27 @@ class Bench:
         row.metadata_bytes = self.pattern.metadata_bytes(n, r.heads)
         return row
 
-    def _gathered(self, n: int) -> Row:
+    def _part_path(self, n: int) -> bool:
+        from .gathered_attention import DEFAULT_BUDGET
+        from .part_attention import applies
+
+        r = self.report
+        shape = (r.batch, r.heads, n, r.head_dim)
+        return applies(self.pattern, torch.empty(shape, dtype=self.dtype, device="meta"), r.causal, DEFAULT_BUDGET)
+
+    def _gathered(self, n: int, fast: bool = True) -> Row:
+        """The gathered path as ``sparse_attention`` runs it (part-wise where it applies), or with
+        ``fast=False`` its block-gathered tiles; FLOPs and tiles are those of the tiles either way."""
         from .gathered_attention import gather_plan, gathered_attention
 
         r = self.report
-        name = "gather (cpu)"
+        name = "gather (cpu)" if fast else "gather tiles (cpu)"
         plan = gather_plan(self.pattern, n, r.heads, r.causal, self.device)
         flops = plan.tiles * r.batch * 4 * self.pattern.block ** 2 * r.head_dim
-        attend = lambda q, k, v: gathered_attention(q, k, v, self.pattern, causal=r.causal)  # noqa: E731
+        attend = lambda q, k, v: gathered_attention(q, k, v, self.pattern, causal=r.causal, fast=fast)  # noqa: E731
         row = self._guard(n, name, lambda n: self._time(n, name, attend, flops))
+        if fast and self._part_path(n):
+            row.note = "part-wise path (local band, sinks, dilated in residue order)"
         row.tiles = plan.tiles
         row.metadata_bytes = plan.index_bytes()
         return row

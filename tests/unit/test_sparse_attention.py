@@ -33,6 +33,7 @@ from terrabyte.kernels.sparse_attention import (  # noqa: E402
 # the package's names sparse_attention / gathered_attention are the functions; these are the modules
 sparse_module = importlib.import_module("terrabyte.kernels.sparse_attention")
 gathered_module = importlib.import_module("terrabyte.kernels.gathered_attention")
+part_module = importlib.import_module("terrabyte.kernels.part_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _interpreting(),
                                 reason="terrabyte.kernels was imported before TRITON_INTERPRET=1 was set")
@@ -231,7 +232,7 @@ def test_bench_command_runs_on_cpu(tmp_path, capsys):
     assert bench.run(args) == 0
     table = capsys.readouterr().out
     assert "| 128 | reference (cpu) |" in table and "| 128 | sdpa dense causal |" in table
-    assert "| 128 | gather (cpu) |" in table
+    assert "| 128 | gather (cpu) |" in table and "| 128 | gather tiles (cpu) |" in table
     report = json.loads(out.read_text())
     rows = {(r["length"], r["impl"]): r for r in report["rows"]}
     ours = rows[(128, "reference (cpu)")]
@@ -395,7 +396,7 @@ def test_gathered_path_is_linear_in_length(monkeypatch, one_thread):
 
     monkeypatch.setattr(gathered_module._Blocks, "scores", recording)
     q, k, v = (torch.randn(1, 2, n, 4, requires_grad=True) for _ in range(3))
-    out = gathered_attention(q, k, v, pattern, budget=budget)
+    out = gathered_attention(q, k, v, pattern, budget=budget, fast=False)
     torch.autograd.grad(out.sum(), (q, k, v))
     plan = gather_plan(pattern, n, 2, True)
     blocks = n // 16
@@ -437,3 +438,73 @@ def test_kernels_launch_per_batch_slice(monkeypatch):
     ref = reference_attention(*ref_leaves, pattern)
     for got, want in zip([out, *grads], [ref, *torch.autograd.grad(ref, ref_leaves, grad_out)]):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------- part-wise fast path (causal local + sinks + dilated)
+
+PART_CASES = {
+    # name: (pattern config, n, heads, batch, budget); every case must take the fast path
+    "local_only": ({"local": 40, "block": 32}, 130, 2, 1, None),
+    "local_wider_than_n": ({"local": 500, "block": 16}, 77, 1, 1, None),
+    "long_cpu_shape": ({"local": 40, "dilated": [[128, 4]], "global_tokens": 5, "block": 64}, 300, 4, 1, None),
+    "head_offsets_several_dilated": ({"local": 30, "dilated": [[64, 4], [128, 8], [32, 2, 1], [96, 1]],
+                                      "global_tokens": 3, "block": 16}, 301, 5, 1, None),
+    "dilated_only": ({"dilated": [[48, 4]], "block": 16}, 150, 4, 2, None),
+    "sinks_beyond_the_window": ({"local": 8, "global_tokens": 70, "dilated": [[64, 2]], "block": 16}, 200, 2, 1, None),
+    "segment_longer_than_n": ({"local": 5, "dilated": [[1000, 4]], "block": 64}, 37, 4, 1, None),
+    "shorter_than_a_block": ({"local": 3, "dilated": [[8, 2]], "global_tokens": 2, "block": 64}, 10, 2, 2, None),
+    "single_position": ({"local": 4, "block": 16}, 1, 1, 1, None),
+    "small_chunks": ({"local": 30, "dilated": [[64, 4], [32, 2]], "global_tokens": 3, "block": 16},
+                     260, 3, 2, 2_000_000),  # one band row per chunk
+    "per_head_list_same_parts": ([{"local": 20, "dilated": [[40, 2, 1]], "block": 32},
+                                  {"local": 20, "dilated": [[40, 2, 0]], "block": 32}], 120, 2, 1, None),
+}
+
+
+@pytest.mark.parametrize("name", list(PART_CASES))
+def test_part_path_matches_reference(name, one_thread):
+    cfg, n, heads, batch, budget = PART_CASES[name]
+    pattern = SparsePattern.from_config(cfg)
+    budget = budget or gathered_module.DEFAULT_BUDGET
+    q = torch.empty(batch, heads, n, 8, dtype=torch.float64)
+    assert part_module.applies(pattern, q, True, budget), f"{name} does not take the fast path"
+    gather_and_compare(pattern, n, heads, batch, True, budget=budget)
+
+
+def test_part_path_strided_inputs(one_thread):
+    pattern = SparsePattern.from_config({"local": 16, "dilated": [[64, 4]], "global_tokens": 2, "block": 16})
+    gather_and_compare(pattern, 150, 4, 2, True, layout="bnhd")
+
+
+@pytest.mark.parametrize("cfg, causal", [
+    ({"local": 16, "dilated": [[64, 4]], "block": 16}, False),  # non-causal
+    ({"local": 16, "stride": 8, "block": 16}, True),  # stride part
+    ({"local": 16, "dilated": [[50, 4]], "block": 16}, True),  # segment % dilation != 0
+    ([{"local": 16, "block": 16}, {"local": 8, "block": 16}], True),  # heads with different parts
+])
+def test_part_path_routes_the_rest_to_the_gathered_tiles(cfg, causal):
+    pattern = SparsePattern.from_config(cfg)
+    q = torch.empty(1, 2, 150, 8, dtype=torch.float64)
+    assert not part_module.applies(pattern, q, causal, gathered_module.DEFAULT_BUDGET)
+    csr = random_layout_pattern(random.Random(0), blocks=4, block=16, heads=1)
+    assert not part_module.applies(csr, torch.empty(1, 2, 64, 8), True, gathered_module.DEFAULT_BUDGET)
+
+
+def test_part_path_memory_is_bounded(monkeypatch, one_thread):
+    """n = 65536: no tile's scores exceed the budget, and forward + backward run in about a second."""
+    n, budget = 65536, 4 << 20
+    pattern = SparsePattern.from_config({"local": 20, "dilated": [[256, 4]], "global_tokens": 1, "block": 16})
+    largest = []
+    scores = part_module._scores
+
+    def recording(q, k, bad):
+        out = scores(q, k, bad)
+        largest.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(part_module, "_scores", recording)
+    q, k, v = (torch.randn(1, 2, n, 4, requires_grad=True) for _ in range(3))
+    assert part_module.applies(pattern, q, True, budget)
+    out = gathered_attention(q, k, v, pattern, budget=budget)
+    torch.autograd.grad(out.sum(), (q, k, v))
+    assert max(largest) <= budget and len(largest) > 4
