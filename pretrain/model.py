@@ -18,7 +18,11 @@ output at position i has seen only units < i of its own parent, the unit just be
 and, through ctx, all earlier parents. The last stage's output at byte position j is the prediction of byte j itself
 from bytes < j: strictly causal, no shift in the loss.
 
-This file holds the layers, ``Stage`` and ``TerraByte`` with its full forward and loss; cached
+Below stage 0 the forward runs in chunks of patches (``lower_stages``: each chunk through every
+lower stage, its logits and its loss, recomputed in backward), so activation memory is O(global
+stage) + O(one chunk) whatever the context.
+
+This file holds the layers, ``Stage``, the chunked execution and ``TerraByte`` with its forward and loss; cached
 decoding and sampling (``model.generate``, ``init_cache``, ``forward_cached``) live in
 ``decode.py``, which this file imports and which imports nothing from it.
 """
