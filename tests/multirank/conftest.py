@@ -12,9 +12,9 @@ import pytest
 from tests.unit.test_train import TINY, scalars
 
 # The same global batch (4 sequences) however the ranks split it; checkpoints every 6 steps. Chunks of
-# 8 patches: every layout runs its lower stages in several recomputed chunks (4 per 128-byte row).
+# 16 patches: every layout runs its lower stages in several recomputed chunks (2 per 128-byte row).
 RUN = ["--config", "tiny", *TINY, "--train.micro_batch", "2", "--train.global_batch", "4",
-       "--train.eval_interval", "6", "--checkpoint.interval", "6", "--model.chunk_bytes", "32"]
+       "--train.eval_interval", "6", "--checkpoint.interval", "6", "--model.chunk_bytes", "64"]
 # fp32 on CPU: layouts differ only in the order of reductions
 REL = 1e-4
 
