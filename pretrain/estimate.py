@@ -88,11 +88,7 @@ def chunk_activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | Non
     """Two chunks of the lower stages (the one kept for backward, the one being recomputed): every
     lower block's activations, the logits and their gradient in fp32."""
     chunk = model.chunk_bytes if chunk_bytes is None else chunk_bytes
-    per_byte = 0.0
-    for s in range(1, model.num_stages):
-        stage = model.stages[s]
-        per_byte += stage.depth * block_activation_values(stage) / stage.unit_size
-    per_byte = per_byte * _bytes_per_value(cfg) + 2 * 4 * model.vocab_size
+    per_byte = model.lower_block_values_per_byte() * _bytes_per_value(cfg) + 2 * 4 * model.vocab_size
     return 2 * chunk * per_byte
 
 

@@ -517,6 +517,11 @@ def block_activation_values(stage: "Stage") -> int:
     return 4 * stage.dim + 4 * inner + 3 * hidden
 
 
+def patches_per_chunk(chunk_bytes: int, patch: int, rows: int = 1) -> int:
+    """Global patches per chunk when ``rows`` rows are embedded together (at least one)."""
+    return max(1, chunk_bytes // (patch * rows))
+
+
 def _recompute_if(recompute: bool, fn: Callable, *args) -> Tensor:
     if recompute and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
@@ -731,12 +736,14 @@ class TerraByte(nn.Module):
 
     # ---------------------------------------------------------------- chunk size
 
+    def lower_block_values_per_byte(self) -> float:
+        """Values the lower stages' blocks keep for backward per byte of a chunk."""
+        return sum(self.stages[s].depth * block_activation_values(self.stages[s]) / self.stages[s].unit_size
+                   for s in range(1, self.num_stages))
+
     def auto_chunk_bytes(self) -> int:
         """Bytes per lower-stage chunk whose activations take about AUTO_CHUNK_ACTIVATION_BYTES."""
-        per_byte = 2 * self.vocab_size  # logits and their gradient
-        for s in range(1, self.num_stages):
-            stage = self.stages[s]
-            per_byte += stage.depth * block_activation_values(stage) / stage.unit_size
+        per_byte = self.lower_block_values_per_byte() + 2 * self.vocab_size  # and the logits, their gradient
         return int(AUTO_CHUNK_ACTIVATION_BYTES / (4 * per_byte))
 
     def max_chunk_bytes(self) -> int:
@@ -764,7 +771,7 @@ class TerraByte(nn.Module):
 
     def patches_per_chunk(self, rows: int = 1) -> int:
         """Global patches per chunk when ``rows`` rows are embedded together."""
-        return max(1, self.chunk_bytes // (self.unit_sizes[0] * rows))
+        return patches_per_chunk(self.chunk_bytes, self.unit_sizes[0], rows)
 
     # ---------------------------------------------------------------- input handling
 

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from terrabyte.data_pipeline.errors import ConfigError
 
 from .args import validate_world
-from .model import Attention, TerraByte, global_inputs, lower_stages
+from .model import Attention, TerraByte, global_inputs, lower_stages, patches_per_chunk
 
 if TYPE_CHECKING:
     from .args import Config
@@ -150,7 +150,7 @@ class EmbedLayer(_PipeLayer):
                 f"pipeline input has shape {tuple(ids.shape)}; it takes whole sequences (batch, {self.context_length})"
             )
         patches = self.seq_lens[0]
-        per_chunk = max(1, self.chunk_bytes // (self.unit_sizes[0] * ids.shape[0]))
+        per_chunk = patches_per_chunk(self.chunk_bytes, self.unit_sizes[0], ids.shape[0])
         return global_inputs(self.stage(0), ids, 0, patches, per_chunk), ids
 
 
@@ -196,7 +196,7 @@ class LowerLayer(_PipeLayer):
         h0 = self.stage(0).norm(x)
         stages = [self.stage(s) for s in range(self.num_stages)]
         return lower_stages(stages, self.to_logits, h0, ids, first_patch=0,
-                            patches_per_chunk=max(1, self.chunk_bytes // self.unit_sizes[0]),
+                            patches_per_chunk=patches_per_chunk(self.chunk_bytes, self.unit_sizes[0]),
                             pad_id=self.pad_id, reduction="sum")
 
 
@@ -323,7 +323,7 @@ class SequenceParallel(nn.Module):
     def _global_stage(self, ids: Tensor, p0: int, p1: int) -> Tensor:
         """Stage 0 for this rank's patches [p0, p1): (b, p1 - p0, dim0), normalised."""
         stage = self.stages[0]
-        per_chunk = max(1, self.chunk_bytes // (self.unit_sizes[0] * ids.shape[0]))
+        per_chunk = patches_per_chunk(self.chunk_bytes, self.unit_sizes[0], ids.shape[0])
         x = global_inputs(stage, ids, p0, p1, per_chunk)  # (b, p1 - p0, dim0); every rank touches the start token
         return stage(x, start=p0)  # rotary positions of this rank's patches
 
@@ -338,7 +338,7 @@ class SequenceParallel(nn.Module):
         p0 = self.sp_rank * per
         h = self._global_stage(ids, p0, p0 + per)
         run = functools.partial(lower_stages, self.stages, self.to_logits, h, ids, first_patch=p0,
-                                patches_per_chunk=max(1, self.chunk_bytes // self.unit_sizes[0]), pad_id=self.pad_id)
+                                patches_per_chunk=patches_per_chunk(self.chunk_bytes, self.unit_sizes[0]), pad_id=self.pad_id)
         if return_loss is True or return_loss == "mean":
             scored = (ids != self.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
             return run(reduction="sum") * self.sp_size / scored
