@@ -52,6 +52,7 @@ element-wise predicate.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from array import array
@@ -345,6 +346,28 @@ class SparsePattern:
         if self.layout is not None:
             raise ValueError("sparse pattern: an explicit csr layout has no parts")
         return self._heads[0] if self.num_heads is None else self._heads[h]
+
+    def for_heads(self, start: int, count: int) -> "SparsePattern":
+        """The pattern of heads [start, start + count) as a pattern of ``count`` heads: its head h
+        attends exactly what head ``start + h`` attends here (LongNet offsets keep the global head
+        index). What a rank that holds a slice of the heads attends with (Ulysses, tensor parallelism)."""
+        total = self.num_heads
+        if isinstance(start, bool) or isinstance(count, bool) or start < 0 or count < 1 or (
+                total is not None and start + count > total):
+            raise ValueError(f"sparse pattern: heads [{start}, {start + count}) are not a slice of the pattern's "
+                             f"{total} heads" if total else f"sparse pattern: no head slice [{start}, {start + count})")
+        if self.layout is not None:
+            if self.layout.dense.shape[0] == 1:
+                return self  # one layout for every head
+            return SparsePattern(block=self.block, layout=BlockLayout.from_dense(self.layout.dense[start:start + count]))
+        if self.head_invariant:
+            return self if total is None else SparsePattern(self._heads[0], block=self.block)
+        return SparsePattern([self._fixed_head(start + h) for h in range(count)], block=self.block)
+
+    def _fixed_head(self, h: int) -> HeadPattern:
+        """Head h's parts with every dilated offset made explicit."""
+        hp = self.head(h)
+        return dataclasses.replace(hp, dilated=tuple(Dilated(d.segment, d.dilation, d.offset_for(h)) for d in hp.dilated))
 
     def check_heads(self, heads: int, where: str = "attention") -> None:
         if self.num_heads is not None and self.num_heads != heads:

@@ -217,7 +217,7 @@ def wrap(model: torch.nn.Module, cfg: Config, layout: Layout, universal: bool = 
         mpu=mpu,
     )
     if layout.tensor > 1:
-        shard_attention_heads(engine.module, layout.tensor)
+        shard_attention_heads(engine.module, layout.tensor, layout.tp_rank)
     if cfg.train.compile:
         engine.compile()  # after DeepSpeed's hooks are in place (compiling first breaks ZeRO-3's)
     if is_pipeline(engine) and engine.grid.data_parallel_id != layout.dp_rank:

@@ -149,6 +149,11 @@ class SparseAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self._sparse_attention(q, k, v, self.pattern, causal=True)
 
+    def for_heads(self, start: int, count: int) -> "SparseAttention":
+        """This attention for heads [start, start + count) of the stage held on their own (a rank's
+        share under sequence or tensor parallelism): the pattern keeps the global head index."""
+        return SparseAttention(self.pattern.for_heads(start, count))
+
     def allowed(self, q_idx: Tensor, k_idx: Tensor, heads: Optional[int] = None) -> Tensor:
         """Boolean mask (broadcast of q_idx, k_idx; a leading head axis when heads differ): used to
         build decode-time mask rows."""

@@ -60,8 +60,12 @@ class Layout:
         return self.pipeline * self.tensor * self.sequence
 
     @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor
+
+    @property
     def sp_rank(self) -> int:
-        return self.rank % self.sequence
+        return (self.rank // self.tensor) % self.sequence
 
     def as_dict(self) -> dict:
         return {"world": self.world, "pipeline": self.pipeline, "tensor": self.tensor,
@@ -83,7 +87,8 @@ def plan_layout(cfg: Config, world: int, rank: int) -> Layout:
         # DeepSpeed's PipeDataParallelTopology numbers ranks stage-major: rank = stage * dp + dp_rank
         dp_rank = rank % dp
     else:
-        # AutoTP's (data, tensor) mesh and our sequence-parallel groups keep a replica's ranks adjacent
+        # a replica's ranks are adjacent, tensor-parallel peers innermost (AutoTP's (data, tensor)
+        # mesh): rank = (dp_rank * sp + sp_rank) * tp + tp_rank
         dp_rank = rank // (tp * sp)
     return Layout(world, rank, pp, tp, sp, dp, dp_rank, accumulation)
 
@@ -253,32 +258,62 @@ def pipeline_key(key: str) -> str:
 # --------------------------------------------------------------------------- sequence parallelism
 
 
+def sequence_parallel_ranks(layout: Layout) -> list[list[int]]:
+    """The sequence-parallel groups: the ranks of one replica with the same tensor-parallel rank."""
+    tp, sp = layout.tensor, layout.sequence
+    return [[(replica * sp + s) * tp + t for s in range(sp)]
+            for replica in range(layout.world // (tp * sp)) for t in range(tp)]
+
+
 def sequence_parallel_group(layout: Layout):
-    """This rank's sequence-parallel group: ``sequence`` adjacent ranks. Every rank creates every
-    group (a collective), in the same order."""
+    """This rank's sequence-parallel group. Every rank creates every group (a collective), in the
+    same order."""
     import deepspeed.comm as dist
 
     mine = None
-    for replica in range(layout.world // layout.sequence):
-        ranks = list(range(replica * layout.sequence, (replica + 1) * layout.sequence))
+    for ranks in sequence_parallel_ranks(layout):
         group = dist.new_group(ranks)
         if layout.rank in ranks:
             mine = group
     return mine
 
 
-class UlyssesAttention(nn.Module):
-    """A stage's attention callable under DeepSpeed-Ulysses: takes this rank's positions for all heads,
-    (b, h, n/sp, d); the all-to-all hands ``local`` the whole sequence for h/sp heads; returns
-    (b, h, n/sp, d)."""
+def heads_slice(attend: Callable, start: int, count: int) -> Callable:
+    """``attend`` for heads [start, start + count) of its stage on their own: an attention that
+    depends on the head (a sparse pattern's ``for_heads``) keeps the global head index; dense
+    attention is the same for every head."""
+    for_heads = getattr(attend, "for_heads", None)
+    return attend if for_heads is None else for_heads(start, count)
 
-    def __init__(self, local: Callable, group):
+
+class UlyssesAttention(nn.Module):
+    """A stage's attention callable under DeepSpeed-Ulysses: takes this rank's positions for all its
+    ``heads`` (b, heads, n/sp, d); the all-to-all hands rank r of the group the whole sequence for
+    heads [r * heads/sp, (r + 1) * heads/sp), attended by ``full`` sliced to those heads (global
+    index ``first_head`` + ...); returns (b, heads, n/sp, d)."""
+
+    def __init__(self, full: Callable, group, rank: int, size: int, heads: int, first_head: int = 0):
         super().__init__()
         from deepspeed.sequence.layer import DistributedAttention
 
-        self.local = local
+        if heads % size:
+            raise ConfigError(f"sequence parallel size {size} must divide the {heads} heads Ulysses splits")
+        self.full, self.group, self.rank, self.size = full, group, rank, size
+        self.heads, self.first_head = heads, first_head
+        per = heads // size
+        self.local = heads_slice(full, first_head + rank * per, per)
         # scatter the head axis (2), gather the sequence axis (1) of (b, n, h, d) tensors
         self.ulysses = DistributedAttention(self._attend_bnhd, group, scatter_idx=2, gather_idx=1)
+
+    def for_heads(self, start: int, count: int) -> "UlyssesAttention":
+        """Tensor parallelism on top: this rank keeps heads [start, start + count) of its current ones,
+        split again over the group. In place: the module DeepSpeed already hooked stays."""
+        if count % self.size:
+            raise ConfigError(f"sequence parallel size {self.size} must divide the {count} heads left on a rank")
+        self.heads, self.first_head = count, self.first_head + start
+        per = count // self.size
+        self.local = heads_slice(self.full, self.first_head + self.rank * per, per)
+        return self
 
     def _attend_bnhd(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # (b, n, h/sp, d) -> (b, h/sp, n, d) for the model's attention callables, and back
@@ -301,8 +336,8 @@ class SequenceParallel(nn.Module):
     ``forward(x, return_loss=True)`` returns this rank's share of the loss, scaled so that the mean over
     the group equals the plain model's mean loss over the whole micro-batch (gradients are averaged
     over all ranks); ``return_loss="sum"`` the group's summed nats on every rank (scoring: only a
-    scalar crosses ranks). Without ``return_loss`` it returns the whole sequence's logits on every
-    rank (not differentiable). The lower stages run on the rank's own patches in chunks
+    scalar crosses ranks). There are no logits: no rank ever holds the whole sequence's, and
+    evaluation reduces losses. The lower stages run on the rank's own patches in chunks
     (``model.lower_stages``).
     """
 
@@ -318,7 +353,7 @@ class SequenceParallel(nn.Module):
         self.context_length = model.context_length
         self.chunk_bytes = model.chunk_bytes
         for block in model.stages[0].layers.values():
-            block.attn.attend = UlyssesAttention(block.attn.attend, group)
+            block.attn.attend = UlyssesAttention(block.attn.attend, group, rank, size, block.attn.heads)
 
     def _global_stage(self, ids: Tensor, p0: int, p1: int) -> Tensor:
         """Stage 0 for this rank's patches [p0, p1): (b, p1 - p0, dim0), normalised."""
@@ -344,9 +379,9 @@ class SequenceParallel(nn.Module):
             return run(reduction="sum") * self.sp_size / scored
         if return_loss == "sum":
             return self._sum_over_group(run(reduction="sum"))
-        if return_loss:
-            raise ConfigError(f"sequence parallelism scores with return_loss True, 'mean' or 'sum', not {return_loss!r}")
-        return self._gather_sequence(run(reduction="logits")).view(*x.shape, self.vocab_size)
+        raise ConfigError(f"sequence parallelism computes losses (return_loss True, 'mean' or 'sum'), not "
+                          f"return_loss={return_loss!r}: no rank holds the whole sequence's logits; run the "
+                          f"plain model (e.g. the exported one) for them")
 
     def _sum_over_group(self, value: Tensor) -> Tensor:
         """The group's total on every rank (for scoring: not differentiable)."""
@@ -355,13 +390,6 @@ class SequenceParallel(nn.Module):
         total = value.detach().clone()
         dist.all_reduce(total, group=self.group)
         return total
-
-    def _gather_sequence(self, part: Tensor) -> Tensor:
-        import deepspeed.comm as dist
-
-        parts = [torch.empty_like(part) for _ in range(self.sp_size)]
-        dist.all_gather(parts, part.contiguous(), group=self.group)
-        return torch.cat(parts, dim=1)
 
 
 # --------------------------------------------------------------------------- tensor parallelism
@@ -387,12 +415,12 @@ def autotp_config(tp: int) -> dict:
     }
 
 
-def shard_attention_heads(module: nn.Module, tp: int) -> int:
-    """After AutoTP split q/k/v by heads, each rank's ``Attention`` holds ``heads / tp`` of them: fix
-    the head count its reshapes use (AutoTP only knows HF attribute names). Returns modules changed."""
-    changed = 0
-    for sub in module.modules():
-        if isinstance(sub, Attention):
-            sub.heads //= tp
-            changed += 1
-    return changed
+def shard_attention_heads(module: nn.Module, tp: int, tp_rank: int) -> int:
+    """After AutoTP split q/k/v by heads, each rank's ``Attention`` holds ``heads / tp`` of them (rank
+    t the t-th run): fix the head count its reshapes use (AutoTP only knows HF attribute names) and
+    give its attention those heads' patterns. Returns modules changed."""
+    attentions = [sub for sub in module.modules() if isinstance(sub, Attention)]
+    for sub in attentions:
+        sub.heads //= tp
+        sub.attend = heads_slice(sub.attend, tp_rank * sub.heads, sub.heads)
+    return len(attentions)

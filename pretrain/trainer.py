@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -317,6 +318,18 @@ class Trainer:
         return 0
 
 
+def adopt_local_rank(flag: int | None) -> None:
+    """DeepSpeed's launcher passes ``--local_rank=N`` (torch's ``--local-rank N``) besides setting
+    LOCAL_RANK; the engine picks the device from the environment, so the flag goes there."""
+    if flag is None:
+        return
+    env = os.environ.get("LOCAL_RANK")
+    if flag < 0 or (env is not None and env != str(flag)):
+        raise ConfigError(f"--local_rank {flag} " + (f"disagrees with LOCAL_RANK={env} in the environment: "
+                          "pass one of them" if flag >= 0 else "must be 0 or more"))
+    os.environ["LOCAL_RANK"] = str(flag)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -329,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=float, default=None, metavar="GIB",
                         help="with --dry-run: check the estimate against this much device memory and print "
                              "the largest model.chunk_bytes that fits")
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, metavar="N",
+                        help="this rank's device on its node, as the deepspeed launcher passes it "
+                             "(default: $LOCAL_RANK)")
     args, overrides = parser.parse_known_args(argv)
+    adopt_local_rank(args.local_rank)
     cfg = load_config(args.config, overrides)
     if args.memory is not None and (not args.dry_run or args.memory <= 0):
         raise ConfigError(f"--memory {args.memory:g} needs --dry-run and a positive number of GiB")

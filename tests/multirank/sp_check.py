@@ -1,17 +1,23 @@
 """Run on every rank of a sequence-parallel group (``torchrun --nproc_per_node N sp_check.py``).
 
 Each rank builds the same model and batch, keeps an untouched copy as the reference, and compares
-``SequenceParallel`` (Ulysses for the global stage, patches split over the ranks) with it: the loss
-shares average to the plain loss, the averaged gradients equal the plain gradients, the gathered
-logits equal the plain logits, and this rank's activations cover only its share of the patches.
-Prints ``SP_CHECK_OK`` and the largest differences; exits non-zero on a mismatch.
+``SequenceParallel`` (Ulysses for the global stage, patches split over the ranks, lower stages in
+chunks of the rank's own patches) with it: the loss shares average to the plain loss, the averaged
+gradients equal the plain gradients, the scored sum (one all-reduced scalar, no logits) equals the
+plain sum, and this rank's activations cover only its share of the patches. Models: dense
+attention (with and without activation checkpointing), a global stage with a sparse pattern given
+per head whose LongNet offsets differ per head (rank r's heads must keep their global index), and a
+3-stage model with a dilated global pattern. Prints ``SP_CHECK_OK`` and the largest differences;
+exits non-zero on a mismatch.
 """
 import copy
+import math
 import sys
 
 import torch
 import torch.distributed as dist
 
+from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.pretrain import engine as eng
 from terrabyte.pretrain.model import TerraByte
 from terrabyte.pretrain.parallel import Layout, SequenceParallel, sequence_parallel_group
@@ -26,10 +32,27 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, errors: dict) -> Non
         raise AssertionError(f"{name}: max difference {err} > {ATOL}")
 
 
-def run(rank: int, world: int, group, checkpoint: bool) -> dict:
+# Offsets follow the global head (head % dilation): with 4 heads on 2 ranks, heads 2 and 3 must not
+# attend as heads 0 and 1 do. Per head: LongNet dilation 4, a window, a stride, dilation 2 (offset 1).
+PER_HEAD = [{"local": 2, "dilated": [[16, 4]], "block": 16}, {"local": 5, "block": 16},
+            {"local": 1, "stride": 3, "dilated": [[16, 4]], "block": 16}, {"local": 2, "dilated": [[8, 2]], "block": 16}]
+LONGNET = {"local": 2, "dilated": [[8, 4], [16, 8]], "block": 16}
+MODELS = {
+    "dense": dict(dim=(64, 32), depth=(2, 1), max_seq_len=(16, 4)),
+    "per-head sparse": dict(dim=(64, 32), depth=(2, 1), max_seq_len=(16, 4),
+                            attention=[{"kind": "sparse", "pattern": PER_HEAD}, None]),
+    "3-stage dilated": dict(dim=(64, 32, 16), depth=(2, 1, 1), max_seq_len=(16, 2, 2),
+                            attention=[{"kind": "sparse", "pattern": LONGNET}, None, None]),
+}
+
+
+def run(rank: int, world: int, group, name: str, checkpoint: bool) -> dict:
     torch.manual_seed(0)
-    model = TerraByte(num_tokens=256, dim=(64, 32), depth=(2, 1), max_seq_len=(16, 4), dim_head=8, heads=4,
-                      checkpoint_activations=checkpoint)
+    shape = MODELS[name]
+    patch = math.prod(shape["max_seq_len"][1:])
+    # chunks of 2 patches: every rank runs its lower stages in several recomputed chunks
+    model = TerraByte(num_tokens=256, dim_head=8, heads=4, checkpoint_activations=checkpoint, chunk_bytes=2 * patch,
+                      **shape)
     ref = copy.deepcopy(model)
     x = torch.randint(0, 258, (2, model.context_length))
     x[1, -7:] = model.pad_id
@@ -49,7 +72,7 @@ def run(rank: int, world: int, group, checkpoint: bool) -> dict:
     # activations shrink with the group: this rank's patches only, in the global and the local stage
     patches = model.max_seq_len[0]
     assert shapes[0] == (2, patches // world, 64), shapes
-    assert shapes[1] == (2 * patches // world, 4, 32), shapes
+    assert shapes[1] == (2, model.max_seq_len[1], 32), shapes  # one chunk: 2 patches of one row
 
     mean = loss.detach().clone()
     dist.all_reduce(mean, group=group)
@@ -59,17 +82,24 @@ def run(rank: int, world: int, group, checkpoint: bool) -> dict:
         dist.all_reduce(grad, group=group)
         check(f"grad {name}", grad / world, q.grad, errors)
     with torch.no_grad():
-        check("logits", sp(x), ref(x), errors)
+        scored = (x != model.pad_id).sum()  # per byte: the sum of ~500 nats is exact to fp32 rounding only
+        check("scored sum", sp(x, return_loss="sum") / scored, ref(x, return_loss="sum") / scored, errors)
+    try:
+        sp(x)
+    except ConfigError as exc:
+        assert "no rank holds the whole sequence's logits" in str(exc), exc
+    else:
+        raise AssertionError("sequence parallelism returned logits")
     return errors
 
 
 def main() -> int:
     rank, world = eng.init_distributed()
     group = sequence_parallel_group(Layout(world, rank, 1, 1, world, 1, 0, 1))
-    for checkpoint in (False, True):
-        errors = run(rank, world, group, checkpoint)
+    for name, checkpoint in (("dense", False), ("dense", True), ("per-head sparse", False), ("3-stage dilated", False)):
+        errors = run(rank, world, group, name, checkpoint)
         worst = max(errors, key=errors.get)
-        sys.stdout.write(f"SP_CHECK_OK rank {rank} checkpoint={checkpoint} compared {len(errors)} "
+        sys.stdout.write(f"SP_CHECK_OK rank {rank} {name} checkpoint={checkpoint} compared {len(errors)} "
                          f"worst {worst} {errors[worst]:.2e}\n")
     return 0
 

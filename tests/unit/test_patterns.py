@@ -278,3 +278,28 @@ def test_explicit_csr_layout():
     assert SparsePattern.from_config(q.to_config()).dense_mask(60).equal(q.dense_mask(60))
     with pytest.raises(ValueError, match="covers 4 blocks of 16"):
         p.check_length(100)
+
+
+@pytest.mark.parametrize("cfg, heads", [
+    ({"local": 8, "dilated": [[32, 4], [64, 8]], "block": 16}, 8),  # LongNet offsets follow the head
+    ([{"local": 4, "dilated": [[32, 2]], "block": 16}, {"stride": 5, "block": 16},
+      {"local": 16, "global_tokens": 3, "block": 16}, {"dilated": [[16, 4, 1]], "block": 16}], 4),  # per head
+    ([{"csr": {"indptr": [0, 1, 2, 4, 5], "indices": [0, 1, 0, 2, 3]}, "block": 16},
+      {"csr": {"indptr": [0, 1, 3, 4, 6], "indices": [0, 0, 1, 2, 1, 3]}, "block": 16}], 2),  # csr per head
+])
+def test_head_slice_is_those_rows_of_the_full_mask(cfg, heads):
+    from terrabyte.kernels import sparse_attention
+
+    full, n = SparsePattern.from_config(cfg), 64
+    mask = full.dense_mask(n, heads=heads)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, heads, n, 8).unbind(0)
+    out = sparse_attention(q, k, v, full)
+    half = heads // 2
+    for start, count in ((0, half), (half, half), (heads - 1, 1)):
+        part = full.for_heads(start, count)
+        assert torch.equal(part.dense_mask(n, heads=count), mask[start:start + count]), (start, count)
+        s = slice(start, start + count)
+        assert torch.allclose(sparse_attention(q[:, s], k[:, s], v[:, s], part), out[:, s], atol=1e-6)
+    with pytest.raises(ValueError, match=r"heads \[3, 5\) are not a slice"):
+        SparsePattern.from_config(cfg if isinstance(cfg, list) else [cfg] * 4).for_heads(3, 2)
