@@ -425,11 +425,8 @@ def validate_parallel(cfg: Config) -> None:
         # its module's forward (the start tokens)
         raise ConfigError("train.compile does not work with parallel.zero_stage 3: use --parallel.zero_stage 2 "
                          "(or 1) with it, or set train.compile false")
-    if len(used) > 1:
-        raise ConfigError(
-            f"{' and '.join(used)} cannot be combined (yet): use one of pipeline, tensor or sequence "
-            f"parallelism, each combines with data parallelism over the remaining ranks"
-        )
+    if p.pipeline_stages > 1 and len(used) > 1:
+        raise ConfigError(f"{' and '.join(used)} cannot be combined: {PIPELINE_COMBINES[used[1].split('=')[0]]}")
     if p.pipeline_stages > 1:
         if p.zero_stage > 1:
             raise ConfigError(
@@ -449,18 +446,6 @@ def validate_parallel(cfg: Config) -> None:
                 f"head): use fewer stages"
             )
     heads = m.heads if isinstance(m.heads, tuple) else (m.heads,) * len(m.dim)
-    if p.sequence_parallel > 1:
-        sp = p.sequence_parallel
-        if heads[0] % sp:
-            raise ConfigError(
-                f"parallel.sequence_parallel={sp} must divide the global stage's model.heads={heads[0]} (Ulysses "
-                f"splits them over the sequence-parallel ranks): change one of them"
-            )
-        if m.max_seq_len[0] % sp:
-            raise ConfigError(
-                f"parallel.sequence_parallel={sp} must divide model.max_seq_len[0]={m.max_seq_len[0]} (each rank "
-                f"holds an equal run of patches): change one of them"
-            )
     if p.tensor_parallel > 1:
         tp = p.tensor_parallel
         for s, h in enumerate(heads):
@@ -478,6 +463,50 @@ def validate_parallel(cfg: Config) -> None:
                     f"parallel.tensor_parallel={tp} must divide stage {s}'s feed-forward width {hidden} "
                     f"(from model.dim={d}, model.ff_mult={m.ff_mult}): change one of them"
                 )
+    if p.sequence_parallel > 1:
+        sp, tp = p.sequence_parallel, p.tensor_parallel
+        per_rank = heads[0] // tp  # tensor parallelism (checked above) splits the heads first
+        works = _divisors(math.gcd(per_rank, m.max_seq_len[0]))
+        if per_rank % sp:
+            held = f"the {per_rank} global-stage heads a tensor-parallel rank holds" if tp > 1 else \
+                f"the global stage's model.heads={heads[0]}"
+            raise ConfigError(
+                f"parallel.sequence_parallel={sp} must divide {held}: Ulysses hands each rank whole heads"
+                f"{_pattern_note(m.attention)}; use parallel.sequence_parallel in {works} or change model.heads"
+            )
+        if m.max_seq_len[0] % sp:
+            raise ConfigError(
+                f"parallel.sequence_parallel={sp} must divide model.max_seq_len[0]={m.max_seq_len[0]} (each rank "
+                f"holds an equal run of patches): use parallel.sequence_parallel in {works} or change model.max_seq_len"
+            )
+
+
+# Why DeepSpeed 0.19 cannot run a pipeline together with the other model-parallel forms.
+PIPELINE_COMBINES = {
+    "parallel.tensor_parallel": (
+        "DeepSpeed 0.19's AutoTP replaces the engine's process-group topology with its own (data x tensor) "
+        "mesh, which has no pipeline axis; use pipeline x data (ZeRO-1), or tensor x sequence x data (ZeRO-3) "
+        "without a pipeline"),
+    "parallel.sequence_parallel": (
+        "the pipeline passes whole sequences between stages and DeepSpeed 0.19's pipeline topology has no "
+        "sequence axis; use pipeline x data (ZeRO-1), or sequence x tensor x data (ZeRO-3) without a pipeline"),
+}
+
+
+def _divisors(n: int) -> str:
+    found = [d for d in range(1, n + 1) if not n % d]
+    return ", ".join(map(str, found[:12])) + (", ..." if len(found) > 12 else "")
+
+
+def _pattern_note(attention: Optional[list]) -> str:
+    """Why a per-head global pattern follows its heads (for the sequence-parallel message)."""
+    spec = (attention or [None])[0]
+    pattern = spec.get("pattern") if isinstance(spec, dict) and spec.get("kind") == "sparse" else None
+    if isinstance(pattern, (list, tuple)):
+        return f", each with its own pattern of model.attention[0] ({len(pattern)} per-head patterns)"
+    if isinstance(pattern, dict) and pattern.get("dilated"):
+        return " (dilated offsets follow the global head index)"
+    return ""
 
 
 def model_parallel_size(cfg: Config) -> int:

@@ -330,7 +330,8 @@ def adopt_local_rank(flag: int | None) -> None:
     os.environ["LOCAL_RANK"] = str(flag)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple:
+    """(flags, config overrides) of ``python -m terrabyte.pretrain``; a launcher's local rank is adopted."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -347,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: $LOCAL_RANK)")
     args, overrides = parser.parse_known_args(argv)
     adopt_local_rank(args.local_rank)
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     if args.memory is not None and (not args.dry_run or args.memory <= 0):
         raise ConfigError(f"--memory {args.memory:g} needs --dry-run and a positive number of GiB")

@@ -29,8 +29,9 @@ def launch(run_dir: Path, shards: Path, ranks: int, *overrides: str, steps: int 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "terrabyte.pretrain", *args]
     elif launcher == "deepspeed":
+        # as any DeepSpeed script is started: the launcher passes each rank --local_rank=N
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), "--no_local_rank", "--module", "terrabyte.pretrain", *args]
+               "--master_port", str(free_port()), "--module", "terrabyte.pretrain", *args]
     else:
         raise ValueError(launcher)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

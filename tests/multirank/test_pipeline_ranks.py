@@ -1,6 +1,6 @@
 """The hierarchy as a 2-stage DeepSpeed pipeline (ZeRO-1) on 2 real ranks, started by the ``deepspeed``
-launcher: the same losses and validation score as the plain model on 1 rank; each stage saves its own
-layers; the run resumes; the export, the checkpoint consolidated offline and the plain model agree; a
+launcher as any DeepSpeed script is (each rank gets ``--local_rank=N``): the same losses and validation score as the plain model on 1 rank; each stage saves its own
+layers; the run resumes on 4 ranks as data x pipeline (2 x 2); the export, the checkpoint consolidated offline and the plain model agree; a
 NaN loss on the last stage skips the update on both stages."""
 import pytest
 import torch
@@ -23,6 +23,7 @@ def pipe_run(tmp_path_factory, shards):
 def test_two_stages_match_the_plain_model(pipe_run, baseline):
     run, first = pipe_run
     assert "data 1 x pipeline 2" in first.stderr
+    assert "--no_local_rank" not in first.args  # the plain launcher: each rank got --local_rank=N
     assert_losses_match(losses(run), losses(baseline), range(1, 7))
     assert scalars(run, "val/bits_per_byte")[6] == pytest.approx(scalars(baseline, "val/bits_per_byte")[6], rel=1e-4)
     # embedding, 2 global blocks, the chunked lower stages with the loss: 4 layers over 2 stages
@@ -55,9 +56,12 @@ def test_export_checkpoint_and_plain_model_agree(pipe_run, baseline):
     assert torch.equal(outs[0], outs[1]) and outs[0].shape == (1, 9 + 16)
 
 
-def test_pipeline_resumes(pipe_run, baseline, shards):
+def test_pipeline_resumes_as_data_x_pipeline(pipe_run, baseline, shards):
+    """The 2-stage checkpoint resumes on 4 ranks, two data-parallel replicas of the pipeline (through the
+    universal format: ZeRO-1's optimizer state was saved for one replica), and follows the 1-rank run."""
     run, _ = pipe_run
-    proc = launch(run, shards, 2, *PIPE, steps=8, launcher="deepspeed")
+    proc = launch(run, shards, 4, *PIPE, steps=8, launcher="deepspeed", timeout=600)
+    assert "data 2 x pipeline 2 x tensor 1 x sequence 1" in proc.stderr
     assert "resumed from step 6" in proc.stderr
     assert_losses_match(losses(run), losses(baseline), range(7, 9))
     # pipeline checkpoints name parameters by layer: another pipeline depth is refused up front

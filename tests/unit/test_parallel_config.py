@@ -2,6 +2,7 @@
 the DeepSpeed config each setting produces; where each rank sits; the pipeline decomposition and
 the checkpoint file check, all without launching ranks."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from terrabyte.pretrain.args import load_config, validate_world
 from terrabyte.pretrain.parallel import (TP_COLUMN, TP_ROW, PipelineLoss, _Source, pipeline_key, pipeline_layers,
-                                         plan_layout)
+                                         plan_layout, sequence_parallel_ranks)
 
 SMALL = ["--model.dim", "64,32", "--model.depth", "2,1", "--model.max_seq_len", "32,4", "--model.dim_head", "16",
          "--model.heads", "4", "--train.micro_batch", "2", "--train.global_batch", "8"]
@@ -25,14 +26,29 @@ def cfg(*overrides):
     (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "3"],
      "parallel.pipeline_stages=2 needs parallel.zero_stage 0 or 1"),
     (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "2"], "set --parallel.zero_stage 1"),
-    (["--parallel.sequence_parallel", "3"], "parallel.sequence_parallel=3 must divide the global stage's model.heads=4"),
+    (["--parallel.sequence_parallel", "3"], "parallel.sequence_parallel=3 must divide the global stage's model.heads=4: "
+     "Ulysses hands each rank whole heads; use parallel.sequence_parallel in 1, 2, 4 or change model.heads"),
     (["--parallel.sequence_parallel", "4", "--model.max_seq_len", "30,4"],
-     "parallel.sequence_parallel=4 must divide model.max_seq_len[0]=30"),
+     "parallel.sequence_parallel=4 must divide model.max_seq_len[0]=30 (each rank holds an equal run of patches): "
+     "use parallel.sequence_parallel in 1, 2 or"),
+    # tensor parallelism splits the heads first: Ulysses splits what a rank holds
+    (["--parallel.sequence_parallel", "4", "--parallel.tensor_parallel", "2"],
+     "parallel.sequence_parallel=4 must divide the 2 global-stage heads a tensor-parallel rank holds"),
+    # a per-head pattern that cannot be split across the group says why and what works
+    (["--parallel.sequence_parallel", "4", "--model.heads", "6", "--model.dim_head", "8", "--model.attention",
+      "[{kind: sparse, pattern: [{local: 4}, {local: 8}, {stride: 4}, {local: 4}, {local: 8}, {stride: 4}]}, null]",
+      "--model.max_seq_len", "36,4"],
+     "each with its own pattern of model.attention[0] (6 per-head patterns); use parallel.sequence_parallel in 1, 2, 3, 6"),
+    (["--parallel.sequence_parallel", "3", "--model.attention", "[{kind: sparse, pattern: {dilated: [[8, 2]]}}, null]"],
+     "heads (dilated offsets follow the global head index); use parallel.sequence_parallel in 1, 2, 4"),
     (["--parallel.tensor_parallel", "3"], "parallel.tensor_parallel=3 must divide stage 0's model.heads=4"),
     (["--parallel.tensor_parallel", "16", "--model.heads", "16", "--model.dim", "256,128"],
      "parallel.tensor_parallel=16 must divide stage 1's feed-forward width 344"),
     (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1", "--parallel.tensor_parallel", "2"],
-     "parallel.pipeline_stages=2 and parallel.tensor_parallel=2 cannot be combined"),
+     "parallel.pipeline_stages=2 and parallel.tensor_parallel=2 cannot be combined: DeepSpeed 0.19's AutoTP replaces"),
+    (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1", "--parallel.sequence_parallel", "2"],
+     "parallel.pipeline_stages=2 and parallel.sequence_parallel=2 cannot be combined: the pipeline passes whole "
+     "sequences between stages and DeepSpeed 0.19's pipeline topology has no sequence axis; use pipeline x data"),
     (["--parallel.pipeline_stages", "9", "--parallel.zero_stage", "1"], "exceeds the model's 6 pipeline layers"),
     (["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1", "--model.tie_embeddings", "true"],
      "model.tie_embeddings is not supported with parallel.pipeline_stages > 1"),
@@ -77,6 +93,26 @@ def test_ranks_are_placed_like_deepspeed_groups():
     layouts = [plan_layout(sp, 4, r) for r in range(4)]
     assert [(l.dp_rank, l.sp_rank) for l in layouts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert layouts[0].dp == 2 and layouts[0].replica == 2 and layouts[0].accumulation == 2
+    # tensor x sequence: tensor peers innermost (AutoTP's (data, tensor) mesh), Ulysses groups across them
+    tsp = cfg("--parallel.tensor_parallel", "2", "--parallel.sequence_parallel", "2")
+    layouts = [plan_layout(tsp, 8, r) for r in range(8)]
+    assert [(l.dp_rank, l.sp_rank, l.tp_rank) for l in layouts] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+    assert sequence_parallel_ranks(layouts[0]) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert layouts[0].dp == 2 and layouts[0].replica == 4 and layouts[0].accumulation == 2
+
+
+def test_launcher_local_rank_flag(monkeypatch):
+    """deepspeed passes --local_rank=N, torch --local-rank N: both reach LOCAL_RANK, which picks the device."""
+    from terrabyte.pretrain.trainer import parse_args
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # restored afterwards
+    for flags, want in ((["--local_rank=1"], "1"), (["--local-rank", "2"], "2"), (["--local_rank", "3"], "3")):
+        monkeypatch.delenv("LOCAL_RANK")
+        args, overrides = parse_args([*flags, "--config", "tiny", "--train.steps", "2"])
+        assert os.environ["LOCAL_RANK"] == want and overrides == ["--train.steps", "2"]
+    with pytest.raises(ValueError, match=r"--local_rank 1 disagrees with LOCAL_RANK=3 in the environment"):
+        parse_args(["--local_rank=1"])
 
 
 def ds_config(c, world=1, **kw):
