@@ -15,6 +15,9 @@ where they fit: ``global_inputs`` and ``lower_stages`` are the chunked execution
   sequence, a slice of the heads); the lower stages are independent per patch given the global
   stage's output, so they run on the rank's own patches with no communication.
 * ``autotp_config``: column/row partition specs for the attention and feed-forward projections.
+* ``heads_slice``: a rank that holds a slice of a stage's heads (Ulysses, AutoTP, or both: Ulysses
+  groups run across the tensor-parallel peers) attends with those heads' own patterns, by global
+  head index, so no layout changes which keys a query attends.
 
 DeepSpeed is imported lazily, inside the functions that need it.
 """

@@ -228,3 +228,24 @@ def test_cli_stops_before_any_work():
     assert proc.returncode == 2
     assert "terrabyte: error: world size 1 is not a multiple of" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tensor_parallel_ranks_attend_with_their_heads_patterns():
+    """AutoTP gives rank t heads [2t, 2t + 2) of 4: its attention keeps those heads' patterns (LongNet
+    offsets and per-head lists by global head index), in every stage."""
+    import copy
+
+    from terrabyte.pretrain.model import TerraByte
+    from terrabyte.pretrain.parallel import shard_attention_heads
+
+    attention = [{"kind": "sparse", "pattern": {"local": 2, "dilated": [[16, 4]], "block": 16}},
+                 {"kind": "sparse", "pattern": [{"local": 1}, {"local": 3}, {"stride": 2}, {"dilated": [[8, 2]]}]}]
+    model = TerraByte(num_tokens=256, dim=(32, 32), depth=(1, 1), max_seq_len=(16, 16), heads=4, dim_head=8,
+                      attention=attention)
+    masks = [s.layers["0"].attn.attend.pattern.dense_mask(16, heads=4) for s in model.stages]
+    for t in (0, 1):
+        rank = copy.deepcopy(model)
+        assert shard_attention_heads(rank, 2, t) == 2
+        for stage, mask in zip(rank.stages, masks):
+            attn = stage.layers["0"].attn
+            assert attn.heads == 2 and torch.equal(attn.attend.pattern.dense_mask(16, heads=2), mask[2 * t:2 * t + 2])
