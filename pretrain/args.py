@@ -136,7 +136,8 @@ class ParallelConfig:
     ``nvme``: both on NVMe under ``nvme_path`` (ZeRO-3 only)."""
     nvme_path: str = "/local_nvme"
     pipeline_stages: int = 1
-    """Pipeline-parallel stages (DeepSpeed PipelineModule; ZeRO-0/1 only)."""
+    """Pipeline-parallel stages (DeepSpeed PipelineModule; ZeRO-0/1 only). Combines with data
+    parallelism only: DeepSpeed 0.19 runs neither AutoTP nor our Ulysses groups inside a pipeline."""
     pipeline_partition: str = "parameters"
     """How layers are spread over pipeline stages: ``parameters`` (balance parameter counts) or
     ``uniform`` (balance layer counts)."""
@@ -145,8 +146,9 @@ class ParallelConfig:
     this many ranks. Must divide ``model.heads``."""
     sequence_parallel: int = 1
     """DeepSpeed-Ulysses degree: the patches of each sequence are split over this many ranks; the global
-    stage's attention gathers the sequence and splits the heads instead. Must divide ``model.heads``
-    and ``model.max_seq_len[0]``."""
+    stage's attention gathers the sequence and splits the heads instead. Must divide
+    ``model.max_seq_len[0]`` and the global stage's heads per tensor-parallel rank (``tensor_parallel x
+    sequence_parallel`` divides ``model.heads``)."""
     zero_quantized_weights: bool = False
     """ZeRO++ qwZ: all-gather int8-quantized weights (ZeRO-3, GPU)."""
     zero_quantized_gradients: bool = False
