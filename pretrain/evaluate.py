@@ -198,7 +198,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples per task")
     parser.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (or a fraction)")
     parser.add_argument("--seed", type=int, default=0, help="with --tasks: lm-eval's and sampling's seed")
-    parser.add_argument("--split", default="val", help="shard split to score: train, val or all (default: val)")
+    parser.add_argument("--split", default="val", help="shard split to score: train, val, test or all (default: val)")
     parser.add_argument("--mode", choices=MODES, default="basic", help="inference mode (default: basic)")
     parser.add_argument("--stride", type=int, default=None, help="sliding-window stride in bytes (default: context/2)")
     parser.add_argument("--batch", type=int, default=8, help="windows per forward pass")

@@ -2,7 +2,8 @@
 
 A model can come from an exported ``model.safetensors`` (its config travels in the file's metadata)
 or straight from a run directory's newest DeepSpeed checkpoint, whose ZeRO shards are consolidated
-on the fly.
+on the fly. ``generate`` streams one prompt's bytes, or decodes a batch of prompts
+(``--prompt-file``, ``generate_batch``) into one JSON line each, cut at ``--stop`` sequences.
 """
 from __future__ import annotations
 
