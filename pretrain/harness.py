@@ -58,6 +58,10 @@ class TerraByteLM(LM):
             log.warning("terrabyte model: ignoring model_args %s", sorted(unused))
         if mode not in MODES:
             raise ConfigError(f"model_args mode={mode!r} must be one of {', '.join(MODES)}")
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda unless told otherwise
+            log.warning("terrabyte model: device %s asked for but no GPU is available; using the CPU", device)
+            device = None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(pretrained, TerraByte):
             self.model = pretrained.eval()

@@ -75,7 +75,7 @@ def test_the_harness_runs_local_tasks_end_to_end(model, tmp_path):
 
     model.save_pretrained(tmp_path / "model")
     out = lm_eval.simple_evaluate(model="terrabyte", model_args=f"pretrained={tmp_path / 'model'},batch_size=4",
-                                  tasks=["tb_choice", "tb_rolling", "tb_generate"], log_samples=False,
+                                  tasks=["tb_choice", "tb_rolling", "tb_generate"], log_samples=False, device="cpu",
                                   task_manager=task_manager(["tb_choice"], str(TASKS), include_defaults=False))
     results = out["results"]
     # perplexity task: lm-eval's bits per byte is `terrabyte eval`'s on the same documents
