@@ -337,7 +337,8 @@ class Trainer:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None):
+    """(flags, config) of ``terrabyte pretrain``'s command line."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -360,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["--train.init_from", args.init_from]
     if args.init_from_strict is not None:
         overrides += ["--train.init_from_strict", args.init_from_strict]
-    cfg = load_config(args.config, overrides)
+    return args, load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse(argv)
     if args.memory is not None and (not args.dry_run or args.memory <= 0):
         raise ConfigError(f"--memory {args.memory:g} needs --dry-run and a positive number of GiB")
     if args.dry_run:

@@ -127,6 +127,12 @@ def test_init_from_strict_names_mismatches_and_loose_loads_what_fits(saved, mode
     state = model.state_dict()
     for name in report["loaded"]:
         assert torch.equal(deeper.state_dict()[name], state[name]), name
+    from terrabyte.pretrain.trainer import parse
+
+    _, cfg = parse(["--config", "tiny", "--init-from", str(saved), "--init-from-strict", "false"])
+    assert cfg.train.init_from == str(saved) and cfg.train.init_from_strict is False
+    with pytest.raises(ConfigError, match="train.init_from_strict expects true or false"):
+        parse(["--config", "tiny", "--init-from", str(saved), "--init-from-strict", "maybe"])
     three = TerraByte(**{**SMALL, "dim": (32, 16, 16), "depth": (1, 1, 1), "max_seq_len": (4, 4, 4)})
     for strict in (True, False):
         with pytest.raises(CheckpointError, match=r"is a 2-stage model .*this run's has 3"):
@@ -218,6 +224,8 @@ def test_enwik8_positional_split_one_document_per_split(tmp_path, capsys):
     assert b"".join(docs[0][1] for docs in pieces.values()) == data  # first, next, last: by position
     test_batches = list(ByteLoader(str(out), split="test", seq_len=512, global_batch=2, micro_batch=2, loop=False))
     assert sum(int((batch == BYTES.eos_id).sum()) for batch in test_batches) == 1  # one long document
+    assert cli(["shards", "verify", str(out)]) == 0  # test shards are checked like the others
+    capsys.readouterr()
     cfg = load_config("enwik8")
     assert cfg.model.max_seq_len == (2048, 4) and cfg.model.seq_len == 8192 and cfg.model.depth == (6, 2)
 
