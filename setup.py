@@ -51,7 +51,7 @@ setup(
         # `terrabyte eval --tasks` and the `terrabyte` model type of lm-evaluation-harness (its own
         # dependencies leave torch alone: pip keeps the installed build), and from_pretrained/push_to_hub
         # with a hub repository id
-        "eval": ["lm-eval>=0.4.9", "huggingface_hub>=0.23"],
+        "eval": ["lm-eval>=0.4.13,<0.5", "huggingface_hub>=0.23"],
     },
     entry_points={"console_scripts": ["terrabyte = terrabyte.launch.cli:main"]},
 )

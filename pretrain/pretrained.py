@@ -46,7 +46,7 @@ STAGE_KEY = re.compile(r"^stages\.(\d+)\.")
 
 
 def resolve(source: str | Path, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-            token: Optional[str] = None, local_files_only: bool = False) -> Path:
+            token: Optional[str] = None, local_files_only: bool = False, force_download: bool = False) -> Path:
     """The local path of ``source``: as given when it exists, else a hub snapshot of that repo id."""
     path = Path(source).expanduser()
     if path.exists():
@@ -61,7 +61,7 @@ def resolve(source: str | Path, *, revision: Optional[str] = None, cache_dir: Op
                           f"huggingface_hub (`pip install huggingface_hub`)") from None
     try:
         return Path(snapshot_download(repo_id=text, revision=revision, cache_dir=cache_dir, token=token,
-                                      local_files_only=local_files_only))
+                                      local_files_only=local_files_only, force_download=force_download))
     except Exception as exc:  # the hub raises its own errors for unknown repos, no network, ...
         raise CheckpointError(f"{text} is not a local path and could not be fetched from the hub: "
                               f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -122,10 +122,10 @@ def check_stage_count(config: dict, state: dict[str, torch.Tensor], where: str) 
 def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cpu",
                     dtype: Optional[torch.dtype] = None, revision: Optional[str] = None,
                     cache_dir: Optional[str] = None, token: Optional[str] = None,
-                    local_files_only: bool = False, **model_kwargs):
+                    local_files_only: bool = False, force_download: bool = False, **model_kwargs):
     """Build ``cls`` from its saved config and load its weights (strictly), in eval mode."""
     config, state, where = load_weights(source, revision=revision, cache_dir=cache_dir, token=token,
-                                        local_files_only=local_files_only)
+                                        local_files_only=local_files_only, force_download=force_download)
     bad = sorted(set(model_kwargs) - set(RUNTIME_KEYS))
     if bad:
         raise ConfigError(f"from_pretrained({where!r}) cannot change {bad}: only {list(RUNTIME_KEYS)} may differ "
@@ -142,14 +142,23 @@ def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cp
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | Path, config: Optional[dict] = None) -> Path:
-    """``directory/model.safetensors`` (config also in its metadata) and ``directory/config.json``."""
+def save_pretrained(model: torch.nn.Module, directory: str | Path, *, config: Optional[dict] = None,
+                    push_to_hub: bool = False, repo_id: Optional[str] = None, **push_kwargs) -> Path:
+    """``directory/model.safetensors`` (config also in its metadata) and ``directory/config.json``;
+    with ``push_to_hub``, also uploaded as ``repo_id`` (default: the directory's name)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = dict(model.config if config is None else config)
     save_safetensors(model, config, directory / WEIGHTS_FILE)
     atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    if push_to_hub:
+        _push(model, repo_id or directory.name, **push_kwargs)
     return directory
+
+
+def _push(model, repo_id, **kwargs):
+    # save_pretrained's flag keeps the mixin's name, push_to_hub, which hides this module's function there
+    return push_to_hub(model, repo_id, **kwargs)
 
 
 def push_to_hub(model: torch.nn.Module, repo_id: str, *, private: Optional[bool] = None,

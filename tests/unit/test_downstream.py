@@ -72,7 +72,7 @@ def test_a_string_that_is_no_local_path_is_a_hub_repo_id(saved, monkeypatch, tmp
     assert not calls
 
 
-def test_push_to_hub_uploads_the_saved_layout(model, monkeypatch):
+def test_push_to_hub_uploads_the_saved_layout(model, monkeypatch, tmp_path):
     import huggingface_hub
 
     uploaded = {}
@@ -83,7 +83,7 @@ def test_push_to_hub_uploads_the_saved_layout(model, monkeypatch):
 
         def create_repo(self, repo_id, private=None, exist_ok=False):
             uploaded["created"] = (repo_id, exist_ok)
-            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+            return type("RepoUrl", (), {"repo_id": repo_id})()  # the fields of huggingface_hub.RepoUrl used
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
             from pathlib import Path
@@ -96,6 +96,9 @@ def test_push_to_hub_uploads_the_saved_layout(model, monkeypatch):
     assert model.push_to_hub("someone/terrabyte-tiny") == "commit-url"
     assert uploaded["created"] == ("someone/terrabyte-tiny", True)
     assert uploaded["files"] == [CONFIG_FILE, WEIGHTS_FILE] and uploaded["config"] == model.config
+    uploaded.clear()
+    model.save_pretrained(tmp_path / "tiny-model", push_to_hub=True)  # the mixin's flag: repo id from the name
+    assert uploaded["repo"] == "tiny-model" and (tmp_path / "tiny-model" / CONFIG_FILE).is_file()
 
 
 def test_bad_sources_are_one_line_naming_them(saved, tmp_path):
