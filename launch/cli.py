@@ -2,7 +2,8 @@
 
     terrabyte shards build|stats|verify   corpus -> zstd webdataset shards
     terrabyte pretrain                    train (one rank; launchers start one per rank)
-    terrabyte generate                    sample bytes from a trained model
+    terrabyte generate                    sample bytes from a trained model (one prompt, or a batch)
+    terrabyte eval                        bits per byte of shards or files, or lm-evaluation-harness tasks
     terrabyte export                      consolidate a run into one safetensors file
     terrabyte bench model|attention|data|quality|context   benchmarks, side by side with the baselines
 

@@ -61,9 +61,13 @@ class Completion:
     stop: Optional[bytes] = None
 
     def as_json(self) -> dict:
-        text = lambda b: None if b is None else b.decode("utf-8", errors="replace")  # noqa: E731
-        return {"prompt": text(self.prompt), "completion": text(self.completion), "finish": self.finish,
-                "stop": text(self.stop)}
+        """Text fields as UTF-8 (invalid bytes replaced: a byte model may emit any byte)."""
+        return {"prompt": _text(self.prompt), "completion": _text(self.completion), "finish": self.finish,
+                "stop": _text(self.stop)}
+
+
+def _text(data: Optional[bytes]) -> Optional[str]:
+    return None if data is None else data.decode("utf-8", errors="replace")
 
 
 def generate_batch(model: TerraByte, prompts: list[bytes], max_new_bytes: int, stop: Sequence[bytes] = (),
