@@ -71,7 +71,8 @@ def resolve(source: str | Path, *, revision: Optional[str] = None, cache_dir: Op
 def load_weights(source: str | Path, **hub) -> tuple[dict, dict[str, torch.Tensor], str]:
     """(model config, state dict, a name for messages) from any source ``resolve`` accepts."""
     path = resolve(source, **hub)
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+    saved = path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+    if saved and not _has_checkpoints(path):  # a run directory always goes the way `generate` reads it
         return _read_saved(path) + (str(path),)
     if path.is_dir() and not (path / WEIGHTS_FILE).is_file() and not _has_checkpoints(path):
         raise CheckpointError(f"{path} holds no model: no {WEIGHTS_FILE}, no {CONFIG_FILE} and no "
