@@ -48,6 +48,10 @@ setup(
         "dev": ["pytest>=7", "pytest-timeout", "megabyte-pytorch==0.3.6"],
         # `terrabyte bench quality` draws its loss curves with it (and prints its table without it)
         "bench": ["matplotlib>=3.7"],
+        # `terrabyte eval --tasks` and the `terrabyte` model type of lm-evaluation-harness (its own
+        # dependencies leave torch alone: pip keeps the installed build), and from_pretrained/push_to_hub
+        # with a hub repository id
+        "eval": ["lm-eval>=0.4.13,<0.5", "huggingface_hub>=0.23"],
     },
     entry_points={"console_scripts": ["terrabyte = terrabyte.launch.cli:main"]},
 )

@@ -52,7 +52,7 @@ from .system import atomic_write
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1.1"  # 1.1: streamed large documents, per-shard `spans`
-SHARD_RE = re.compile(r"^(train|val)-(\d{5})-(\d{6})\.tar$")
+SHARD_RE = re.compile(r"^(train|val|test)-(\d{5})-(\d{6})\.tar$")
 MARKER_RE = re.compile(r"^\.task-(\d{5})\.json$")
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tar pads archives to whole records of 10 KiB
@@ -80,6 +80,7 @@ class BuildConfig:
     max_bytes: int = 0  # 0: no limit
     dict_bytes: int = 0  # >0: train a zstd dictionary of this size on a sample of the corpus
     on_error: str = "raise"  # "raise" | "skip" (skip unreadable sources, counted in the manifest)
+    split_bytes: tuple = ()  # (train, val[, test]) bytes: each file cut by position, one document per split
 
     def validate(self):
         if not 0.0 <= self.val_fraction < 1.0:
@@ -94,6 +95,10 @@ class BuildConfig:
         if self.min_bytes < 0 or self.max_bytes < 0 or self.dict_bytes < 0:
             raise ConfigError("min_bytes, max_bytes and dict_bytes must be >= 0")
         readers.source_kind("x", self.input_format)
+        if self.split_bytes and (len(self.split_bytes) not in (2, 3) or min(self.split_bytes) < 0
+                                 or not self.split_bytes[0]):
+            raise ConfigError(f"split_bytes={list(self.split_bytes)} must be 2 or 3 sizes (train, val[, test]) "
+                              f">= 0, the train size positive, e.g. 90000000,5000000,5000000 for enwik8")
 
     def fingerprint(self) -> str:
         return _sha256_json(asdict(self))
@@ -423,7 +428,8 @@ def _iter_documents(sources, cfg: BuildConfig, stats: TaskStats, failed: list | 
     the consumer appends it to `failed` and this generator raises it on resuming, in the source's
     own reading loop, where the on_error policy applies to it like to any other error of the
     source."""
-    opts = ReadOptions(text_field=cfg.text_field, group_depth=cfg.group_depth, stream_bytes=cfg.member_bytes)
+    opts = ReadOptions(text_field=cfg.text_field, group_depth=cfg.group_depth, stream_bytes=cfg.member_bytes,
+                       split_bytes=cfg.split_bytes)
     for src in sources:
         stats.sources += 1
         try:
@@ -509,7 +515,7 @@ def run_task(task: int, sources: Sequence[Source], cfg: BuildConfig, out_dir: st
                         stats.duplicates += 1
                         continue
                     seen.add(h)
-            split = split_of(doc.group, cfg.val_fraction)
+            split = doc.split or split_of(doc.group, cfg.val_fraction)
             if doc.stream is None:
                 emit(split, bundlers[split].add(doc.path, doc.data))
             elif not stream(split, doc):
@@ -527,7 +533,7 @@ def run_task(task: int, sources: Sequence[Source], cfg: BuildConfig, out_dir: st
             w.abort()
         raise
     record = dict(task=task, fingerprint=_task_fingerprint(cfg, sources),
-                  shards=writers["train"].records + writers["val"].records,
+                  shards=[r for s in SPLITS for r in writers[s].records],
                   stats={k: v for k, v in asdict(stats).items()})
     _write_json(_marker_path(out_dir, task), record)
     return record
@@ -721,6 +727,7 @@ def build_shards(
     max_bytes: int = 0,
     dict_bytes: int = 0,
     on_error: str = "raise",
+    split_bytes: Sequence[int] = (),
     comm=None,
 ) -> dict:
     """Builds webdataset tar shards of zstd members from files/directories/globs/archives.
@@ -737,6 +744,7 @@ def build_shards(
         shard_bytes=int(shard_bytes), task_bytes=int(task_bytes), input_format=input_format,
         text_field=text_field, group_depth=int(group_depth), dedup=bool(dedup), min_bytes=int(min_bytes),
         max_bytes=int(max_bytes), dict_bytes=int(dict_bytes), on_error=on_error,
+        split_bytes=tuple(int(n) for n in split_bytes),
     )
     cfg.validate()
     if workers < 1:
@@ -746,6 +754,8 @@ def build_shards(
     sources = readers.discover_sources(cfg.inputs, cfg.include, cfg.exclude, cfg.input_format)
     if not sources:
         raise DataError(f"no input files left in {', '.join(map(repr, cfg.inputs))} after include/exclude filters")
+    for src in sources if cfg.split_bytes else ():
+        readers.check_split_bytes(src, cfg.split_bytes)  # before anything is written
     if any(s.kind == "stdin" for s in sources) and (world > 1 or workers > 1):
         raise ConfigError("stdin input ('-') needs a single process: drop --workers and mpirun")
     tasks = plan_tasks(sources, cfg.task_bytes)

@@ -26,6 +26,11 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
 
 
+def parse_split_bytes(text: str) -> tuple:
+    """'90000000,5000000,5000000' (or sizes such as 90M, powers of 1024) -> (train, val, test) bytes."""
+    return tuple(parse_size(part.strip()) for part in str(text).split(","))
+
+
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
     shards = subparsers.add_parser(
         "shards", help="build, inspect and verify zstd webdataset shards",
@@ -48,6 +53,10 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="drop paths matching GLOB (repeatable)")
     b.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
                    help="fraction of groups (by stable hash of the group key) that go to the val split")
+    b.add_argument("--split-bytes", type=parse_split_bytes, default=(), metavar="TRAIN,VAL[,TEST]",
+                   help="cut each input file by position instead: its first TRAIN bytes are one train document, "
+                        "the next VAL one val document, the next TEST one test document (enwik8: "
+                        "90000000,5000000,5000000); --val-fraction is then unused")
     b.add_argument("--group-depth", type=int, default=0, metavar="N",
                    help="group key for the split: 0 = document path, N = its first N path components "
                         "(e.g. 1 keeps each top-level repository in one split); archives always group as one")
@@ -98,7 +107,7 @@ def cmd_build(args) -> int:
         task_bytes=args.task_bytes, workers=args.workers, progress=not args.no_progress,
         input_format=args.input_format, text_field=args.text_field, group_depth=args.group_depth,
         dedup=args.dedup, min_bytes=args.min_bytes, max_bytes=args.max_bytes, dict_bytes=args.dict_bytes,
-        on_error=args.on_error, comm=comm)
+        on_error=args.on_error, split_bytes=args.split_bytes, comm=comm)
     if rank == 0:
         from .verify import format_stats
 

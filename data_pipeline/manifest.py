@@ -31,7 +31,7 @@ from .errors import ConfigError, DataError
 FORMAT = "terrabyte-shards"
 MANIFEST = "manifest.json"
 DICT_FILE = "zstd.dict"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test: only from --split-bytes (a corpus cut by position)
 INDEX_KEYS = ("json_offset", "json_size", "zst_offset", "zst_size", "raw", "starts", "ends", "cont")
 """Per-member columns of a shard's `index`: where its JSON and zstd payloads sit in the tar (data
 offsets, not headers), its raw size, documents starting / ending in it, and whether its last

@@ -63,6 +63,7 @@ class Document:
     group: str  # split group key
     size: int = -1  # bytes (len(data) when read)
     stream: BinaryIO | None = None
+    split: str | None = None  # set by a positional split (--split-bytes); else the group's hash decides
 
     def __post_init__(self):
         if self.data is not None:
@@ -94,6 +95,9 @@ class ReadOptions:
     allow_urls: bool = False
     stream_bytes: int = 0
     """Files and archive members larger than this come as streams (`Document.stream`); 0: never."""
+    split_bytes: tuple = ()
+    """Cut each plain file by position: its first split_bytes[0] bytes are one train document, the
+    next split_bytes[1] one val document, the next split_bytes[2] (if given) one test document."""
 
 
 class _Guarded:
@@ -256,6 +260,58 @@ def read_plain(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterat
         yield Document(src.name, None, group, os.fstat(f.fileno()).st_size, _Guarded(f, f"input file {src.path!r}"))
 
 
+POSITIONAL_SPLITS = ("train", "val", "test")
+
+
+class _Slice:
+    """The next `size` bytes of an open file, as a stream."""
+
+    def __init__(self, f, size: int):
+        self._f, self._left = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+
+def check_split_bytes(src: Source, split_bytes: Sequence[int]) -> None:
+    """A plain file at least as long as the positional split asks."""
+    if src.kind != "file":
+        raise ConfigError(f"--split-bytes cuts plain files by position; input {src.path!r} is a {src.kind} "
+                          f"(use --format raw to read it as bytes)")
+    wanted = sum(split_bytes)
+    if src.size < wanted:
+        parts = " + ".join(f"{n} {name}" for name, n in zip(POSITIONAL_SPLITS, split_bytes))
+        raise DataError(f"input {src.path!r} has {src.size} bytes, fewer than --split-bytes asks for: {wanted} "
+                        f"({parts}); is the file complete?")
+    if src.size > wanted:
+        logger.warning("input %s: its last %d bytes (after the %d that --split-bytes asks for) go to no split",
+                       src.path, src.size - wanted, wanted)
+
+
+def read_by_position(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
+    """One document per split, cut from the file by position (enwik8: 90M train, 5M val, 5M test),
+    so each split is one long document; large pieces come as streams."""
+    try:
+        f = open(src.path, "rb")
+    except OSError as e:
+        raise OSError(f"cannot read input file {src.path!r}: {e.strerror or e}") from None
+    with f:
+        offset = 0
+        for split, size in zip(POSITIONAL_SPLITS, opts.split_bytes):
+            f.seek(offset)
+            offset += size
+            if size == 0:
+                continue
+            if _streams(opts, size):
+                stream = _Guarded(_Slice(f, size), f"input file {src.path!r}")
+                yield Document(src.name, None, src.name, size, stream, split=split)
+            else:
+                yield Document(src.name, f.read(size), src.name, split=split)
+
+
 def _open_decompressed(path: str, fileobj=None):
     lower = path.lower()
     raw = fileobj if fileobj is not None else open(path, "rb")
@@ -394,4 +450,6 @@ READERS = {
 
 
 def read_source(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
+    if opts.split_bytes:
+        return read_by_position(src, opts, include, exclude)
     return READERS[src.kind](src, opts, include, exclude)

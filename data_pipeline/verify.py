@@ -181,6 +181,8 @@ def format_stats(man: dict) -> str:
     """A plain-text summary table of a manifest."""
     rows = [("split", "shards", "documents", "members", "raw MB", "zstd MB", "ratio")]
     for split in SPLITS + ("all",):
+        if split not in man["totals"] or (split == "test" and not man["totals"][split]["shards"]):
+            continue  # older manifests have no test totals; most builds have no test split
         t = man["totals"][split]
         ratio = t["raw_bytes"] / t["compressed_bytes"] if t["compressed_bytes"] else 0.0
         rows.append((split, str(t["shards"]), str(t["documents"]), str(t["members"]), f"{t['raw_bytes'] / 1e6:.1f}",

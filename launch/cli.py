@@ -2,7 +2,8 @@
 
     terrabyte shards build|stats|verify   corpus -> zstd webdataset shards
     terrabyte pretrain                    train (one rank; launchers start one per rank)
-    terrabyte generate                    sample bytes from a trained model
+    terrabyte generate                    sample bytes from a trained model (one prompt, or a batch)
+    terrabyte eval                        bits per byte of shards or files, or lm-evaluation-harness tasks
     terrabyte export                      consolidate a run into one safetensors file
     terrabyte bench model|attention|data|quality|context   benchmarks, side by side with the baselines
 
@@ -47,6 +48,20 @@ def _add_lazy(sub, name: str, module: str, help: str, setup: str = "add_argument
     return parser
 
 
+def _eval(args) -> int:
+    """``terrabyte eval``: bits per byte of --data (pretrain/evaluate.py), or --tasks through
+    lm-evaluation-harness (pretrain/harness.py, which needs the optional `eval` extra)."""
+    if not getattr(args, "tasks", None):
+        from terrabyte.pretrain.evaluate import run
+
+        return run(args)
+    try:
+        from terrabyte.pretrain.harness import run_cli
+    except ImportError as exc:
+        raise ConfigError(f"--tasks needs lm-evaluation-harness ({exc}): pip install 'terrabyte[eval]'") from None
+    return run_cli(args)
+
+
 def _missing(name: str, exc: Exception) -> int:
     raise ConfigError(f"`terrabyte {name}` is unavailable: {exc}")
 
@@ -62,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help, add_help=False)
     _add_lazy(sub, "generate", "terrabyte.pretrain.inference", "sample bytes from a trained model",
               setup="add_generate_arguments", handler="run_generate")
-    _add_lazy(sub, "eval", "terrabyte.pretrain.evaluate", "bits-per-byte of a trained model on shards or files")
+    _add_lazy(sub, "eval", "terrabyte.pretrain.evaluate",
+              "bits-per-byte of a trained model on shards or files, or lm-evaluation-harness tasks (--tasks)")
+    sub.choices["eval"].set_defaults(func=_eval)
     _add_lazy(sub, "export", "terrabyte.pretrain.inference", "write a run's model as one safetensors file",
               setup="add_export_arguments", handler="run_export")
     _add_lazy(sub, "launch", "terrabyte.launch.launchers", "print or run the deepspeed/torchrun/mpirun command for N nodes")

@@ -32,7 +32,8 @@ setup_python() {
   stamp="$venv/.terrabyte-installed"
   if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || ! python -c "import terrabyte.pretrain" 2>/dev/null; then
     log "installing terrabyte (editable) with its dependencies"
-    pip install -q -e ".[dev,mpi,bench]"
+    # the installed torch is pinned for this install, so no extra's dependency can swap the build
+    pip install -q -e ".[dev,mpi,bench,eval]" "torch==$(python -c 'import torch; print(torch.__version__)')"
     touch "$stamp"
   fi
   # DeepSpeed compiles its CPU shared-memory collective op on first use (~2 min on 2 cores); do it

@@ -107,6 +107,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     """A step whose loss is NaN/inf on any rank is skipped (no update) and counted; training stops
     after this many such steps in a row."""
+    init_from: Optional[str] = None
+    """Start a fresh run (new optimizer, schedule and data order) from these trained weights: an
+    exported ``.safetensors``, a ``save_pretrained`` directory or a run directory (``--init-from``).
+    Ignored when the run directory already has a checkpoint to resume from."""
+    init_from_strict: bool = True
+    """Every tensor must match in name and shape; false loads the ones that do and lists the rest."""
 
 
 @dataclass

@@ -189,8 +189,16 @@ def _read(path: Path) -> bytes:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint folder or .safetensors file")
-    parser.add_argument("--data", nargs="+", required=True, help="shard directories and/or raw files or directories")
-    parser.add_argument("--split", default="val", help="shard split to score: train, val or all (default: val)")
+    parser.add_argument("--data", nargs="+", default=None, help="shard directories and/or raw files or directories")
+    parser.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks instead of --data, comma "
+                        "separated (needs the `eval` extra: pip install 'terrabyte[eval]')")
+    parser.add_argument("--include-path", default=None, help="with --tasks: a directory of extra task YAMLs")
+    parser.add_argument("--no-default-tasks", action="store_true",
+                        help="with --tasks: index only --include-path, not lm-eval's built-in tasks (faster start)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples per task")
+    parser.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (or a fraction)")
+    parser.add_argument("--seed", type=int, default=0, help="with --tasks: lm-eval's and sampling's seed")
+    parser.add_argument("--split", default="val", help="shard split to score: train, val, test or all (default: val)")
     parser.add_argument("--mode", choices=MODES, default="basic", help="inference mode (default: basic)")
     parser.add_argument("--stride", type=int, default=None, help="sliding-window stride in bytes (default: context/2)")
     parser.add_argument("--batch", type=int, default=8, help="windows per forward pass")
@@ -271,6 +279,8 @@ def plot_positions(report: dict, path: Path) -> bool:
 def run(args) -> int:
     from .inference import DTYPES, load_model, resolve_dtype
 
+    if not args.data or getattr(args, "tasks", None):
+        raise ConfigError("give --data (bits per byte of shards or files) or --tasks (lm-evaluation-harness), one of them")
     dtype = resolve_dtype(args.dtype, args.device)
     model = load_model(args.checkpoint, args.device, DTYPES[dtype])
     report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes,
@@ -285,3 +295,4 @@ def run(args) -> int:
     if plot and not plot_positions(report, Path(plot)):
         log.warning("no plot: matplotlib is not installed (`pip install matplotlib`)")
     return 0
+

@@ -625,6 +625,10 @@ class TerraByte(nn.Module):
     Ids come from ``Vocab(num_tokens)``: data values are 0..num_tokens-1; PAD = num_tokens,
     EOS = num_tokens + 1, BOS = num_tokens + 2; vocab_size = num_tokens + 3. Loss ignores PAD only,
     so byte 0 is data.
+
+    ``TerraByte.from_pretrained(path_or_repo_id)``, ``model.save_pretrained(dir)`` and
+    ``model.push_to_hub(repo_id)`` come from ``pretrained.py`` (huggingface_hub's conventions); they
+    read checkpoints, whose code imports this file, so that module attaches them.
     """
 
     def __init__(
@@ -647,7 +651,11 @@ class TerraByte(nn.Module):
         chunk_bytes: Optional[int] = None,
         unit_embedding: str = "grouped",
     ):
+        # the arguments as given, JSON-ready: what save_pretrained writes to config.json
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
+                  if k not in ("self", "__class__")}
         super().__init__()
+        self.config = config
         if not isinstance(max_seq_len, (list, tuple)) or len(max_seq_len) < 2:
             raise ConfigError(f"max_seq_len={max_seq_len!r} must be a tuple with one length per stage (at least 2)")
         stages = len(max_seq_len)

@@ -88,6 +88,7 @@ class Trainer:
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
         self.vocab = model.vocab
         self.resume = ckpt.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
+        self.initialised = self._init_from(model)
         self.engine = eng.wrap(model, cfg, self.layout, universal=bool(self.resume and self.resume.universal))
         del model  # a pipeline stage keeps only its own layers
         self.train_loader = self._loader("train", loop=True)
@@ -142,6 +143,20 @@ class Trainer:
         pad = rows[0].padding()
         mine += [pad] * (per_rank - len(mine))
         return [ByteBatch.stack(mine[i : i + mb]) for i in range(0, len(mine), mb)]
+
+    def _init_from(self, model: TerraByte) -> bool:
+        """Copy ``train.init_from``'s weights into the plain model on every rank, before the engine
+        wraps (and ZeRO-3 partitions) it; a run that resumes keeps its own checkpoint instead."""
+        source = self.cfg.train.init_from
+        if not source:
+            return False
+        if self.resume is not None:
+            log.info("resuming %s: --init-from %s is not used again", self.run_dir, source)
+            return False
+        from .pretrained import init_from
+
+        init_from(model, source, strict=self.cfg.train.init_from_strict)
+        return True
 
     def _resume(self) -> None:
         state = ckpt.load(self.engine, self.resume)
@@ -249,6 +264,11 @@ class Trainer:
         batches = iter(self.train_loader)
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0, desc="pretrain", unit="step")
         last_val = None
+        if self.initialised and self.step == 0:
+            # where the trained weights start on this run's data: the fine-tuning baseline
+            start_val = self.evaluate()
+            self.metrics.scalars(0, {"val/bits_per_byte": start_val})
+            log.info("step 0 (--init-from %s): validation bits-per-byte %.4f", cfg.train.init_from, start_val)
         window_start, window_bytes, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
         with logging_redirect_tqdm():
             while self.step < cfg.train.steps:
@@ -330,8 +350,8 @@ def adopt_local_rank(flag: int | None) -> None:
     os.environ["LOCAL_RANK"] = str(flag)
 
 
-def parse_args(argv: list[str] | None) -> tuple:
-    """(flags, config overrides) of ``python -m terrabyte.pretrain``; a launcher's local rank is adopted."""
+def parse(argv: list[str] | None = None):
+    """(flags, config) of ``terrabyte pretrain``'s command line; a launcher's local rank is adopted."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -346,14 +366,23 @@ def parse_args(argv: list[str] | None) -> tuple:
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, metavar="N",
                         help="this rank's device on its node, as the deepspeed launcher passes it "
                              "(default: $LOCAL_RANK)")
+    parser.add_argument("--init-from", default=None, metavar="PATH",
+                        help="start a fresh run from trained weights: an exported .safetensors, a save_pretrained "
+                             "directory or a run directory (its newest checkpoint); same as --train.init_from")
+    parser.add_argument("--init-from-strict", default=None, metavar="true|false",
+                        help="false: load the tensors whose name and shape match and list the rest "
+                             "(default true: any mismatch stops the run)")
     args, overrides = parser.parse_known_args(argv)
     adopt_local_rank(args.local_rank)
-    return args, overrides
+    if args.init_from is not None:
+        overrides += ["--train.init_from", args.init_from]
+    if args.init_from_strict is not None:
+        overrides += ["--train.init_from_strict", args.init_from_strict]
+    return args, load_config(args.config, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(argv)
-    cfg = load_config(args.config, overrides)
+    args, cfg = parse(argv)
     if args.memory is not None and (not args.dry_run or args.memory <= 0):
         raise ConfigError(f"--memory {args.memory:g} needs --dry-run and a positive number of GiB")
     if args.dry_run:

@@ -104,15 +104,15 @@ def test_ranks_are_placed_like_deepspeed_groups():
 
 def test_launcher_local_rank_flag(monkeypatch):
     """deepspeed passes --local_rank=N, torch --local-rank N: both reach LOCAL_RANK, which picks the device."""
-    from terrabyte.pretrain.trainer import parse_args
+    from terrabyte.pretrain.trainer import parse
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # restored afterwards
     for flags, want in ((["--local_rank=1"], "1"), (["--local-rank", "2"], "2"), (["--local_rank", "3"], "3")):
         monkeypatch.delenv("LOCAL_RANK")
-        args, overrides = parse_args([*flags, "--config", "tiny", "--train.steps", "2"])
-        assert os.environ["LOCAL_RANK"] == want and overrides == ["--train.steps", "2"]
+        args, cfg = parse([*flags, "--config", "tiny", "--train.steps", "2"])
+        assert os.environ["LOCAL_RANK"] == want and cfg.train.steps == 2
     with pytest.raises(ValueError, match=r"--local_rank 1 disagrees with LOCAL_RANK=3 in the environment"):
-        parse_args(["--local_rank=1"])
+        parse(["--local_rank=1"])
 
 
 def ds_config(c, world=1, **kw):
