@@ -241,6 +241,7 @@ class Sample:
     raw_size: int = -1  # expected raw size (-1: unknown)
     ident: int = -1  # member index in the table (seeds its document order)
     buffer: np.ndarray | None = None  # pooled buffer behind `data`, if any
+    counts: tuple | None = None  # (starts, ends, cont) the manifest's index records, checked against the JSON
 
 
 def read_member(table: MemberTable, files: ShardFiles, i: int) -> Sample:
@@ -249,8 +250,13 @@ def read_member(table: MemberTable, files: ShardFiles, i: int) -> Sample:
     url = table.urls[table.shard[i]]
     jo, js, zo, zs = (int(c[k][i]) for k in ("json_offset", "json_size", "zst_offset", "zst_size"))
     lo = min(jo, zo)
-    blob = files.pread(url, lo, max(jo + js, zo + zs) - lo)
-    return Sample(table.where(i), blob[jo - lo: jo - lo + js], blob[zo - lo: zo - lo + zs], int(c["raw"][i]), int(i))
+    try:
+        blob = files.pread(url, lo, max(jo + js, zo + zs) - lo)
+    except DataError as e:
+        raise DataError(f"{table.where(i)}: {e}") from None
+    s = Sample(table.where(i), blob[jo - lo: jo - lo + js], blob[zo - lo: zo - lo + zs], int(c["raw"][i]), int(i))
+    s.counts = (int(c["starts"][i]), int(c["ends"][i]), int(c["cont"][i]))
+    return s
 
 
 def tar_members(urls: Iterable[str], on_error: str = "raise", counter: ErrorCounter | None = None) -> Iterator[Sample]:
@@ -408,14 +414,35 @@ def decompress_sample(s: Sample, zdict: bytes | None = None, pool: BufferPool | 
     return s
 
 
+_PIECE_KEYS = ("offset", "length", "doc_offset", "doc_size")
+
+
 def parse_meta(s: Sample) -> Sample:
+    """Parses the member JSON and checks it against the member's bytes (the pieces tile them, in
+    order, each inside its document) and, when known, the manifest's per-member counts: a garbled
+    JSON that still parses cannot cut documents at the wrong places unnoticed."""
     if isinstance(s.meta, (bytes, bytearray)):
         try:
             meta = json.loads(s.meta)
             docs = meta["docs"]
+            if not isinstance(docs, list) or not docs:
+                raise ValueError("'docs' is not a non-empty list")
+            at = 0
             for d in docs:
-                if not (0 <= d["offset"] and d["offset"] + d["length"] <= len(s.data)):
-                    raise ValueError(f"document {d.get('path')!r} lies outside the member")
+                if not all(type(d[k]) is int and d[k] >= 0 for k in _PIECE_KEYS) or not isinstance(d["path"], str):
+                    raise ValueError(f"a document entry has malformed fields: {str(d)[:120]}")
+                if d["offset"] != at or d["doc_offset"] + d["length"] > d["doc_size"]:
+                    raise ValueError(f"document {d['path']!r} does not follow the one before or lies outside "
+                                     f"its document")
+                at += d["length"]
+            if at != len(s.data):
+                raise ValueError(f"its documents cover {at} of the member's {len(s.data)} bytes")
+            last = docs[-1]
+            counts = (sum(d["doc_offset"] == 0 for d in docs), sum(d["doc_offset"] + d["length"] == d["doc_size"]
+                                                                   for d in docs),
+                      int(last["doc_offset"] + last["length"] < last["doc_size"]))
+            if s.counts is not None and counts != s.counts:
+                raise ValueError(f"(starts, ends, cont) are {counts}, the manifest's index says {s.counts}")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{s.where}: malformed member JSON ({e})") from None
         s.meta = meta
