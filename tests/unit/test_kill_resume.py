@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .test_train import shards  # noqa: F401  (the same small corpus)
+
 pytestmark = pytest.mark.slow
 
 STEPS = 8
@@ -53,6 +55,16 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180)
     raise AssertionError(f"seed {SEED}: timed out waiting for {what}")
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Has process ``pid`` installed a handler for ``sig`` (SigCgt in /proc/PID/status)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
 def latest(run: Path) -> str | None:
     path = run / "checkpoints" / "latest"
     return path.read_text().strip() if path.is_file() else None
@@ -84,19 +96,6 @@ def weights(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import build_shards
-
-    root = tmp_path_factory.mktemp("kill")
-    src = root / "src"
-    src.mkdir()
-    for i in range(12):
-        (src / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x * {j} + {i}\n" for j in range(20)))
-    build_shards([str(src)], str(root / "shards"), val_fraction=0.2, progress=False)
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
 def straight(tmp_path_factory, shards):
     run = tmp_path_factory.mktemp("straight") / "run"
     proc = start(run, shards, run.parent / "log.txt")
@@ -119,12 +118,14 @@ def test_killed_runs_end_with_the_uninterrupted_result(tmp_path, shards, straigh
     live = run / "checkpoints" / "step2"
     before = {p.name: p.stat().st_mtime_ns for p in live.iterdir()}
 
-    # 2. a stop signal right after the resume: the live checkpoint is not written again
+    # 2. a stop signal right after the resume (sent once the trainer catches it, so it is seen
+    #    before the first step): the live checkpoint is not written again
     proc = start(run, shards, log)
     seen = log.stat().st_size
-    assert wait_for(lambda: b"resumed from step 2" in log.read_bytes()[seen:], proc, "the resume"), note
+    assert wait_for(lambda: catches(proc.pid, signal.SIGUSR1), proc, "the signal handler"), note
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == 75, note
+    assert b"resumed from step 2" in log.read_bytes()[seen:], note
     assert b"already holds this state" in log.read_bytes()[seen:], note
     assert {p.name: p.stat().st_mtime_ns for p in live.iterdir()} == before, note
     assert latest(run) == "step2", note
