@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")  # in the `dev` extra
+hypothesis = pytest.importorskip("hypothesis", reason="in the dev extra: pip install -e .[dev]")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
