@@ -81,13 +81,14 @@ class BuildConfig:
     dict_bytes: int = 0  # >0: train a zstd dictionary of this size on a sample of the corpus
     on_error: str = "raise"  # "raise" | "skip" (skip unreadable sources, counted in the manifest)
     split_bytes: tuple = ()  # (train, val[, test]) bytes: each file cut by position, one document per split
+    max_member_bytes: int = 64 << 20  # the largest document held whole where it cannot be streamed
 
     def validate(self):
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
         if not 1 <= self.zstd_level <= 22:
             raise ConfigError(f"zstd_level={self.zstd_level} must be in 1..22")
-        for name in ("member_bytes", "shard_bytes", "task_bytes"):
+        for name in ("member_bytes", "shard_bytes", "task_bytes", "max_member_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.on_error not in ("raise", "skip"):
@@ -420,6 +421,7 @@ class TaskStats:
     filtered_size: int = 0
     duplicates: int = 0
     skipped_names: list = field(default_factory=list)
+    skipped_special: int = 0  # archive members that are links, devices or FIFOs (never followed)
 
 
 def _iter_documents(sources, cfg: BuildConfig, stats: TaskStats, failed: list | None = None) -> Iterator[Document]:
@@ -428,7 +430,11 @@ def _iter_documents(sources, cfg: BuildConfig, stats: TaskStats, failed: list | 
     the consumer appends it to `failed` and this generator raises it on resuming, in the source's
     own reading loop, where the on_error policy applies to it like to any other error of the
     source."""
+    def special(_name: str):
+        stats.skipped_special += 1
+
     opts = ReadOptions(text_field=cfg.text_field, group_depth=cfg.group_depth, stream_bytes=cfg.member_bytes,
+                       max_document_bytes=cfg.max_member_bytes, on_special=special,
                        split_bytes=cfg.split_bytes)
     for src in sources:
         stats.sources += 1
@@ -728,6 +734,7 @@ def build_shards(
     dict_bytes: int = 0,
     on_error: str = "raise",
     split_bytes: Sequence[int] = (),
+    max_member_bytes: int = 64 << 20,
     comm=None,
 ) -> dict:
     """Builds webdataset tar shards of zstd members from files/directories/globs/archives.
@@ -745,6 +752,7 @@ def build_shards(
         text_field=text_field, group_depth=int(group_depth), dedup=bool(dedup), min_bytes=int(min_bytes),
         max_bytes=int(max_bytes), dict_bytes=int(dict_bytes), on_error=on_error,
         split_bytes=tuple(int(n) for n in split_bytes),
+        max_member_bytes=int(max_member_bytes),
     )
     cfg.validate()
     if workers < 1:

@@ -78,6 +78,9 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                    help="train a zstd dictionary of this size and compress with it (0: none)")
     b.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="unreadable input: stop (raise) or skip it and count it in the manifest")
+    b.add_argument("--max-member-bytes", type=parse_size, default=64 << 20, metavar="SIZE",
+                   help="refuse an input document that must be held whole (a JSON line) past this size "
+                        "(default 64M); larger files and archive members are streamed")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 
@@ -107,7 +110,8 @@ def cmd_build(args) -> int:
         task_bytes=args.task_bytes, workers=args.workers, progress=not args.no_progress,
         input_format=args.input_format, text_field=args.text_field, group_depth=args.group_depth,
         dedup=args.dedup, min_bytes=args.min_bytes, max_bytes=args.max_bytes, dict_bytes=args.dict_bytes,
-        on_error=args.on_error, split_bytes=args.split_bytes, comm=comm)
+        on_error=args.on_error, split_bytes=args.split_bytes, max_member_bytes=args.max_member_bytes,
+        comm=comm)
     if rank == 0:
         from .verify import format_stats
 

@@ -30,7 +30,6 @@ documents of a split (for `terrabyte eval`) and the validation pass's length.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import threading
 import weakref
@@ -109,7 +108,8 @@ class ByteLoader:
                  micro_batch: int = 4, dp_rank: int = 0, dp_world: int = 1, seed: int = 0, num_workers: int = 0,
                  eos_id: int | None = None, pad_id: int | None = None, loop: bool = True,
                  on_error: str = "raise", shuffle: bool = True, prefetch: int = 2, allow_pipe: bool = False,
-                 dtype: torch.dtype = torch.int64, vocab: Vocab = BYTES):
+                 dtype: torch.dtype = torch.int64, vocab: Vocab = BYTES,
+                 max_member_bytes: int = stages.MAX_MEMBER_BYTES):
         for name, v in (("seq_len", seq_len), ("global_batch", global_batch), ("micro_batch", micro_batch),
                         ("dp_world", dp_world), ("prefetch", prefetch)):
             if int(v) < 1:
@@ -151,6 +151,9 @@ class ByteLoader:
             n = -(-self.total_tokens // self.seq_len)
             self.eval_batches = -(-n // (self.dp_world * self.micro_batch))
         self.errors = ErrorCounter()
+        self.bad_members: set[int] = set()  # members found corrupt (on_error="skip"); part of the state
+        self.max_member_bytes = int(max_member_bytes)
+        self._member_tokens = self.table.tokens
         self._files = ShardFiles()
         self._pool = stages.BufferPool()
         # Members some lane still holds: neighbouring lanes that start inside the same member reuse
@@ -186,7 +189,8 @@ class ByteLoader:
         """Position after the last yielded micro-batch, plus the settings it is only valid for."""
         return {"version": STATE_VERSION, "epoch": self._epoch, "step": self._step, "micro": self._micro,
                 "seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch,
-                "dp_world": self.dp_world, "micro_batch": self.micro_batch, "manifest": self.manifest_id}
+                "dp_world": self.dp_world, "micro_batch": self.micro_batch, "manifest": self.manifest_id,
+                **({"bad_members": sorted(self.bad_members)} if self.bad_members else {})}
 
     def load_state_dict(self, state: dict):
         """Continue where `state` stopped. A different dp_world/micro_batch is fine at a step
@@ -208,6 +212,9 @@ class ByteLoader:
         if step < 0 or epoch < 0 or not 0 <= micro < max(self.grad_accum, 1) or (step >= limit and limit):
             raise CheckpointError(f"loader state epoch={epoch} step={step} micro={micro} is out of range for this data")
         self._epoch, self._step, self._micro = epoch, step, micro
+        # where the lanes are depends on which members were skipped before this point
+        self.bad_members = {int(m) for m in state.get("bad_members", ())}
+        self.errors.skipped = len(self.bad_members)
         self._generation += 1
 
     def close(self):
@@ -226,9 +233,11 @@ class ByteLoader:
 
     def _load_member(self, i: int, order_seed) -> stages.Segments | None:
         """read -> decompress -> parse -> segments for member i (runs on a prefetch thread)."""
+        if i in self.bad_members:
+            return None
         try:
             s = stages.read_member(self.table, self._files, i)
-            s = stages.parse_meta(stages.decompress_sample(s, self.zdict, self._pool))
+            s = stages.parse_meta(stages.decompress_sample(s, self.zdict, self._pool, self.max_member_bytes))
             segs = stages.member_segments(s, self.eos_id, order_seed)
             if s.buffer is not None:
                 self._pool.own(segs, s.buffer)
@@ -236,49 +245,73 @@ class ByteLoader:
         except DataError as e:
             if self.on_error != "skip":
                 raise
-            self.errors.add(str(e))
+            with self._cache_lock:
+                new = i not in self.bad_members
+                self.bad_members.add(i)
+            if new:  # counted once, however many lanes and epochs meet it
+                self.errors.add(str(e))
             return None
 
     def _range_reader(self, order: np.ndarray, cum: np.ndarray, start: int, stop: int, epoch: int,
-                      hold_first: bool = False):
-        """A TokenReader over tokens [start, stop) of the epoch stream, members prefetched in order.
+                      hold_first: bool = False, delivered: int = 0):
+        """A TokenReader over tokens [start, stop) of the epoch stream without the members found
+        corrupt (on_error="skip"), from the `delivered`-th such token on; members prefetched in order.
+        It never reads past `stop`: a range that skipped members shortened ends early and the caller
+        pads it. Members already known to be bad (`bad_members`, saved in the state) take no room,
+        so a resumed lane continues at exactly the token the uninterrupted one had reached.
         `hold_first`: keep the first member for the lane before this one (it ends there)."""
         if stop <= start:
             return stages.TokenReader((), self.eos_id)
-        first_j, offset = stages.locate(cum, start)
-        last, _ = stages.locate(cum, stop - 1)
-        idx = range(first_j, last + 1)
-        if self.on_error == "skip" and self.loop:  # skipped members shorten a lane: keep reading past it
-            idx = itertools.chain(idx, (j % len(order) for j in itertools.count(last + 1)))
+        first_j, first_offset = stages.locate(cum, start)
+        last, last_offset = stages.locate(cum, stop - 1)
+        positions = np.arange(first_j, last + 1)
+        lo = np.zeros(len(positions), dtype=np.int64)  # each member's part of the range: [lo, hi)
+        lo[0] = first_offset
+        hi = self._member_tokens[order[positions]]
+        hi[-1] = last_offset + 1
+        with self._cache_lock:
+            bad = set(self.bad_members)
+        known_bad = np.isin(order[positions], np.fromiter(bad, dtype=np.int64)) if bad else np.zeros(len(hi), bool)
+        room = np.concatenate([[0], np.cumsum(np.where(known_bad, 0, hi - lo))])
+        limit = int(room[-1]) - delivered
+        if limit <= 0:
+            return stages.TokenReader((), self.eos_id)
+        k0 = int(np.searchsorted(room, delivered, side="right")) - 1
+        lo[k0] += delivered - int(room[k0])
         seed = self.seed
 
-        def hold(j, key, segs):  # (under self._cache_lock)
-            if hold_first and j == first_j and offset:
+        def hold(k, key, segs):  # (under self._cache_lock)
+            if hold_first and k == 0 and first_offset:
                 if sum(len(h.raw) * h.raw.itemsize for h in self._held.values()) < HOLD_BYTES:
                     self._held[key] = segs
 
-        def cached(j):  # a member another lane still holds: no thread hand-off needed
-            key = (epoch, int(order[j]))
+        def cached(k):  # a member another lane still holds: no thread hand-off needed
+            key = (epoch, int(order[positions[k]]))
             with self._cache_lock:
                 segs = self._held.pop(key, None) or self._members.get(key)
                 if segs is not None:
-                    hold(j, key, segs)
+                    hold(k, key, segs)
             return segs
 
-        def load(j):
-            segs = cached(j)
+        def load(k):
+            segs = cached(k)
             if segs is None:
-                m = int(order[j])
+                m = int(order[positions[k]])
                 segs = self._load_member(m, (seed, epoch, m) if self.shuffle else None)
                 if segs is not None:
                     with self._cache_lock:
                         self._members[(epoch, m)] = segs
-                        hold(j, (epoch, m), segs)
-            return segs
+                        hold(k, (epoch, m), segs)
+            return k, segs
 
-        members = (a for a in stages.prefetch_map(load, idx, self._executor, self.prefetch, ready=cached)
-                   if a is not None)
-        return stages.TokenReader(members, self.eos_id, skip=offset, limit=stop - start)
+        def ready(k):
+            segs = cached(k)
+            return None if segs is None else (k, segs)
+
+        todo = [k for k in range(k0, len(positions)) if not known_bad[k]]
+        loaded = stages.prefetch_map(load, todo, self._executor, self.prefetch, ready=ready)
+        members = (segs.window(int(lo[k]), int(hi[k])) for k, segs in loaded if segs is not None)
+        return stages.TokenReader(members, self.eos_id, limit=limit)
 
     def _epoch_stream(self, epoch: int):
         order = stages.epoch_order(self.table, self.seed, epoch, self.shuffle)
@@ -318,13 +351,13 @@ class ByteLoader:
             for j, lane in enumerate(mine):
                 first = step0 + (1 if j // m < micro0 else 0)  # lanes of micro-batches already yielded
                 firsts.append(first)
-                readers.append(self._range_reader(order, cum, lane.start + first * L, lane.stop, epoch,
-                                                  hold_first=(j > 0 and first == 0)))
+                readers.append(self._range_reader(order, cum, lane.start, lane.stop, epoch,
+                                                  hold_first=(j > 0 and first == 0), delivered=first * L))
             for b0 in range(step0, steps, block_steps):
                 nb = min(block_steps, steps - b0)
                 if fresh:
                     lanebuf = stages.fresh_buffer(per_rank * L).reshape(per_rank, 1, L)
-                marks = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
+                marks, filled = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
                 eos, bounds = _batch_eos(marks, nb, m, L)
                 for s in range(nb):
                     g = b0 + s
@@ -334,31 +367,40 @@ class ByteLoader:
                         rows = lanebuf[k * m:(k + 1) * m, s]
                         q = s * A + k
                         where = eos[bounds[q]:bounds[q + 1]]
+                        # a lane that skipped members ran short: the rest of it is padding
+                        lengths = np.clip(filled[k * m:(k + 1) * m] - s * L, 0, L)
+                        short = bool((lengths < L).any())
                         if wide is not None:  # int64/int32 ids widened on the host: cast, then EOS in
                             ids = rows.astype(wide)
                             ids.reshape(-1)[where] = self.eos_id
+                            if short:
+                                ids[np.arange(L)[None, :] >= lengths[:, None]] = self.pad_id
                             batch = torch.from_numpy(ids)
                         else:
                             batch = ByteBatch(torch.from_numpy(rows if fresh else rows.copy()), torch.from_numpy(where),
-                                              None, self.eos_id, self.pad_id)
+                                              torch.from_numpy(lengths) if short else None, self.eos_id, self.pad_id)
                         self._advance(A, steps)  # before yield: state = batches handed out
                         yield batch
 
-    def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int) -> list:
+    def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int):
         """Steps [b0, b0+nb) of every lane into lanebuf[lane, :nb]; steps before firsts[j] (micro-batches
         yielded before a resume) are left unwritten. Returns each lane's EOS positions in the block
-        (ascending int64 arrays, lane-block coordinates step * seq_len + column)."""
+        (ascending int64 arrays, lane-block coordinates step * seq_len + column) and where each lane's
+        data ends in the block (short only for a lane that skipped corrupt members)."""
         L = self.seq_len
         lanes = lanebuf.reshape(len(readers), -1)  # each lane's steps back to back
-        marks = []
+        marks, filled = [], np.full(len(readers), nb * L, dtype=np.int64)
         for j, reader in enumerate(readers):
             s0 = max(b0, firsts[j]) - b0  # first step of this block the lane still owes
             eos: list = []
-            if s0 < nb and reader.fill(lanes[j, s0 * L:nb * L], eos) != (nb - s0) * L:
-                raise DataError(f"lane {self.dp_rank * len(readers) + j} of epoch {epoch} ran short before "
-                                f"step {b0 + nb}: shards changed since the manifest was written?")
+            if s0 < nb:
+                got = reader.fill(lanes[j, s0 * L:nb * L], eos)
+                if got != (nb - s0) * L and self.on_error != "skip":
+                    raise DataError(f"lane {self.dp_rank * len(readers) + j} of epoch {epoch} ran short before "
+                                    f"step {b0 + nb}: shards changed since the manifest was written?")
+                filled[j] = s0 * L + got
             marks.append(np.asarray(eos, dtype=np.int64) + s0 * L)
-        return marks
+        return marks, filled
 
     def _iter_eval(self, generation: int):
         m, L = self.micro_batch, self.seq_len

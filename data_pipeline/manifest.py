@@ -88,8 +88,58 @@ def load_manifest(path: str, allow_pipe: bool = False) -> dict:
         raise DataError(f"{mpath!r} is not valid JSON ({e}); rebuild the shards") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT or "shards" not in man:
         raise DataError(f"{mpath!r} is not a Terrabyte shard manifest; rebuild the shards")
+    check_manifest(man, mpath)
     man["_dir"] = base
     return man
+
+
+def check_manifest(man: dict, where: str) -> None:
+    """The fields the readers use have the right types and agree with each other, and no shard or
+    dictionary path leaves the build's directory; else a DataError naming the shard and key (a
+    garbled manifest must not become a traceback, or a read of some other file)."""
+    shards = man["shards"]
+    if not isinstance(shards, list):
+        raise DataError(f"{where!r}: 'shards' is not a list; rebuild the shards")
+    for i, shard in enumerate(shards):
+        _check_shard(shard, f"{where!r} shard {i}")
+    info = man.get("zstd_dict")
+    if info and not (isinstance(info, dict) and _relative(info.get("path", DICT_FILE))):
+        raise DataError(f"{where!r}: 'zstd_dict' must name a file inside the build; rebuild the shards")
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _relative(path) -> bool:
+    return isinstance(path, str) and bool(path) and not path.startswith(("/", "\\")) and ".." not in \
+        path.replace("\\", "/").split("/") and "://" not in path and "\0" not in path
+
+
+def _check_shard(shard, where: str) -> None:
+    if not isinstance(shard, dict):
+        raise DataError(f"{where} is not an object; rebuild the shards")
+    if shard.get("split") not in SPLITS:
+        raise DataError(f"{where}: 'split' is {shard.get('split')!r}, not one of {SPLITS}")
+    if not _relative(shard.get("path")):
+        raise DataError(f"{where}: 'path' {shard.get('path')!r} is not a file inside the build")
+    if not isinstance(shard.get("sha256"), str):
+        raise DataError(f"{where} ({shard['path']}): 'sha256' is missing or not a string")
+    members, index = shard.get("members"), shard.get("index")
+    if not _is_count(members) or not isinstance(index, dict):
+        raise DataError(f"{where} ({shard['path']}): 'members' or 'index' is missing or malformed")
+    for key in INDEX_KEYS:
+        column = index.get(key)
+        if not (isinstance(column, list) and len(column) == members and all(map(_is_count, column))):
+            raise DataError(f"{where} ({shard['path']}): index column {key!r} is not {members} counts")
+    if any(c > 1 for c in index["cont"]) or any(r == 0 for r in index["zst_size"]) or \
+            any(r + e == 0 for r, e in zip(index["raw"], index["ends"])):
+        raise DataError(f"{where} ({shard['path']}): index columns 'cont', 'zst_size' or 'raw' / 'ends' are malformed")
+    # the totals are written from the same members: a changed count shows as a disagreement
+    for total, column in (("raw_bytes", "raw"), ("compressed_bytes", "zst_size")):
+        if total in shard and shard[total] != sum(index[column]):
+            raise DataError(f"{where} ({shard['path']}): '{total}' {shard[total]!r} is not the sum of the index "
+                            f"column {column!r} ({sum(index[column])})")
 
 
 def file_url(manifest: dict, path: str) -> str:

@@ -17,16 +17,18 @@ import fnmatch
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
+import stat
 import sys
 import tarfile
 import xml.etree.ElementTree as ET
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import zstandard
 
@@ -98,6 +100,26 @@ class ReadOptions:
     split_bytes: tuple = ()
     """Cut each plain file by position: its first split_bytes[0] bytes are one train document, the
     next split_bytes[1] one val document, the next split_bytes[2] (if given) one test document."""
+    max_document_bytes: int = 64 << 20
+    """The largest document read whole into memory where it cannot be streamed (a JSON line):
+    a longer one is refused with a DataError naming it, before it is held."""
+    on_special: Callable[[str], None] | None = None
+    """Told the recorded name of each archive member that is not a regular file (a symlink, hard
+    link, device, FIFO): such members are never followed or read, only counted."""
+
+
+def _archive_name(archive: str, member: str) -> str:
+    """The recorded path of an archive member: `<archive>/<member>` with any leading `/` and any
+    `.` / `..` component dropped (members are read as data, never extracted, but a recorded path
+    never points outside its archive)."""
+    parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    return f"{archive}/{'/'.join(parts)}"
+
+
+def _special(opts: ReadOptions, name: str) -> None:
+    logger.warning("skipping archive member %s: not a regular file (links and devices are never followed)", name)
+    if opts.on_special is not None:
+        opts.on_special(name)
 
 
 class _Guarded:
@@ -337,7 +359,10 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                 for info in sorted(zf.infolist(), key=lambda i: i.filename):
                     if info.is_dir():
                         continue
-                    name = f"{src.name}/{info.filename}"
+                    name = _archive_name(src.name, info.filename)
+                    if stat.S_IFMT(info.external_attr >> 16) not in (0, stat.S_IFREG):  # a symlink's target
+                        _special(opts, name)
+                        continue
                     if not _matches(name, include, exclude):
                         continue
                     if _streams(opts, info.file_size):
@@ -356,8 +381,10 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
             with tf:
                 for info in tf:
                     if not info.isfile():
+                        if not info.isdir():
+                            _special(opts, _archive_name(src.name, info.name))
                         continue
-                    name = f"{src.name}/{info.name}"
+                    name = _archive_name(src.name, info.name)
                     if not _matches(name, include, exclude):
                         continue
                     f = tf.extractfile(info)
@@ -378,8 +405,15 @@ def read_jsonl(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterat
     field = opts.text_field
     try:
         f = io.BufferedReader(_open_decompressed(src.path))
+        limit = opts.max_document_bytes
         with f:
-            for lineno, line in enumerate(f, 1):
+            for lineno in itertools.count(1):
+                line = f.readline(limit + 2)  # bounded: never a whole multi-GB line in memory
+                if not line:
+                    break
+                if len(line.rstrip(b"\r\n")) > limit:
+                    raise DataError(f"{src.path}:{lineno}: a line longer than --max-member-bytes={limit} bytes; "
+                                    "refused (raise the limit, or split the document)")
                 if not line.strip():
                     continue
                 try:

@@ -241,6 +241,7 @@ class Sample:
     raw_size: int = -1  # expected raw size (-1: unknown)
     ident: int = -1  # member index in the table (seeds its document order)
     buffer: np.ndarray | None = None  # pooled buffer behind `data`, if any
+    counts: tuple | None = None  # (starts, ends, cont) the manifest's index records, checked against the JSON
 
 
 def read_member(table: MemberTable, files: ShardFiles, i: int) -> Sample:
@@ -249,8 +250,13 @@ def read_member(table: MemberTable, files: ShardFiles, i: int) -> Sample:
     url = table.urls[table.shard[i]]
     jo, js, zo, zs = (int(c[k][i]) for k in ("json_offset", "json_size", "zst_offset", "zst_size"))
     lo = min(jo, zo)
-    blob = files.pread(url, lo, max(jo + js, zo + zs) - lo)
-    return Sample(table.where(i), blob[jo - lo: jo - lo + js], blob[zo - lo: zo - lo + zs], int(c["raw"][i]), int(i))
+    try:
+        blob = files.pread(url, lo, max(jo + js, zo + zs) - lo)
+    except DataError as e:
+        raise DataError(f"{table.where(i)}: {e}") from None
+    s = Sample(table.where(i), blob[jo - lo: jo - lo + js], blob[zo - lo: zo - lo + zs], int(c["raw"][i]), int(i))
+    s.counts = (int(c["starts"][i]), int(c["ends"][i]), int(c["cont"][i]))
+    return s
 
 
 def tar_members(urls: Iterable[str], on_error: str = "raise", counter: ErrorCounter | None = None) -> Iterator[Sample]:
@@ -260,7 +266,10 @@ def tar_members(urls: Iterable[str], on_error: str = "raise", counter: ErrorCoun
             with tarfile.open(url, mode="r|") as tf:
                 pending: dict = {}
                 for info in tf:
-                    if not info.isfile():
+                    if not info.isfile():  # links, devices, FIFOs: never followed (the builder writes none)
+                        if not info.isdir():
+                            _handle(ValueError(f"{info.name!r} is not a regular file"), f"shard {url}",
+                                    "skip", counter)
                         continue
                     key, _, ext = info.name.partition(".")
                     if pending and pending.get("key") != key:
@@ -350,12 +359,40 @@ class BufferPool:
         weakref.finalize(owner, self.give, buf)
 
 
-def decompress_sample(s: Sample, zdict: bytes | None = None, pool: BufferPool | None = None) -> Sample:
+MAX_MEMBER_BYTES = 64 << 20
+"""Default bound on one member's decompressed size (the builder's members are 2-4 MiB bundles and
+chunks): a frame that would expand past it, or past the manifest's raw size, is refused."""
+
+
+def bounded_decompress(frame: bytes, zdict: bytes | None, limit: int, where: str) -> bytes:
+    """A zstd frame's bytes, refusing (DataError naming `where`) output past `limit` bytes. The
+    frame header's content size is only an upper bound checked against `limit` before anything is
+    allocated; zstd itself fails a frame whose output differs from its header, and without a size
+    in the header the output buffer is capped at `limit` (a bomb costs at most `limit` bytes)."""
+    try:
+        declared = zstandard.get_frame_parameters(frame).content_size
+    except zstandard.ZstdError as e:
+        raise DataError(f"{where}: bad zstd frame ({e})") from None
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > limit:
+        raise DataError(f"{where}: its zstd frame declares {declared} bytes, more than the limit of {limit} (the "
+                        f"manifest's raw size or max_member_bytes); refused")
+    try:
+        return _decompressor(zdict).decompress(frame, max_output_size=limit)
+    except zstandard.ZstdError as e:
+        raise DataError(f"{where}: bad zstd frame, or one expanding past {limit} bytes ({e})") from None
+
+
+def decompress_sample(s: Sample, zdict: bytes | None = None, pool: BufferPool | None = None,
+                      max_bytes: int = MAX_MEMBER_BYTES) -> Sample:
     """zstd frame -> raw bytes (or, with a pool, a numpy view of a pooled buffer, kept in
-    `s.buffer`); checks the size the manifest promised and the frame checksum."""
+    `s.buffer`); checks the size the manifest promised and the frame checksum, and never expands
+    past that size or `max_bytes` (a member the manifest says is larger is refused unread)."""
+    if s.raw_size > max_bytes:
+        raise DataError(f"{s.where}: the manifest gives it {s.raw_size} raw bytes, more than max_member_bytes="
+                        f"{max_bytes}; refused (raise the limit if the build really made members this large)")
     try:
         if pool is None or s.raw_size < 0:
-            raw = _decompressor(zdict).decompress(s.data, max_output_size=max(s.raw_size, 0))
+            raw = bounded_decompress(s.data, zdict, max_bytes if s.raw_size < 0 else s.raw_size, s.where)
         else:
             s.buffer = pool.take(s.raw_size)
             raw = s.buffer[:s.raw_size]
@@ -377,14 +414,35 @@ def decompress_sample(s: Sample, zdict: bytes | None = None, pool: BufferPool | 
     return s
 
 
+_PIECE_KEYS = ("offset", "length", "doc_offset", "doc_size")
+
+
 def parse_meta(s: Sample) -> Sample:
+    """Parses the member JSON and checks it against the member's bytes (the pieces tile them, in
+    order, each inside its document) and, when known, the manifest's per-member counts: a garbled
+    JSON that still parses cannot cut documents at the wrong places unnoticed."""
     if isinstance(s.meta, (bytes, bytearray)):
         try:
             meta = json.loads(s.meta)
             docs = meta["docs"]
+            if not isinstance(docs, list) or not docs:
+                raise ValueError("'docs' is not a non-empty list")
+            at = 0
             for d in docs:
-                if not (0 <= d["offset"] and d["offset"] + d["length"] <= len(s.data)):
-                    raise ValueError(f"document {d.get('path')!r} lies outside the member")
+                if not all(type(d[k]) is int and d[k] >= 0 for k in _PIECE_KEYS) or not isinstance(d["path"], str):
+                    raise ValueError(f"a document entry has malformed fields: {str(d)[:120]}")
+                if d["offset"] != at or d["doc_offset"] + d["length"] > d["doc_size"]:
+                    raise ValueError(f"document {d['path']!r} does not follow the one before or lies outside "
+                                     f"its document")
+                at += d["length"]
+            if at != len(s.data):
+                raise ValueError(f"its documents cover {at} of the member's {len(s.data)} bytes")
+            last = docs[-1]
+            counts = (sum(d["doc_offset"] == 0 for d in docs), sum(d["doc_offset"] + d["length"] == d["doc_size"]
+                                                                   for d in docs),
+                      int(last["doc_offset"] + last["length"] < last["doc_size"]))
+            if s.counts is not None and counts != s.counts:
+                raise ValueError(f"(starts, ends, cont) are {counts}, the manifest's index says {s.counts}")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{s.where}: malformed member JSON ({e})") from None
         s.meta = meta
@@ -410,6 +468,24 @@ class Segments:
     def build(cls, raw: np.ndarray, offsets, lengths, eos, marks: np.ndarray | None = None) -> "Segments":
         starts = list(itertools.accumulate(map(operator.add, lengths, eos), initial=0))
         return cls(raw, list(offsets), list(lengths), list(eos), starts[:-1], starts[-1], marks)
+
+    def window(self, start: int, stop: int) -> "Segments":
+        """Tokens [start, stop) of this member's stream, as Segments over the same bytes (how a lane
+        takes only its part of the members at its two ends)."""
+        if start <= 0 and stop >= self.ntokens:
+            return self
+        offsets, lengths, eos = [], [], []
+        for i in range(max(bisect.bisect_right(self.starts, start) - 1, 0), len(self.starts)):
+            st, n = self.starts[i], self.lengths[i]
+            if st >= stop:
+                break
+            a, b = max(start - st, 0), min(stop - st, n)  # its data tokens inside the window
+            keep_eos = bool(self.eos[i]) and start <= st + n < stop
+            if b > a or keep_eos:
+                offsets.append(self.offsets[i] + min(a, n))
+                lengths.append(max(b - a, 0))
+                eos.append(keep_eos)
+        return Segments.build(self.raw, offsets, lengths, eos, self.marks)
 
     def tokens(self, eos_id: int) -> np.ndarray:
         """The stream as one uint16 array of ids (for tests and small inputs)."""
@@ -550,8 +626,9 @@ def _map(data: Iterable, f: Callable, on_error: str, counter: ErrorCounter | Non
                 counter.add(str(e))
 
 
-def decompress(samples: Iterable[Sample], zdict: bytes | None = None, on_error="raise", counter=None):
-    return _map(samples, lambda s: decompress_sample(s, zdict), on_error, counter)
+def decompress(samples: Iterable[Sample], zdict: bytes | None = None, on_error="raise", counter=None,
+               max_bytes: int = MAX_MEMBER_BYTES):
+    return _map(samples, lambda s: decompress_sample(s, zdict, max_bytes=max_bytes), on_error, counter)
 
 
 def documents(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
@@ -568,7 +645,7 @@ def documents(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
 
 def documents_from_wds(sample: dict) -> list[tuple[str, bytes, dict]]:
     """An upstream `webdataset` sample ({"zst": ..., "json": ...}) -> [(path, piece bytes, entry)]."""
-    raw = zstandard.ZstdDecompressor().decompress(sample["zst"])
+    raw = bounded_decompress(sample["zst"], None, MAX_MEMBER_BYTES, sample.get("__key__", "webdataset sample"))
     meta = json.loads(sample["json"])
     return [(d["path"], raw[d["offset"]:d["offset"] + d["length"]], d) for d in meta["docs"]]
 

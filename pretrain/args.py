@@ -84,6 +84,11 @@ class DataConfig:
     """Validation sequences scored at each evaluation (the same ones every time)."""
     on_error: str = "raise"
     """``raise`` on a corrupt shard member, or ``skip`` it and count it."""
+    allow_pipe: bool = False
+    """Allow a ``pipe:CMD`` data path (it runs a shell command): off unless asked for."""
+    max_member_bytes: int = 64 << 20
+    """A shard member that would decompress past this many bytes (or past the size the manifest
+    records for it) is refused as corrupt, before it is expanded."""
 
 
 @dataclass
@@ -176,6 +181,9 @@ class CheckpointConfig:
     """Resume through DeepSpeed's universal checkpoint format (converted once, next to the checkpoint).
     ``null``: only when the saved parallel layout differs from the current one; ``true``: always;
     ``false``: never (a different layout is then an error)."""
+    fallback: bool = False
+    """A damaged newest checkpoint (a file missing, truncated or not matching its sha256) stops the
+    run naming the file; ``true`` resumes from the newest intact checkpoint instead (logged)."""
 
 
 @dataclass
@@ -401,6 +409,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.train.precision, ("auto", "fp32", "bf16"), "train.precision")
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
     _choice(cfg.data.on_error, ("raise", "skip"), "data.on_error")
+    _positive(cfg.data.max_member_bytes, "data.max_member_bytes")
     _positive(cfg.train.max_nonfinite_steps, "train.max_nonfinite_steps")
     validate_parallel(cfg)
 

@@ -1,14 +1,18 @@
 """Checkpoints: everything a run writes to disk and reads back.
 
-Save on all ranks with an atomic ``latest`` and the parallel layout and file sizes beside it; keep
-the newest K; verify a checkpoint is whole before resuming; plan a resume (through DeepSpeed's
-universal format when the parallel layout changed); consolidate a checkpoint of any layout into one
-plain fp32 state dict; read and write the exported ``model.safetensors`` (its config in the file's
-metadata). ``engine.py`` builds and steps the DeepSpeed engine; this module never changes it.
+Save on all ranks into a temporary folder, fsynced, renamed whole, and only then moved to by an
+atomic ``latest``, with the parallel layout and every file's size and sha256 beside it; keep the
+newest K; verify a checkpoint before resuming (or fall back to the newest intact one); plan a
+resume (through DeepSpeed's universal format when the parallel layout changed); consolidate a
+checkpoint of any layout into one plain fp32 state dict, reading it with weights-only loads; decide
+which weights a run directory stands for (``resolve_model_source``); read and write the exported
+``model.safetensors`` (its config and step in the file's metadata). ``engine.py`` builds and steps
+the DeepSpeed engine; this module never changes it.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -17,14 +21,15 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from terrabyte.data_pipeline.errors import CheckpointError
-from terrabyte.data_pipeline.system import atomic_path, atomic_write
+from terrabyte.data_pipeline.system import atomic_path, atomic_write, fsync_path, fsync_tree
 
 from .args import Config
 from .engine import barrier, is_pipeline, on_rank0
@@ -36,7 +41,12 @@ CHECKPOINT_DIRNAME = "checkpoints"
 TAG_PATTERN = re.compile(r"^step(\d+)$")
 LAYOUT_FILE = "layout.json"
 UNIVERSAL_DIRNAME = "universal"  # inside a checkpoint's folder, so pruning removes both
-FILES_MANIFEST = "files.json"  # every file of a checkpoint with its size: missing/truncated files show
+FILES_MANIFEST = "files.json"  # every file of a checkpoint with its size and sha256, checked on load
+FILES_FORMAT = 2  # files.json {"format": 2, "files": {name: {size, sha256}}}; format 1 was {name: size}
+HASH_BLOCK = 8 << 20
+SAVING_PREFIX = ".saving-"  # a checkpoint being written; renamed to stepN once whole
+REPLACED_PREFIX = ".replaced-"  # a stepN folder moved aside by a newer save of the same step
+PAUSE_HOOK_ENV = "TERRABYTE_TEST_PAUSE_IN_SAVE"
 # Model keys that may change between a checkpoint and its resumption.
 RESUMABLE_MODEL_KEYS = ("checkpoint_activations", "attn_dropout", "ff_dropout", "flash_attn", "chunk_bytes")
 # The exported model: one file, config in its metadata.
@@ -49,65 +59,242 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIRNAME
 
 
-def latest_tag(run_dir: str | Path) -> str | None:
-    latest = checkpoint_dir(run_dir) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not (checkpoint_dir(run_dir) / tag).is_dir():
-        raise CheckpointError(f"checkpoint {latest} points to {tag!r}, which does not exist")
-    return tag
+def tag_step(tag: str) -> int | None:
+    match = TAG_PATTERN.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Checkpoint folders that were renamed into place (so saved whole), newest first."""
+    if not root.is_dir():
+        return []
+    tags = [(tag_step(p.name), p.name) for p in root.iterdir()
+            if p.is_dir() and tag_step(p.name) is not None and (p / FILES_MANIFEST).is_file()]
+    return [tag for _, tag in sorted(tags, reverse=True)]
 
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict, keep: int, model_config: dict) -> Path:
-    """Save on all ranks; only after every rank finished does ``latest`` point at it (atomically)."""
-    root = checkpoint_dir(run_dir)
-    tag = f"step{step}"
+    """Save a DeepSpeed checkpoint ``stepN`` on all ranks (``write_checkpoint`` says how)."""
     layout = engine.terrabyte.layout
     client_state = {**client_state, "layout": layout.as_dict()}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    barrier()
-    if engine.global_rank == 0:
-        _write_json(root / tag / "model_config.json", model_config)
-        _write_json(root / tag / LAYOUT_FILE, {**layout.as_dict(), "zero_stage": engine.zero_optimization_stage()})
-        _write_json(root / tag / FILES_MANIFEST, _file_sizes(root / tag))
-        atomic_write(root / "latest", tag)
+
+    def write(tmp: Path) -> None:
+        engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=client_state, save_latest=False)
+
+    meta = {"model_config.json": model_config,
+            LAYOUT_FILE: {**layout.as_dict(), "zero_stage": engine.zero_optimization_stage()}}
+    return write_checkpoint(checkpoint_dir(run_dir), step, write, meta, keep, engine.global_rank)
+
+
+def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], meta: dict[str, dict], keep: int,
+                     rank: int = 0) -> Path:
+    """Write checkpoint ``stepN`` under ``root`` so that a kill at any point leaves ``latest`` on a
+    whole checkpoint. Every rank calls it; ``write(folder)`` writes this rank's files.
+
+    Every rank writes into ``.saving-stepN`` and fsyncs its files; the ranks hash the files between
+    them; rank 0 writes the ``meta`` JSON files and ``files.json`` (size and sha256 of every file),
+    fsyncs the folder, renames it to ``stepN``, and only then replaces ``latest`` (fsynced). A save
+    never writes into the folder ``latest`` points to: saving that step again is refused. A failed
+    write on any rank (full disk, quota) removes the temporary folder and raises the same one
+    CheckpointError on all ranks; the previous checkpoint is untouched.
+    """
+    tag = f"step{step}"
+    if (root / "latest").is_file() and (root / "latest").read_text().strip() == tag:
+        raise CheckpointError(f"checkpoint {root / tag} is the live checkpoint ({root / 'latest'}): it is "
+                              f"never written again")
+    tmp = root / f"{SAVING_PREFIX}{tag}"
+    on_rank0(rank, _clear, tmp)  # what a killed save of this step left
+    failure = None
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        failure = _first_line(exc)
+    _agree_or_fail(failure, rank, tmp, f"checkpoint {root / tag} could not be written")
+    files = _hash_files(tmp, rank)
+
+    def commit():
+        try:
+            for name, data in meta.items():
+                _write_json(tmp / name, data)
+            _write_json(tmp / FILES_MANIFEST, {"format": FILES_FORMAT, "files": files})
+            fsync_path(tmp)
+            _test_pause(root, step)
+            publish(root, tmp, tag)
+        except OSError as exc:
+            _clear(tmp)
+            raise CheckpointError(f"checkpoint {root / tag} could not be written ({_first_line(exc)}); "
+                                  f"{_previous(root)}") from None
         _prune(root, keep)
-    barrier()
+
+    on_rank0(rank, commit)
     log.info("saved checkpoint %s", root / tag)
     return root / tag
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name))
-    )
-    for _, path in steps[:-keep]:
+def publish(root: Path, tmp: Path, tag: str) -> None:
+    """Rename a fully written and fsynced checkpoint folder to ``tag``, then point ``latest`` at it
+    (both durable). A folder of that name that ``latest`` does not point to (left by a save killed
+    between the two steps) is moved aside first, never written into."""
+    final = root / tag
+    if final.exists():
+        aside = root / f"{REPLACED_PREFIX}{tag}"
+        _clear(aside)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_path(root)
+    atomic_write(root / "latest", tag, durable=True)
+    _clear(root / f"{REPLACED_PREFIX}{tag}")
+
+
+def _agree_or_fail(failure: str | None, rank: int, tmp: Path, what: str) -> None:
+    """All ranks learn whether any rank failed; then they all raise the same one line."""
+    import torch.distributed as tdist
+
+    failures = [failure]
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        failures = [None] * tdist.get_world_size()
+        tdist.all_gather_object(failures, failure)
+    bad = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if not bad:
+        return
+    if rank == 0:
+        _clear(tmp)
+    barrier()
+    r, msg = bad[0]
+    raise CheckpointError(f"{what} (rank {r}: {msg}); {_previous(tmp.parent)}")
+
+
+def _previous(root: Path) -> str:
+    latest = root / "latest"
+    if latest.is_file():
+        return f"the previous checkpoint {root / latest.read_text().strip()} is intact (free disk space and resume)"
+    return "no earlier checkpoint exists"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _test_pause(root: Path, step: int) -> None:
+    """Test hook: with TERRABYTE_TEST_PAUSE_IN_SAVE=N, the save of step N stops after every file is
+    written, before the rename, and announces it with a marker file (the kill tests SIGKILL it there)."""
+    if os.environ.get(PAUSE_HOOK_ENV) == str(step):
+        (root / f".paused-in-save-step{step}").write_text(str(os.getpid()))
+        time.sleep(3600)
+
+
+def _clear(path: Path) -> None:
+    if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _file_sizes(ckpt: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(ckpt)): p.stat().st_size
-        for p in sorted(ckpt.rglob("*"))
-        if p.is_file() and p.suffix != ".json" and UNIVERSAL_DIRNAME not in p.relative_to(ckpt).parts[:1]
-    }
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted((tag_step(p.name), p) for p in root.iterdir() if p.is_dir() and tag_step(p.name) is not None)
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.iterdir():  # temporary folders of killed saves
+        if path.is_dir() and path.name.startswith((SAVING_PREFIX, REPLACED_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def verify_files(ckpt: Path) -> None:
-    """Every file the checkpoint was saved with is there, whole (checked against files.json)."""
+def _checked_files(ckpt: Path) -> list[Path]:
+    return [p for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and p.name not in (FILES_MANIFEST, "model_config.json", LAYOUT_FILE)
+            and UNIVERSAL_DIRNAME not in p.relative_to(ckpt).parts[:1]]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in blocks (the sha_ni instructions make it faster than blake2b)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_files(ckpt: Path, rank: int) -> dict[str, dict]:
+    """{name: {size, sha256}} of the checkpoint's files; each rank hashes a share, rank 0 gets all."""
+    import torch.distributed as tdist
+
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    paths = _checked_files(ckpt)
+    mine = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+            for p in paths[rank::world]}
+    if world == 1:
+        return mine
+    parts = [None] * world
+    tdist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in sorted(part.items())}
+
+
+def verify_files(ckpt: Path, rank: int = 0, world: int = 1) -> None:
+    """Every file the checkpoint was saved with is there, whole and unchanged (size and sha256 from
+    files.json); with ``world`` > 1 this caller checks every world-th file from ``rank``."""
     manifest = ckpt / FILES_MANIFEST
     if not manifest.is_file():
         return  # written before manifests existed: DeepSpeed's own errors will have to do
-    for name, size in json.loads(manifest.read_text()).items():
+    hint = f"point {ckpt.parent / 'latest'} at an earlier step, resume with --checkpoint.fallback true, or " \
+           f"remove the checkpoints to start over"
+    try:
+        recorded = json.loads(manifest.read_text())
+        entries = recorded["files"] if recorded.get("format") == FILES_FORMAT else \
+            {name: {"size": size} for name, size in recorded.items()}
+        items = sorted((str(name), int(e["size"]), e.get("sha256")) for name, e in entries.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {FILES_MANIFEST} is not readable; {hint}") from None
+    for name, size, digest in items[rank::world]:
         path = ckpt / name
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing; point "
-                             f"{ckpt.parent / 'latest'} at an earlier step or remove the checkpoints to start over")
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing; {hint}")
         if path.stat().st_size != size:
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} has {path.stat().st_size} of {size} bytes "
-                             f"(truncated?); point {ckpt.parent / 'latest'} at an earlier step or remove the "
-                             f"checkpoints to start over")
+                                  f"(truncated?); {hint}")
+        if digest is not None and file_digest(path) != digest:
+            raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} does not match its sha256 in "
+                                  f"{FILES_MANIFEST}; {hint}")
+
+
+def _verify_together(ckpt: Path, rank: int) -> str | None:
+    """verify_files shared out over the ranks; every rank gets the same verdict (None: intact)."""
+    import torch.distributed as tdist
+
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    try:
+        verify_files(ckpt, rank, world)
+        verdict = None
+    except CheckpointError as exc:
+        verdict = str(exc)
+    if world == 1:
+        return verdict
+    verdicts = [None] * world
+    tdist.all_gather_object(verdicts, verdict)
+    return next((v for v in verdicts if v is not None), None)
+
+
+def choose_checkpoint(root: Path, fallback: bool, rank: int = 0) -> str | None:
+    """The tag to resume from: ``latest``, verified (every rank must call it). A damaged one stops
+    the run with the line naming the file; with ``fallback`` the newest intact checkpoint is used
+    instead, and said so."""
+    latest = root / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    problem = (f"checkpoint {latest} points to {tag!r}, which does not exist"
+               if not (root / tag).is_dir() else _verify_together(root / tag, rank))
+    if problem is None:
+        return tag
+    if not fallback:
+        raise CheckpointError(problem)
+    newest = tag_step(tag)
+    for older in complete_tags(root):
+        if newest is not None and tag_step(older) >= newest:
+            continue
+        if _verify_together(root / older, rank) is None:
+            log.warning("%s; resuming from %s instead (checkpoint.fallback)", problem, root / older)
+            return older
+    raise CheckpointError(f"{problem}; no intact earlier checkpoint in {root} (checkpoint.fallback)")
 
 
 @dataclass
@@ -132,15 +319,15 @@ def plan_resume(cfg: Config, run_dir: str | Path, layout: Layout) -> Optional[Re
     """Check the newest checkpoint against this run before any engine exists, and decide how to load
     it. A different parallel layout goes through DeepSpeed's universal format (converted once, by rank
     0); ``checkpoint.universal`` false makes that an error instead. Every rank must call it."""
-    tag = latest_tag(run_dir)
+    root = checkpoint_dir(run_dir)
+    # every file checked (shared out over the ranks): all ranks stop, or fall back, together
+    tag = choose_checkpoint(root, cfg.checkpoint.fallback, layout.rank)
     if tag is None:
         return None
-    root = checkpoint_dir(run_dir)
     ckpt = root / tag
     stored = ckpt / "model_config.json"
     if stored.is_file():
         check_same_model(json.loads(stored.read_text()), cfg.model.kwargs(), str(ckpt))
-    verify_files(ckpt)  # on every rank, no collective: all ranks stop together on a bad checkpoint
     saved = saved_layout(ckpt)
     current = layout.as_dict()
     moved = saved is not None and {k: saved.get(k) for k in current} != current
@@ -234,7 +421,7 @@ def load(engine, plan: Optional[ResumePlan]) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, json.dumps(data, indent=2))
+    atomic_write(path, json.dumps(data, indent=2), durable=True)
 
 
 def check_same_model(stored: dict, current: dict, where: str) -> None:
@@ -255,12 +442,34 @@ def check_same_model(stored: dict, current: dict, where: str) -> None:
             )
 
 
-def export_safetensors(engine, path: str | Path, model_config: dict) -> None:
-    """Consolidate the (possibly sharded) parameters into one safetensors file on rank 0."""
+def export_safetensors(engine, path: str | Path, model_config: dict, step: int | None = None) -> None:
+    """Consolidate the (possibly sharded) parameters into one safetensors file on rank 0; ``step``
+    goes into its metadata (so a later checkpoint is known to be newer)."""
     tensors = full_state_dict(engine)
     if engine.global_rank == 0:
-        write_safetensors(tensors, model_config, path)
+        write_safetensors(tensors, model_config, path, step)
     barrier()
+
+
+def rng_state() -> dict:
+    """The CPU random state and, on a GPU, this rank's CUDA one (dropout draws from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(saved) -> None:
+    """Undo ``rng_state``; a bare tensor is the CPU state of checkpoints from before CUDA was saved."""
+    if isinstance(saved, torch.Tensor):
+        saved = {"cpu": saved}
+    torch.set_rng_state(saved["cpu"])
+    if torch.cuda.is_available():
+        if "cuda" in saved:
+            torch.cuda.set_rng_state(saved["cuda"])
+        else:
+            log.warning("the checkpoint holds no CUDA random state (saved without a GPU): GPU dropout "
+                        "will not repeat the uninterrupted run's")
 
 
 def consolidate_checkpoint(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
@@ -279,11 +488,40 @@ def consolidate_checkpoint(root: str | Path, tag: str) -> dict[str, torch.Tensor
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), tensors_only_loads():
             state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    except (FileNotFoundError, ValueError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete or unreadable: {exc}") from None
+    except (FileNotFoundError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete or unreadable: {_first_line(exc)}") from None
     return {k: v.float() for k, v in state.items()}
+
+
+def _deepspeed_safe_globals() -> list:
+    """The plain-data DeepSpeed classes a ZeRO checkpoint pickles besides tensors (an enum, the
+    loss scaler's settings); the weights-only unpickler rebuilds them without running their code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def tensors_only_loads():
+    """Inside: every ``torch.load`` is ``weights_only=True`` (tensors, containers and the allowed
+    DeepSpeed data classes; no arbitrary unpickling), whatever its caller asked for: DeepSpeed's
+    ``zero_to_fp32`` asks for ``weights_only=False``. For reading checkpoints that may come from
+    elsewhere (``generate``, ``eval``, ``export``); not thread-safe, as it swaps ``torch.load``."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = original
 
 
 def _consolidate_universal(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -291,7 +529,7 @@ def _consolidate_universal(ckpt: Path) -> dict[str, torch.Tensor]:
     state = {}
     for fp32 in sorted((out / "zero").glob("*/fp32.pt")):
         name = fp32.parent.name
-        obj = torch.load(fp32, map_location="cpu", weights_only=False)
+        obj = torch.load(fp32, map_location="cpu", weights_only=True)
         tensor = obj["param"] if isinstance(obj, dict) else obj  # ZeRO-1/2 wrap it, ZeRO-3 does not
         # pipeline parameter names start with the layer index
         key = pipeline_key(name) if name.split(".", 1)[0].isdigit() else name
@@ -328,8 +566,9 @@ def full_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
 # --------------------------------------------------------------------------- safetensors
 
 
-def load_state(source: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(model config, state dict) from a safetensors file, a run directory or a checkpoint folder."""
+def load_state(source) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(model config, state dict) from a safetensors file, a run directory or a checkpoint folder
+    (resolved by ``resolve_model_source``), or from a ``ModelSource`` it returned."""
     config, state = _load_state(source)
     if "unit_embedding" not in config:
         # written before grouped upper-stage embeddings existed: every stage embedded by concatenation
@@ -337,22 +576,83 @@ def load_state(source: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def _load_state(source: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from: an exported safetensors file, or a DeepSpeed checkpoint
+    (``root`` / ``tag``) consolidated on the fly. ``step`` is the training step they hold, if known."""
+
+    kind: str  # "safetensors" | "checkpoint"
+    path: Path  # the file, or the checkpoint folder
+    step: Optional[int] = None
+    root: Optional[Path] = None
+    tag: Optional[str] = None
+
+    def describe(self) -> str:
+        at = f" (step {self.step})" if self.step is not None else ""
+        return f"{'exported model' if self.kind == 'safetensors' else 'checkpoint'} {self.path}{at}"
+
+
+def resolve_model_source(source: str | Path) -> ModelSource:
+    """The weights a path stands for: a ``.safetensors`` file is itself; a checkpoint folder (one
+    holding ``latest``) is its newest checkpoint; a run directory is its newest checkpoint unless
+    its exported ``model.safetensors`` is at least as new (the step in the export's metadata, or
+    for exports without one, modification times). The one place that decides this, for
+    ``generate``, ``eval``, ``export`` and ``TerraByte.from_pretrained``; logs its choice."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir() and (path / EXPORT_FILE).is_file():
-        path = path / EXPORT_FILE
     if path.is_file():
-        return _load_safetensors(path)
+        return ModelSource("safetensors", path, exported_step(path))
     root = path if (path / "latest").is_file() else checkpoint_dir(path)
-    tag = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    if tag is None:
-        raise FileNotFoundError(f"{source} holds neither model.safetensors nor a checkpoint (no 'latest' file)")
-    config_path = root / tag / "model_config.json"
+    export = path / EXPORT_FILE
+    ckpt = None
+    if (root / "latest").is_file():
+        tag = (root / "latest").read_text().strip()
+        if not (root / tag).is_dir():
+            raise CheckpointError(f"checkpoint {root / 'latest'} points to {tag!r}, which does not exist")
+        ckpt = ModelSource("checkpoint", root / tag, tag_step(tag), root, tag)
+    if not export.is_file() and ckpt is None:
+        raise FileNotFoundError(f"{source} holds neither {EXPORT_FILE} nor a checkpoint (no 'latest' file)")
+    chosen = ckpt
+    if export.is_file():
+        exported = ModelSource("safetensors", export, exported_step(export))
+        if ckpt is None or _at_least_as_new(exported, ckpt):
+            chosen = exported
+    if ckpt is not None and chosen is not ckpt:
+        log.info("using %s: as new as the newest %s", chosen.describe(), ckpt.describe())
+    elif export.is_file():
+        log.info("using %s: newer than the exported %s", chosen.describe(), export)
+    else:
+        log.info("using %s", chosen.describe())
+    return chosen
+
+
+def _at_least_as_new(exported: ModelSource, ckpt: ModelSource) -> bool:
+    if exported.step is not None and ckpt.step is not None:
+        return exported.step >= ckpt.step
+    return exported.path.stat().st_mtime >= ckpt.path.stat().st_mtime
+
+
+def exported_step(path: Path) -> Optional[int]:
+    """The training step recorded in an exported file's metadata (None: not recorded or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+        return int(step) if step is not None else None
+    except Exception:  # unreadable: reported when the weights are read
+        return None
+
+
+def _load_state(source) -> tuple[dict, dict[str, torch.Tensor]]:
+    where = source if isinstance(source, ModelSource) else resolve_model_source(source)
+    if where.kind == "safetensors":
+        return _load_safetensors(where.path)
+    config_path = where.path / "model_config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"checkpoint {root / tag} has no model_config.json")
-    return json.loads(config_path.read_text()), consolidate_checkpoint(root, tag)
+        raise FileNotFoundError(f"checkpoint {where.path} has no model_config.json")
+    return json.loads(config_path.read_text()), consolidate_checkpoint(where.root, where.tag)
 
 
 def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -370,16 +670,22 @@ def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads(metadata["model_config"]), state
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], config: dict, path: str | Path) -> None:
-    """One safetensors file with the model config in its metadata, written to a temporary name first."""
+def write_safetensors(tensors: dict[str, torch.Tensor], config: dict, path: str | Path,
+                      step: Optional[int] = None) -> None:
+    """One safetensors file with the model config (and the training step, if known) in its metadata,
+    written to a temporary name first."""
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"model_config": json.dumps(config), "format": "pt"})
+    metadata = {"model_config": json.dumps(config), "format": "pt"}
+    if step is not None:
+        metadata["step"] = str(int(step))
+    with atomic_path(path, durable=True) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
-def save_safetensors(model: torch.nn.Module, config: dict, path: str | Path) -> None:
+def save_safetensors(model: torch.nn.Module, config: dict, path: str | Path, step: Optional[int] = None) -> None:
     # clone: tied weights share storage, which safetensors refuses
-    write_safetensors({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, config, path)
+    write_safetensors({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, config,
+                      path, step)
 
 

@@ -346,10 +346,23 @@ def all_reduce_max(value: int) -> int:
     return int(tensor.item())
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     import deepspeed.comm as dist
+    import torch.distributed as tdist
 
-    dist.barrier()
+    if tdist.is_initialized():  # one process without a group (offline tools, tests): nothing to wait for
+        dist.barrier()
 
 
 def compute_device() -> torch.device:
@@ -361,6 +374,9 @@ def on_rank0(rank: int, fn, *args) -> None:
     """Run ``fn`` on rank 0 while the others wait; a user error there is raised on every rank."""
     import torch.distributed as tdist
 
+    if not tdist.is_initialized():
+        fn(*args)
+        return
     failure = [None]
     if rank == 0:
         try:

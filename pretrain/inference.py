@@ -19,7 +19,7 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.system import atomic_write
 
-from .checkpoint import load_state, save_safetensors
+from .checkpoint import load_state, resolve_model_source, save_safetensors
 from .model import TerraByte
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,10 @@ def add_export_arguments(parser) -> None:
 
 
 def run_export(args) -> int:
-    config, state = load_state(args.run)
+    where = resolve_model_source(args.run)
+    config, state = load_state(where)
     model = TerraByte(**config)
     model.load_state_dict(state)
-    save_safetensors(model, config, args.out)
+    save_safetensors(model, config, args.out, where.step)
     log.info("wrote %s", args.out)
     return 0

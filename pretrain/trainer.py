@@ -45,10 +45,15 @@ def setup_logging(level: str, rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def resolve_data(cfg: Config, rank: int) -> Path:
+def resolve_data(cfg: Config, rank: int) -> Path | str:
     """The shard directory: ``data.path``, or the standard-library corpus built once into the run."""
     from terrabyte.data_pipeline.stdlib_corpus import ensure_default_shards
 
+    if cfg.data.path and cfg.data.path.startswith(("pipe:", "http://", "https://")):
+        if cfg.data.path.startswith("pipe:") and not cfg.data.allow_pipe:
+            raise ConfigError(f"data.path {cfg.data.path!r} runs a shell command: set --data.allow_pipe true to "
+                              "allow it, or use a local path or http(s) URL")
+        return cfg.data.path  # the loader reads the manifest and shards through it
     if cfg.data.path:
         path = Path(cfg.data.path)
         if not (path / "manifest.json").is_file():
@@ -118,6 +123,8 @@ class Trainer:
             vocab=self.vocab,
             loop=loop,
             on_error=self.cfg.data.on_error,
+            allow_pipe=self.cfg.data.allow_pipe,
+            max_member_bytes=self.cfg.data.max_member_bytes,
             # ByteBatches: one byte per byte on the host, widened to int64 ids on the device (to_ids)
             dtype=torch.uint8,
         )
@@ -165,7 +172,7 @@ class Trainer:
             return
         self.step = self.last_saved = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
+        ckpt.restore_rng(state["rng"])
         log.info("resumed from step %d in %s", self.step, self.run_dir)
 
     def _request_stop(self, signum, _frame) -> None:
@@ -227,7 +234,17 @@ class Trainer:
         return text
 
     def save(self) -> None:
-        state = {"step": self.step, "loader": self.train_loader.state_dict(), "rng": torch.get_rng_state()}
+        if self.step == self.last_saved:
+            # e.g. a stop signal right after a resume: that checkpoint already holds this state, and
+            # rewriting the folder `latest` points to could destroy the only good one
+            log.info("checkpoint step%d already holds this state: not saved again", self.step)
+            return
+        loader = self.train_loader.state_dict()
+        # members any rank found corrupt (data.on_error skip): resume positions depend on them
+        bad = sorted({m for part in eng.all_gather_objects(loader.pop("bad_members", [])) for m in part})
+        if bad:
+            loader["bad_members"] = bad
+        state = {"step": self.step, "loader": loader, "rng": ckpt.rng_state()}
         ckpt.save(self.engine, self.run_dir, self.step, state, self.cfg.checkpoint.keep, self.model_config)
         self.last_saved = self.step
 
@@ -330,7 +347,7 @@ class Trainer:
                     self.save()
         bar.close()
         if cfg.checkpoint.export:
-            ckpt.export_safetensors(self.engine, self.run_dir / ckpt.EXPORT_FILE, self.model_config)
+            ckpt.export_safetensors(self.engine, self.run_dir / ckpt.EXPORT_FILE, self.model_config, self.step)
             log.info("exported %s", self.run_dir / ckpt.EXPORT_FILE)
         self.metrics.close()
         if last_val is not None:

@@ -441,3 +441,67 @@ def test_resume_inside_a_continued_document_is_exact(long_shards, workers):
         row = bytes(ref[k][0].tolist()) if (ref[k][0] < 256).all() else b""
         inside += bool(row) and BIG.find(row) > 0  # this batch starts in the middle of the big document
     assert inside >= 2
+
+
+def _corrupt_member(path, tmp_path, member=1):
+    """A copy of the build with one train member's zstd frame clobbered; returns (copy, its table index)."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    man = load_manifest(str(bad))
+    shard = next(s for s in man["shards"] if s["split"] == "train")
+    zo, zs = shard["index"]["zst_offset"][member], shard["index"]["zst_size"][member]
+    with open(bad / shard["path"], "r+b") as f:
+        f.seek(zo + zs // 2)
+        f.write(b"\xff" * 8)
+    table = stages.member_table(shard_list(man, "train"))
+    index = next(i for i in range(len(table)) if table.where(i).endswith(f"member {member:06d}")
+                 and shard["path"] in table.where(i))
+    return str(bad), index
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_with_looping_epochs_resumes_exactly(shards, tmp_path, workers):
+    """data.on_error skip, endless epochs: a lane that skipped a corrupt member ends in padding (it
+    never reads another lane's members), and a resume anywhere, before or after the skip, yields the
+    uninterrupted run's batches exactly."""
+    path, _ = shards
+    bad, index = _corrupt_member(path, tmp_path)
+    kw = dict(seq_len=SEQ, global_batch=4, micro_batch=2, on_error="skip", num_workers=workers, dtype=torch.uint8)
+    straight = ByteLoader(bad, **kw)
+    per_epoch = len(straight)
+    n = 2 * per_epoch + 3  # into the third epoch
+    it = iter(straight)
+    batches, states = [], []
+    for _ in range(n):
+        batches.append(next(it))
+        states.append(straight.state_dict())
+    assert straight.skipped == 1 and states[-1]["bad_members"] == [index]
+    # the corrupt member's tokens come back as padding, once per epoch, and nothing else is lost
+    good = ByteLoader(path, **{**kw, "on_error": "raise"})
+    table_tokens = int(good.table.tokens[index])
+    epoch_pad = sum(int((b.to_ids() == PAD).sum()) for b in batches[per_epoch:2 * per_epoch])
+    lanes, steps = stages.lanes(good.total_tokens, 4, SEQ)
+    order, cum = good._epoch_stream(1)
+    at = int(np.flatnonzero(order == index)[0])
+    inside = sum(max(0, min(cum[at + 1], ln.stop) - max(cum[at], ln.start)) for ln in lanes)
+    assert 0 < table_tokens and epoch_pad == inside > 0
+    # resume just after the lane met the corrupt member (epochs 0 and 1), and elsewhere
+    after = []
+    for epoch in (0, 1):
+        order, cum = good._epoch_stream(epoch)
+        at = int(np.flatnonzero(order == index)[0])
+        for lane in lanes:  # each lane the member overlaps: a step after it
+            if cum[at] < lane.stop and cum[at + 1] > lane.start:
+                step = min(steps - 1, (min(int(cum[at + 1]), lane.stop) - lane.start) // SEQ + 1)
+                after.append(epoch * per_epoch + step * straight.grad_accum + 1)
+    assert after
+    for k in (0, per_epoch // 2, per_epoch + 1, n - 2, *after):
+        resumed = ByteLoader(bad, **kw)
+        resumed.load_state_dict(states[k])
+        rit = iter(resumed)
+        for j in range(k + 1, n):
+            b = next(rit)
+            assert torch.equal(b.to_ids(), batches[j].to_ids()), (workers, k, j)
+        assert resumed.skipped == 1

@@ -161,7 +161,7 @@ def test_decompress_checks_size_and_frame():
     assert ok.data == raw
     with pytest.raises(DataError, match="s m"):
         stages.decompress_sample(stages.Sample("s m", b"{}", zst[:-3], raw_size=len(raw)))
-    with pytest.raises(DataError, match="manifest says 5"):
+    with pytest.raises(DataError, match="declares 550 bytes, more than the limit of 5"):
         stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=5))
     with pytest.raises(DataError, match="malformed member JSON"):
         stages.parse_meta(stages.Sample("s m", b"{not json", raw))

@@ -204,13 +204,14 @@ def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
 
 
 def test_checkpoint_files_are_checked_against_the_manifest(tmp_path):
-    from terrabyte.pretrain.checkpoint import FILES_MANIFEST, _file_sizes, verify_files
+    from terrabyte.pretrain.checkpoint import FILES_MANIFEST, verify_files
 
     ckpt = tmp_path / "step4"
     ckpt.mkdir()
     (ckpt / "a_model_states.pt").write_bytes(b"x" * 100)
     (ckpt / "b_optim_states.pt").write_bytes(b"y" * 50)
-    (ckpt / FILES_MANIFEST).write_text(json.dumps(_file_sizes(ckpt)))
+    # files.json of format 1 (sizes only) is still read
+    (ckpt / FILES_MANIFEST).write_text(json.dumps({"a_model_states.pt": 100, "b_optim_states.pt": 50}))
     verify_files(ckpt)
     (ckpt / "b_optim_states.pt").write_bytes(b"y" * 20)
     with pytest.raises(ValueError, match=r"b_optim_states.pt has 20 of 50 bytes \(truncated\?\)"):
