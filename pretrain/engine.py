@@ -22,6 +22,7 @@ from terrabyte.data_pipeline.errors import TerrabyteError
 from terrabyte.data_pipeline.system import free_port
 
 from .args import Config
+from .model import TerraByte
 from .parallel import Layout, SequenceParallel, autotp_config, pipeline_module, sequence_parallel_group, shard_attention_heads
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 shard's own shape is flat
+            (decay if len(shape) >= 2 else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -173,6 +175,46 @@ def lr_lambda(cfg: Config):
         return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
 
     return factor
+
+
+# --------------------------------------------------------------------------- building
+
+
+def builds_partitioned(cfg: Config, layout: Layout) -> bool:
+    """ZeRO-3 over several ranks, without pipeline or AutoTP (both split whole modules first): the
+    model is built partitioned, no rank ever holding all of it."""
+    return cfg.parallel.zero_stage == 3 and layout.world > 1 and layout.pipeline == 1 and layout.tensor == 1
+
+
+def build_model(cfg: Config, layout: Layout) -> TerraByte:
+    """The plain model for ``wrap``. Under ZeRO-3 over several ranks each parameter is partitioned
+    over the ranks as soon as its module is built (``deepspeed.zero.Init``), then initialised one
+    module at a time with that module gathered: a rank's host memory never holds the whole fp32
+    model, and the same seed gives the same weights as a one-rank build (the default initialisers
+    and ``init_weights`` draw in the same order, the same numbers)."""
+    if not builds_partitioned(cfg, layout):
+        return TerraByte(**cfg.model.kwargs())
+    import deepspeed
+
+    # fp32 as in a plain build (DeepSpeed casts to bf16 when it wraps, after initialisation): said
+    # by the config, as zero.Init's dtype argument is read as bf16 on a CPU without fp16.
+    # mem_efficient_linear off: it would replace torch's F.linear for the whole process.
+    fp32 = dict(deepspeed_config(cfg, layout), bf16={"enabled": False})
+    with deepspeed.zero.Init(config_dict_or_path=fp32, mem_efficient_linear=False):
+        return TerraByte(**cfg.model.kwargs(), whole=_gathered)
+
+
+def _gathered(module: torch.nn.Module):
+    """``module``'s own parameters whole on every rank; rank 0's values are the ones kept (every rank
+    draws the same, from the same seed)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=0)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model, partitioned (ZeRO-3 ``ds_numel``) or not."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- wrapping
