@@ -5,7 +5,8 @@ every layout on the same global batch in the same run: one rank under ZeRO-3, th
 pipeline, tensor (AutoTP) and sequence (Ulysses) parallelism over 2 ranks. Per rank: the step time
 (median of the timed optimizer steps, after warm-up steps), bytes per second (the global batch's
 bytes over that time) and peak host memory (the process's ``VmHWM``: interpreter, torch, DeepSpeed,
-model, optimizer state and the steps), each also as a ratio to the one-rank run. Every layout runs
+model, optimizer state and the steps; and that peak less the RSS before the build), each also as a
+ratio to the one-rank run. Every layout runs
 in its own processes (``torchrun``; one rank: a plain process), glibc's mmap threshold pinned so
 that RSS follows live memory (``bench_model.MALLOC_ENV``); batches are random bytes, the same on
 the ranks of a replica.
@@ -217,13 +218,13 @@ def _ratio(value: float, reference: float) -> str:
 def layout_table(name: str, rows: list[dict], one: dict) -> str:
     ranks, _, description = LAYOUTS[name]
     lines = [f"{description}: {rows[0]['layout']}", "",
-             "| rank | step (s) | bytes/s | peak RSS (GB) | step vs 1 rank | bytes/s vs 1 rank | peak RSS vs 1 rank |",
-             "|---|---|---|---|---|---|---|"]
+             "| rank | step (s) | bytes/s | peak RSS (GB) | above start-up (GB) | step vs 1 rank | bytes/s vs 1 rank "
+             "| peak RSS vs 1 rank |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate, base_rate = r["bytes_per_step"] / r["step_s"], one["bytes_per_step"] / one["step_s"]
         lines.append(f"| {r['rank']} | {r['step_s']:.3f} | {rate:,.0f} | {r['peak_rss'] / GB:.2f} | "
-                     f"{_ratio(r['step_s'], one['step_s'])} | {_ratio(rate, base_rate)} | "
-                     f"{_ratio(r['peak_rss'], one['peak_rss'])} |")
+                     f"{(r['peak_rss'] - r['rss_before_build']) / GB:.3f} | {_ratio(r['step_s'], one['step_s'])} | "
+                     f"{_ratio(rate, base_rate)} | {_ratio(r['peak_rss'], one['peak_rss'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +255,8 @@ def run(args) -> int:
     results: dict = {"header": header, "layouts": {}}
     sys.stdout.write(f"Machine: {header['machine']}; date: {header['date']}; config {args.config} "
                      f"{' '.join(overrides)}; median of {args.steps} optimizer steps after {args.warmup} warm-up; "
-                     f"peak RSS: VmHWM of each rank's process\n\n")
+                     f"peak RSS: VmHWM of each rank's process ({os.environ.get('OMP_NUM_THREADS', '1')} torch thread(s) per rank); above start-up: that peak less "
+                     f"the RSS before the model is built (interpreter, torch, DeepSpeed, process group)\n\n")
     for name in layouts:
         ranks, extra, _ = LAYOUTS[name]
         log.info("bench engine: %s on %d rank(s)", name, ranks)

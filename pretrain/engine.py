@@ -10,6 +10,7 @@ resumes and consolidates.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -188,28 +189,44 @@ def builds_partitioned(cfg: Config, layout: Layout) -> bool:
 
 def build_model(cfg: Config, layout: Layout) -> TerraByte:
     """The plain model for ``wrap``. Under ZeRO-3 over several ranks each parameter is partitioned
-    over the ranks as soon as its module is built (``deepspeed.zero.Init``), then initialised one
-    module at a time with that module gathered: a rank's host memory never holds the whole fp32
-    model, and the same seed gives the same weights as a one-rank build (the default initialisers
-    and ``init_weights`` draw in the same order, the same numbers)."""
+    over the ranks as soon as its module is built (``deepspeed.zero.Init``, in the training dtype),
+    then initialised one module at a time with that module gathered: a rank's host memory never
+    holds the whole model, and the same seed gives the same weights as a one-rank build
+    (``init_weights`` draws the same numbers in the same order, into fp32 CPU tensors, and rounds
+    them to bf16 as DeepSpeed rounds a plain model when it wraps it)."""
     if not builds_partitioned(cfg, layout):
         return TerraByte(**cfg.model.kwargs())
     import deepspeed
 
-    # fp32 as in a plain build (DeepSpeed casts to bf16 when it wraps, after initialisation): said
-    # by the config, as zero.Init's dtype argument is read as bf16 on a CPU without fp16.
-    # mem_efficient_linear off: it would replace torch's F.linear for the whole process.
-    fp32 = dict(deepspeed_config(cfg, layout), bf16={"enabled": False})
-    with deepspeed.zero.Init(config_dict_or_path=fp32, mem_efficient_linear=False):
-        return TerraByte(**cfg.model.kwargs(), whole=_gathered)
+    # on a GPU the submodules' own initialisers draw from its generator: a plain build's do not
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    # the dtype comes from the config (zero.Init reads its dtype argument as bf16 on a CPU without
+    # fp16); mem_efficient_linear off: it would replace torch's F.linear for the whole process
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, layout), mem_efficient_linear=False):
+        model = TerraByte(**cfg.model.kwargs(), whole=_gathered)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng)
+    return model
 
 
+@contextlib.contextmanager
 def _gathered(module: torch.nn.Module):
-    """``module``'s own parameters whole on every rank; rank 0's values are the ones kept (every rank
-    draws the same, from the same seed)."""
+    """``module``'s own parameters whole on every rank, as fp32 CPU tensors while the model draws
+    into them (the generator and precision of a plain build, whatever device zero.Init allocated
+    on); rank 0's values are the ones kept (every rank draws the same, from the same seed)."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=0)
+    params = list(module.parameters(recurse=False))
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        gathered = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to("cpu", torch.float32)  # no copy when it already is
+        try:
+            yield
+        finally:
+            for p, data in zip(params, gathered):
+                data.copy_(p.data)
+                p.data = data
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -660,6 +660,10 @@ class TerraByte(nn.Module):
         """``whole``: how ``init_weights`` reaches each module's parameters (see there); by default
         they are whole."""
         super().__init__()
+        # the submodules' own initialisers draw from whichever generator their device has (none on
+        # meta): init_weights starts from the CPU generator's state as found here, so the weights
+        # depend on the seed alone, wherever and however the modules are allocated
+        rng = torch.get_rng_state()
         if not isinstance(max_seq_len, (list, tuple)) or len(max_seq_len) < 2:
             raise ConfigError(f"max_seq_len={max_seq_len!r} must be a tuple with one length per stage (at least 2)")
         stages = len(max_seq_len)
@@ -710,6 +714,7 @@ class TerraByte(nn.Module):
         self.checkpoint_activations = checkpoint_activations
         self.chunk_bytes = self._resolve_chunk_bytes(chunk_bytes)
         self._plans = None  # (parameter key, decode plans), see _decode_plans
+        torch.set_rng_state(rng)
         self.init_weights(whole)
 
     @classmethod
@@ -746,9 +751,10 @@ class TerraByte(nn.Module):
 
         ``whole(module)``: a context in which ``module``'s own parameters (not its children's) are
         whole, entered around each write in turn. By default they already are; a model built
-        partitioned (ZeRO-3's ``zero.Init``, ``engine.build_model``) gathers one module at a time,
-        so no rank ever holds the whole model, and the random draws come in the same order: the same
-        seed gives the same weights however the model is built."""
+        partitioned (ZeRO-3's ``zero.Init``, ``engine.build_model``) gathers one module at a time
+        (as fp32 CPU tensors, the ones a plain build draws into), so no rank ever holds the whole
+        model, and the random draws come in the same order: the same seed gives the same weights
+        however the model is built."""
         whole = whole or as_is
         last_dim = self.dims[-1]
         for s, stage in enumerate(self.stages):

@@ -137,17 +137,20 @@ def _build_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     eng.init_distributed()
-    cfg = load_config("tiny", BUILD)
-    torch.manual_seed(cfg.run.seed)  # as the trainer seeds before building
-    model = eng.build_model(cfg, plan_layout(cfg, 2, rank))
-    # what this rank holds: its shard of each partitioned parameter, the whole of each small one that
-    # ZeRO-3 keeps on every rank (stage3_param_persistence_threshold)
-    held = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in model.parameters())
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        if rank == 0:
+    result = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config("tiny", [*BUILD, "--train.precision", precision])
+        torch.manual_seed(cfg.run.seed)  # as the trainer seeds before building
+        model = eng.build_model(cfg, plan_layout(cfg, 2, rank))
+        after = torch.rand(4)
+        # what this rank holds: its shard of each partitioned parameter, the whole of each small one
+        # that ZeRO-3 keeps on every rank (stage3_param_persistence_threshold)
+        held = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in model.parameters())
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result[precision] = {"state": state, "held": held, "after": after}
     if rank == 0:
-        torch.save({"state": state, "held": held, "after": torch.rand(4)}, out)
+        torch.save(result, out)
     eng.barrier()
 
 
@@ -159,7 +162,7 @@ BUILD = ["--model.dim", "256,48,32", "--model.depth", "2,1,1", "--model.max_seq_
 
 def test_partitioned_build_matches_one_rank(tmp_path):
     """Under ZeRO-3 no rank holds the whole model while it is built, and the same seed gives the same
-    weights (and leaves the random generator where a one-rank build leaves it)."""
+    weights (and leaves the random generator where a one-rank build leaves it), in fp32 and bf16."""
     import torch
     import torch.multiprocessing as mp
 
@@ -169,15 +172,18 @@ def test_partitioned_build_matches_one_rank(tmp_path):
 
     out = tmp_path / "gathered.pt"
     mp.spawn(_build_rank, args=(free_port(), str(out)), nprocs=2, join=True)
-    got = torch.load(out, weights_only=False)
+    results = torch.load(out, weights_only=False)
     cfg = load_config("tiny", BUILD)
     torch.manual_seed(cfg.run.seed)
     plain = TerraByte(**cfg.model.kwargs())
     want = plain.state_dict()
     after = torch.rand(4)
     total = sum(p.numel() for p in plain.parameters())
-    assert got["held"] < 0.6 * total
-    assert set(got["state"]) == set(want)
-    for name, tensor in want.items():
-        assert torch.equal(got["state"][name], tensor), name
-    assert torch.equal(got["after"], after)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        got = results[precision]
+        assert got["held"] < 0.6 * total
+        assert set(got["state"]) == set(want)
+        for name, tensor in want.items():
+            # bf16: what DeepSpeed makes of the fp32 weights of a plain build when it wraps them
+            assert torch.equal(got["state"][name], tensor.to(dtype)), (precision, name)
+        assert torch.equal(got["after"], after), precision

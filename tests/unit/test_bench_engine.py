@@ -22,7 +22,7 @@ def test_one_rank_runs_and_prints_its_table(tmp_path):
          "--warmup", "0", "--build", "none", "--out", str(out), "--", *SIZES],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| rank | step (s) | bytes/s | peak RSS (GB) | step vs 1 rank |" in proc.stdout
+    assert "| rank | step (s) | bytes/s | peak RSS (GB) | above start-up (GB) | step vs 1 rank |" in proc.stdout
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| 0 |"))
     assert row.endswith("| 1.00x | 1.00x | 1.00x |")
     (one,) = json.loads(out.read_text())["layouts"]["one"]
@@ -31,10 +31,11 @@ def test_one_rank_runs_and_prints_its_table(tmp_path):
 
 
 def test_tables_put_every_rank_against_one():
-    one = {"rank": 0, "layout": "1 rank(s)", "step_s": 2.0, "peak_rss": 1e9, "bytes_per_step": 4096}
+    one = {"rank": 0, "layout": "1 rank(s)", "step_s": 2.0, "peak_rss": 1e9, "rss_before_build": 0.2e9,
+           "bytes_per_step": 4096}
     two = [dict(one, rank=r, layout="2 rank(s)", step_s=1.0, peak_rss=0.5e9) for r in (0, 1)]
     table = be.layout_table("zero3", two, one)
-    assert table.count("| 1.000 | 4,096 | 0.50 | 0.50x | 2.00x | 0.50x |") == 2
+    assert table.count("| 1.000 | 4,096 | 0.50 | 0.300 | 0.50x | 2.00x | 0.50x |") == 2
     plain = {"rank": 0, "parameters": 1000, "local_parameters": 1000, "seconds": 1.0,
              "rss_before_build": 1e9, "build_peak_rss": 1e9 + 4000}
     sharded = [dict(plain, rank=r, local_parameters=500, build_peak_rss=1e9 + 2200) for r in (0, 1)]
