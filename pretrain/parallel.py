@@ -9,7 +9,8 @@ where they fit: ``global_inputs`` and ``lower_stages`` are the chunked execution
   sequence-parallel peers) and which data-parallel rank reads which data.
 * ``pipeline_module``: the hierarchy as a flat list of ``deepspeed.pipe.LayerSpec`` (embedding,
   global blocks, then the lower stages with the loss as one chunked layer) for DeepSpeed's pipeline
-  engine.
+  engine, split into stages at boundaries computed here (``pipeline_parts``: by default balancing
+  the stages' training FLOPs, which DeepSpeed's own partitioners cannot see).
 * ``SequenceParallel``: each rank of a sequence-parallel group holds a contiguous run of patches.
   The global stage's attention runs through Ulysses ``DistributedAttention`` (all-to-all: whole
   sequence, a slice of the heads); the lower stages are independent per patch given the global
