@@ -5,7 +5,7 @@
     terrabyte generate                    sample bytes from a trained model (one prompt, or a batch)
     terrabyte eval                        bits per byte of shards or files, or lm-evaluation-harness tasks
     terrabyte export                      consolidate a run into one safetensors file
-    terrabyte bench model|attention|data|quality|context   benchmarks, side by side with the baselines
+    terrabyte bench model|attention|data|quality|context|engine   benchmarks, side by side with the baselines
 
 Bad input stops with one line, ``terrabyte: error: ...``, and exit code 2: no traceback.
 """
@@ -32,6 +32,7 @@ BENCHES = {
     "data": ("terrabyte.data_pipeline.bench", "shard builder and loader throughput vs plain zstd"),
     "quality": ("terrabyte.pretrain.bench_quality", "bits per byte at equal steps and equal time vs megabyte-pytorch"),
     "context": ("terrabyte.pretrain.bench_context", "training step time and peak RSS from 8 KiB to 16 MiB contexts vs megabyte-pytorch"),
+    "engine": ("terrabyte.pretrain.bench_engine", "the parallel layouts on 2 CPU ranks against one; the model's build memory; MFU on a GPU"),
 }
 
 

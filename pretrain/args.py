@@ -149,9 +149,10 @@ class ParallelConfig:
     pipeline_stages: int = 1
     """Pipeline-parallel stages (DeepSpeed PipelineModule; ZeRO-0/1 only). Combines with data
     parallelism only: DeepSpeed 0.19 runs neither AutoTP nor our Ulysses groups inside a pipeline."""
-    pipeline_partition: str = "parameters"
-    """How layers are spread over pipeline stages: ``parameters`` (balance parameter counts) or
-    ``uniform`` (balance layer counts)."""
+    pipeline_partition: str = "flops"
+    """How layers are spread over pipeline stages: ``flops`` (balance training FLOPs: a lower-stage
+    parameter sees many more tokens than a global one), ``parameters`` (balance parameter counts,
+    DeepSpeed's default) or ``uniform`` (balance layer counts)."""
     tensor_parallel: int = 1
     """DeepSpeed AutoTP degree: attention and feed-forward projections split column/row-wise over
     this many ranks. Must divide ``model.heads``."""
@@ -422,7 +423,7 @@ def validate_parallel(cfg: Config) -> None:
     for key in ("pipeline_stages", "tensor_parallel", "sequence_parallel", "zero_hpz_partition_size"):
         _positive(getattr(p, key), f"parallel.{key}")
     _choice(p.offload, ("none", "cpu", "nvme"), "parallel.offload")
-    _choice(p.pipeline_partition, ("parameters", "uniform"), "parallel.pipeline_partition")
+    _choice(p.pipeline_partition, ("flops", "parameters", "uniform"), "parallel.pipeline_partition")
     if p.offload == "cpu" and p.zero_stage == 0:
         raise ConfigError("parallel.offload cpu needs parallel.zero_stage 1, 2 or 3 (ZeRO-Offload); got 0")
     if p.offload == "nvme" and p.zero_stage != 3:

@@ -10,6 +10,7 @@ resumes and consolidates.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from terrabyte.data_pipeline.errors import TerrabyteError
 from terrabyte.data_pipeline.system import free_port
 
 from .args import Config
+from .model import TerraByte
 from .parallel import Layout, SequenceParallel, autotp_config, pipeline_module, sequence_parallel_group, shard_attention_heads
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 shard's own shape is flat
+            (decay if len(shape) >= 2 else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -173,6 +176,62 @@ def lr_lambda(cfg: Config):
         return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
 
     return factor
+
+
+# --------------------------------------------------------------------------- building
+
+
+def builds_partitioned(cfg: Config, layout: Layout) -> bool:
+    """ZeRO-3 over several ranks, without pipeline or AutoTP (both split whole modules first): the
+    model is built partitioned, no rank ever holding all of it."""
+    return cfg.parallel.zero_stage == 3 and layout.world > 1 and layout.pipeline == 1 and layout.tensor == 1
+
+
+def build_model(cfg: Config, layout: Layout) -> TerraByte:
+    """The plain model for ``wrap``. Under ZeRO-3 over several ranks each parameter is partitioned
+    over the ranks as soon as its module is built (``deepspeed.zero.Init``, in the training dtype),
+    then initialised one module at a time with that module gathered: a rank's host memory never
+    holds the whole model, and the same seed gives the same weights as a one-rank build
+    (``init_weights`` draws the same numbers in the same order, into fp32 CPU tensors, and rounds
+    them to bf16 as DeepSpeed rounds a plain model when it wraps it)."""
+    if not builds_partitioned(cfg, layout):
+        return TerraByte(**cfg.model.kwargs())
+    import deepspeed
+
+    # on a GPU the submodules' own initialisers draw from its generator: a plain build's do not
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    # the dtype comes from the config (zero.Init reads its dtype argument as bf16 on a CPU without
+    # fp16); mem_efficient_linear off: it would replace torch's F.linear for the whole process
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, layout), mem_efficient_linear=False):
+        model = TerraByte(**cfg.model.kwargs(), whole=_gathered)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng)
+    return model
+
+
+@contextlib.contextmanager
+def _gathered(module: torch.nn.Module):
+    """``module``'s own parameters whole on every rank, as fp32 CPU tensors while the model draws
+    into them (the generator and precision of a plain build, whatever device zero.Init allocated
+    on); rank 0's values are the ones kept (every rank draws the same, from the same seed)."""
+    import deepspeed
+
+    params = list(module.parameters(recurse=False))
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        gathered = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to("cpu", torch.float32)  # no copy when it already is
+        try:
+            yield
+        finally:
+            for p, data in zip(params, gathered):
+                data.copy_(p.data)
+                p.data = data
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model, partitioned (ZeRO-3 ``ds_numel``) or not."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- wrapping

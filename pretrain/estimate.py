@@ -52,6 +52,30 @@ def flops_per_byte(model: TerraByte, cfg: Config) -> list[float]:
     return per_stage
 
 
+def pipeline_layer_costs(model: TerraByte, cfg: Config) -> list[dict]:
+    """Per pipeline layer (``parallel.pipeline_layers``: the embedding, each global block, then stage
+    0's norm and projection with every lower stage and the head): name, parameters and training
+    FLOPs per sequence, counted as ``flops_per_byte`` counts them (the layers sum to its total)."""
+    stage, patches = model.stages[0], model.max_seq_len[0]
+    per_byte = flops_per_byte(model, cfg)
+    attn = 2 * 2 * stage.heads * stage.dim_head * keys_per_query(cfg, 0, patches)
+
+    def count(*modules) -> int:
+        return sum(p.numel() for m in modules for p in (m.parameters() if isinstance(m, torch.nn.Module) else [m]))
+
+    embed_matmul = count(stage.embed) - stage.embed.token_emb.weight.numel()
+    layers = [{"name": "embedding", "parameters": count(stage.embed, stage.start_token),
+               "flops": 3 * 2 * embed_matmul * patches}]
+    for i, block in stage.layers.items():
+        layers.append({"name": f"block {i}", "parameters": count(block),
+                       "flops": 3 * (2 * count(block) + attn) * patches})
+    lower = [stage.norm] + ([stage.to_next] if stage.to_next is not None else []) + list(model.stages[1:])
+    head = [] if model.tie_embeddings else [model.to_logits]
+    layers.append({"name": "lower stages + head", "parameters": count(*lower, *head),
+                   "flops": 3 * 2 * count(*lower[:2]) * patches + sum(per_byte[1:]) * model.context_length})
+    return layers
+
+
 def keys_per_query(cfg: Config, stage: int, window: int) -> float:
     """Keys each query scores: half the window when dense causal; for a sparse stage, what the
     kernel computes (whole tiles, counted on head 0)."""

@@ -28,10 +28,11 @@ decoding and sampling (``model.generate``, ``init_cache``, ``forward_cached``) l
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,11 @@ def trunc_normal(weight: Tensor, std: float) -> None:
     nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
 
 
+def as_is(module: nn.Module) -> ContextManager:
+    """``init_weights``' default ``whole``: a plain module's parameters are whole already."""
+    return contextlib.nullcontext()
+
+
 def init_fan_in(linear: nn.Linear) -> None:
     """std = 1 / sqrt(fan_in), truncated at 3 std: a unit-RMS input gives a unit-RMS output."""
     trunc_normal(linear.weight, linear.in_features ** -0.5)
@@ -314,17 +320,21 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), freqs)
         return x + self.ff(self.ff_norm(x))
 
-    def init_weights(self, residual_scale: float) -> None:
+    def init_weights(self, residual_scale: float, whole: Optional[Callable] = None) -> None:
+        whole = whole or as_is
         for norm in (self.attn_norm, self.ff_norm):
-            norm.reset_parameters()
+            with whole(norm):
+                norm.reset_parameters()
         # dim^-0.5 for what reads the unit-RMS stream, times the residual scale for what writes to
         # it: GPT-2's fixed 0.02 wrote ~100x below the stream and cost 0.3 bits per byte after 120
         # steps of the tiny config (pretrain/BENCHMARKS.md, "Model quality")
         std = self.attn.to_q.in_features ** -0.5
         for lin in (self.attn.to_q, self.attn.to_k, self.attn.to_v, self.ff.gate_proj, self.ff.up_proj):
-            trunc_normal(lin.weight, std)
+            with whole(lin):
+                trunc_normal(lin.weight, std)
         for lin in (self.attn.to_out, self.ff.down_proj):
-            trunc_normal(lin.weight, std * residual_scale)
+            with whole(lin):
+                trunc_normal(lin.weight, std * residual_scale)
 
 
 class PatchEmbed(nn.Module):
@@ -368,13 +378,13 @@ class PatchEmbed(nn.Module):
                 x = level(rearrange(x, "... (k g) e -> ... k (g e)", g=g))  # (..., unit_size / g..., byte_dim)
         return self.proj(rearrange(x, "... k e -> ... (k e)"))
 
-    def init_weights(self, emb_std: float) -> None:
-        nn.init.normal_(self.token_emb.weight, std=emb_std)
-        if self.levels is not None:
-            for level in self.levels:
-                init_fan_in(level)
-        if self.proj is not None:
-            init_fan_in(self.proj)
+    def init_weights(self, emb_std: float, whole: Optional[Callable] = None) -> None:
+        whole = whole or as_is
+        with whole(self.token_emb):
+            nn.init.normal_(self.token_emb.weight, std=emb_std)
+        for linear in [*(self.levels or ()), *([self.proj] if self.proj is not None else [])]:
+            with whole(linear):
+                init_fan_in(linear)
 
 
 def units_before(ids: Tensor, span: int, unit_size: int, lo: int = 0, hi: Optional[int] = None
@@ -472,17 +482,21 @@ class Stage(nn.Module):
         """(B, n, dim) -> (B * n, next_seq_len, next_dim): context for each child position."""
         return rearrange(self.to_next(x), "b n (l d) -> (b n) l d", l=self.next_seq_len)
 
-    def init_weights(self, emb_std: float) -> None:
-        self.embed.init_weights(emb_std)
-        nn.init.normal_(self.start_token, std=1.0)
+    def init_weights(self, emb_std: float, whole: Optional[Callable] = None) -> None:
+        whole = whole or as_is
+        self.embed.init_weights(emb_std, whole)
+        with whole(self):
+            nn.init.normal_(self.start_token, std=1.0)
         if self.rotary is not None:
             self.rotary.reset_parameters()
         for block in self.layers.values():
             # two residual writes per block: the stream's variance stays O(1) whatever the depth
-            block.init_weights(residual_scale=1 / math.sqrt(2 * self.depth))
-        self.norm.reset_parameters()
+            block.init_weights(residual_scale=1 / math.sqrt(2 * self.depth), whole=whole)
+        with whole(self.norm):
+            self.norm.reset_parameters()
         if self.to_next is not None:
-            init_fan_in(self.to_next)
+            with whole(self.to_next):
+                init_fan_in(self.to_next)
 
 
 # ---------------------------------------------------------------------------- Loss
@@ -650,12 +664,19 @@ class TerraByte(nn.Module):
         checkpoint_activations: bool = False,
         chunk_bytes: Optional[int] = None,
         unit_embedding: str = "grouped",
+        whole: Optional[Callable[[nn.Module], ContextManager]] = None,
     ):
+        """``whole``: how ``init_weights`` reaches each module's parameters (see there); by default
+        they are whole."""
         # the arguments as given, JSON-ready: what save_pretrained writes to config.json
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
-                  if k not in ("self", "__class__")}
+                  if k not in ("self", "__class__", "whole")}
         super().__init__()
         self.config = config
+        # the submodules' own initialisers draw from whichever generator their device has (none on
+        # meta): init_weights starts from the CPU generator's state as found here, so the weights
+        # depend on the seed alone, wherever and however the modules are allocated
+        rng = torch.get_rng_state()
         if not isinstance(max_seq_len, (list, tuple)) or len(max_seq_len) < 2:
             raise ConfigError(f"max_seq_len={max_seq_len!r} must be a tuple with one length per stage (at least 2)")
         stages = len(max_seq_len)
@@ -706,7 +727,8 @@ class TerraByte(nn.Module):
         self.checkpoint_activations = checkpoint_activations
         self.chunk_bytes = self._resolve_chunk_bytes(chunk_bytes)
         self._plans = None  # (parameter key, decode plans), see _decode_plans
-        self.init_weights()
+        torch.set_rng_state(rng)
+        self.init_weights(whole)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "TerraByte":
@@ -737,15 +759,24 @@ class TerraByte(nn.Module):
             stage.checkpoint_activations = bool(value)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter and buffer; call after ``to_empty`` on a meta-built model."""
+    def init_weights(self, whole: Optional[Callable[[nn.Module], ContextManager]] = None) -> None:
+        """(Re)initialise every parameter and buffer; call after ``to_empty`` on a meta-built model.
+
+        ``whole(module)``: a context in which ``module``'s own parameters (not its children's) are
+        whole, entered around each write in turn. By default they already are; a model built
+        partitioned (ZeRO-3's ``zero.Init``, ``engine.build_model``) gathers one module at a time
+        (as fp32 CPU tensors, the ones a plain build draws into), so no rank ever holds the whole
+        model, and the random draws come in the same order: the same seed gives the same weights
+        however the model is built."""
+        whole = whole or as_is
         last_dim = self.dims[-1]
         for s, stage in enumerate(self.stages):
             is_last = s == self.num_stages - 1
             # a tied table doubles as the output layer: keep its logits O(1) with std dim^-0.5
-            stage.init_weights(emb_std=last_dim ** -0.5 if (is_last and self.tie_embeddings) else 1.0)
+            stage.init_weights(emb_std=last_dim ** -0.5 if (is_last and self.tie_embeddings) else 1.0, whole=whole)
         if not self.tie_embeddings:
-            init_fan_in(self.to_logits)
+            with whole(self.to_logits):
+                init_fan_in(self.to_logits)
 
     # ---------------------------------------------------------------- chunk size
 

@@ -9,7 +9,8 @@ where they fit: ``global_inputs`` and ``lower_stages`` are the chunked execution
   sequence-parallel peers) and which data-parallel rank reads which data.
 * ``pipeline_module``: the hierarchy as a flat list of ``deepspeed.pipe.LayerSpec`` (embedding,
   global blocks, then the lower stages with the loss as one chunked layer) for DeepSpeed's pipeline
-  engine.
+  engine, split into stages at boundaries computed here (``pipeline_parts``: by default balancing
+  the stages' training FLOPs, which DeepSpeed's own partitioners cannot see).
 * ``SequenceParallel``: each rank of a sequence-parallel group holds a contiguous run of patches.
   The global stage's attention runs through Ulysses ``DistributedAttention`` (all-to-all: whole
   sequence, a slice of the heads); the lower stages are independent per patch given the global
@@ -34,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from terrabyte.data_pipeline.errors import ConfigError
 
 from .args import validate_world
+from .estimate import pipeline_layer_costs
 from .model import Attention, TerraByte, global_inputs, lower_stages, patches_per_chunk
 
 if TYPE_CHECKING:
@@ -237,16 +239,100 @@ def pipeline_layer_specs(source: _Source) -> list:
     return [LayerSpec(cls, *args) for cls, args in pipeline_layers(source)]
 
 
-def pipeline_module(model: TerraByte, cfg: Config) -> nn.Module:
-    """``deepspeed.pipe.PipelineModule`` of ``model``; this rank keeps only its stage's layers."""
+def balanced_parts(costs: list[float], stages: int) -> list[int]:
+    """Boundaries [0, b1, ..., len(costs)] of ``stages`` contiguous, non-empty runs of layers whose
+    largest total cost is as small as it can be (a pipeline runs at the pace of its slowest stage);
+    among equals, the earliest cuts (under 1F1B the first stages hold the most micro-batches' activations).
+    Exact dynamic programme, O(layers^2 x stages)."""
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ConfigError(f"cannot split {n} pipeline layers into {stages} non-empty stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[j][i]: the smallest largest-stage cost of layers i.. over j stages; cut[j][i]: its first cut
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[n] * (n + 1) for _ in range(stages + 1)]
+    best[0][n] = 0.0
+    for j in range(1, stages + 1):
+        for i in range(n - j, -1, -1):
+            for k in range(i + 1, n - j + 2):
+                value = max(prefix[k] - prefix[i], best[j - 1][k])
+                if value < best[j][i]:
+                    best[j][i], cut[j][i] = value, k
+    parts, i = [0], 0
+    for j in range(stages, 0, -1):
+        i = cut[j][i]
+        parts.append(i)
+    return parts
+
+
+def pipeline_parts(model: TerraByte, cfg: Config) -> list[int]:
+    """Layer boundaries of the pipeline stages for ``parallel.pipeline_partition``: ``flops`` balances
+    the stages' training FLOPs (``estimate.pipeline_layer_costs``), ``parameters`` their parameter
+    counts and ``uniform`` their layer counts (DeepSpeed's own partitioners for those two)."""
+    from deepspeed.runtime import utils as ds_utils
+
+    costs = pipeline_layer_costs(model, cfg)
+    stages, method = cfg.parallel.pipeline_stages, cfg.parallel.pipeline_partition
+    if method == "flops":
+        return balanced_parts([layer["flops"] for layer in costs], stages)
+    if method == "parameters":
+        parts = ds_utils.partition_balanced(weights=[layer["parameters"] for layer in costs], num_parts=stages)
+    else:
+        parts = ds_utils.partition_uniform(num_items=len(costs), num_parts=stages)
+    return [int(b) for b in parts]
+
+
+def describe_pipeline(cfg: Config) -> str:
+    """``--dry-run``'s table of the pipeline stages: their layers, parameters and training FLOPs."""
+    from .estimate import meta_model
+
+    model = meta_model(cfg)
+    costs, parts = pipeline_layer_costs(model, cfg), pipeline_parts(model, cfg)
+    lines = [f"pipeline: {cfg.parallel.pipeline_stages} stages, parallel.pipeline_partition="
+             f"{cfg.parallel.pipeline_partition}", "",
+             "| pipeline stage | layers | parameters | train FLOPs/sequence | share of FLOPs |", "|---|---|---|---|---|"]
+    total = sum(layer["flops"] for layer in costs)
+    for s in range(len(parts) - 1):
+        mine = costs[parts[s]:parts[s + 1]]
+        names = mine[0]["name"] if len(mine) == 1 else f"{mine[0]['name']} .. {mine[-1]['name']}"
+        flops = sum(layer["flops"] for layer in mine)
+        lines.append(f"| {s} | {names} | {sum(layer['parameters'] for layer in mine):,} | {flops:.3g} | "
+                     f"{flops / total:.0%} |")
+    return "\n".join(lines)
+
+
+def _explicit_pipeline_class():
+    """``deepspeed.pipe.PipelineModule`` that takes its stage boundaries as given: its own
+    ``partition_method`` only knows ``uniform``, ``parameters`` and ``type:<regex>``, all blind to
+    FLOPs. The boundaries replace the partitioner's result; DeepSpeed's bounds bookkeeping is as usual."""
     from deepspeed.pipe import PipelineModule
 
+    class ExplicitPipelineModule(PipelineModule):
+        def __init__(self, *args, parts: list[int], **kwargs):
+            self._given_parts = list(parts)
+            super().__init__(*args, **kwargs)
+
+        def _partition_layers(self, method="uniform"):
+            stage_id = self._topo.get_coord(self.global_rank).pipe
+            self.parts = list(self._given_parts)
+            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    return ExplicitPipelineModule
+
+
+def pipeline_module(model: TerraByte, cfg: Config) -> nn.Module:
+    """``deepspeed.pipe.PipelineModule`` of ``model``; this rank keeps only its stage's layers."""
+    parts = pipeline_parts(model, cfg)
     source = _Source(model)
-    module = PipelineModule(
+    module = _explicit_pipeline_class()(
         layers=pipeline_layer_specs(source),
         num_stages=cfg.parallel.pipeline_stages,
         loss_fn=PipelineLoss(model.pad_id),
         partition_method=cfg.parallel.pipeline_partition,
+        parts=parts,
         activation_checkpoint_interval=0,  # the block layers checkpoint themselves (model.checkpoint_activations)
     )
     source.model = None

@@ -183,10 +183,27 @@ def push_to_hub(model: torch.nn.Module, repo_id: str, *, private: Optional[bool]
 # --------------------------------------------------------------------------- --init-from
 
 
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """A tensor's shape, also for a ZeRO-3 partitioned parameter (whose local data is a shard)."""
+    return getattr(tensor, "ds_shape", tensor.shape)
+
+
 def shape_mismatches(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> list[str]:
     """``name (source shape) vs (target shape)`` for the tensors both have with different shapes."""
-    return [f"{k} {tuple(source[k].shape)} there vs {tuple(target[k].shape)} here"
-            for k in sorted(set(target) & set(source)) if source[k].shape != target[k].shape]
+    return [f"{k} {tuple(source[k].shape)} there vs {tuple(full_shape(target[k]))} here"
+            for k in sorted(set(target) & set(source)) if source[k].shape != full_shape(target[k])]
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target`` := ``value``; a partitioned parameter (a model built under ``zero.Init``) is gathered
+    for the copy and re-partitioned after it, on every rank together (each rank holds the same value)."""
+    if not hasattr(target, "ds_id"):
+        target.data.copy_(value)
+        return
+    import deepspeed  # only a partitioned model gets here: DeepSpeed built it
+
+    with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+        target.data.copy_(value)
 
 
 def _differences(missing, unexpected, mismatched, limit: int = 6) -> str:
@@ -210,17 +227,17 @@ def init_from(model: torch.nn.Module, source: str | Path, strict: bool = True) -
     if ours != theirs:
         raise CheckpointError(f"--init-from {where} is a {theirs}-stage model (max_seq_len={config.get('max_seq_len')}); "
                               f"this run's has {ours} (model.max_seq_len={list(model.max_seq_len)})")
-    target = model.state_dict()
+    target = model.state_dict(keep_vars=True)  # the parameters themselves: partitioned ones keep ds_shape
     mismatched = shape_mismatches(target, state)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     if strict and (mismatched or missing or unexpected):
         raise CheckpointError(f"--init-from {where} does not fit this run's model ({_differences(missing, unexpected, mismatched)}); "
                               f"use the same model.* config, or --init-from-strict false to load the tensors that match")
-    fits = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
+    fits = {k: v for k, v in state.items() if k in target and v.shape == full_shape(target[k])}
     with torch.no_grad():
         for name, tensor in fits.items():
-            target[name].copy_(tensor)
+            _copy_into(target[name], tensor)
     if not strict and (mismatched or missing or unexpected):
         log.warning("--init-from %s: loaded %d of %d tensors; not loaded: %s", where, len(fits), len(target),
                     _differences(missing, unexpected, mismatched, limit=50))

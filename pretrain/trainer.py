@@ -22,7 +22,7 @@ from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteErro
 from . import checkpoint as ckpt
 from . import engine as eng
 from .args import Config, load_config
-from .estimate import check_fits, flops_per_byte
+from .estimate import check_fits, flops_per_byte, meta_model
 from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
 from .model import TerraByte
 from .parallel import plan_layout
@@ -87,9 +87,8 @@ class Trainer:
             check_fits(cfg, eng.compute_device(), self.layout.dp if cfg.parallel.zero_stage == 3 else 1)
         self.data_path = resolve_data(cfg, self.rank)
         self.model_config = cfg.model.kwargs()
-        model = TerraByte(**self.model_config)
-        # counted before ZeRO-3 partitions the parameters away
-        self.flops_per_byte = sum(flops_per_byte(model, cfg))
+        model = eng.build_model(cfg, self.layout)  # under ZeRO-3, partitioned as it is built
+        self.flops_per_byte = sum(flops_per_byte(meta_model(cfg), cfg))
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
         self.vocab = model.vocab
         self.resume = ckpt.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
@@ -404,7 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--memory {args.memory:g} needs --dry-run and a positive number of GiB")
     if args.dry_run:
         from .estimate import describe
+        from .parallel import describe_pipeline
 
-        sys.stdout.write(describe(cfg, args.memory) + "\n")
+        text = describe(cfg, args.memory)
+        if cfg.parallel.pipeline_stages > 1:
+            text += "\n\n" + describe_pipeline(cfg)
+        sys.stdout.write(text + "\n")
         return 0
     return Trainer(cfg).train()

@@ -10,9 +10,10 @@
 # 3. long contexts: `terrabyte bench context --gpu`: doubling long_1g-shaped contexts until one
 #    fails (the longest context one GPU trains) and the time of one 1 GiB long_1g step;
 # 4. engine: the `small` config (128M) for 40 steps on one GPU in bf16 under ZeRO-3: bytes/s,
-#    model TFLOP/s and MFU read back from its TensorBoard events.
+#    model TFLOP/s and MFU read back from its TensorBoard events;
+# 5. layouts: `terrabyte bench engine --gpu`: MFU of slices of small and 1b (a few steps each).
 # Results land in $OUT (kernels: gpu_check.md/json; bench_model.md; bench_context.md/json; train_small.md;
-# ds_report.txt)
+# bench_engine.md/json; ds_report.txt)
 # for kernels/BENCHMARKS.md, pretrain/BENCHMARKS.md and the issues. A failing step does not stop
 # the later ones; the exit code is the number of failed steps.
 set -uo pipefail
@@ -73,6 +74,11 @@ table = "\n".join(lines) + "\n"
 open(dest, "w").write(table)
 print(table)
 PY
+
+step "layouts: terrabyte bench engine --gpu (MFU of small and 1b slices)"
+timeout 150 python3 -m terrabyte.launch.cli bench engine --gpu --steps 4 --warmup 2 --out "$out/bench_engine.json" \
+  > "$out/bench_engine.md" 2> "$out/bench_engine.log" || failed=$((failed + 1))
+cat "$out/bench_engine.md"
 
 step "done: $failed failed step(s); results in $out"
 ls -la "$out"

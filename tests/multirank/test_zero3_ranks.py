@@ -121,3 +121,69 @@ def test_bf16_two_ranks_match_one(tmp_path, shards):
     assert {t.dtype for t in masters.values()} == {torch.float32}
     for name, master in masters.items():
         assert torch.equal(exported[name], master.to(torch.bfloat16)), name
+
+
+def _build_rank(rank: int, port: int, out: str) -> None:
+    """One of 2 ranks: the model built partitioned (engine.build_model), then gathered to rank 0."""
+    import os
+
+    import deepspeed
+    import torch
+
+    from terrabyte.pretrain import engine as eng
+    from terrabyte.pretrain.args import load_config
+    from terrabyte.pretrain.parallel import plan_layout
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    eng.init_distributed()
+    result = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config("tiny", [*BUILD, "--train.precision", precision])
+        torch.manual_seed(cfg.run.seed)  # as the trainer seeds before building
+        model = eng.build_model(cfg, plan_layout(cfg, 2, rank))
+        after = torch.rand(4)
+        # what this rank holds: its shard of each partitioned parameter, the whole of each small one
+        # that ZeRO-3 keeps on every rank (stage3_param_persistence_threshold)
+        held = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in model.parameters())
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result[precision] = {"state": state, "held": held, "after": after}
+    if rank == 0:
+        torch.save(result, out)
+    eng.barrier()
+
+
+# 3 stages with grouped upper-stage embeddings (levels), rotary, dilated attention: every initialiser
+BUILD = ["--model.dim", "256,48,32", "--model.depth", "2,1,1", "--model.max_seq_len", "16,4,4",
+         "--model.dim_head", "16", "--model.heads", "2", "--train.micro_batch", "2", "--train.global_batch", "4",
+         "--run.seed", "7"]
+
+
+def test_partitioned_build_matches_one_rank(tmp_path):
+    """Under ZeRO-3 no rank holds the whole model while it is built, and the same seed gives the same
+    weights (and leaves the random generator where a one-rank build leaves it), in fp32 and bf16."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from terrabyte.data_pipeline.system import free_port
+    from terrabyte.pretrain.args import load_config
+    from terrabyte.pretrain.model import TerraByte
+
+    out = tmp_path / "gathered.pt"
+    mp.spawn(_build_rank, args=(free_port(), str(out)), nprocs=2, join=True)
+    results = torch.load(out, weights_only=False)
+    cfg = load_config("tiny", BUILD)
+    torch.manual_seed(cfg.run.seed)
+    plain = TerraByte(**cfg.model.kwargs())
+    want = plain.state_dict()
+    after = torch.rand(4)
+    total = sum(p.numel() for p in plain.parameters())
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        got = results[precision]
+        assert got["held"] < 0.6 * total
+        assert set(got["state"]) == set(want)
+        for name, tensor in want.items():
+            # bf16: what DeepSpeed makes of the fp32 weights of a plain build when it wraps them
+            assert torch.equal(got["state"][name], tensor.to(dtype)), (precision, name)
+        assert torch.equal(got["after"], after), precision

@@ -54,7 +54,7 @@ def cfg(*overrides):
      "model.tie_embeddings is not supported with parallel.pipeline_stages > 1"),
     (["--parallel.sequence_parallel", "2", "--train.compile", "true"], "train.compile is not supported"),
     (["--train.compile", "true"], "train.compile does not work with parallel.zero_stage 3"),
-    (["--parallel.pipeline_partition", "type:Block"], "parallel.pipeline_partition must be one of parameters, uniform"),
+    (["--parallel.pipeline_partition", "type:Block"], "parallel.pipeline_partition must be one of flops, parameters, uniform"),
     (["--parallel.tensor_parallel", "0"], "parallel.tensor_parallel must be positive"),
     (["--parallel.offload", "nvme", "--parallel.zero_stage", "2"], "parallel.offload nvme needs parallel.zero_stage 3"),
     (["--parallel.offload", "cpu", "--parallel.zero_stage", "0"], "parallel.offload cpu needs parallel.zero_stage 1"),
@@ -201,6 +201,66 @@ def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, ref_grads[n], atol=1e-6), n
     assert pipeline_key("12.stages.1.layers.0.attn.to_q.weight") == "stages.1.layers.0.attn.to_q.weight"
+
+
+def _best_max_by_enumeration(costs, stages):
+    import itertools
+
+    best = None
+    for cuts in itertools.combinations(range(1, len(costs)), stages - 1):
+        bounds = [0, *cuts, len(costs)]
+        worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+def test_balanced_parts_minimise_the_slowest_stage():
+    import random
+
+    from terrabyte.pretrain.parallel import balanced_parts
+
+    # a heavy last layer (the lower stages): alone on its stage, the rest on the other
+    assert balanced_parts([1, 2, 2, 2, 9], 2) == [0, 4, 5]
+    assert balanced_parts([5, 5], 2) == [0, 1, 2] and balanced_parts([3, 1, 1], 3) == [0, 1, 2, 3]
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        costs = [rng.choice([0.5, 1, 2, 3, 7]) * rng.random() for _ in range(n)]
+        stages = rng.randint(1, n)
+        parts = balanced_parts(costs, stages)
+        assert parts[0] == 0 and parts[-1] == n and len(parts) == stages + 1
+        assert all(a < b for a, b in zip(parts, parts[1:]))  # every stage has a layer
+        worst = max(sum(costs[a:b]) for a, b in zip(parts, parts[1:]))
+        assert worst == pytest.approx(_best_max_by_enumeration(costs, stages))
+    with pytest.raises(ValueError, match="cannot split 2 pipeline layers into 3"):
+        balanced_parts([1, 1], 3)
+
+
+def test_flops_partition_balances_1b_where_parameters_do_not(capsys):
+    from terrabyte.pretrain.estimate import flops_per_byte, meta_model, pipeline_layer_costs
+    from terrabyte.pretrain.parallel import pipeline_parts
+    from terrabyte.pretrain.trainer import main
+
+    def stage_flops(method):
+        c = load_config("1b", ["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1",
+                               "--parallel.pipeline_partition", method])
+        model = meta_model(c)
+        costs = pipeline_layer_costs(model, c)
+        # the layers' FLOPs are the model's, counted as the trainer counts them
+        assert sum(layer["flops"] for layer in costs) == pytest.approx(sum(flops_per_byte(model, c)) * model.context_length)
+        assert sum(layer["parameters"] for layer in costs) == sum(p.numel() for p in model.parameters())
+        parts = pipeline_parts(model, c)
+        return [sum(layer["flops"] for layer in costs[a:b]) for a, b in zip(parts, parts[1:])], c
+
+    by_params, _ = stage_flops("parameters")
+    by_flops, c = stage_flops("flops")
+    assert max(by_params) / min(by_params) > 2  # the issue's bubble: the lower stages' tokens
+    assert max(by_flops) / min(by_flops) < 1.02 and max(by_flops) < 0.75 * max(by_params)
+    assert load_config("1b").parallel.pipeline_partition == "flops"  # the default
+    assert main(["--config", "1b", "--dry-run", "--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| 0 | embedding .. block 21 |" in table and "| 1 | block 22 .. lower stages + head |" in table
+    assert f"{by_flops[1]:.3g}" in table
 
 
 def test_checkpoint_files_are_checked_against_the_manifest(tmp_path):

@@ -1,0 +1,346 @@
+"""The parallel layouts side by side: ``terrabyte bench engine``.
+
+CPU (default): one table per layout of a small config (``tiny`` at its test sizes unless given),
+every layout on the same global batch in the same run: one rank under ZeRO-3, then ZeRO-3,
+pipeline, tensor (AutoTP) and sequence (Ulysses) parallelism over 2 ranks. Per rank: the step time
+(median of the timed optimizer steps, after warm-up steps), bytes per second (the global batch's
+bytes over that time) and peak host memory (the process's ``VmHWM``: interpreter, torch, DeepSpeed,
+model, optimizer state and the steps; and that peak less the RSS before the build), each also as a
+ratio to the one-rank run. Every layout runs
+in its own processes (``torchrun``; one rank: a plain process), glibc's mmap threshold pinned so
+that RSS follows live memory (``bench_model.MALLOC_ENV``); batches are random bytes, the same on
+the ranks of a replica.
+
+Then ``--build`` (default ``1b``): the model built, nothing else, by one rank (the plain, unsharded
+build) and by 2 ranks under ZeRO-3 (``engine.build_model``: ``deepspeed.zero.Init``, each
+parameter partitioned as its module is built, initialised one module at a time). Peak RSS per
+rank against the process's RSS before the build (imports, process group: the fixed overhead) and
+against the fp32 model's bytes.
+
+``--gpu``: on one CUDA device, the MFU of slices of ``small`` and ``1b`` (their widths, fewer
+global blocks; ``GPU_SLICES``) under ZeRO-3 in bf16, a few steps each: model FLOPs per second
+(``estimate.flops_per_byte``, the trainer's count) over the device's peak (``metrics.PEAK_TFLOPS``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.system import describe_machine, free_port
+
+from .args import load_config
+from .bench_model import MALLOC_ENV, status_bytes
+
+log = logging.getLogger(__name__)
+
+GB = 1e9
+# The default config: tiny at the multi-rank tests' sizes, a global batch of 4 sequences of 2 KiB.
+SMALL = ["--model.dim", "128,64", "--model.depth", "4,2", "--model.max_seq_len", "256,8", "--model.dim_head", "32",
+         "--model.heads", "4", "--train.micro_batch", "2", "--train.global_batch", "4"]
+# name: (ranks, overrides, description)
+LAYOUTS = {
+    "one": (1, [], "1 rank, ZeRO-3"),
+    "zero3": (2, [], "ZeRO-3, 2 ranks (data parallel)"),
+    "pipeline": (2, ["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1"],
+                 "pipeline, 2 stages (ZeRO-1)"),
+    "tensor": (2, ["--parallel.tensor_parallel", "2"], "tensor parallel (AutoTP), 2 ranks, ZeRO-3"),
+    "sequence": (2, ["--parallel.sequence_parallel", "2"], "sequence parallel (Ulysses), 2 ranks, ZeRO-3"),
+}
+# --gpu: (config, overrides): the widths of the named config, fewer global blocks so a step is short
+GPU_SLICES = {
+    "small": ("small", ["--train.micro_batch", "8", "--train.global_batch", "8"]),
+    "1b slice": ("1b", ["--model.depth", "6,8", "--train.micro_batch", "4", "--train.global_batch", "4"]),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help="config of the layout tables (default: tiny, at SMALL's sizes)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"comma-separated layouts (default: {','.join(LAYOUTS)}; 'one' is always run)")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per layout (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2)")
+    parser.add_argument("--build", default="1b",
+                        help="config whose build memory is measured on 1 and 2 ranks (default: 1b; 'none' skips)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one launch may take (default: 900)")
+    parser.add_argument("--out", default="runs/bench_engine/engine.json", help="JSON of every measurement")
+    parser.add_argument("--gpu", action="store_true", help="on a CUDA device: MFU of slices of small and 1b")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="config overrides after `--` (replace SMALL's), e.g. -- --model.dim 64,32")
+
+
+# ---------------------------------------------------------------- options
+
+
+def parse_layouts(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+        raise ConfigError(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
+    return ["one"] + [n for n in LAYOUTS if n in names and n != "one"]
+
+
+def _overrides(args) -> list[str]:
+    extra = [o for o in args.overrides if o != "--"]
+    return extra if extra else (SMALL if args.config == "tiny" else [])
+
+
+# ---------------------------------------------------------------- the ranks' side
+
+
+def _setup(config: str, overrides: list[str]):
+    from . import engine as eng
+    from .parallel import plan_layout
+    from .trainer import setup_logging
+
+    rank, world = eng.init_distributed()
+    cfg = load_config(config, overrides)
+    setup_logging("warning", rank)
+    layout = plan_layout(cfg, world, rank)
+    torch.manual_seed(cfg.run.seed)
+    return cfg, layout
+
+
+def train_worker(config: str, overrides: list[str], steps: int, warmup: int, result_dir: Path) -> None:
+    """One rank of one layout: build, wrap, warm-up steps, timed steps; writes rank<r>.json."""
+    from . import engine as eng
+
+    cfg, layout = _setup(config, overrides)
+    before = status_bytes("VmRSS")
+    model = eng.build_model(cfg, layout)
+    built = status_bytes("VmHWM")
+    engine = eng.wrap(model, cfg, layout)
+    del model
+    # random bytes, seeded by the data-parallel rank: the ranks of one replica get the same batch
+    gen = torch.Generator().manual_seed(1000 + layout.dp_rank)
+    device = eng.compute_device()
+
+    def batch():
+        return [torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len), generator=gen).to(device)
+                for _ in range(layout.accumulation)]
+
+    times = []
+    for i in range(warmup + steps):
+        micro = batch()
+        eng.barrier()
+        t0 = time.perf_counter()
+        eng.train_batch(engine, micro)
+        eng.barrier()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    out = {"rank": layout.rank, "layout": layout.describe(), "step_s": statistics.median(times), "times": times,
+           "peak_rss": status_bytes("VmHWM"), "rss_before_build": before, "build_peak_rss": built,
+           "bytes_per_step": cfg.train.global_batch * cfg.model.seq_len}
+    (result_dir / f"rank{layout.rank}.json").write_text(json.dumps(out))
+
+
+def build_worker(config: str, overrides: list[str], result_dir: Path) -> None:
+    """One rank that only builds the model (``engine.build_model``); writes rank<r>.json."""
+    from . import engine as eng
+
+    cfg, layout = _setup(config, overrides)
+    before = status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    model = eng.build_model(cfg, layout)
+    seconds = time.perf_counter() - t0
+    local = sum(_held(p) for p in model.parameters())
+    out = {"rank": layout.rank, "world": layout.world, "partitioned": eng.builds_partitioned(cfg, layout),
+           "parameters": eng.parameter_count(model), "local_parameters": local, "seconds": seconds,
+           "rss_before_build": before, "build_peak_rss": status_bytes("VmHWM")}
+    (result_dir / f"rank{layout.rank}.json").write_text(json.dumps(out))
+
+
+def _held(param) -> int:
+    """Elements of ``param`` this rank holds: its shard under ZeRO-3, unless it is one of the small
+    parameters ZeRO-3 keeps whole on every rank (``stage3_param_persistence_threshold``)."""
+    if not hasattr(param, "ds_tensor"):
+        return param.numel()
+    return param.ds_numel if param.ds_persist else param.ds_tensor.numel()
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m terrabyte.pretrain.bench_engine")
+    parser.add_argument("--worker", choices=("train", "build"), required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--result-dir", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args, overrides = parser.parse_known_args(argv)
+    if args.worker == "train":
+        train_worker(args.config, overrides, args.steps, args.warmup, args.result_dir)
+    else:
+        build_worker(args.config, overrides, args.result_dir)
+    return 0
+
+
+# ---------------------------------------------------------------- the launcher's side
+
+
+def launch(ranks: int, worker_args: list[str], timeout: float) -> list[dict]:
+    """``ranks`` processes of this module's worker (torchrun for several); their rank<r>.json."""
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
+        args = ["-m", "terrabyte.pretrain.bench_engine", "--result-dir", tmp, *worker_args]
+        if ranks == 1:
+            cmd = [sys.executable, *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
+                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+        env = dict(os.environ, **MALLOC_ENV, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)  # a bench run inside a launched job must not join that job's group
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"bench engine: `{' '.join(worker_args)}` on {ranks} rank(s) passed --timeout "
+                              f"{timeout:g} s") from None
+        results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+    if proc.returncode != 0 or len(results) != ranks:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"bench engine: {' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def _ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference else "-"
+
+
+def layout_table(name: str, rows: list[dict], one: dict) -> str:
+    ranks, _, description = LAYOUTS[name]
+    lines = [f"{description}: {rows[0]['layout']}", "",
+             "| rank | step (s) | bytes/s | peak RSS (GB) | above start-up (GB) | step vs 1 rank | bytes/s vs 1 rank "
+             "| peak RSS vs 1 rank |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate, base_rate = r["bytes_per_step"] / r["step_s"], one["bytes_per_step"] / one["step_s"]
+        lines.append(f"| {r['rank']} | {r['step_s']:.3f} | {rate:,.0f} | {r['peak_rss'] / GB:.2f} | "
+                     f"{(r['peak_rss'] - r['rss_before_build']) / GB:.3f} | {_ratio(r['step_s'], one['step_s'])} | "
+                     f"{_ratio(rate, base_rate)} | {_ratio(r['peak_rss'], one['peak_rss'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_table(config: str, plain: dict, sharded: list[dict]) -> str:
+    fp32 = plain["parameters"] * 4
+    lines = [f"build of `{config}` ({plain['parameters']:,} parameters, fp32 {fp32 / GB:.2f} GB), nothing else:", "",
+             "| build | rank | seconds | parameters held | RSS before (GB) | peak RSS (GB) | peak - before (GB) | "
+             "(peak - before) / fp32 model |", "|---|---|---|---|---|---|---|---|"]
+    for label, rows in (("1 rank, unsharded", [plain]), ("ZeRO-3, 2 ranks, zero.Init", sharded)):
+        for r in rows:
+            grown = r["build_peak_rss"] - r["rss_before_build"]
+            lines.append(f"| {label} | {r['rank']} | {r['seconds']:.1f} | {r['local_parameters']:,} | "
+                         f"{r['rss_before_build'] / GB:.2f} | {r['build_peak_rss'] / GB:.2f} | {grown / GB:.2f} | "
+                         f"{grown / fp32:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    if args.gpu:
+        return run_gpu(args)
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
+    layouts = parse_layouts(args.layouts)
+    overrides = _overrides(args)
+    load_config(args.config, overrides)  # bad input stops here, before any rank starts
+    header = {"machine": describe_machine(), "date": datetime.date.today().isoformat(), "config": args.config,
+              "overrides": overrides, "steps": args.steps, "warmup": args.warmup}
+    results: dict = {"header": header, "layouts": {}}
+    sys.stdout.write(f"Machine: {header['machine']}; date: {header['date']}; config {args.config} "
+                     f"{' '.join(overrides)}; median of {args.steps} optimizer steps after {args.warmup} warm-up; "
+                     f"peak RSS: VmHWM of each rank's process ({os.environ.get('OMP_NUM_THREADS', '1')} torch thread(s) per rank); above start-up: that peak less "
+                     f"the RSS before the model is built (interpreter, torch, DeepSpeed, process group)\n\n")
+    for name in layouts:
+        ranks, extra, _ = LAYOUTS[name]
+        log.info("bench engine: %s on %d rank(s)", name, ranks)
+        worker = ["--worker", "train", "--config", args.config, "--steps", str(args.steps),
+                  "--warmup", str(args.warmup), *overrides, *extra]
+        results["layouts"][name] = launch(ranks, worker, args.timeout)
+        sys.stdout.write(layout_table(name, results["layouts"][name], results["layouts"]["one"][0]) + "\n")
+        sys.stdout.flush()
+    if args.build != "none":
+        load_config(args.build)
+        worker = ["--worker", "build", "--config", args.build]
+        log.info("bench engine: building %s on 1 rank, then on 2", args.build)
+        plain = launch(1, worker, args.timeout)[0]
+        sharded = launch(2, worker, args.timeout)
+        results["build"] = {"config": args.build, "plain": plain, "sharded": sharded}
+        sys.stdout.write(build_table(args.build, plain, sharded))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------- --gpu
+
+
+def gpu_slice(name: str, steps: int, warmup: int) -> dict:
+    """One GPU slice in this process (a world of one): bytes/s, model TFLOP/s and MFU."""
+    from . import engine as eng
+    from .estimate import flops_per_byte, meta_model
+    from .metrics import peak_tflops
+    from .parallel import plan_layout
+
+    config, overrides = GPU_SLICES[name]
+    cfg = load_config(config, [*overrides, "--train.precision", "bf16"])
+    layout = plan_layout(cfg, 1, 0)
+    torch.manual_seed(cfg.run.seed)
+    engine = eng.wrap(eng.build_model(cfg, layout), cfg, layout)
+    device = eng.compute_device()
+    x = torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len), device=device)
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.train_batch(engine, [x])
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    model = meta_model(cfg)
+    rate = cfg.train.micro_batch * cfg.model.seq_len / step
+    tflops = sum(flops_per_byte(model, cfg)) * rate / 1e12
+    peak = peak_tflops(None, True)
+    out = {"slice": name, "parameters": sum(p.numel() for p in model.parameters()), "step_s": step,
+           "bytes_per_s": rate, "model_tflops": tflops, "mfu": tflops / peak if peak else None,
+           "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB}
+    del engine
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def run_gpu(args) -> int:
+    if not torch.cuda.is_available():
+        raise ConfigError("--gpu needs a CUDA device; torch sees none")
+    from . import engine as eng
+    from .trainer import setup_logging
+
+    eng.init_distributed()
+    setup_logging("warning", 0)
+    rows = [gpu_slice(name, args.steps, args.warmup) for name in GPU_SLICES]
+    lines = [f"Machine: {describe_machine('cuda')}; date: {datetime.date.today().isoformat()}; one GPU, ZeRO-3, "
+             f"bf16, median of {args.steps} steps after {args.warmup} warm-up", "",
+             "| slice | parameters | micro-batch x bytes | step (s) | bytes/s | model TFLOP/s | MFU | peak CUDA (GB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r, (name, (config, overrides)) in zip(rows, GPU_SLICES.items()):
+        cfg = load_config(config, overrides)
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"| {name} | {r['parameters']:,} | {cfg.train.micro_batch} x {cfg.model.seq_len} | "
+                     f"{r['step_s']:.3f} | {r['bytes_per_s']:,.0f} | {r['model_tflops']:.1f} | {mfu} | "
+                     f"{r['peak_cuda_gb']:.1f} |")
+    sys.stdout.write("\n".join(lines) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"gpu": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
