@@ -123,7 +123,7 @@ def test_bf16_two_ranks_match_one(tmp_path, shards):
         assert torch.equal(exported[name], master.to(torch.bfloat16)), name
 
 
-def _build_rank(rank: int, port: int, out: str) -> None:
+def _build_rank(rank: int, port: int, out: str, source: str) -> None:
     """One of 2 ranks: the model built partitioned (engine.build_model), then gathered to rank 0."""
     import os
 
@@ -149,6 +149,12 @@ def _build_rank(rank: int, port: int, out: str) -> None:
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result[precision] = {"state": state, "held": held, "after": after}
+        if precision == "fp32":
+            from terrabyte.pretrain.pretrained import init_from
+
+            init_from(model, source)
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                result["init_from"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if rank == 0:
         torch.save(result, out)
     eng.barrier()
@@ -170,10 +176,13 @@ def test_partitioned_build_matches_one_rank(tmp_path):
     from terrabyte.pretrain.args import load_config
     from terrabyte.pretrain.model import TerraByte
 
-    out = tmp_path / "gathered.pt"
-    mp.spawn(_build_rank, args=(free_port(), str(out)), nprocs=2, join=True)
-    results = torch.load(out, weights_only=False)
+    out, source = tmp_path / "gathered.pt", tmp_path / "trained"
     cfg = load_config("tiny", BUILD)
+    torch.manual_seed(11)  # other weights than the build's: what --init-from copies into the shards
+    trained = TerraByte(**cfg.model.kwargs())
+    trained.save_pretrained(source)
+    mp.spawn(_build_rank, args=(free_port(), str(out), str(source)), nprocs=2, join=True)
+    results = torch.load(out, weights_only=False)
     torch.manual_seed(cfg.run.seed)
     plain = TerraByte(**cfg.model.kwargs())
     want = plain.state_dict()
@@ -187,3 +196,6 @@ def test_partitioned_build_matches_one_rank(tmp_path):
             # bf16: what DeepSpeed makes of the fp32 weights of a plain build when it wraps them
             assert torch.equal(got["state"][name], tensor.to(dtype)), (precision, name)
         assert torch.equal(got["after"], after), precision
+    # --init-from into the partitioned fp32 model: every shard holds the trained weights
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(results["init_from"][name], tensor), name
