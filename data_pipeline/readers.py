@@ -437,6 +437,33 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+class _PageBound(io.RawIOBase):
+    """The XML stream as ElementTree reads it, refusing a page longer than ``limit`` bytes before the
+    parser holds it: ElementTree keeps a page's text whole until its closing tag, and reads on
+    without returning to the caller while inside it, so the bound sits where the bytes come in."""
+
+    def __init__(self, f, limit: int, path: str):
+        self.f, self.limit, self.path = f, limit, path
+        self.read_bytes = self.page_start = 0
+        self.pages = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.read_bytes += len(data)
+        # the parser reads ahead by at most one buffer: allow that much past the bound
+        if self.read_bytes - self.page_start > self.limit + max(size, 1 << 16):
+            raise DataError(f"{self.path}: page {self.pages + 1} (after {self.pages} complete pages) is longer than "
+                            f"--max-member-bytes={self.limit} bytes; refused (raise the limit for dumps with long "
+                            "pages or full revision histories)")
+        return data
+
+    def page_ended(self, pages: int) -> None:
+        self.pages, self.page_start = pages, self.read_bytes
+
+
 def read_mediawiki(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     """MediaWiki XML dump (enwik8/enwik9, optionally .gz/.bz2/.zst): one document per page.
 
@@ -445,11 +472,13 @@ def read_mediawiki(src: Source, opts: ReadOptions, include=(), exclude=()) -> It
     tolerated; any other parse error raises naming the file.
     """
     f = _open_decompressed(src.path)
+    bound = _PageBound(f, opts.max_document_bytes, src.path)
     n = 0
     try:
-        for _, elem in ET.iterparse(f, events=("end",)):
+        for _, elem in ET.iterparse(bound, events=("end",)):
             if _local(elem.tag) != "page":
                 continue
+            bound.page_ended(n + 1)
             title, text = "", ""
             for child in elem.iter():
                 tag = _local(child.tag)

@@ -141,3 +141,22 @@ def test_pipe_data_paths_need_allow_pipe(tmp_path):
     assert resolve_data(load_config("tiny", ["--data.path", path, "--data.allow_pipe", "true"]), 0) == path
     with pytest.raises(ConfigError, match="runs a shell command"):
         ByteLoader(path)
+
+
+def test_a_mediawiki_page_past_max_member_bytes_is_refused_before_it_is_held(tmp_path):
+    """ElementTree holds a page's text whole until its closing tag: the bound sits on the bytes read."""
+    def page(title, text):
+        return f"<page><title>{title}</title><revision><text>{text}</text></revision></page>\n"
+
+    ok = "<mediawiki>\n" + page("A", "short") + page("B", "y" * 300_000) + "</mediawiki>\n"
+    hostile = "<mediawiki>\n" + page("A", "short") + page("Huge", "x" * 3_000_000) + page("C", "z") + "</mediawiki>\n"
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "wiki.xml").write_text(ok)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "wiki.xml").write_text(hostile)
+    kw = dict(input_format="mediawiki", val_fraction=0.0, progress=False, max_member_bytes=1 << 20)
+    manifest = build_shards([str(tmp_path / "ok")], str(tmp_path / "ok-shards"), **kw)
+    assert manifest["totals"]["train"]["documents"] == 2
+    with pytest.raises(DataError, match=r"wiki.xml: page 2 \(after 1 complete pages\) is longer than "
+                                        r"--max-member-bytes=1048576 bytes"):
+        build_shards([str(tmp_path / "bad")], str(tmp_path / "bad-shards"), **kw)
