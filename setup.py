@@ -45,7 +45,7 @@ setup(
         "mpi": ["mpi4py>=3.1", "mpich"],
         "gpu": ["flash-attn"],
         # megabyte-pytorch: the peer `terrabyte bench model|quality` compare against (tests run both)
-        "dev": ["pytest>=7", "pytest-timeout", "megabyte-pytorch==0.3.6", "hypothesis>=6"],
+        "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3", "megabyte-pytorch==0.3.6", "hypothesis>=6"],
         # `terrabyte bench quality` draws its loss curves with it (and prints its table without it)
         "bench": ["matplotlib>=3.7"],
         # `terrabyte eval --tasks` and the `terrabyte` model type of lm-evaluation-harness (its own

@@ -75,7 +75,10 @@ case "$cmd" in
     setup_system_tools
     setup_python
     if [ $# -eq 0 ]; then set -- tests; fi
-    exec python -m pytest -q -p no:cacheprovider "$@"
+    # two test files at a time (pytest-xdist): the multi-process tests spend much of their time
+    # waiting on their own ranks, launchers and SLURM, so one file alone leaves the cores idle;
+    # whole files per worker keep module fixtures (the SLURM cluster, shared runs) in one process
+    exec python -m pytest -q -p no:cacheprovider -n "${TERRABYTE_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   *)
     echo "usage: bash launch/quickstart.sh pretrain|test [args]" >&2
