@@ -93,11 +93,13 @@ def _bytes_per_value(cfg: Config) -> int:
     return 4 if cfg.train.precision == "fp32" else 2
 
 
-def global_activation_bytes(model: TerraByte, cfg: Config) -> float:
+def global_activation_bytes(model: TerraByte, cfg: Config, sequence: int = 1) -> float:
     """Stage 0 over a micro-batch: what autograd keeps for its blocks (each block's input alone with
-    checkpointing, plus one block being recomputed), and one chunk of its byte embeddings."""
+    checkpointing, plus one block being recomputed), and one chunk of its byte embeddings.
+    ``sequence``: the sequence-parallel degree; each rank keeps its own patches (Ulysses gives its
+    attention the whole sequence for a slice of the heads: the same share)."""
     stage, mb = model.stages[0], cfg.train.micro_batch
-    tokens = mb * model.max_seq_len[0]
+    tokens = mb * model.max_seq_len[0] // sequence
     per_block = tokens * block_activation_values(stage)
     if cfg.model.checkpoint_activations:
         kept = tokens * stage.dim * stage.depth + per_block
@@ -116,8 +118,8 @@ def chunk_activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | Non
     return 2 * chunk * per_byte
 
 
-def activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None) -> float:
-    return global_activation_bytes(model, cfg) + chunk_activation_bytes(model, cfg, chunk_bytes)
+def activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None, sequence: int = 1) -> float:
+    return global_activation_bytes(model, cfg, sequence) + chunk_activation_bytes(model, cfg, chunk_bytes)
 
 
 def model_state_bytes(model: TerraByte, cfg: Config) -> float:
@@ -127,11 +129,12 @@ def model_state_bytes(model: TerraByte, cfg: Config) -> float:
     return params * (12 + 2 * _bytes_per_value(cfg))
 
 
-def largest_chunk(model: TerraByte, cfg: Config, memory_bytes: float) -> int | None:
+def largest_chunk(model: TerraByte, cfg: Config, memory_bytes: float, shards: int = 1,
+                  sequence: int = 1) -> int | None:
     """The largest chunk_bytes (a multiple of the global patch, within the kernel batch limit)
     whose estimate fits ``memory_bytes``; None when even one patch per chunk does not."""
     patch = model.unit_sizes[0]
-    free = memory_bytes - model_state_bytes(model, cfg) - global_activation_bytes(model, cfg)
+    free = memory_bytes - model_state_bytes(model, cfg) / shards - global_activation_bytes(model, cfg, sequence)
     per_patch = chunk_activation_bytes(model, cfg, patch)
     if free < per_patch:
         return None
@@ -146,28 +149,31 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(cfg: Config, device: torch.device, shards: int = 1) -> None:
+def check_fits(cfg: Config, device: torch.device, shards: int = 1, sequence: int = 1) -> None:
     """Stop before the model is built when one micro-batch cannot fit the device (ConfigError naming
-    the chunk size that would fit). ``shards``: ranks the model states are split over (ZeRO-3)."""
+    the chunk size that would fit). ``shards``: ranks the model states are split over (ZeRO-3,
+    tensor parallelism); ``sequence``: ranks a sequence is split over (Ulysses)."""
     model = meta_model(cfg)
-    verdict = memory_verdict(model, cfg, device_memory_bytes(device), f"{device.type} memory", shards)
+    verdict = memory_verdict(model, cfg, device_memory_bytes(device), f"{device.type} memory", shards, sequence)
     if verdict is not None:
         raise ConfigError(verdict)
 
 
-def memory_verdict(model: TerraByte, cfg: Config, memory_bytes: float, where: str, shards: int = 1) -> str | None:
+def memory_verdict(model: TerraByte, cfg: Config, memory_bytes: float, where: str, shards: int = 1,
+                   sequence: int = 1) -> str | None:
     """None when the estimate fits ``memory_bytes``; else one line saying what would fit."""
-    need = model_state_bytes(model, cfg) / shards + activation_bytes(model, cfg)
+    need = model_state_bytes(model, cfg) / shards + activation_bytes(model, cfg, sequence=sequence)
     if need <= memory_bytes:
         return None
-    fits = largest_chunk(model, cfg, memory_bytes)
-    head = (f"{where}: the estimate for one micro-batch of {cfg.train.micro_batch} x {model.context_length} bytes "
+    fits = largest_chunk(model, cfg, memory_bytes, shards, sequence)
+    split = f" per rank of a sequence-parallel group of {sequence}" if sequence > 1 else ""
+    head = (f"{where}: the estimate for one micro-batch of {cfg.train.micro_batch} x {model.context_length} bytes{split} "
             f"is {need / 2**30:.1f} GiB, over the {memory_bytes / 2**30:.1f} GiB available")
     if fits is not None:
         return f"{head}; model.chunk_bytes={fits} would fit (now {model.chunk_bytes})"
     return (f"{head} even with one patch per chunk: the global stage alone needs "
-            f"{global_activation_bytes(model, cfg) / 2**30:.1f} GiB; use activation checkpointing, a smaller "
-            f"micro-batch or sequence parallelism")
+            f"{global_activation_bytes(model, cfg, sequence) / 2**30:.1f} GiB; use activation checkpointing, a smaller "
+            f"micro-batch or {'more ' if sequence > 1 else ''}sequence parallelism")
 
 
 def decode_cache_bytes(model: TerraByte, bytes_per_value: int) -> int:

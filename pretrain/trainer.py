@@ -82,9 +82,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
 
-        if self.layout.pipeline == 1 and self.layout.sequence == 1:
-            # a context that cannot fit stops here, before data or model exist (estimate.py)
-            check_fits(cfg, eng.compute_device(), self.layout.dp if cfg.parallel.zero_stage == 3 else 1)
+        if self.layout.pipeline == 1:
+            # a context that cannot fit stops here, before data or model exist (estimate.py); ZeRO-3
+            # splits the states over data x sequence ranks, AutoTP over its peers
+            zero = self.layout.dp * self.layout.sequence if cfg.parallel.zero_stage == 3 else 1
+            check_fits(cfg, eng.compute_device(), zero * self.layout.tensor, self.layout.sequence)
         self.data_path = resolve_data(cfg, self.rank)
         self.model_config = cfg.model.kwargs()
         model = eng.build_model(cfg, self.layout)  # under ZeRO-3, partitioned as it is built

@@ -96,8 +96,9 @@ def test_decode_cache_estimate_is_what_generation_allocates():
 def test_dry_run_memory_names_the_chunk_that_fits():
     """long_1g fits one 141 GB GPU; on less memory the estimate names the largest chunk that fits, or
     says that none does; the same line stops a run at start-up."""
-    from terrabyte.pretrain.estimate import (activation_bytes, chunk_activation_bytes, describe, largest_chunk,
-                                             memory_verdict, meta_model, model_state_bytes)
+    from terrabyte.pretrain.estimate import (activation_bytes, chunk_activation_bytes, describe,
+                                             global_activation_bytes, largest_chunk, memory_verdict, meta_model,
+                                             model_state_bytes)
 
     cfg = load_config("long_1g")
     model = meta_model(cfg)
@@ -113,6 +114,14 @@ def test_dry_run_memory_names_the_chunk_that_fits():
     assert f"model.chunk_bytes={fits} would fit (now 1048576)" in verdict
     none = memory_verdict(model, cfg, 4 * 2**30, "--memory 4")
     assert "even with one patch per chunk" in none and "sequence parallelism" in none
+    # a sequence-parallel group of 8 splits the global stage's activations (and ZeRO-3 the states):
+    # what one rank cannot hold, each of 8 can
+    tight = model_state_bytes(model, cfg) / 8 + activation_bytes(model, cfg, sequence=8) + 1
+    assert global_activation_bytes(model, cfg, 8) < global_activation_bytes(model, cfg) / 4  # chunks stay per rank
+    assert memory_verdict(model, cfg, tight, "cuda memory", shards=8, sequence=8) is None
+    alone = memory_verdict(model, cfg, tight, "cuda memory")
+    assert alone is not None and "over the" in alone
+    assert "per rank of a sequence-parallel group of 8" in memory_verdict(model, cfg, tight / 8, "cuda memory", 8, 8)
 
 
 def test_start_up_stops_when_the_context_cannot_fit(tmp_path):
