@@ -136,10 +136,13 @@ def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cp
         model = cls.from_config({**config, **model_kwargs})
     except ConfigError as exc:
         raise ConfigError(f"{where}: its config does not build a model: {exc}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    mismatched = shape_mismatches(model.state_dict(), state)
+    # checked before loading: load_state_dict raises its own traceback for a shape that differs
+    target = model.state_dict()
+    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    mismatched = shape_mismatches(target, state)
     if missing or unexpected or mismatched:
         raise CheckpointError(f"{where} does not match the model its config describes: {_differences(missing, unexpected, mismatched)}")
+    model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
 
 

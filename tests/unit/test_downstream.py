@@ -113,6 +113,13 @@ def test_bad_sources_are_one_line_naming_them(saved, tmp_path):
                                                  "max_seq_len": [4, 4, 4]}))
     with pytest.raises(CheckpointError, match=r"describes 3 stage\(s\).*weights hold 2"):
         TerraByte.from_pretrained(three)
+    wider = tmp_path / "wider"  # same stages and names, other shapes: named, not load_state_dict's traceback
+    wider.mkdir()
+    (wider / WEIGHTS_FILE).write_bytes((saved / WEIGHTS_FILE).read_bytes())
+    (wider / CONFIG_FILE).write_text(json.dumps({**SMALL, "dim": [48, 16]}))
+    with pytest.raises(CheckpointError, match=r"does not match the model its config describes: shapes differ: "
+                                              r"\S+ \(\d+(, \d+)*\) there vs \(\d+(, \d+)*\) here"):
+        TerraByte.from_pretrained(wider)
     # the CLI reads the same sources: one line, no traceback
     assert cli(["generate", "--checkpoint", str(empty)]) == 2
 
