@@ -32,7 +32,7 @@ from terrabyte.data_pipeline.errors import CheckpointError
 from terrabyte.data_pipeline.system import atomic_path, atomic_write, fsync_path, fsync_tree
 
 from .args import Config
-from .engine import barrier, is_pipeline, on_rank0
+from .engine import all_gather_objects, barrier, is_pipeline, on_rank0
 from .parallel import Layout, pipeline_key
 
 log = logging.getLogger(__name__)
@@ -149,13 +149,7 @@ def publish(root: Path, tmp: Path, tag: str) -> None:
 
 def _agree_or_fail(failure: str | None, rank: int, tmp: Path, what: str) -> None:
     """All ranks learn whether any rank failed; then they all raise the same one line."""
-    import torch.distributed as tdist
-
-    failures = [failure]
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        failures = [None] * tdist.get_world_size()
-        tdist.all_gather_object(failures, failure)
-    bad = [(r, f) for r, f in enumerate(failures) if f is not None]
+    bad = [(r, f) for r, f in enumerate(all_gather_objects(failure)) if f is not None]
     if not bad:
         return
     if rank == 0:
@@ -193,10 +187,10 @@ def _clear(path: Path) -> None:
 def _prune(root: Path, keep: int) -> None:
     steps = sorted((tag_step(p.name), p) for p in root.iterdir() if p.is_dir() and tag_step(p.name) is not None)
     for _, path in steps[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        _clear(path)
     for path in root.iterdir():  # temporary folders of killed saves
-        if path.is_dir() and path.name.startswith((SAVING_PREFIX, REPLACED_PREFIX)):
-            shutil.rmtree(path, ignore_errors=True)
+        if path.name.startswith((SAVING_PREFIX, REPLACED_PREFIX)):
+            _clear(path)
 
 
 def _checked_files(ckpt: Path) -> list[Path]:
@@ -222,11 +216,7 @@ def _hash_files(ckpt: Path, rank: int) -> dict[str, dict]:
     paths = _checked_files(ckpt)
     mine = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": file_digest(p)}
             for p in paths[rank::world]}
-    if world == 1:
-        return mine
-    parts = [None] * world
-    tdist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in sorted(part.items())}
+    return {k: v for part in all_gather_objects(mine) for k, v in sorted(part.items())}
 
 
 def verify_files(ckpt: Path, rank: int = 0, world: int = 1) -> None:
@@ -266,11 +256,7 @@ def _verify_together(ckpt: Path, rank: int) -> str | None:
         verdict = None
     except CheckpointError as exc:
         verdict = str(exc)
-    if world == 1:
-        return verdict
-    verdicts = [None] * world
-    tdist.all_gather_object(verdicts, verdict)
-    return next((v for v in verdicts if v is not None), None)
+    return next((v for v in all_gather_objects(verdict) if v is not None), None)
 
 
 def choose_checkpoint(root: Path, fallback: bool, rank: int = 0) -> str | None:

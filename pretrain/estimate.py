@@ -149,11 +149,13 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(cfg: Config, device: torch.device, shards: int = 1, sequence: int = 1) -> None:
+def check_fits(cfg: Config, device: torch.device, shards: int = 1, sequence: int = 1,
+               model: TerraByte | None = None) -> None:
     """Stop before the model is built when one micro-batch cannot fit the device (ConfigError naming
     the chunk size that would fit). ``shards``: ranks the model states are split over (ZeRO-3,
-    tensor parallelism); ``sequence``: ranks a sequence is split over (Ulysses)."""
-    model = meta_model(cfg)
+    tensor parallelism); ``sequence``: ranks a sequence is split over (Ulysses); ``model``: the
+    config's meta model, when the caller has one."""
+    model = meta_model(cfg) if model is None else model
     verdict = memory_verdict(model, cfg, device_memory_bytes(device), f"{device.type} memory", shards, sequence)
     if verdict is not None:
         raise ConfigError(verdict)

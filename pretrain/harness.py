@@ -176,14 +176,15 @@ def continuation_log_likelihoods(model: TerraByte, pairs: Sequence[tuple[bytes, 
         x = torch.full((len(rows), width), model.pad_id, dtype=torch.long)
         for r, i in enumerate(rows):
             x[r, : len(seqs[i])] = torch.tensor(list(seqs[i]), dtype=torch.long)
-        logp = model(x.to(device)).float().log_softmax(dim=-1).cpu()
+        on_device = x.to(device)
+        logp = model(on_device).float().log_softmax(dim=-1)
+        # each byte's log-probability and whether it is the argmax, (rows, width): only these leave the device
+        picked = logp.gather(-1, on_device[..., None]).squeeze(-1).cpu()
+        greedy = (logp.argmax(dim=-1) == on_device).cpu()
         for r, i in enumerate(rows):
             end = len(seqs[i])
             start = end - scored[i]
-            targets = x[r, start:end]
-            picked = logp[r, start:end].gather(-1, targets[:, None]).squeeze(-1)
-            greedy = bool((logp[r, start:end].argmax(dim=-1) == targets).all())
-            results[i] = (float(picked.double().sum()), greedy)
+            results[i] = (float(picked[r, start:end].double().sum()), bool(greedy[r, start:end].all()))
     return results
 
 

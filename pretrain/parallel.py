@@ -268,13 +268,14 @@ def balanced_parts(costs: list[float], stages: int) -> list[int]:
     return parts
 
 
-def pipeline_parts(model: TerraByte, cfg: Config) -> list[int]:
+def pipeline_parts(model: TerraByte, cfg: Config, costs: list[dict] | None = None) -> list[int]:
     """Layer boundaries of the pipeline stages for ``parallel.pipeline_partition``: ``flops`` balances
-    the stages' training FLOPs (``estimate.pipeline_layer_costs``), ``parameters`` their parameter
-    counts and ``uniform`` their layer counts (DeepSpeed's own partitioners for those two)."""
+    the stages' training FLOPs (``estimate.pipeline_layer_costs``, or ``costs`` when the caller has
+    them), ``parameters`` their parameter counts and ``uniform`` their layer counts (DeepSpeed's own
+    partitioners for those two)."""
     from deepspeed.runtime import utils as ds_utils
 
-    costs = pipeline_layer_costs(model, cfg)
+    costs = pipeline_layer_costs(model, cfg) if costs is None else costs
     stages, method = cfg.parallel.pipeline_stages, cfg.parallel.pipeline_partition
     if method == "flops":
         return balanced_parts([layer["flops"] for layer in costs], stages)
@@ -290,7 +291,8 @@ def describe_pipeline(cfg: Config) -> str:
     from .estimate import meta_model
 
     model = meta_model(cfg)
-    costs, parts = pipeline_layer_costs(model, cfg), pipeline_parts(model, cfg)
+    costs = pipeline_layer_costs(model, cfg)
+    parts = pipeline_parts(model, cfg, costs)
     lines = [f"pipeline: {cfg.parallel.pipeline_stages} stages, parallel.pipeline_partition="
              f"{cfg.parallel.pipeline_partition}", "",
              "| pipeline stage | layers | parameters | train FLOPs/sequence | share of FLOPs |", "|---|---|---|---|---|"]
@@ -385,12 +387,8 @@ class UlyssesAttention(nn.Module):
         super().__init__()
         from deepspeed.sequence.layer import DistributedAttention
 
-        if heads % size:
-            raise ConfigError(f"sequence parallel size {size} must divide the {heads} heads Ulysses splits")
-        self.full, self.group, self.rank, self.size = full, group, rank, size
-        self.heads, self.first_head = heads, first_head
-        per = heads // size
-        self.local = heads_slice(full, first_head + rank * per, per)
+        self.full, self.rank, self.size, self.first_head = full, rank, size, 0
+        self.for_heads(first_head, heads)  # sets self.local: this rank's slice of the heads
         # scatter the head axis (2), gather the sequence axis (1) of (b, n, h, d) tensors
         self.ulysses = DistributedAttention(self._attend_bnhd, group, scatter_idx=2, gather_idx=1)
 
@@ -399,7 +397,7 @@ class UlyssesAttention(nn.Module):
         split again over the group. In place: the module DeepSpeed already hooked stays."""
         if count % self.size:
             raise ConfigError(f"sequence parallel size {self.size} must divide the {count} heads left on a rank")
-        self.heads, self.first_head = count, self.first_head + start
+        self.first_head += start
         per = count // self.size
         self.local = heads_slice(self.full, self.first_head + self.rank * per, per)
         return self

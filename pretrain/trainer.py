@@ -82,15 +82,16 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
 
+        meta = meta_model(cfg)  # sizes and FLOPs, counted before ZeRO-3 partitions the real one
         if self.layout.pipeline == 1:
             # a context that cannot fit stops here, before data or model exist (estimate.py); ZeRO-3
             # splits the states over data x sequence ranks, AutoTP over its peers
             zero = self.layout.dp * self.layout.sequence if cfg.parallel.zero_stage == 3 else 1
-            check_fits(cfg, eng.compute_device(), zero * self.layout.tensor, self.layout.sequence)
+            check_fits(cfg, eng.compute_device(), zero * self.layout.tensor, self.layout.sequence, meta)
         self.data_path = resolve_data(cfg, self.rank)
         self.model_config = cfg.model.kwargs()
         model = eng.build_model(cfg, self.layout)  # under ZeRO-3, partitioned as it is built
-        self.flops_per_byte = sum(flops_per_byte(meta_model(cfg), cfg))
+        self.flops_per_byte = sum(flops_per_byte(meta, cfg))
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
         self.vocab = model.vocab
         self.resume = ckpt.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
