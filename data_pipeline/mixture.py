@@ -183,19 +183,19 @@ class _LaneStream:
     def _open(self, within: int):
         child, L = self.child, self.mixer.seq_len
         order, cum = self.mixer._stream(self.source, self.epoch)
-        lane = stages.lanes(child.total_tokens, child.global_batch, L)[0][self.mixer.lane_ids[self.j]]
-        self.reader = child._range_reader(order, cum, lane.start, lane.stop, self.epoch,
+        start = self.mixer.lane_ids[self.j] * (child.total_tokens // child.global_batch)  # as stages.lanes cuts
+        self.reader = child._range_reader(order, cum, start, start + self.steps * L, self.epoch,
                                           hold_first=(self.j > 0 and within == 0), delivered=within * L)
         self.left = self.steps - within
         if self.j == 0:
             self.mixer._note_epoch(self.source, self.epoch)
 
-    def fill(self, out: np.ndarray, rows: int, eos: list) -> np.ndarray:
-        """The next `rows` sequences into out[:rows * seq_len]; EOS positions appended to eos;
-        returns the data tokens of each row."""
+    def fill(self, out: np.ndarray, rows: int, eos: list, at: int, lengths: np.ndarray) -> bool:
+        """The next `rows` sequences into out[:rows * seq_len]; (offset, EOS positions) pairs
+        appended to eos, offsets counted from `at` rows; a row's data tokens into `lengths` only
+        when it came short. Returns whether every row is full."""
         L = self.mixer.seq_len
-        lengths = np.zeros(rows, dtype=np.int64)
-        r = 0
+        full, r = True, 0
         while r < rows:
             if self.left == 0:
                 self.epoch += 1
@@ -204,11 +204,13 @@ class _LaneStream:
             marks: list = []
             got = self.reader.fill(out[r * L:(r + n) * L], marks)
             if marks:
-                eos.append(np.asarray(marks, dtype=np.int64) + r * L)
-            lengths[r:r + n] = np.clip(got - np.arange(n, dtype=np.int64) * L, 0, L)
+                eos.append(((at + r) * L, marks))
+            if got != n * L:
+                full = False
+                lengths[r:r + n] = np.clip(got - np.arange(n, dtype=np.int64) * L, 0, L)
             self.left -= n
             r += n
-        return lengths
+        return full
 
 
 class MixtureLoader(ByteLoader):
@@ -306,42 +308,39 @@ class MixtureLoader(ByteLoader):
         return st
 
     def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int):
-        L, P = self.seq_len, self.steps_per_epoch
+        L, P, S = self.seq_len, self.steps_per_epoch, len(self.children)
         per_rank = len(readers)
         lanes = lanebuf.reshape(per_rank, -1)
         steps = np.arange(epoch * P + b0, epoch * P + b0 + nb, dtype=np.int64)
         drawn = draw_sources(self.mixture, self.seed, steps, np.asarray(self.lane_ids, dtype=np.int64),
-                             self.global_batch)
-        rowlen = np.full((per_rank, nb), L, dtype=np.int64)
-        slots = np.zeros((per_rank, nb), dtype=np.int64)
-        marks = []
+                             self.global_batch).T  # (lane, step)
+        owed = np.maximum(np.asarray(firsts, dtype=np.int64) - b0, 0)  # steps yielded before a resume: not filled
+        drawn[np.arange(nb)[None, :] < owed[:, None]] = -1
+        # each lane's rows grouped by source (steps ascending within), after the -1 rows left unwritten
+        order = np.argsort(drawn, axis=1, kind="stable")  # order[j, slot] = step
+        slots = np.empty_like(order)
+        np.put_along_axis(slots, order, np.arange(nb, dtype=np.int64)[None, :], axis=1)
+        counts = (drawn[None, :, :] == np.arange(S)[:, None, None]).sum(axis=2).tolist()  # [source][lane]
+        by_slot = np.full((per_rank, nb), L, dtype=np.int64)
+        short, marks = False, []
         for j in range(per_rank):
-            s0 = max(b0, firsts[j]) - b0  # first step of this block the lane still owes
-            todo = np.arange(s0, nb)
-            src = drawn[todo, j]
-            order = todo[np.argsort(src, kind="stable")]  # the lane's rows grouped by source, steps ascending
-            slots[j, order] = np.arange(s0, nb)
-            eos: list = []
-            at = s0
-            for s in np.unique(src).tolist():
-                n = int((src == s).sum())
-                run: list = []
-                got = self._lane_stream(s, j).fill(lanes[j, at * L:(at + n) * L], n, run)
-                eos.extend(r + at * L for r in run)
-                if (got != L).any() and self.on_error != "skip":
-                    raise DataError(
-                        f"lane {self.lane_ids[j]} of data source {self.mixture.sources[s].name!r} ran short before "
-                        f"step {epoch * P + b0 + nb}: shards changed since the manifest was written?")
-                rowlen[j, order[at - s0:at - s0 + n]] = got
-                at += n
-            if eos:
-                p = np.concatenate(eos)
-                # slot coordinates -> step coordinates, as the batch cutter expects them
-                step_of_slot = np.empty(nb, dtype=np.int64)
-                step_of_slot[slots[j, order]] = order
-                marks.append(np.sort(step_of_slot[p // L] * L + p % L))
+            at, eos = int(owed[j]), []
+            for s in range(S):
+                n = counts[s][j]
+                if n:
+                    if not self._lane_stream(s, j).fill(lanes[j, at * L:(at + n) * L], n, eos, at, by_slot[j, at:at + n]):
+                        if self.on_error != "skip":
+                            raise DataError(
+                                f"lane {self.lane_ids[j]} of data source {self.mixture.sources[s].name!r} ran short "
+                                f"before step {epoch * P + b0 + nb}: shards changed since the manifest was written?")
+                        short = True
+                    at += n
+            if eos:  # slot coordinates -> step coordinates, as the batch cutter expects them
+                p = np.concatenate([np.asarray(m, dtype=np.int64) + off for off, m in eos])
+                marks.append(order[j, p // L] * L + p % L)
             else:
                 marks.append(np.zeros(0, dtype=np.int64))
+        rowlen = np.take_along_axis(by_slot, slots, axis=1) if short else by_slot
         return marks, rowlen, slots
 
     def _stream(self, s: int, epoch: int):
