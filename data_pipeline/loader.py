@@ -351,6 +351,7 @@ class ByteLoader:
                     lanebuf = stages.fresh_buffer(per_rank * L).reshape(per_rank, 1, L)
                 marks, rowlen, slots = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
                 eos, bounds = _batch_eos(marks, nb, m, L)
+                any_short = bool((rowlen < L).any())  # (never in a block without skipped members)
                 if slots is not None:  # row of lanebuf's (lane, slot) rows where each (lane, step) sits
                     flat = slots + np.arange(per_rank, dtype=np.int64)[:, None] * lanebuf.shape[1]
                 for s in range(nb):
@@ -366,7 +367,7 @@ class ByteLoader:
                         where = eos[bounds[q]:bounds[q + 1]]
                         # a lane that skipped members ran short: the rest of it is padding
                         lengths = rowlen[k * m:(k + 1) * m, s]
-                        short = bool((lengths < L).any())
+                        short = any_short and bool((lengths < L).any())
                         if wide is not None:  # int64/int32 ids widened on the host: cast, then EOS in
                             ids = rows.astype(wide)
                             ids.reshape(-1)[where] = self.eos_id
