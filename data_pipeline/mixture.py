@@ -190,10 +190,10 @@ class _LaneStream:
         if self.j == 0:
             self.mixer._note_epoch(self.source, self.epoch)
 
-    def fill(self, out: np.ndarray, rows: int, eos: list, at: int, lengths: np.ndarray) -> bool:
-        """The next `rows` sequences into out[:rows * seq_len]; (offset, EOS positions) pairs
-        appended to eos, offsets counted from `at` rows; a row's data tokens into `lengths` only
-        when it came short. Returns whether every row is full."""
+    def fill(self, out: np.ndarray, rows: int, eos: list, base: int, lengths: np.ndarray) -> bool:
+        """The next `rows` sequences into out[:rows * seq_len]; EOS positions appended to eos
+        (plus `base`); a row's data tokens into `lengths` only when it came short. Returns whether
+        every row is full."""
         L = self.mixer.seq_len
         full, r = True, 0
         while r < rows:
@@ -201,10 +201,7 @@ class _LaneStream:
                 self.epoch += 1
                 self._open(0)
             n = min(rows - r, self.left)
-            marks: list = []
-            got = self.reader.fill(out[r * L:(r + n) * L], marks)
-            if marks:
-                eos.append(((at + r) * L, marks))
+            got = self.reader.fill(out[r * L:(r + n) * L], eos, base + r * L)
             if got != n * L:
                 full = False
                 lengths[r:r + n] = np.clip(got - np.arange(n, dtype=np.int64) * L, 0, L)
@@ -256,9 +253,11 @@ class MixtureLoader(ByteLoader):
 
         self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="byteloader") \
             if self.num_workers else None
+        # one thread pool and one buffer pool for all sources: a member buffer one source frees, another reuses
+        buffers = stages.BufferPool()
         for c in self.children:
             if c is not None:
-                c._executor, c.num_workers = self._executor, self.num_workers  # one pool for all sources
+                c._executor, c.num_workers, c._pool = self._executor, self.num_workers, buffers
         self.path, self.split = ",".join(s.path for s in mixture.sources), "train"
         # a mixture's "epoch" only numbers its steps: one epoch = as many sequences as its drawn sources hold
         self.steps_per_epoch = sum(c.steps_per_epoch for c in self.children if c is not None)
@@ -273,13 +272,12 @@ class MixtureLoader(ByteLoader):
         self._epoch = self._step = self._micro = 0
         self._generation = 0
         self._continues = None  # (generation, epoch) whose streams the last epoch's carry on into
-        for src, c in zip(mixture.sources, self.children):
+        for i, (src, c) in enumerate(zip(mixture.sources, self.children)):
+            shares = [w[i] / sum(w) for w in mixture.weights]
             if c is not None:
-                share = max(w[mixture.sources.index(src)] / sum(w) for w in mixture.weights)
-                logger.info("data source %r: %s train tokens, weight %s, one pass every ~%d steps at its "
-                            "largest weight", src.name, f"{c.total_tokens:,}",
-                            "/".join(f"{w[mixture.sources.index(src)]:g}" for w in mixture.weights),
-                            c.steps_per_epoch / share)
+                logger.info("data source %r: %s train tokens, %s of the sequences, one pass every ~%d steps at its "
+                            "largest share", src.name, f"{c.total_tokens:,}", " then ".join(f"{x:.1%}" for x in shares),
+                            c.steps_per_epoch / max(shares))
             else:
                 logger.info("data source %r: weight 0 throughout, validation only", src.name)
 
@@ -322,24 +320,25 @@ class MixtureLoader(ByteLoader):
         np.put_along_axis(slots, order, np.arange(nb, dtype=np.int64)[None, :], axis=1)
         counts = (drawn[None, :, :] == np.arange(S)[:, None, None]).sum(axis=2).tolist()  # [source][lane]
         by_slot = np.full((per_rank, nb), L, dtype=np.int64)
-        short, marks = False, []
+        short, eos, ends = False, [], []  # EOS positions of all lanes, lane-slot coordinates; where each lane's end
         for j in range(per_rank):
-            at, eos = int(owed[j]), []
+            at = int(owed[j])
             for s in range(S):
                 n = counts[s][j]
                 if n:
-                    if not self._lane_stream(s, j).fill(lanes[j, at * L:(at + n) * L], n, eos, at, by_slot[j, at:at + n]):
+                    if not self._lane_stream(s, j).fill(lanes[j, at * L:(at + n) * L], n, eos, at * L,
+                                                        by_slot[j, at:at + n]):
                         if self.on_error != "skip":
                             raise DataError(
                                 f"lane {self.lane_ids[j]} of data source {self.mixture.sources[s].name!r} ran short "
                                 f"before step {epoch * P + b0 + nb}: shards changed since the manifest was written?")
                         short = True
                     at += n
-            if eos:  # slot coordinates -> step coordinates, as the batch cutter expects them
-                p = np.concatenate([np.asarray(m, dtype=np.int64) + off for off, m in eos])
-                marks.append(order[j, p // L] * L + p % L)
-            else:
-                marks.append(np.zeros(0, dtype=np.int64))
+            ends.append(len(eos))
+        # slot coordinates -> step coordinates, as the batch cutter expects them, for all lanes at once
+        p = np.asarray(eos, dtype=np.int64)
+        lane = np.repeat(np.arange(per_rank), np.diff(ends, prepend=0))
+        marks = np.split(order[lane, p // L] * L + p % L, ends[:-1])
         rowlen = np.take_along_axis(by_slot, slots, axis=1) if short else by_slot
         return marks, rowlen, slots
 
