@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,8 +250,6 @@ class MixtureLoader(ByteLoader):
         self.num_workers = int(num_workers)
         if self.num_workers < 0:
             raise ConfigError(f"ByteLoader: num_workers={num_workers} must be >= 0")
-        from concurrent.futures import ThreadPoolExecutor
-
         self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="byteloader") \
             if self.num_workers else None
         # one thread pool and one buffer pool for all sources: a member buffer one source frees, another reuses
@@ -284,8 +283,9 @@ class MixtureLoader(ByteLoader):
     # -- ByteLoader's hooks -----------------------------------------------------------------------
 
     def _open_epoch(self, epoch: int, firsts: list) -> tuple[list, int]:
-        """The per-(lane, source) streams are opened as draws need them; returns no readers, only
-        the per-lane next-step counters the block filler advances."""
+        """Placeholder readers (one per lane): the (lane, source) streams open when a draw first
+        reaches them, each at the count of its draws before the lane's first step; at the start of
+        the next mixture epoch they simply run on."""
         per_rank = len(firsts)
         P = self.steps_per_epoch
         if self._continues == (self._generation, epoch) and not any(firsts):
