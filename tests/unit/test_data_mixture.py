@@ -181,3 +181,33 @@ def test_bad_sources_are_named(sources, tmp_path):
     with pytest.raises(CheckpointError, match="one-source"):
         MixtureLoader(parse_mixture(good), seq_len=SEQ, global_batch=B, micro_batch=M).load_state_dict(
             ByteLoader(sources["code"], seq_len=SEQ, global_batch=B, micro_batch=M).state_dict())
+
+
+def test_a_corrupt_member_of_one_source_is_named_or_skipped_and_resumes(sources, tmp_path):
+    import shutil
+
+    from terrabyte.data_pipeline.errors import DataError
+    from terrabyte.data_pipeline.manifest import load_manifest
+
+    bad = tmp_path / "wiki"
+    shutil.copytree(sources["wiki"], bad)
+    shard = next(s for s in load_manifest(str(bad))["shards"] if s["split"] == "train")
+    zo, zs = shard["index"]["zst_offset"][1], shard["index"]["zst_size"][1]
+    with open(bad / shard["path"], "r+b") as f:  # clobber the middle of member 000001's frame
+        f.seek(zo + zs // 2)
+        f.write(b"\xff" * 8)
+    mix = mixture({**sources, "wiki": str(bad)}, {"code": 0.5, "wiki": 0.5})
+    kw = dict(seq_len=SEQ, global_batch=B, micro_batch=M, seed=2)
+    with pytest.raises(DataError, match=rf"{shard['path']} member 000001"):
+        rows(MixtureLoader(mix, **kw), 200)
+    straight = rows(MixtureLoader(mix, on_error="skip", **kw), 200)
+    first = MixtureLoader(mix, on_error="skip", **kw)
+    it = iter(first)
+    for _ in range(101):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert first.skipped == 1 and state["bad_members"] == ["wiki:1"]
+    again = MixtureLoader(mix, on_error="skip", **kw)
+    again.load_state_dict(state)
+    for a, b in zip(straight[101:], rows(again, 99)):
+        assert torch.equal(a, b)
