@@ -57,12 +57,14 @@ SHARD_RE = re.compile(r"^(train|val|test)-(\d{5})-(\d{6})\.tar$")
 MARKER_RE = re.compile(r"^\.task-(\d{5})\.json$")
 STAGING = ".build"  # the build in progress, inside --out: moved into place once every task is done
 STAGING_MARK = ".terrabyte-build"  # in STAGING: says the folder around it is a build of ours
+BUILD_LOCK = ".build.lock"  # taken by callers that build into one folder from several processes
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tar pads archives to whole records of 10 KiB
 TAR_MTIME = 0  # fixed header fields make shards byte-reproducible
 READ_BLOCK = 1 << 20  # bytes of a streamed document read at a time
 MEMBER_DOCS = 4096  # documents per member at most: many tiny documents must not grow one member's JSON without end
 PIECE_JSON = 96  # bytes of member JSON per document, besides its path
+MEMBER_JSON = 1 << 20  # a member closes once its JSON would pass this (or member_bytes, if larger)
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ class Bundler:
         self._parts: list[bytes] = []
         self._pieces: list[dict] = []
         self._size = 0
-        self._meta = 0  # about the member JSON's bytes: it is bounded like the data
+        self._meta = 0  # about the member JSON's bytes: bounded like the data
+        self._meta_bytes = max(member_bytes, MEMBER_JSON)
 
     def add(self, path: str, data: bytes) -> Iterator[Member]:
         n = len(data)
@@ -203,7 +206,7 @@ class Bundler:
         self._parts.append(data)
         self._size += n
         self._meta += len(path) + PIECE_JSON
-        if self._size >= self.member_bytes or self._meta >= self.member_bytes or len(self._pieces) >= MEMBER_DOCS:
+        if self._size >= self.member_bytes or self._meta >= self._meta_bytes or len(self._pieces) >= MEMBER_DOCS:
             yield from self.flush()
 
     def flush(self) -> Iterator[Member]:
@@ -689,7 +692,7 @@ def check_out_dir(out_dir: str) -> None:
     the builder replaces and removes files only in such a folder, and only under its own names, so
     a folder of someone else's files is refused before anything is written."""
     try:
-        entries = sorted(os.listdir(out_dir))
+        entries = sorted(e for e in os.listdir(out_dir) if e != BUILD_LOCK)
     except FileNotFoundError:
         return
     except NotADirectoryError:
