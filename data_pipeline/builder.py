@@ -698,10 +698,11 @@ def check_out_dir(out_dir: str) -> None:
     except NotADirectoryError:
         raise ConfigError(f"--out {out_dir!r} is a file, not a folder") from None
     staging = os.path.join(out_dir, STAGING)
-    if os.path.islink(staging) or (os.path.exists(staging) and not os.path.isdir(staging)):
-        raise ConfigError(f"--out {out_dir!r}: {STAGING!r} is not a folder of ours (a link or a file); "
+    ours = not os.path.islink(staging) and os.path.isfile(os.path.join(staging, STAGING_MARK))
+    if os.path.lexists(staging) and not ours:  # it is written into and removed: it must be ours
+        raise ConfigError(f"--out {out_dir!r}: {STAGING!r} in it is not a staging folder of the builder; "
                           "remove it or pick another folder")
-    if not entries or os.path.isfile(os.path.join(staging, STAGING_MARK)) or \
+    if not entries or ours or \
             _read_json_dict(os.path.join(out_dir, MANIFEST)).get("format") == FORMAT or \
             any(MARKER_RE.match(e) and "fingerprint" in _read_json_dict(os.path.join(out_dir, e)) for e in entries):
         return

@@ -119,6 +119,8 @@ def load_manifest(path: str, allow_pipe: bool = False) -> dict:
         mpath = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
         if not os.path.exists(mpath):
             raise FileNotFoundError(f"no {MANIFEST} in {path!r}: build shards first with `terrabyte shards build`")
+        if not os.path.isfile(mpath):  # a device or FIFO would be read without end
+            raise DataError(f"{mpath!r} is not a regular file; refused")
         with open(mpath, "rb") as f:
             text = f.read()
         base = os.path.dirname(os.path.abspath(mpath))

@@ -284,6 +284,13 @@ def test_a_foreign_out_folder_survives(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("terrabyte: error: --out ") and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == mine
+    # nor is a folder of someone else's called .build inside a build of ours written into or removed
+    build_shards([str(src)], str(tmp_path / "ours"), **KW)
+    (tmp_path / "ours" / ".build").mkdir()
+    (tmp_path / "ours" / ".build" / "keep.txt").write_bytes(b"not the builder's")
+    with pytest.raises(ConfigError, match="'.build' in it is not a staging folder of the builder"):
+        build_shards([str(src)], str(tmp_path / "ours"), **KW)
+    assert (tmp_path / "ours" / ".build" / "keep.txt").read_bytes() == b"not the builder's"
 
 
 def test_a_failed_rebuild_leaves_the_previous_build_intact(tmp_path):
@@ -343,6 +350,16 @@ def test_a_shard_name_never_runs_in_a_pipe_template(built, tmp_path, quote):
     subprocess.run(pipe_command(f"pipe:printf %s {quote}{{}}{quote} >/dev/null"), shell=True,
                    env={**os.environ, PIPE_FILE_VAR: hostile}, check=True)
     assert not marker.exists()
+
+
+def test_a_manifest_that_is_a_device_is_refused_unread(tmp_path):
+    (tmp_path / "s").mkdir()
+    os.symlink("/dev/zero", tmp_path / "s" / "manifest.json")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "from terrabyte.data_pipeline.manifest import load_manifest; load_manifest(sys.argv[1])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert "manifest.json' is not a regular file; refused" in proc.stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize("bad", ["../secret", "a/b.tar", "x\ny.tar", "-rf", "a b.tar", ""])
