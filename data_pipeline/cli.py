@@ -43,8 +43,9 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build", help="build shards from files, directories, globs, archives, JSON Lines or stdin",
         description="Build train/val shards. Directories are read recursively in sorted order (symbolic "
-                    "links skipped unless --follow-symlinks); tar/zip archives member by member; *.jsonl[.gz|.zst] one document per line. The same inputs "
-                    "and flags give byte-identical shards. Under mpirun, ranks split the work.",
+                    "links skipped unless --follow-symlinks); tar/zip archives member by member; "
+                    "*.jsonl[.gz|.zst] one document per line. The same inputs and flags give byte-identical "
+                    "shards. Under mpirun, ranks split the work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory, glob, archive, or '-' for stdin")
     b.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory for shards and manifest.json")

@@ -60,8 +60,8 @@ def test_a_secret_behind_a_link_never_reaches_the_shards(tmp_path):
     # opting in reads what the links point to, and the CLI flag reaches the builder
     from terrabyte.data_pipeline.cli import main
 
-    assert main(["shards", "build", str(repo), "--out", str(tmp_path / "followed"), "--follow-symlinks", "--val-fraction", "0",
-                 "--no-progress"]) == 0
+    assert main(["shards", "build", str(repo), "--out", str(tmp_path / "followed"), "--follow-symlinks",
+                 "--val-fraction", "0", "--no-progress"]) == 0
     assert _docs(tmp_path / "followed")["link.py"] == SECRET
     assert _docs(tmp_path / "followed")["dirlink/secret.env"] == SECRET
 
