@@ -62,6 +62,9 @@ def test_a_secret_behind_a_link_never_reaches_the_shards(tmp_path):
 
     assert main(["shards", "build", str(repo), "--out", str(tmp_path / "followed"), "--follow-symlinks",
                  "--val-fraction", "0", "--no-progress"]) == 0
+    from terrabyte.data_pipeline.verify import format_stats
+
+    assert "not read: 2 symbolic links in input folders" in format_stats(man)
     assert _docs(tmp_path / "followed")["link.py"] == SECRET
     assert _docs(tmp_path / "followed")["dirlink/secret.env"] == SECRET
 
