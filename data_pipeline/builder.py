@@ -711,11 +711,11 @@ def check_out_dir(out_dir: str) -> None:
                       "the builder writes only into a new or empty folder or over a build of its own: pick another")
 
 
-def _clear_task(staging: str, task: int):
-    """A task's files left in the staging folder by an earlier try (the task is taken from --out)."""
-    for fn in os.listdir(staging):
+def _clear_tasks(staging: str, tasks: set):
+    """The files that earlier tries left in the staging folder for `tasks` (taken from --out)."""
+    for fn in os.listdir(staging) if tasks else ():
         shard, marker = SHARD_RE.match(fn), MARKER_RE.match(fn)
-        if (shard and int(shard.group(2)) == task) or (marker and int(marker.group(1)) == task):
+        if (shard and int(shard.group(2)) in tasks) or (marker and int(marker.group(1)) in tasks):
             _remove_quietly(os.path.join(staging, fn))
 
 
@@ -871,10 +871,9 @@ def build_shards(
     mine = [t for t in range(len(tasks)) if t % world == rank]
     fingerprints = {t: _task_fingerprint(cfg, tasks[t]) for t in mine}
     done = {t: r for t in mine if (r := _load_marker(staging, t, fingerprints[t])) is not None}
-    for t in mine:
-        if t not in done and (r := _load_marker(out_dir, t, fingerprints[t])) is not None:
-            done[t] = r  # finished by an earlier build: its files stay where they are
-            _clear_task(staging, t)
+    earlier = {t: r for t in mine if t not in done and (r := _load_marker(out_dir, t, fingerprints[t])) is not None}
+    _clear_tasks(staging, set(earlier))  # finished by an earlier build: its files stay where they are
+    done.update(earlier)
     todo = [t for t in mine if t not in done]
     if done:
         logger.info("rank %d: %d of %d tasks already complete, skipping them", rank, len(done), len(mine))

@@ -312,6 +312,23 @@ def test_a_failed_rebuild_leaves_the_previous_build_intact(tmp_path):
     assert (out / "README").read_bytes() == b"a file of the user's beside the shards" and _docs(out) == docs
 
 
+def test_a_failed_build_resumes_from_its_staging_folder(tmp_path, monkeypatch):
+    from terrabyte.data_pipeline import builder
+
+    src = _corpus(tmp_path / "in", {f"f{i}.txt": os.urandom(300) for i in range(5)})
+    (src / "zz.jsonl").write_text('{"no_text": 1}\n')
+    out, kw = tmp_path / "out", dict(task_bytes=400, member_bytes=1024, **KW)
+    with pytest.raises(DataError, match="zz.jsonl:1"):
+        build_shards([str(src)], str(out), **kw)
+    assert os.listdir(out) == [".build"]  # finished tasks wait there, nothing else was written
+    (src / "zz.jsonl").write_text('{"text": "fixed"}\n')
+    ran, real = [], builder.run_task
+    monkeypatch.setattr(builder, "run_task", lambda t, *a, **k: ran.append(t) or real(t, *a, **k))
+    man = build_shards([str(src)], str(out), **kw)
+    assert ran == [man["tasks"] - 1] and man["totals"]["all"]["documents"] == 6
+    assert not (out / ".build").exists() and _docs(out)["zz.jsonl:1"] == b"fixed"
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests: no shard name reaches a shell; sizes checked before arithmetic or allocation
 # ---------------------------------------------------------------------------------------------
