@@ -42,9 +42,10 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "build", help="build shards from files, directories, globs, archives, JSON Lines or stdin",
-        description="Build train/val shards. Directories are read recursively in sorted order; tar/zip "
-                    "archives member by member; *.jsonl[.gz|.zst] one document per line. The same inputs "
-                    "and flags give byte-identical shards. Under mpirun, ranks split the work.",
+        description="Build train/val shards. Directories are read recursively in sorted order (symbolic "
+                    "links skipped unless --follow-symlinks); tar/zip archives member by member; "
+                    "*.jsonl[.gz|.zst] one document per line. The same inputs and flags give byte-identical "
+                    "shards. Under mpirun, ranks split the work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory, glob, archive, or '-' for stdin")
     b.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory for shards and manifest.json")
@@ -81,6 +82,10 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--max-member-bytes", type=parse_size, default=64 << 20, metavar="SIZE",
                    help="refuse an input document that must be held whole (a JSON line) past this size "
                         "(default 64M); larger files and archive members are streamed")
+    b.add_argument("--follow-symlinks", action="store_true",
+                   help="read the files and directories that symbolic links inside input directories (and glob "
+                        "matches) point to; by default they are skipped and counted (devices, FIFOs and sockets "
+                        "are never read)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 
@@ -111,7 +116,7 @@ def cmd_build(args) -> int:
         input_format=args.input_format, text_field=args.text_field, group_depth=args.group_depth,
         dedup=args.dedup, min_bytes=args.min_bytes, max_bytes=args.max_bytes, dict_bytes=args.dict_bytes,
         on_error=args.on_error, split_bytes=args.split_bytes, max_member_bytes=args.max_member_bytes,
-        comm=comm)
+        follow_symlinks=args.follow_symlinks, comm=comm)
     if rank == 0:
         from .verify import format_stats
 

@@ -199,4 +199,7 @@ def format_stats(man: dict) -> str:
                  f"duplicates dropped {st.get('duplicates', 0)}, size-filtered {st.get('filtered_size', 0)}, "
                  f"sources skipped {st.get('skipped_sources', 0)}")
     lines.append(continued_summary(man))
+    if st.get("skipped_links") or st.get("skipped_special"):
+        lines.append(f"not read: {st.get('skipped_links', 0)} symbolic links in input folders (--follow-symlinks "
+                     f"reads them), {st.get('skipped_special', 0)} devices, FIFOs, sockets or archive links")
     return "\n".join(lines) + "\n"
