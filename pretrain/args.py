@@ -118,6 +118,10 @@ class TrainConfig:
     Ignored when the run directory already has a checkpoint to resume from."""
     init_from_strict: bool = True
     """Every tensor must match in name and shape; false loads the ones that do and lists the rest."""
+    init_from_trust: bool = False
+    """Read an ``init_from`` DeepSpeed checkpoint whose files hold pickled objects besides tensors and
+    plain data (unpickling runs the code they name): only for checkpoints you trust
+    (``--trust-checkpoint``)."""
 
 
 @dataclass
