@@ -156,3 +156,58 @@ def test_format1_checkpoints_are_pruned_as_ours(tmp_path):
     for step in (2, 3):
         save(root, step, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step2", "step3"]
+
+
+# --------------------------------------------------------------------------- job values
+
+
+def _job(**kw):
+    from terrabyte.launch.slurm import JobSpec
+
+    base = dict(nodes=2, gpus_per_node=8, time="04:00:00", partition="gpu", config="tiny", run_dir="/runs/a",
+                venv="/venv", workdir="/work", log_dir="/runs/a/slurm", account="acct",
+                sbatch_options=["--qos=high"], overrides=["--train.steps", "100"])
+    return JobSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("field, flag", [
+    ("partition", "--partition"), ("account", "--account"), ("run_dir", "--run-dir"), ("job_name", "--job-name"),
+    ("venv", "--venv"), ("log_dir", "--log-dir"), ("time", "--time"), ("sbatch_options", "--sbatch-option"),
+    ("overrides", "an override"),
+])
+def test_slurm_values_with_a_newline_are_refused(field, flag):
+    from terrabyte.launch.slurm import render
+
+    payload = "gpu\ntouch /tmp/pwned"
+    value = [f"--qos={payload}"] if field == "sbatch_options" else \
+        ["--train.steps", payload] if field == "overrides" else payload
+    with pytest.raises(ConfigError) as info:
+        render(_job(**{field: value}))
+    assert len(str(info.value).splitlines()) == 1
+    assert str(info.value).startswith(flag) and "control character" in str(info.value)
+
+
+def test_slurm_values_are_rendered_quoted():
+    from terrabyte.launch.slurm import render
+
+    plain = render(_job()).splitlines()
+    odd = render(_job(partition='gpu" --qos=evil', account="a#b c", run_dir="/runs/$(touch x)",
+                      sbatch_options=['--comment=x"y #z', "--exclusive"])).splitlines()
+    assert len(odd) == len(plain) + 1  # the one extra sbatch option, nothing injected
+    assert '#SBATCH --partition="gpu\\" --qos=evil"' in odd
+    assert '#SBATCH --account="a\\#b c"' in odd
+    assert '#SBATCH --comment="x\\"y \\#z"' in odd and "#SBATCH --exclusive" in odd
+    assert "TB_RUN_DIR='/runs/$(touch x)'" in odd
+    for bad in ("--qos high", "-p gpu", "--qos=a\nb"):
+        with pytest.raises(ConfigError, match="--sbatch-option"):
+            render(_job(sbatch_options=[bad]))
+
+
+@pytest.mark.parametrize("addr", ["host\ntouch /tmp/pwned", "$(touch x)", "a b", "node;id"])
+def test_master_addr_is_a_host_name(addr):
+    from terrabyte.launch.launchers import LaunchSpec, validate
+
+    with pytest.raises(ConfigError, match="--master-addr .* is not a host name or address"):
+        validate(LaunchSpec(nodes=2, procs_per_node=1, master_addr=addr), "torchrun")
+    validate(LaunchSpec(nodes=2, procs_per_node=1, master_addr="node-1.cluster"), "torchrun")
+    validate(LaunchSpec(nodes=2, procs_per_node=1, master_addr="[fe80::1]"), "torchrun")
