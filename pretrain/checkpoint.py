@@ -375,7 +375,15 @@ class ResumePlan:
 def saved_layout(ckpt: Path) -> Optional[dict]:
     """The layout a checkpoint was written with (None if it predates layout.json)."""
     path = ckpt / LAYOUT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        layout = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} is not valid JSON: {exc}") from None
+    if not isinstance(layout, dict):
+        raise CheckpointError(f"checkpoint {path} must hold a mapping")
+    return layout
 
 
 def plan_resume(cfg: Config, run_dir: str | Path, layout: Layout) -> Optional[ResumePlan]:
@@ -594,8 +602,8 @@ def consolidate_checkpoint(root: str | Path, tag: str, trust: bool = False) -> d
     return {k: v.float() for k, v in state.items()}
 
 
-def _layout_size(layout, key: str, ckpt: Path) -> int:
-    value = layout.get(key, 1) if isinstance(layout, dict) else None
+def _layout_size(layout: dict, key: str, ckpt: Path) -> int:
+    value = layout.get(key, 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"checkpoint {ckpt / LAYOUT_FILE}: {key} must be a positive whole number, got {value!r}")
     return value
@@ -628,13 +636,14 @@ def tensors_only_loads(trust: bool = False):
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError as exc:
             found = _REFUSED_GLOBAL.search(str(exc))
-            if trust or found is None and "Weights only load failed" not in str(exc):
+            if trust or (found is None and "Weights only load failed" not in str(exc)):
                 raise
+            name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", f)
             what = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"checkpoint file {f if isinstance(f, (str, os.PathLike)) else getattr(f, 'name', f)} holds pickled objects besides tensors and plain "
-                f"data{what}: loading it could run code; pass {TRUST_FLAG} (trust_checkpoint=True in Python) "
-                f"only if you trust whoever wrote it") from None
+                f"checkpoint file {name} holds pickled objects besides tensors and plain data{what}: loading it "
+                f"could run code; pass {TRUST_FLAG} (trust_checkpoint=True in Python) only if you trust whoever "
+                f"wrote it") from None
 
     torch.load = load
     try:
@@ -645,7 +654,19 @@ def tensors_only_loads(trust: bool = False):
 
 
 def _consolidate_universal(ckpt: Path, trust: bool) -> dict[str, torch.Tensor]:
-    out = convert_to_universal(ckpt, in_process=True, trust=trust)
+    """Converted once into ``<ckpt>/universal`` where the folder is writable; a read-only checkpoint
+    (a shared or downloaded one) is converted into a temporary folder for this read only."""
+    if os.access(ckpt, os.W_OK) or (ckpt / UNIVERSAL_DIRNAME / ".complete").is_file():
+        return _read_universal(convert_to_universal(ckpt, in_process=True, trust=trust), ckpt)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="terrabyte-universal-") as tmp:
+        out = Path(tmp) / UNIVERSAL_DIRNAME
+        _convert_here(ckpt, out, trust)
+        return _read_universal(out, ckpt)
+
+
+def _read_universal(out: Path, ckpt: Path) -> dict[str, torch.Tensor]:
     state = {}
     for fp32 in sorted((out / "zero").glob("*/fp32.pt")):
         name = fp32.parent.name

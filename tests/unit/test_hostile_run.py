@@ -91,6 +91,21 @@ def test_no_entry_point_unpickles_a_checkpoint(tmp_path, layout, capsys, monkeyp
     assert marker.exists()
 
 
+@pytest.mark.parametrize("name, text, message", [
+    (ckpt.LAYOUT_FILE, "{[", "layout.json is not valid JSON"),
+    (ckpt.LAYOUT_FILE, "[2]", "layout.json must hold a mapping"),
+    (ckpt.LAYOUT_FILE, '{"pipeline": "2"}', "pipeline must be a positive whole number, got '2'"),
+    ("model_config.json", "nan]", "model_config.json is not valid JSON"),
+    ("model_config.json", "[]", "model_config.json must hold a mapping"),
+])
+def test_garbled_checkpoint_metadata_is_one_line(tmp_path, name, text, message):
+    run = payload_run(tmp_path / "run", {}, tmp_path / "ran-code")
+    (run / "checkpoints" / "step2" / name).write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.load_state(run)
+    assert not (tmp_path / "ran-code").exists()
+
+
 def test_pretrain_trust_flag_reaches_the_config():
     from terrabyte.pretrain.trainer import parse
 
