@@ -375,15 +375,18 @@ class ResumePlan:
 def saved_layout(ckpt: Path) -> Optional[dict]:
     """The layout a checkpoint was written with (None if it predates layout.json)."""
     path = ckpt / LAYOUT_FILE
-    if not path.is_file():
-        return None
+    return read_json_mapping(path) if path.is_file() else None
+
+
+def read_json_mapping(path: Path) -> dict:
+    """A JSON object from a file that may come from anyone: anything else is one line naming it."""
     try:
-        layout = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {path} is not valid JSON: {exc}") from None
-    if not isinstance(layout, dict):
-        raise CheckpointError(f"checkpoint {path} must hold a mapping")
-    return layout
+        data = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a mapping")
+    return data
 
 
 def plan_resume(cfg: Config, run_dir: str | Path, layout: Layout) -> Optional[ResumePlan]:
@@ -798,13 +801,7 @@ def _load_state(source, trust: bool = False) -> tuple[dict, dict[str, torch.Tens
     config_path = where.path / "model_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"checkpoint {where.path} has no model_config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} must hold a mapping of model arguments")
-    return config, consolidate_checkpoint(where.root, where.tag, trust)
+    return read_json_mapping(config_path), consolidate_checkpoint(where.root, where.tag, trust)
 
 
 def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

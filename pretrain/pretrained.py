@@ -28,7 +28,7 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.system import atomic_write
 
-from .checkpoint import load_state, save_safetensors
+from .checkpoint import load_state, read_json_mapping, save_safetensors
 from .model import TerraByte
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,7 @@ def _has_checkpoints(path: Path) -> bool:
 def _read_saved(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    config_path = directory / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} must hold a mapping of model arguments")
+    config = read_json_mapping(directory / CONFIG_FILE)
     try:
         state = load_file(str(directory / WEIGHTS_FILE))
     except Exception as exc:  # safetensors' own error types for truncated/garbled files
