@@ -188,7 +188,10 @@ def _read(path: Path) -> bytes:
 
 
 def add_arguments(parser) -> None:
+    from .inference import add_trust_argument
+
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint folder or .safetensors file")
+    add_trust_argument(parser)
     parser.add_argument("--data", nargs="+", default=None, help="shard directories and/or raw files or directories")
     parser.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks instead of --data, comma "
                         "separated (needs the `eval` extra: pip install 'terrabyte[eval]')")
@@ -282,7 +285,7 @@ def run(args) -> int:
     if not args.data or getattr(args, "tasks", None):
         raise ConfigError("give --data (bits per byte of shards or files) or --tasks (lm-evaluation-harness), one of them")
     dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.checkpoint, args.device, DTYPES[dtype])
+    model = load_model(args.checkpoint, args.device, DTYPES[dtype], args.trust_checkpoint)
     report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes,
                       args.context)
     report.update(checkpoint=str(args.checkpoint), data=[str(d) for d in args.data], split=args.split,
