@@ -198,5 +198,9 @@ def format_stats(man: dict) -> str:
     lines.append(f"read {st.get('documents_read', 0)} documents from {st.get('sources', 0)} sources; "
                  f"duplicates dropped {st.get('duplicates', 0)}, size-filtered {st.get('filtered_size', 0)}, "
                  f"sources skipped {st.get('skipped_sources', 0)}")
+    if man.get("dedup"):
+        from .neardup import format_report
+
+        lines.extend(format_report(man["dedup"]))
     lines.append(continued_summary(man))
     return "\n".join(lines) + "\n"
