@@ -885,7 +885,7 @@ def _dict_id(zdict: bytes | None) -> int | None:
     return zstandard.ZstdCompressionDict(zdict).dict_id() if zdict else None
 
 
-HASH_UNIT_BYTES = 64 << 20  # sources hashed per pre-pass job: a task's hashing spreads over workers too
+HASH_UNIT_BYTES = 16 << 20  # sources hashed per pre-pass job: a task's hashing spreads over workers too
 
 
 def _hash_tasks(tasks, mine, cfg, pool, progress: bool = False) -> dict:

@@ -66,7 +66,8 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                         "90000000,5000000,5000000); --val-fraction is then unused")
     b.add_argument("--group-depth", type=int, default=0, metavar="N",
                    help="group key for the split: 0 = document path, N = its first N path components "
-                        "(e.g. 1 keeps each top-level repository in one split); archives always group as one")
+                        "(e.g. 1 keeps each top-level repository in one split); an archive is one group, unless "
+                        "N >= 2: then the archive and the first N-1 components inside it")
     b.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd compression level (1-22)")
     b.add_argument("--member-bytes", type=parse_size, default=2 << 20, metavar="SIZE",
                    help="raw bytes per member: small documents are bundled up to this, larger ones chunked")

@@ -349,10 +349,17 @@ def _open_decompressed(path: str, fileobj=None):
 def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     """tar / tar.gz / tar.zst / zip member by member, never extracted to disk.
 
-    Member paths are recorded as `<archive name>/<member>`; all share the archive as group key.
+    Member paths are recorded as `<archive name>/<member>`; all share the archive as group key,
+    unless `group_depth` N >= 2: then the archive and the first N-1 components of the member path
+    (the archive counts as the first component, so one tarball of a source tree can still be split).
     Globs apply to the recorded member path.
     """
     lower = src.name.lower()
+
+    def group(name: str) -> str:
+        if opts.group_depth <= 1:
+            return src.name
+        return f"{src.name}/{group_key(name[len(src.name) + 1:], opts.group_depth - 1)}"
     try:
         if lower.endswith(".zip"):
             with zipfile.ZipFile(src.path) as zf:
@@ -367,9 +374,9 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                         continue
                     if _streams(opts, info.file_size):
                         with zf.open(info) as f:
-                            yield Document(name, None, src.name, info.file_size, _Guarded(f, f"archive {src.path!r}"))
+                            yield Document(name, None, group(name), info.file_size, _Guarded(f, f"archive {src.path!r}"))
                     else:
-                        yield Document(name, zf.read(info), src.name)
+                        yield Document(name, zf.read(info), group(name))
             return
         with open(src.path, "rb") as raw:
             if lower.endswith(".tar.zst"):
@@ -389,9 +396,9 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                         continue
                     f = tf.extractfile(info)
                     if f is not None and _streams(opts, info.size):
-                        yield Document(name, None, src.name, info.size, _Guarded(f, f"archive {src.path!r}"))
+                        yield Document(name, None, group(name), info.size, _Guarded(f, f"archive {src.path!r}"))
                     else:
-                        yield Document(name, f.read() if f else b"", src.name)
+                        yield Document(name, f.read() if f else b"", group(name))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, OSError) as e:
         raise DataError(f"cannot read archive {src.path!r}: {e}") from None
 
