@@ -801,6 +801,9 @@ def build_shards(
         raise DataError(f"no input files left in {', '.join(map(repr, cfg.inputs))} after include/exclude filters")
     for src in sources if cfg.split_bytes else ():
         readers.check_split_bytes(src, cfg.split_bytes)  # before anything is written
+    if any(s.kind == "stdin" for s in sources) and cfg.dedup == "near":
+        raise ConfigError("stdin input ('-') can be read only once, and --dedup near reads every document twice: "
+                          "save it to a file first")
     if any(s.kind == "stdin" for s in sources) and (world > 1 or workers > 1):
         raise ConfigError("stdin input ('-') needs a single process: drop --workers and mpirun")
     tasks = plan_tasks(sources, cfg.task_bytes)
@@ -840,8 +843,11 @@ def build_shards(
             # (One task dedups exact copies on the fly: reading order is the same, so the same
             # copies are kept.)
             hashed = {}
+            t0 = time.perf_counter()
             with _all_ranks(comm, rank):
                 hashed = _hash_tasks(tasks, mine, cfg, pool, progress and rank == 0)
+            logger.info("rank %d: %s-dedup pre-pass over %d task(s), %.1f MB, in %.1f s", rank, cfg.dedup, len(mine),
+                        sum(s.size for t in mine for s in tasks[t]) / 1e6, time.perf_counter() - t0)
             if cfg.dedup == "near":
                 drop, dedup_report = _near_decide(hashed, cfg, comm, rank)
             else:

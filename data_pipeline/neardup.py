@@ -107,7 +107,7 @@ class Sketch:
         self.exact.update(block)
         data = self.tail + block if self.tail else block
         if len(data) >= self.n:
-            h = ngram_hashes(data, self.n)
+            h = ngram_hashes(data, self.n).tolist()  # update_batch iterates: Python ints beat numpy scalars
             for i in range(0, len(h), BATCH):
                 self.mh.update_batch(h[i:i + BATCH])
             self.grams = True

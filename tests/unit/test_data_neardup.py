@@ -125,6 +125,11 @@ def test_bad_dedup_flags_are_one_line(corpus, tmp_path, capsys, flags, message):
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
+def test_stdin_is_refused_before_it_is_read(tmp_path, capsys):
+    assert cli.main(["shards", "build", "-", "--out", str(tmp_path / "s"), "--dedup", "near", "--no-progress"]) == 1
+    assert "stdin input ('-') can be read only once" in capsys.readouterr().err
+
+
 def test_an_input_after_a_bare_dedup_is_named(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["shards", "build", "--dedup", str(corpus), "--out", str(tmp_path / "s")])
