@@ -76,6 +76,10 @@ def test_near_copies_dropped_unrelated_kept_same_output_with_1_and_2_workers(cor
     assert [s["sha256"] for s in two["shards"]] == [s["sha256"] for s in one["shards"]]
     assert two["dedup"] == rep
 
+    # a rerun over finished tasks (a resumed build) decides again from fresh sketches: the same record
+    again = _build(corpus, tmp_path / "one", "--task-bytes", "60K")
+    assert again["dedup"] == rep and [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in one["shards"]]
+
     capsys.readouterr()
     assert cli.main(["shards", "stats", str(tmp_path / "one")]) == 0
     out = capsys.readouterr().out
