@@ -770,12 +770,12 @@ def build_shards(
 
     Returns the manifest (also written to `<out_dir>/manifest.json`). With `comm` (an mpi4py
     communicator, or found from the environment by the CLI), tasks are dealt to ranks round-robin
-    and rank 0 writes the merged manifest; every rank returns it. `dedup`: False/"" (none),
-    True/"exact" (byte-identical documents) or "near" (MinHash + LSH, tuned by `dedup_threshold`,
-    `dedup_ngram`, `dedup_perm`).
+    and rank 0 writes the merged manifest; every rank returns it.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    # dedup: False/"" (none), True/"exact" (byte-identical documents) or "near" (MinHash + LSH, tuned
+    # by dedup_threshold, dedup_ngram and dedup_perm; neardup.py)
     dedup = {True: "exact", False: "", None: ""}.get(dedup, dedup)
     near = dict(dedup_threshold=dedup_threshold, dedup_ngram=dedup_ngram, dedup_perm=dedup_perm)
     for name, value in near.items():
@@ -786,10 +786,10 @@ def build_shards(
         inputs=tuple(os.fspath(i) for i in inputs), include=tuple(include), exclude=tuple(exclude),
         val_fraction=float(val_fraction), zstd_level=int(zstd_level), member_bytes=int(member_bytes),
         shard_bytes=int(shard_bytes), task_bytes=int(task_bytes), input_format=input_format,
-        text_field=text_field, group_depth=int(group_depth), dedup=dedup, min_bytes=int(min_bytes),
+        text_field=text_field, group_depth=int(group_depth), dedup=dedup, **near, min_bytes=int(min_bytes),
         max_bytes=int(max_bytes), dict_bytes=int(dict_bytes), on_error=on_error,
         split_bytes=tuple(int(n) for n in split_bytes),
-        max_member_bytes=int(max_member_bytes), **near,
+        max_member_bytes=int(max_member_bytes),
     )
     cfg.validate()
     if workers < 1:

@@ -355,11 +355,6 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
     Globs apply to the recorded member path.
     """
     lower = src.name.lower()
-
-    def group(name: str) -> str:
-        if opts.group_depth <= 1:
-            return src.name
-        return f"{src.name}/{group_key(name[len(src.name) + 1:], opts.group_depth - 1)}"
     try:
         if lower.endswith(".zip"):
             with zipfile.ZipFile(src.path) as zf:
@@ -374,9 +369,9 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                         continue
                     if _streams(opts, info.file_size):
                         with zf.open(info) as f:
-                            yield Document(name, None, group(name), info.file_size, _Guarded(f, f"archive {src.path!r}"))
+                            yield Document(name, None, src.name, info.file_size, _Guarded(f, f"archive {src.path!r}"))
                     else:
-                        yield Document(name, zf.read(info), group(name))
+                        yield Document(name, zf.read(info), src.name)
             return
         with open(src.path, "rb") as raw:
             if lower.endswith(".tar.zst"):
@@ -396,9 +391,9 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                         continue
                     f = tf.extractfile(info)
                     if f is not None and _streams(opts, info.size):
-                        yield Document(name, None, group(name), info.size, _Guarded(f, f"archive {src.path!r}"))
+                        yield Document(name, None, src.name, info.size, _Guarded(f, f"archive {src.path!r}"))
                     else:
-                        yield Document(name, f.read() if f else b"", group(name))
+                        yield Document(name, f.read() if f else b"", src.name)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, OSError) as e:
         raise DataError(f"cannot read archive {src.path!r}: {e}") from None
 
@@ -522,4 +517,12 @@ READERS = {
 def read_source(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     if opts.split_bytes:
         return read_by_position(src, opts, include, exclude)
-    return READERS[src.kind](src, opts, include, exclude)
+    docs = READERS[src.kind](src, opts, include, exclude)
+    return _archive_groups(src, docs, opts.group_depth) if src.kind == "archive" and opts.group_depth > 1 else docs
+
+
+def _archive_groups(src: Source, docs: Iterator[Document], depth: int) -> Iterator[Document]:
+    """An archive's members grouped by the archive and the first depth-1 components inside it."""
+    for doc in docs:
+        doc.group = f"{src.name}/{group_key(doc.path[len(src.name) + 1:], depth - 1)}"
+        yield doc
