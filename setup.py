@@ -23,6 +23,8 @@ install_requires = [
     "pyyaml>=6.0",
     "numpy>=1.24",
     "safetensors>=0.4",
+    # `shards build --dedup near`: MinHash signatures and the LSH index (2.0: the affine32 scheme)
+    "datasketch>=2.0",
 ]
 if platform.system() == "Linux":
     install_requires.append("triton>=3.0")

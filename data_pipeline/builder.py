@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import zstandard
 
-from . import readers
+from . import neardup, readers
 from .errors import ConfigError, DataError, TerrabyteError
 from .manifest import DICT_FILE, FORMAT, INDEX_KEYS, MANIFEST, SPLITS
 from .readers import Document, ReadOptions, Source
@@ -82,7 +82,10 @@ class BuildConfig:
     input_format: str = "auto"
     text_field: str = "text"
     group_depth: int = 0
-    dedup: bool = False
+    dedup: str = ""  # "" | "exact" (content hash) | "near" (MinHash + LSH, neardup.py)
+    dedup_threshold: float = 0.8  # near: estimated Jaccard similarity of byte n-gram sets
+    dedup_ngram: int = 5
+    dedup_perm: int = 128
     min_bytes: int = 0
     max_bytes: int = 0  # 0: no limit
     dict_bytes: int = 0  # >0: train a zstd dictionary of this size on a sample of the corpus
@@ -104,6 +107,10 @@ class BuildConfig:
         if self.min_bytes < 0 or self.max_bytes < 0 or self.dict_bytes < 0:
             raise ConfigError("min_bytes, max_bytes and dict_bytes must be >= 0")
         readers.source_kind("x", self.input_format)
+        if self.dedup not in ("", "exact", "near"):
+            raise ConfigError(f"dedup={self.dedup!r} must be 'exact' or 'near'")
+        if self.dedup == "near":
+            neardup.check_flags(self.dedup_threshold, self.dedup_ngram, self.dedup_perm)
         if self.split_bytes and (len(self.split_bytes) not in (2, 3) or min(self.split_bytes) < 0
                                  or not self.split_bytes[0]):
             raise ConfigError(f"split_bytes={list(self.split_bytes)} must be 2 or 3 sizes (train, val[, test]) "
@@ -580,17 +587,34 @@ def _worker_run_task(task, sources, cfg, out_dir, drop, zdict):
 # ---------------------------------------------------------------------------------------------
 
 
-def _hash_sources(sources, cfg: BuildConfig) -> list[bytes]:
-    """Content hashes of a task's documents, in reading order (size-filtered ones hash to b"")."""
+class _ContentHash:
+    SKIPPED = b""
+
+    def __init__(self, _path: str, _cfg: BuildConfig):
+        self.h = hashlib.blake2b(digest_size=16)
+        self.update = self.h.update
+        self.digest = self.h.digest
+
+
+def _near_sketch(path: str, cfg: BuildConfig) -> neardup.Sketch:
+    return neardup.Sketch(path, cfg.dedup_ngram, cfg.dedup_perm)
+
+
+def _hash_sources(sources, cfg: BuildConfig) -> list:
+    """Content hashes of a task's documents, in reading order (size-filtered ones hash to b""); with
+    dedup="near", MinHash sketches (neardup.Sketch.digest(); None for size-filtered ones)."""
+    sketch = _near_sketch if cfg.dedup == "near" else _ContentHash
+    skipped = neardup.Sketch.SKIPPED if cfg.dedup == "near" else _ContentHash.SKIPPED
     out, failed = [], []
     for doc in _iter_documents(sources, cfg, TaskStats(), failed):
         n = doc.size
         if n < cfg.min_bytes or (cfg.max_bytes and n > cfg.max_bytes):
-            out.append(b"")
-        elif doc.stream is None:
-            out.append(hashlib.blake2b(doc.data, digest_size=16).digest())
+            out.append(skipped)
+            continue
+        h = sketch(doc.path, cfg)
+        if doc.stream is None:
+            h.update(doc.data)
         else:  # in blocks: bounded memory, as in run_task
-            h = hashlib.blake2b(digest_size=16)
             try:
                 for block in doc.blocks(n, READ_BLOCK):
                     h.update(block)
@@ -598,9 +622,9 @@ def _hash_sources(sources, cfg: BuildConfig) -> list[bytes]:
                 if cfg.on_error != "skip":
                     raise
                 failed.append(e)
-                out.append(b"")
+                out.append(skipped)
                 continue
-            out.append(h.digest())
+        out.append(h.digest())
     return out
 
 
@@ -653,7 +677,8 @@ def _totals(shards: Sequence[dict]) -> dict:
     return out
 
 
-def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int | None) -> dict:
+def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int | None,
+                  dedup_report: dict | None = None) -> dict:
     shards = sorted((s for r in task_records for s in r["shards"]), key=lambda s: (s["split"] != "train", s["path"]))
     stats = {}
     for r in task_records:
@@ -670,6 +695,7 @@ def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int |
         "shards": shards,
         "totals": _totals(shards),
         "stats": stats,
+        **({"dedup": dedup_report} if dedup_report is not None else {}),
     }
 
 
@@ -801,7 +827,10 @@ def build_shards(
     input_format: str = "auto",
     text_field: str = "text",
     group_depth: int = 0,
-    dedup: bool = False,
+    dedup: bool | str = False,
+    dedup_threshold: float | None = None,
+    dedup_ngram: int | None = None,
+    dedup_perm: int | None = None,
     min_bytes: int = 0,
     max_bytes: int = 0,
     dict_bytes: int = 0,
@@ -823,11 +852,19 @@ def build_shards(
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    # dedup: False/"" (none), True/"exact" (byte-identical documents) or "near" (MinHash + LSH, tuned
+    # by dedup_threshold, dedup_ngram and dedup_perm; neardup.py)
+    dedup = {True: "exact", False: "", None: ""}.get(dedup, dedup)
+    near = dict(dedup_threshold=dedup_threshold, dedup_ngram=dedup_ngram, dedup_perm=dedup_perm)
+    for name, value in near.items():
+        if value is not None and dedup != "near":
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --dedup near only")
+    near = {k: v for k, v in near.items() if v is not None}
     cfg = BuildConfig(
         inputs=tuple(os.fspath(i) for i in inputs), include=tuple(include), exclude=tuple(exclude),
         val_fraction=float(val_fraction), zstd_level=int(zstd_level), member_bytes=int(member_bytes),
         shard_bytes=int(shard_bytes), task_bytes=int(task_bytes), input_format=input_format,
-        text_field=text_field, group_depth=int(group_depth), dedup=bool(dedup), min_bytes=int(min_bytes),
+        text_field=text_field, group_depth=int(group_depth), dedup=dedup, **near, min_bytes=int(min_bytes),
         max_bytes=int(max_bytes), dict_bytes=int(dict_bytes), on_error=on_error,
         split_bytes=tuple(int(n) for n in split_bytes),
         max_member_bytes=int(max_member_bytes), follow_symlinks=bool(follow_symlinks),
@@ -847,6 +884,9 @@ def build_shards(
         raise DataError(f"no input files left in {', '.join(map(repr, cfg.inputs))} after include/exclude filters")
     for src in sources if cfg.split_bytes else ():
         readers.check_split_bytes(src, cfg.split_bytes)  # before anything is written
+    if any(s.kind == "stdin" for s in sources) and cfg.dedup == "near":
+        raise ConfigError("stdin input ('-') can be read only once, and --dedup near reads every document twice: "
+                          "save it to a file first")
     if any(s.kind == "stdin" for s in sources) and (world > 1 or workers > 1):
         raise ConfigError("stdin input ('-') needs a single process: drop --workers and mpirun")
     tasks = plan_tasks(sources, cfg.task_bytes)
@@ -886,16 +926,23 @@ def build_shards(
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                    initargs=(queue, logging.getLogger().level))
     try:
-        drop = {}
-        if cfg.dedup and len(tasks) > 1:
-            # Global exact dedup needs every hash before any shard is written: a read-only pre-pass.
-            # (One task dedups on the fly: reading order is the same, so the same copies are kept.)
+        drop, dedup_report = {}, None
+        if cfg.dedup == "near" or (cfg.dedup and len(tasks) > 1):
+            # Global dedup needs every hash before any shard is written: a read-only pre-pass.
+            # (One task dedups exact copies on the fly: reading order is the same, so the same
+            # copies are kept.)
             hashed = {}
+            t0 = time.perf_counter()
             with _all_ranks(comm, rank):
-                hashed = _hash_tasks(tasks, mine, cfg, pool)
-            if comm is not None:
-                hashed = {t: h for part in comm.allgather(hashed) for t, h in part.items()}
-            drop = _drop_sets(hashed)
+                hashed = _hash_tasks(tasks, mine, cfg, pool, progress and rank == 0)
+            logger.info("rank %d: %s-dedup pre-pass over %d task(s), %.1f MB, in %.1f s", rank, cfg.dedup, len(mine),
+                        sum(s.size for t in mine for s in tasks[t]) / 1e6, time.perf_counter() - t0)
+            if cfg.dedup == "near":
+                drop, dedup_report = _near_decide(hashed, cfg, comm, rank)
+            else:
+                if comm is not None:
+                    hashed = {t: h for part in comm.allgather(hashed) for t, h in part.items()}
+                drop = _drop_sets(hashed)
         records = dict(done)
         with _all_ranks(comm, rank):
             _run_tasks(todo, tasks, cfg, staging, drop, zdict, pool, queue, records,
@@ -911,7 +958,7 @@ def build_shards(
     manifest = None
     error = None
     if rank == 0:
-        manifest = make_manifest(cfg, all_records, _dict_id(zdict))
+        manifest = make_manifest(cfg, all_records, _dict_id(zdict), dedup_report)
         for key, n in skipped.items():
             manifest["stats"][key] = manifest["stats"].get(key, 0) + n
         if manifest["totals"]["all"]["documents"] == 0:
@@ -934,10 +981,51 @@ def _dict_id(zdict: bytes | None) -> int | None:
     return zstandard.ZstdCompressionDict(zdict).dict_id() if zdict else None
 
 
-def _hash_tasks(tasks, mine, cfg, pool) -> dict:
-    if pool is not None:
-        return dict(zip(mine, pool.map(_hash_sources, [tasks[t] for t in mine], [cfg] * len(mine))))
-    return {t: _hash_sources(tasks[t], cfg) for t in mine}
+HASH_UNIT_BYTES = 16 << 20  # sources hashed per pre-pass job: a task's hashing spreads over workers too
+
+
+def _hash_tasks(tasks, mine, cfg, pool, progress: bool = False) -> dict:
+    """Each of `mine`'s tasks' hashes, in reading order. A task is cut into runs of sources of about
+    HASH_UNIT_BYTES, hashed independently (by the pool's workers when there is one) and joined in
+    order: a document's ordinal is the same as in run_task whatever the cut."""
+    units = [(t, unit) for t in mine for unit in plan_tasks(tasks[t], HASH_UNIT_BYTES)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(s.size for _, u in units for s in u), unit="B", unit_scale=True, unit_divisor=1000,
+                   desc="dedup " + (cfg.dedup or "exact"), smoothing=0.1)
+    results = (pool.map(_hash_sources, [u for _, u in units], [cfg] * len(units)) if pool is not None
+               else (_hash_sources(u, cfg) for _, u in units))
+    out = {t: [] for t in mine}
+    try:
+        for (t, unit), hashes in zip(units, results):
+            out[t].extend(hashes)
+            if bar is not None:
+                bar.update(sum(s.size for s in unit))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _near_decide(hashed: dict, cfg: BuildConfig, comm, rank: int) -> tuple[dict, dict]:
+    """Near-duplicate decisions over every rank's sketches, made once on rank 0 in corpus order and
+    sent to all ranks (the sketches travel once, the decisions are small)."""
+    decision = None
+    if comm is not None:
+        parts = comm.gather(hashed, root=0)
+        hashed = {t: h for part in parts or [] for t, h in part.items()}
+    with _all_ranks(comm, rank):
+        if rank == 0:
+            t0 = time.perf_counter()
+            decision = neardup.decide(hashed, cfg.dedup_threshold, cfg.dedup_ngram, cfg.dedup_perm)
+            r = decision.report
+            logger.info("near-dedup: %d of %d documents dropped (%d exact copies, %d near) in %.1f s",
+                        r["dropped"], r["documents"], r["exact"], r["near"], time.perf_counter() - t0)
+    if comm is not None:
+        decision = comm.bcast(decision, root=0)
+    return decision.drop, decision.report
 
 
 def _run_tasks(todo, tasks, cfg, out_dir, drop, zdict, pool, queue, records: dict, bar):

@@ -440,7 +440,9 @@ def _open_decompressed(src: Source):
 def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     """tar / tar.gz / tar.zst / zip member by member, never extracted to disk.
 
-    Member paths are recorded as `<archive name>/<member>`; all share the archive as group key.
+    Member paths are recorded as `<archive name>/<member>`; all share the archive as group key,
+    unless `group_depth` N >= 2: then the archive and the first N-1 components of the member path
+    (the archive counts as the first component, so one tarball of a source tree can still be split).
     Globs apply to the recorded member path.
     """
     lower = src.name.lower()
@@ -706,4 +708,12 @@ READERS = {
 def read_source(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     if opts.split_bytes:
         return read_by_position(src, opts, include, exclude)
-    return READERS[src.kind](src, opts, include, exclude)
+    docs = READERS[src.kind](src, opts, include, exclude)
+    return _archive_groups(src, docs, opts.group_depth) if src.kind == "archive" and opts.group_depth > 1 else docs
+
+
+def _archive_groups(src: Source, docs: Iterator[Document], depth: int) -> Iterator[Document]:
+    """An archive's members grouped by the archive and the first depth-1 components inside it."""
+    for doc in docs:
+        doc.group = f"{src.name}/{group_key(doc.path[len(src.name) + 1:], depth - 1)}"
+        yield doc
