@@ -23,6 +23,8 @@ install_requires = [
     "pyyaml>=6.0",
     "numpy>=1.24",
     "safetensors>=0.4",
+    # `shards build --dedup near`: MinHash signatures and the LSH index (2.0: the affine32 scheme)
+    "datasketch>=2.0",
 ]
 if platform.system() == "Linux":
     install_requires.append("triton>=3.0")
@@ -46,8 +48,9 @@ setup(
         "gpu": ["flash-attn"],
         # megabyte-pytorch: the peer `terrabyte bench model|quality` compare against (tests run both)
         "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3", "megabyte-pytorch==0.3.6", "hypothesis>=6"],
-        # `terrabyte bench quality` draws its loss curves with it (and prints its table without it)
-        "bench": ["matplotlib>=3.7"],
+        # `terrabyte bench quality` draws its loss curves with matplotlib (and prints its table without
+        # it), and trains its BPE baseline's tokenizer with Hugging Face tokenizers
+        "bench": ["matplotlib>=3.7", "tokenizers>=0.19"],
         # `terrabyte eval --tasks` and the `terrabyte` model type of lm-evaluation-harness (its own
         # dependencies leave torch alone: pip keeps the installed build), and from_pretrained/push_to_hub
         # with a hub repository id

@@ -35,6 +35,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
 import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -43,7 +44,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import zstandard
 
-from . import readers
+from . import neardup, readers
 from .errors import ConfigError, DataError, TerrabyteError
 from .manifest import DICT_FILE, FORMAT, INDEX_KEYS, MANIFEST, SPLITS
 from .readers import Document, ReadOptions, Source
@@ -54,10 +55,16 @@ logger = logging.getLogger(__name__)
 BUILDER_VERSION = "1.1"  # 1.1: streamed large documents, per-shard `spans`
 SHARD_RE = re.compile(r"^(train|val|test)-(\d{5})-(\d{6})\.tar$")
 MARKER_RE = re.compile(r"^\.task-(\d{5})\.json$")
+STAGING = ".build"  # the build in progress, inside --out: moved into place once every task is done
+STAGING_MARK = ".terrabyte-build"  # in STAGING: says the folder around it is a build of ours
+BUILD_LOCK = ".build.lock"  # taken by callers that build into one folder from several processes
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tar pads archives to whole records of 10 KiB
 TAR_MTIME = 0  # fixed header fields make shards byte-reproducible
 READ_BLOCK = 1 << 20  # bytes of a streamed document read at a time
+MEMBER_DOCS = 4096  # documents per member at most: many tiny documents must not grow one member's JSON without end
+PIECE_JSON = 96  # bytes of member JSON per document, besides its path
+MEMBER_JSON = 1 << 20  # a member closes once its JSON would pass this (or member_bytes, if larger)
 
 
 @dataclass(frozen=True)
@@ -75,13 +82,17 @@ class BuildConfig:
     input_format: str = "auto"
     text_field: str = "text"
     group_depth: int = 0
-    dedup: bool = False
+    dedup: str = ""  # "" | "exact" (content hash) | "near" (MinHash + LSH, neardup.py)
+    dedup_threshold: float = 0.8  # near: estimated Jaccard similarity of byte n-gram sets
+    dedup_ngram: int = 5
+    dedup_perm: int = 128
     min_bytes: int = 0
     max_bytes: int = 0  # 0: no limit
     dict_bytes: int = 0  # >0: train a zstd dictionary of this size on a sample of the corpus
     on_error: str = "raise"  # "raise" | "skip" (skip unreadable sources, counted in the manifest)
     split_bytes: tuple = ()  # (train, val[, test]) bytes: each file cut by position, one document per split
     max_member_bytes: int = 64 << 20  # the largest document held whole where it cannot be streamed
+    follow_symlinks: bool = False  # read files and directories that links in input directories point to
 
     def validate(self):
         if not 0.0 <= self.val_fraction < 1.0:
@@ -96,6 +107,10 @@ class BuildConfig:
         if self.min_bytes < 0 or self.max_bytes < 0 or self.dict_bytes < 0:
             raise ConfigError("min_bytes, max_bytes and dict_bytes must be >= 0")
         readers.source_kind("x", self.input_format)
+        if self.dedup not in ("", "exact", "near"):
+            raise ConfigError(f"dedup={self.dedup!r} must be 'exact' or 'near'")
+        if self.dedup == "near":
+            neardup.check_flags(self.dedup_threshold, self.dedup_ngram, self.dedup_perm)
         if self.split_bytes and (len(self.split_bytes) not in (2, 3) or min(self.split_bytes) < 0
                                  or not self.split_bytes[0]):
             raise ConfigError(f"split_bytes={list(self.split_bytes)} must be 2 or 3 sizes (train, val[, test]) "
@@ -184,6 +199,8 @@ class Bundler:
         self._parts: list[bytes] = []
         self._pieces: list[dict] = []
         self._size = 0
+        self._meta = 0  # about the member JSON's bytes: bounded like the data
+        self._meta_bytes = max(member_bytes, MEMBER_JSON)
 
     def add(self, path: str, data: bytes) -> Iterator[Member]:
         n = len(data)
@@ -195,20 +212,21 @@ class Bundler:
         self._pieces.append(_piece(path, 0, n, n, offset=self._size))
         self._parts.append(data)
         self._size += n
-        if self._size >= self.member_bytes:
+        self._meta += len(path) + PIECE_JSON
+        if self._size >= self.member_bytes or self._meta >= self._meta_bytes or len(self._pieces) >= MEMBER_DOCS:
             yield from self.flush()
 
     def flush(self) -> Iterator[Member]:
         if self._pieces:
             yield Member(b"".join(self._parts), self._pieces)
-        self._parts, self._pieces, self._size = [], [], 0
+        self._parts, self._pieces, self._size, self._meta = [], [], 0, 0
 
     def save(self) -> tuple:
         """The documents waiting for a member (restored when a streamed document is taken out)."""
-        return list(self._parts), list(self._pieces), self._size
+        return list(self._parts), list(self._pieces), self._size, self._meta
 
     def restore(self, saved: tuple):
-        self._parts, self._pieces, self._size = list(saved[0]), list(saved[1]), saved[2]
+        self._parts, self._pieces, self._size, self._meta = list(saved[0]), list(saved[1]), saved[2], saved[3]
 
 
 def member_json(member: Member) -> bytes:
@@ -398,9 +416,11 @@ def _load_marker(out_dir: str, task: int, fingerprint: str) -> dict | None:
             rec = json.load(f)
     except (OSError, ValueError):
         return None
-    if rec.get("fingerprint") != fingerprint:
+    if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint:
         return None
     for sh in rec["shards"]:
+        if not SHARD_RE.match(str(sh.get("path"))):
+            return None
         p = os.path.join(out_dir, sh["path"])
         if not os.path.isfile(p) or os.path.getsize(p) != sh["tar_bytes"]:
             return None
@@ -567,17 +587,34 @@ def _worker_run_task(task, sources, cfg, out_dir, drop, zdict):
 # ---------------------------------------------------------------------------------------------
 
 
-def _hash_sources(sources, cfg: BuildConfig) -> list[bytes]:
-    """Content hashes of a task's documents, in reading order (size-filtered ones hash to b"")."""
+class _ContentHash:
+    SKIPPED = b""
+
+    def __init__(self, _path: str, _cfg: BuildConfig):
+        self.h = hashlib.blake2b(digest_size=16)
+        self.update = self.h.update
+        self.digest = self.h.digest
+
+
+def _near_sketch(path: str, cfg: BuildConfig) -> neardup.Sketch:
+    return neardup.Sketch(path, cfg.dedup_ngram, cfg.dedup_perm)
+
+
+def _hash_sources(sources, cfg: BuildConfig) -> list:
+    """Content hashes of a task's documents, in reading order (size-filtered ones hash to b""); with
+    dedup="near", MinHash sketches (neardup.Sketch.digest(); None for size-filtered ones)."""
+    sketch = _near_sketch if cfg.dedup == "near" else _ContentHash
+    skipped = neardup.Sketch.SKIPPED if cfg.dedup == "near" else _ContentHash.SKIPPED
     out, failed = [], []
     for doc in _iter_documents(sources, cfg, TaskStats(), failed):
         n = doc.size
         if n < cfg.min_bytes or (cfg.max_bytes and n > cfg.max_bytes):
-            out.append(b"")
-        elif doc.stream is None:
-            out.append(hashlib.blake2b(doc.data, digest_size=16).digest())
+            out.append(skipped)
+            continue
+        h = sketch(doc.path, cfg)
+        if doc.stream is None:
+            h.update(doc.data)
         else:  # in blocks: bounded memory, as in run_task
-            h = hashlib.blake2b(digest_size=16)
             try:
                 for block in doc.blocks(n, READ_BLOCK):
                     h.update(block)
@@ -585,9 +622,9 @@ def _hash_sources(sources, cfg: BuildConfig) -> list[bytes]:
                 if cfg.on_error != "skip":
                     raise
                 failed.append(e)
-                out.append(b"")
+                out.append(skipped)
                 continue
-            out.append(h.digest())
+        out.append(h.digest())
     return out
 
 
@@ -640,7 +677,8 @@ def _totals(shards: Sequence[dict]) -> dict:
     return out
 
 
-def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int | None) -> dict:
+def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int | None,
+                  dedup_report: dict | None = None) -> dict:
     shards = sorted((s for r in task_records for s in r["shards"]), key=lambda s: (s["split"] != "train", s["path"]))
     stats = {}
     for r in task_records:
@@ -657,12 +695,73 @@ def make_manifest(cfg: BuildConfig, task_records: Sequence[dict], dict_id: int |
         "shards": shards,
         "totals": _totals(shards),
         "stats": stats,
+        **({"dedup": dedup_report} if dedup_report is not None else {}),
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
+
+
+def _read_json_dict(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def check_out_dir(out_dir: str) -> None:
+    """`--out` must be new, empty, or a build of ours (finished, or stopped before its manifest):
+    the builder replaces and removes files only in such a folder, and only under its own names, so
+    a folder of someone else's files is refused before anything is written."""
+    try:
+        entries = sorted(e for e in os.listdir(out_dir) if e != BUILD_LOCK)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise ConfigError(f"--out {out_dir!r} is a file, not a folder") from None
+    staging = os.path.join(out_dir, STAGING)
+    ours = not os.path.islink(staging) and os.path.isfile(os.path.join(staging, STAGING_MARK))
+    if os.path.lexists(staging) and not ours:  # it is written into and removed: it must be ours
+        raise ConfigError(f"--out {out_dir!r}: {STAGING!r} in it is not a staging folder of the builder; "
+                          "remove it or pick another folder")
+    if not entries or ours or \
+            _read_json_dict(os.path.join(out_dir, MANIFEST)).get("format") == FORMAT or \
+            any(MARKER_RE.match(e) and "fingerprint" in _read_json_dict(os.path.join(out_dir, e)) for e in entries):
+        return
+    more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+    raise ConfigError(f"--out {out_dir!r} is not empty and holds no Terrabyte shard build ({entries[0]!r}{more}); "
+                      "the builder writes only into a new or empty folder or over a build of its own: pick another")
+
+
+def _clear_tasks(staging: str, tasks: set):
+    """The files that earlier tries left in the staging folder for `tasks` (taken from --out)."""
+    for fn in os.listdir(staging) if tasks else ():
+        shard, marker = SHARD_RE.match(fn), MARKER_RE.match(fn)
+        if (shard and int(shard.group(2)) in tasks) or (marker and int(marker.group(1)) in tasks):
+            _remove_quietly(os.path.join(staging, fn))
+
+
+def _publish(out_dir: str, staging: str, manifest: dict, ntasks: int):
+    """Moves a finished build from the staging folder into `out_dir`, task by task (its shards,
+    then its marker, so a marker in `out_dir` always has its shards beside it), removes the
+    previous build's files that the new one does not keep, and writes the manifest last."""
+    _remove_quietly(os.path.join(out_dir, MANIFEST))  # the old manifest must not vouch for new shards
+    names = {t: [] for t in range(ntasks)}
+    for s in manifest["shards"]:
+        names[s["task"]].append(s["path"])
+    for t in range(ntasks):
+        for fn in names[t] + [os.path.basename(_marker_path(out_dir, t))]:
+            if os.path.exists(os.path.join(staging, fn)):
+                os.replace(os.path.join(staging, fn), os.path.join(out_dir, fn))
+    if manifest.get("zstd_dict") and os.path.exists(os.path.join(staging, DICT_FILE)):
+        os.replace(os.path.join(staging, DICT_FILE), os.path.join(out_dir, DICT_FILE))
+    _cleanup_stale(out_dir, {s["path"] for s in manifest["shards"]}, set(range(ntasks)))
+    _write_json(os.path.join(out_dir, MANIFEST), manifest)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _cleanup_stale(out_dir: str, keep_shards: set, keep_tasks: set):
@@ -728,13 +827,17 @@ def build_shards(
     input_format: str = "auto",
     text_field: str = "text",
     group_depth: int = 0,
-    dedup: bool = False,
+    dedup: bool | str = False,
+    dedup_threshold: float | None = None,
+    dedup_ngram: int | None = None,
+    dedup_perm: int | None = None,
     min_bytes: int = 0,
     max_bytes: int = 0,
     dict_bytes: int = 0,
     on_error: str = "raise",
     split_bytes: Sequence[int] = (),
     max_member_bytes: int = 64 << 20,
+    follow_symlinks: bool = False,
     comm=None,
 ) -> dict:
     """Builds webdataset tar shards of zstd members from files/directories/globs/archives.
@@ -742,34 +845,57 @@ def build_shards(
     Returns the manifest (also written to `<out_dir>/manifest.json`). With `comm` (an mpi4py
     communicator, or found from the environment by the CLI), tasks are dealt to ranks round-robin
     and rank 0 writes the merged manifest; every rank returns it.
+
+    `out_dir` must be new, empty or a previous build (`check_out_dir`). Shards are written into
+    `<out_dir>/.build` and moved into place only when every task is done, so a build that fails
+    leaves a previous build in `out_dir` as it was (and its finished tasks in `.build` for a rerun).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    # dedup: False/"" (none), True/"exact" (byte-identical documents) or "near" (MinHash + LSH, tuned
+    # by dedup_threshold, dedup_ngram and dedup_perm; neardup.py)
+    dedup = {True: "exact", False: "", None: ""}.get(dedup, dedup)
+    near = dict(dedup_threshold=dedup_threshold, dedup_ngram=dedup_ngram, dedup_perm=dedup_perm)
+    for name, value in near.items():
+        if value is not None and dedup != "near":
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --dedup near only")
+    near = {k: v for k, v in near.items() if v is not None}
     cfg = BuildConfig(
         inputs=tuple(os.fspath(i) for i in inputs), include=tuple(include), exclude=tuple(exclude),
         val_fraction=float(val_fraction), zstd_level=int(zstd_level), member_bytes=int(member_bytes),
         shard_bytes=int(shard_bytes), task_bytes=int(task_bytes), input_format=input_format,
-        text_field=text_field, group_depth=int(group_depth), dedup=bool(dedup), min_bytes=int(min_bytes),
+        text_field=text_field, group_depth=int(group_depth), dedup=dedup, **near, min_bytes=int(min_bytes),
         max_bytes=int(max_bytes), dict_bytes=int(dict_bytes), on_error=on_error,
         split_bytes=tuple(int(n) for n in split_bytes),
-        max_member_bytes=int(max_member_bytes),
+        max_member_bytes=int(max_member_bytes), follow_symlinks=bool(follow_symlinks),
     )
     cfg.validate()
     if workers < 1:
         raise ConfigError(f"workers={workers} must be >= 1")
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
 
-    sources = readers.discover_sources(cfg.inputs, cfg.include, cfg.exclude, cfg.input_format)
+    skipped = {"skipped_links": 0}
+    sources = readers.discover_sources(cfg.inputs, cfg.include, cfg.exclude, cfg.input_format,
+                                       cfg.follow_symlinks, skipped)
+    if any(skipped.values()) and rank == 0:
+        logger.warning("inputs not read: %d symbolic links (--follow-symlinks reads them), %d devices, FIFOs or "
+                       "sockets", skipped.get("skipped_links", 0), skipped.get("skipped_special", 0))
     if not sources:
         raise DataError(f"no input files left in {', '.join(map(repr, cfg.inputs))} after include/exclude filters")
     for src in sources if cfg.split_bytes else ():
         readers.check_split_bytes(src, cfg.split_bytes)  # before anything is written
+    if any(s.kind == "stdin" for s in sources) and cfg.dedup == "near":
+        raise ConfigError("stdin input ('-') can be read only once, and --dedup near reads every document twice: "
+                          "save it to a file first")
     if any(s.kind == "stdin" for s in sources) and (world > 1 or workers > 1):
         raise ConfigError("stdin input ('-') needs a single process: drop --workers and mpirun")
     tasks = plan_tasks(sources, cfg.task_bytes)
-    os.makedirs(out_dir, exist_ok=True)
-    if rank == 0:
-        _remove_quietly(os.path.join(out_dir, MANIFEST))  # the old manifest must not vouch for new shards
+    staging = os.path.join(out_dir, STAGING)
+    with _all_ranks(comm, rank):
+        if rank == 0:
+            check_out_dir(out_dir)
+            os.makedirs(staging, exist_ok=True)
+            atomic_write(os.path.join(staging, STAGING_MARK), "")
     if comm is not None:
         comm.Barrier()
 
@@ -778,13 +904,16 @@ def build_shards(
         with _all_ranks(comm, rank):  # an error on rank 0 must not leave the others waiting
             if rank == 0:
                 zdict = train_dictionary(tasks, cfg)
-                atomic_write(os.path.join(out_dir, DICT_FILE), zdict)
+                atomic_write(os.path.join(staging, DICT_FILE), zdict)
         if comm is not None:
             zdict = comm.bcast(zdict, root=0)
 
     mine = [t for t in range(len(tasks)) if t % world == rank]
     fingerprints = {t: _task_fingerprint(cfg, tasks[t]) for t in mine}
-    done = {t: r for t in mine if (r := _load_marker(out_dir, t, fingerprints[t])) is not None}
+    done = {t: r for t in mine if (r := _load_marker(staging, t, fingerprints[t])) is not None}
+    earlier = {t: r for t in mine if t not in done and (r := _load_marker(out_dir, t, fingerprints[t])) is not None}
+    _clear_tasks(staging, set(earlier))  # finished by an earlier build: its files stay where they are
+    done.update(earlier)
     todo = [t for t in mine if t not in done]
     if done:
         logger.info("rank %d: %d of %d tasks already complete, skipping them", rank, len(done), len(mine))
@@ -797,19 +926,26 @@ def build_shards(
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                    initargs=(queue, logging.getLogger().level))
     try:
-        drop = {}
-        if cfg.dedup and len(tasks) > 1:
-            # Global exact dedup needs every hash before any shard is written: a read-only pre-pass.
-            # (One task dedups on the fly: reading order is the same, so the same copies are kept.)
+        drop, dedup_report = {}, None
+        if cfg.dedup == "near" or (cfg.dedup and len(tasks) > 1):
+            # Global dedup needs every hash before any shard is written: a read-only pre-pass.
+            # (One task dedups exact copies on the fly: reading order is the same, so the same
+            # copies are kept.)
             hashed = {}
+            t0 = time.perf_counter()
             with _all_ranks(comm, rank):
-                hashed = _hash_tasks(tasks, mine, cfg, pool)
-            if comm is not None:
-                hashed = {t: h for part in comm.allgather(hashed) for t, h in part.items()}
-            drop = _drop_sets(hashed)
+                hashed = _hash_tasks(tasks, mine, cfg, pool, progress and rank == 0)
+            logger.info("rank %d: %s-dedup pre-pass over %d task(s), %.1f MB, in %.1f s", rank, cfg.dedup, len(mine),
+                        sum(s.size for t in mine for s in tasks[t]) / 1e6, time.perf_counter() - t0)
+            if cfg.dedup == "near":
+                drop, dedup_report = _near_decide(hashed, cfg, comm, rank)
+            else:
+                if comm is not None:
+                    hashed = {t: h for part in comm.allgather(hashed) for t, h in part.items()}
+                drop = _drop_sets(hashed)
         records = dict(done)
         with _all_ranks(comm, rank):
-            _run_tasks(todo, tasks, cfg, out_dir, drop, zdict, pool, queue, records,
+            _run_tasks(todo, tasks, cfg, staging, drop, zdict, pool, queue, records,
                        _Progress(sum(s.size for t in todo for s in tasks[t]), progress and rank == 0))
     finally:
         if pool is not None:
@@ -822,14 +958,15 @@ def build_shards(
     manifest = None
     error = None
     if rank == 0:
-        manifest = make_manifest(cfg, all_records, _dict_id(zdict))
+        manifest = make_manifest(cfg, all_records, _dict_id(zdict), dedup_report)
+        for key, n in skipped.items():
+            manifest["stats"][key] = manifest["stats"].get(key, 0) + n
         if manifest["totals"]["all"]["documents"] == 0:
             error = (f"empty corpus: no documents in {', '.join(map(repr, cfg.inputs))} "
                      "after filters (check --include/--exclude/--min-bytes)")
-            _cleanup_stale(out_dir, set(), set())
+            shutil.rmtree(staging, ignore_errors=True)
         else:
-            _cleanup_stale(out_dir, {s["path"] for s in manifest["shards"]}, set(range(len(tasks))))
-            _write_json(os.path.join(out_dir, MANIFEST), manifest)
+            _publish(out_dir, staging, manifest, len(tasks))
             t = manifest["totals"]["all"]
             logger.info("wrote %d shards, %d documents, %.1f MB raw -> %.1f MB to %s",
                         t["shards"], t["documents"], t["raw_bytes"] / 1e6, t["compressed_bytes"] / 1e6, out_dir)
@@ -844,10 +981,51 @@ def _dict_id(zdict: bytes | None) -> int | None:
     return zstandard.ZstdCompressionDict(zdict).dict_id() if zdict else None
 
 
-def _hash_tasks(tasks, mine, cfg, pool) -> dict:
-    if pool is not None:
-        return dict(zip(mine, pool.map(_hash_sources, [tasks[t] for t in mine], [cfg] * len(mine))))
-    return {t: _hash_sources(tasks[t], cfg) for t in mine}
+HASH_UNIT_BYTES = 16 << 20  # sources hashed per pre-pass job: a task's hashing spreads over workers too
+
+
+def _hash_tasks(tasks, mine, cfg, pool, progress: bool = False) -> dict:
+    """Each of `mine`'s tasks' hashes, in reading order. A task is cut into runs of sources of about
+    HASH_UNIT_BYTES, hashed independently (by the pool's workers when there is one) and joined in
+    order: a document's ordinal is the same as in run_task whatever the cut."""
+    units = [(t, unit) for t in mine for unit in plan_tasks(tasks[t], HASH_UNIT_BYTES)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(s.size for _, u in units for s in u), unit="B", unit_scale=True, unit_divisor=1000,
+                   desc="dedup " + (cfg.dedup or "exact"), smoothing=0.1)
+    results = (pool.map(_hash_sources, [u for _, u in units], [cfg] * len(units)) if pool is not None
+               else (_hash_sources(u, cfg) for _, u in units))
+    out = {t: [] for t in mine}
+    try:
+        for (t, unit), hashes in zip(units, results):
+            out[t].extend(hashes)
+            if bar is not None:
+                bar.update(sum(s.size for s in unit))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _near_decide(hashed: dict, cfg: BuildConfig, comm, rank: int) -> tuple[dict, dict]:
+    """Near-duplicate decisions over every rank's sketches, made once on rank 0 in corpus order and
+    sent to all ranks (the sketches travel once, the decisions are small)."""
+    decision = None
+    if comm is not None:
+        parts = comm.gather(hashed, root=0)
+        hashed = {t: h for part in parts or [] for t, h in part.items()}
+    with _all_ranks(comm, rank):
+        if rank == 0:
+            t0 = time.perf_counter()
+            decision = neardup.decide(hashed, cfg.dedup_threshold, cfg.dedup_ngram, cfg.dedup_perm)
+            r = decision.report
+            logger.info("near-dedup: %d of %d documents dropped (%d exact copies, %d near) in %.1f s",
+                        r["dropped"], r["documents"], r["exact"], r["near"], time.perf_counter() - t0)
+    if comm is not None:
+        decision = comm.bcast(decision, root=0)
+    return decision.drop, decision.report
 
 
 def _run_tasks(todo, tasks, cfg, out_dir, drop, zdict, pool, queue, records: dict, bar):

@@ -31,6 +31,13 @@ def parse_split_bytes(text: str) -> tuple:
     return tuple(parse_size(part.strip()) for part in str(text).split(","))
 
 
+def parse_dedup(text: str) -> str:
+    if text not in ("exact", "near"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dedup mode (exact or near); an input path "
+                                         "right after a bare --dedup reads as its mode: write --dedup exact")
+    return text
+
+
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
     shards = subparsers.add_parser(
         "shards", help="build, inspect and verify zstd webdataset shards",
@@ -42,9 +49,10 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "build", help="build shards from files, directories, globs, archives, JSON Lines or stdin",
-        description="Build train/val shards. Directories are read recursively in sorted order; tar/zip "
-                    "archives member by member; *.jsonl[.gz|.zst] one document per line. The same inputs "
-                    "and flags give byte-identical shards. Under mpirun, ranks split the work.",
+        description="Build train/val shards. Directories are read recursively in sorted order (symbolic "
+                    "links skipped unless --follow-symlinks); tar/zip archives member by member; "
+                    "*.jsonl[.gz|.zst] one document per line. The same inputs and flags give byte-identical "
+                    "shards. Under mpirun, ranks split the work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory, glob, archive, or '-' for stdin")
     b.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory for shards and manifest.json")
@@ -59,7 +67,8 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                         "90000000,5000000,5000000); --val-fraction is then unused")
     b.add_argument("--group-depth", type=int, default=0, metavar="N",
                    help="group key for the split: 0 = document path, N = its first N path components "
-                        "(e.g. 1 keeps each top-level repository in one split); archives always group as one")
+                        "(e.g. 1 keeps each top-level repository in one split); an archive is one group, unless "
+                        "N >= 2: then the archive and the first N-1 components inside it")
     b.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd compression level (1-22)")
     b.add_argument("--member-bytes", type=parse_size, default=2 << 20, metavar="SIZE",
                    help="raw bytes per member: small documents are bundled up to this, larger ones chunked")
@@ -71,7 +80,17 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                    help="auto: by file name (archives, JSON Lines, else raw bytes); raw: every file as bytes; "
                         "mediawiki: XML dumps, one document per page")
     b.add_argument("--text-field", default="text", metavar="KEY", help="JSON Lines field holding the document text")
-    b.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (by content hash)")
+    b.add_argument("--dedup", nargs="?", const="exact", default=None, type=parse_dedup, metavar="exact|near",
+                   help="drop duplicate documents, keeping the first in corpus order: exact (the default when "
+                        "the flag stands alone: byte-identical, by content hash) or near (MinHash + LSH over byte "
+                        "n-grams; the manifest lists what was dropped and which kept document it matched)")
+    b.add_argument("--dedup-threshold", type=float, default=None, metavar="J",
+                   help="--dedup near: drop a document whose estimated Jaccard similarity to a kept one is >= J "
+                        "(default 0.8)")
+    b.add_argument("--dedup-ngram", type=int, default=None, metavar="N",
+                   help="--dedup near: compare documents as sets of N-byte n-grams (default 5)")
+    b.add_argument("--dedup-perm", type=int, default=None, metavar="K",
+                   help="--dedup near: MinHash permutations, 4 bytes of memory each per document (default 128)")
     b.add_argument("--min-bytes", type=parse_size, default=0, metavar="SIZE", help="drop documents smaller than this")
     b.add_argument("--max-bytes", type=parse_size, default=0, metavar="SIZE", help="drop documents larger than this (0: no limit)")
     b.add_argument("--dict-bytes", type=parse_size, default=0, metavar="SIZE",
@@ -81,6 +100,10 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--max-member-bytes", type=parse_size, default=64 << 20, metavar="SIZE",
                    help="refuse an input document that must be held whole (a JSON line) past this size "
                         "(default 64M); larger files and archive members are streamed")
+    b.add_argument("--follow-symlinks", action="store_true",
+                   help="read the files and directories that symbolic links inside input directories (and glob "
+                        "matches) point to; by default they are skipped and counted (devices, FIFOs and sockets "
+                        "are never read)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 
@@ -109,9 +132,10 @@ def cmd_build(args) -> int:
         zstd_level=args.zstd_level, member_bytes=args.member_bytes, shard_bytes=args.shard_bytes,
         task_bytes=args.task_bytes, workers=args.workers, progress=not args.no_progress,
         input_format=args.input_format, text_field=args.text_field, group_depth=args.group_depth,
-        dedup=args.dedup, min_bytes=args.min_bytes, max_bytes=args.max_bytes, dict_bytes=args.dict_bytes,
+        dedup=args.dedup, dedup_threshold=args.dedup_threshold, dedup_ngram=args.dedup_ngram,
+        dedup_perm=args.dedup_perm, min_bytes=args.min_bytes, max_bytes=args.max_bytes, dict_bytes=args.dict_bytes,
         on_error=args.on_error, split_bytes=args.split_bytes, max_member_bytes=args.max_member_bytes,
-        comm=comm)
+        follow_symlinks=args.follow_symlinks, comm=comm)
     if rank == 0:
         from .verify import format_stats
 
@@ -127,7 +151,10 @@ def cmd_stats(args) -> int:
 
     man = load_manifest(args.dir)
     if args.json:
-        sys.stdout.write(json.dumps({"totals": man["totals"], "stats": man.get("stats", {})}, indent=2) + "\n")
+        out = {"totals": man["totals"], "stats": man.get("stats", {})}
+        if man.get("dedup"):
+            out["dedup"] = man["dedup"]
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
     else:
         sys.stdout.write(format_stats(man))
     return 0

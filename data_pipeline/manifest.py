@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from .errors import ConfigError, DataError
 
@@ -38,16 +39,55 @@ offsets, not headers), its raw size, documents starting / ending in it, and whet
 document continues in the next member."""
 
 
+MAX_BYTES = 1 << 48
+"""Largest offset, size or count a manifest may give (256 TiB): anything past it is a garbled or
+hostile manifest, refused before it reaches arithmetic (int64 columns) or an allocation."""
+MAX_TOTAL = 1 << 60  # a whole manifest's raw bytes plus documents: the loader's int64 sums never overflow
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+"""A file name the build may refer to (shards, dictionary): a plain name inside the build's folder,
+with nothing that a shell, a path or a terminal reads specially."""
+PIPE_FILE_VAR = "TERRABYTE_FILE"
+
+
+def pipe_command(template: str) -> str:
+    """The shell text of a `pipe:` template with each `{}` made a reference to $TERRABYTE_FILE,
+    quoted for where it stands (bare, inside "...", inside '...'), so a file name reaches the
+    command as data whatever the template's own quoting, never as shell text."""
+    body, out, quote, i = template[len("pipe:"):], [], None, 0
+    ref = {None: f'"${{{PIPE_FILE_VAR}}}"', '"': f"${{{PIPE_FILE_VAR}}}", "'": f"'\"${{{PIPE_FILE_VAR}}}\"'"}
+    while i < len(body):
+        if body.startswith("{}", i):
+            out.append(ref[quote])
+            i += 2
+            continue
+        c = body[i]
+        if c == "\\" and quote != "'":
+            out.append(body[i:i + 2])
+            i += 2
+            continue
+        if quote is None and c in "'\"":
+            quote = c
+        elif c == quote:
+            quote = None
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def run_pipe(template: str, name: str) -> bytes:
-    """Output of a `pipe:` command template with `{}` replaced by a file name (manifest, shard)."""
-    import shlex
+    """Output of a `pipe:` command template run for one file of the build (manifest, shard,
+    dictionary): the name must be a plain file name and is passed in the environment."""
     import subprocess
 
-    cmd = template[len("pipe:"):].replace("{}", shlex.quote(name))
-    r = subprocess.run(cmd, shell=True, capture_output=True)
+    if not PLAIN_NAME.fullmatch(name):
+        raise DataError(f"pipe: file name {name!r} is not a plain file name (letters, digits, '.', '_', '-'); "
+                        "refused: it is never given to a shell")
+    shown = template[len("pipe:"):].replace("{}", name)
+    r = subprocess.run(pipe_command(template), shell=True, capture_output=True,
+                       env={**os.environ, PIPE_FILE_VAR: name})
     if r.returncode != 0:
         msg = r.stderr.decode(errors="replace").strip().splitlines()
-        raise FileNotFoundError(f"pipe command {cmd!r} failed (exit {r.returncode}): {msg[-1] if msg else ''}")
+        raise FileNotFoundError(f"pipe command {shown!r} failed (exit {r.returncode}): {msg[-1] if msg else ''}")
     return r.stdout
 
 
@@ -79,6 +119,8 @@ def load_manifest(path: str, allow_pipe: bool = False) -> dict:
         mpath = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
         if not os.path.exists(mpath):
             raise FileNotFoundError(f"no {MANIFEST} in {path!r}: build shards first with `terrabyte shards build`")
+        if not os.path.isfile(mpath):  # a device or FIFO would be read without end
+            raise DataError(f"{mpath!r} is not a regular file; refused")
         with open(mpath, "rb") as f:
             text = f.read()
         base = os.path.dirname(os.path.abspath(mpath))
@@ -103,17 +145,20 @@ def check_manifest(man: dict, where: str) -> None:
     for i, shard in enumerate(shards):
         _check_shard(shard, f"{where!r} shard {i}")
     info = man.get("zstd_dict")
-    if info and not (isinstance(info, dict) and _relative(info.get("path", DICT_FILE))):
-        raise DataError(f"{where!r}: 'zstd_dict' must name a file inside the build; rebuild the shards")
+    if info and not (isinstance(info, dict) and _plain(info.get("path", DICT_FILE))):
+        raise DataError(f"{where!r}: 'zstd_dict' must name a plain file inside the build; rebuild the shards")
+    total = sum(sum(s["index"]["raw"]) + sum(s["index"]["ends"]) for s in shards)
+    if total > MAX_TOTAL:
+        raise DataError(f"{where!r}: the shards' 'raw' and 'ends' columns add up to {total}, past {MAX_TOTAL}; "
+                        "refused (a garbled manifest)")
 
 
 def _is_count(v) -> bool:
-    return type(v) is int and v >= 0
+    return type(v) is int and 0 <= v <= MAX_BYTES
 
 
-def _relative(path) -> bool:
-    return isinstance(path, str) and bool(path) and not path.startswith(("/", "\\")) and ".." not in \
-        path.replace("\\", "/").split("/") and "://" not in path and "\0" not in path
+def _plain(name) -> bool:
+    return isinstance(name, str) and PLAIN_NAME.fullmatch(name) is not None
 
 
 def _check_shard(shard, where: str) -> None:
@@ -121,8 +166,9 @@ def _check_shard(shard, where: str) -> None:
         raise DataError(f"{where} is not an object; rebuild the shards")
     if shard.get("split") not in SPLITS:
         raise DataError(f"{where}: 'split' is {shard.get('split')!r}, not one of {SPLITS}")
-    if not _relative(shard.get("path")):
-        raise DataError(f"{where}: 'path' {shard.get('path')!r} is not a file inside the build")
+    if not _plain(shard.get("path")):
+        raise DataError(f"{where}: 'path' {shard.get('path')!r} is not a plain shard file name (letters, digits, "
+                        "'.', '_', '-'; no '/', '..', shell or control characters); refused")
     if not isinstance(shard.get("sha256"), str):
         raise DataError(f"{where} ({shard['path']}): 'sha256' is missing or not a string")
     members, index = shard.get("members"), shard.get("index")
@@ -131,10 +177,24 @@ def _check_shard(shard, where: str) -> None:
     for key in INDEX_KEYS:
         column = index.get(key)
         if not (isinstance(column, list) and len(column) == members and all(map(_is_count, column))):
-            raise DataError(f"{where} ({shard['path']}): index column {key!r} is not {members} counts")
+            raise DataError(f"{where} ({shard['path']}): index column {key!r} is not {members} counts "
+                            f"in [0, {MAX_BYTES}]")
     if any(c > 1 for c in index["cont"]) or any(r == 0 for r in index["zst_size"]) or \
             any(r + e == 0 for r, e in zip(index["raw"], index["ends"])):
         raise DataError(f"{where} ({shard['path']}): index columns 'cont', 'zst_size' or 'raw' / 'ends' are malformed")
+    tar_bytes = shard.get("tar_bytes")
+    if tar_bytes is not None and not _is_count(tar_bytes):
+        raise DataError(f"{where} ({shard['path']}): 'tar_bytes' {tar_bytes!r} is not a count in [0, {MAX_BYTES}]")
+    for i, (raw, zst) in enumerate(zip(index["raw"], index["zst_size"])):
+        if zst > raw + (raw >> 7) + 1024:  # zstd never grows data by more than this
+            raise DataError(f"{where} ({shard['path']}) member {i}: 'zst_size' {zst} is more than a zstd frame of "
+                            f"{raw} raw bytes can be; refused")
+    if tar_bytes is not None:
+        for key in ("json", "zst"):
+            for i, (o, n) in enumerate(zip(index[f"{key}_offset"], index[f"{key}_size"])):
+                if o + n > tar_bytes:
+                    raise DataError(f"{where} ({shard['path']}) member {i}: '{key}_offset' + '{key}_size' ({o} + {n}) "
+                                    f"is past the shard's end ('tar_bytes' {tar_bytes})")
     # the totals are written from the same members: a changed count shows as a disagreement
     for total, column in (("raw_bytes", "raw"), ("compressed_bytes", "zst_size")):
         if total in shard and shard[total] != sum(index[column]):

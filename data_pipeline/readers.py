@@ -13,6 +13,7 @@ as its group, so one repository never straddles the splits.
 from __future__ import annotations
 
 import bz2
+import errno
 import fnmatch
 import glob
 import gzip
@@ -20,15 +21,16 @@ import io
 import itertools
 import json
 import logging
+import lzma
 import os
 import stat
 import sys
 import tarfile
-import xml.etree.ElementTree as ET
 import zipfile
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, Sequence
+from xml.parsers import expat
 
 import zstandard
 
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Input formats chosen with --format. "auto" picks by file name; "raw" reads every file as bytes.
 FORMATS = ("auto", "raw", "mediawiki")
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".zip")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz", ".zip")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 STDIN = "-"
 
@@ -51,6 +53,7 @@ class Source:
     path: str
     name: str
     size: int
+    link_ok: bool = False  # `path` may be a symbolic link (named on the command line, or --follow-symlinks)
 
 
 @dataclass
@@ -111,9 +114,9 @@ class ReadOptions:
 def _archive_name(archive: str, member: str) -> str:
     """The recorded path of an archive member: `<archive>/<member>` with any leading `/` and any
     `.` / `..` component dropped (members are read as data, never extracted, but a recorded path
-    never points outside its archive)."""
+    never points outside its archive; bytes that are not UTF-8 become escapes, see `safe_name`)."""
     parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    return f"{archive}/{'/'.join(parts)}"
+    return safe_name(f"{archive}/{'/'.join(parts)}")
 
 
 def _special(opts: ReadOptions, name: str) -> None:
@@ -132,7 +135,8 @@ class _Guarded:
     def read(self, n: int = -1) -> bytes:
         try:
             return self._f.read(n)
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, OSError, zlib.error) as e:
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, lzma.LZMAError, OSError,
+                zlib.error) as e:
             raise DataError(f"cannot read {self._where}: {e}") from None
 
 
@@ -176,6 +180,8 @@ def discover_sources(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     input_format: str = "auto",
+    follow_symlinks: bool = False,
+    skipped: dict | None = None,
 ) -> list[Source]:
     """Expands files, directories (recursively, sorted) and globs into sources.
 
@@ -183,11 +189,18 @@ def discover_sources(
     directory (archives included: an archive must pass them to be read) and again to each archive
     member as `<archive>/<member>`. A missing input raises FileNotFoundError
     naming it; a glob that matches nothing raises too, since that is almost always a typo.
+
+    Only regular files become sources. A symbolic link found in a directory or by a glob is not
+    followed unless `follow_symlinks` (a cloned repository's `x.py -> /proc/self/environ` must not
+    reach the shards); devices, FIFOs and sockets never are. Each is logged and counted in
+    `skipped` ("skipped_links", "skipped_special"). An input named on the command line is taken as
+    given, links included, but must still be a regular file or a directory.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
         raise ConfigError("no inputs given: pass at least one file, directory, glob or '-' for stdin")
+    walk = _Walk(include, exclude, input_format, follow_symlinks, skipped if skipped is not None else {})
     sources: list[Source] = []
     for raw in inputs:
         item = os.fspath(raw)
@@ -202,35 +215,101 @@ def discover_sources(
             if not matches:
                 raise FileNotFoundError(f"input glob {item!r} matches no file")
             for m in matches:
-                sources.extend(_discover_path(m, os.path.dirname(m) or ".", include, exclude, input_format))
+                sources.extend(walk.path(m, os.path.dirname(m) or "."))
             continue
         if not os.path.exists(item):
             raise FileNotFoundError(f"input path {item!r} does not exist")
-        sources.extend(_discover_path(item, None, include, exclude, input_format))
+        sources.extend(walk.path(item, None))
     return sources
 
 
-def _discover_path(path, base, include, exclude, input_format) -> list[Source]:
-    if os.path.isdir(path):
+def safe_name(name: str) -> str:
+    """A recorded name that encodes to UTF-8: bytes of a file or member name that are not UTF-8
+    (which Python keeps as lone surrogates) become `\\xNN` escapes, so they can be written to a
+    member's JSON and matched by globs."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_LOGGED_SKIPS = 20  # the first skipped entries are logged one by one; the builder logs the total
+
+
+class _Walk:
+    """Directory and glob expansion into sources, counting what it does not follow or open."""
+
+    def __init__(self, include, exclude, input_format, follow: bool, skipped: dict):
+        self.include, self.exclude, self.input_format = include, exclude, input_format
+        self.follow, self.skipped = follow, skipped
+
+    def _skip(self, key: str, rel: str, why: str):
+        n = self.skipped[key] = self.skipped.get(key, 0) + 1
+        if n <= _LOGGED_SKIPS:
+            logger.warning("skipping %s: %s", rel, why)
+
+    def _entry(self, full: str, rel: str, named: bool) -> list[Source]:
+        """The source for one file (or nothing, counted); `named`: given on the command line."""
+        if not _keep_file(rel, source_kind(rel, self.input_format), self.include, self.exclude):
+            return []
+        try:
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                if not (named or self.follow):
+                    self._skip("skipped_links", rel, "a symbolic link (not followed; --follow-symlinks to read it)")
+                    return []
+                st = os.stat(full)
+        except OSError as e:
+            raise OSError(f"cannot stat input file {full!r}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            self._skip("skipped_special", rel, "not a regular file (devices, FIFOs and sockets are never read)")
+            return []
+        return [Source(source_kind(rel, self.input_format), full, rel, st.st_size,
+                       link_ok=named or self.follow)]
+
+    def path(self, path: str, base: str | None) -> list[Source]:
+        named = base is None
+        if not named and os.path.islink(path) and not self.follow:
+            rel = safe_name(os.path.relpath(path, base).replace(os.sep, "/"))
+            if _matches(rel, self.include, self.exclude):
+                self._skip("skipped_links", rel, "a symbolic link (not followed; --follow-symlinks to read it)")
+            return []
+        if not os.path.isdir(path):
+            rel = os.path.basename(path) if named else os.path.relpath(path, base).replace(os.sep, "/")
+            return self._entry(path, safe_name(rel), named)
         # Recorded paths are relative to the input directory (or to the glob's directory).
         root = os.path.normpath(path)
-        prefix = "" if base is None else os.path.relpath(root, base).replace(os.sep, "/") + "/"
+        prefix = "" if named else os.path.relpath(root, base).replace(os.sep, "/") + "/"
         prefix = "" if prefix == "./" else prefix
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
+        found, seen = [], set()
+        for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error, followlinks=self.follow):
+            if self.follow:  # a link back up the tree must not walk forever
+                st = os.stat(dirpath)
+                if (st.st_dev, st.st_ino) in seen:
+                    dirnames[:] = []
+                    continue
+                seen.add((st.st_dev, st.st_ino))
             reldir = os.path.relpath(dirpath, root).replace(os.sep, "/")
             reldir = prefix if reldir == "." else f"{prefix}{reldir}/"
             # sorted traversal: the same tree always yields the same order; excluded dirs pruned
-            dirnames[:] = sorted(d for d in dirnames if not _dir_excluded(reldir + d, exclude))
+            kept = []
+            for d in sorted(dirnames):
+                if _dir_excluded(safe_name(reldir + d), self.exclude):
+                    continue
+                if not self.follow and os.path.islink(os.path.join(dirpath, d)):
+                    self._skip("skipped_links", safe_name(reldir + d),
+                               "a symbolic link to a directory (not followed; --follow-symlinks to read it)")
+                    continue
+                kept.append(d)
+            dirnames[:] = kept
             for fn in sorted(filenames):
-                rel = reldir + fn
-                if _keep_file(rel, source_kind(rel, input_format), include, exclude):
-                    found.append(_file_source(os.path.join(dirpath, fn), rel, input_format))
+                found.extend(self._entry(os.path.join(dirpath, fn), safe_name(reldir + fn), False))
         return found
-    rel = os.path.basename(path) if base is None else os.path.relpath(path, base).replace(os.sep, "/")
-    if not _keep_file(rel, source_kind(rel, input_format), include, exclude):
-        return []
-    return [_file_source(path, rel, input_format)]
 
 
 def _dir_excluded(reldir: str, exclude: Sequence[str]) -> bool:
@@ -240,14 +319,6 @@ def _dir_excluded(reldir: str, exclude: Sequence[str]) -> bool:
 
 def _raise_walk_error(err: OSError):
     raise OSError(f"cannot list directory {err.filename!r}: {err.strerror}")
-
-
-def _file_source(full: str, rel: str, input_format: str) -> Source:
-    try:
-        size = os.stat(full).st_size
-    except OSError as e:
-        raise OSError(f"cannot stat input file {full!r}: {e.strerror}") from None
-    return Source(source_kind(rel, input_format), full, rel, size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,24 +332,48 @@ def group_key(path: str, depth: int) -> str:
     return "/".join(path.split("/")[:depth])
 
 
-def read_file_bytes(path: str) -> bytes:
+READ_BLOCK = 1 << 20  # bytes read at a time where a read is streamed
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular(path: str, link_ok: bool = False) -> BinaryIO:
+    """`path` opened for reading only if it is a regular file, checked on the opened descriptor
+    (so a file swapped for a link, FIFO or device after discovery is still refused). O_NONBLOCK
+    keeps the open of a FIFO from waiting for a writer; O_NOFOLLOW refuses a link unless `link_ok`."""
+    flags = _OPEN_FLAGS | (0 if link_ok else getattr(os, "O_NOFOLLOW", 0))
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, flags)
     except OSError as e:
+        if e.errno == errno.ELOOP and not link_ok:
+            raise OSError(f"input file {path!r} is a symbolic link; not followed (--follow-symlinks to read it)") \
+                from None
         raise OSError(f"cannot read input file {path!r}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DataError(f"input {path!r} is not a regular file (devices, FIFOs and sockets are never read)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_file_bytes(path: str, link_ok: bool = False) -> bytes:
+    """A regular file's bytes, as many as its size when opened (a file that grows, or a
+    /proc file that reports no size, is never read on without end)."""
+    with open_regular(path, link_ok) as f:
+        try:
+            return f.read(os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise OSError(f"cannot read input file {path!r}: {e.strerror or e}") from None
 
 
 def read_plain(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     group = group_key(src.name, opts.group_depth)
     if not _streams(opts, src.size):
-        yield Document(src.name, read_file_bytes(src.path), group)
+        yield Document(src.name, read_file_bytes(src.path, src.link_ok), group)
         return
-    try:
-        f = open(src.path, "rb")
-    except OSError as e:
-        raise OSError(f"cannot read input file {src.path!r}: {e.strerror or e}") from None
-    with f:
+    with open_regular(src.path, src.link_ok) as f:
         yield Document(src.name, None, group, os.fstat(f.fileno()).st_size, _Guarded(f, f"input file {src.path!r}"))
 
 
@@ -316,11 +411,7 @@ def check_split_bytes(src: Source, split_bytes: Sequence[int]) -> None:
 def read_by_position(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     """One document per split, cut from the file by position (enwik8: 90M train, 5M val, 5M test),
     so each split is one long document; large pieces come as streams."""
-    try:
-        f = open(src.path, "rb")
-    except OSError as e:
-        raise OSError(f"cannot read input file {src.path!r}: {e.strerror or e}") from None
-    with f:
+    with open_regular(src.path, src.link_ok) as f:
         offset = 0
         for split, size in zip(POSITIONAL_SPLITS, opts.split_bytes):
             f.seek(offset)
@@ -334,9 +425,9 @@ def read_by_position(src: Source, opts: ReadOptions, include=(), exclude=()) -> 
                 yield Document(src.name, f.read(size), src.name, split=split)
 
 
-def _open_decompressed(path: str, fileobj=None):
-    lower = path.lower()
-    raw = fileobj if fileobj is not None else open(path, "rb")
+def _open_decompressed(src: Source):
+    lower = src.path.lower()
+    raw = open_regular(src.path, src.link_ok)
     if lower.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if lower.endswith(".zst"):
@@ -349,13 +440,15 @@ def _open_decompressed(path: str, fileobj=None):
 def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     """tar / tar.gz / tar.zst / zip member by member, never extracted to disk.
 
-    Member paths are recorded as `<archive name>/<member>`; all share the archive as group key.
+    Member paths are recorded as `<archive name>/<member>`; all share the archive as group key,
+    unless `group_depth` N >= 2: then the archive and the first N-1 components of the member path
+    (the archive counts as the first component, so one tarball of a source tree can still be split).
     Globs apply to the recorded member path.
     """
     lower = src.name.lower()
     try:
         if lower.endswith(".zip"):
-            with zipfile.ZipFile(src.path) as zf:
+            with open_regular(src.path, src.link_ok) as raw, zipfile.ZipFile(raw) as zf:
                 for info in sorted(zf.infolist(), key=lambda i: i.filename):
                     if info.is_dir():
                         continue
@@ -371,13 +464,14 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                     else:
                         yield Document(name, zf.read(info), src.name)
             return
-        with open(src.path, "rb") as raw:
+        with open_regular(src.path, src.link_ok) as raw:
             if lower.endswith(".tar.zst"):
                 stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
                 tf = tarfile.open(fileobj=stream, mode="r|")
             else:
                 tf = tarfile.open(fileobj=raw, mode="r|*")
-            # Streaming mode keeps archive order (reproducible) and never seeks.
+            # Streaming mode keeps archive order (reproducible) and never seeks; "r|*" also reads
+            # .tar.gz, .tar.bz2 and .tar.xz.
             with tf:
                 for info in tf:
                     if not info.isfile():
@@ -392,7 +486,8 @@ def read_archive(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iter
                         yield Document(name, None, src.name, info.size, _Guarded(f, f"archive {src.path!r}"))
                     else:
                         yield Document(name, f.read() if f else b"", src.name)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, OSError) as e:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zstandard.ZstdError, lzma.LZMAError, OSError,
+            UnicodeError) as e:
         raise DataError(f"cannot read archive {src.path!r}: {e}") from None
 
 
@@ -404,7 +499,7 @@ def read_jsonl(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterat
     """
     field = opts.text_field
     try:
-        f = io.BufferedReader(_open_decompressed(src.path))
+        f = io.BufferedReader(_open_decompressed(src))
         limit = opts.max_document_bytes
         with f:
             for lineno in itertools.count(1):
@@ -416,17 +511,38 @@ def read_jsonl(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterat
                                     "refused (raise the limit, or split the document)")
                 if not line.strip():
                     continue
-                try:
-                    rec = json.loads(line)
-                    text = rec[field]
-                except (ValueError, KeyError, TypeError):
-                    raise DataError(f"{src.path}:{lineno}: not a JSON object with a {field!r} field "
-                                    "(set --text-field)") from None
-                data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+                data = _jsonl_text(line, field, f"{src.path}:{lineno}")
                 path = f"{src.name}:{lineno}"
                 yield Document(path, data, group_key(path, opts.group_depth))
     except (OSError, EOFError, zstandard.ZstdError) as e:
         raise DataError(f"cannot read JSON Lines file {src.path!r}: {e}") from None
+
+
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
+               dict: "an object"}
+
+
+def _jsonl_text(line: bytes, field: str, where: str) -> bytes:
+    """The UTF-8 bytes of one JSON line's text field; a DataError naming `where` (file:line) for
+    anything else: bad JSON or UTF-8, nesting past the parser's depth, a field that is missing or
+    not a string (a number must never become bytes), a string holding a lone surrogate."""
+    try:
+        rec = json.loads(line)
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to parse; refused") from None
+    except ValueError as e:
+        raise DataError(f"{where}: not valid JSON in UTF-8 ({e})") from None
+    if not isinstance(rec, dict) or field not in rec:
+        raise DataError(f"{where}: not a JSON object with a {field!r} field (set --text-field)")
+    text = rec[field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {field!r} is {_JSON_TYPES.get(type(text), type(text).__name__)}, "
+                        "not a string; refused")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {field!r} holds a lone surrogate ({e.object[e.start]!r} at character "
+                        f"{e.start}), which is not text; refused") from None
 
 
 # expat error codes that mean "the input ended early" (enwik8/9 end mid-page)
@@ -438,9 +554,9 @@ def _local(tag: str) -> str:
 
 
 class _PageBound(io.RawIOBase):
-    """The XML stream as ElementTree reads it, refusing a page longer than ``limit`` bytes before the
-    parser holds it: ElementTree keeps a page's text whole until its closing tag, and reads on
-    without returning to the caller while inside it, so the bound sits where the bytes come in."""
+    """The XML stream as the parser reads it, refusing a page of more than ``limit`` input bytes
+    (markup and attributes included) before the parser holds it; `_Pages` bounds the text the
+    page expands to."""
 
     def __init__(self, f, limit: int, path: str):
         self.f, self.limit, self.path = f, limit, path
@@ -455,13 +571,69 @@ class _PageBound(io.RawIOBase):
         self.read_bytes += len(data)
         # the parser reads ahead by at most one buffer: allow that much past the bound
         if self.read_bytes - self.page_start > self.limit + max(size, 1 << 16):
-            raise DataError(f"{self.path}: page {self.pages + 1} (after {self.pages} complete pages) is longer than "
-                            f"--max-member-bytes={self.limit} bytes; refused (raise the limit for dumps with long "
-                            "pages or full revision histories)")
+            raise self.too_long()
         return data
+
+    def too_long(self) -> DataError:
+        return DataError(f"{self.path}: page {self.pages + 1} (after {self.pages} complete pages) is longer than "
+                         f"--max-member-bytes={self.limit} bytes; refused (raise the limit for dumps with long "
+                         "pages or full revision histories)")
 
     def page_ended(self, pages: int) -> None:
         self.pages, self.page_start = pages, self.read_bytes
+
+
+class _Pages:
+    """expat handlers keeping only the current page's title and latest text: no element tree is
+    built, so memory stays one page whatever the number of pages. The text is counted as expanded
+    (entities and character references resolved), against the same bound as the input."""
+
+    def __init__(self, bound: _PageBound):
+        self.bound = bound
+        self.done: list[tuple[str, bytes]] = []  # pages ended since the caller last took them
+        self.n = 0
+        self._in_page = False
+        self._field: str | None = None  # "title" or "text" while inside one
+        self._parts: list[bytes] = []
+        self._size = 0  # expanded bytes of the current page
+        self._title, self._text = "", b""
+
+    def entity(self, name, *_):
+        raise DataError(f"{self.bound.path}: the XML declares an entity ({name!r}); MediaWiki dumps declare none, "
+                        "and entities can expand a page past any bound; refused")
+
+    def start(self, name: str, _attrs):
+        tag = _local(name)
+        if tag == "page":
+            self._in_page, self._size, self._title, self._text = True, 0, "", b""
+        elif self._in_page and tag in ("title", "text"):
+            self._field, self._parts = tag, []
+
+    def data(self, text: str):
+        if self._field is None:
+            return
+        b = text.encode("utf-8")
+        self._size += len(b)
+        if self._size > self.bound.limit:
+            raise self.bound.too_long()
+        self._parts.append(b)
+
+    def end(self, name: str):
+        tag = _local(name)
+        if tag == self._field:
+            value, self._field, self._parts = b"".join(self._parts), None, []
+            if tag == "title":
+                self._title = value.decode("utf-8")
+            else:
+                self._text = value  # the last revision's text wins
+        elif tag == "page" and self._in_page:
+            self.n += 1
+            self.bound.page_ended(self.n)
+            self.done.append((self._title, self._text))
+            self._in_page, self._title, self._text = False, "", b""
+
+
+_XML_READ = 1 << 16
 
 
 def read_mediawiki(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
@@ -471,36 +643,57 @@ def read_mediawiki(src: Source, opts: ReadOptions, include=(), exclude=()) -> It
     `<file>/<page title>`. enwik8/9 are truncated at a fixed byte count, so a truncated last page is
     tolerated; any other parse error raises naming the file.
     """
-    f = _open_decompressed(src.path)
+    f = _open_decompressed(src)
     bound = _PageBound(f, opts.max_document_bytes, src.path)
-    n = 0
+    pages = _Pages(bound)
+    parser = expat.ParserCreate(namespace_separator="}")
+    parser.buffer_text, parser.buffer_size = True, _XML_READ
+    parser.StartElementHandler, parser.EndElementHandler = pages.start, pages.end
+    parser.CharacterDataHandler, parser.EntityDeclHandler = pages.data, pages.entity
+
+    def take() -> Iterator[Document]:
+        done, pages.done = pages.done, []
+        for title, text in done:
+            path = safe_name(f"{src.name}/{title}")
+            yield Document(path, text, group_key(path, opts.group_depth))
+
     try:
-        for _, elem in ET.iterparse(bound, events=("end",)):
-            if _local(elem.tag) != "page":
-                continue
-            bound.page_ended(n + 1)
-            title, text = "", ""
-            for child in elem.iter():
-                tag = _local(child.tag)
-                if tag == "title":
-                    title = child.text or ""
-                elif tag == "text":
-                    text = child.text or ""
-            elem.clear()
-            n += 1
-            path = f"{src.name}/{title}"
-            yield Document(path, text.encode("utf-8"), group_key(path, opts.group_depth))
-    except ET.ParseError as e:
-        if n == 0 or e.code not in _TRUNCATION_CODES:
-            raise DataError(f"cannot parse MediaWiki XML {src.path!r}: {e}") from None
-        logger.info("%s: stopped at a truncated page after %d pages", src.path, n)
+        while True:
+            chunk = bound.read(_XML_READ)
+            try:
+                parser.Parse(chunk, not chunk)
+            except expat.ExpatError as e:
+                yield from take()
+                if pages.n == 0 or e.code not in _TRUNCATION_CODES:
+                    raise DataError(f"cannot parse MediaWiki XML {src.path!r}: {e}") from None
+                logger.info("%s: stopped at a truncated page after %d pages", src.path, pages.n)
+                return
+            yield from take()
+            if not chunk:
+                return
     finally:
         f.close()
 
 
 def read_stdin(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
-    """stdin is one document (bytes as they are)."""
-    yield Document("stdin", sys.stdin.buffer.read(), "stdin")
+    """stdin is one document (bytes as they are), spooled to a temporary file past `stream_bytes`
+    (or past `max_document_bytes` when nothing streams), so it is never held whole."""
+    import tempfile
+
+    hold = opts.stream_bytes or opts.max_document_bytes
+    with tempfile.SpooledTemporaryFile(max_size=hold) as spool:
+        stdin = sys.stdin.buffer
+        size = 0
+        while block := stdin.read(READ_BLOCK):
+            size += len(block)
+            if not opts.stream_bytes and size > opts.max_document_bytes:
+                raise DataError(f"stdin: more than --max-member-bytes={opts.max_document_bytes} bytes; refused")
+            spool.write(block)
+        spool.seek(0)
+        if _streams(opts, size):
+            yield Document("stdin", None, "stdin", size, _Guarded(spool, "stdin"))
+        else:
+            yield Document("stdin", spool.read(size), "stdin")
 
 
 READERS = {
@@ -515,4 +708,12 @@ READERS = {
 def read_source(src: Source, opts: ReadOptions, include=(), exclude=()) -> Iterator[Document]:
     if opts.split_bytes:
         return read_by_position(src, opts, include, exclude)
-    return READERS[src.kind](src, opts, include, exclude)
+    docs = READERS[src.kind](src, opts, include, exclude)
+    return _archive_groups(src, docs, opts.group_depth) if src.kind == "archive" and opts.group_depth > 1 else docs
+
+
+def _archive_groups(src: Source, docs: Iterator[Document], depth: int) -> Iterator[Document]:
+    """An archive's members grouped by the archive and the first depth-1 components inside it."""
+    for doc in docs:
+        doc.group = f"{src.name}/{group_key(doc.path[len(src.name) + 1:], depth - 1)}"
+        yield doc

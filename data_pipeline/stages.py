@@ -175,6 +175,7 @@ class ShardFiles:
 
     def __init__(self):
         self._fds: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._cache_dir: str | None = None
 
@@ -200,7 +201,11 @@ class ShardFiles:
                         fd = os.open(self._fetch_pipe(url) if url.startswith("pipe:") else url, os.O_RDONLY)
                     except OSError as e:
                         raise DataError(f"cannot open shard {display(url)!r}: {e.strerror or e}") from None
+                    self._sizes[url] = os.fstat(fd).st_size
                     self._fds[url] = fd
+        if offset + size > self._sizes[url]:  # before allocating: the size comes from the manifest
+            raise DataError(f"shard {display(url)!r} is truncated (wanted {size} bytes at offset {offset}, it has "
+                            f"{self._sizes[url]})")
         data = os.pread(fd, size, offset)
         if len(data) != size:
             raise DataError(f"shard {display(url)!r} is truncated (wanted {size} bytes at offset {offset}, got {len(data)})")
@@ -211,6 +216,7 @@ class ShardFiles:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._sizes.clear()
             if self._cache_dir is not None:
                 import shutil
 
@@ -223,9 +229,17 @@ def _http_range(url: str, offset: int, size: int) -> bytes:
 
     req = urllib.request.Request(url, headers={"Range": f"bytes={offset}-{offset + size - 1}"})
     with urllib.request.urlopen(req, timeout=60) as r:
-        data = r.read()
-        if r.status == 200:  # server ignored Range: slice locally
-            data = data[offset:offset + size]
+        # a server that ignores Range would send the whole shard for every member: refused unread
+        if r.status != 206:
+            raise DataError(f"{url}: the server answered a Range request with HTTP {r.status}, not 206 (partial "
+                            "content); serve the shards from a server that supports Range requests")
+        length = r.headers.get("Content-Length")
+        if length is not None and length.strip() != str(size):
+            raise DataError(f"{url}: the server sent {length.strip()} bytes for a range of {size} at offset {offset}")
+        data = bytearray()
+        while len(data) < size and (block := r.read(min(size - len(data), 1 << 20))):
+            data += block
+        data = bytes(data)
     if len(data) != size:
         raise DataError(f"{url}: short read at offset {offset}")
     return data

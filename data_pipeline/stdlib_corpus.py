@@ -7,7 +7,7 @@ import logging
 import os
 import sysconfig
 
-from .builder import build_shards
+from .builder import BUILD_LOCK, build_shards
 from .manifest import load_manifest
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def ensure_default_shards(out_dir: str, progress: bool = False) -> str:
     if _valid_default(out_dir, corpus):
         return out_dir
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".build.lock"), "w") as lock:
+    with open(os.path.join(out_dir, BUILD_LOCK), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not _valid_default(out_dir, corpus):

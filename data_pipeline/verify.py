@@ -198,5 +198,12 @@ def format_stats(man: dict) -> str:
     lines.append(f"read {st.get('documents_read', 0)} documents from {st.get('sources', 0)} sources; "
                  f"duplicates dropped {st.get('duplicates', 0)}, size-filtered {st.get('filtered_size', 0)}, "
                  f"sources skipped {st.get('skipped_sources', 0)}")
+    if man.get("dedup"):
+        from .neardup import format_report
+
+        lines.extend(format_report(man["dedup"]))
     lines.append(continued_summary(man))
+    if st.get("skipped_links") or st.get("skipped_special"):
+        lines.append(f"not read: {st.get('skipped_links', 0)} symbolic links in input folders (--follow-symlinks "
+                     f"reads them), {st.get('skipped_special', 0)} devices, FIFOs, sockets or archive links")
     return "\n".join(lines) + "\n"

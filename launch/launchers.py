@@ -52,7 +52,8 @@ RELAY_SIGNAL = signal.SIGUSR2
 # the workers get the chance to checkpoint (see ``_launcher_env``).
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
-_HOST_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:\[\]-]+)\s+slots\s*=\s*(?P<slots>\d+)$")
+HOST_NAME = r"[A-Za-z0-9_.:\[\]-]+"  # host names, IPv4 and bracketed IPv6 addresses: never shell text
+_HOST_LINE = re.compile(rf"^(?P<host>{HOST_NAME})\s+slots\s*=\s*(?P<slots>\d+)$")
 
 
 # --------------------------------------------------------------------------- hostfiles
@@ -168,6 +169,9 @@ def validate(spec: LaunchSpec, launcher: str) -> None:
         raise ConfigError(f"--node-rank {spec.node_rank} is outside 0..{spec.nodes - 1} for --nodes {spec.nodes}")
     if spec.rdzv_timeout < 1:
         raise ConfigError(f"--rdzv-timeout must be a positive number of seconds, got {spec.rdzv_timeout}")
+    if spec.master_addr is not None and not re.fullmatch(HOST_NAME, spec.master_addr):
+        raise ConfigError(f"--master-addr {spec.master_addr!r} is not a host name or address (letters, digits "
+                          f"and . _ : - [ ] only, as in a hostfile)")
     multi = spec.nodes > 1
     if multi and launcher == "deepspeed" and spec.hosts is None:
         raise ConfigError(f"--launcher deepspeed with --nodes {spec.nodes} needs --hostfile (lines 'HOST slots=N')")

@@ -48,6 +48,7 @@ EXIT_PREEMPTED = 75
 
 _TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+_SBATCH_OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=.*)?", re.S)
 
 
 def time_limit_seconds(text: str) -> int:
@@ -100,6 +101,10 @@ class JobSpec:
 
 
 def validate(spec: JobSpec) -> None:
+    for flag, value in _text_values(spec):
+        if not value.isprintable():
+            raise ConfigError(f"{flag} {value!r} holds a newline or another control character: job values "
+                              f"are written into the job script and must be one printable line")
     if spec.launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {spec.launcher!r} is not one of {', '.join(LAUNCHERS)}")
     if spec.nodes < 1:
@@ -130,18 +135,33 @@ def validate(spec: JobSpec) -> None:
     if not re.fullmatch(r"[\w.+-]+", spec.job_name):
         raise ConfigError(f"--job-name {spec.job_name!r} may only use letters, digits and . _ + -")
     for option in spec.sbatch_options:
-        if not option.startswith("--"):
+        if not _SBATCH_OPTION.fullmatch(option):
             raise ConfigError(f"--sbatch-option {option!r} must be a long sbatch option such as --qos=high")
     for flag in ("--run.dir", "--config"):
         if any(arg == flag or arg.startswith(flag + "=") for arg in spec.overrides):
             raise ConfigError(f"give {flag} through `terrabyte slurm {flag.replace('.', '-')}`, not after `--`")
 
 
+def _text_values(spec: JobSpec) -> list[tuple[str, str]]:
+    """Every text value that reaches the script, with the flag that gave it."""
+    values = [("--time", spec.time), ("--partition", spec.partition), ("--config", spec.config),
+              ("--run-dir", spec.run_dir), ("--venv", spec.venv), ("the working directory", spec.workdir),
+              ("--log-dir", spec.log_dir), ("--job-name", spec.job_name), ("--account", spec.account or "")]
+    return values + [("--sbatch-option", o) for o in spec.sbatch_options] + [("an override", o) for o in spec.overrides]
+
+
+def sbatch_quote(value: str) -> str:
+    """``value`` as one #SBATCH argument: sbatch reads these lines itself, not through a shell; in
+    double quotes, with backslash escaping ``\\``, ``"`` and ``#`` (an unescaped ``#`` starts a comment)."""
+    return '"' + re.sub(r'([\\"#])', r"\\\1", value) + '"'
+
+
 def sbatch_lines(spec: JobSpec) -> list[str]:
     cpus = spec.cpus_per_task or (spec.procs_per_node if spec.gpus_per_node == 0 else None)
     log_name = "%x-%A_%a.out" if spec.array else "%x-%j.out"
+    q = sbatch_quote
     options = [
-        f"--job-name={spec.job_name}",
+        f"--job-name={q(spec.job_name)}",
         f"--nodes={spec.nodes}",
         "--ntasks-per-node=1",  # one launcher per node; it starts the node's ranks
     ]
@@ -149,18 +169,20 @@ def sbatch_lines(spec: JobSpec) -> list[str]:
         options.append(f"--cpus-per-task={cpus}")
     if spec.gpus_per_node > 0:
         options.append(f"--gpus-per-node={spec.gpus_per_node}")
-    options += [f"--time={spec.time}", f"--partition={spec.partition}"]
+    options += [f"--time={q(spec.time)}", f"--partition={q(spec.partition)}"]
     if spec.account:
-        options.append(f"--account={spec.account}")
+        options.append(f"--account={q(spec.account)}")
     options += [
-        f"--output={spec.log_dir}/{log_name}",
+        f"--output={q(f'{spec.log_dir}/{log_name}')}",
         "--open-mode=append",  # a requeued job appends to its own log
         "--requeue",
         f"--signal=B:USR1@{spec.signal_seconds}",
     ]
     if spec.array:
         options.append(f"--array=1-{spec.array}%1")
-    options += spec.sbatch_options
+    for option in spec.sbatch_options:
+        name, eq, value = option.partition("=")
+        options.append(f"{name}={q(value)}" if eq else name)
     return [f"#SBATCH {option}" for option in options]
 
 

@@ -126,6 +126,10 @@ class TrainConfig:
     Ignored when the run directory already has a checkpoint to resume from."""
     init_from_strict: bool = True
     """Every tensor must match in name and shape; false loads the ones that do and lists the rest."""
+    init_from_trust: bool = False
+    """Read an ``init_from`` DeepSpeed checkpoint whose files hold pickled objects besides tensors and
+    plain data (unpickling runs the code they name): only for checkpoints you trust
+    (``--trust-checkpoint``)."""
 
 
 @dataclass
@@ -306,15 +310,26 @@ def set_value(cfg: Config, dotted: str, value: Any, source: str, text: bool = Fa
         known = ", ".join(f.name for f in dataclasses.fields(section))
         raise ConfigError(f"{source}: unknown config key {dotted!r} (known in {section_name}: {known})")
     if text:
-        value = _parse_text(value, hints[key])
+        value = _parse_text(value, hints[key], dotted, source)
     setattr(section, key, coerce(value, hints[key], dotted, source))
 
 
-def _parse_text(value: str, hint: Any) -> Any:
+def _parse_text(value: str, hint: Any, key: str, source: str) -> Any:
     args = typing.get_args(hint)
     if hint is str or (str in args and type(None) in args and value not in ("null", "~", "")):
         return value
-    return yaml.safe_load(value) if value != "" else ""
+    return _yaml_value(value, key, source) if value != "" else ""
+
+
+def _yaml_value(text: str, key: str, source: str) -> Any:
+    """A command-line value read as YAML; text YAML cannot read is one line naming the key."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{source}: config key {key}: {text!r} is not a value ({reason})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a timestamp out of range, nesting too deep
+        raise ConfigError(f"{source}: config key {key}: {text!r} is not a value ({type(exc).__name__})") from None
 
 
 def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -333,7 +348,7 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: config key {key} expects {' or '.join(errors)}, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.split(",")]
+            value = [_yaml_value(v, key, source) for v in value.split(",")]
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(
@@ -361,7 +376,13 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: config key {key} expects a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: config key {key} expects a finite number, got {value!r}")
+        return number
     if hint is str:
         if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{source}: config key {key} expects a string, got {value!r}")
@@ -377,6 +398,49 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
 def _positive(value: float, key: str) -> None:
     if value <= 0:
         raise ConfigError(f"config key {key} must be positive, got {value!r}")
+
+
+def _within(value, key: str, low=None, high=None, high_open: bool = False) -> None:
+    """``low <= value <= high`` (``< high`` with ``high_open``); None bounds are open."""
+    fits = (low is None or value >= low) and (high is None or (value < high if high_open else value <= high))
+    if not fits:
+        span = [f"at least {low}"] if low is not None else []
+        span += [f"below {high}" if high_open else f"at most {high}"] if high is not None else []
+        raise ConfigError(f"config key {key} must be {' and '.join(span)}, got {value!r}")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def validate_numbers(cfg: Config) -> None:
+    """Every number in the tree within what it can mean (floats are already finite: ``coerce``)."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    _within(cfg.run.seed, "run.seed", 0, 2 ** 63, high_open=True)
+    _positive(m.num_tokens, "model.num_tokens")
+    for key in ("dim", "depth", "max_seq_len", "heads", "dim_head"):
+        value = getattr(m, key)
+        for v in value if isinstance(value, tuple) else (value,):
+            _positive(v, f"model.{key}")
+    _positive(m.ff_mult, "model.ff_mult")
+    for key in ("attn_dropout", "ff_dropout"):
+        _within(getattr(m, key), f"model.{key}", 0, 1, high_open=True)
+    if m.chunk_bytes is not None:
+        _positive(m.chunk_bytes, "model.chunk_bytes")
+    _within(cfg.data.num_workers, "data.num_workers", 0)
+    _positive(cfg.data.val_sequences, "data.val_sequences")
+    _within(t.grad_clip, "train.grad_clip", 0)
+    _within(t.sample_bytes, "train.sample_bytes", 0)
+    _positive(o.lr, "optim.lr")
+    _within(o.min_lr_ratio, "optim.min_lr_ratio", 0, 1)
+    _within(o.warmup_steps, "optim.warmup_steps", 0)
+    _within(o.weight_decay, "optim.weight_decay", 0)
+    for key in ("beta1", "beta2"):
+        _within(getattr(o, key), f"optim.{key}", 0, 1, high_open=True)
+    _positive(o.eps, "optim.eps")
+    if cfg.logging.peak_tflops is not None:
+        _positive(cfg.logging.peak_tflops, "logging.peak_tflops")
+    if cfg.logging.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"config key logging.level must be one of {', '.join(LOG_LEVELS)}, got {cfg.logging.level!r}")
 
 
 def validate(cfg: Config) -> None:
@@ -403,13 +467,13 @@ def validate(cfg: Config) -> None:
             heads = m.heads if isinstance(m.heads, int) else m.heads[s if len(m.heads) > 1 else 0]
             try:
                 SparsePattern.from_config(spec["pattern"]).check_heads(heads, f"model.attention[{s}]")
-            except ValueError as exc:
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise ConfigError(f"config key model.attention[{s}].pattern: {exc}") from None
     for key in ("steps", "micro_batch", "global_batch", "eval_interval", "log_interval"):
         _positive(getattr(cfg.train, key), f"train.{key}")
     _positive(cfg.checkpoint.interval, "checkpoint.interval")
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
-    _positive(cfg.optim.lr, "optim.lr")
+    validate_numbers(cfg)
     if cfg.train.global_batch % cfg.train.micro_batch:
         raise ConfigError(
             f"train.global_batch ({cfg.train.global_batch}) must be a multiple of train.micro_batch "

@@ -1,19 +1,22 @@
 """How well the model learns: ``terrabyte bench quality``.
 
-Trains TerraByte and, when it is installed, MEGABYTE-pytorch (lucidrains' reference implementation)
-on the same ``ByteLoader`` stream of the config's data (the standard-library shards of the default
-run unless ``data.path`` is set), for the same number of steps with the same optimizer settings as
-``terrabyte pretrain`` (AdamW, decay on matrices only, warm-up then the config's schedule, gradient
-clipping), and scores both on the same validation bytes: the first ``data.val_sequences`` packed
-validation sequences, exactly what the trainer scores.
+Trains TerraByte and its baselines on the same ``ByteLoader`` stream of the config's data (the
+standard-library shards of the default run unless ``data.path`` is set), with the same optimizer
+settings as ``terrabyte pretrain`` (AdamW, decay on matrices only, warm-up then the config's
+schedule, gradient clipping), and scores every model on the same validation bytes: the first
+``data.val_sequences`` packed validation sequences, exactly what the trainer scores. Baselines
+(``--baselines``): MEGABYTE-pytorch (lucidrains' reference implementation, when installed), a flat
+transformer over bytes and one over BPE tokens trained on the run's own training bytes
+(``bench_baselines.py``: how they are built, how BPE is scored per byte, how FLOPs are counted).
 
 Method:
-- Both models see every batch: each step trains one, then the other, so load from other processes
-  on the machine slows both alike and their seconds per step compare.
+- Every model sees every batch: each step trains one, then the next, so load from other processes
+  on the machine slows all alike and their seconds per step compare.
 - "Equal steps": validation bits per byte after ``--steps`` steps.
-- "Equal time": TerraByte trained again, alone, for as many steps as fit in MEGABYTE-pytorch's
-  measured training time at TerraByte's measured speed (its learning-rate schedule spans those
-  steps), so each model gets a complete schedule in the same wall-clock budget.
+- "Equal wall-clock": each baseline trained again, alone, for as many steps as fit in TerraByte's
+  measured training time at the baseline's own measured speed; "equal FLOPs": as many steps as fit
+  in TerraByte's training FLOPs at the baseline's FLOPs per step. Each run's learning-rate schedule
+  spans its own steps, so every model gets a complete schedule within the same budget.
 - One seed is not a result: ``--seeds 0,1`` repeats everything per seed (model init and data order)
   and reports the mean and the spread (max - min).
 """
@@ -36,6 +39,7 @@ from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from .args import Config, load_config
+from .bench_baselines import BytePairTokens, TokenGPT, train_step_flops, training_documents
 from .bench_model import megabyte_class
 from .engine import lr_lambda, param_groups
 from .model import TerraByte, cross_entropy
@@ -43,6 +47,9 @@ from .model import TerraByte, cross_entropy
 logger = logging.getLogger(__name__)
 
 PEER_INSTALL = "pip install megabyte-pytorch --no-deps beartype"
+BASELINES = ("megabyte", "bytes", "bpe")
+NAMES = {"megabyte": "MEGABYTE-pytorch", "bytes": "byte GPT", "bpe": "BPE GPT"}
+REFERENCE = "TerraByte"
 PLOT_INSTALL = "pip install matplotlib"
 
 
@@ -52,8 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
     parser.add_argument("--eval-interval", type=int, default=None,
                         help="steps between validation points on the curves (default: the config's train.eval_interval)")
-    parser.add_argument("--no-baseline", action="store_true", help="train TerraByte only, even if MEGABYTE-pytorch is installed")
-    parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-clock TerraByte runs")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help=f"comma-separated baselines from {','.join(BASELINES)} (default: all; megabyte only "
+                             "when MEGABYTE-pytorch is installed)")
+    parser.add_argument("--no-baseline", action="store_true", help="train TerraByte only")
+    parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-clock baseline runs")
+    parser.add_argument("--no-equal-flops", action="store_true", help="skip the equal-FLOPs baseline runs")
+    parser.add_argument("--bpe-vocab", type=int, default=4096, help="BPE baseline: tokenizer vocabulary (default: 4096)")
+    parser.add_argument("--bpe-train-bytes", type=int, default=8 << 20,
+                        help="BPE baseline: training bytes its tokenizer learns from (default: 8 MiB)")
+    parser.add_argument("--baseline-dim", type=int, default=256, help="flat baselines' width (default: 256)")
+    parser.add_argument("--baseline-depth", type=int, default=6, help="flat baselines' blocks (default: 6)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--dir", default="runs/bench_quality", help="where the default shards, the curves and the PNG go")
     parser.add_argument("--out", metavar="FILE", help="also write the markdown table to FILE")
@@ -82,14 +98,20 @@ def build_megabyte(cfg: Config):
                             pad_id=vocab.pad_id, rel_pos=True, flash_attn=True)
 
 
-def _megabyte_nats(model, x: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
+# A model's ``nats(model, x, pad_id)`` gives (summed nats, predictions, bytes) over a batch of byte
+# rows: training minimises nats per prediction, validation reports nats per byte (the two differ
+# only for the BPE baseline, whose predictions are tokens).
+
+
+def _megabyte_nats(model, x: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int, int]:
     # its loss is the mean over non-PAD targets of bytes 0..n-1, each from the bytes before it
     count = int((x != pad_id).sum())
-    return model(x, return_loss=True) * count, count
+    return model(x, return_loss=True) * count, count, count
 
 
-def _terrabyte_nats(model, x: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
-    return cross_entropy(model(x), x, pad_id, reduction="sum"), int((x != pad_id).sum())
+def _terrabyte_nats(model, x: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int, int]:
+    count = int((x != pad_id).sum())
+    return cross_entropy(model(x), x, pad_id, reduction="sum"), count, count
 
 
 @dataclass
@@ -103,6 +125,7 @@ class Contender:
     optimizer: torch.optim.Optimizer = None
     scheduler: object = None
     seconds: float = 0.0  # training time, evaluation excluded
+    flops_per_step: int = 0  # forward + backward of one training step (bench_baselines.train_step_flops)
     curve: list = field(default_factory=list)  # (step, seconds so far, train loss, val bpb or None)
 
     def __post_init__(self):
@@ -121,7 +144,7 @@ class Contender:
         self.model.train()
         total = 0.0
         for x in micro_batches:
-            nats, count = self.nats(self.model, x, pad_id)
+            nats, count, _ = self.nats(self.model, x, pad_id)
             loss = nats / max(count, 1)
             (loss / len(micro_batches)).backward()
             total += float(loss.detach())
@@ -137,7 +160,7 @@ class Contender:
         self.model.eval()
         nats = count = 0
         for x in val_batches:
-            n, c = self.nats(self.model, x, pad_id)
+            n, _, c = self.nats(self.model, x, pad_id)
             nats, count = nats + float(n), count + c
         return nats / count / math.log(2)
 
@@ -206,12 +229,39 @@ def train(contenders: list[Contender], cfg: Config, shards: str, seed: int, val:
 
 def _terrabyte(cfg: Config, seed: int) -> Contender:
     torch.manual_seed(seed)
-    return Contender("TerraByte", TerraByte(**cfg.model.kwargs()), _terrabyte_nats, cfg)
+    return Contender(REFERENCE, TerraByte(**cfg.model.kwargs()), _terrabyte_nats, cfg)
 
 
-def _megabyte(cfg: Config, seed: int) -> Contender:
-    torch.manual_seed(seed)
-    return Contender("MEGABYTE-pytorch", build_megabyte(cfg), _megabyte_nats, cfg)
+@dataclass(frozen=True)
+class Baselines:
+    """Which baselines train beside TerraByte, and what the flat ones are made of."""
+
+    names: tuple = ()  # from BASELINES
+    dim: int = 256
+    depth: int = 6
+    tokens: BytePairTokens = None  # the BPE baseline's tokenizer, trained once per run
+
+    def build(self, name: str, cfg: Config, seed: int) -> Contender:
+        torch.manual_seed(seed)
+        if name == "megabyte":
+            return Contender(NAMES[name], build_megabyte(cfg), _megabyte_nats, cfg)
+        m = cfg.model
+        dim_head = m.dim_head if isinstance(m.dim_head, int) else m.dim_head[0]
+        if name == "bytes":
+            model = TokenGPT(num_tokens=m.num_tokens, dim=self.dim, depth=self.depth, max_len=m.seq_len, dim_head=dim_head)
+            return Contender(NAMES[name], model, _terrabyte_nats, cfg)
+        tokens, byte_vocab = self.tokens, _vocab(cfg)
+        model = TokenGPT(num_tokens=tokens.vocab.num_tokens, dim=self.dim, depth=self.depth, max_len=m.seq_len,
+                         dim_head=dim_head)
+
+        def bpe_nats(model, x: torch.Tensor, pad_id: int):
+            # summed over the tokens, counted over the bytes they encode: bits per byte, like the rest
+            ids = tokens.encode_rows(x, byte_vocab)
+            predicted = int((ids != tokens.vocab.pad_id).sum())
+            return (cross_entropy(model(ids), ids, tokens.vocab.pad_id, reduction="sum"), predicted,
+                    int((x != pad_id).sum()))
+
+        return Contender(NAMES[name], model, bpe_nats, cfg)
 
 
 @dataclass
@@ -221,28 +271,50 @@ class SeedResult:
     params: dict  # name -> parameter count
     seconds_per_step: dict  # name -> mean training seconds per step
     final_bpb: dict  # name -> validation bpb after the steps
-    equal_time: dict = field(default_factory=dict)  # "TerraByte" -> (steps, bpb)
+    equal_time: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training time
+    flops_per_step: dict = field(default_factory=dict)  # name -> training FLOPs per step
+    equal_flops: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training FLOPs
 
 
-def run_seed(cfg: Config, shards: str, seed: int, baseline: bool, equal_time: bool, eval_interval: int,
-             val: list[torch.Tensor]) -> SeedResult:
+def _first_step(cfg: Config, shards: str, seed: int) -> list[torch.Tensor]:
+    accumulation = cfg.train.global_batch // cfg.train.micro_batch
+    batches = iter(_loader(cfg, shards, "train", seed=seed, loop=True))
+    return [next(batches).long() for _ in range(accumulation)]
+
+
+def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_interval: int,
+             val: list[torch.Tensor], equal_time: bool = True, equal_flops: bool = True) -> SeedResult:
     from tqdm.auto import tqdm
 
-    contenders = [_terrabyte(cfg, seed)] + ([_megabyte(cfg, seed)] if baseline else [])
+    contenders = [_terrabyte(cfg, seed)] + [baselines.build(n, cfg, seed) for n in baselines.names]
+    pad_id = _vocab(cfg).pad_id
+    first = _first_step(cfg, shards, seed)
+    for c in contenders:
+        c.flops_per_step = train_step_flops(c.model, c.nats, first, pad_id)
     with tqdm(total=cfg.train.steps, desc=f"seed {seed}", unit="step", file=sys.stderr) as bar:
         train(contenders, cfg, shards, seed, val, eval_interval, bar)
     steps = cfg.train.steps
     result = SeedResult(seed, {c.name: c.curve for c in contenders}, {c.name: c.params for c in contenders},
-                        {c.name: c.seconds / steps for c in contenders}, {c.name: c.curve[-1][3] for c in contenders})
-    if baseline and equal_time:
-        tb, mb = contenders
-        budget = max(1, round(steps * mb.seconds / tb.seconds))
-        longer = _with(cfg, train={"steps": budget})
-        again = _terrabyte(longer, seed)
-        with tqdm(total=budget, desc=f"seed {seed}, equal time", unit="step", file=sys.stderr) as bar:
-            train([again], longer, shards, seed, val, max(budget, 1), bar)
-        result.equal_time["TerraByte"] = (budget, again.curve[-1][3])
-        result.equal_time["MEGABYTE-pytorch"] = (steps, result.final_bpb["MEGABYTE-pytorch"])
+                        {c.name: c.seconds / steps for c in contenders}, {c.name: c.curve[-1][3] for c in contenders},
+                        flops_per_step={c.name: c.flops_per_step for c in contenders})
+    reference = contenders[0]
+    budgets = []
+    if equal_time:
+        budgets.append((result.equal_time, lambda c: reference.seconds / (c.seconds / steps)))
+    if equal_flops:
+        budgets.append((result.equal_flops, lambda c: reference.flops_per_step * steps / c.flops_per_step))
+    for name, c in zip(baselines.names, contenders[1:]):
+        scored = {steps: result.final_bpb[c.name]}  # steps -> bpb of a run with a schedule over them
+        for table, steps_in_budget in budgets:
+            n = max(1, round(steps_in_budget(c)))
+            if n not in scored:
+                again = baselines.build(name, _with(cfg, train={"steps": n}), seed)
+                with tqdm(total=n, desc=f"seed {seed}, {c.name}, {n} steps", unit="step", file=sys.stderr) as bar:
+                    train([again], again.cfg, shards, seed, val, n, bar)
+                scored[n] = again.curve[-1][3]
+            table[c.name] = (n, scored[n])
+    for table, _ in budgets:
+        table[reference.name] = (steps, result.final_bpb[reference.name])
     return result
 
 
@@ -254,33 +326,46 @@ def _mean_spread(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
+def _budget_cells(results: list[SeedResult], name: str, key: str) -> tuple[str, str]:
+    runs = [getattr(r, key)[name] for r in results if name in getattr(r, key)]
+    if not runs:
+        return "", ""
+    return _mean_spread([b for _, b in runs]), " / ".join(str(s) for s, _ in runs)
+
+
 def format_table(results: list[SeedResult], steps: int) -> str:
     names = list(results[0].final_bpb)
     seeds = ", ".join(str(r.seed) for r in results)
-    lines = [f"| model | parameters | s/step | val bpb @ {steps} steps (seeds {seeds}) | per seed "
-             f"| val bpb @ equal wall-clock | steps in that time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| model | parameters | GFLOP/step | s/step | val bpb @ {steps} steps (seeds {seeds}) | per seed "
+             f"| val bpb @ equal wall-clock | steps in that time | val bpb @ equal FLOPs | steps in those FLOPs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         per_seed = " / ".join(f"{r.final_bpb[name]:.3f}" for r in results)
         sps = _mean_spread([r.seconds_per_step[name] for r in results])
-        timed = [r.equal_time[name] for r in results if name in r.equal_time]
-        eq_bpb = _mean_spread([b for _, b in timed]) if timed else ""
-        eq_steps = " / ".join(str(s) for s, _ in timed) if timed else ""
-        lines.append(f"| {name} | {results[0].params[name] / 1e6:.2f}M | {sps} | "
-                     f"{_mean_spread([r.final_bpb[name] for r in results])} | {per_seed} | {eq_bpb} | {eq_steps} |")
-    if len(names) == 2:
-        a, b = names
-        d_steps = [r.final_bpb[a] - r.final_bpb[b] for r in results]
-        line = f"\n{a} - {b}: {_mean_spread(d_steps)} bpb at equal steps"
-        if all(a in r.equal_time for r in results):
-            d_time = [r.equal_time[a][1] - r.equal_time[b][1] for r in results]
-            line += f", {_mean_spread(d_time)} bpb at equal wall-clock"
-        lines.append(line + " (negative: TerraByte better); ± is half the spread over seeds.")
+        flops = [r.flops_per_step[name] for r in results if name in r.flops_per_step]
+        gflops = f"{sum(flops) / len(flops) / 1e9:.2f}" if flops else ""
+        eq_time = _budget_cells(results, name, "equal_time")
+        eq_flops = _budget_cells(results, name, "equal_flops")
+        lines.append(f"| {name} | {results[0].params[name] / 1e6:.2f}M | {gflops} | {sps} | "
+                     f"{_mean_spread([r.final_bpb[name] for r in results])} | {per_seed} | {eq_time[0]} | "
+                     f"{eq_time[1]} | {eq_flops[0]} | {eq_flops[1]} |")
+    lines.append("")
+    for other in names[1:]:
+        parts = [f"{_mean_spread([r.final_bpb[REFERENCE] - r.final_bpb[other] for r in results])} at equal steps"]
+        for key, label in (("equal_time", "wall-clock"), ("equal_flops", "FLOPs")):
+            if all(other in getattr(r, key) for r in results):
+                d = [getattr(r, key)[REFERENCE][1] - getattr(r, key)[other][1] for r in results]
+                parts.append(f"{_mean_spread(d)} at equal {label}")
+        lines.append(f"{REFERENCE} - {other}: " + ", ".join(parts) + " bpb.")
+    if len(names) > 1:
+        lines.append("(negative: TerraByte better; ± is half the spread over seeds. FLOPs: forward + backward of "
+                     "one training step counted by torch.utils.flop_counter, the same way for every model.)")
     return "\n".join(lines) + "\n"
 
 
 def plot(results: list[SeedResult], path: Path) -> bool:
-    """Training loss against steps and against seconds, every model and seed; False without matplotlib."""
+    """Training loss and validation bits per byte against steps, seconds and training FLOPs, every
+    model and seed; False without matplotlib."""
     try:
         import matplotlib
 
@@ -288,20 +373,24 @@ def plot(results: list[SeedResult], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (by_step, by_time, by_flops) = plt.subplots(1, 3, figsize=(17, 4.5))
     colors = {}
     for r in results:
         for name, curve in r.curves.items():
             color = colors.setdefault(name, f"C{len(colors)}")
             steps, seconds, losses, bpbs = zip(*curve)
+            flops = [step * r.flops_per_step.get(name, 0) for step in steps]
+            # the BPE baseline's training loss is per token: only validation points are per byte
             bits = [loss / math.log(2) for loss in losses]
             label = f"{name} seed {r.seed}"
-            by_step.plot(steps, bits, color=color, alpha=0.35, lw=0.8)
-            by_time.plot(seconds, bits, color=color, alpha=0.35, lw=0.8)
-            val = [(s, t, b) for s, t, b in zip(steps, seconds, bpbs) if b is not None]
-            by_step.plot([v[0] for v in val], [v[2] for v in val], "o-", color=color, label=label + " (val)")
-            by_time.plot([v[1] for v in val], [v[2] for v in val], "o-", color=color, label=label + " (val)")
-    for ax, xlabel in ((by_step, "optimizer step"), (by_time, "training seconds")):
+            val = [(s, t, f, b) for s, t, f, b in zip(steps, seconds, flops, bpbs) if b is not None]
+            for i, ax in enumerate((by_step, by_time, by_flops)):
+                x = (steps, seconds, flops)[i]
+                if name != NAMES["bpe"]:
+                    ax.plot(x, bits, color=color, alpha=0.35, lw=0.8)
+                ax.plot([v[i] for v in val], [v[3] for v in val], "o-", color=color, label=label + " (val)")
+    for ax, xlabel in ((by_step, "optimizer step"), (by_time, "training seconds"),
+                       (by_flops, "training FLOPs (forward + backward)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("bits per byte (train: faint, validation: dots)")
         ax.grid(alpha=0.3)
@@ -329,6 +418,14 @@ def _parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
     return seeds
+
+
+def _parse_baselines(text: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise ConfigError(f"--baselines {text!r}: unknown {unknown}; choose from {','.join(BASELINES)}")
+    return tuple(dict.fromkeys(names))
 
 
 def merge(paths: list[str]) -> list[SeedResult]:
@@ -367,15 +464,28 @@ def run(args) -> int:
         raise ConfigError(f"--eval-interval must be at least 1, got {eval_interval}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    baseline = not args.no_baseline
-    if baseline and megabyte_class() is None:
-        logger.warning("MEGABYTE-pytorch is not installed: training TerraByte alone. To compare, install it "
+    names = () if args.no_baseline else _parse_baselines(args.baselines)
+    if "megabyte" in names and megabyte_class() is None:
+        logger.warning("MEGABYTE-pytorch is not installed: training without it. To compare, install it "
                        "with `%s`", PEER_INSTALL)
-        baseline = False
+        names = tuple(n for n in names if n != "megabyte")
     work = Path(args.dir)
     shards = _shards(cfg, work)
     val = validation_batches(cfg, shards)
-    results = [run_seed(cfg, shards, s, baseline, not args.no_equal_time, eval_interval, val) for s in seeds]
+    baselines = Baselines(names, args.baseline_dim, args.baseline_depth)
+    bpe_note = ""
+    if "bpe" in names:
+        if args.bpe_train_bytes < 1:
+            raise ConfigError(f"--bpe-train-bytes must be at least 1, got {args.bpe_train_bytes}")
+        docs = training_documents(_loader(cfg, shards, "train", seed=cfg.run.seed, loop=False), _vocab(cfg),
+                                  args.bpe_train_bytes)
+        tokens = BytePairTokens(docs, args.bpe_vocab)
+        baselines = dataclasses.replace(baselines, tokens=tokens)
+        bpe_note = (f" BPE GPT: {tokens.vocab.num_tokens:,}-token byte-level BPE trained on the first "
+                    f"{sum(map(len, docs)):,} training bytes, {tokens.bytes_per_token(val, _vocab(cfg)):.2f} "
+                    f"validation bytes per token.")
+    results = [run_seed(cfg, shards, s, baselines, eval_interval, val, equal_time=not args.no_equal_time,
+                        equal_flops=not args.no_equal_flops) for s in seeds]
 
     val_bytes = sum(int((x != _vocab(cfg).pad_id).sum()) for x in val)
     header = (f"### {datetime.date.today().isoformat()} — {describe_machine()}\n\n"
@@ -383,7 +493,9 @@ def run(args) -> int:
               + (f" -- {' '.join(overrides)}" if overrides else "") + "`: "
               f"batch {cfg.train.global_batch} x {cfg.model.seq_len} B, AdamW lr {cfg.optim.lr:g} "
               f"({cfg.optim.warmup_steps} warm-up steps, {cfg.optim.schedule} to {cfg.optim.min_lr_ratio:g}), "
-              f"clip {cfg.train.grad_clip:g}; validation: {val_bytes:,} bytes.\n\n")
+              f"clip {cfg.train.grad_clip:g}; validation: {val_bytes:,} bytes."
+              + (f" Flat baselines: {args.baseline_depth} blocks x {args.baseline_dim}." if {"bytes", "bpe"} & set(names)
+                 else "") + bpe_note + "\n\n")
     table = header + format_table(results, cfg.train.steps)
     png = work / "quality.png"
     if plot(results, png):

@@ -99,9 +99,12 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], meta:
     CheckpointError on all ranks; the previous checkpoint is untouched.
     """
     tag = f"step{step}"
-    if (root / "latest").is_file() and (root / "latest").read_text().strip() == tag:
+    if read_latest(root) == tag:
         raise CheckpointError(f"checkpoint {root / tag} is the live checkpoint ({root / 'latest'}): it is "
                               f"never written again")
+    if (root / tag).exists() and not is_ours(root / tag):
+        raise CheckpointError(f"{root / tag} was not written by Terrabyte (no {FILES_MANIFEST} of its format): "
+                              f"it is never replaced; move it away or use another run.dir")
     tmp = root / f"{SAVING_PREFIX}{tag}"
     on_rank0(rank, _clear, tmp)  # what a killed save of this step left
     failure = None
@@ -160,10 +163,68 @@ def _agree_or_fail(failure: str | None, rank: int, tmp: Path, what: str) -> None
 
 
 def _previous(root: Path) -> str:
-    latest = root / "latest"
-    if latest.is_file():
-        return f"the previous checkpoint {root / latest.read_text().strip()} is intact (free disk space and resume)"
+    tag = read_latest(root)
+    if tag is not None:
+        return f"the previous checkpoint {root / tag} is intact (free disk space and resume)"
     return "no earlier checkpoint exists"
+
+
+def read_latest(root: Path) -> str | None:
+    """The tag ``root/latest`` names (None: no ``latest``). It must name a folder directly inside
+    ``root``: one plain name, no ``..``, no absolute path, and neither it nor ``latest`` a link."""
+    latest = root / "latest"
+    if not latest.is_file() and not latest.is_symlink():
+        return None
+    if latest.is_symlink() or not latest.is_file():
+        raise CheckpointError(f"checkpoint {latest} is a link or not a regular file: it must be a file naming a "
+                              f"folder in {root}")
+    with open(latest, "rb") as f:
+        raw = f.read(256)
+    tag = raw.decode("utf-8", errors="replace").strip()
+    plain = (tag and len(raw) < 256 and tag not in (".", "..") and "/" not in tag and "\\" not in tag
+             and tag.isprintable())
+    if not plain or (root / tag).is_symlink():
+        raise CheckpointError(f"checkpoint {latest} names {tag[:80]!r}: it must name a folder directly inside "
+                              f"{root} (one plain name, not a path or a link)")
+    return tag
+
+
+def is_ours(folder: Path) -> bool:
+    """Did Terrabyte write this checkpoint folder? Its ``files.json`` is of our format (2, or the
+    {name: size} of format 1). Only such folders are ever pruned or replaced."""
+    manifest = folder / FILES_MANIFEST
+    if folder.is_symlink() or manifest.is_symlink() or not manifest.is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+    except (ValueError, OSError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    if data.get("format") == FILES_FORMAT:
+        return isinstance(data.get("files"), dict)
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in data.values())
+
+
+def check_run_dir(root: Path, rank: int = 0) -> None:
+    """A run directory holding ``stepN`` folders that Terrabyte did not write is refused before a fresh
+    run starts (every rank must call it). A run that resumes (``latest`` exists) keeps such folders
+    untouched: folders from before ``files.json`` existed are its own, and pruning skips them."""
+    foreign = []
+    if root.is_dir():
+        foreign = sorted(p.name for p in root.iterdir() if tag_step(p.name) is not None and not is_ours(p))
+    verdict = None
+    has_latest = (root / "latest").exists() or (root / "latest").is_symlink()
+    if foreign and not has_latest:
+        shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+        verdict = (f"{root} holds checkpoint folders Terrabyte did not write ({shown}: no {FILES_MANIFEST} of its "
+                   f"format) and no latest: a fresh run never writes beside them; use another run.dir or move them away")
+    verdict = next((v for v in all_gather_objects(verdict) if v is not None), None)
+    if verdict is not None:
+        raise CheckpointError(verdict)
+    if foreign and rank == 0:
+        log.warning("%s: %s carry no %s of Terrabyte's format; they are kept and never pruned", root,
+                    ", ".join(foreign), FILES_MANIFEST)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -185,7 +246,9 @@ def _clear(path: Path) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted((tag_step(p.name), p) for p in root.iterdir() if p.is_dir() and tag_step(p.name) is not None)
+    """Keep the newest ``keep`` of our checkpoints; folders Terrabyte did not write are never removed."""
+    steps = sorted((tag_step(p.name), p) for p in root.iterdir()
+                   if tag_step(p.name) is not None and p.is_dir() and is_ours(p))
     for _, path in steps[:-keep]:
         _clear(path)
     for path in root.iterdir():  # temporary folders of killed saves
@@ -264,9 +327,9 @@ def choose_checkpoint(root: Path, fallback: bool, rank: int = 0) -> str | None:
     the run with the line naming the file; with ``fallback`` the newest intact checkpoint is used
     instead, and said so."""
     latest = root / "latest"
-    if not latest.is_file():
+    tag = read_latest(root)
+    if tag is None:
         return None
-    tag = latest.read_text().strip()
     problem = (f"checkpoint {latest} points to {tag!r}, which does not exist"
                if not (root / tag).is_dir() else _verify_together(root / tag, rank))
     if problem is None:
@@ -279,8 +342,22 @@ def choose_checkpoint(root: Path, fallback: bool, rank: int = 0) -> str | None:
             continue
         if _verify_together(root / older, rank) is None:
             log.warning("%s; resuming from %s instead (checkpoint.fallback)", problem, root / older)
+            on_rank0(rank, _set_aside, root, tag, older)
             return older
     raise CheckpointError(f"{problem}; no intact earlier checkpoint in {root} (checkpoint.fallback)")
+
+
+def _set_aside(root: Path, damaged: str, resumed: str) -> None:
+    """Rename the damaged checkpoint ``damaged`` to ``<damaged>.damaged-<time>`` (kept, never pruned:
+    the name is no step's) and point ``latest`` at ``resumed``, atomically: the run saves that step
+    again and gets past it."""
+    if (root / damaged).is_dir():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = next(p for n in range(1000) if not (p := root / f"{damaged}.damaged-{stamp}{f'-{n}' if n else ''}").exists())
+        os.replace(root / damaged, aside)
+        log.warning("set the damaged checkpoint aside as %s (kept for inspection; remove it when done)", aside)
+    atomic_write(root / "latest", resumed, durable=True)
+    fsync_path(root)
 
 
 @dataclass
@@ -298,7 +375,18 @@ class ResumePlan:
 def saved_layout(ckpt: Path) -> Optional[dict]:
     """The layout a checkpoint was written with (None if it predates layout.json)."""
     path = ckpt / LAYOUT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_mapping(path) if path.is_file() else None
+
+
+def read_json_mapping(path: Path) -> dict:
+    """A JSON object from a file that may come from anyone: anything else is one line naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a mapping")
+    return data
 
 
 def plan_resume(cfg: Config, run_dir: str | Path, layout: Layout) -> Optional[ResumePlan]:
@@ -306,6 +394,7 @@ def plan_resume(cfg: Config, run_dir: str | Path, layout: Layout) -> Optional[Re
     it. A different parallel layout goes through DeepSpeed's universal format (converted once, by rank
     0); ``checkpoint.universal`` false makes that an error instead. Every rank must call it."""
     root = checkpoint_dir(run_dir)
+    check_run_dir(root, layout.rank)
     # every file checked (shared out over the ranks): all ranks stop, or fall back, together
     tag = choose_checkpoint(root, cfg.checkpoint.fallback, layout.rank)
     if tag is None:
@@ -345,25 +434,52 @@ def _layout_text(layout: dict) -> str:
             f"{layout['tensor']} x sequence {layout['sequence']})")
 
 
-def convert_to_universal(ckpt: Path) -> Path:
-    """``python -m deepspeed.checkpoint.ds_to_universal`` into ``<ckpt>/universal`` (once; atomic)."""
+def convert_to_universal(ckpt: Path, in_process: bool = False, trust: bool = False) -> Path:
+    """DeepSpeed's ``ds_to_universal`` into ``<ckpt>/universal`` (once; atomic). Resuming a run's own
+    checkpoint runs it as DeepSpeed ships it, in a subprocess; reading weights (``in_process``) runs
+    it here inside ``tensors_only_loads(trust)``, so no file it reads is unpickled in full unless
+    trusted. A folder ``universal`` that came with the checkpoint is read, never executed."""
     out = ckpt / UNIVERSAL_DIRNAME
     if (out / "latest_universal").is_file() or (out / ".complete").is_file():
         return out
     tmp = ckpt / f"{UNIVERSAL_DIRNAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     log.info("converting %s to a universal checkpoint", ckpt)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise CheckpointError(f"checkpoint {ckpt} could not be converted to a universal checkpoint: {last}")
+    if in_process:
+        _convert_here(ckpt, tmp, trust)
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise CheckpointError(f"checkpoint {ckpt} could not be converted to a universal checkpoint: {last}")
     (tmp / ".complete").write_text("")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def _convert_here(ckpt: Path, tmp: Path, trust: bool) -> None:
+    """``ds_to_universal.main`` in this process, one worker (no pool of processes to escape the guard)."""
+    import argparse
+
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), tensors_only_loads(trust):
+            ds_to_universal.main(args)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (Exception, SystemExit) as exc:  # DeepSpeed's converter fails in its own ways on foreign files
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"checkpoint {ckpt} could not be converted to a universal checkpoint: "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def _unreadable(exc: BaseException) -> bool:
@@ -458,49 +574,79 @@ def restore_rng(saved) -> None:
                         "will not repeat the uninterrupted run's")
 
 
-def consolidate_checkpoint(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 state dict from a DeepSpeed checkpoint of any layout, in one process, no ranks needed.
+TRUST_FLAG = "--trust-checkpoint"
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def consolidate_checkpoint(root: str | Path, tag: str, trust: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 state dict from a DeepSpeed checkpoint of any layout, in this process, no ranks needed.
 
     Data-parallel ZeRO checkpoints go through ``zero_to_fp32``; pipeline and tensor-parallel ones
-    through the universal conversion, which merges stages and tensor slices.
+    through DeepSpeed's universal conversion, which merges stages and tensor slices. Both run here,
+    inside ``tensors_only_loads``: a file that holds anything but tensors and plain data is refused
+    unless ``trust`` (``--trust-checkpoint``) says its author is trusted.
     """
     ckpt = Path(root) / tag
     verify_files(ckpt)
     layout = saved_layout(ckpt) or {}
-    if layout.get("pipeline", 1) > 1 or layout.get("tensor", 1) > 1:
-        return _consolidate_universal(ckpt)
+    if _layout_size(layout, "pipeline", ckpt) > 1 or _layout_size(layout, "tensor", ckpt) > 1:
+        return _consolidate_universal(ckpt, trust)
     # DeepSpeed logs to stdout, which `terrabyte generate` keeps for the generated bytes
     with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        with contextlib.redirect_stdout(sys.stderr), tensors_only_loads():
+        with contextlib.redirect_stdout(sys.stderr), tensors_only_loads(trust):
             state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    except (FileNotFoundError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+    except CheckpointError:
+        raise
+    except Exception as exc:  # DeepSpeed's reader fails in its own ways on a garbled or foreign file
         raise CheckpointError(f"checkpoint {ckpt} is incomplete or unreadable: {_first_line(exc)}") from None
     return {k: v.float() for k, v in state.items()}
 
 
+def _layout_size(layout: dict, key: str, ckpt: Path) -> int:
+    value = layout.get(key, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"checkpoint {ckpt / LAYOUT_FILE}: {key} must be a positive whole number, got {value!r}")
+    return value
+
+
 def _deepspeed_safe_globals() -> list:
-    """The plain-data DeepSpeed classes a ZeRO checkpoint pickles besides tensors (an enum, the
-    loss scaler's settings); the weights-only unpickler rebuilds them without running their code."""
+    """The plain-data DeepSpeed classes a checkpoint pickles besides tensors (an enum, the loss
+    scaler's settings, ZeRO-1/2's (numel, start) slice records); none defines ``__setstate__`` or
+    ``__reduce__``, so the weights-only unpickler rebuilds them without running their code."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 @contextlib.contextmanager
-def tensors_only_loads():
+def tensors_only_loads(trust: bool = False):
     """Inside: every ``torch.load`` is ``weights_only=True`` (tensors, containers and the allowed
     DeepSpeed data classes; no arbitrary unpickling), whatever its caller asked for: DeepSpeed's
-    ``zero_to_fp32`` asks for ``weights_only=False``. For reading checkpoints that may come from
-    elsewhere (``generate``, ``eval``, ``export``); not thread-safe, as it swaps ``torch.load``."""
+    readers ask for ``weights_only=False``. A file that needs more is refused with one line naming it
+    and ``--trust-checkpoint``; with ``trust`` every load unpickles in full. For reading checkpoints
+    that may come from elsewhere (``generate``, ``eval``, ``export``, ``from_pretrained``,
+    ``--init-from``); not thread-safe, as it swaps ``torch.load``."""
     original = torch.load
 
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = not trust
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            found = _REFUSED_GLOBAL.search(str(exc))
+            if trust or (found is None and "Weights only load failed" not in str(exc)):
+                raise
+            name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", f)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"checkpoint file {name} holds pickled objects besides tensors and plain data{what}: loading it "
+                f"could run code; pass {TRUST_FLAG} (trust_checkpoint=True in Python) only if you trust whoever "
+                f"wrote it") from None
 
     torch.load = load
     try:
@@ -510,20 +656,36 @@ def tensors_only_loads():
         torch.load = original
 
 
-def _consolidate_universal(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = convert_to_universal(ckpt)
+def _consolidate_universal(ckpt: Path, trust: bool) -> dict[str, torch.Tensor]:
+    """Converted once into ``<ckpt>/universal`` where the folder is writable; a read-only checkpoint
+    (a shared or downloaded one) is converted into a temporary folder for this read only."""
+    if os.access(ckpt, os.W_OK) or (ckpt / UNIVERSAL_DIRNAME / ".complete").is_file():
+        return _read_universal(convert_to_universal(ckpt, in_process=True, trust=trust), ckpt)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="terrabyte-universal-") as tmp:
+        out = Path(tmp) / UNIVERSAL_DIRNAME
+        _convert_here(ckpt, out, trust)
+        return _read_universal(out, ckpt)
+
+
+def _read_universal(out: Path, ckpt: Path) -> dict[str, torch.Tensor]:
     state = {}
     for fp32 in sorted((out / "zero").glob("*/fp32.pt")):
         name = fp32.parent.name
-        obj = torch.load(fp32, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(fp32, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a universal folder that came with the checkpoint is read like the rest
+            raise CheckpointError(f"checkpoint file {fp32} is unreadable: {_first_line(exc)}") from None
         tensor = obj["param"] if isinstance(obj, dict) else obj  # ZeRO-1/2 wrap it, ZeRO-3 does not
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"checkpoint file {fp32} holds no tensor")
         # pipeline parameter names start with the layer index
         key = pipeline_key(name) if name.split(".", 1)[0].isdigit() else name
         state[key] = tensor.float()
     if not state:
         raise CheckpointError(f"checkpoint {ckpt}: the universal conversion produced no parameters")
     return state
-
 
 
 def full_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
@@ -552,10 +714,11 @@ def full_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
 # --------------------------------------------------------------------------- safetensors
 
 
-def load_state(source) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_state(source, trust: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(model config, state dict) from a safetensors file, a run directory or a checkpoint folder
-    (resolved by ``resolve_model_source``), or from a ``ModelSource`` it returned."""
-    config, state = _load_state(source)
+    (resolved by ``resolve_model_source``), or from a ``ModelSource`` it returned. Nothing is
+    unpickled in full unless ``trust`` (``consolidate_checkpoint``)."""
+    config, state = _load_state(source, trust)
     if "unit_embedding" not in config:
         # written before grouped upper-stage embeddings existed: every stage embedded by concatenation
         config = {**config, "unit_embedding": "concat"}
@@ -592,8 +755,8 @@ def resolve_model_source(source: str | Path) -> ModelSource:
     root = path if (path / "latest").is_file() else checkpoint_dir(path)
     export = path / EXPORT_FILE
     ckpt = None
-    if (root / "latest").is_file():
-        tag = (root / "latest").read_text().strip()
+    tag = read_latest(root)
+    if tag is not None:
         if not (root / tag).is_dir():
             raise CheckpointError(f"checkpoint {root / 'latest'} points to {tag!r}, which does not exist")
         ckpt = ModelSource("checkpoint", root / tag, tag_step(tag), root, tag)
@@ -631,14 +794,14 @@ def exported_step(path: Path) -> Optional[int]:
         return None
 
 
-def _load_state(source) -> tuple[dict, dict[str, torch.Tensor]]:
+def _load_state(source, trust: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     where = source if isinstance(source, ModelSource) else resolve_model_source(source)
     if where.kind == "safetensors":
         return _load_safetensors(where.path)
     config_path = where.path / "model_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"checkpoint {where.path} has no model_config.json")
-    return json.loads(config_path.read_text()), consolidate_checkpoint(where.root, where.tag)
+    return read_json_mapping(config_path), consolidate_checkpoint(where.root, where.tag, trust)
 
 
 def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

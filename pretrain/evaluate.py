@@ -189,7 +189,10 @@ def _read(path: Path) -> bytes:
 
 
 def add_arguments(parser) -> None:
+    from .inference import add_trust_argument
+
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint folder or .safetensors file")
+    add_trust_argument(parser)
     parser.add_argument("--data", nargs="+", action="extend", default=None, metavar="[NAME=]PATH",
                         help="shard directories and/or raw files or directories (repeatable); several, or any "
                              "NAME=PATH, are scored one source each: one row per source and their total")
@@ -324,7 +327,7 @@ def run(args) -> int:
         raise ConfigError("give --data (bits per byte of shards or files) or --tasks (lm-evaluation-harness), one of them")
     sources = named_sources(args.data)
     dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.checkpoint, args.device, DTYPES[dtype])
+    model = load_model(args.checkpoint, args.device, DTYPES[dtype], args.trust_checkpoint)
     if sources is None:
         report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes,
                           args.context)

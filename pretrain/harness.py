@@ -52,7 +52,8 @@ class TerraByteLM(LM):
 
     def __init__(self, pretrained: str | TerraByte, device: Optional[str] = None, dtype: str = "fp32",
                  batch_size: int | str | None = DEFAULT_BATCH, mode: str = "basic", stride: Optional[int] = None,
-                 max_gen_toks: int = DEFAULT_GEN_BYTES, seed: int = 0, **unused):
+                 max_gen_toks: int = DEFAULT_GEN_BYTES, seed: int = 0, trust_checkpoint: bool | str = False,
+                 **unused):
         super().__init__()
         if unused:
             log.warning("terrabyte model: ignoring model_args %s", sorted(unused))
@@ -67,7 +68,8 @@ class TerraByteLM(LM):
             self.model = pretrained.eval()
         else:
             self.model = TerraByte.from_pretrained(str(pretrained), device=device,
-                                                   dtype=DTYPES[resolve_dtype(dtype, device)])
+                                                   dtype=DTYPES[resolve_dtype(dtype, device)],
+                                                   trust_checkpoint=_flag(trust_checkpoint, "trust_checkpoint"))
         self._device = self.model.to_logits.weight.device
         self.batch_size = _batch_size(batch_size)
         self.mode, self.stride, self.max_gen_toks = mode, (int(stride) if stride else None), int(max_gen_toks)
@@ -137,6 +139,16 @@ class TerraByteLM(LM):
         """The prompt's last bytes, leaving room for ``max_new`` in the model's context."""
         keep = self.model.context_length - max_new
         return prompt[-keep:] if len(prompt) > keep else prompt
+
+
+def _flag(value, name: str) -> bool:
+    """A model_args boolean: lm-eval passes ``trust_checkpoint=True`` as the string "True"."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"model_args {name}={value!r} must be true or false")
+    return text in ("true", "1", "yes")
 
 
 def _batch_size(value) -> int:
@@ -243,7 +255,8 @@ def run_cli(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ConfigError(f"--tasks {args.tasks!r} names no task")
-    model = load_model(args.checkpoint, args.device, DTYPES[resolve_dtype(args.dtype, args.device)])
+    model = load_model(args.checkpoint, args.device, DTYPES[resolve_dtype(args.dtype, args.device)],
+                       args.trust_checkpoint)
     out = run_tasks(model, tasks, args.include_path, args.num_fewshot, args.limit, args.batch, args.mode, args.seed,
                     include_defaults=not args.no_default_tasks)
     sys.stdout.write(make_table(out) + "\n")

@@ -19,12 +19,14 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.system import atomic_write
 
-from .checkpoint import load_state, resolve_model_source, save_safetensors
+from .checkpoint import TRUST_FLAG, load_state, resolve_model_source, save_safetensors
 from .model import TerraByte
 
 log = logging.getLogger(__name__)
 
 
+TRUST_HELP = ("read a DeepSpeed checkpoint whose files hold pickled objects besides tensors and plain data: "
+              "unpickling them runs whatever code they name, so only for checkpoints you trust")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -38,8 +40,9 @@ def resolve_dtype(name: str, device: str | torch.device) -> str:
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> TerraByte:
-    config, state = load_state(source)
+               dtype: torch.dtype = torch.float32, trust: bool = False) -> TerraByte:
+    """The model ``source`` holds; nothing is unpickled in full unless ``trust`` (``--trust-checkpoint``)."""
+    config, state = load_state(source, trust)
     model = TerraByte(**config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -117,6 +120,7 @@ def read_prompts(path: str) -> list[bytes]:
 
 def add_generate_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint folder or .safetensors file")
+    add_trust_argument(parser)
     parser.add_argument("--prompt", default="", help="prompt text (UTF-8)")
     parser.add_argument("--prompt-file", default=None, help="several prompts, one per line or a JSON list of "
                         "strings, decoded as one batch; one JSON line per prompt to --out (or stdout)")
@@ -141,7 +145,8 @@ def run_generate(args) -> int:
     stop = [s.encode() for s in args.stop]
     if any(not s for s in stop):
         raise ConfigError("--stop must not be empty")
-    model = load_model(args.checkpoint, args.device, DTYPES[resolve_dtype(args.dtype, args.device)])
+    model = load_model(args.checkpoint, args.device, DTYPES[resolve_dtype(args.dtype, args.device)],
+                       args.trust_checkpoint)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, filter_thres=args.filter_thres, top_p=args.top_p, generator=generator)
     if args.prompt_file or args.out:
@@ -176,11 +181,16 @@ def run_generate(args) -> int:
 def add_export_arguments(parser) -> None:
     parser.add_argument("run", help="run directory (its newest checkpoint is consolidated)")
     parser.add_argument("--out", required=True, help="output .safetensors path")
+    add_trust_argument(parser)
+
+
+def add_trust_argument(parser) -> None:
+    parser.add_argument(TRUST_FLAG, dest="trust_checkpoint", action="store_true", help=TRUST_HELP)
 
 
 def run_export(args) -> int:
     where = resolve_model_source(args.run)
-    config, state = load_state(where)
+    config, state = load_state(where, args.trust_checkpoint)
     model = TerraByte(**config)
     model.load_state_dict(state)
     save_safetensors(model, config, args.out, where.step)

@@ -28,7 +28,7 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.system import atomic_write
 
-from .checkpoint import load_state, save_safetensors
+from .checkpoint import load_state, read_json_mapping, save_safetensors
 from .model import TerraByte
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ def resolve(source: str | Path, *, revision: Optional[str] = None, cache_dir: Op
                               ) from None
 
 
-def load_weights(source: str | Path, **hub) -> tuple[dict, dict[str, torch.Tensor], str]:
-    """(model config, state dict, a name for messages) from any source ``resolve`` accepts."""
+def load_weights(source: str | Path, trust: bool = False, **hub) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(model config, state dict, a name for messages) from any source ``resolve`` accepts, a hub
+    snapshot read like a local path; nothing is unpickled in full unless ``trust``."""
     path = resolve(source, **hub)
     saved = path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
     if saved and not _has_checkpoints(path):  # a run directory always goes the way `generate` reads it
@@ -78,7 +79,7 @@ def load_weights(source: str | Path, **hub) -> tuple[dict, dict[str, torch.Tenso
         raise CheckpointError(f"{path} holds no model: no {WEIGHTS_FILE}, no {CONFIG_FILE} and no "
                               f"checkpoints/latest (give a run directory, a save_pretrained directory "
                               f"or a .safetensors file)")
-    config, state = load_state(path)  # the resolution `terrabyte generate` and `export` use
+    config, state = load_state(path, trust)  # the resolution `terrabyte generate` and `export` use
     return config, state, str(path)
 
 
@@ -89,13 +90,7 @@ def _has_checkpoints(path: Path) -> bool:
 def _read_saved(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    config_path = directory / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} must hold a mapping of model arguments")
+    config = read_json_mapping(directory / CONFIG_FILE)
     try:
         state = load_file(str(directory / WEIGHTS_FILE))
     except Exception as exc:  # safetensors' own error types for truncated/garbled files
@@ -123,9 +118,12 @@ def check_stage_count(config: dict, state: dict[str, torch.Tensor], where: str) 
 def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cpu",
                     dtype: Optional[torch.dtype] = None, revision: Optional[str] = None,
                     cache_dir: Optional[str] = None, token: Optional[str] = None,
-                    local_files_only: bool = False, force_download: bool = False, **model_kwargs):
-    """Build ``cls`` from its saved config and load its weights (strictly), in eval mode."""
-    config, state, where = load_weights(source, revision=revision, cache_dir=cache_dir, token=token,
+                    local_files_only: bool = False, force_download: bool = False, trust_checkpoint: bool = False,
+                    **model_kwargs):
+    """Build ``cls`` from its saved config and load its weights (strictly), in eval mode. A DeepSpeed
+    checkpoint whose files hold more than tensors and plain data is refused unless
+    ``trust_checkpoint`` (unpickling it in full runs whatever code it names)."""
+    config, state, where = load_weights(source, trust_checkpoint, revision=revision, cache_dir=cache_dir, token=token,
                                         local_files_only=local_files_only, force_download=force_download)
     bad = sorted(set(model_kwargs) - set(RUNTIME_KEYS))
     if bad:
@@ -219,11 +217,11 @@ def _differences(missing, unexpected, mismatched, limit: int = 6) -> str:
     return "; ".join(parts)
 
 
-def init_from(model: torch.nn.Module, source: str | Path, strict: bool = True) -> dict:
+def init_from(model: torch.nn.Module, source: str | Path, strict: bool = True, trust: bool = False) -> dict:
     """Copy trained weights into ``model`` (before any engine wraps it). Strict: every tensor must be
     there with the same shape, else one CheckpointError naming them. Not strict: load the tensors
     that fit and report the rest. A model with another stage count is refused either way."""
-    config, state, where = load_weights(source)
+    config, state, where = load_weights(source, trust)
     check_stage_count(config, state, where)
     ours = len(model.max_seq_len)
     theirs = len(config.get("max_seq_len") or ())

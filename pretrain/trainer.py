@@ -192,7 +192,7 @@ class Trainer:
             return False
         from .pretrained import init_from
 
-        init_from(model, source, strict=self.cfg.train.init_from_strict)
+        init_from(model, source, strict=self.cfg.train.init_from_strict, trust=self.cfg.train.init_from_trust)
         return True
 
     def _resume(self) -> None:
@@ -438,12 +438,18 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--init-from-strict", default=None, metavar="true|false",
                         help="false: load the tensors whose name and shape match and list the rest "
                              "(default true: any mismatch stops the run)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="with --init-from: read a DeepSpeed checkpoint whose files hold pickled objects besides "
+                             "tensors (this runs code they name: only for checkpoints you trust); same as "
+                             "--train.init_from_trust true")
     args, overrides = parser.parse_known_args(argv)
     adopt_local_rank(args.local_rank)
     if args.init_from is not None:
         overrides += ["--train.init_from", args.init_from]
     if args.init_from_strict is not None:
         overrides += ["--train.init_from_strict", args.init_from_strict]
+    if args.trust_checkpoint:
+        overrides += ["--train.init_from_trust", "true"]
     return args, load_config(args.config, overrides)
 
 

@@ -181,8 +181,8 @@ def test_slurm_script_counts_come_from_one_source(tmp_path):
     text = render(_job(signal_seconds=600))
     lines = text.splitlines()
     for expected in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                     "#SBATCH --time=1-00:00:00", "#SBATCH --partition=gpu", "#SBATCH --requeue",
-                     "#SBATCH --signal=B:USR1@600", "#SBATCH --output=/runs/a/slurm/%x-%j.out",
+                     "#SBATCH --time=\"1-00:00:00\"", "#SBATCH --partition=\"gpu\"", "#SBATCH --requeue",
+                     "#SBATCH --signal=B:USR1@600", "#SBATCH --output=\"/runs/a/slurm/%x-%j.out\"",
                      "TB_NODES=4", "TB_PROCS_PER_NODE=8", "TB_REQUEUE=1", "TB_VENV=/venv",
                      "TB_TRAIN_ARGS=(--config tiny --run.dir /runs/a --train.steps 100)"):
         assert expected in lines, expected
@@ -198,7 +198,7 @@ def test_slurm_script_cpu_ranks_and_array():
     assert "#SBATCH --cpus-per-task=2" in lines
     assert "TB_PROCS_PER_NODE=2" in lines
     assert "#SBATCH --array=1-5%1" in lines
-    assert "#SBATCH --output=/runs/a/slurm/%x-%A_%a.out" in lines
+    assert '#SBATCH --output="/runs/a/slurm/%x-%A_%a.out"' in lines
     assert "TB_REQUEUE=0" in lines  # chained array tasks resume instead of requeueing
     assert not any(line.startswith("#SBATCH --gpus-per-node") for line in lines)
 

@@ -150,3 +150,22 @@ def test_node_count_must_match_allocation(slurm_cluster, tiny_shards, tmp_path):
     )
     assert result.returncode == 2
     assert "--nodes 2 does not match this SLURM allocation of 1 node(s)" in result.stderr
+
+
+def test_job_values_reach_sbatch_whole(slurm_cluster, tiny_shards, tmp_path):
+    """Values with spaces, quotes and '#' are one #SBATCH argument each (sbatch's own quoting), and the
+    job is held, so nothing runs."""
+    import re
+
+    run_dir = tmp_path / "run dir"
+    comment = 'a "quoted" #value'
+    script = Path(_slurm_cli(slurm_cluster, tmp_path, run_dir, f"--sbatch-option=--comment={comment}",
+                             "--sbatch-option=--hold", overrides=tiny_args(tiny_shards, config=False), submit=False))
+    job_id = slurm_cluster.sbatch(script)
+    try:
+        shown = slurm_cluster.run("squeue", "-h", "-j", str(job_id), "-o", "%k|%P|%j").stdout.strip()
+        assert shown == f"{comment}|debug|terrabyte", shown
+        details = slurm_cluster.scontrol("show", "job", str(job_id)).stdout
+        assert re.search(r"StdOut=(.*)$", details, re.M).group(1) == f"{run_dir}/slurm/terrabyte-{job_id}.out"
+    finally:
+        slurm_cluster.run("scancel", str(job_id), check=False)

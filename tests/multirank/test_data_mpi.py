@@ -65,3 +65,22 @@ def test_an_error_on_one_rank_stops_both(tmp_path):
     assert r.returncode != 0
     assert "bad.jsonl:1" in r.stderr and "terrabyte: error:" in r.stderr
     assert not (tmp_path / "mpi" / "manifest.json").exists()
+
+
+def test_two_ranks_drop_the_same_near_duplicates_as_one(tmp_path):
+    make_corpus(tmp_path / "in")
+    for i in (3, 17, 26):  # originals sorted first, near-copies last: other tasks, on the other rank too
+        text = "".join(f"{i} squared {k * k} cubed {k ** 3}\n" for k in range(40)).encode()
+        (tmp_path / "in" / "a").mkdir(exist_ok=True)
+        (tmp_path / "in" / "z").mkdir(exist_ok=True)
+        (tmp_path / "in" / "a" / f"orig{i}.txt").write_bytes(text)
+        (tmp_path / "in" / "z" / f"copy{i}.txt").write_bytes(text[:100] + b"#" + text[101:])
+    flags = ["--task-bytes", "400", "--val-fraction", "0", "--dedup", "near"]
+    r = run_mpi([str(tmp_path / "in"), "--out", str(tmp_path / "mpi"), *flags])
+    assert r.returncode == 0, r.stderr
+    single = build_shards([str(tmp_path / "in")], str(tmp_path / "one"), task_bytes=400, val_fraction=0,
+                          dedup="near", progress=False)
+    merged = json.loads((tmp_path / "mpi" / "manifest.json").read_text())
+    assert merged["dedup"] == json.loads(json.dumps(single["dedup"]))
+    assert {d["path"] for d in merged["dedup"]["dropped_docs"]} >= {"z/copy3.txt", "z/copy17.txt", "z/copy26.txt"}
+    assert [s["sha256"] for s in merged["shards"]] == [s["sha256"] for s in single["shards"]]

@@ -23,6 +23,11 @@ def test_tp2_matches_tp1(tmp_path, shards, baseline, zero_stage):
     q, out, down = "stages.0.layers.0.attn.to_q.weight", "stages.0.layers.0.attn.to_out.weight", \
         "stages.0.layers.0.ff.down_proj.weight"
     full = load_file(str(run / "model.safetensors"))
+    # the checkpoint's slices merged offline, in this process, with weights-only loads
+    from terrabyte.pretrain.checkpoint import load_state
+
+    _, consolidated = load_state(run / "checkpoints")
+    assert set(consolidated) == set(full) and all(torch.equal(consolidated[k], full[k]) for k in full)
     assert full[q].shape == (2 * 16, 64) and full[out].shape == (64, 2 * 16)  # heads 2 x dim_head 16
     for tp_rank in (0, 1):
         if zero_stage == 1:

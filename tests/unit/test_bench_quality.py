@@ -31,7 +31,7 @@ def test_validation_set_is_the_trainers(shards):
 
 def test_terrabyte_alone_when_peer_missing(tmp_path, shards, capsys, caplog, monkeypatch):
     monkeypatch.setattr(bq, "megabyte_class", lambda: None)
-    args = _args(tmp_path, shards, "--steps", "3", "--seeds", "0,1", "--eval-interval", "2")
+    args = _args(tmp_path, shards, "--steps", "3", "--seeds", "0,1", "--eval-interval", "2", "--baselines", "megabyte")
     with caplog.at_level("WARNING"):
         assert bq.run(args) == 0
     assert bq.PEER_INSTALL in caplog.text
@@ -55,7 +55,7 @@ def test_merge_prints_one_table_of_both_runs(tmp_path, shards, capsys, monkeypat
         parser = argparse.ArgumentParser()
         bq.add_arguments(parser)
         args = parser.parse_args(["--dir", str(tmp_path / seed), "--threads", "1", "--steps", "2", "--seeds", seed,
-                                  "--", "--data.path", str(shards), *SMALL])
+                                  "--no-baseline", "--", "--data.path", str(shards), *SMALL])
         assert bq.run(args) == 0
     capsys.readouterr()
     parser = argparse.ArgumentParser()
@@ -73,23 +73,74 @@ def test_same_seed_same_numbers(tmp_path, shards, monkeypatch):
     monkeypatch.setattr(bq, "megabyte_class", lambda: None)
     cfg = bq._with(bq.load_config("tiny", ["--data.path", str(shards), *SMALL]), train={"steps": 2})
     val = bq.validation_batches(cfg, str(shards))
-    first = bq.run_seed(cfg, str(shards), 3, baseline=False, equal_time=False, eval_interval=1, val=val)
-    second = bq.run_seed(cfg, str(shards), 3, baseline=False, equal_time=False, eval_interval=1, val=val)
+    first = bq.run_seed(cfg, str(shards), 3, bq.Baselines(), eval_interval=1, val=val)
+    second = bq.run_seed(cfg, str(shards), 3, bq.Baselines(), eval_interval=1, val=val)
     assert first.final_bpb == second.final_bpb
     assert [p[2] for p in first.curves["TerraByte"]] == [p[2] for p in second.curves["TerraByte"]]
 
 
 @pytest.mark.skipif(bq.megabyte_class() is None, reason="MEGABYTE-pytorch is not installed (optional peer)")
 def test_both_models_and_equal_time(tmp_path, shards, capsys):
-    assert bq.run(_args(tmp_path, shards, "--steps", "2", "--seeds", "0")) == 0
+    assert bq.run(_args(tmp_path, shards, "--steps", "2", "--seeds", "0", "--baselines", "megabyte")) == 0
     out = capsys.readouterr().out
     assert "| TerraByte" in out and "| MEGABYTE-pytorch" in out and "equal wall-clock" in out
     (result,) = json.loads((tmp_path / "work" / "quality.json").read_text())
-    budget, _ = result["equal_time"]["TerraByte"]
-    ratio = result["seconds_per_step"]["MEGABYTE-pytorch"] / result["seconds_per_step"]["TerraByte"]
+    budget, _ = result["equal_time"]["MEGABYTE-pytorch"]
+    ratio = result["seconds_per_step"]["TerraByte"] / result["seconds_per_step"]["MEGABYTE-pytorch"]
     assert budget == max(1, round(2 * ratio))
+    assert result["equal_time"]["TerraByte"][0] == 2
 
 
 def test_bad_seeds_name_the_flag(tmp_path, shards):
     with pytest.raises(bq.ConfigError, match="--seeds"):
         bq.run(_args(tmp_path, shards, "--seeds", "a,b"))
+
+
+def test_flat_and_bpe_baselines_at_equal_steps_time_and_flops(tmp_path, shards, capsys):
+    args = _args(tmp_path, shards, "--steps", "2", "--seeds", "0", "--baselines", "bytes,bpe", "--bpe-vocab", "300",
+                 "--baseline-dim", "16", "--baseline-depth", "1")
+    assert bq.run(args) == 0
+    out = capsys.readouterr().out
+    assert "| byte GPT" in out and "| BPE GPT" in out and "300-token byte-level BPE" in out
+    assert "TerraByte - BPE GPT:" in out and "at equal FLOPs" in out
+    (result,) = json.loads((tmp_path / "work" / "quality.json").read_text())
+    flops = result["flops_per_step"]
+    assert all(f > 0 for f in flops.values())
+    for name in ("byte GPT", "BPE GPT"):
+        steps, bpb = result["equal_flops"][name]
+        assert steps == max(1, round(2 * flops["TerraByte"] / flops[name]))
+        assert math.isfinite(bpb)
+        steps, _ = result["equal_time"][name]
+        assert steps == max(1, round(2 * result["seconds_per_step"]["TerraByte"] / result["seconds_per_step"][name]))
+    assert result["equal_flops"]["TerraByte"] == [2, result["final_bpb"]["TerraByte"]]
+
+
+def test_bpe_tokens_are_lossless_and_scored_over_the_same_bytes():
+    from terrabyte.data_pipeline.vocab import BYTES
+    from terrabyte.pretrain.bench_baselines import BytePairTokens
+
+    rng = torch.Generator().manual_seed(0)
+    docs = [bytes(torch.randint(0, 256, (int(n),), generator=rng).tolist()) for n in torch.randint(1, 40, (30,), generator=rng)]
+    docs += [b"def f(x):\n    return x\n" * 5, "caf\u00e9 \u2603".encode(), b"\xff\xfe\x00 bad utf-8 \x80"]
+    tokens = BytePairTokens(docs, 320)
+    for doc in docs:
+        assert tokens.decode(tokens.encode(doc)) == doc
+    # a packed row: two documents cut by EOS, the last one running into PAD
+    row = list(docs[-3]) + [BYTES.eos_id] + list(docs[-2]) + [BYTES.pad_id] * 5
+    (ids,) = tokens.encode_rows(torch.tensor([row]), BYTES).tolist()
+    eos = ids.index(tokens.vocab.eos_id)
+    assert tokens.decode(ids[:eos]) == docs[-3]
+    assert tokens.decode([t for t in ids[eos + 1:] if t != tokens.vocab.pad_id]) == docs[-2]
+
+
+def test_flop_count_is_three_forward_matmuls():
+    from terrabyte.pretrain.bench_baselines import TokenGPT, train_step_flops
+
+    b, n, dim, depth, vocab = 2, 12, 32, 2, 256
+    model = TokenGPT(num_tokens=vocab, dim=dim, depth=depth, max_len=n, dim_head=16)
+    x = torch.randint(0, vocab, (b, n))
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = depth * 2 * (2 * b * n * n * dim)  # q @ k^T and probs @ v over all heads (math path: n <= 16)
+    forward = 2 * b * n * linear + attention
+    assert train_step_flops(model, bq._terrabyte_nats, [x], vocab) == 3 * forward
+    assert all(p.grad is None for p in model.parameters())

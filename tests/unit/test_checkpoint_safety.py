@@ -78,12 +78,24 @@ def test_damaged_checkpoint_names_the_file_or_falls_back(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="terrabyte.pretrain.checkpoint"):
         assert ckpt.choose_checkpoint(root, fallback=True) == "step2"
     assert "resuming from" in caplog.text and "step2" in caplog.text and "optim_states.pt" in caplog.text
+    # the damaged one is set aside (kept, never pruned) and latest moved to the one resumed, so the
+    # run saves that step again
+    assert (root / "latest").read_text() == "step2"
+    aside = [p.name for p in root.iterdir() if p.name.startswith("step4.damaged-")]
+    assert len(aside) == 1 and (root / aside[0] / victim.name).read_bytes() == bytes(data)
+    assert "set the damaged checkpoint aside" in caplog.text and aside[0] in caplog.text
+    save(root, 4)
+    for step in (6, 8):
+        save(root, step, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == sorted(["latest", "step6", "step8", aside[0]])
     # latest pointing nowhere: one line, or the newest intact one
     (root / "latest").write_text("step9")
     with pytest.raises(CheckpointError, match="points to 'step9', which does not exist"):
         ckpt.choose_checkpoint(root, fallback=False)
-    assert ckpt.choose_checkpoint(root, fallback=True) == "step2"
-    (root / "step2" / "mp_rank_00_model_states.pt").unlink()
+    assert ckpt.choose_checkpoint(root, fallback=True) == "step8"
+    assert (root / "latest").read_text() == "step8"
+    for step in (6, 8):
+        (root / f"step{step}" / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(CheckpointError, match="no intact earlier checkpoint"):
         ckpt.choose_checkpoint(root, fallback=True)
 
@@ -195,7 +207,8 @@ def test_tensors_only_loads_forces_weights_only(tmp_path, monkeypatch):
     path = tmp_path / "evil.pt"
     torch.save({"x": Evil()}, path)
     with ckpt.tensors_only_loads():
-        with pytest.raises(Exception, match="Weights only load failed"):
+        with pytest.raises(CheckpointError, match=f"checkpoint file {path} holds pickled objects besides tensors.*"
+                                                  f"--trust-checkpoint"):
             torch.load(path, weights_only=False)
     torch.save({"w": torch.ones(2)}, path)
     with ckpt.tensors_only_loads():

@@ -136,3 +136,64 @@ def test_start_up_stops_when_the_context_cannot_fit(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("terrabyte: error")]
     assert len(lines) == 1 and "cpu memory" in lines[0] and "GiB available" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "run" / "data").exists()  # stopped before building the default corpus
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--optim.lr", "nan"], "config key optim.lr expects a finite number, got nan"),
+    (["--optim.lr", ".inf"], "config key optim.lr expects a finite number, got inf"),
+    (["--optim.lr", "1e400"], "config key optim.lr expects a finite number"),
+    (["--optim.lr", "-0.1"], "config key optim.lr must be positive, got -0.1"),
+    (["--train.grad_clip", "nan"], "config key train.grad_clip expects a finite number, got nan"),
+    (["--train.grad_clip", "-1"], "config key train.grad_clip must be at least 0, got -1.0"),
+    (["--optim.warmup_steps", "-5"], "config key optim.warmup_steps must be at least 0, got -5"),
+    (["--optim.beta1", "5"], "config key optim.beta1 must be at least 0 and below 1, got 5.0"),
+    (["--optim.beta2", "1"], "config key optim.beta2 must be at least 0 and below 1, got 1.0"),
+    (["--optim.eps", "0"], "config key optim.eps must be positive, got 0.0"),
+    (["--optim.weight_decay", "-0.1"], "config key optim.weight_decay must be at least 0"),
+    (["--optim.min_lr_ratio", "2"], "config key optim.min_lr_ratio must be at least 0 and at most 1, got 2.0"),
+    (["--model.attn_dropout", "1"], "config key model.attn_dropout must be at least 0 and below 1"),
+    (["--model.dim", "0,64"], "config key model.dim must be positive, got 0"),
+    (["--model.heads", "-2"], "config key model.heads must be positive, got -2"),
+    (["--model.ff_mult", "0"], "config key model.ff_mult must be positive"),
+    (["--data.num_workers", "-1"], "config key data.num_workers must be at least 0, got -1"),
+    (["--run.seed", "-1"], "config key run.seed must be at least 0"),
+    (["--logging.peak_tflops", "-3"], "config key logging.peak_tflops must be positive"),
+    (["--logging.level", "loud"], "config key logging.level must be one of DEBUG, INFO"),
+    (["--model.dim", "64,["], "config key model.dim: '[' is not a value"),
+    (["--model.rotary", "[1,"], "config key model.rotary: '[1,' is not a value"),
+    (["--model.attention", "{a: [}"], "config key model.attention: '{a: [}' is not a value"),
+])
+def test_numbers_out_of_range_and_malformed_values_are_one_line(override, message):
+    with pytest.raises(ValueError) as info:
+        load_config("tiny", override)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_random_overrides_give_a_config_or_one_line():
+    """Any key of the tree with any text: a valid config, or one ConfigError line; never another exception."""
+    import dataclasses
+
+    hypothesis = pytest.importorskip("hypothesis", reason="in the dev extra: pip install -e .[dev]")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from terrabyte.data_pipeline.errors import ConfigError
+    from terrabyte.pretrain.args import Config
+
+    keys = [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+            for f in dataclasses.fields(section.default_factory())]
+    tricky = st.sampled_from(["nan", "-nan", ".inf", "-.inf", "1e400", "-1", "0", "0.5", "1", "2", "1.0e-3", "true",
+                              "no", "null", "~", "", "[", "{", "[1,", "1,2", "1,[", "a: b: c", "[[[[[[[[", "'",
+                              "!!python/object:os.system", "- 1", "99999999999999999999999", "0x10", "1_000",
+                              "2001-01-01", "[1, 2]", "{kind: sparse, pattern: 5}", "[null, {kind: x}]",
+                              "[" * 2000 + "]" * 2000, "\x00", "é", "1\n2"])
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(key=st.sampled_from(keys), value=st.one_of(tricky, st.text(max_size=12)))
+    def check(key, value):
+        try:
+            load_config("tiny", [f"--{key}", value])
+        except ConfigError as exc:
+            assert str(exc).strip() and "\n" not in str(exc), (key, value, str(exc))
+
+    check()

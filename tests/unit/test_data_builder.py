@@ -209,8 +209,10 @@ def test_unreadable_file_names_the_path(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "ok.txt").write_bytes(b"fine")
     os.symlink(tmp_path / "gone", tmp_path / "c" / "dangling.txt")
-    with pytest.raises(OSError, match="dangling.txt"):
-        build_shards([str(tmp_path / "c")], str(tmp_path / "out"), progress=False)
+    with pytest.raises(OSError, match="dangling.txt"):  # links are read only with follow_symlinks
+        build_shards([str(tmp_path / "c")], str(tmp_path / "out"), follow_symlinks=True, progress=False)
+    man = build_shards([str(tmp_path / "c")], str(tmp_path / "out"), progress=False)
+    assert man["stats"]["skipped_links"] == 1 and man["totals"]["all"]["documents"] == 1
 
 
 def test_failure_mid_build_leaves_no_manifest(corpus, tmp_path, monkeypatch):
@@ -218,18 +220,20 @@ def test_failure_mid_build_leaves_no_manifest(corpus, tmp_path, monkeypatch):
     out = tmp_path / "s"
     build_shards([str(src)], str(out), member_bytes=MEMBER, progress=False)
     assert (out / "manifest.json").exists()
+    before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
     real = readers.read_file_bytes
 
-    def flaky(path):
+    def flaky(path, *args):
         if path.endswith("random.bin"):
             raise OSError(f"cannot read input file {path!r}: Input/output error")
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(readers, "read_file_bytes", flaky)
     # a different member size forces a real rebuild (the completion marker no longer matches)
     with pytest.raises(OSError, match="random.bin"):
         build_shards([str(src)], str(out), member_bytes=2 * MEMBER, progress=False)
-    assert not (out / "manifest.json").exists()  # the old manifest no longer vouches for the dir
+    # the previous build is left as it was: its manifest still vouches for its own shards
+    assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     # on_error="skip" builds the rest and counts the skipped input
     man = build_shards([str(src)], str(out), member_bytes=2 * MEMBER, on_error="skip", progress=False)

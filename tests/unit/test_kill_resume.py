@@ -195,3 +195,32 @@ def test_stale_export_is_not_used_and_checkpoints_load_weights_only(straight, tm
     for name in final:
         assert torch.equal(state[name], final[name]), name
     assert any(not torch.equal(at_step6[n], final[n]) for n in final)
+
+
+def test_fallback_sets_a_damaged_checkpoint_aside_and_finishes_the_run(straight, tmp_path, shards):
+    """4 bytes flipped in the newest checkpoint's optimizer state: --checkpoint.fallback true resumes
+    from the one before, saves the damaged step's number again and ends where the uninterrupted run did."""
+    import shutil
+
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    shutil.copytree(straight, run)
+    (run / "model.safetensors").unlink()  # only the checkpoints are left to resume from
+    victim = next((run / "checkpoints" / f"step{STEPS}").glob("*optim_states.pt"))
+    data = bytearray(victim.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    victim.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "terrabyte.pretrain", *ARGS, "--data.path", str(shards),
+                           "--run.dir", str(run), "--checkpoint.fallback", "true"],
+                          stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env(), timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert f"resumed from step {STEPS - 2}" in text and "set the damaged checkpoint aside" in text
+    assert latest(run) == f"step{STEPS}"
+    aside = list((run / "checkpoints").glob(f"step{STEPS}.damaged-*"))
+    assert len(aside) == 1 and (aside[0] / victim.name).read_bytes() == bytes(data)
+    a, b = weights(straight / "model.safetensors"), weights(run / "model.safetensors")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert last_loss(run) == last_loss(straight)
