@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each read measurement (best kept)")
     parser.add_argument("--workdir", default=None, help="where to build shards (default: a temporary directory)")
     parser.add_argument("--save", action="store_true", help="append the results to data_pipeline/BENCHMARKS.md")
+    parser.add_argument("--sources", type=int, default=0, metavar="K",
+                        help="also measure a data.sources mixture: the corpus's files dealt round-robin into K "
+                             "shard directories, mixed with weights by size, against zstd on their members")
 
 
 def _best(f, repeats):
@@ -94,14 +97,76 @@ def bench_plain_zstd(path: str) -> int:
     return total
 
 
-def bench_loader(path: str, args, workers: int, dtype: str = "int64") -> int:
-    """`args.epochs` full epochs of packed batches; returns tokens delivered."""
+def zstd_cli_frames(paths: list[str], out: str) -> list[str]:
+    """Every train member's zstd frame of the builds at `paths`, concatenated into one file per
+    build (`zstd -d` reads concatenated frames as one stream); returns the `zstd -d` commands."""
+    from . import stages
+    from .manifest import DICT_FILE, file_url, load_manifest, shard_list
+
+    commands = []
+    for k, path in enumerate(paths):
+        man = load_manifest(path)
+        table = stages.member_table(shard_list(man, "train"))
+        files = stages.ShardFiles()
+        target = f"{out}.{k}.zst"
+        with open(target, "wb") as f:
+            for i in range(len(table)):
+                url = table.urls[table.shard[i]]
+                f.write(files.pread(url, int(table.cols["zst_offset"][i]), int(table.cols["zst_size"][i])))
+        files.close()
+        info = man.get("zstd_dict")
+        dictionary = ["-D", file_url(man, info.get("path", DICT_FILE))] if info else []
+        commands.append(["zstd", "-d", "-q", "-c", *dictionary, target])
+    return commands
+
+
+def bench_zstd_cli(commands: list[list[str]], cpu: list) -> int:
+    """Runs each `zstd -d` into /dev/null; returns raw bytes (from the manifests' index) and
+    appends the CPU seconds the zstd processes took to `cpu`."""
+    import resource
+    import subprocess
+
+    def children():
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    before = children()
+    for cmd in commands:
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+    cpu.append(children() - before)
+    return 0
+
+
+def split_build(inputs, include, exclude, workdir: str, k: int, zstd_level: int) -> list[str]:
+    """The corpus's files dealt round-robin (sorted) into k directories, each built into its own
+    shard directory, as separately built corpora are; returns the shard directories."""
+    from . import readers
+    from .builder import build_shards
+
+    files = [src for src in readers.discover_sources(inputs, include or (), exclude or ()) if src.kind == "file"]
+    paths = []
+    for part in range(k):
+        raw = os.path.join(workdir, f"part{part}")
+        for src in files[part::k]:
+            target = os.path.join(raw, src.name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(src.path, target)
+        paths.append(os.path.join(workdir, f"part{part}-shards"))
+        build_shards([raw], paths[-1], zstd_level=zstd_level, progress=False)
+    return paths
+
+
+def bench_loader(path, args, workers: int, dtype: str = "int64") -> int:
+    """`args.epochs` full epochs of packed batches (a Mixture in place of `path`: a MixtureLoader's
+    epochs, as many sequences as its sources hold); returns tokens delivered."""
     import torch
 
     from .loader import ByteLoader
+    from .mixture import Mixture, MixtureLoader
 
-    loader = ByteLoader(path, seq_len=args.seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
-                        num_workers=workers, dtype=getattr(torch, dtype))
+    loader = (MixtureLoader if isinstance(path, Mixture) else ByteLoader)(
+        path, seq_len=args.seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
+        num_workers=workers, dtype=getattr(torch, dtype))
     it = iter(loader)
     tokens = 0
     for _ in range(len(loader) * args.epochs):
@@ -160,7 +225,25 @@ def run(args) -> int:
         raw_all = man["totals"]["all"]["raw_bytes"]
         reads = {(w, d): (lambda w=w, d=d: bench_loader(shard_dir, args, w, d))
                  for d in args.dtypes for w in args.num_workers}
-        loads = _best_interleaved({"zstd": lambda: bench_plain_zstd(shard_dir), **reads}, args.repeats)
+        fs = {"zstd": lambda: bench_plain_zstd(shard_dir), **reads}
+        cli = {"one": [shard_dir]}
+        if args.sources:
+            from .manifest import load_manifest
+            from .mixture import parse_mixture
+
+            parts = split_build(inputs, include, exclude, workdir, args.sources, args.zstd_level)
+            mixture = parse_mixture([{"name": f"part{k}", "path": p, "weight":
+                                      load_manifest(p)["totals"]["train"]["raw_bytes"]} for k, p in enumerate(parts)])
+            fs["zstd-mix"] = lambda: sum(bench_plain_zstd(p) for p in parts)
+            fs.update({("mix", w, d): (lambda w=w, d=d: bench_loader(mixture, args, w, d))
+                       for d in args.dtypes for w in args.num_workers})
+            cli["mix"] = parts
+        cli_cpu: dict = {}
+        if shutil.which("zstd"):  # the zstd command line tool on the same members, when installed
+            for key, paths in cli.items():
+                commands, cli_cpu[key] = zstd_cli_frames(paths, os.path.join(workdir, f"frames-{key}")), []
+                fs[f"cli-{key}"] = lambda c=commands, t=cli_cpu[key]: bench_zstd_cli(c, t)
+        loads = _best_interleaved(fs, args.repeats)
         zstd_s, zstd_c, raw_train = loads.pop("zstd")
         mds = bench_streaming(inputs, include, exclude, workdir, args.repeats)
     finally:
@@ -174,12 +257,39 @@ def run(args) -> int:
         ("plain zstd decompress", raw_train / zstd_s / mb, raw_train / zstd_c / mb,
          f"{raw_train / mb:.1f} MB, all train members"),
     ]
-    for (w, d), (loader_s, loader_c, tokens) in loads.items():
+    ceilings = {"one": (raw_train / zstd_s / mb, raw_train / zstd_c / mb)}
+    if args.sources:
+        mix_s, mix_c, raw_mix = loads.pop("zstd-mix")
+        ceilings["mix"] = (raw_mix / mix_s / mb, raw_mix / mix_c / mb)
+    for key in cli_cpu:  # zstd -d: wall time, and the CPU time of the zstd processes
+        wall_s = loads.pop(f"cli-{key}")[0]
+        raw = raw_train if key == "one" else raw_mix
+        cli_rate = (raw / wall_s / mb, raw / min(cli_cpu[key]) / mb)
+        rows.append((f"zstd -d (command line){'' if key == 'one' else f', {args.sources} sources'}", *cli_rate,
+                     "the same train members, their frames concatenated into one file per build"))
+        ceilings[f"cli-{key}"] = cli_rate
+    if args.sources:
+        rows.append((f"plain zstd decompress, {args.sources} sources", *ceilings["mix"],
+                     f"{raw_mix / mb:.1f} MB, all train members of the {args.sources} builds"))
+
+    def versus(key, wall, cpu):
+        cpu_cli = ceilings.get(f"cli-{key}")
+        return (f"{100 * wall / ceilings[key][0]:.0f}% of plain zstd (wall), {100 * cpu / ceilings[key][1]:.0f}% (CPU)"
+                + (f"; {100 * cpu / cpu_cli[1]:.0f}% of zstd -d (CPU)" if cpu_cli else ""))
+
+    one_source = {}
+    for key, (loader_s, loader_c, tokens) in loads.items():
+        mixed = key[0] == "mix"
+        w, d = key[-2:]
         wall, cpu = tokens / loader_s / mb, tokens / loader_c / mb
-        rows.append((f"ByteLoader {d}, {args.epochs} epoch(s) (seq {args.seq_len}, batch {args.global_batch}/"
-                     f"{args.micro_batch}, {w} prefetch threads)", wall, cpu,
-                     f"{tokens / mb:.1f} M tokens ({d}); {100 * wall / (raw_train / zstd_s / mb):.0f}% of plain "
-                     f"zstd (wall), {100 * cpu / (raw_train / zstd_c / mb):.0f}% (CPU)"))
+        name = f"{args.sources}-source MixtureLoader" if mixed else "ByteLoader"
+        note = f"{tokens / mb:.1f} M tokens ({d}); {versus('mix' if mixed else 'one', wall, cpu)}"
+        if mixed:
+            note += f"; {100 * cpu / one_source[(w, d)]:.0f}% of one source's MB/s (CPU)"
+        else:
+            one_source[(w, d)] = cpu
+        rows.append((f"{name} {d}, {args.epochs} epoch(s) (seq {args.seq_len}, batch {args.global_batch}/"
+                     f"{args.micro_batch}, {w} prefetch threads)", wall, cpu, note))
     if mds is not None:
         w, r, n = mds
         rows.append(("mosaicml-streaming MDSWriter (zstd:3)", n / w / mb, float("nan"), f"{n / mb:.1f} MB"))

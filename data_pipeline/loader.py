@@ -342,34 +342,32 @@ class ByteLoader:
         wide = {torch.int64: np.int64, torch.int32: np.int32}.get(self.dtype)
         while generation == self._generation:
             epoch, step0, micro0 = self._epoch, self._step, self._micro
-            order, cum = self._epoch_stream(epoch)
-            lane_list, steps = stages.lanes(self.total_tokens, B, L)
-            mine = lane_list[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-            with self._cache_lock:
-                self._held.clear()
-            readers, firsts = [], []
-            for j, lane in enumerate(mine):
-                first = step0 + (1 if j // m < micro0 else 0)  # lanes of micro-batches already yielded
-                firsts.append(first)
-                readers.append(self._range_reader(order, cum, lane.start, lane.stop, epoch,
-                                                  hold_first=(j > 0 and first == 0), delivered=first * L))
+            # lanes of micro-batches already yielded at step0 start one step later
+            firsts = [step0 + (1 if j // m < micro0 else 0) for j in range(per_rank)]
+            readers, steps = self._open_epoch(epoch, firsts)
             for b0 in range(step0, steps, block_steps):
                 nb = min(block_steps, steps - b0)
                 if fresh:
                     lanebuf = stages.fresh_buffer(per_rank * L).reshape(per_rank, 1, L)
-                marks, filled = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
+                marks, rowlen, slots = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
                 eos, bounds = _batch_eos(marks, nb, m, L)
+                any_short = bool((rowlen < L).any())  # (never in a block without skipped members)
+                if slots is not None:  # row of lanebuf's (lane, slot) rows where each (lane, step) sits
+                    flat = slots + np.arange(per_rank, dtype=np.int64)[:, None] * lanebuf.shape[1]
                 for s in range(nb):
                     g = b0 + s
                     for k in range(micro0 if g == step0 else 0, A):
                         if generation != self._generation:
                             return
-                        rows = lanebuf[k * m:(k + 1) * m, s]
+                        if slots is None:
+                            rows = lanebuf[k * m:(k + 1) * m, s]
+                        else:  # the lane's rows sit grouped by source: one gather (a copy, as below)
+                            rows = lanebuf.reshape(-1, L).take(flat[k * m:(k + 1) * m, s], axis=0)
                         q = s * A + k
                         where = eos[bounds[q]:bounds[q + 1]]
                         # a lane that skipped members ran short: the rest of it is padding
-                        lengths = np.clip(filled[k * m:(k + 1) * m] - s * L, 0, L)
-                        short = bool((lengths < L).any())
+                        lengths = rowlen[k * m:(k + 1) * m, s]
+                        short = any_short and bool((lengths < L).any())
                         if wide is not None:  # int64/int32 ids widened on the host: cast, then EOS in
                             ids = rows.astype(wide)
                             ids.reshape(-1)[where] = self.eos_id
@@ -377,16 +375,30 @@ class ByteLoader:
                                 ids[np.arange(L)[None, :] >= lengths[:, None]] = self.pad_id
                             batch = torch.from_numpy(ids)
                         else:
-                            batch = ByteBatch(torch.from_numpy(rows if fresh else rows.copy()), torch.from_numpy(where),
+                            batch = ByteBatch(torch.from_numpy(rows if fresh or slots is not None else rows.copy()),
+                                              torch.from_numpy(where),
                                               torch.from_numpy(lengths) if short else None, self.eos_id, self.pad_id)
                         self._advance(A, steps)  # before yield: state = batches handed out
                         yield batch
 
+    def _open_epoch(self, epoch: int, firsts: list) -> tuple[list, int]:
+        """This rank's lane readers for `epoch`, lane j from its step firsts[j] on; and steps per epoch."""
+        order, cum = self._epoch_stream(epoch)
+        lane_list, steps = stages.lanes(self.total_tokens, self.global_batch, self.seq_len)
+        per_rank = len(firsts)
+        mine = lane_list[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        with self._cache_lock:
+            self._held.clear()
+        return [self._range_reader(order, cum, lane.start, lane.stop, epoch, hold_first=(j > 0 and first == 0),
+                                   delivered=first * self.seq_len)
+                for j, (lane, first) in enumerate(zip(mine, firsts))], steps
+
     def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int):
         """Steps [b0, b0+nb) of every lane into lanebuf[lane, :nb]; steps before firsts[j] (micro-batches
         yielded before a resume) are left unwritten. Returns each lane's EOS positions in the block
-        (ascending int64 arrays, lane-block coordinates step * seq_len + column) and where each lane's
-        data ends in the block (short only for a lane that skipped corrupt members)."""
+        (ascending int64 arrays, lane-block coordinates step * seq_len + column), the data tokens of
+        each (lane, step) row (fewer than seq_len only for a lane that skipped corrupt members), and
+        None: each step's row is where it belongs (a mixture's rows are not, `mixture.py`)."""
         L = self.seq_len
         lanes = lanebuf.reshape(len(readers), -1)  # each lane's steps back to back
         marks, filled = [], np.full(len(readers), nb * L, dtype=np.int64)
@@ -400,7 +412,7 @@ class ByteLoader:
                                     f"step {b0 + nb}: shards changed since the manifest was written?")
                 filled[j] = s0 * L + got
             marks.append(np.asarray(eos, dtype=np.int64) + s0 * L)
-        return marks, filled
+        return marks, np.clip(filled[:, None] - np.arange(nb, dtype=np.int64) * L, 0, L), None
 
     def _iter_eval(self, generation: int):
         m, L = self.micro_batch, self.seq_len

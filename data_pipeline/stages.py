@@ -583,8 +583,9 @@ class TokenReader:
             self._within = t - cur.starts[self._seg]  # == lengths[seg] means "at its EOS"
             return
 
-    def fill(self, out: np.ndarray, eos_at: list | None = None) -> int:
-        """Writes up to len(out) tokens into out; returns how many (fewer only at the end)."""
+    def fill(self, out: np.ndarray, eos_at: list | None = None, base: int = 0) -> int:
+        """Writes up to len(out) tokens into out; returns how many (fewer only at the end). EOS
+        positions go into `eos_at` plus `base` (where `out` starts in the caller's buffer)."""
         # Hot loop (once per row per lane): locals only, one slice copy per document piece.
         want = len(out)
         if self.remaining < want:
@@ -609,7 +610,7 @@ class TokenReader:
                         if eos_at is None:
                             out[mk + (pos - o)] = self.eos_id
                         else:
-                            eos_at.extend((mk + (pos - o)).tolist())
+                            eos_at.extend((mk + (base + pos - o)).tolist())
                 pos += take
                 w += take
                 if w < n:
@@ -621,7 +622,7 @@ class TokenReader:
                     out[pos] = self.eos_id
                 else:
                     out[pos] = 0
-                    eos_at.append(pos)
+                    eos_at.append(base + pos)
                 pos += 1
             i, w = i + 1, 0
         self._seg, self._within = i, w

@@ -89,6 +89,14 @@ class DataConfig:
     max_member_bytes: int = 64 << 20
     """A shard member that would decompress past this many bytes (or past the size the manifest
     records for it) is refused as corrupt, before it is expanded."""
+    sources: Optional[list] = None
+    """Several shard directories mixed by weight, instead of ``path``: ``[{name, path, weight}, ...]``.
+    Each sequence's source is drawn by weight; a small source loops on its own; weight 0 keeps a
+    source for validation only. Each source's validation split is scored and logged as
+    ``val/<name>/bpb``; ``val/bits_per_byte`` is their weighted total."""
+    schedule: Optional[list] = None
+    """With ``sources``: ``[{step, weights: {name: weight}}, ...]``, new weights from each step on
+    (sources not named keep theirs)."""
 
 
 @dataclass
@@ -475,6 +483,15 @@ def validate(cfg: Config) -> None:
     _choice(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
     _choice(cfg.data.on_error, ("raise", "skip"), "data.on_error")
     _positive(cfg.data.max_member_bytes, "data.max_member_bytes")
+    if cfg.data.sources is not None:
+        if cfg.data.path:
+            raise ConfigError("config keys data.path and data.sources exclude each other: give one shard directory "
+                              "(data.path) or several (data.sources)")
+        from terrabyte.data_pipeline.mixture import parse_mixture
+
+        parse_mixture(cfg.data.sources, cfg.data.schedule)
+    elif cfg.data.schedule is not None:
+        raise ConfigError("config key data.schedule needs data.sources (the weights it changes)")
     _positive(cfg.train.max_nonfinite_steps, "train.max_nonfinite_steps")
     validate_parallel(cfg)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -192,7 +193,9 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint folder or .safetensors file")
     add_trust_argument(parser)
-    parser.add_argument("--data", nargs="+", default=None, help="shard directories and/or raw files or directories")
+    parser.add_argument("--data", nargs="+", action="extend", default=None, metavar="[NAME=]PATH",
+                        help="shard directories and/or raw files or directories (repeatable); several, or any "
+                             "NAME=PATH, are scored one source each: one row per source and their total")
     parser.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks instead of --data, comma "
                         "separated (needs the `eval` extra: pip install 'terrabyte[eval]')")
     parser.add_argument("--include-path", default=None, help="with --tasks: a directory of extra task YAMLs")
@@ -279,19 +282,69 @@ def plot_positions(report: dict, path: Path) -> bool:
     return True
 
 
+def named_sources(data: list[str]) -> dict[str, str] | None:
+    """``--data`` as {name: path} when it asks for one score per source (several entries, or any
+    ``NAME=PATH``), else None. An unnamed entry is named by its path."""
+    named = {}
+    for entry in data:
+        name, sep, path = entry.partition("=")
+        if not (sep and re.fullmatch(r"[\w.-]+", name) and not Path(entry).exists()):
+            name, path = entry, entry
+        if name in named:
+            raise ConfigError(f"--data names source {name!r} twice: give each NAME=PATH a different name")
+        named[name] = path
+    return named if len(named) > 1 or any(k != v for k, v in named.items()) else None
+
+
+def merge_reports(reports: dict[str, dict]) -> dict:
+    """The sources' reports as one: every byte counted once (bits per byte of all of them together)."""
+    parts = list(reports.values())
+    total = sum(r["bytes"] for r in parts)
+    out = dict(parts[0], documents=sum(r["documents"] for r in parts), bytes=total,
+               bits_per_byte=sum(r["bits_per_byte"] * r["bytes"] for r in parts) / total,
+               seconds=round(sum(r["seconds"] for r in parts), 3))
+    rows = []
+    for i, row in enumerate(parts[0]["by_position"]):
+        n = sum(r["by_position"][i]["bytes"] for r in parts)
+        bits = sum((r["by_position"][i]["bits_per_byte"] or 0) * r["by_position"][i]["bytes"] for r in parts)
+        rows.append(dict(row, bytes=n, bits_per_byte=bits / n if n else None))
+    out["by_position"] = rows
+    return out
+
+
+def source_table(reports: dict[str, dict], total: dict) -> str:
+    width = max(len("source"), *map(len, reports))
+    lines = [f"{'source':<{width}}  {'documents':>9}  {'bytes':>13}  bits_per_byte"]
+    for name, r in [*reports.items(), ("total", total)]:
+        lines.append(f"{name:<{width}}  {r['documents']:>9,}  {r['bytes']:>13,}  {r['bits_per_byte']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
 def run(args) -> int:
     from .inference import DTYPES, load_model, resolve_dtype
 
     if not args.data or getattr(args, "tasks", None):
         raise ConfigError("give --data (bits per byte of shards or files) or --tasks (lm-evaluation-harness), one of them")
+    sources = named_sources(args.data)
     dtype = resolve_dtype(args.dtype, args.device)
     model = load_model(args.checkpoint, args.device, DTYPES[dtype], args.trust_checkpoint)
-    report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes,
-                      args.context)
+    if sources is None:
+        report = evaluate(model, documents(args.data, args.split), args.mode, args.stride, args.batch, args.max_bytes,
+                          args.context)
+    else:  # one score per source (--max-bytes applies to each), then all of them together
+        per = {}
+        for name, path in sources.items():
+            try:
+                per[name] = evaluate(model, documents([path], args.split), args.mode, args.stride, args.batch,
+                                     args.max_bytes, args.context)
+            except (DataError, ConfigError) as exc:
+                raise type(exc)(f"--data {name}={path}: {exc}") from None
+        report = merge_reports(per)
+        report["sources"] = {name: dict(r, data=sources[name]) for name, r in per.items()}
     report.update(checkpoint=str(args.checkpoint), data=[str(d) for d in args.data], split=args.split,
                   dtype=dtype)
     text = json.dumps(report, indent=2)
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(text + "\n" if sources is None else source_table(per, report))
     if args.out:
         atomic_write(args.out, text + "\n")
     plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)

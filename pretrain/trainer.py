@@ -66,6 +66,24 @@ def resolve_data(cfg: Config, rank: int) -> Path | str:
     return target
 
 
+def resolve_sources(cfg: Config):
+    """``data.sources`` as a Mixture whose every source is a built shard directory, or None for one
+    source (``data.path``); a missing one is named in one line."""
+    if cfg.data.sources is None:
+        return None
+    from terrabyte.data_pipeline.mixture import parse_mixture
+
+    mixture = parse_mixture(cfg.data.sources, cfg.data.schedule)
+    for src in mixture.sources:
+        if src.path.startswith("pipe:") and not cfg.data.allow_pipe:
+            raise ConfigError(f"data source {src.name!r}: path {src.path!r} runs a shell command: set "
+                              "--data.allow_pipe true to allow it, or use a local path or http(s) URL")
+        if "://" not in src.path and not src.path.startswith("pipe:") and not (Path(src.path) / "manifest.json").is_file():
+            raise FileNotFoundError(f"data source {src.name!r}: {src.path} has no manifest.json (build shards with "
+                                    "`terrabyte shards build`)")
+    return mixture
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -88,7 +106,8 @@ class Trainer:
             # splits the states over data x sequence ranks, AutoTP over its peers
             zero = self.layout.dp * self.layout.sequence if cfg.parallel.zero_stage == 3 else 1
             check_fits(cfg, eng.compute_device(), zero * self.layout.tensor, self.layout.sequence, meta)
-        self.data_path = resolve_data(cfg, self.rank)
+        self.mixture = resolve_sources(cfg)
+        self.data_path = resolve_data(cfg, self.rank) if self.mixture is None else None
         self.model_config = cfg.model.kwargs()
         model = eng.build_model(cfg, self.layout)  # under ZeRO-3, partitioned as it is built
         self.flops_per_byte = sum(flops_per_byte(meta, cfg))
@@ -99,7 +118,9 @@ class Trainer:
         self.engine = eng.wrap(model, cfg, self.layout, universal=bool(self.resume and self.resume.universal))
         del model  # a pipeline stage keeps only its own layers
         self.train_loader = self._loader("train", loop=True)
-        self.val_batches = self._validation_batches()
+        # (source name, batches) per source: name None for a one-source run
+        self.val_sets = [(None, self._validation_batches(self.data_path))] if self.mixture is None else \
+            [(s.name, self._validation_batches(s.path, s.name)) for s in self.mixture.sources]
         self.metrics = MetricLogger(self.run_dir / "tensorboard", enabled=cfg.logging.tensorboard and self.rank == 0)
         self.step = 0
         self.bad_streak = 0  # steps in a row skipped for a non-finite loss
@@ -109,12 +130,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
 
-    def _loader(self, split: str, loop: bool, rank: int | None = None, world: int | None = None):
+    def _loader(self, split: str, loop: bool, rank: int | None = None, world: int | None = None, path=None):
         from terrabyte.data_pipeline.loader import ByteLoader
+        from terrabyte.data_pipeline.mixture import MixtureLoader
 
-        return ByteLoader(
-            str(self.data_path),
-            split=split,
+        mixed = path is None and self.mixture is not None
+        return (MixtureLoader if mixed else ByteLoader)(
+            self.mixture if mixed else str(path or self.data_path),
+            **({} if mixed else {"split": split, "loop": loop}),
             seq_len=self.cfg.model.seq_len,
             global_batch=self.cfg.train.global_batch,
             micro_batch=self.cfg.train.micro_batch,
@@ -123,7 +146,6 @@ class Trainer:
             seed=self.cfg.run.seed,
             num_workers=self.cfg.data.num_workers,
             vocab=self.vocab,
-            loop=loop,
             on_error=self.cfg.data.on_error,
             allow_pipe=self.cfg.data.allow_pipe,
             max_member_bytes=self.cfg.data.max_member_bytes,
@@ -131,20 +153,26 @@ class Trainer:
             dtype=torch.uint8,
         )
 
-    def _validation_batches(self) -> list[ByteBatch]:
-        """The first ``val_sequences`` validation sequences, dealt round-robin to data-parallel ranks.
+    def _validation_batches(self, path, name: str | None = None) -> list[ByteBatch]:
+        """The first ``val_sequences`` validation sequences of ``path``, dealt round-robin to data-parallel ranks.
 
         Every rank gets the same number of full micro-batches (padding with all-pad rows, which score
         nothing) because each forward under ZeRO-3 is a collective and a pipeline's shapes are fixed.
         """
         wanted = self.cfg.data.val_sequences
         rows: list[ByteBatch] = []
-        for batch in self._loader("val", loop=False, rank=0, world=1):
-            rows.extend(batch)
-            if len(rows) >= wanted:
-                break
+        try:
+            for batch in self._loader("val", loop=False, rank=0, world=1, path=path):
+                rows.extend(batch)
+                if len(rows) >= wanted:
+                    break
+        except (TerrabyteError, OSError) as e:
+            if name is None:
+                raise
+            raise type(e)(f"data source {name!r}: {e}") from None
         if not rows:
-            raise DataError(f"data {self.data_path} has no validation sequences (raise the builder's --val-fraction)")
+            what = f"data {path}" if name is None else f"data source {name!r} ({path})"
+            raise DataError(f"{what} has no validation sequences (raise the builder's --val-fraction)")
         rows = rows[:wanted]
         dp, mb = self.layout.dp, self.cfg.train.micro_batch
         mine = rows[self.layout.dp_rank :: dp]
@@ -204,16 +232,36 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Validation bits per byte over the fixed validation sequences, summed over ranks."""
+        """Validation bits per byte over the fixed validation sequences, summed over ranks; with
+        ``data.sources``, each source's (in ``self.val_by_source``) weighted by the weights that
+        apply at this step."""
         self.engine.eval()
-        nats, count = 0.0, 0
-        for x in self.val_batches:
-            batch_nats, batch_count = eng.score(self.engine, x.to_ids(self.device()), self.vocab.pad_id)
-            nats += batch_nats
-            count += batch_count
+        sums = []
+        for _, batches in self.val_sets:
+            nats, count = 0.0, 0
+            for x in batches:
+                batch_nats, batch_count = eng.score(self.engine, x.to_ids(self.device()), self.vocab.pad_id)
+                nats += batch_nats
+                count += batch_count
+            sums += [nats, count]
         self.engine.train()
-        nats, count = eng.all_reduce_sum([nats, count])
-        return bits_per_byte(nats / max(count, 1))
+        sums = eng.all_reduce_sum(sums)
+        bpb = [bits_per_byte(n / max(c, 1)) for n, c in zip(sums[::2], sums[1::2])]
+        self.val_by_source = {name: v for (name, _), v in zip(self.val_sets, bpb)}
+        if self.mixture is None:
+            return bpb[0]
+        return sum(w * v for w, v in zip(self.mixture.weights_at(self.step), bpb))
+
+    def _log_validation(self, value: float, note: str = "") -> None:
+        """The total into TensorBoard and the log, and each source's (one line each) under data.sources."""
+        values = {"val/bits_per_byte": value}
+        log.info("step %d%s: validation bits-per-byte %.4f%s", self.step, note, value,
+                 "" if self.mixture is None else " (weighted over data.sources)")
+        for name, v in self.val_by_source.items():
+            if name is not None:
+                values[f"val/{name}/bpb"] = v
+                log.info("step %d%s: validation bits-per-byte %.4f on data source %r", self.step, note, v, name)
+        self.metrics.scalars(self.step, values)
 
     @torch.no_grad()
     def sample(self) -> str | None:
@@ -285,9 +333,7 @@ class Trainer:
         last_val = None
         if self.initialised and self.step == 0:
             # where the trained weights start on this run's data: the fine-tuning baseline
-            start_val = self.evaluate()
-            self.metrics.scalars(0, {"val/bits_per_byte": start_val})
-            log.info("step 0 (--init-from %s): validation bits-per-byte %.4f", cfg.train.init_from, start_val)
+            self._log_validation(self.evaluate(), f" (--init-from {cfg.train.init_from})")
         window_start, window_bytes, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
         with logging_redirect_tqdm():
             while self.step < cfg.train.steps:
@@ -332,14 +378,15 @@ class Trainer:
                     skipped = getattr(self.train_loader, "skipped", None)
                     if skipped is not None:
                         values["data/skipped_members"] = skipped
+                    for name, epoch in getattr(self.train_loader, "source_epochs", {}).items():
+                        values[f"data/{name}/epoch"] = epoch  # how often a small source has looped
                     self.loader_wait = 0.0
                     self.metrics.scalars(self.step, values)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", bpb=f"{values['train/bits_per_byte']:.2f}")
                     window_start, window_bytes, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
                 if self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps:
                     last_val = self.evaluate()
-                    self.metrics.scalars(self.step, {"val/bits_per_byte": last_val})
-                    log.info("step %d: validation bits-per-byte %.4f", self.step, last_val)
+                    self._log_validation(last_val)
                     text = self.sample()
                     if text is not None:
                         self.metrics.text(self.step, "samples", cfg.train.sample_prompt + text)

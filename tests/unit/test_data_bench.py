@@ -1,5 +1,6 @@
 """`terrabyte bench data` on a tiny corpus: the table is produced and counts what it should."""
 import argparse
+import shutil
 
 from terrabyte.data_pipeline import bench
 
@@ -12,7 +13,8 @@ def test_bench_data_table(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--input", str(src), "--repeats", "1", "--epochs", "2", "--seq-len", "64",
-                              "--global-batch", "4", "--micro-batch", "2", "--num-workers", "0", "1"])
+                              "--global-batch", "4", "--micro-batch", "2", "--num-workers", "0", "1",
+                              "--sources", "3"])
     assert bench.run(args) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
@@ -21,6 +23,13 @@ def test_bench_data_table(tmp_path, capsys):
     loader_rows = [v for k, v in rows.items() if k.startswith("ByteLoader")]
     assert len(loader_rows) == 4  # uint8 and int64, 0 and 1 prefetch threads
     assert sum("(uint8)" in r for r in loader_rows) == 2
+    # the mixture of three separately built parts, beside one source and zstd on the same members
+    mixture_rows = [v for k, v in rows.items() if k.startswith("3-source MixtureLoader")]
+    assert len(mixture_rows) == 4 and all("of one source's MB/s" in r for r in mixture_rows)
+    assert "plain zstd decompress, 3 sources" in rows
+    if shutil.which("zstd"):
+        assert "zstd -d (command line)" in rows and "zstd -d (command line), 3 sources" in rows
+        assert all("of zstd -d (CPU)" in r for r in loader_rows + mixture_rows)
     from terrabyte.data_pipeline.builder import build_shards
     from terrabyte.data_pipeline.manifest import load_manifest
     from terrabyte.data_pipeline.loader import ByteLoader
