@@ -10,6 +10,7 @@ block being recomputed. Below the global stage activations are those of two chun
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -18,7 +19,9 @@ import torch
 from terrabyte.data_pipeline.errors import ConfigError
 
 from .args import Config
-from .model import TerraByte, block_activation_values
+from .model import TerraByte
+
+logger = logging.getLogger(__name__)
 
 
 def meta_model(cfg: Config) -> TerraByte:
@@ -94,20 +97,13 @@ def _bytes_per_value(cfg: Config) -> int:
 
 
 def global_activation_bytes(model: TerraByte, cfg: Config, sequence: int = 1) -> float:
-    """Stage 0 over a micro-batch: what autograd keeps for its blocks (each block's input alone with
-    checkpointing, plus one block being recomputed), and one chunk of its byte embeddings.
-    ``sequence``: the sequence-parallel degree; each rank keeps its own patches (Ulysses gives its
-    attention the whole sequence for a slice of the heads: the same share)."""
-    stage, mb = model.stages[0], cfg.train.micro_batch
-    tokens = mb * model.max_seq_len[0] // sequence
-    per_block = tokens * block_activation_values(stage)
-    if cfg.model.checkpoint_activations:
-        kept = tokens * stage.dim * stage.depth + per_block
-    else:
-        kept = per_block * stage.depth
-    rows = mb * model.patches_per_chunk(mb)
-    embedding = 3 * rows * model.unit_sizes[0] * model.dims[-1]  # byte embeddings, their gradient, levels
-    return (kept + tokens * stage.dim + embedding) * _bytes_per_value(cfg)
+    """Stage 0 over a micro-batch (``TerraByte.global_activation_bytes``): what autograd keeps for
+    its blocks (each block's input alone with checkpointing, plus one block being recomputed), and
+    one chunk of its byte embeddings. ``sequence``: the sequence-parallel degree; each rank keeps its
+    own patches (Ulysses gives its attention the whole sequence for a slice of the heads: the same
+    share)."""
+    return model.global_activation_bytes(cfg.train.micro_batch, bool(cfg.model.checkpoint_activations),
+                                         _bytes_per_value(cfg), sequence=sequence)
 
 
 def chunk_activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None) -> float:
@@ -152,11 +148,27 @@ def device_memory_bytes(device: torch.device) -> int:
 def check_fits(cfg: Config, device: torch.device, shards: int = 1, sequence: int = 1,
                model: TerraByte | None = None) -> None:
     """Stop before the model is built when one micro-batch cannot fit the device (ConfigError naming
-    the chunk size that would fit). ``shards``: ranks the model states are split over (ZeRO-3,
+    the chunk size that would fit). Where it would not fit as configured, activation checkpointing
+    is turned on, then (``model.chunk_bytes`` unset) the largest chunk that fits is chosen, both in
+    ``cfg``, before giving up. ``shards``: ranks the model states are split over (ZeRO-3,
     tensor parallelism); ``sequence``: ranks a sequence is split over (Ulysses); ``model``: the
     config's meta model, when the caller has one."""
     model = meta_model(cfg) if model is None else model
-    verdict = memory_verdict(model, cfg, device_memory_bytes(device), f"{device.type} memory", shards, sequence)
+    memory = device_memory_bytes(device)
+    verdict = memory_verdict(model, cfg, memory, f"{device.type} memory", shards, sequence)
+    if verdict is not None and not cfg.model.checkpoint_activations:
+        # what a user gets by default: checkpointing turned on where the step would not fit without
+        cfg.model.checkpoint_activations = True
+        verdict = memory_verdict(model, cfg, memory, f"{device.type} memory", shards, sequence)
+        logger.info("model.checkpoint_activations turned on: without it one micro-batch would not fit %.1f GiB of "
+                    "%s memory", memory / 2**30, device.type)
+    if verdict is not None and cfg.model.chunk_bytes is None:
+        fits = largest_chunk(model, cfg, memory, shards, sequence)
+        if fits is not None:
+            cfg.model.chunk_bytes = fits
+            logger.info("model.chunk_bytes set to %d: the automatic %d would not fit %.1f GiB of %s memory",
+                        fits, model.chunk_bytes, memory / 2**30, device.type)
+            return
     if verdict is not None:
         raise ConfigError(verdict)
 
