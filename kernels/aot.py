@@ -57,11 +57,8 @@ def _kernel(name: str):
 
 
 def _options(block: int, head_dim: int = 32) -> dict:
-    """Warps and stages as launched (``_launch_options``, whatever the interpreter setting)."""
-    sa = _module()
-    if sa._interpreting():
-        raise RuntimeError("kernels.aot needs the compiled kernels: unset TRITON_INTERPRET")
-    return sa._launch_options(block, head_dim)
+    """Warps and stages as a compiled launch uses them."""
+    return _module().compiled_options(block, head_dim)
 
 
 def variants(subset: bool = False) -> list[dict]:
@@ -199,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
+    if _module()._interpreting():
+        sys.stderr.write("terrabyte: error: kernels.aot compiles the kernels: unset TRITON_INTERPRET\n")
+        return 2
     started = time.monotonic()
     rows = run(args.arch, args.subset, args.jobs)
     failed = [r for r in rows if "error" in r]

@@ -84,13 +84,15 @@ TARGET_SPEED_CONTEXT, TARGET_SPEEDUP = 256 * KIB, 5.0
 GPU_CONFIG, GPU_LAST, GPU_STEP_CONTEXT = "long_1g", 64 * GIB, GIB
 ESTIMATE_CONTEXTS, ESTIMATE_TOLERANCE = "4M,16M", 0.25
 ESTIMATE_MODELS = ("tb_sparse", "tb_python")
+SWEEP_MODELS = "tb_sparse,tb_dense,megabyte"  # the default rows of the context sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default=DEFAULT_CONTEXTS,
                         help=f"comma-separated context lengths in bytes, K/M/G suffixes (default: {DEFAULT_CONTEXTS})")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated rows to measure (default: {','.join(MODELS)})")
+    parser.add_argument("--models", default=SWEEP_MODELS,
+                        help=f"comma-separated rows to measure, of {','.join(MODELS)} (default: {SWEEP_MODELS}; "
+                             f"--estimate: {','.join(ESTIMATE_MODELS)})")
     parser.add_argument("--time-cap", type=float, default=300.0,
                         help="seconds a step may take; a model that passes it stops there (default: 300)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -256,8 +258,8 @@ def measure_child(kind, cfg, context, device, threads, memory_limit_gb, queue) -
             seconds = min(seconds, time.perf_counter() - started)
         params = sum(p.numel() for p in model.parameters())
         queue.put(("done", {"seconds": seconds, "peak_bytes": _peak_bytes(device), "params": params,
-                            "base_bytes": base_bytes, "checkpoint": bool(model.checkpoint_activations),
-                            "chunk_bytes": model.chunk_bytes}))
+                            "base_bytes": base_bytes, "checkpoint": getattr(model, "checkpoint_activations", None),
+                            "chunk_bytes": getattr(model, "chunk_bytes", None)}))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status in the table
         status = "out of memory" if _is_out_of_memory(exc) else f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         queue.put(("failed", {"status": status, "peak_bytes": _peak_bytes(device)}))
@@ -477,7 +479,7 @@ def estimate_bytes(cfg: Config, checkpoint: bool, chunk_bytes: int | None, base_
 
 def with_estimate(row: dict, cfg: Config) -> dict:
     """The row with its estimate and the ratio measured / estimate (when it completed)."""
-    if row.get("status") == "ok" and row.get("peak_bytes"):
+    if row.get("status") == "ok" and row.get("peak_bytes") and row.get("checkpoint") is not None:
         est = estimate_bytes(cfg, row["checkpoint"], row["chunk_bytes"], row.get("base_bytes", 0))
         row.update(estimate_bytes=est, ratio=row["peak_bytes"] / est)
     return row
@@ -545,7 +547,7 @@ def run_estimate(args) -> int:
     header = {"machine": describe_machine(), "date": datetime.date.today().isoformat(), "threads": args.threads,
               "memory_limit_gb": limit, "contexts": contexts, "tolerance": ESTIMATE_TOLERANCE,
               "configs": {k: describe_model(k, model_config(base, k, contexts[0])) for k in ESTIMATE_MODELS}}
-    kinds = ESTIMATE_MODELS if args.models == ",".join(MODELS) else [
+    kinds = ESTIMATE_MODELS if args.models == SWEEP_MODELS else [
         k for k in parse_models(args.models) if k in ESTIMATE_MODELS] or list(ESTIMATE_MODELS)
     results = []
     for context in contexts:

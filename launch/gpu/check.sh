@@ -34,7 +34,7 @@ out="${OUT:-$repo/gpu_check_out}"
 [ "$mode" = cpu ] && out="${OUT:-$repo/gpu_check_cpu_out}"
 mkdir -p "$out"
 work="$(mktemp -d "${TMPDIR:-/tmp}/terrabyte_check.XXXXXX")"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 mode work
 budget_end=$((SECONDS + ${CHECK_BUDGET_S:-$([ "$mode" = cpu ] && echo 600 || echo 450)}))
 n=0
 title="GPU check ($mode) $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -59,6 +59,8 @@ step() {
     rc=200
     echo "skipped: the check's budget is spent" | tee "$work/${id}_${name}.log"
   else
+    # a shell function of this script runs in a child bash (timeout runs programs only)
+    if declare -F "$1" > /dev/null; then set -- bash -c "$(declare -f "$1"); $1"; fi
     timeout -k 10 "$lim" "$@" > >(tee "$work/${id}_${name}.md" >> "$work/${id}_${name}.log") 2>> "$work/${id}_${name}.log"
     rc=$?
     sleep 0.2  # the tee behind the process substitution flushes
@@ -114,8 +116,8 @@ if [ "$mode" = gpu ]; then
     --out "$work/engine.json" ${c:+--ceiling-tflops "$c"}
   step long_context 130 python3 -m terrabyte.launch.cli bench context --gpu --budget 110 --time-cap 100 \
     --out "$work/long_context.json"
-  train_args=(--config small --train.steps 12 --train.global_batch 16 --train.micro_batch 8 --train.log_interval 2
-    --train.eval_interval 12 --train.sample_bytes 0 --data.val_sequences 8 --optim.warmup_steps 4)
+  train_args="--config small --train.steps 12 --train.global_batch 16 --train.micro_batch 8 --train.log_interval 2
+    --train.eval_interval 12 --train.sample_bytes 0 --data.val_sequences 8 --optim.warmup_steps 4"
 else
   step environment 60 env_step
   step kernels 200 env TRITON_INTERPRET=1 python3 -m terrabyte.kernels.gpu_check --device cpu --out "$work/kernels"
@@ -123,14 +125,16 @@ else
     --out "$work/engine.json"
   step long_context 100 python3 -m terrabyte.launch.cli bench context --longest --device cpu --config long_cpu \
     --first 32K --budget 20 --time-cap 60 --out "$work/long_context.json"
-  train_args=(--config tiny --train.steps 2 --train.global_batch 2 --train.micro_batch 1 --train.log_interval 1
-    --train.eval_interval 2 --train.sample_bytes 0 --data.val_sequences 2 --optim.warmup_steps 1)
+  train_args="--config tiny --train.steps 2 --train.global_batch 2 --train.micro_batch 1 --train.log_interval 1
+    --train.eval_interval 2 --train.sample_bytes 0 --data.val_sequences 2 --optim.warmup_steps 1"
 fi
 train_step() {
   local run_dir="$work/train_small"
-  python3 -m terrabyte.launch.cli pretrain "${train_args[@]}" --run.dir "$run_dir" --checkpoint.interval 1000 >&2 || return $?
+  # shellcheck disable=SC2086  # train_args: words
+  python3 -m terrabyte.launch.cli pretrain $train_args --run.dir "$run_dir" --checkpoint.interval 1000 >&2 || return $?
   python3 -m terrabyte.launch.check tensorboard "$run_dir"
 }
+export train_args
 step train_small 150 train_step
 
 summarize
