@@ -4,9 +4,12 @@ The model is built on the meta device, so even the 1B config costs no memory. FL
 multiplies (2 per multiply-add) and attention scores/values over the causal half of each stage's
 window (for a sparse stage: over the tiles the kernel computes); forward + backward = 3x forward. Activation memory is a per-micro-batch estimate of what
 autograd keeps per block (inputs of the norms, q/k/v, attention output, the three feed-forward
-projections), plus logits; with activation checkpointing only each block's input is kept, plus one
-block being recomputed. Below the global stage activations are those of two chunks of
-``model.chunk_bytes`` (the chunk kept for backward and the one being recomputed), whatever the context.
+projections), plus logits; with activation checkpointing only each block's input is kept. The peak
+of a step is what the global stage keeps plus the larger of two phases of the backward, which never
+overlap: the lower stages' chunks (two chunks of ``model.chunk_bytes``: one recomputed, its
+gradients), then the global stage's blocks one at a time (a block's activation gradients, and under
+checkpointing its recomputed activations). Measured against the peak RSS of CPU steps in
+``terrabyte bench context --estimate`` (pretrain/BENCHMARKS.md, "GPU").
 """
 from __future__ import annotations
 
@@ -106,6 +109,12 @@ def global_activation_bytes(model: TerraByte, cfg: Config, sequence: int = 1) ->
                                          _bytes_per_value(cfg), sequence=sequence)
 
 
+def global_backward_bytes(model: TerraByte, cfg: Config, sequence: int = 1) -> float:
+    """What the global stage's backward adds, one block at a time (``TerraByte.global_backward_bytes``)."""
+    return model.global_backward_bytes(cfg.train.micro_batch, bool(cfg.model.checkpoint_activations),
+                                       _bytes_per_value(cfg), sequence=sequence)
+
+
 def chunk_activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None) -> float:
     """Two chunks of the lower stages (the one kept for backward, the one being recomputed): every
     lower block's activations, the logits and their gradient in fp32."""
@@ -115,7 +124,8 @@ def chunk_activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | Non
 
 
 def activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None, sequence: int = 1) -> float:
-    return global_activation_bytes(model, cfg, sequence) + chunk_activation_bytes(model, cfg, chunk_bytes)
+    return global_activation_bytes(model, cfg, sequence) + max(global_backward_bytes(model, cfg, sequence),
+                                                                chunk_activation_bytes(model, cfg, chunk_bytes))
 
 
 def model_state_bytes(model: TerraByte, cfg: Config) -> float:
@@ -132,7 +142,7 @@ def largest_chunk(model: TerraByte, cfg: Config, memory_bytes: float, shards: in
     patch = model.unit_sizes[0]
     free = memory_bytes - model_state_bytes(model, cfg) / shards - global_activation_bytes(model, cfg, sequence)
     per_patch = chunk_activation_bytes(model, cfg, patch)
-    if free < per_patch:
+    if free < max(per_patch, global_backward_bytes(model, cfg, sequence)):
         return None
     top = min(model.max_chunk_bytes(), model.context_length * cfg.train.micro_batch)
     return max(patch, min(int(free // per_patch) * patch, top // patch * patch))
@@ -186,7 +196,8 @@ def memory_verdict(model: TerraByte, cfg: Config, memory_bytes: float, where: st
     if fits is not None:
         return f"{head}; model.chunk_bytes={fits} would fit (now {model.chunk_bytes})"
     return (f"{head} even with one patch per chunk: the global stage alone needs "
-            f"{global_activation_bytes(model, cfg, sequence) / 2**30:.1f} GiB; use activation checkpointing, a smaller "
+            f"{(global_activation_bytes(model, cfg, sequence) + global_backward_bytes(model, cfg, sequence)) / 2**30:.1f} GiB; "
+            "use activation checkpointing, a smaller "
             f"micro-batch or {'more ' if sequence > 1 else ''}sequence parallelism")
 
 
@@ -217,7 +228,8 @@ def describe(cfg: Config, memory_gib: float | None = None) -> str:
         f"activation memory per micro-batch of {cfg.train.micro_batch} (estimate, "
         f"{'fp32' if cfg.train.precision == 'fp32' else 'bf16'}, checkpointing "
         f"{'on' if cfg.model.checkpoint_activations else 'off'}): {activation_bytes(model, cfg) / 2**30:.2f} GiB "
-        f"= global stage {global_activation_bytes(model, cfg) / 2**30:.2f} GiB + lower-stage chunks of "
+        f"= global stage {global_activation_bytes(model, cfg) / 2**30:.2f} GiB + the larger of its backward "
+        f"{global_backward_bytes(model, cfg) / 2**30:.2f} GiB and the lower-stage chunks of "
         f"{model.chunk_bytes} bytes {chunk_activation_bytes(model, cfg) / 2**30:.2f} GiB",
         f"model states on one device, unsharded (fp32 master, Adam): {model_state_bytes(model, cfg) / 2**30:.2f} GiB",
         f"training FLOPs per optimizer step: {sum(flops) * cfg.train.global_batch * model.context_length:.3g}",

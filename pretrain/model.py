@@ -865,15 +865,25 @@ class TerraByte(nn.Module):
     def global_activation_bytes(self, batch: int, checkpoint: bool, bytes_per_value: int = 4,
                                 patches: Optional[int] = None, sequence: int = 1) -> float:
         """What a training step keeps for stage 0 over ``batch`` rows of ``patches`` patches (default:
-        the whole context): each block's activations, or with ``checkpoint`` each block's input plus
-        one block being recomputed; its output; one chunk of byte embeddings. ``sequence``: ranks the
-        patches are split over."""
+        the whole context) until its backward: each block's activations, or with ``checkpoint`` each
+        block's input; its output; one chunk of byte embeddings. ``sequence``: ranks the patches are
+        split over."""
         stage = self.stages[0]
         tokens = batch * (self.max_seq_len[0] if patches is None else patches) // sequence
         per_block = tokens * block_activation_values(stage)
-        kept = tokens * stage.dim * stage.depth + per_block if checkpoint else per_block * stage.depth
+        kept = tokens * stage.dim * stage.depth if checkpoint else per_block * stage.depth
         embedding = 3 * batch * self.patches_per_chunk(batch) * self.unit_sizes[0] * self.dims[-1]
         return (kept + tokens * stage.dim + embedding) * bytes_per_value
+
+    def global_backward_bytes(self, batch: int, checkpoint: bool, bytes_per_value: int = 4,
+                              patches: Optional[int] = None, sequence: int = 1) -> float:
+        """What stage 0's backward adds to what it kept, one block at a time: the gradients of the
+        block's activations, and under checkpointing the block's recomputed activations too. It runs
+        after the lower stages' chunks are done, so a step's peak is the kept part plus the larger of
+        this and the chunks."""
+        stage = self.stages[0]
+        tokens = batch * (self.max_seq_len[0] if patches is None else patches) // sequence
+        return (2 if checkpoint else 1) * tokens * block_activation_values(stage) * bytes_per_value
 
     def auto_checkpoint(self, ids: Tensor) -> bool:
         """Whether this step checkpoints the global stage's blocks: as set, or when automatic, when
@@ -884,8 +894,9 @@ class TerraByte(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return False
         half = ids.is_cuda and torch.is_autocast_enabled("cuda") or self.to_logits.weight.element_size() < 4
-        need = self.global_activation_bytes(ids.shape[0], False, 2 if half else 4,
-                                            patches=ids.shape[1] // self.unit_sizes[0])
+        patches, width = ids.shape[1] // self.unit_sizes[0], 2 if half else 4
+        need = (self.global_activation_bytes(ids.shape[0], False, width, patches=patches)
+                + self.global_backward_bytes(ids.shape[0], False, width, patches=patches))
         budget = AUTO_CHECKPOINT_SHARE * available_memory_bytes(ids.device)
         on = need > budget
         if on != self.checkpoint_activations:

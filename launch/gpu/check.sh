@@ -124,7 +124,7 @@ else
   step engine 150 python3 -m terrabyte.launch.cli bench engine --gpu --device cpu --steps 2 --warmup 1 \
     --out "$work/engine.json"
   step long_context 100 python3 -m terrabyte.launch.cli bench context --longest --device cpu --config long_cpu \
-    --first 32K --budget 20 --time-cap 60 --out "$work/long_context.json"
+    --first 32K --budget 30 --time-cap 80 --out "$work/long_context.json"
   train_args="--config tiny --train.steps 2 --train.global_batch 2 --train.micro_batch 1 --train.log_interval 1
     --train.eval_interval 2 --train.sample_bytes 0 --data.val_sequences 2 --optim.warmup_steps 1"
 fi
