@@ -71,8 +71,11 @@ CASES = [
     ("bf16 d64 block128 causal", {"local": 300, "dilated": [[1024, 1]], "block": 128}, 2000, 64, "bf16", True, 2),
 ]
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}  # relative Frobenius error
-BENCH_PATTERN = {"local": 512, "dilated": [[2048, 4], [8192, 16]], "global_tokens": 64, "block": 64}
-BENCH_LENGTHS = [8192, 32768, 131072, 1048576]
+# long_1g's global pattern (configs/long_1g.yaml): the kernel as the 1 GiB model runs it
+BENCH_PATTERN = {"local": 1024, "dilated": [[8192, 8], [65536, 64]], "global_tokens": 64, "block": 64}
+BENCH_LENGTHS = [8192, 32768, 131072]
+CPU_BENCH_LENGTHS = [1024]  # the rehearsal: the PyTorch paths at CPU scale
+CHECK_HEADER = "| check | result | relative errors (out, dq, dk, dv) or detail |\n|---|---|---|"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICE = "cuda"  # --device cpu: a dry run of the checks under TRITON_INTERPRET=1, shrunk, bf16 as fp32
 
@@ -157,8 +160,8 @@ def check_case(name, cfg, n, head_dim, dtype_name, causal, heads) -> bool:
     errs = [rel_err(a, b) for a, b in zip((out, *grads), (ref, *ref_grads))]
     finite = all(bool(torch.isfinite(t).all()) for t in (out, *grads))
     ok = finite and max(errs) < TOLERANCE[dtype_name]
-    say(f"{'ok  ' if ok else 'FAIL'} {name} n={n}: rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs)
-        + ("" if finite else " (NaN/inf: unwritten output)"))
+    say(f"| {name} n={n} | {'ok' if ok else 'FAIL'} | " + " ".join(f"{e:.1e}" for e in errs)
+        + ("" if finite else " (NaN/inf: unwritten output)") + " |")
     return ok
 
 
@@ -183,7 +186,7 @@ def check_walk() -> bool:
                         for b, full in walk(x, n, h, causal, with_full=True):
                             expect[h, x, b] += 1 if full else 16
                 ok &= torch.equal(visits.cpu(), expect)
-    say(f"{'ok  ' if ok else 'FAIL'} kernel tile walk equals the Python layout (forward and transposed)")
+    say(f"| kernel tile walk equals the Python layout (forward and transposed) | {'ok' if ok else 'FAIL'} | |")
     return ok
 
 
@@ -207,8 +210,8 @@ def check_int64(n: int = (1 << 22) + 64, heads: int = 8, dtype: torch.dtype = to
     errs = [rel_err(a[:, -1:, -64:], b[:, :, -64:]) for a, b in pairs]
     ok = max(errs) < TOLERANCE["bf16" if dtype == torch.bfloat16 else "fp32"]
     big = " (> 2**31: 64-bit offsets)" if q.numel() > 2**31 else ""
-    say(f"{'ok  ' if ok else 'FAIL'} {q.numel()} elements per tensor{big}: last rows rel err "
-        + " ".join(f"{e:.1e}" for e in errs))
+    say(f"| {q.numel()} elements per tensor{big}, last rows | {'ok' if ok else 'FAIL'} | "
+        + " ".join(f"{e:.1e}" for e in errs) + " |")
     return ok
 
 
@@ -225,25 +228,39 @@ def check_grid_split(heads: int = 4, n: int = 128, head_dim: int = 32) -> bool:
     ref = reference_attention(q[rows].float(), k[rows].float(), v[rows].float(), pattern)
     err = rel_err(out[rows], ref)
     ok = err < TOLERANCE["bf16"]
-    say(f"{'ok  ' if ok else 'FAIL'} batch {batch} x {heads} heads > 65,535 grid rows: rel err {err:.1e}")
+    say(f"| batch {batch} x {heads} heads > 65,535 grid rows | {'ok' if ok else 'FAIL'} | {err:.1e} |")
     return ok
 
 
-def bench(head_dim: int, deadline: float, max_flex: int) -> dict | None:
+def bench(head_dim: int, deadline: float, max_flex: int, on_rows=None) -> dict | None:
+    """Times (ms) at BENCH_LENGTHS of our kernel on long_1g's pattern, FlexAttention and dense
+    causal SDPA, and the dense causal control: our kernel on a fully dense causal pattern (its time
+    over SDPA's is the "% of dense" figure; compare times, not FLOP rates: partly masked tiles count
+    differently in each). ``on_rows(report)`` after each length."""
     from terrabyte.kernels import SparsePattern
     from terrabyte.kernels.bench import Bench, Report, format_table
 
-    pattern = SparsePattern.from_config(BENCH_PATTERN)
-    report = Report(device=torch.cuda.get_device_name(), dtype="bf16", batch=1, heads=8, head_dim=head_dim,
+    gpu = DEVICE == "cuda"
+    pattern = SparsePattern.from_config(BENCH_PATTERN if gpu else shrink(BENCH_PATTERN))
+    report = Report(device=torch.cuda.get_device_name() if gpu else "cpu (PyTorch paths: rehearsal)",
+                    dtype="bf16" if gpu else "fp32", batch=1, heads=8 if gpu else 2, head_dim=head_dim,
                     causal=True, pattern=pattern.to_config())
-    args = SimpleNamespace(max_flex_length=max_flex, max_dense_length=1 << 17, warmup=1, reps=3)
-    runner = Bench(pattern, report, torch.device("cuda"), torch.bfloat16, args)
-    for n in BENCH_LENGTHS:
+    args = SimpleNamespace(max_flex_length=max_flex, max_dense_length=1 << 17, max_reference_length=0, warmup=1,
+                           reps=3 if gpu else 1)
+    device, dtype = torch.device(DEVICE), torch.bfloat16 if gpu else torch.float32
+    runner = Bench(pattern, report, device, dtype, args)
+    for n in BENCH_LENGTHS if gpu else CPU_BENCH_LENGTHS:
         if time.monotonic() > deadline:
             say(f"time budget reached: benchmark stops before n={n}")
             break
         report.rows += runner.length(n)
-    if time.monotonic() < deadline:
+        dense = Bench(SparsePattern.from_config({"local": n, "block": pattern.block}), report, device, dtype, args)
+        row = dense._guard(n, "ours, dense causal pattern", dense._ours if gpu else dense._gathered)
+        row.impl = "ours, dense causal pattern (control)"
+        report.rows.append(row)
+        if on_rows:
+            on_rows(report)
+    if gpu and time.monotonic() < deadline:
         report.longest_fit = runner.longest_fit(start=max(BENCH_LENGTHS), deadline=deadline)
     say(format_table(report))
     return {"report": report, "table": format_table(report)}
@@ -260,7 +277,7 @@ def main(argv=None) -> int:
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cpu":
-        return dry_run()
+        return dry_run(args.out, args.budget)
     if not torch.cuda.is_available():
         say("gpu_check: no CUDA device; run the CPU tests instead (pytest tests/unit/test_sparse_attention.py)")
         return 2
@@ -274,53 +291,78 @@ def main(argv=None) -> int:
     warm_up(jobs)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "date": time.strftime("%Y-%m-%d"), "checks": {}, "bench": []}
-    ok = True
-    for case in CASES:
-        try:
-            passed = check_case(*case)
-        except Exception:
-            say(f"FAIL {case[0]}:\n{traceback.format_exc()}")
-            passed = False
-        results["checks"][case[0]] = passed
-        ok &= passed
-    for name, fn in (("tile walk", check_walk), ("64-bit offsets", check_int64), ("grid split", check_grid_split)):
-        try:
-            passed = fn()
-        except Exception:
-            say(f"FAIL {name}:\n{traceback.format_exc()}")
-            passed = False
-        results["checks"][name] = passed
-        ok &= passed
-        torch.cuda.empty_cache()
+    ok = run_checks(results, args.out, [(c[0], check_case, c) for c in CASES]
+                    + [(name, fn, ()) for name, fn in (("tile walk", check_walk), ("64-bit offsets", check_int64),
+                                                       ("grid split", check_grid_split))])
     say(f"correctness {'passed' if ok else 'FAILED'} after {time.monotonic() - t0:.0f}s")
-    tables = []
-    for head_dim in (64, 128):
-        if time.monotonic() > deadline:
-            break
-        try:
-            res = bench(head_dim, deadline, args.max_flex_length)
-            from dataclasses import asdict
-
-            results["bench"].append(asdict(res["report"]))
-            tables.append(res["table"])
-        except Exception:
-            say(f"benchmark head_dim {head_dim} failed:\n{traceback.format_exc()}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=1)
-    with open(os.path.join(args.out, "gpu_check.md"), "w", encoding="utf-8") as fh:
-        fh.write("\n".join(tables))
+    run_benches(results, args.out, (64, 128), deadline, args.max_flex_length)
     say(f"done in {time.monotonic() - t0:.0f}s; results in {args.out}")
     return 0 if ok else 1
 
 
-def dry_run() -> int:
+def _save(results: dict, out: str) -> None:
+    """gpu_check.json, rewritten after every check and benchmark length (a timeout keeps the rest)."""
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, "gpu_check.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1, default=str)
+    os.replace(tmp, os.path.join(out, "gpu_check.json"))
+
+
+def run_checks(results: dict, out: str, checks: list) -> bool:
+    """Each (name, fn, args): one table row on stdout (a traceback goes to stderr)."""
+    say(CHECK_HEADER)
+    ok = True
+    for name, fn, args in checks:
+        try:
+            passed = fn(*args)
+        except Exception:
+            sys.stderr.write(f"FAIL {name}:\n{traceback.format_exc()}")
+            say(f"| {name} | FAIL | {traceback.format_exc().strip().splitlines()[-1][:150]} |")
+            passed = False
+        results["checks"][name] = passed
+        ok &= passed
+        _save(results, out)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    say(f"\ncorrectness {'passed' if ok else 'FAILED'}\n")
+    return ok
+
+
+def run_benches(results: dict, out: str, head_dims, deadline: float, max_flex: int) -> None:
+    from dataclasses import asdict
+
+    for head_dim in head_dims:
+        if time.monotonic() > deadline:
+            say(f"time budget reached: no benchmark at head_dim {head_dim}")
+            break
+        results["bench"].append(None)
+
+        def keep(report, slot=len(results["bench"]) - 1):
+            results["bench"][slot] = asdict(report)
+            _save(results, out)
+
+        try:
+            bench(head_dim, deadline, max_flex, on_rows=keep)
+        except Exception:
+            sys.stderr.write(f"benchmark head_dim {head_dim} failed:\n{traceback.format_exc()}")
+            say(f"benchmark head_dim {head_dim} failed: {traceback.format_exc().strip().splitlines()[-1][:150]}")
+
+
+def dry_run(out: str, budget: float) -> int:
+    """The same steps at CPU scale: correctness under the Triton interpreter (shrunk), then the
+    benchmark table of the PyTorch paths at CPU_BENCH_LENGTHS."""
     from terrabyte.kernels.sparse_attention import _interpreting
 
     if not _interpreting():
         say("gpu_check --device cpu needs TRITON_INTERPRET=1 in the environment")
         return 2
-    ok = all([check_case(*case) for case in CASES] + [check_walk(), check_int64(7 * 64 + 3, 2, torch.float32)])
+    deadline = time.monotonic() + budget
+    results = {"device": "cpu (TRITON_INTERPRET=1)", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "checks": {}, "bench": []}
+    ok = run_checks(results, out, [(c[0], check_case, c) for c in CASES]
+                    + [("tile walk", check_walk, ()), ("64-bit offsets", check_int64, (7 * 64 + 3, 2, torch.float32))])
+    run_benches(results, out, (32,), deadline, 0)
     say(f"dry run {'passed' if ok else 'FAILED'}")
     return 0 if ok else 1
 

@@ -895,8 +895,11 @@ def _launch_options(block: int, head_dim: int = 32) -> dict:
     """Warps per program: 8 once a tile side reaches 128 (at 4 the D=128 accumulators spill on sm_90,
     checked with cuobjdump --dump-resource-usage). Stages: the loads sit behind the tile-selection
     branch, so Triton does not software-pipeline them; 2 keeps shared memory low."""
-    if _interpreting():
-        return {}
+    return {} if _interpreting() else compiled_options(block, head_dim)
+
+
+def compiled_options(block: int, head_dim: int = 32) -> dict:
+    """``_launch_options`` of a compiled (not interpreted) launch; ``kernels.aot`` compiles with these."""
     return {"num_warps": 8 if max(block, head_dim) >= 128 else 4, "num_stages": 2}
 
 

@@ -25,9 +25,18 @@ Method:
   model completed: about 1 for linear cost, 2 for quadratic. Small contexts are dominated by fixed
   costs, so the exponent over a range that starts small understates the asymptotic growth.
 
-``--gpu``: on one CUDA device, doubling contexts of configs/long_1g.yaml's shape (patches of
-64 x 64 bytes, bf16 autocast) until one runs out of memory: the longest context one GPU trains, and
-the time of the long_1g step itself (1 GiB).
+``--gpu``: on one CUDA device, one process at exactly 2^30 bytes of configs/long_1g.yaml's shape
+(patches of 64 x 64 bytes, bf16 autocast): its step time and peak memory
+(``torch.cuda.max_memory_allocated``) against the ``--dry-run`` estimate; then doubling the context
+while ``--budget`` seconds are left, until one fails: the longest context one GPU trains.
+``--longest`` is the same walk on ``--device`` from ``--first`` (the CPU rehearsal of the GPU check).
+
+``--estimate``: the ``--dry-run`` peak-memory estimate (``estimate.py``: model states + activations,
+plus the process's own footprint before the model exists) against the measured peak, for
+``long_cpu`` and ``tb_python`` (a model built in Python with default settings, issue #22's shape:
+dims 128/64/32, depths 2/1/1, patches 8 x 8, 4 heads of 32 in every stage, long_cpu's sparse global
+pattern), at ``--contexts`` (default 4M,16M). ``tb_python`` runs in a plain child (glibc's
+default malloc settings, as a user's script has them).
 """
 from __future__ import annotations
 
@@ -61,6 +70,7 @@ GB = 1e9  # peak memory is reported in decimal GB, as the 12 GB target is stated
 DEFAULT_CONTEXTS = "8K,32K,128K,256K,512K,2M,8M,16M"
 MODELS = {
     "tb_sparse": "TerraByte chunked + sparse (3 stages)",
+    "tb_python": "TerraByte built in Python, default settings (3 stages, 4 heads of 32 everywhere)",
     "tb_dense": "TerraByte dense (2 stages)",
     "megabyte": "MEGABYTE-pytorch (2 stages)",
 }
@@ -71,28 +81,45 @@ DENSE_PATCH = 8
 # the targets of issue #12 for the sparse model
 TARGET_CONTEXT, TARGET_RSS_GB, TARGET_EXPONENT = 16 * MIB, 12.0, 1.1
 TARGET_SPEED_CONTEXT, TARGET_SPEEDUP = 256 * KIB, 5.0
-GPU_CONFIG, GPU_FIRST, GPU_LAST, GPU_STEP_CONTEXT = "long_1g", 16 * MIB, 8 * GIB, GIB
+GPU_CONFIG, GPU_LAST, GPU_STEP_CONTEXT = "long_1g", 64 * GIB, GIB
+ESTIMATE_CONTEXTS, ESTIMATE_TOLERANCE = "4M,16M", 0.25
+ESTIMATE_MODELS = ("tb_sparse", "tb_python")
+SWEEP_MODELS = "tb_sparse,tb_dense,megabyte"  # the default rows of the context sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default=DEFAULT_CONTEXTS,
                         help=f"comma-separated context lengths in bytes, K/M/G suffixes (default: {DEFAULT_CONTEXTS})")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated rows to measure (default: {','.join(MODELS)})")
+    parser.add_argument("--models", default=SWEEP_MODELS,
+                        help=f"comma-separated rows to measure, of {','.join(MODELS)} (default: {SWEEP_MODELS}; "
+                             f"--estimate: {','.join(ESTIMATE_MODELS)})")
     parser.add_argument("--time-cap", type=float, default=300.0,
                         help="seconds a step may take; a model that passes it stops there (default: 300)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch CPU threads in each child (default: all cores, %(default)s here)")
     parser.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                         help="address-space limit of each CPU child in GB (default: memory available at start; 0: none)")
-    parser.add_argument("--config", default="long_cpu",
-                        help="config of the sparse three-stage model, the others derive from it (default: long_cpu)")
+    parser.add_argument("--config", default=None,
+                        help=f"config of the sparse three-stage model, the others derive from it (default: long_cpu; "
+                             f"with --gpu {GPU_CONFIG})")
     parser.add_argument("--out", default="runs/bench_context/context.json",
                         help="JSON of every measurement, rewritten after each (default: %(default)s)")
     parser.add_argument("--png", default="runs/bench_context/context.png",
                         help="seconds per step against context, log-log (default: %(default)s)")
     parser.add_argument("--gpu", action="store_true",
-                        help=f"on a CUDA device: the longest context of {GPU_CONFIG}'s shape one GPU trains, and its step time")
+                        help=f"on a CUDA device: one {fmt_bytes(GPU_STEP_CONTEXT)} step of {GPU_CONFIG}'s shape, then doubling "
+                             "while --budget lasts: the longest context one GPU trains")
+    parser.add_argument("--longest", action="store_true",
+                        help="--gpu's walk on --device from --first (the CPU rehearsal: --device cpu --first 64K)")
+    parser.add_argument("--device", default=None, help="device of --longest (default: cuda)")
+    parser.add_argument("--first", default=None,
+                        help=f"first context of --gpu/--longest (default: {fmt_bytes(GPU_STEP_CONTEXT)})")
+    parser.add_argument("--budget", type=float, default=240.0,
+                        help="--gpu/--longest: seconds for the whole walk; no larger context starts once the last "
+                             "one's time would not fit what is left (default: 240)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="the --dry-run memory estimate against the measured peak (long_cpu and tb_python at --contexts, "
+                             f"default {ESTIMATE_CONTEXTS})")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="config overrides after `--`, e.g. -- --model.dim 64,32,16")
 
@@ -149,6 +176,10 @@ def model_config(base: Config, kind: str, context: int) -> Config:
     if kind == "tb_sparse":
         unit = math.prod(m.max_seq_len[1:])
         return _with(base, model={"max_seq_len": (context // unit, *m.max_seq_len[1:])})
+    if kind == "tb_python":  # issue #22's shape, every other setting TerraByte's own default
+        unit = math.prod(m.max_seq_len[1:])
+        return _with(base, model={"max_seq_len": (context // unit, *m.max_seq_len[1:]), "heads": 4, "dim_head": 32,
+                                  "checkpoint_activations": None, "chunk_bytes": None})
 
     def ends(value):  # per-stage value of the first and last stage
         return (value[0], value[-1]) if isinstance(value, (list, tuple)) else value
@@ -161,7 +192,14 @@ def model_config(base: Config, kind: str, context: int) -> Config:
 
 def build(kind: str, cfg: Config, device: str):
     torch.manual_seed(0)
-    model = build_megabyte(cfg) if kind == "megabyte" else TerraByte(**cfg.model.kwargs())
+    if kind == "megabyte":
+        model = build_megabyte(cfg)
+    elif kind == "tb_python":  # what a user writes: only the shape, TerraByte's defaults for the rest
+        m = cfg.model
+        model = TerraByte(num_tokens=m.num_tokens, dim=m.dim, depth=m.depth, max_seq_len=m.max_seq_len,
+                          dim_head=m.dim_head, heads=m.heads, attention=m.attention)
+    else:
+        model = TerraByte(**cfg.model.kwargs())
     return model.to(device).train()
 
 
@@ -205,6 +243,7 @@ def measure_child(kind, cfg, context, device, threads, memory_limit_gb, queue) -
             limit = int(memory_limit_gb * GB)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         torch.set_num_threads(threads)
+        base_bytes = _peak_bytes(device) if device.startswith("cuda") else status_bytes("VmRSS")
         model = build(kind, cfg, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         patch = context // cfg.model.max_seq_len[0]
@@ -218,7 +257,9 @@ def measure_child(kind, cfg, context, device, threads, memory_limit_gb, queue) -
             _step(model, opt, x, device)
             seconds = min(seconds, time.perf_counter() - started)
         params = sum(p.numel() for p in model.parameters())
-        queue.put(("done", {"seconds": seconds, "peak_bytes": _peak_bytes(device), "params": params}))
+        queue.put(("done", {"seconds": seconds, "peak_bytes": _peak_bytes(device), "params": params,
+                            "base_bytes": base_bytes, "checkpoint": getattr(model, "checkpoint_activations", None),
+                            "chunk_bytes": getattr(model, "chunk_bytes", None)}))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status in the table
         status = "out of memory" if _is_out_of_memory(exc) else f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         queue.put(("failed", {"status": status, "peak_bytes": _peak_bytes(device)}))
@@ -232,7 +273,8 @@ def measure(kind: str, cfg: Config, context: int, device: str, threads: int, mem
             time_cap: float) -> dict:
     """One (model, context) in a fresh child: {"status", "seconds", "peak_bytes", "params"}; the
     child is killed when a step passes ``time_cap``."""
-    proc, queue = spawn_child(measure_child, (kind, cfg, context, device, threads, memory_limit_gb))
+    proc, queue = spawn_child(measure_child, (kind, cfg, context, device, threads, memory_limit_gb),
+                              pin_malloc=kind != "tb_python")
     deadline = None  # building and the short warm-up are not capped: they do not grow with the context
     try:
         while True:
@@ -421,7 +463,39 @@ def _write_json(path: str, header: dict, results: list[dict], **extra) -> None:
 
 def _base_config(args) -> Config:
     overrides = [a for a in (args.overrides or []) if a != "--"]
-    return load_config(GPU_CONFIG if args.gpu else args.config, overrides)
+    return load_config(args.config or (GPU_CONFIG if args.gpu else "long_cpu"), overrides)
+
+
+def estimate_bytes(cfg: Config, checkpoint: bool, chunk_bytes: int | None, base_bytes: float = 0.0) -> float:
+    """``--dry-run``'s peak for one step of ``cfg`` as it ran (checkpointing and chunk as the model
+    chose them): model states + activations (``estimate.py``), plus the process's footprint before
+    the model existed (interpreter and libraries: in RSS, not in device memory)."""
+    from .estimate import activation_bytes, meta_model, model_state_bytes
+
+    ran = _with(cfg, model={"checkpoint_activations": checkpoint, "chunk_bytes": chunk_bytes})
+    model = meta_model(ran)
+    return base_bytes + model_state_bytes(model, ran) + activation_bytes(model, ran)
+
+
+def with_estimate(row: dict, cfg: Config) -> dict:
+    """The row with its estimate and the ratio measured / estimate (when it completed)."""
+    if row.get("status") == "ok" and row.get("peak_bytes") and row.get("checkpoint") is not None:
+        est = estimate_bytes(cfg, row["checkpoint"], row["chunk_bytes"], row.get("base_bytes", 0))
+        row.update(estimate_bytes=est, ratio=row["peak_bytes"] / est)
+    return row
+
+
+def format_estimate_table(results: list[dict], peak: str = "peak RSS") -> str:
+    lines = [f"| context | model | checkpointing | chunk bytes | s/step | estimate (GB) | {peak} (GB) | measured / estimate | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        est, peak_b, t = r.get("estimate_bytes"), r.get("peak_bytes"), r.get("seconds")
+        cells = [fmt_bytes(r["context"]), r["model"], {True: "on", False: "off"}.get(r.get("checkpoint"), ""),
+                 str(r.get("chunk_bytes") or ""), f"{t:.2f}" if t is not None else "",
+                 f"{est / GB:.2f}" if est else "", f"{peak_b / GB:.2f}" if peak_b else "",
+                 f"{r['ratio']:.2f}" if r.get("ratio") else "", r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run(args) -> int:
@@ -429,8 +503,12 @@ def run(args) -> int:
         raise ConfigError(f"--time-cap must be >= 0 seconds, got {args.time_cap:g}")
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    if args.gpu:
-        return run_gpu(args)
+    if args.budget <= 0:
+        raise ConfigError(f"--budget must be > 0 seconds, got {args.budget:g}")
+    if args.gpu or args.longest:
+        return run_longest(args)
+    if args.estimate:
+        return run_estimate(args)
     base = _base_config(args)
     contexts = parse_contexts(args.contexts, math.prod(base.model.max_seq_len[1:]))
     kinds = parse_models(args.models)
@@ -459,26 +537,102 @@ def run(args) -> int:
     return 0
 
 
-def run_gpu(args) -> int:
-    """Doubling contexts of long_1g's shape on one GPU until one fails: the longest that trains."""
-    if not torch.cuda.is_available():
-        raise ConfigError("--gpu needs a CUDA device; torch sees none")
+def run_estimate(args) -> int:
+    """The --dry-run estimate against the measured peak: every model of ESTIMATE_MODELS at every
+    context, each in its own child; PASS when measured / estimate is within ESTIMATE_TOLERANCE."""
+    base = _base_config(args)
+    contexts = parse_contexts(args.contexts if args.contexts != DEFAULT_CONTEXTS else ESTIMATE_CONTEXTS,
+                              math.prod(base.model.max_seq_len[1:]))
+    limit = default_memory_limit_gb() if args.memory_limit is None else args.memory_limit
+    header = {"machine": describe_machine(), "date": datetime.date.today().isoformat(), "threads": args.threads,
+              "memory_limit_gb": limit, "contexts": contexts, "tolerance": ESTIMATE_TOLERANCE,
+              "configs": {k: describe_model(k, model_config(base, k, contexts[0])) for k in ESTIMATE_MODELS}}
+    kinds = ESTIMATE_MODELS if args.models == SWEEP_MODELS else [
+        k for k in parse_models(args.models) if k in ESTIMATE_MODELS] or list(ESTIMATE_MODELS)
+    results = []
+    for context in contexts:
+        for kind in kinds:
+            cfg = model_config(base, kind, context)
+            row = {"context": context, "model": kind}
+            row.update(measure(kind, cfg, context, "cpu", args.threads, limit, args.time_cap))
+            results.append(with_estimate(row, cfg))
+            logger.info("%s at %s: %s", kind, fmt_bytes(context), row["status"])
+            _write_json(args.out, header, results)
+    ok = [r for r in results if r.get("ratio")]
+    within = [r for r in ok if abs(r["ratio"] - 1) <= ESTIMATE_TOLERANCE]
+    verdict = (f"{'PASS' if ok and len(within) == len(results) else 'FAIL'}: {len(within)} of {len(results)} "
+               f"measured peaks within {ESTIMATE_TOLERANCE:.0%} of the estimate")
+    _write_json(args.out, header, results, verdict=verdict)
+    sys.stdout.write(
+        f"Machine: {header['machine']}; date: {header['date']}; one training step (forward + backward + AdamW), "
+        f"batch 1, {args.threads} threads, fp32, each in a fresh process; estimate: `--dry-run`'s model states + "
+        "activations for the checkpointing and chunk the model used, plus the process's RSS before the model "
+        "was built; measured: the child's peak RSS (VmHWM).\n\n"
+        + "\n".join(f"- {line}" for line in header["configs"].values()) + "\n\n"
+        + format_estimate_table(results) + f"\n{verdict}\n")
+    return 0 if ok and len(within) == len(results) else 1
+
+
+def run_longest(args) -> int:
+    """One step at --first (default: exactly 1 GiB of long_1g's shape on the GPU), then doubling
+    while the budget lasts, until one fails: the longest context that trains, each step's time and
+    peak memory against the estimate. The JSON is rewritten after each context."""
+    device = "cuda" if args.gpu else (args.device or "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{'--gpu' if args.gpu else '--device cuda'} needs a CUDA device; torch sees none")
     base = _base_config(args)
     unit = math.prod(base.model.max_seq_len[1:])
-    contexts = [GPU_FIRST << k for k in range(int(math.log2(GPU_LAST // GPU_FIRST)) + 1)]
-    header = {"machine": describe_machine("cuda"), "date": datetime.date.today().isoformat(),
-              "time_cap_s": args.time_cap, "config": GPU_CONFIG, "contexts": contexts}
-    results = sweep(base, ["tb_sparse"], [c for c in contexts if c % unit == 0], "cuda", args.threads, 0,
-                    args.time_cap, on_result=lambda rows: _write_json(args.out, header, rows))
+    first = GPU_STEP_CONTEXT if args.first is None else parse_contexts(args.first, unit)[0]
+    if first % unit:
+        raise ConfigError(f"--first: {first} bytes must be a multiple of the global patch ({unit} bytes)")
+    name = args.config or (GPU_CONFIG if args.gpu else "long_cpu")
+    started = time.monotonic()
+    header = {"machine": describe_machine(device), "date": datetime.date.today().isoformat(), "device": device,
+              "budget_s": args.budget, "config": name, "first": first}
+    results, context, last = [], first, 0.0
+    while context <= GPU_LAST:
+        left = args.budget - (time.monotonic() - started)
+        # a doubled context costs about twice the last one, start-up included
+        if results and left < 2.2 * last:
+            logger.info("%s: %.0f s left, the last context took %.0f s: no larger context", fmt_bytes(context), left, last)
+            break
+        cfg = model_config(base, "tb_sparse", context)
+        t0 = time.monotonic()
+        row = {"context": context, "model": "tb_sparse"}
+        # the first context is the measurement asked for: only --time-cap stops it; the doubling ones
+        # stop when the budget is spent too
+        cap = args.time_cap if not results else min(args.time_cap, max(left, 1.0))
+        row.update(measure("tb_sparse", cfg, context, device, args.threads, 0, cap))
+        last = time.monotonic() - t0
+        results.append(with_estimate(row, cfg))
+        _write_json(args.out, header, results)
+        logger.info("%s at %s: %s (%.0f s with start-up)", name, fmt_bytes(context), row["status"], last)
+        if row["status"] != "ok":
+            break
+        context *= 2
     longest = max((n for n, _ in completed(results, "tb_sparse")), default=None)
-    step = _row(results, "tb_sparse", GPU_STEP_CONTEXT)
     _write_json(args.out, header, results, longest=longest)
-    text = (f"Machine: {header['machine']}; date: {header['date']}; {GPU_CONFIG} shape, one step (forward + "
-            f"backward + AdamW), batch 1, bf16 autocast; peak column: torch.cuda.max_memory_allocated.\n\n"
-            + format_table(results).replace("peak RSS", "peak CUDA")
-            + f"\nLongest context one GPU trains: {fmt_bytes(longest) if longest else 'none'}\n"
-            + f"{GPU_CONFIG} step ({fmt_bytes(GPU_STEP_CONTEXT)}): "
-            + (f"{step['seconds']:.2f} s\n" if step and step["status"] == "ok" else f"{step['status'] if step else 'not run'}\n"))
+    peak = "peak CUDA" if device.startswith("cuda") else "peak RSS"
+    text = (f"Machine: {header['machine']}; date: {header['date']}; {name} shape, one step (forward + backward + "
+            f"AdamW), batch 1{', bf16 autocast' if device.startswith('cuda') else ''}; from {fmt_bytes(first)}, "
+            f"doubling while {args.budget:g} s last; {peak}: "
+            f"{'torch.cuda.max_memory_allocated' if device.startswith('cuda') else 'VmHWM'}; estimate: --dry-run's.\n\n"
+            + format_estimate_table(results, peak)
+            + f"\nLongest context that trains here: {fmt_bytes(longest) if longest else 'none'}\n")
     sys.stdout.write(text)
-    return 0
+    return 0 if longest else 1
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m terrabyte.pretrain.bench_context``: the same flags as ``terrabyte bench context``."""
+    from terrabyte.data_pipeline.errors import run_guarded
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m terrabyte.pretrain.bench_context", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_guarded(run, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -63,6 +63,9 @@ GPU_SLICES = {
     "small": ("small", ["--train.micro_batch", "8", "--train.global_batch", "8"]),
     "1b slice": ("1b", ["--model.depth", "6,8", "--train.micro_batch", "4", "--train.global_batch", "4"]),
 }
+# --gpu --device cpu: the same table at CPU scale (the rehearsal of launch/gpu/check.sh)
+CPU_SLICES = {"tiny": ("tiny", [*SMALL[:8], "--train.micro_batch", "1", "--train.global_batch", "1"])}
+ZERO_STAGES = (3, 0)  # --gpu: each slice with and without ZeRO-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config whose build memory is measured on 1 and 2 ranks (default: 1b; 'none' skips)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one launch may take (default: 900)")
     parser.add_argument("--out", default="runs/bench_engine/engine.json", help="JSON of every measurement")
-    parser.add_argument("--gpu", action="store_true", help="on a CUDA device: MFU of slices of small and 1b")
+    parser.add_argument("--gpu", action="store_true",
+                        help="on a CUDA device: MFU of slices of small and 1b, with and without ZeRO-3")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="--gpu's device; cpu: the same table for a tiny slice (a rehearsal, no MFU)")
+    parser.add_argument("--ceiling-tflops", type=float, default=None,
+                        help="--gpu: the measured bf16 matmul ceiling of this device; MFU is also given against it")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="config overrides after `--` (replace SMALL's), e.g. -- --model.dim 64,32")
 
@@ -281,15 +289,19 @@ def run(args) -> int:
 # ---------------------------------------------------------------- --gpu
 
 
-def gpu_slice(name: str, steps: int, warmup: int) -> dict:
-    """One GPU slice in this process (a world of one): bytes/s, model TFLOP/s and MFU."""
+def gpu_slice(name: str, steps: int, warmup: int, zero: int = 3, slices: dict = GPU_SLICES) -> dict:
+    """One slice in this process (a world of one) under ZeRO stage ``zero``: bytes/s, model TFLOP/s
+    and MFU (on a CUDA device; ``slices``: CPU_SLICES rehearse the same code on the CPU)."""
     from . import engine as eng
     from .estimate import flops_per_byte, meta_model
     from .metrics import peak_tflops
     from .parallel import plan_layout
 
-    config, overrides = GPU_SLICES[name]
-    cfg = load_config(config, [*overrides, "--train.precision", "bf16"])
+    config, overrides = slices[name]
+    on_gpu = torch.cuda.is_available() and slices is GPU_SLICES
+    cfg = load_config(config, [*overrides, "--train.precision", "bf16" if on_gpu else "fp32",
+                               "--parallel.zero_stage", str(zero)])
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     layout = plan_layout(cfg, 1, 0)
     torch.manual_seed(cfg.run.seed)
     engine = eng.wrap(eng.build_model(cfg, layout), cfg, layout)
@@ -297,49 +309,65 @@ def gpu_slice(name: str, steps: int, warmup: int) -> dict:
     x = torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len), device=device)
     times = []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         eng.train_batch(engine, [x])
-        torch.cuda.synchronize()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     model = meta_model(cfg)
     rate = cfg.train.micro_batch * cfg.model.seq_len / step
     tflops = sum(flops_per_byte(model, cfg)) * rate / 1e12
-    peak = peak_tflops(None, True)
-    out = {"slice": name, "parameters": sum(p.numel() for p in model.parameters()), "step_s": step,
-           "bytes_per_s": rate, "model_tflops": tflops, "mfu": tflops / peak if peak else None,
-           "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB}
+    peak = peak_tflops(None, True) if on_gpu else None
+    out = {"slice": name, "zero_stage": zero, "parameters": sum(p.numel() for p in model.parameters()), "step_s": step,
+           "bytes_per_s": rate, "model_tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
+           "micro_batch": cfg.train.micro_batch, "seq_len": cfg.model.seq_len,
+           "peak_gb": (torch.cuda.max_memory_allocated() if on_gpu else status_bytes("VmHWM")) / GB}
     del engine
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return out
 
 
 def run_gpu(args) -> int:
-    if not torch.cuda.is_available():
-        raise ConfigError("--gpu needs a CUDA device; torch sees none")
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu needs a CUDA device; torch sees none (--device cpu: the rehearsal)")
     from . import engine as eng
     from .trainer import setup_logging
 
     eng.init_distributed()
     setup_logging("warning", 0)
-    rows = [gpu_slice(name, args.steps, args.warmup) for name in GPU_SLICES]
-    lines = [f"Machine: {describe_machine('cuda')}; date: {datetime.date.today().isoformat()}; one GPU, ZeRO-3, "
-             f"bf16, median of {args.steps} steps after {args.warmup} warm-up", "",
-             "| slice | parameters | micro-batch x bytes | step (s) | bytes/s | model TFLOP/s | MFU | peak CUDA (GB) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r, (name, (config, overrides)) in zip(rows, GPU_SLICES.items()):
-        cfg = load_config(config, overrides)
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"| {name} | {r['parameters']:,} | {cfg.train.micro_batch} x {cfg.model.seq_len} | "
-                     f"{r['step_s']:.3f} | {r['bytes_per_s']:,.0f} | {r['model_tflops']:.1f} | {mfu} | "
-                     f"{r['peak_cuda_gb']:.1f} |")
+    slices = GPU_SLICES if on_gpu else CPU_SLICES
+    ceiling = args.ceiling_tflops
+    lines = [f"Machine: {describe_machine(args.device)}; date: {datetime.date.today().isoformat()}; one "
+             f"{'GPU, bf16' if on_gpu else 'CPU process, fp32 (rehearsal: no MFU)'}, median of {args.steps} steps "
+             f"after {args.warmup} warm-up; MFU: model TFLOP/s over the datasheet peak, and over the measured "
+             f"bf16 matmul ceiling ({f'{ceiling:.0f} TFLOP/s' if ceiling else 'not measured'})", "",
+             "| slice | ZeRO | parameters | micro-batch x bytes | step (s) | bytes/s | model TFLOP/s | MFU (datasheet) "
+             "| MFU (measured ceiling) | peak memory (GB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     sys.stdout.write("\n".join(lines) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"gpu": rows}, indent=1))
-    return 0
+    rows = []
+    for name in slices:
+        for zero in ZERO_STAGES:
+            try:
+                r = gpu_slice(name, args.steps, args.warmup, zero, slices)
+            except Exception as exc:  # noqa: BLE001 - one slice's failure (out of memory) is a row
+                log.warning("bench engine --gpu: %s ZeRO-%d failed: %s", name, zero, exc)
+                sys.stdout.write(f"| {name} | {zero} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''} |\n")
+                continue
+            rows.append(r)
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+            vs_ceiling = f"{r['model_tflops'] / ceiling:.1%}" if ceiling else "-"
+            sys.stdout.write(f"| {name} | {zero} | {r['parameters']:,} | {r['micro_batch']} x {r['seq_len']} | "
+                             f"{r['step_s']:.3f} | {r['bytes_per_s']:,.0f} | {r['model_tflops']:.3g} | {mfu} | "
+                             f"{vs_ceiling} | {r['peak_gb']:.2f} |\n")
+            sys.stdout.flush()
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"gpu": rows, "ceiling_tflops": ceiling}, indent=1))
+    return 0 if rows else 1
 
 
 if __name__ == "__main__":

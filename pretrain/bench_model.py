@@ -176,20 +176,25 @@ def peak_train_memory(kind, ff_mult, flash, device, seq_len, batch, threads) -> 
     return _in_child(_memory_child, (kind, ff_mult, flash, device, seq_len, batch, threads), kind)
 
 
-def spawn_child(target, args: tuple):
-    """Start target(*args, queue) in a fresh spawned process with glibc's mmap threshold pinned, so
-    its memory is its own and RSS follows live memory: (process, queue)."""
+def spawn_child(target, args: tuple, pin_malloc: bool = True):
+    """Start target(*args, queue) in a fresh spawned process with glibc's mmap threshold pinned
+    (unless not ``pin_malloc``: the environment a user's own script has), so its memory is its own
+    and RSS follows live memory: (process, queue)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     saved = {k: os.environ.get(k) for k in MALLOC_ENV}
-    os.environ.update(MALLOC_ENV)  # the spawned interpreter reads it at start
+    if pin_malloc:
+        os.environ.update(MALLOC_ENV)  # the spawned interpreter reads it at start
+    else:
+        for k in MALLOC_ENV:
+            os.environ.pop(k, None)
     try:
         proc.start()
     finally:
         for k, v in saved.items():
             if v is None:
-                os.environ.pop(k)
+                os.environ.pop(k, None)
             else:
                 os.environ[k] = v
     return proc, queue

@@ -4,12 +4,16 @@ The model is built on the meta device, so even the 1B config costs no memory. FL
 multiplies (2 per multiply-add) and attention scores/values over the causal half of each stage's
 window (for a sparse stage: over the tiles the kernel computes); forward + backward = 3x forward. Activation memory is a per-micro-batch estimate of what
 autograd keeps per block (inputs of the norms, q/k/v, attention output, the three feed-forward
-projections), plus logits; with activation checkpointing only each block's input is kept, plus one
-block being recomputed. Below the global stage activations are those of two chunks of
-``model.chunk_bytes`` (the chunk kept for backward and the one being recomputed), whatever the context.
+projections), plus logits; with activation checkpointing only each block's input is kept. The peak
+of a step is what the global stage keeps plus the larger of two phases of the backward, which never
+overlap: the lower stages' chunks (two chunks of ``model.chunk_bytes``: one recomputed, its
+gradients), then the global stage's blocks one at a time (a block's activation gradients, and under
+checkpointing its recomputed activations). Measured against the peak RSS of CPU steps in
+``terrabyte bench context --estimate`` (pretrain/BENCHMARKS.md, "GPU").
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -18,7 +22,9 @@ import torch
 from terrabyte.data_pipeline.errors import ConfigError
 
 from .args import Config
-from .model import TerraByte, block_activation_values
+from .model import TerraByte
+
+logger = logging.getLogger(__name__)
 
 
 def meta_model(cfg: Config) -> TerraByte:
@@ -94,20 +100,19 @@ def _bytes_per_value(cfg: Config) -> int:
 
 
 def global_activation_bytes(model: TerraByte, cfg: Config, sequence: int = 1) -> float:
-    """Stage 0 over a micro-batch: what autograd keeps for its blocks (each block's input alone with
-    checkpointing, plus one block being recomputed), and one chunk of its byte embeddings.
-    ``sequence``: the sequence-parallel degree; each rank keeps its own patches (Ulysses gives its
-    attention the whole sequence for a slice of the heads: the same share)."""
-    stage, mb = model.stages[0], cfg.train.micro_batch
-    tokens = mb * model.max_seq_len[0] // sequence
-    per_block = tokens * block_activation_values(stage)
-    if cfg.model.checkpoint_activations:
-        kept = tokens * stage.dim * stage.depth + per_block
-    else:
-        kept = per_block * stage.depth
-    rows = mb * model.patches_per_chunk(mb)
-    embedding = 3 * rows * model.unit_sizes[0] * model.dims[-1]  # byte embeddings, their gradient, levels
-    return (kept + tokens * stage.dim + embedding) * _bytes_per_value(cfg)
+    """Stage 0 over a micro-batch (``TerraByte.global_activation_bytes``): what autograd keeps for
+    its blocks (each block's input alone with checkpointing, plus one block being recomputed), and
+    one chunk of its byte embeddings. ``sequence``: the sequence-parallel degree; each rank keeps its
+    own patches (Ulysses gives its attention the whole sequence for a slice of the heads: the same
+    share)."""
+    return model.global_activation_bytes(cfg.train.micro_batch, bool(cfg.model.checkpoint_activations),
+                                         _bytes_per_value(cfg), sequence=sequence)
+
+
+def global_backward_bytes(model: TerraByte, cfg: Config, sequence: int = 1) -> float:
+    """What the global stage's backward adds, one block at a time (``TerraByte.global_backward_bytes``)."""
+    return model.global_backward_bytes(cfg.train.micro_batch, bool(cfg.model.checkpoint_activations),
+                                       _bytes_per_value(cfg), sequence=sequence)
 
 
 def chunk_activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None) -> float:
@@ -119,7 +124,8 @@ def chunk_activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | Non
 
 
 def activation_bytes(model: TerraByte, cfg: Config, chunk_bytes: int | None = None, sequence: int = 1) -> float:
-    return global_activation_bytes(model, cfg, sequence) + chunk_activation_bytes(model, cfg, chunk_bytes)
+    return global_activation_bytes(model, cfg, sequence) + max(global_backward_bytes(model, cfg, sequence),
+                                                                chunk_activation_bytes(model, cfg, chunk_bytes))
 
 
 def model_state_bytes(model: TerraByte, cfg: Config) -> float:
@@ -136,7 +142,7 @@ def largest_chunk(model: TerraByte, cfg: Config, memory_bytes: float, shards: in
     patch = model.unit_sizes[0]
     free = memory_bytes - model_state_bytes(model, cfg) / shards - global_activation_bytes(model, cfg, sequence)
     per_patch = chunk_activation_bytes(model, cfg, patch)
-    if free < per_patch:
+    if free < max(per_patch, global_backward_bytes(model, cfg, sequence)):
         return None
     top = min(model.max_chunk_bytes(), model.context_length * cfg.train.micro_batch)
     return max(patch, min(int(free // per_patch) * patch, top // patch * patch))
@@ -152,11 +158,27 @@ def device_memory_bytes(device: torch.device) -> int:
 def check_fits(cfg: Config, device: torch.device, shards: int = 1, sequence: int = 1,
                model: TerraByte | None = None) -> None:
     """Stop before the model is built when one micro-batch cannot fit the device (ConfigError naming
-    the chunk size that would fit). ``shards``: ranks the model states are split over (ZeRO-3,
+    the chunk size that would fit). Where it would not fit as configured, activation checkpointing
+    is turned on, then (``model.chunk_bytes`` unset) the largest chunk that fits is chosen, both in
+    ``cfg``, before giving up. ``shards``: ranks the model states are split over (ZeRO-3,
     tensor parallelism); ``sequence``: ranks a sequence is split over (Ulysses); ``model``: the
     config's meta model, when the caller has one."""
     model = meta_model(cfg) if model is None else model
-    verdict = memory_verdict(model, cfg, device_memory_bytes(device), f"{device.type} memory", shards, sequence)
+    memory = device_memory_bytes(device)
+    verdict = memory_verdict(model, cfg, memory, f"{device.type} memory", shards, sequence)
+    if verdict is not None and not cfg.model.checkpoint_activations:
+        # what a user gets by default: checkpointing turned on where the step would not fit without
+        cfg.model.checkpoint_activations = True
+        verdict = memory_verdict(model, cfg, memory, f"{device.type} memory", shards, sequence)
+        logger.info("model.checkpoint_activations turned on: without it one micro-batch would not fit %.1f GiB of "
+                    "%s memory", memory / 2**30, device.type)
+    if verdict is not None and cfg.model.chunk_bytes is None:
+        fits = largest_chunk(model, cfg, memory, shards, sequence)
+        if fits is not None:
+            cfg.model.chunk_bytes = fits
+            logger.info("model.chunk_bytes set to %d: the automatic %d would not fit %.1f GiB of %s memory",
+                        fits, model.chunk_bytes, memory / 2**30, device.type)
+            return
     if verdict is not None:
         raise ConfigError(verdict)
 
@@ -174,7 +196,8 @@ def memory_verdict(model: TerraByte, cfg: Config, memory_bytes: float, where: st
     if fits is not None:
         return f"{head}; model.chunk_bytes={fits} would fit (now {model.chunk_bytes})"
     return (f"{head} even with one patch per chunk: the global stage alone needs "
-            f"{global_activation_bytes(model, cfg, sequence) / 2**30:.1f} GiB; use activation checkpointing, a smaller "
+            f"{(global_activation_bytes(model, cfg, sequence) + global_backward_bytes(model, cfg, sequence)) / 2**30:.1f} GiB; "
+            "use activation checkpointing, a smaller "
             f"micro-batch or {'more ' if sequence > 1 else ''}sequence parallelism")
 
 
@@ -205,7 +228,8 @@ def describe(cfg: Config, memory_gib: float | None = None) -> str:
         f"activation memory per micro-batch of {cfg.train.micro_batch} (estimate, "
         f"{'fp32' if cfg.train.precision == 'fp32' else 'bf16'}, checkpointing "
         f"{'on' if cfg.model.checkpoint_activations else 'off'}): {activation_bytes(model, cfg) / 2**30:.2f} GiB "
-        f"= global stage {global_activation_bytes(model, cfg) / 2**30:.2f} GiB + lower-stage chunks of "
+        f"= global stage {global_activation_bytes(model, cfg) / 2**30:.2f} GiB + the larger of its backward "
+        f"{global_backward_bytes(model, cfg) / 2**30:.2f} GiB and the lower-stage chunks of "
         f"{model.chunk_bytes} bytes {chunk_activation_bytes(model, cfg) / 2**30:.2f} GiB",
         f"model states on one device, unsharded (fp32 master, Adam): {model_state_bytes(model, cfg) / 2**30:.2f} GiB",
         f"training FLOPs per optimizer step: {sum(flops) * cfg.train.global_batch * model.context_length:.3g}",

@@ -526,6 +526,12 @@ def cross_entropy(logits: Tensor, targets: Tensor, pad_id: int, reduction: str =
 MAX_KERNEL_BATCH = 65535
 # what one chunk's activations may take when ``chunk_bytes`` is left automatic (counted in fp32)
 AUTO_CHUNK_ACTIVATION_BYTES = 1 << 30
+# checkpoint_activations=None ("auto"): a training step checkpoints the global stage's blocks when
+# their activations without it would take more than this share of the memory available on the
+# device (the rest: the chunks below, the backward's transients, the allocator's slack, others)
+AUTO_CHECKPOINT_SHARE = 0.5
+# glibc's mmap threshold, pinned (see pin_malloc_threshold)
+MALLOC_MMAP_THRESHOLD = 128 << 10
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -534,6 +540,43 @@ def block_activation_values(stage: "Stage") -> int:
     inner = stage.heads * stage.dim_head
     hidden = stage.layers["0"].ff.up_proj.out_features if stage.depth else 0
     return 4 * stage.dim + 4 * inner + 3 * hidden
+
+
+@functools.lru_cache(maxsize=None)
+def pin_malloc_threshold() -> bool:
+    """Pin glibc's mmap threshold (as ``MALLOC_MMAP_THRESHOLD_`` does) for this process; True if set.
+
+    glibc raises the threshold after each large free (up to 32 MiB), so a long step's later
+    tensors land on the heap, between blocks that stay alive, and the holes freed there are never
+    given back: a 16 MiB step on CPU held about 1 KB of RSS per context byte beyond its live
+    tensors. With the threshold pinned, every large tensor is its own mapping, returned on free.
+    Off glibc (or where the call is unavailable) nothing changes."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MALLOC_MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory a step may still take on ``device``: free CUDA memory plus what torch's allocator
+    holds unused, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def patches_per_chunk(chunk_bytes: int, patch: int, rows: int = 1) -> int:
@@ -661,13 +704,15 @@ class TerraByte(nn.Module):
         rotary: bool = True,
         tie_embeddings: bool = False,
         attention=None,
-        checkpoint_activations: bool = False,
+        checkpoint_activations: Optional[bool] = None,
         chunk_bytes: Optional[int] = None,
         unit_embedding: str = "grouped",
         whole: Optional[Callable[[nn.Module], ContextManager]] = None,
     ):
         """``whole``: how ``init_weights`` reaches each module's parameters (see there); by default
-        they are whole."""
+        they are whole. ``checkpoint_activations``: True or False, or None (automatic: each training
+        step checkpoints the global stage's blocks when its activations would not fit otherwise,
+        ``auto_checkpoint``)."""
         # the arguments as given, JSON-ready: what save_pretrained writes to config.json
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
                   if k not in ("self", "__class__", "whole")}
@@ -724,8 +769,12 @@ class TerraByte(nn.Module):
         self.to_logits = nn.Linear(dim[-1], self.vocab_size, bias=False)
         if tie_embeddings:
             self.to_logits.weight = self.stages[-1].embed.token_emb.weight
-        self.checkpoint_activations = checkpoint_activations
+        if checkpoint_activations is not None and not isinstance(checkpoint_activations, bool):
+            raise ConfigError(f"checkpoint_activations={checkpoint_activations!r} must be true, false or unset (automatic)")
+        self.auto_checkpoint_activations = checkpoint_activations is None
+        self.checkpoint_activations = bool(checkpoint_activations)
         self.chunk_bytes = self._resolve_chunk_bytes(chunk_bytes)
+        pin_malloc_threshold()
         self._plans = None  # (parameter key, decode plans), see _decode_plans
         torch.set_rng_state(rng)
         self.init_weights(whole)
@@ -813,6 +862,49 @@ class TerraByte(nn.Module):
             chunk_bytes = limit
         return max(patch, min(chunk_bytes, self.context_length))
 
+    def global_activation_bytes(self, batch: int, checkpoint: bool, bytes_per_value: int = 4,
+                                patches: Optional[int] = None, sequence: int = 1) -> float:
+        """What a training step keeps for stage 0 over ``batch`` rows of ``patches`` patches (default:
+        the whole context) until its backward: each block's activations, or with ``checkpoint`` each
+        block's input; its output; one chunk of byte embeddings. ``sequence``: ranks the patches are
+        split over."""
+        stage = self.stages[0]
+        tokens = batch * (self.max_seq_len[0] if patches is None else patches) // sequence
+        per_block = tokens * block_activation_values(stage)
+        kept = tokens * stage.dim * stage.depth if checkpoint else per_block * stage.depth
+        embedding = 3 * batch * self.patches_per_chunk(batch) * self.unit_sizes[0] * self.dims[-1]
+        return (kept + tokens * stage.dim + embedding) * bytes_per_value
+
+    def global_backward_bytes(self, batch: int, checkpoint: bool, bytes_per_value: int = 4,
+                              patches: Optional[int] = None, sequence: int = 1) -> float:
+        """What stage 0's backward adds to what it kept, one block at a time: the gradients of the
+        block's activations, and under checkpointing the block's recomputed activations too. It runs
+        after the lower stages' chunks are done, so a step's peak is the kept part plus the larger of
+        this and the chunks."""
+        stage = self.stages[0]
+        tokens = batch * (self.max_seq_len[0] if patches is None else patches) // sequence
+        return (2 if checkpoint else 1) * tokens * block_activation_values(stage) * bytes_per_value
+
+    def auto_checkpoint(self, ids: Tensor) -> bool:
+        """Whether this step checkpoints the global stage's blocks: as set, or when automatic, when
+        its activations without checkpointing would take more than AUTO_CHECKPOINT_SHARE of the
+        memory available on the device."""
+        if not self.auto_checkpoint_activations:
+            return self.checkpoint_activations
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        half = ids.is_cuda and torch.is_autocast_enabled("cuda") or self.to_logits.weight.element_size() < 4
+        patches, width = ids.shape[1] // self.unit_sizes[0], 2 if half else 4
+        need = (self.global_activation_bytes(ids.shape[0], False, width, patches=patches)
+                + self.global_backward_bytes(ids.shape[0], False, width, patches=patches))
+        budget = AUTO_CHECKPOINT_SHARE * available_memory_bytes(ids.device)
+        on = need > budget
+        if on != self.checkpoint_activations:
+            logger.info("activation checkpointing %s: the global stage's activations without it, %.2f GB, %s %.0f%% of "
+                        "the %.2f GB available", "on" if on else "off", need / 1e9, "exceed" if on else "fit in",
+                        100 * AUTO_CHECKPOINT_SHARE, budget / AUTO_CHECKPOINT_SHARE / 1e9)
+        return on
+
     def patches_per_chunk(self, rows: int = 1) -> int:
         """Global patches per chunk when ``rows`` rows are embedded together."""
         return patches_per_chunk(self.chunk_bytes, self.unit_sizes[0], rows)
@@ -882,6 +974,8 @@ class TerraByte(nn.Module):
         ids, n = self._flatten_input(x)
         if reduction and n == 0:
             raise ConfigError("cannot compute a loss on an empty sequence")
+        if self.auto_checkpoint_activations:
+            self.checkpoint_activations = self.auto_checkpoint(ids)
         out = lower_stages(self.stages, self.to_logits, self.global_stage(ids), ids, first_patch=0,
                            patches_per_chunk=self.patches_per_chunk(), pad_id=self.pad_id,
                            reduction={False: "logits", "mean": "sum"}.get(reduction, reduction))

@@ -1,100 +1,145 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run of at most 5 minutes (CHECK_BUDGET_S): for a session with a GPU machine.
+# Every GPU check of the project in one call of at most 8 minutes (CHECK_BUDGET_S, default 450 s
+# from the start, install included), for the first session with a GPU machine:
 #
 #   here:  bash launch/gpu/prepare_wheels.sh
-#   there: bash launch/gpu/check.sh             (device tool: carry [".whl"], timeout_s 480)
+#   there: bash launch/gpu/check.sh            (device tool: carry [".whl"], timeout_s 540)
+#   CPU rehearsal (CI): bash launch/gpu/check.sh --cpu   (OUT=<its own folder>)
 #
-# 1. kernels: correctness of the Triton sparse attention (bf16/fp16/fp32, fwd+bwd) against the
-#    reference, then its benchmark against FlexAttention/SDPA (kernels/gpu_check.py, 60 s budget);
-# 2. model: `terrabyte bench model` on the GPU, MEGABYTE-pytorch side by side;
-# 3. long contexts: `terrabyte bench context --gpu`: doubling long_1g-shaped contexts until one
-#    fails (the longest context one GPU trains) and the time of one 1 GiB long_1g step;
-# 4. engine: the `small` config (128M) for 20 steps on one GPU in bf16 under ZeRO-3: bytes/s,
-#    model TFLOP/s and MFU read back from its TensorBoard events;
-# 5. layouts: `terrabyte bench engine --gpu`: MFU of slices of small and 1b (a few steps each).
-# Results land in $OUT (kernels: gpu_check.md/json; bench_model.md; bench_context.md/json; train_small.md;
-# bench_engine.md/json; ds_report.txt)
-# for kernels/BENCHMARKS.md, pretrain/BENCHMARKS.md and the issues. A failing step does not stop
-# the later ones; the exit code is the number of failed steps.
+# Steps, by value; each runs under `timeout` for the lesser of its limit and what is left, writes its
+# table as it goes, and summary.md is rewritten after every step (a cut-short check still returns
+# what it had):
+#   1. environment: versions, nvidia-smi, `python -m deepspeed.env_report`, the device's ceilings
+#      (bf16 matmul TFLOP/s, memory copy GB/s: python -m terrabyte.launch.check ceilings);
+#   2. kernels: correctness of the sparse attention (bf16/fp16/fp32, fwd+bwd, vs the reference),
+#      then its times at 8K/32K/128K against FlexAttention and dense causal SDPA (ms);
+#   3. engine: `terrabyte bench engine --gpu`: MFU of small and a 1b slice, bf16, with and without
+#      ZeRO-3, against the datasheet peak and the ceiling measured in step 1;
+#   4. long context: `terrabyte bench context --gpu`: one long_1g step at exactly 2^30 bytes (time,
+#      peak memory against the --dry-run estimate), then doubling while time is left;
+#   5. a short `small` training run (no samples, few validation sequences) read back from TensorBoard.
+# $OUT gets exactly summary.md, summary.json and logs.tgz (every log): 3 of the 8 files that come back.
+# The exit code is the number of failed or skipped steps (a step that exits 0 without a table row
+# counts as failed).
 set -uo pipefail
+mode=gpu
+case "${1:-}" in
+  --cpu) mode=cpu ;;
+  "") ;;
+  *) echo "usage: bash launch/gpu/check.sh [--cpu]" >&2; exit 2 ;;
+esac
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"
 out="${OUT:-$repo/gpu_check_out}"
+[ "$mode" = cpu ] && out="${OUT:-$repo/gpu_check_cpu_out}"
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-failed=0
-step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
-# One budget for the whole check (CHECK_BUDGET_S, default 5 minutes after the install): each step
-# runs for at most its own limit or what is left, whichever is less; a step with under 20 s left
-# is skipped and counted as failed, so the script never runs past its budget by more than a step's
-# clean-up.
-budget_end=0
-limit() {  # limit SECONDS: the timeout of the next step
-  local left=$((budget_end - SECONDS))
-  if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
-}
-run_limited() {  # run_limited SECONDS command...: under the budget; a skipped or failed step counts
-  local t; t=$(limit "$1"); shift
-  if [ "$t" -eq 0 ]; then echo "skipped: the check's budget is spent"; failed=$((failed + 1)); return 1; fi
-  timeout "$t" "$@" || { failed=$((failed + 1)); return 1; }
+work="$(mktemp -d "${TMPDIR:-/tmp}/terrabyte_check.XXXXXX")"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 mode work
+budget_end=$((SECONDS + ${CHECK_BUDGET_S:-$([ "$mode" = cpu ] && echo 600 || echo 450)}))
+n=0
+title="GPU check ($mode) $(date -u '+%Y-%m-%d %H:%M UTC')"
+[ "$mode" = cpu ] && title="CPU rehearsal of the GPU check (not GPU numbers) $(date -u '+%Y-%m-%d %H:%M UTC')"
+
+summarize() {
+  timeout 60 python3 -m terrabyte.launch.check summary --work "$work" --out "$out" --title "$title" \
+    >> "$work/summary.log" 2>&1 || echo "summary failed (see logs.tgz: summary.log)"
+  tar -czf "$out/logs.tgz" -C "$work" --exclude=./train_small --exclude=./shim . 2>/dev/null || true
 }
 
-# the carried wheels, then this checkout (its folders become `terrabyte.*` only when installed)
-site=/tmp/terrabyte_site
-pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$@"; }
-if [ -d .whl ]; then pip_install .whl/*.whl || exit 99; fi
-pip_install --no-build-isolation . || exit 99
-export PYTHONPATH="$site" PATH="$site/bin:$PATH"
+# step NAME LIMIT_S COMMAND...: the command's stdout is its table (NN_name.md), stdout and stderr
+# together its log (NN_name.log); exit 200: skipped for want of time
+step() {
+  local name=$1 want=$2; shift 2
+  n=$((n + 1))
+  local id; id=$(printf '%02d' "$n")
+  local left=$((budget_end - SECONDS)) rc t0=$SECONDS
+  local lim=$want; [ "$left" -lt "$lim" ] && lim=$left
+  printf '\n=== %s: %s (limit %s s, %s s left) %s\n' "$id" "$name" "$lim" "$left" "$(date +%T)"
+  if [ "$lim" -lt 15 ]; then
+    rc=200
+    echo "skipped: the check's budget is spent" | tee "$work/${id}_${name}.log"
+  else
+    # a shell function of this script runs in a child bash (timeout runs programs only)
+    if declare -F "$1" > /dev/null; then set -- bash -c "$(declare -f "$1"); $1"; fi
+    timeout -k 10 "$lim" "$@" > >(tee "$work/${id}_${name}.md" >> "$work/${id}_${name}.log") 2>> "$work/${id}_${name}.log"
+    rc=$?
+    sleep 0.2  # the tee behind the process substitution flushes
+    tail -n 5 "$work/${id}_${name}.log" | grep -v '^|' || true
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$id" "$name" "$rc" "$((SECONDS - t0))" "$lim" >> "$work/steps.tsv"
+  summarize
+}
 
-budget_end=$((SECONDS + ${CHECK_BUDGET_S:-300}))
-step "environment"
-nvidia-smi -L
-python3 -c "import torch, triton, deepspeed; print('torch', torch.__version__, 'triton', triton.__version__, 'deepspeed', deepspeed.__version__)" || failed=$((failed + 1))
-ds_report > "$out/ds_report.txt" 2>&1 || true
+# --------------------------------------------------------------------------- install
+# The project first, then the carried wheels, into two folders (one --target would let the second
+# install replace the first's bin/ and lose its commands); commands run as `python -m`, never from
+# bin/. If the project does not install, run from the checkout: terrabyte/ made of links.
+if [ "$mode" = gpu ]; then
+  site=/tmp/terrabyte_site wheels=/tmp/terrabyte_wheels
+  pip_to() { local dest=$1; shift; timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target "$dest" "$@"; }
+  if pip_to "$site" --no-build-isolation . > "$work/install.log" 2>&1; then
+    echo "project installed into $site"
+  else
+    echo "project install failed (see logs.tgz: install.log); running from the checkout"
+    site=/tmp/terrabyte_shim; rm -rf "$site"; mkdir -p "$site/terrabyte"
+    for d in pretrain kernels data_pipeline launch configs; do ln -s "$repo/$d" "$site/terrabyte/$d"; done
+  fi
+  if [ -d .whl ]; then
+    pip_to "$wheels" .whl/*.whl >> "$work/install.log" 2>&1 || echo "wheel install failed (see logs.tgz: install.log)"
+  fi
+  export PYTHONPATH="$site:$wheels${PYTHONPATH:+:$PYTHONPATH}"
+elif ! python3 -c "import terrabyte.pretrain" 2>/dev/null; then
+  shim="$work/shim"; mkdir -p "$shim/terrabyte"
+  for d in pretrain kernels data_pipeline launch configs; do ln -s "$repo/$d" "$shim/terrabyte/$d"; done
+  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
-step "kernels: correctness, then benchmark"
-run_limited 80 python3 -m terrabyte.kernels.gpu_check --budget 60 --out "$out"
+# --------------------------------------------------------------------------- steps
+env_step() {
+  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" >&2
+  if [ "$mode" = gpu ]; then
+    nvidia-smi -L >&2 || true
+    timeout 60 python3 -m deepspeed.env_report > "$work/ds_report.log" 2>&1 || echo "deepspeed env_report failed" >&2
+    python3 -m terrabyte.launch.check ceilings --json "$work/ceilings.json"
+  else
+    python3 -m terrabyte.launch.check ceilings --cpu --json "$work/ceilings.json"
+  fi
+}
+ceiling() { python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['matmul_tflops'], 1))" "$work/ceilings.json" 2>/dev/null; }
 
-step "model: terrabyte bench model on the GPU"
-run_limited 50 python3 -m terrabyte.pretrain.bench_model --device cuda --out "$out/bench_model.md"
+if [ "$mode" = gpu ]; then
+  step environment 60 env_step
+  step kernels 170 python3 -m terrabyte.kernels.gpu_check --budget 150 --out "$work/kernels"
+  c=$(ceiling)
+  step engine 100 python3 -m terrabyte.launch.cli bench engine --gpu --steps 4 --warmup 2 \
+    --out "$work/engine.json" ${c:+--ceiling-tflops "$c"}
+  step long_context 130 python3 -m terrabyte.launch.cli bench context --gpu --budget 110 --time-cap 100 \
+    --out "$work/long_context.json"
+  train_args="--config small --train.steps 12 --train.global_batch 16 --train.micro_batch 8 --train.log_interval 2
+    --train.eval_interval 12 --train.sample_bytes 0 --data.val_sequences 8 --optim.warmup_steps 4"
+else
+  step environment 60 env_step
+  step kernels 200 env TRITON_INTERPRET=1 python3 -m terrabyte.kernels.gpu_check --device cpu --out "$work/kernels"
+  step engine 150 python3 -m terrabyte.launch.cli bench engine --gpu --device cpu --steps 2 --warmup 1 \
+    --out "$work/engine.json"
+  step long_context 100 python3 -m terrabyte.launch.cli bench context --longest --device cpu --config long_cpu \
+    --first 32K --budget 30 --time-cap 80 --out "$work/long_context.json"
+  train_args="--config tiny --train.steps 2 --train.global_batch 2 --train.micro_batch 1 --train.log_interval 1
+    --train.eval_interval 2 --train.sample_bytes 0 --data.val_sequences 2 --optim.warmup_steps 1"
+fi
+train_step() {
+  local run_dir="$work/train_small"
+  # shellcheck disable=SC2086  # train_args: words
+  python3 -m terrabyte.launch.cli pretrain $train_args --run.dir "$run_dir" --checkpoint.interval 1000 >&2 || return $?
+  python3 -m terrabyte.launch.check tensorboard "$run_dir"
+}
+export train_args
+step train_small 150 train_step
 
-step "long contexts: terrabyte bench context --gpu (longest context one GPU trains, the long_1g step)"
-run_limited 90 python3 -m terrabyte.pretrain.bench_context --gpu --time-cap 60 --out "$out/bench_context.json" \
-  > "$out/bench_context.md" 2> "$out/bench_context.log"
-cat "$out/bench_context.md"
-
-step "engine: small config, 20 steps, bf16, ZeRO-3, one GPU"
-run_dir=/tmp/terrabyte_small
-rm -rf "$run_dir"
-run_limited 60 python3 -m terrabyte.launch.cli pretrain --config small --run.dir "$run_dir" \
-  --train.steps 20 --train.global_batch 64 --train.micro_batch 8 --train.log_interval 10 \
-  --train.eval_interval 20 --optim.warmup_steps 5 --checkpoint.interval 1000 \
-  > "$out/train_small.log" 2>&1
-tail -5 "$out/train_small.log"
-python3 - "$run_dir" "$out/train_small.md" <<'PY' || failed=$((failed + 1))
-import glob, sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-run_dir, dest = sys.argv[1:]
-ea = EventAccumulator(f"{run_dir}/tensorboard", size_guidance={"scalars": 0})
-ea.Reload()
-tags = ["train/loss", "train/bytes_per_second", "perf/model_tflops_per_rank", "perf/mfu", "perf/peak_memory_gib",
-        "perf/loader_wait_fraction"]
-have = [t for t in tags if t in ea.Tags()["scalars"]]
-steps = sorted({e.step for t in have for e in ea.Scalars(t)})
-lines = ["| step | " + " | ".join(have) + " |", "|---" * (len(have) + 1) + "|"]
-for s in steps:
-    row = {t: e.value for t in have for e in ea.Scalars(t) if e.step == s}
-    lines.append(f"| {s} | " + " | ".join(f"{row[t]:.4g}" if t in row else "" for t in have) + " |")
-table = "\n".join(lines) + "\n"
-open(dest, "w").write(table)
-print(table)
-PY
-
-step "layouts: terrabyte bench engine --gpu (MFU of small and 1b slices)"
-run_limited 60 python3 -m terrabyte.launch.cli bench engine --gpu --steps 4 --warmup 2 --out "$out/bench_engine.json" \
-  > "$out/bench_engine.md" 2> "$out/bench_engine.log"
-cat "$out/bench_engine.md"
-
-step "done: $failed failed step(s); results in $out"
-ls -la "$out"
+summarize
+failed=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['failed'])" "$out/summary.json" 2>/dev/null || echo 99)
+printf '\n=== done: %s failed or skipped step(s); %s holds: %s\n' "$failed" "$out" "$(ls "$out" | tr '\n' ' ')"
+cat "$out/summary.md"
+rm -rf "$work"
 exit "$failed"

@@ -49,6 +49,6 @@ def test_bad_options_stop_with_one_line():
         be.parse_layouts("one,pipe")
     assert be.parse_layouts("sequence,zero3") == ["one", "zero3", "sequence"]
     if not be.torch.cuda.is_available():
-        args = argparse.Namespace(gpu=True, steps=1, warmup=0, out="unused")
+        args = argparse.Namespace(gpu=True, device="cuda", ceiling_tflops=None, steps=1, warmup=0, out="unused")
         with pytest.raises(ConfigError, match="--gpu needs a CUDA device"):
             be.run(args)

@@ -97,7 +97,8 @@ def test_dry_run_memory_names_the_chunk_that_fits():
     """long_1g fits one 141 GB GPU; on less memory the estimate names the largest chunk that fits, or
     says that none does; the same line stops a run at start-up."""
     from terrabyte.pretrain.estimate import (activation_bytes, chunk_activation_bytes, describe,
-                                             global_activation_bytes, largest_chunk, memory_verdict, meta_model,
+                                             global_activation_bytes, global_backward_bytes, largest_chunk,
+                                             memory_verdict, meta_model,
                                              model_state_bytes)
 
     cfg = load_config("long_1g")
@@ -107,9 +108,9 @@ def test_dry_run_memory_names_the_chunk_that_fits():
     assert "fits 141 GiB with model.chunk_bytes=1048576" in text
     # twice the chunk, twice its activations: the chunk term is linear and the rest does not move
     assert chunk_activation_bytes(model, cfg, 2 << 20) == pytest.approx(2 * chunk_activation_bytes(model, cfg, 1 << 20))
-    memory = model_state_bytes(model, cfg) + activation_bytes(model, cfg, 1 << 18) + 1
+    memory = model_state_bytes(model, cfg) + activation_bytes(model, cfg, 3 << 18) + 1
     fits = largest_chunk(model, cfg, memory)
-    assert fits is not None and (1 << 18) <= fits < (1 << 20) and fits % model.unit_sizes[0] == 0
+    assert fits is not None and (3 << 18) <= fits < (1 << 20) and fits % model.unit_sizes[0] == 0
     verdict = memory_verdict(model, cfg, memory, "cuda memory")
     assert f"model.chunk_bytes={fits} would fit (now 1048576)" in verdict
     none = memory_verdict(model, cfg, 4 * 2**30, "--memory 4")
@@ -117,7 +118,10 @@ def test_dry_run_memory_names_the_chunk_that_fits():
     # a sequence-parallel group of 8 splits the global stage's activations (and ZeRO-3 the states):
     # what one rank cannot hold, each of 8 can
     tight = model_state_bytes(model, cfg) / 8 + activation_bytes(model, cfg, sequence=8) + 1
-    assert global_activation_bytes(model, cfg, 8) < global_activation_bytes(model, cfg) / 4  # chunks stay per rank
+    def stage0(sequence):
+        return global_activation_bytes(model, cfg, sequence) + global_backward_bytes(model, cfg, sequence)
+
+    assert stage0(8) < stage0(1) / 4  # the byte-embedding chunk stays whole on each rank
     assert memory_verdict(model, cfg, tight, "cuda memory", shards=8, sequence=8) is None
     alone = memory_verdict(model, cfg, tight, "cuda memory")
     assert alone is not None and "over the" in alone
