@@ -395,23 +395,25 @@ class ByteLoader:
 
     def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int):
         """Steps [b0, b0+nb) of every lane into lanebuf[lane, :nb]; steps before firsts[j] (micro-batches
-        yielded before a resume) are left unwritten. Returns each lane's EOS positions in the block
-        (ascending int64 arrays, lane-block coordinates step * seq_len + column), the data tokens of
+        yielded before a resume) are left unwritten. Returns the EOS positions in the block (one int64
+        array, lane by lane, each lane's ascending, lane-block coordinates step * seq_len + column) with
+        how many belong to each lane, the data tokens of
         each (lane, step) row (fewer than seq_len only for a lane that skipped corrupt members), and
         None: each step's row is where it belongs (a mixture's rows are not, `mixture.py`)."""
         L = self.seq_len
         lanes = lanebuf.reshape(len(readers), -1)  # each lane's steps back to back
-        marks, filled = [], np.full(len(readers), nb * L, dtype=np.int64)
+        eos, counts, filled = [], [], np.full(len(readers), nb * L, dtype=np.int64)
         for j, reader in enumerate(readers):
             s0 = max(b0, firsts[j]) - b0  # first step of this block the lane still owes
-            eos: list = []
+            before = len(eos)
             if s0 < nb:
-                got = reader.fill(lanes[j, s0 * L:nb * L], eos)
+                got = reader.fill(lanes[j, s0 * L:nb * L], eos, s0 * L)
                 if got != (nb - s0) * L and self.on_error != "skip":
                     raise DataError(f"lane {self.dp_rank * len(readers) + j} of epoch {epoch} ran short before "
                                     f"step {b0 + nb}: shards changed since the manifest was written?")
                 filled[j] = s0 * L + got
-            marks.append(np.asarray(eos, dtype=np.int64) + s0 * L)
+            counts.append(len(eos) - before)
+        marks = (np.asarray(eos, dtype=np.int64), counts)
         return marks, np.clip(filled[:, None] - np.arange(nb, dtype=np.int64) * L, 0, L), None
 
     def _iter_eval(self, generation: int):
@@ -438,17 +440,17 @@ class ByteLoader:
             yield batch
 
 
-def _batch_eos(marks: list, nb: int, m: int, seq_len: int) -> tuple[np.ndarray, list]:
+def _batch_eos(marks: tuple, nb: int, m: int, seq_len: int) -> tuple[np.ndarray, list]:
     """The EOS positions of a block's micro-batches, computed for the whole block at once (per
-    batch, a slice): lane j's mark p (step p // seq_len) belongs to micro-batch (step, j // m) at
-    flat position (j % m) * seq_len + p % seq_len. Returns the positions ordered by batch (step *
+    batch, a slice): `marks` is (the block's EOS positions lane by lane, how many per lane); lane j's
+    mark p (step p // seq_len) belongs to micro-batch (step, j // m) at flat position
+    (j % m) * seq_len + p % seq_len. Returns the positions ordered by batch (step *
     lanes / m + k) and the bounds of each batch's slice."""
-    lanes = len(marks)
+    pos, counts = marks
+    lanes = len(counts)
     per_step = lanes // m
-    counts = [len(mk) for mk in marks]
-    if not sum(counts):
+    if not len(pos):
         return np.zeros(0, dtype=np.int64), [0] * (nb * per_step + 1)
-    pos = np.concatenate(marks)
     lane = np.repeat(np.arange(lanes, dtype=np.int64), counts)
     step, col = np.divmod(pos, seq_len)
     batch = step * per_step + lane // m

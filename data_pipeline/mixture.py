@@ -318,16 +318,16 @@ class MixtureLoader(ByteLoader):
         order = np.argsort(drawn, axis=1, kind="stable")  # order[j, slot] = step
         slots = np.empty_like(order)
         np.put_along_axis(slots, order, np.arange(nb, dtype=np.int64)[None, :], axis=1)
-        counts = (drawn[None, :, :] == np.arange(S)[:, None, None]).sum(axis=2).tolist()  # [source][lane]
+        runs = (drawn[:, :, None] == np.arange(S)).sum(axis=1).tolist()  # [lane][source]: rows of the block
         by_slot = np.full((per_rank, nb), L, dtype=np.int64)
         short, eos, ends = False, [], []  # EOS positions of all lanes, lane-slot coordinates; where each lane's end
+        lane_stream = self._lane_streams
         for j in range(per_rank):
             at = int(owed[j])
-            for s in range(S):
-                n = counts[s][j]
+            for s, n in enumerate(runs[j]):
                 if n:
-                    if not self._lane_stream(s, j).fill(lanes[j, at * L:(at + n) * L], n, eos, at * L,
-                                                        by_slot[j, at:at + n]):
+                    st = lane_stream.get((s, j)) or self._lane_stream(s, j)
+                    if not st.fill(lanes[j, at * L:(at + n) * L], n, eos, at * L, by_slot[j, at:at + n]):
                         if self.on_error != "skip":
                             raise DataError(
                                 f"lane {self.lane_ids[j]} of data source {self.mixture.sources[s].name!r} ran short "
@@ -337,8 +337,9 @@ class MixtureLoader(ByteLoader):
             ends.append(len(eos))
         # slot coordinates -> step coordinates, as the batch cutter expects them, for all lanes at once
         p = np.asarray(eos, dtype=np.int64)
-        lane = np.repeat(np.arange(per_rank), np.diff(ends, prepend=0))
-        marks = np.split(order[lane, p // L] * L + p % L, ends[:-1])
+        counts = np.diff(ends, prepend=0)
+        lane = np.repeat(np.arange(per_rank), counts)
+        marks = (order[lane, p // L] * L + p % L, counts)
         rowlen = np.take_along_axis(by_slot, slots, axis=1) if short else by_slot
         return marks, rowlen, slots
 

@@ -347,26 +347,45 @@ def fresh_buffer(nbytes: int) -> np.ndarray:
 class BufferPool:
     """Reuses decompression buffers. Writing into fresh memory costs page faults that, for MiB-sized
     members held by many lanes, take as long as zstd itself; buffers come back when the object
-    that owns them (a member's Segments) is garbage collected."""
+    that owns them (a member's Segments) is garbage collected.
+
+    The free list keeps at least `keep` buffers, and more while its bytes stay under the most
+    bytes ever handed out and alive at once: the members a mixture's lanes hold grow with the
+    number of sources, and freeing more than `keep` at once (lanes crossing an epoch boundary) only
+    to fault fresh ones in a step later costs as much as decompressing them. So the pool holds at
+    most the peak live set again, never more."""
 
     def __init__(self, keep: int = 16):
         self.keep = keep
         self._free: list[np.ndarray] = []
+        self._free_bytes = self._live = self._peak = 0
         self._lock = threading.Lock()
 
     def take(self, size: int) -> np.ndarray:
         with self._lock:
             fits = [j for j, b in enumerate(self._free) if len(b) >= size]
             if fits:  # the smallest that fits, so that larger members still find theirs
-                return self._free.pop(min(fits, key=lambda j: len(self._free[j])))
+                buf = self._free.pop(min(fits, key=lambda j: len(self._free[j])))
+                self._free_bytes -= len(buf)
+                self._lent(len(buf))
+                return buf
         # whole MiB, so a buffer fits the many members of similar size that follow (not powers of
         # two: a 2.1 MB member would fault in and zero two huge pages)
-        return fresh_buffer(-(-size >> 20) << 20)
+        buf = fresh_buffer(-(-size >> 20) << 20)
+        with self._lock:
+            self._lent(len(buf))
+        return buf
+
+    def _lent(self, nbytes: int):  # (under self._lock)
+        self._live += nbytes
+        self._peak = max(self._peak, self._live)
 
     def give(self, buf: np.ndarray):
         with self._lock:
-            if len(self._free) < self.keep:
+            self._live = max(self._live - len(buf), 0)  # (a buffer the pool did not hand out: counted 0)
+            if len(self._free) < self.keep or self._free_bytes + len(buf) <= self._peak:
                 self._free.append(buf)
+                self._free_bytes += len(buf)
 
     def own(self, owner, buf: np.ndarray):
         """Return buf to the pool when owner is collected."""
