@@ -264,20 +264,30 @@ class ByteLoader:
             return stages.TokenReader((), self.eos_id)
         first_j, first_offset = stages.locate(cum, start)
         last, last_offset = stages.locate(cum, stop - 1)
-        positions = np.arange(first_j, last + 1)
-        lo = np.zeros(len(positions), dtype=np.int64)  # each member's part of the range: [lo, hi)
-        lo[0] = first_offset
-        hi = self._member_tokens[order[positions]]
-        hi[-1] = last_offset + 1
+        n = last - first_j + 1  # members k = 0..n-1 are order[first_j + k]; of each, tokens [lo, hi)
         with self._cache_lock:
             bad = set(self.bad_members)
-        known_bad = np.isin(order[positions], np.fromiter(bad, dtype=np.int64)) if bad else np.zeros(len(hi), bool)
-        room = np.concatenate([[0], np.cumsum(np.where(known_bad, 0, hi - lo))])
-        limit = int(room[-1]) - delivered
-        if limit <= 0:
-            return stages.TokenReader((), self.eos_id)
-        k0 = int(np.searchsorted(room, delivered, side="right")) - 1
-        lo[k0] += delivered - int(room[k0])
+        if bad:
+            positions = order[first_j:last + 1]
+            lo = np.zeros(n, dtype=np.int64)
+            lo[0] = first_offset
+            hi = self._member_tokens[positions]
+            hi[-1] = last_offset + 1
+            known_bad = np.isin(positions, np.fromiter(bad, dtype=np.int64))
+            room = np.concatenate([[0], np.cumsum(np.where(known_bad, 0, hi - lo))])
+            limit = int(room[-1]) - delivered
+            if limit <= 0:
+                return stages.TokenReader((), self.eos_id)
+            k0 = int(np.searchsorted(room, delivered, side="right")) - 1
+            lo0 = int(lo[k0]) + delivered - int(room[k0])
+            todo = [k for k in range(k0, n) if not known_bad[k]]
+        else:  # every member takes its room: the stream position alone says where to begin (once per lane epoch)
+            limit = stop - start - delivered
+            if limit <= 0:
+                return stages.TokenReader((), self.eos_id)
+            k0, lo0 = stages.locate(cum, start + delivered)
+            k0 -= first_j
+            todo = range(k0, n)
         seed = self.seed
 
         def hold(k, key, segs):  # (under self._cache_lock)
@@ -286,7 +296,7 @@ class ByteLoader:
                     self._held[key] = segs
 
         def cached(k):  # a member another lane still holds: no thread hand-off needed
-            key = (epoch, int(order[positions[k]]))
+            key = (epoch, int(order[first_j + k]))
             with self._cache_lock:
                 segs = self._held.pop(key, None) or self._members.get(key)
                 if segs is not None:
@@ -296,7 +306,7 @@ class ByteLoader:
         def load(k):
             segs = cached(k)
             if segs is None:
-                m = int(order[positions[k]])
+                m = int(order[first_j + k])
                 segs = self._load_member(m, (seed, epoch, m) if self.shuffle else None)
                 if segs is not None:
                     with self._cache_lock:
@@ -308,9 +318,9 @@ class ByteLoader:
             segs = cached(k)
             return None if segs is None else (k, segs)
 
-        todo = [k for k in range(k0, len(positions)) if not known_bad[k]]
         loaded = stages.prefetch_map(load, todo, self._executor, self.prefetch, ready=ready)
-        members = (segs.window(int(lo[k]), int(hi[k])) for k, segs in loaded if segs is not None)
+        members = (segs.window(lo0 if k == k0 else 0, last_offset + 1 if k == n - 1 else segs.ntokens)
+                   for k, segs in loaded if segs is not None)
         return stages.TokenReader(members, self.eos_id, limit=limit)
 
     def _epoch_stream(self, epoch: int):

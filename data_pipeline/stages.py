@@ -507,17 +507,18 @@ class Segments:
         takes only its part of the members at its two ends)."""
         if start <= 0 and stop >= self.ntokens:
             return self
-        offsets, lengths, eos = [], [], []
-        for i in range(max(bisect.bisect_right(self.starts, start) - 1, 0), len(self.starts)):
-            st, n = self.starts[i], self.lengths[i]
-            if st >= stop:
+        # the segments it touches, sliced (members hold hundreds of small documents); then the two ends trimmed
+        i0 = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        i1 = bisect.bisect_left(self.starts, stop, i0)
+        offsets, lengths, eos = self.offsets[i0:i1], self.lengths[i0:i1], self.eos[i0:i1]
+        for i, st in ((0, self.starts[i0]), (i1 - i0 - 1, self.starts[i1 - 1])):
+            if i < 0:
                 break
+            n = self.lengths[i0 + i]
             a, b = max(start - st, 0), min(stop - st, n)  # its data tokens inside the window
-            keep_eos = bool(self.eos[i]) and start <= st + n < stop
-            if b > a or keep_eos:
-                offsets.append(self.offsets[i] + min(a, n))
-                lengths.append(max(b - a, 0))
-                eos.append(keep_eos)
+            offsets[i] = self.offsets[i0 + i] + min(a, n)
+            lengths[i] = max(b - a, 0)
+            eos[i] = bool(self.eos[i0 + i]) and start <= st + n < stop
         return Segments.build(self.raw, offsets, lengths, eos, self.marks)
 
     def tokens(self, eos_id: int) -> np.ndarray:
