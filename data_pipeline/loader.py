@@ -346,7 +346,7 @@ class ByteLoader:
         # freed, cache-hot memory and a small lane buffer (BLOCK_BYTES) is still in cache when it is
         # copied (BENCHMARKS.md, third 2026-11-27 section). A step larger than BLOCK_BYTES (long
         # sequences) gets a fresh buffer instead, and its micro-batches are views of it: no copy.
-        block_steps = max(1, min(64, BLOCK_BYTES // (per_rank * L)))
+        block_steps = self._block_steps(per_rank)
         fresh = per_rank * L > BLOCK_BYTES
         lanebuf = None if fresh else stages.fresh_buffer(per_rank * block_steps * L).reshape(per_rank, block_steps, L)
         wide = {torch.int64: np.int64, torch.int32: np.int32}.get(self.dtype)
@@ -390,6 +390,10 @@ class ByteLoader:
                                               torch.from_numpy(lengths) if short else None, self.eos_id, self.pad_id)
                         self._advance(A, steps)  # before yield: state = batches handed out
                         yield batch
+
+    def _block_steps(self, per_rank: int) -> int:
+        """Steps of every lane filled at once: a BLOCK_BYTES lane buffer, at most 64 steps."""
+        return max(1, min(64, BLOCK_BYTES // (per_rank * self.seq_len)))
 
     def _open_epoch(self, epoch: int, firsts: list) -> tuple[list, int]:
         """This rank's lane readers for `epoch`, lane j from its step firsts[j] on; and steps per epoch."""

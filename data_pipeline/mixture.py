@@ -34,7 +34,7 @@ import torch
 
 from . import stages
 from .errors import CheckpointError, ConfigError, DataError, TerrabyteError
-from .loader import ByteLoader
+from .loader import BLOCK_BYTES, ByteLoader
 from .vocab import BYTES, Vocab
 
 logger = logging.getLogger(__name__)
@@ -281,6 +281,16 @@ class MixtureLoader(ByteLoader):
                 logger.info("data source %r: weight 0 throughout, validation only", src.name)
 
     # -- ByteLoader's hooks -----------------------------------------------------------------------
+
+    def _block_steps(self, per_rank: int) -> int:
+        """A block per drawn source of what one source fills at once: a lane's block is filled in
+        one run per source, and each run then copies as many rows per call as a one-source fill (the
+        per-call cost is what a mixture adds, BENCHMARKS.md); the lane buffer grows to
+        `sources * BLOCK_BYTES` per rank."""
+        steps = super()._block_steps(per_rank)
+        if per_rank * self.seq_len > BLOCK_BYTES:  # one step at a time in a fresh buffer, as ByteLoader
+            return steps
+        return steps * sum(c is not None for c in self.children)
 
     def _open_epoch(self, epoch: int, firsts: list) -> tuple[list, int]:
         """Placeholder readers (one per lane): the (lane, source) streams open when a draw first
