@@ -314,13 +314,19 @@ _dctx = threading.local()
 
 
 def _decompressor(zdict: bytes | None) -> zstandard.ZstdDecompressor:
-    # ZstdDecompressor objects are not thread-safe: one per thread.
-    d = getattr(_dctx, "d", None)
-    if d is None or getattr(_dctx, "dict", None) is not zdict:
+    # ZstdDecompressor objects are not thread-safe: one per thread and dictionary. A mixture's
+    # sources each have their own dictionary and their members come interleaved: loading a
+    # dictionary for every member would cost more than many members' decompression.
+    cache = getattr(_dctx, "by_dict", None)
+    if cache is None:
+        cache = _dctx.by_dict = {}
+    hit = cache.get(id(zdict))
+    if hit is None or hit[0] is not zdict:
+        if len(cache) >= 16:
+            cache.clear()
         dd = zstandard.ZstdCompressionDict(zdict) if zdict else None
-        d = _dctx.d = zstandard.ZstdDecompressor(dict_data=dd)
-        _dctx.dict = zdict
-    return d
+        hit = cache[id(zdict)] = (zdict, zstandard.ZstdDecompressor(dict_data=dd))  # (zdict kept: id stays its)
+    return hit[1]
 
 
 _HUGE_PAGE = 1 << 21
