@@ -362,8 +362,9 @@ class ByteLoader:
                 marks, rowlen, slots = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
                 eos, bounds = _batch_eos(marks, nb, m, L)
                 any_short = bool((rowlen < L).any())  # (never in a block without skipped members)
-                if slots is not None:  # row of lanebuf's (lane, slot) rows where each (lane, step) sits
-                    flat = slots + np.arange(per_rank, dtype=np.int64)[:, None] * lanebuf.shape[1]
+                if slots is not None:  # flat[step, lane]: the row of lanebuf (lane, slot rows) where it sits
+                    flat = (slots + np.arange(per_rank, dtype=np.int64)[:, None] * lanebuf.shape[1]).T.copy()
+                    allrows = lanebuf.reshape(-1, L)
                 for s in range(nb):
                     g = b0 + s
                     for k in range(micro0 if g == step0 else 0, A):
@@ -372,7 +373,7 @@ class ByteLoader:
                         if slots is None:
                             rows = lanebuf[k * m:(k + 1) * m, s]
                         else:  # the lane's rows sit grouped by source: one gather (a copy, as below)
-                            rows = lanebuf.reshape(-1, L).take(flat[k * m:(k + 1) * m, s], axis=0)
+                            rows = allrows.take(flat[s, k * m:(k + 1) * m], axis=0)
                         q = s * A + k
                         where = eos[bounds[q]:bounds[q + 1]]
                         # a lane that skipped members ran short: the rest of it is padding
