@@ -319,7 +319,9 @@ class ByteLoader:
             return None if segs is None else (k, segs)
 
         loaded = stages.prefetch_map(load, todo, self._executor, self.prefetch, ready=ready)
-        members = (segs.window(lo0 if k == k0 else 0, last_offset + 1 if k == n - 1 else segs.ntokens)
+        tokens = self._member_tokens
+        members = (segs.window(lo0 if k == k0 else 0,  # (the manifest's token count, as `cum` counts them)
+                               last_offset + 1 if k == n - 1 else int(tokens[order[first_j + k]]))
                    for k, segs in loaded if segs is not None)
         return stages.TokenReader(members, self.eos_id, limit=limit)
 
