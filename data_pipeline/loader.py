@@ -264,20 +264,30 @@ class ByteLoader:
             return stages.TokenReader((), self.eos_id)
         first_j, first_offset = stages.locate(cum, start)
         last, last_offset = stages.locate(cum, stop - 1)
-        positions = np.arange(first_j, last + 1)
-        lo = np.zeros(len(positions), dtype=np.int64)  # each member's part of the range: [lo, hi)
-        lo[0] = first_offset
-        hi = self._member_tokens[order[positions]]
-        hi[-1] = last_offset + 1
+        n = last - first_j + 1  # members k = 0..n-1 are order[first_j + k]; of each, tokens [lo, hi)
         with self._cache_lock:
             bad = set(self.bad_members)
-        known_bad = np.isin(order[positions], np.fromiter(bad, dtype=np.int64)) if bad else np.zeros(len(hi), bool)
-        room = np.concatenate([[0], np.cumsum(np.where(known_bad, 0, hi - lo))])
-        limit = int(room[-1]) - delivered
-        if limit <= 0:
-            return stages.TokenReader((), self.eos_id)
-        k0 = int(np.searchsorted(room, delivered, side="right")) - 1
-        lo[k0] += delivered - int(room[k0])
+        if bad:
+            positions = order[first_j:last + 1]
+            lo = np.zeros(n, dtype=np.int64)
+            lo[0] = first_offset
+            hi = self._member_tokens[positions]
+            hi[-1] = last_offset + 1
+            known_bad = np.isin(positions, np.fromiter(bad, dtype=np.int64))
+            room = np.concatenate([[0], np.cumsum(np.where(known_bad, 0, hi - lo))])
+            limit = int(room[-1]) - delivered
+            if limit <= 0:
+                return stages.TokenReader((), self.eos_id)
+            k0 = int(np.searchsorted(room, delivered, side="right")) - 1
+            lo0 = int(lo[k0]) + delivered - int(room[k0])
+            todo = [k for k in range(k0, n) if not known_bad[k]]
+        else:  # every member takes its room: the stream position alone says where to begin (once per lane epoch)
+            limit = stop - start - delivered
+            if limit <= 0:
+                return stages.TokenReader((), self.eos_id)
+            k0, lo0 = stages.locate(cum, start + delivered)
+            k0 -= first_j
+            todo = range(k0, n)
         seed = self.seed
 
         def hold(k, key, segs):  # (under self._cache_lock)
@@ -286,7 +296,7 @@ class ByteLoader:
                     self._held[key] = segs
 
         def cached(k):  # a member another lane still holds: no thread hand-off needed
-            key = (epoch, int(order[positions[k]]))
+            key = (epoch, int(order[first_j + k]))
             with self._cache_lock:
                 segs = self._held.pop(key, None) or self._members.get(key)
                 if segs is not None:
@@ -296,7 +306,7 @@ class ByteLoader:
         def load(k):
             segs = cached(k)
             if segs is None:
-                m = int(order[positions[k]])
+                m = int(order[first_j + k])
                 segs = self._load_member(m, (seed, epoch, m) if self.shuffle else None)
                 if segs is not None:
                     with self._cache_lock:
@@ -308,9 +318,11 @@ class ByteLoader:
             segs = cached(k)
             return None if segs is None else (k, segs)
 
-        todo = [k for k in range(k0, len(positions)) if not known_bad[k]]
         loaded = stages.prefetch_map(load, todo, self._executor, self.prefetch, ready=ready)
-        members = (segs.window(int(lo[k]), int(hi[k])) for k, segs in loaded if segs is not None)
+        tokens = self._member_tokens
+        members = (segs.window(lo0 if k == k0 else 0,  # (the manifest's token count, as `cum` counts them)
+                               last_offset + 1 if k == n - 1 else int(tokens[order[first_j + k]]))
+                   for k, segs in loaded if segs is not None)
         return stages.TokenReader(members, self.eos_id, limit=limit)
 
     def _epoch_stream(self, epoch: int):
@@ -336,7 +348,7 @@ class ByteLoader:
         # freed, cache-hot memory and a small lane buffer (BLOCK_BYTES) is still in cache when it is
         # copied (BENCHMARKS.md, third 2026-11-27 section). A step larger than BLOCK_BYTES (long
         # sequences) gets a fresh buffer instead, and its micro-batches are views of it: no copy.
-        block_steps = max(1, min(64, BLOCK_BYTES // (per_rank * L)))
+        block_steps = self._block_steps(per_rank)
         fresh = per_rank * L > BLOCK_BYTES
         lanebuf = None if fresh else stages.fresh_buffer(per_rank * block_steps * L).reshape(per_rank, block_steps, L)
         wide = {torch.int64: np.int64, torch.int32: np.int32}.get(self.dtype)
@@ -352,8 +364,9 @@ class ByteLoader:
                 marks, rowlen, slots = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
                 eos, bounds = _batch_eos(marks, nb, m, L)
                 any_short = bool((rowlen < L).any())  # (never in a block without skipped members)
-                if slots is not None:  # row of lanebuf's (lane, slot) rows where each (lane, step) sits
-                    flat = slots + np.arange(per_rank, dtype=np.int64)[:, None] * lanebuf.shape[1]
+                if slots is not None:  # flat[step, lane]: the row of lanebuf (lane, slot rows) where it sits
+                    flat = (slots + np.arange(per_rank, dtype=np.int64)[:, None] * lanebuf.shape[1]).T.copy()
+                    allrows = lanebuf.reshape(-1, L)
                 for s in range(nb):
                     g = b0 + s
                     for k in range(micro0 if g == step0 else 0, A):
@@ -362,7 +375,7 @@ class ByteLoader:
                         if slots is None:
                             rows = lanebuf[k * m:(k + 1) * m, s]
                         else:  # the lane's rows sit grouped by source: one gather (a copy, as below)
-                            rows = lanebuf.reshape(-1, L).take(flat[k * m:(k + 1) * m, s], axis=0)
+                            rows = allrows.take(flat[s, k * m:(k + 1) * m], axis=0)
                         q = s * A + k
                         where = eos[bounds[q]:bounds[q + 1]]
                         # a lane that skipped members ran short: the rest of it is padding
@@ -381,6 +394,10 @@ class ByteLoader:
                         self._advance(A, steps)  # before yield: state = batches handed out
                         yield batch
 
+    def _block_steps(self, per_rank: int) -> int:
+        """Steps of every lane filled at once: a BLOCK_BYTES lane buffer, at most 64 steps."""
+        return max(1, min(64, BLOCK_BYTES // (per_rank * self.seq_len)))
+
     def _open_epoch(self, epoch: int, firsts: list) -> tuple[list, int]:
         """This rank's lane readers for `epoch`, lane j from its step firsts[j] on; and steps per epoch."""
         order, cum = self._epoch_stream(epoch)
@@ -395,23 +412,25 @@ class ByteLoader:
 
     def _fill_block(self, lanebuf: np.ndarray, readers, firsts, b0: int, nb: int, epoch: int):
         """Steps [b0, b0+nb) of every lane into lanebuf[lane, :nb]; steps before firsts[j] (micro-batches
-        yielded before a resume) are left unwritten. Returns each lane's EOS positions in the block
-        (ascending int64 arrays, lane-block coordinates step * seq_len + column), the data tokens of
+        yielded before a resume) are left unwritten. Returns the EOS positions in the block (one int64
+        array, lane by lane, each lane's ascending, lane-block coordinates step * seq_len + column) with
+        how many belong to each lane, the data tokens of
         each (lane, step) row (fewer than seq_len only for a lane that skipped corrupt members), and
         None: each step's row is where it belongs (a mixture's rows are not, `mixture.py`)."""
         L = self.seq_len
         lanes = lanebuf.reshape(len(readers), -1)  # each lane's steps back to back
-        marks, filled = [], np.full(len(readers), nb * L, dtype=np.int64)
+        eos, counts, filled = [], [], np.full(len(readers), nb * L, dtype=np.int64)
         for j, reader in enumerate(readers):
             s0 = max(b0, firsts[j]) - b0  # first step of this block the lane still owes
-            eos: list = []
+            before = len(eos)
             if s0 < nb:
-                got = reader.fill(lanes[j, s0 * L:nb * L], eos)
+                got = reader.fill(lanes[j, s0 * L:nb * L], eos, s0 * L)
                 if got != (nb - s0) * L and self.on_error != "skip":
                     raise DataError(f"lane {self.dp_rank * len(readers) + j} of epoch {epoch} ran short before "
                                     f"step {b0 + nb}: shards changed since the manifest was written?")
                 filled[j] = s0 * L + got
-            marks.append(np.asarray(eos, dtype=np.int64) + s0 * L)
+            counts.append(len(eos) - before)
+        marks = (np.asarray(eos, dtype=np.int64), counts)
         return marks, np.clip(filled[:, None] - np.arange(nb, dtype=np.int64) * L, 0, L), None
 
     def _iter_eval(self, generation: int):
@@ -438,17 +457,17 @@ class ByteLoader:
             yield batch
 
 
-def _batch_eos(marks: list, nb: int, m: int, seq_len: int) -> tuple[np.ndarray, list]:
+def _batch_eos(marks: tuple, nb: int, m: int, seq_len: int) -> tuple[np.ndarray, list]:
     """The EOS positions of a block's micro-batches, computed for the whole block at once (per
-    batch, a slice): lane j's mark p (step p // seq_len) belongs to micro-batch (step, j // m) at
-    flat position (j % m) * seq_len + p % seq_len. Returns the positions ordered by batch (step *
+    batch, a slice): `marks` is (the block's EOS positions lane by lane, how many per lane); lane j's
+    mark p (step p // seq_len) belongs to micro-batch (step, j // m) at flat position
+    (j % m) * seq_len + p % seq_len. Returns the positions ordered by batch (step *
     lanes / m + k) and the bounds of each batch's slice."""
-    lanes = len(marks)
+    pos, counts = marks
+    lanes = len(counts)
     per_step = lanes // m
-    counts = [len(mk) for mk in marks]
-    if not sum(counts):
+    if not len(pos):
         return np.zeros(0, dtype=np.int64), [0] * (nb * per_step + 1)
-    pos = np.concatenate(marks)
     lane = np.repeat(np.arange(lanes, dtype=np.int64), counts)
     step, col = np.divmod(pos, seq_len)
     batch = step * per_step + lane // m

@@ -34,7 +34,7 @@ import torch
 
 from . import stages
 from .errors import CheckpointError, ConfigError, DataError, TerrabyteError
-from .loader import ByteLoader
+from .loader import BLOCK_BYTES, ByteLoader
 from .vocab import BYTES, Vocab
 
 logger = logging.getLogger(__name__)
@@ -282,6 +282,16 @@ class MixtureLoader(ByteLoader):
 
     # -- ByteLoader's hooks -----------------------------------------------------------------------
 
+    def _block_steps(self, per_rank: int) -> int:
+        """A block per drawn source of what one source fills at once: a lane's block is filled in
+        one run per source, and each run then copies as many rows per call as a one-source fill (the
+        per-call cost is what a mixture adds, BENCHMARKS.md); the lane buffer grows to
+        `sources * BLOCK_BYTES` per rank."""
+        steps = super()._block_steps(per_rank)
+        if per_rank * self.seq_len > BLOCK_BYTES:  # one step at a time in a fresh buffer, as ByteLoader
+            return steps
+        return steps * sum(c is not None for c in self.children)
+
     def _open_epoch(self, epoch: int, firsts: list) -> tuple[list, int]:
         """Placeholder readers (one per lane): the (lane, source) streams open when a draw first
         reaches them, each at the count of its draws before the lane's first step; at the start of
@@ -318,16 +328,16 @@ class MixtureLoader(ByteLoader):
         order = np.argsort(drawn, axis=1, kind="stable")  # order[j, slot] = step
         slots = np.empty_like(order)
         np.put_along_axis(slots, order, np.arange(nb, dtype=np.int64)[None, :], axis=1)
-        counts = (drawn[None, :, :] == np.arange(S)[:, None, None]).sum(axis=2).tolist()  # [source][lane]
+        runs = (drawn[:, :, None] == np.arange(S)).sum(axis=1).tolist()  # [lane][source]: rows of the block
         by_slot = np.full((per_rank, nb), L, dtype=np.int64)
         short, eos, ends = False, [], []  # EOS positions of all lanes, lane-slot coordinates; where each lane's end
+        lane_stream = self._lane_streams
         for j in range(per_rank):
             at = int(owed[j])
-            for s in range(S):
-                n = counts[s][j]
+            for s, n in enumerate(runs[j]):
                 if n:
-                    if not self._lane_stream(s, j).fill(lanes[j, at * L:(at + n) * L], n, eos, at * L,
-                                                        by_slot[j, at:at + n]):
+                    st = lane_stream.get((s, j)) or self._lane_stream(s, j)
+                    if not st.fill(lanes[j, at * L:(at + n) * L], n, eos, at * L, by_slot[j, at:at + n]):
                         if self.on_error != "skip":
                             raise DataError(
                                 f"lane {self.lane_ids[j]} of data source {self.mixture.sources[s].name!r} ran short "
@@ -337,8 +347,9 @@ class MixtureLoader(ByteLoader):
             ends.append(len(eos))
         # slot coordinates -> step coordinates, as the batch cutter expects them, for all lanes at once
         p = np.asarray(eos, dtype=np.int64)
-        lane = np.repeat(np.arange(per_rank), np.diff(ends, prepend=0))
-        marks = np.split(order[lane, p // L] * L + p % L, ends[:-1])
+        counts = np.diff(ends, prepend=0)
+        lane = np.repeat(np.arange(per_rank), counts)
+        marks = (order[lane, p // L] * L + p % L, counts)
         rowlen = np.take_along_axis(by_slot, slots, axis=1) if short else by_slot
         return marks, rowlen, slots
 

@@ -314,13 +314,19 @@ _dctx = threading.local()
 
 
 def _decompressor(zdict: bytes | None) -> zstandard.ZstdDecompressor:
-    # ZstdDecompressor objects are not thread-safe: one per thread.
-    d = getattr(_dctx, "d", None)
-    if d is None or getattr(_dctx, "dict", None) is not zdict:
+    # ZstdDecompressor objects are not thread-safe: one per thread and dictionary. A mixture's
+    # sources each have their own dictionary and their members come interleaved: loading a
+    # dictionary for every member would cost more than many members' decompression.
+    cache = getattr(_dctx, "by_dict", None)
+    if cache is None:
+        cache = _dctx.by_dict = {}
+    hit = cache.get(id(zdict))
+    if hit is None or hit[0] is not zdict:
+        if len(cache) >= 16:
+            cache.clear()
         dd = zstandard.ZstdCompressionDict(zdict) if zdict else None
-        d = _dctx.d = zstandard.ZstdDecompressor(dict_data=dd)
-        _dctx.dict = zdict
-    return d
+        hit = cache[id(zdict)] = (zdict, zstandard.ZstdDecompressor(dict_data=dd))  # (zdict kept: id stays its)
+    return hit[1]
 
 
 _HUGE_PAGE = 1 << 21
@@ -347,26 +353,45 @@ def fresh_buffer(nbytes: int) -> np.ndarray:
 class BufferPool:
     """Reuses decompression buffers. Writing into fresh memory costs page faults that, for MiB-sized
     members held by many lanes, take as long as zstd itself; buffers come back when the object
-    that owns them (a member's Segments) is garbage collected."""
+    that owns them (a member's Segments) is garbage collected.
+
+    The free list keeps at least `keep` buffers, and more while its bytes stay under the most
+    bytes ever handed out and alive at once: the members a mixture's lanes hold grow with the
+    number of sources, and freeing more than `keep` at once (lanes crossing an epoch boundary) only
+    to fault fresh ones in a step later costs as much as decompressing them. So the pool holds at
+    most the peak live set again, never more."""
 
     def __init__(self, keep: int = 16):
         self.keep = keep
         self._free: list[np.ndarray] = []
+        self._free_bytes = self._live = self._peak = 0
         self._lock = threading.Lock()
 
     def take(self, size: int) -> np.ndarray:
         with self._lock:
             fits = [j for j, b in enumerate(self._free) if len(b) >= size]
             if fits:  # the smallest that fits, so that larger members still find theirs
-                return self._free.pop(min(fits, key=lambda j: len(self._free[j])))
+                buf = self._free.pop(min(fits, key=lambda j: len(self._free[j])))
+                self._free_bytes -= len(buf)
+                self._lent(len(buf))
+                return buf
         # whole MiB, so a buffer fits the many members of similar size that follow (not powers of
         # two: a 2.1 MB member would fault in and zero two huge pages)
-        return fresh_buffer(-(-size >> 20) << 20)
+        buf = fresh_buffer(-(-size >> 20) << 20)
+        with self._lock:
+            self._lent(len(buf))
+        return buf
+
+    def _lent(self, nbytes: int):  # (under self._lock)
+        self._live += nbytes
+        self._peak = max(self._peak, self._live)
 
     def give(self, buf: np.ndarray):
         with self._lock:
-            if len(self._free) < self.keep:
+            self._live = max(self._live - len(buf), 0)  # (a buffer the pool did not hand out: counted 0)
+            if len(self._free) < self.keep or self._free_bytes + len(buf) <= self._peak:
                 self._free.append(buf)
+                self._free_bytes += len(buf)
 
     def own(self, owner, buf: np.ndarray):
         """Return buf to the pool when owner is collected."""
@@ -488,17 +513,18 @@ class Segments:
         takes only its part of the members at its two ends)."""
         if start <= 0 and stop >= self.ntokens:
             return self
-        offsets, lengths, eos = [], [], []
-        for i in range(max(bisect.bisect_right(self.starts, start) - 1, 0), len(self.starts)):
-            st, n = self.starts[i], self.lengths[i]
-            if st >= stop:
+        # the segments it touches, sliced (members hold hundreds of small documents); then the two ends trimmed
+        i0 = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        i1 = bisect.bisect_left(self.starts, stop, i0)
+        offsets, lengths, eos = self.offsets[i0:i1], self.lengths[i0:i1], self.eos[i0:i1]
+        for i, st in ((0, self.starts[i0]), (i1 - i0 - 1, self.starts[i1 - 1])):
+            if i < 0:
                 break
+            n = self.lengths[i0 + i]
             a, b = max(start - st, 0), min(stop - st, n)  # its data tokens inside the window
-            keep_eos = bool(self.eos[i]) and start <= st + n < stop
-            if b > a or keep_eos:
-                offsets.append(self.offsets[i] + min(a, n))
-                lengths.append(max(b - a, 0))
-                eos.append(keep_eos)
+            offsets[i] = self.offsets[i0 + i] + min(a, n)
+            lengths[i] = max(b - a, 0)
+            eos[i] = bool(self.eos[i0 + i]) and start <= st + n < stop
         return Segments.build(self.raw, offsets, lengths, eos, self.marks)
 
     def tokens(self, eos_id: int) -> np.ndarray:
