@@ -29,7 +29,6 @@ import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
 from torch import Tensor, nn
 
 from terrabyte.data_pipeline.errors import ConfigError
@@ -132,7 +131,7 @@ def _pruned(module: nn.Module, wanted: dict) -> nn.Module:
     return part
 
 
-def hold(wrapper: nn.Module, model: nn.Module) -> None:
+def _hold(wrapper: nn.Module, model: nn.Module) -> None:
     """Register ``model``'s modules in ``wrapper`` under their own names (its state-dict keys are the
     model's) and keep ``model`` as ``wrapper.model``, unregistered, to run its methods on them."""
     for name, module in model.named_children():
@@ -148,10 +147,10 @@ class _PipeLayer(nn.Module):
         super().__init__()
         if source.model is None:
             raise RuntimeError("pipeline layer specs can only be built while pipeline_module() runs")
-        hold(self, model_part(source.model, names))
+        _hold(self, model_part(source.model, names))
 
 
-def whole_sequences(model: TerraByte, x: Tensor, layout: str) -> Tensor:
+def _whole_sequences(model: TerraByte, x: Tensor, layout: str) -> Tensor:
     """The patches of x (b, context_length) for a layout that splits fixed sequences (the pipeline's
     activations, a sequence-parallel rank's range)."""
     if x.ndim != 2 or x.shape[1] != model.context_length:
@@ -167,7 +166,7 @@ class EmbedLayer(_PipeLayer):
         super().__init__(source, ["stages.0.embed", "stages.0.start_token"])
 
     def forward(self, ids: Tensor):
-        units = whole_sequences(self.model, ids, "pipeline")
+        units = _whole_sequences(self.model, ids, "pipeline")
         return self.model.embed_patches(units, 0, units.shape[1]), units
 
 
@@ -421,24 +420,25 @@ class SequenceParallel(nn.Module):
         super().__init__()
         if model.max_seq_len[0] % size:
             raise ConfigError(f"sequence parallel size {size} must divide the {model.max_seq_len[0]} global patches")
-        hold(self, model)
+        _hold(self, model)
         self.group, self.sp_rank, self.sp_size = group, rank, size
         for block in model.stages[0].layers.values():
             block.attn.attend = UlyssesAttention(block.attn.attend, group, rank, size, block.attn.heads)
 
     def forward(self, x: Tensor, return_loss=False) -> Tensor:
+        if not (return_loss is True or return_loss in ("mean", "sum")):
+            raise ConfigError(f"sequence parallelism computes losses (return_loss True, 'mean' or 'sum'), not "
+                              f"return_loss={return_loss!r}: no rank holds the whole sequence's logits; run the "
+                              f"plain model (e.g. the exported one) for them")
         model = self.model
-        units = whole_sequences(model, x.reshape(x.shape[0], -1), "sequence-parallel")
+        units = _whole_sequences(model, x.reshape(x.shape[0], -1), "sequence-parallel")
         per = units.shape[1] // self.sp_size
         p0 = self.sp_rank * per
-        if return_loss is True or return_loss == "mean":
-            scored = (units != model.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
-            return model.forward_patches(units, p0, p0 + per, reduction="sum") * self.sp_size / scored
+        nats = model.forward_patches(units, p0, p0 + per, reduction="sum")
         if return_loss == "sum":
-            return self._sum_over_group(model.forward_patches(units, p0, p0 + per, reduction="sum"))
-        raise ConfigError(f"sequence parallelism computes losses (return_loss True, 'mean' or 'sum'), not "
-                          f"return_loss={return_loss!r}: no rank holds the whole sequence's logits; run the "
-                          f"plain model (e.g. the exported one) for them")
+            return self._sum_over_group(nats)
+        scored = (units != model.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
+        return nats * self.sp_size / scored
 
     def _sum_over_group(self, value: Tensor) -> Tensor:
         """The group's total on every rank (for scoring: not differentiable)."""
