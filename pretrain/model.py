@@ -18,9 +18,11 @@ output at position i has seen only units < i of its own parent, the unit just be
 and, through ctx, all earlier parents. The last stage's output at byte position j is the prediction of byte j itself
 from bytes < j: strictly causal, no shift in the loss.
 
-Below stage 0 the forward runs in chunks of patches (``lower_stages``: each chunk through every
+Below stage 0 the forward runs in chunks of patches (``TerraByte.lower``: each chunk through every
 lower stage, its logits and its loss, recomputed in backward), so activation memory is O(global
-stage) + O(one chunk) whatever the context.
+stage) + O(one chunk) whatever the context. Every layout runs this one walk (``TerraByte.patches``
+decides which positions form a patch, ``forward_patches`` runs a range of them); parallelism changes
+only the range and modules, from outside (``parallel.py``).
 
 This file holds the layers, ``Stage``, the chunked execution and ``TerraByte`` with its forward and loss; cached
 decoding and sampling (``model.generate``, ``init_cache``, ``forward_cached``) live in
@@ -387,17 +389,15 @@ class PatchEmbed(nn.Module):
                 init_fan_in(linear)
 
 
-def units_before(ids: Tensor, span: int, unit_size: int, lo: int = 0, hi: Optional[int] = None
-                 ) -> tuple[Tensor, Tensor]:
-    """For groups lo..hi-1 of ``span`` ids (one lower-stage sequence each) tiling every row of ids
-    (b, n): the previous group's last unit and whether the group starts its row, for
+def units_before(groups: Tensor, unit_size: int, lo: int = 0, hi: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """For groups lo..hi-1 of ids (b, groups, span) (one lower-stage sequence each, in stream order
+    along each row): the previous group's last unit and whether the group starts its row, for
     ``Stage.inputs``: (before (B, unit_size), starts (B,)), B = b * (hi - lo)."""
-    b = ids.shape[0]
-    groups = ids.shape[1] // span
-    hi = groups if hi is None else hi
-    ends = ids.view(b, groups, span)[:, :, span - unit_size:]  # (b, groups, unit_size): each group's last unit
+    b, count, span = groups.shape
+    hi = count if hi is None else hi
+    ends = groups[:, :, span - unit_size:]  # (b, groups, unit_size): each group's last unit
     before = ends[:, max(lo - 1, 0): hi - 1]  # before groups max(lo, 1) .. hi-1
-    starts = torch.zeros(b, hi - lo, dtype=torch.bool, device=ids.device)
+    starts = torch.zeros(b, hi - lo, dtype=torch.bool, device=groups.device)
     if lo == 0:
         before = torch.cat((ends[:, :1], before), dim=1)  # any unit: the start token replaces it
         starts[:, 0] = True
@@ -464,19 +464,25 @@ class Stage(nn.Module):
         return x if ctx is None else x + ctx
 
     def forward(self, x: Tensor, start: int = 0, checkpoint_blocks: Optional[bool] = None) -> Tensor:
-        """x: (B, n, dim) tokens at positions [start, start + n) of this stage's sequence.
+        """x: (B, n, dim) tokens at positions [start, start + n) of this stage's sequence: every
+        block, then the final norm."""
+        return self.norm(self.run_blocks(x, 0, self.depth, start=start, checkpoint_blocks=checkpoint_blocks))
 
-        ``checkpoint_blocks`` (default: ``checkpoint_activations``) recomputes each block in
-        backward; the lower stages run inside recomputed chunks, where it would only recompute twice.
-        """
+    def run_blocks(self, x: Tensor, first: int, last: int, *, start: int = 0,
+                   checkpoint_blocks: Optional[bool] = None) -> Tensor:
+        """Blocks [first, last) on x (B, n, dim), tokens at positions [start, start + n); a pipeline
+        layer runs its own range of them. ``checkpoint_blocks`` (default: ``checkpoint_activations``)
+        recomputes each block in backward; the lower stages run inside recomputed chunks, where it
+        would only recompute twice."""
         freqs = None if self.rotary is None else self.rotary.freqs[start : start + x.shape[1]]
         per_block = self.checkpoint_activations if checkpoint_blocks is None else checkpoint_blocks
-        for block in self.layers.values():
+        for i in range(first, last):
+            block = self.layers[str(i)]
             if per_block and torch.is_grad_enabled():
                 x = checkpoint(block, x, freqs, use_reentrant=False)
             else:
                 x = block(x, freqs)
-        return self.norm(x)
+        return x
 
     def project_down(self, x: Tensor) -> Tensor:
         """(B, n, dim) -> (B * n, next_seq_len, next_dim): context for each child position."""
@@ -519,7 +525,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, pad_id: int, reduction: str =
 # activation memory is O(global stage) + O(one chunk), the (n, vocab) logits never exist and the
 # loss is summed chunk by chunk (the tiled loss of ALST, with torch.utils.checkpoint). The plain
 # forward, the pipeline's last layer, sequence parallelism (a rank's own patches) and evaluation
-# all run ``lower_stages``; stage 0's embedding runs in chunks the same way (``global_inputs``).
+# all run ``TerraByte.lower``; stage 0's embedding runs in chunks the same way (``embed_patches``).
 
 # CUDA caps a grid's y and z axes at 65,535 and flash-attn, SDPA and our sparse kernel put the batch
 # (times heads) there: no chunk may hand a kernel more sequences x heads than this
@@ -579,28 +585,10 @@ def available_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def patches_per_chunk(chunk_bytes: int, patch: int, rows: int = 1) -> int:
-    """Global patches per chunk when ``rows`` rows are embedded together (at least one)."""
-    return max(1, chunk_bytes // (patch * rows))
-
-
 def _recompute_if(recompute: bool, fn: Callable, *args) -> Tensor:
     if recompute and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-def global_inputs(stage: "Stage", ids: Tensor, start: int, end: int, patches_per_chunk: int) -> Tensor:
-    """Stage 0's input tokens for patches [start, end) of every row of ids (b, n): (b, end - start,
-    dim0), embedded ``patches_per_chunk`` patches at a time (the byte embeddings of a patch are
-    patch x byte_dim values: never all at once)."""
-    units = ids.view(ids.shape[0], -1, stage.unit_size)  # (b, patches, patch bytes)
-    pieces = []
-    for lo in range(start, end, patches_per_chunk):
-        hi = min(lo + patches_per_chunk, end)
-        embed = functools.partial(Stage.inputs, stage, start=lo, end=hi)
-        pieces.append(_recompute_if(hi < end, embed, units))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def chunk_plan(rows: int, patches: int, per_chunk: int) -> list[tuple[int, int, int, int]]:
@@ -623,55 +611,6 @@ def _inner_before(chunk_ids: Tensor, patch_before: Tensor, patch_starts: Tensor,
     starts = torch.zeros(rows, k, dtype=torch.bool, device=chunk_ids.device)
     starts[:, 0] = patch_starts
     return before.reshape(-1, unit), starts.reshape(-1)
-
-
-def _lower_chunk(stages, to_logits: nn.Linear, rows: Tensor, chunk_ids: Tensor, before: Tensor,
-                 starts: Tensor, *, pad_id: int, reduction: str) -> Tensor:
-    """One chunk of R patches through stages 1.. and the head. rows (R, dim0): stage 0's output
-    for them; chunk_ids (R, patch); before (R, unit_sizes[1]) and starts (R,) as ``units_before``."""
-    ctx = Stage.project_down(stages[0], rows[:, None])  # (R, seq_len1, dim1)
-    patch_before, patch_starts = before, starts
-    for s in range(1, len(stages)):
-        stage = stages[s]
-        if s > 1:
-            before, starts = _inner_before(chunk_ids, patch_before, patch_starts, stages[s - 1].unit_size,
-                                           stage.unit_size)
-        units = chunk_ids.view(-1, stage.seq_len, stage.unit_size)  # (B_s, positions, unit bytes)
-        h = stage(stage.inputs(units, ctx, before=before, starts=starts), checkpoint_blocks=False)
-        if stage.to_next is not None:
-            ctx = stage.project_down(h)  # (B_s * positions, next_seq_len, next_dim)
-    logits = to_logits(h).view(-1, to_logits.out_features)  # (R * patch, vocab)
-    if reduction == "logits":
-        return logits
-    nats = cross_entropy(logits, chunk_ids.reshape(-1).long(), pad_id, reduction="none")
-    return nats.sum() if reduction == "sum" else nats
-
-
-def lower_stages(stages, to_logits: nn.Linear, h0: Tensor, ids: Tensor, *, first_patch: int,
-                 patches_per_chunk: int, pad_id: int, reduction: str) -> Tensor:
-    """Stages 1.. and the loss for global patches [first_patch, first_patch + p) of every row.
-
-    h0: (b, p, dim0) stage 0's normalised output for those patches; ids: (b, n) whole rows (the
-    unit before a patch may lie outside the range). ``stages[0]`` needs only ``to_next``,
-    ``next_seq_len`` and ``unit_size`` (a pipeline layer passes a part of it). Returns for ``reduction`` "sum" the
-    0-dim fp32 nats over non-PAD bytes, "none" the nats (b, p * patch), "logits" (b, p * patch, vocab).
-    """
-    b, p, _ = h0.shape
-    patch = stages[0].unit_size
-    units = ids.view(b, -1, patch)  # (b, patches, patch bytes)
-    chunks = chunk_plan(b, p, patches_per_chunk)
-    run = functools.partial(_lower_chunk, stages, to_logits, pad_id=pad_id, reduction=reduction)
-    outs = []
-    for k, (r0, r1, q0, q1) in enumerate(chunks):
-        lo, hi = first_patch + q0, first_patch + q1
-        before, starts = units_before(ids[r0:r1], patch, stages[1].unit_size, lo, hi)  # (R, u1), (R,)
-        rows = h0[r0:r1, q0:q1].reshape(-1, h0.shape[-1])  # (R, dim0)
-        chunk_ids = units[r0:r1, lo:hi].reshape(-1, patch)  # (R, patch)
-        outs.append(_recompute_if(k < len(chunks) - 1, run, rows, chunk_ids, before, starts))
-    if reduction == "sum":
-        return torch.stack(outs).sum()
-    out = torch.cat(outs)
-    return out.view(b, p * patch, *out.shape[1:])
 
 
 # ---------------------------------------------------------------------------- The model
@@ -906,8 +845,8 @@ class TerraByte(nn.Module):
         return on
 
     def patches_per_chunk(self, rows: int = 1) -> int:
-        """Global patches per chunk when ``rows`` rows are embedded together."""
-        return patches_per_chunk(self.chunk_bytes, self.unit_sizes[0], rows)
+        """Global patches per chunk when ``rows`` rows are embedded together (at least one)."""
+        return max(1, self.chunk_bytes // (self.unit_sizes[0] * rows))
 
     # ---------------------------------------------------------------- input handling
 
@@ -925,8 +864,8 @@ class TerraByte(nn.Module):
                 f"PAD={self.pad_id}, EOS={self.eos_id}, BOS={self.bos_id} (num_tokens={self.num_tokens})"
             )
 
-    def _flatten_input(self, x: Tensor) -> tuple[Tensor, int]:
-        """(b, n) or (b, k, *max_seq_len[1:]) -> (b, n_padded) ids padded with PAD to whole patches."""
+    def _flatten_input(self, x: Tensor) -> Tensor:
+        """(b, n) or (b, k, *max_seq_len[1:]) -> (b, n) checked ids."""
         if x.ndim == self.num_stages + 1:
             if tuple(x.shape[2:]) != self.max_seq_len[1:] or x.shape[1] > self.max_seq_len[0]:
                 raise ConfigError(
@@ -944,20 +883,93 @@ class TerraByte(nn.Module):
                 f"sequence length {n} exceeds the model context prod(max_seq_len)={self.context_length}"
             )
         self._check_ids(x)
-        patch = self.unit_sizes[0]
+        return x
+
+    # ---------------------------------------------------------------- the walk of every layout
+    #
+    # patches -> embed_patches -> stage 0's blocks and norm -> lower. The plain forward runs it over
+    # every patch, a sequence-parallel rank over its own run of patches (with its attention swapped
+    # from outside), a pipeline layer one step of it on its part of the model.
+
+    def patches(self, ids: Tensor) -> Tensor:
+        """The global stage's units of ids (b, n): (b, P, patch) ids, PAD filling the last patch.
+
+        The one place that decides which positions form a patch: every layout groups its rows here,
+        and every step of the walk takes this grouping."""
+        patch, n = self.unit_sizes[0], ids.shape[1]
         padded = max(patch, patch * math.ceil(n / patch))
         if padded != n:
-            x = F.pad(x, (0, padded - n), value=self.pad_id)
-        return x, n
+            ids = F.pad(ids, (0, padded - n), value=self.pad_id)
+        return ids.view(ids.shape[0], -1, patch)
 
-    # ---------------------------------------------------------------- full forward
+    def embed_patches(self, units: Tensor, start: int, end: int) -> Tensor:
+        """Stage 0's input tokens for patches [start, end) of units (b, P, patch): (b, end - start,
+        dim0), embedded a chunk of patches at a time (the byte embeddings of a patch are patch x
+        byte_dim values: never all at once)."""
+        stage, per_chunk = self.stages[0], self.patches_per_chunk(units.shape[0])
+        pieces = []
+        for lo in range(start, end, per_chunk):
+            hi = min(lo + per_chunk, end)
+            pieces.append(_recompute_if(hi < end, functools.partial(stage.inputs, start=lo, end=hi), units))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
-    def global_stage(self, ids: Tensor, start: int = 0, end: Optional[int] = None) -> Tensor:
-        """Stage 0 over patches [start, end) of padded ids (b, n): (b, end - start, dim0), normalised."""
-        stage = self.stages[0]
-        end = ids.shape[1] // stage.unit_size if end is None else end
-        x = global_inputs(stage, ids, start, end, self.patches_per_chunk(ids.shape[0]))
-        return stage(x, start=start)
+    def global_stage(self, units: Tensor, start: int = 0, end: Optional[int] = None) -> Tensor:
+        """Stage 0 over patches [start, end) of units (b, P, patch): (b, end - start, dim0), normalised,
+        at their own rotary positions."""
+        end = units.shape[1] if end is None else end
+        return self.stages[0](self.embed_patches(units, start, end), start=start)
+
+    def lower(self, h0: Tensor, units: Tensor, first_patch: int, reduction: str) -> Tensor:
+        """Stages 1.., the head and the loss for patches [first_patch, first_patch + p) of every row,
+        chunk by chunk (see "Chunked execution").
+
+        h0: (b, p, dim0) stage 0's normalised output for those patches; units: (b, P, patch) whole
+        rows (the unit before a patch may lie outside the range). Of stage 0 only ``to_next`` is used.
+        Returns for ``reduction`` "sum" the 0-dim fp32 nats over non-PAD bytes, "none" the nats (b, p *
+        patch), "logits" (b, p * patch, vocab)."""
+        b, p, _ = h0.shape
+        patch = units.shape[-1]
+        chunks = chunk_plan(b, p, self.patches_per_chunk())
+        run = functools.partial(self._lower_chunk, reduction=reduction)
+        outs = []
+        for k, (r0, r1, q0, q1) in enumerate(chunks):
+            lo, hi = first_patch + q0, first_patch + q1
+            before, starts = units_before(units[r0:r1], self.stages[1].unit_size, lo, hi)  # (R, u1), (R,)
+            rows = h0[r0:r1, q0:q1].reshape(-1, h0.shape[-1])  # (R, dim0)
+            chunk_ids = units[r0:r1, lo:hi].reshape(-1, patch)  # (R, patch)
+            outs.append(_recompute_if(k < len(chunks) - 1, run, rows, chunk_ids, before, starts))
+        if reduction == "sum":
+            return torch.stack(outs).sum()
+        out = torch.cat(outs)
+        return out.view(b, p * patch, *out.shape[1:])
+
+    def _lower_chunk(self, rows: Tensor, chunk_ids: Tensor, before: Tensor, starts: Tensor, *,
+                     reduction: str) -> Tensor:
+        """One chunk of R patches through stages 1.. and the head. rows (R, dim0): stage 0's output
+        for them; chunk_ids (R, patch); before (R, unit_sizes[1]) and starts (R,) as ``units_before``."""
+        stages = self.stages
+        ctx = stages[0].project_down(rows[:, None])  # (R, seq_len1, dim1)
+        patch_before, patch_starts = before, starts
+        for s in range(1, self.num_stages):
+            stage = stages[s]
+            if s > 1:
+                before, starts = _inner_before(chunk_ids, patch_before, patch_starts, stages[s - 1].unit_size,
+                                               stage.unit_size)
+            units = chunk_ids.view(-1, stage.seq_len, stage.unit_size)  # (B_s, positions, unit bytes)
+            h = stage(stage.inputs(units, ctx, before=before, starts=starts), checkpoint_blocks=False)
+            if stage.to_next is not None:
+                ctx = stage.project_down(h)  # (B_s * positions, next_seq_len, next_dim)
+        logits = self.to_logits(h).view(-1, self.vocab_size)  # (R * patch, vocab)
+        if reduction == "logits":
+            return logits
+        nats = cross_entropy(logits, chunk_ids.reshape(-1).long(), self.pad_id, reduction="none")
+        return nats.sum() if reduction == "sum" else nats
+
+    def forward_patches(self, units: Tensor, start: int = 0, end: Optional[int] = None, *,
+                        reduction: str) -> Tensor:
+        """Patches [start, end) of every row of units (b, P, patch) through the whole model, as
+        ``lower`` returns them for ``reduction``."""
+        return self.lower(self.global_stage(units, start, end), units, start, reduction)
 
     def forward(self, x: Tensor, return_loss=False) -> Tensor:
         """x: (b, n) or (b, k, *max_seq_len[1:]) ids (any integer dtype).
@@ -971,14 +983,14 @@ class TerraByte(nn.Module):
         if reduction is not False and reduction not in REDUCTIONS:
             raise ConfigError(f"return_loss={return_loss!r} must be a bool or one of {REDUCTIONS}")
         in_shape = x.shape
-        ids, n = self._flatten_input(x)
+        ids = self._flatten_input(x)
+        n = ids.shape[1]
         if reduction and n == 0:
             raise ConfigError("cannot compute a loss on an empty sequence")
         if self.auto_checkpoint_activations:
             self.checkpoint_activations = self.auto_checkpoint(ids)
-        out = lower_stages(self.stages, self.to_logits, self.global_stage(ids), ids, first_patch=0,
-                           patches_per_chunk=self.patches_per_chunk(), pad_id=self.pad_id,
-                           reduction={False: "logits", "mean": "sum"}.get(reduction, reduction))
+        units = self.patches(ids)
+        out = self.forward_patches(units, reduction={False: "logits", "mean": "sum"}.get(reduction, reduction))
         if reduction == "mean":
             return out / (ids != self.pad_id).sum()
         if reduction == "sum":

@@ -1,9 +1,10 @@
 """Parallelism applied to a plain ``TerraByte`` from outside: the rank layout, the pipeline layers,
 DeepSpeed-Ulysses sequence parallelism and the AutoTP partition specs.
 
-The model file knows nothing of ranks. Everything here reuses the model's own modules (and methods,
-where they fit: ``global_inputs`` and ``lower_stages`` are the chunked execution of the plain forward,
-``Stage.inputs`` builds every stage's input tokens) so the parallel forms compute what ``TerraByte.forward`` computes:
+The model file knows nothing of ranks. Every form here runs the model's own walk (``TerraByte.patches``,
+``embed_patches``, ``Stage.run_blocks``, ``lower``, ``forward_patches``) on the model's own modules, so it
+computes what ``TerraByte.forward`` computes; a form only picks the range of patches, the layers or the
+attention modules:
 
 * ``plan_layout``: which ranks form a data-parallel replica (pipeline stages, tensor- or
   sequence-parallel peers) and which data-parallel rank reads which data.
@@ -24,19 +25,17 @@ DeepSpeed is imported lazily, inside the functions that need it.
 """
 from __future__ import annotations
 
-import functools
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from terrabyte.data_pipeline.errors import ConfigError
 
 from .args import validate_world
 from .estimate import pipeline_layer_costs
-from .model import Attention, TerraByte, global_inputs, lower_stages, patches_per_chunk
+from .model import Attention, TerraByte
 
 if TYPE_CHECKING:
     from .args import Config
@@ -109,105 +108,94 @@ class _Source:
         self.model: Optional[TerraByte] = model
 
 
-def _adopt(owner: nn.Module, model: nn.Module, names: list[str]) -> None:
-    """Register ``model``'s submodules/parameters under ``owner`` at the same dotted paths, so a pipeline
-    layer's state-dict keys are the plain model's keys."""
+def model_part(model: nn.Module, names: list[str]) -> nn.Module:
+    """``model`` holding only the submodules and parameters at the dotted ``names``, as torchtitan's
+    pipeline split deletes what a stage does not hold. The modules on the way to them are shallow
+    copies (same class and attributes, so the model's methods run on them); the named ones and every
+    parameter are the model's own: nothing is allocated and the model itself is left whole."""
+    wanted: dict = {}
     for name in names:
-        *path, leaf = name.split(".")
-        src, dst = model, owner
-        for part in path:
-            src = getattr(src, part)
-            if part not in dst._modules:
-                dst.add_module(part, nn.Module())
-            dst = dst._modules[part]
-        obj = getattr(src, leaf)
-        if isinstance(obj, nn.Parameter):
-            dst.register_parameter(leaf, obj)
-        else:
-            dst.add_module(leaf, obj)
+        node = wanted
+        for part in name.split("."):
+            node = node.setdefault(part, {})
+    return _pruned(model, wanted)
+
+
+def _pruned(module: nn.Module, wanted: dict) -> nn.Module:
+    if not wanted:
+        return module
+    part = copy.copy(module)
+    part._modules = {k: _pruned(m, wanted[k]) for k, m in module._modules.items() if k in wanted}
+    part._parameters = {k: v for k, v in module._parameters.items() if k in wanted}
+    part._buffers = {k: v for k, v in module._buffers.items() if k in wanted}
+    return part
+
+
+def _hold(wrapper: nn.Module, model: nn.Module) -> None:
+    """Register ``model``'s modules in ``wrapper`` under their own names (its state-dict keys are the
+    model's) and keep ``model`` as ``wrapper.model``, unregistered, to run its methods on them."""
+    for name, module in model.named_children():
+        wrapper.add_module(name, module)
+    object.__setattr__(wrapper, "model", model)
 
 
 class _PipeLayer(nn.Module):
-    """Base of the pipeline layers: owns a part of the model under its original names."""
+    """Base of the pipeline layers: ``self.model`` is the part of the model a layer computes
+    (``model_part``), its modules registered under the plain model's names."""
 
     def __init__(self, source: _Source, names: list[str]):
         super().__init__()
-        model = source.model
-        if model is None:
+        if source.model is None:
             raise RuntimeError("pipeline layer specs can only be built while pipeline_module() runs")
-        _adopt(self, model, names)
-        self.vocab_size = model.vocab_size
-        self.seq_lens = model.max_seq_len
-        self.unit_sizes = model.unit_sizes
+        _hold(self, model_part(source.model, names))
 
-    def stage(self, s: int) -> nn.Module:
-        """The adopted part of ``model.stages[s]``; Stage methods run on it as on the full stage."""
-        return self.stages._modules[str(s)]
+
+def _whole_sequences(model: TerraByte, x: Tensor, layout: str) -> Tensor:
+    """The patches of x (b, context_length) for a layout that splits fixed sequences (the pipeline's
+    activations, a sequence-parallel rank's range)."""
+    if x.ndim != 2 or x.shape[1] != model.context_length:
+        raise ConfigError(f"{layout} input has shape {tuple(x.shape)}; it takes whole sequences "
+                          f"(batch, {model.context_length})")
+    return model.patches(x)
 
 
 class EmbedLayer(_PipeLayer):
-    """ids (b, n) -> (global-stage tokens (b, patches, dim0), ids)."""
+    """ids (b, n) -> (global-stage tokens (b, patches, dim0), patches (b, patches, patch))."""
 
     def __init__(self, source: _Source):
         super().__init__(source, ["stages.0.embed", "stages.0.start_token"])
-        self.context_length = source.model.context_length
-        self.chunk_bytes = source.model.chunk_bytes
-        self.stage(0).unit_size = source.model.unit_sizes[0]
 
     def forward(self, ids: Tensor):
-        if ids.ndim != 2 or ids.shape[1] != self.context_length:
-            raise ConfigError(
-                f"pipeline input has shape {tuple(ids.shape)}; it takes whole sequences (batch, {self.context_length})"
-            )
-        patches = self.seq_lens[0]
-        per_chunk = patches_per_chunk(self.chunk_bytes, self.unit_sizes[0], ids.shape[0])
-        return global_inputs(self.stage(0), ids, 0, patches, per_chunk), ids
+        units = _whole_sequences(self.model, ids, "pipeline")
+        return self.model.embed_patches(units, 0, units.shape[1]), units
 
 
 class BlockLayer(_PipeLayer):
-    """One transformer block of stage 0: (x, ids) -> (x, ids)."""
+    """Block i of stage 0: (x, patches) -> (x, patches)."""
 
-    def __init__(self, source: _Source, s: int, i: int):
-        stage = source.model.stages[s]
-        names = [f"stages.{s}.layers.{i}"] + ([f"stages.{s}.rotary"] if stage.rotary is not None else [])
-        super().__init__(source, names)
-        self.s, self.i = s, str(i)
-        self.checkpoint_activations = source.model.checkpoint_activations
+    def __init__(self, source: _Source, i: int):
+        stage = source.model.stages[0]
+        super().__init__(source, [f"stages.0.layers.{i}"] + (["stages.0.rotary"] if stage.rotary is not None else []))
+        self.i = i
 
     def forward(self, inputs):
-        x, ids = inputs
-        node = self.stage(self.s)
-        block = node.layers._modules[self.i]
-        freqs = node.rotary.freqs[: x.shape[1]] if "rotary" in node._modules else None
-        if self.checkpoint_activations and torch.is_grad_enabled():
-            x = checkpoint(block, x, freqs, use_reentrant=False)
-        else:
-            x = block(x, freqs)
-        return x, ids
+        x, units = inputs
+        return self.model.stages[0].run_blocks(x, self.i, self.i + 1), units
 
 
 class LowerLayer(_PipeLayer):
-    """Stage 0's final norm and projection down, the lower stages and the loss, chunk by chunk
-    (``model.lower_stages``, as the plain forward): (x_0, ids) -> 0-dim sum of nats over non-PAD
-    bytes. One layer, because a chunk runs through every lower stage before the next chunk starts:
-    split over pipeline ranks, the lower stages would pass whole-sequence activations."""
+    """Stage 0's final norm, the lower stages and the loss, chunk by chunk (``TerraByte.lower``, as the
+    plain forward): (x_0, patches) -> 0-dim sum of nats over non-PAD bytes. One layer, because a chunk
+    runs through every lower stage before the next chunk starts: split over pipeline ranks, the lower
+    stages would pass whole-sequence activations."""
 
     def __init__(self, source: _Source):
-        model = source.model
-        names = ["stages.0.norm", "stages.0.to_next", "to_logits"] + [f"stages.{s}" for s in range(1, model.num_stages)]
-        super().__init__(source, names)
-        top = self.stage(0)
-        top.next_seq_len, top.unit_size = model.stages[0].next_seq_len, model.unit_sizes[0]
-        self.num_stages, self.pad_id = model.num_stages, model.pad_id
-        self.chunk_bytes = model.chunk_bytes
+        lower = [f"stages.{s}" for s in range(1, source.model.num_stages)]
+        super().__init__(source, ["stages.0.norm", "stages.0.to_next", "to_logits", *lower])
 
     def forward(self, inputs):
-        x, ids = inputs
-        h0 = self.stage(0).norm(x)
-        stages = [self.stage(s) for s in range(self.num_stages)]
-        return lower_stages(stages, self.to_logits, h0, ids, first_patch=0,
-                            patches_per_chunk=patches_per_chunk(self.chunk_bytes, self.unit_sizes[0]),
-                            pad_id=self.pad_id, reduction="sum")
+        x, units = inputs
+        return self.model.lower(self.model.stages[0].norm(x), units, 0, "sum")
 
 
 class PipelineLoss:
@@ -227,7 +215,7 @@ def pipeline_layers(source: _Source) -> list[tuple[type, tuple]]:
     then the lower stages with the loss."""
     model = source.model
     layers: list[tuple[type, tuple]] = [(EmbedLayer, (source,))]
-    layers += [(BlockLayer, (source, 0, i)) for i in range(model.stages[0].depth)]
+    layers += [(BlockLayer, (source, i)) for i in range(model.stages[0].depth)]
     layers.append((LowerLayer, (source,)))
     return layers
 
@@ -415,60 +403,42 @@ class UlyssesAttention(nn.Module):
 class SequenceParallel(nn.Module):
     """``TerraByte`` with each sequence's patches split over a sequence-parallel group.
 
-    Holds the model's ``stages`` and ``to_logits`` under the same names (same state-dict keys). Rank r
-    of the group computes patches [r * P/sp, (r+1) * P/sp) of every sequence: global-stage activations,
-    local-stage activations and logits all shrink by the group size. The global stage's attention goes
-    through Ulysses (its ``attend`` callables are replaced in place); everything else is per position.
+    Holds the model's modules under the same names (same state-dict keys). Rank r of the group runs
+    the model's walk (``forward_patches``) over patches [r * P/sp, (r+1) * P/sp) of every sequence:
+    global-stage activations, local-stage activations and logits all shrink by the group size. The
+    global stage's attention goes through Ulysses (its ``attend`` callables are replaced in place);
+    everything else is per position.
 
     ``forward(x, return_loss=True)`` returns this rank's share of the loss, scaled so that the mean over
     the group equals the plain model's mean loss over the whole micro-batch (gradients are averaged
     over all ranks); ``return_loss="sum"`` the group's summed nats on every rank (scoring: only a
     scalar crosses ranks). There are no logits: no rank ever holds the whole sequence's, and
-    evaluation reduces losses. The lower stages run on the rank's own patches in chunks
-    (``model.lower_stages``).
+    evaluation reduces losses.
     """
 
     def __init__(self, model: TerraByte, group, rank: int, size: int):
         super().__init__()
         if model.max_seq_len[0] % size:
             raise ConfigError(f"sequence parallel size {size} must divide the {model.max_seq_len[0]} global patches")
-        self.stages = model.stages
-        self.to_logits = model.to_logits
+        _hold(self, model)
         self.group, self.sp_rank, self.sp_size = group, rank, size
-        self.pad_id, self.vocab_size = model.pad_id, model.vocab_size
-        self.patches, self.unit_sizes = model.max_seq_len[0], model.unit_sizes
-        self.context_length = model.context_length
-        self.chunk_bytes = model.chunk_bytes
         for block in model.stages[0].layers.values():
             block.attn.attend = UlyssesAttention(block.attn.attend, group, rank, size, block.attn.heads)
 
-    def _global_stage(self, ids: Tensor, p0: int, p1: int) -> Tensor:
-        """Stage 0 for this rank's patches [p0, p1): (b, p1 - p0, dim0), normalised."""
-        stage = self.stages[0]
-        per_chunk = patches_per_chunk(self.chunk_bytes, self.unit_sizes[0], ids.shape[0])
-        x = global_inputs(stage, ids, p0, p1, per_chunk)  # (b, p1 - p0, dim0); every rank touches the start token
-        return stage(x, start=p0)  # rotary positions of this rank's patches
-
     def forward(self, x: Tensor, return_loss=False) -> Tensor:
-        ids = x.reshape(x.shape[0], -1)
-        if ids.shape[1] != self.context_length:
-            raise ConfigError(
-                f"sequence-parallel input has {ids.shape[1]} bytes per row; it takes whole sequences of "
-                f"{self.context_length}"
-            )
-        per = self.patches // self.sp_size
+        if not (return_loss is True or return_loss in ("mean", "sum")):
+            raise ConfigError(f"sequence parallelism computes losses (return_loss True, 'mean' or 'sum'), not "
+                              f"return_loss={return_loss!r}: no rank holds the whole sequence's logits; run the "
+                              f"plain model (e.g. the exported one) for them")
+        model = self.model
+        units = _whole_sequences(model, x.reshape(x.shape[0], -1), "sequence-parallel")
+        per = units.shape[1] // self.sp_size
         p0 = self.sp_rank * per
-        h = self._global_stage(ids, p0, p0 + per)
-        run = functools.partial(lower_stages, self.stages, self.to_logits, h, ids, first_patch=p0,
-                                patches_per_chunk=patches_per_chunk(self.chunk_bytes, self.unit_sizes[0]), pad_id=self.pad_id)
-        if return_loss is True or return_loss == "mean":
-            scored = (ids != self.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
-            return run(reduction="sum") * self.sp_size / scored
+        nats = model.forward_patches(units, p0, p0 + per, reduction="sum")
         if return_loss == "sum":
-            return self._sum_over_group(run(reduction="sum"))
-        raise ConfigError(f"sequence parallelism computes losses (return_loss True, 'mean' or 'sum'), not "
-                          f"return_loss={return_loss!r}: no rank holds the whole sequence's logits; run the "
-                          f"plain model (e.g. the exported one) for them")
+            return self._sum_over_group(nats)
+        scored = (units != model.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
+        return nats * self.sp_size / scored
 
     def _sum_over_group(self, value: Tensor) -> Tensor:
         """The group's total on every rank (for scoring: not differentiable)."""

@@ -203,6 +203,27 @@ def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
     assert pipeline_key("12.stages.1.layers.0.attn.to_q.weight") == "stages.1.layers.0.attn.to_q.weight"
 
 
+def test_the_pipeline_runs_the_models_own_patching_and_parameters(monkeypatch):
+    """``TerraByte.patches`` is the one place that groups bytes into patches: another grouping there
+    reaches the pipeline layers too, which run the model's own walk on the model's own parameters."""
+    from terrabyte.pretrain.model import TerraByte
+
+    torch.manual_seed(0)
+    model = TerraByte(num_tokens=256, dim=(32, 16), depth=(2, 1), max_seq_len=(8, 4), dim_head=8, heads=2)
+    x = torch.randint(0, 256, (2, model.context_length))
+    layers = [cls(*args) for cls, args in pipeline_layers(_Source(model))]
+    assert {id(p) for layer in layers for p in layer.parameters()} == {id(p) for p in model.parameters()}
+    fixed = TerraByte.patches
+    monkeypatch.setattr(TerraByte, "patches", lambda self, ids: fixed(self, ids.flip(1)))
+    with torch.no_grad():
+        out = x
+        for layer in layers:
+            out = layer(out)
+        assert torch.allclose(out, model(x, return_loss="sum"), atol=1e-5)
+        monkeypatch.undo()
+        assert not torch.allclose(out, model(x, return_loss="sum"), atol=1e-2)  # the grouping mattered
+
+
 def _best_max_by_enumeration(costs, stages):
     import itertools
 
