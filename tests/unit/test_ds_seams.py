@@ -84,6 +84,7 @@ def test_partition():
 
 def test_explicit_pipeline_module(engines):
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.engine import PipelineEngine
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
     assert list(inspect.signature(PipelineModule._partition_layers).parameters) == ["self", "method"]
@@ -91,6 +92,7 @@ def test_explicit_pipeline_module(engines):
     assert calls(PipelineModule.__init__, "_partition_layers")
     assert assigns(PipelineModule, "_topo") and assigns(PipelineModule, "global_rank")
     assert assigns(PipelineModule, "loss_fn") and assigns(PipelineParallelGrid, "data_parallel_id")
+    assert assigns(PipelineEngine, "grid")
     # given boundaries [0, 2] of 3 layers: DeepSpeed's own partitioners would keep all 3 on one stage
     assert engines["pipeline_parts"] == [0, 2] and engines["pipeline_local_layers"] == 2
     assert engines["pipeline_dp_rank"] == 0 and engines["pipeline_loss_fn"] == "Loss"
