@@ -30,7 +30,7 @@ autograd.Function), ``batch_slices`` (how a batch splits across launches under t
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -51,23 +51,9 @@ _DQ = tl.constexpr(1)
 _DKDV = tl.constexpr(2)
 _COUNT = tl.constexpr(3)  # record visited tiles only (tests, benchmark tile counts)
 
-_poison_outputs = False  # tests: fill outputs with NaN before launch so unwritten elements show
-
-
-@contextmanager
-def poison_outputs():
-    """Allocate every kernel output filled with NaN while active (a test aid)."""
-    global _poison_outputs
-    old, _poison_outputs = _poison_outputs, True
-    try:
-        yield
-    finally:
-        _poison_outputs = old
-
-
 def _empty(shape, dtype, device) -> torch.Tensor:
-    if _poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    """Every kernel output is allocated here, so that a check can fill them with NaN instead and
+    see any element a kernel never wrote (tests/unit/test_sparse_attention.py, gpu_check.py)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -265,16 +265,6 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) 
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from ``to_dict()`` output (e.g. stored in a checkpoint)."""
-    cfg = Config()
-    for section, values in data.items():
-        for key, value in values.items():
-            set_value(cfg, f"{section}.{key}", value, source="stored config")
-    validate(cfg)
-    return cfg
-
-
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     """``--a.b 1 --c.d=2`` -> [("a.b", "1"), ("c.d", "2")]."""
     pairs, i = [], 0

@@ -41,6 +41,7 @@ from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import describe_machine, free_port
 
 from .args import load_config
+from .ds_seams import held_numel
 from .bench_model import MALLOC_ENV, status_bytes
 
 log = logging.getLogger(__name__)
@@ -162,19 +163,11 @@ def build_worker(config: str, overrides: list[str], result_dir: Path) -> None:
     t0 = time.perf_counter()
     model = eng.build_model(cfg, layout)
     seconds = time.perf_counter() - t0
-    local = sum(_held(p) for p in model.parameters())
+    local = sum(held_numel(p) for p in model.parameters())
     out = {"rank": layout.rank, "world": layout.world, "partitioned": eng.builds_partitioned(cfg, layout),
            "parameters": eng.parameter_count(model), "local_parameters": local, "seconds": seconds,
            "rss_before_build": before, "build_peak_rss": status_bytes("VmHWM")}
     (result_dir / f"rank{layout.rank}.json").write_text(json.dumps(out))
-
-
-def _held(param) -> int:
-    """Elements of ``param`` this rank holds: its shard under ZeRO-3, unless it is one of the small
-    parameters ZeRO-3 keeps whole on every rank (``stage3_param_persistence_threshold``)."""
-    if not hasattr(param, "ds_tensor"):
-        return param.numel()
-    return param.ds_numel if param.ds_persist else param.ds_tensor.numel()
 
 
 def worker_main(argv: list[str] | None = None) -> int:

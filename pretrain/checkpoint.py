@@ -31,8 +31,9 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError
 from terrabyte.data_pipeline.system import atomic_path, atomic_write, fsync_path, fsync_tree
 
+from . import ds_seams, earlier_formats
 from .args import Config
-from .engine import all_gather_objects, barrier, is_pipeline, on_rank0
+from .engine import all_gather_objects, barrier, is_pipeline, layout_of, on_rank0
 from .parallel import Layout, pipeline_key
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,16 @@ TAG_PATTERN = re.compile(r"^step(\d+)$")
 LAYOUT_FILE = "layout.json"
 UNIVERSAL_DIRNAME = "universal"  # inside a checkpoint's folder, so pruning removes both
 FILES_MANIFEST = "files.json"  # every file of a checkpoint with its size and sha256, checked on load
-FILES_FORMAT = 2  # files.json {"format": 2, "files": {name: {size, sha256}}}; format 1 was {name: size}
+FILES_FORMAT = 2  # files.json {"format": 2, "files": {name: {size, sha256}}} (format 1: earlier_formats)
 HASH_BLOCK = 8 << 20
 SAVING_PREFIX = ".saving-"  # a checkpoint being written; renamed to stepN once whole
 REPLACED_PREFIX = ".replaced-"  # a stepN folder moved aside by a newer save of the same step
-PAUSE_HOOK_ENV = "TERRABYTE_TEST_PAUSE_IN_SAVE"
-# Model keys that may change between a checkpoint and its resumption.
-RESUMABLE_MODEL_KEYS = ("checkpoint_activations", "attn_dropout", "ff_dropout", "flash_attn", "chunk_bytes")
-# The exported model: one file, config in its metadata.
-EXPORT_FILE = "model.safetensors"
+# Model arguments that change how the model runs, not what it computes: they may differ between a
+# checkpoint and its resumption, and a from_pretrained caller may override them.
+RUNTIME_KEYS = ("checkpoint_activations", "attn_dropout", "ff_dropout", "flash_attn", "chunk_bytes")
+# The model's weights in one file, config in its metadata: the export, and save_pretrained's weights
+# (huggingface_hub's constants.SAFETENSORS_SINGLE_FILE).
+WEIGHTS_FILE = "model.safetensors"
 
 
 # --------------------------------------------------------------------------- DeepSpeed checkpoints
@@ -75,7 +77,7 @@ def complete_tags(root: Path) -> list[str]:
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict, keep: int, model_config: dict) -> Path:
     """Save a DeepSpeed checkpoint ``stepN`` on all ranks (``write_checkpoint`` says how)."""
-    layout = engine.terrabyte.layout
+    layout = layout_of(engine)
     client_state = {**client_state, "layout": layout.as_dict()}
 
     def write(tmp: Path) -> None:
@@ -122,7 +124,6 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], meta:
                 _write_json(tmp / name, data)
             _write_json(tmp / FILES_MANIFEST, {"format": FILES_FORMAT, "files": files})
             fsync_path(tmp)
-            _test_pause(root, step)
             publish(root, tmp, tag)
         except OSError as exc:
             _clear(tmp)
@@ -190,8 +191,8 @@ def read_latest(root: Path) -> str | None:
 
 
 def is_ours(folder: Path) -> bool:
-    """Did Terrabyte write this checkpoint folder? Its ``files.json`` is of our format (2, or the
-    {name: size} of format 1). Only such folders are ever pruned or replaced."""
+    """Did Terrabyte write this checkpoint folder? Its ``files.json`` is of our format (2, or an
+    earlier one). Only such folders are ever pruned or replaced."""
     manifest = folder / FILES_MANIFEST
     if folder.is_symlink() or manifest.is_symlink() or not manifest.is_file():
         return False
@@ -199,11 +200,9 @@ def is_ours(folder: Path) -> bool:
         data = json.loads(manifest.read_text())
     except (ValueError, OSError):
         return False
-    if not isinstance(data, dict):
-        return False
-    if data.get("format") == FILES_FORMAT:
+    if isinstance(data, dict) and data.get("format") == FILES_FORMAT:
         return isinstance(data.get("files"), dict)
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in data.values())
+    return earlier_formats.files_format1(data) is not None
 
 
 def check_run_dir(root: Path, rank: int = 0) -> None:
@@ -230,14 +229,6 @@ def check_run_dir(root: Path, rank: int = 0) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _test_pause(root: Path, step: int) -> None:
-    """Test hook: with TERRABYTE_TEST_PAUSE_IN_SAVE=N, the save of step N stops after every file is
-    written, before the rename, and announces it with a marker file (the kill tests SIGKILL it there)."""
-    if os.environ.get(PAUSE_HOOK_ENV) == str(step):
-        (root / f".paused-in-save-step{step}").write_text(str(os.getpid()))
-        time.sleep(3600)
 
 
 def _clear(path: Path) -> None:
@@ -284,16 +275,20 @@ def _hash_files(ckpt: Path, rank: int) -> dict[str, dict]:
 
 def verify_files(ckpt: Path, rank: int = 0, world: int = 1) -> None:
     """Every file the checkpoint was saved with is there, whole and unchanged (size and sha256 from
-    files.json); with ``world`` > 1 this caller checks every world-th file from ``rank``."""
+    files.json); with ``world`` > 1 this caller checks every world-th file from ``rank``. A checkpoint
+    of an earlier format is checked as far as its files.json allows, with a warning naming the rest."""
     manifest = ckpt / FILES_MANIFEST
     if not manifest.is_file():
-        return  # written before manifests existed: DeepSpeed's own errors will have to do
+        if rank == 0:
+            earlier_formats.warn_no_manifest(ckpt, FILES_MANIFEST)
+        return
     hint = f"point {ckpt.parent / 'latest'} at an earlier step, resume with --checkpoint.fallback true, or " \
            f"remove the checkpoints to start over"
     try:
         recorded = json.loads(manifest.read_text())
-        entries = recorded["files"] if recorded.get("format") == FILES_FORMAT else \
-            {name: {"size": size} for name, size in recorded.items()}
+        entries = recorded["files"] if recorded.get("format") == FILES_FORMAT else earlier_formats.files_format1(recorded)
+        if entries is not None and recorded.get("format") != FILES_FORMAT and rank == 0:
+            earlier_formats.warn_no_sha256(ckpt, FILES_MANIFEST)
         items = sorted((str(name), int(e["size"]), e.get("sha256")) for name, e in entries.items())
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"checkpoint {ckpt} is damaged: {FILES_MANIFEST} is not readable; {hint}") from None
@@ -372,10 +367,14 @@ class ResumePlan:
         return f"{self.tag}/{UNIVERSAL_DIRNAME}" if self.universal else self.tag
 
 
-def saved_layout(ckpt: Path) -> Optional[dict]:
-    """The layout a checkpoint was written with (None if it predates layout.json)."""
+def saved_layout(ckpt: Path, rank: int = 0) -> Optional[dict]:
+    """The layout a checkpoint was written with (None if it predates layout.json, said in a warning)."""
     path = ckpt / LAYOUT_FILE
-    return read_json_mapping(path) if path.is_file() else None
+    if path.is_file():
+        return read_json_mapping(path)
+    if rank == 0:
+        earlier_formats.warn_no_layout(ckpt, LAYOUT_FILE)
+    return None
 
 
 def read_json_mapping(path: Path) -> dict:
@@ -402,8 +401,10 @@ def plan_resume(cfg: Config, run_dir: str | Path, layout: Layout) -> Optional[Re
     ckpt = root / tag
     stored = ckpt / "model_config.json"
     if stored.is_file():
-        check_same_model(json.loads(stored.read_text()), cfg.model.kwargs(), str(ckpt))
-    saved = saved_layout(ckpt)
+        check_same_model(read_json_mapping(stored), cfg.model.kwargs(), str(ckpt))
+    elif layout.rank == 0:
+        earlier_formats.warn_no_model_config(ckpt)
+    saved = saved_layout(ckpt, layout.rank)
     current = layout.as_dict()
     moved = saved is not None and {k: saved.get(k) for k in current} != current
     if moved and saved.get("pipeline", 1) != layout.pipeline:
@@ -448,8 +449,7 @@ def convert_to_universal(ckpt: Path, in_process: bool = False, trust: bool = Fal
     if in_process:
         _convert_here(ckpt, tmp, trust)
     else:
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        cmd = [sys.executable, "-m", ds_seams.UNIVERSAL_SCRIPT, *ds_seams.universal_args(str(ckpt), str(tmp))]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -462,17 +462,10 @@ def convert_to_universal(ckpt: Path, in_process: bool = False, trust: bool = Fal
 
 
 def _convert_here(ckpt: Path, tmp: Path, trust: bool) -> None:
-    """``ds_to_universal.main`` in this process, one worker (no pool of processes to escape the guard)."""
-    import argparse
-
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    """``ds_to_universal`` in this process, one worker (no pool of processes to escape the guard)."""
     try:
-        with contextlib.redirect_stdout(sys.stderr), tensors_only_loads(trust):
-            ds_to_universal.main(args)
+        with tensors_only_loads(trust):
+            ds_seams.run_universal_here(ds_seams.universal_args(str(ckpt), str(tmp)))
     except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -497,7 +490,7 @@ def load(engine, plan: Optional[ResumePlan]) -> dict | None:
     where = plan.root / plan.load_tag
     # DeepSpeed's universal loader copies param group 0's hyperparameters to every group, which would
     # give norms and start tokens weight decay: keep ours (they come from the config anyway)
-    groups = engine.basic_optimizer.param_groups
+    groups = ds_seams.inner_optimizer(engine).param_groups
     hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
     try:
         path, client_state = engine.load_checkpoint(str(plan.root), tag=plan.load_tag)
@@ -516,7 +509,7 @@ def load(engine, plan: Optional[ResumePlan]) -> dict | None:
             group.update(saved)
         # ... and hands every parameter the same `step` tensor, which Adam increments in place once
         # per parameter group: give each its own
-        for state in engine.basic_optimizer.state.values():
+        for state in ds_seams.inner_optimizer(engine).state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
     return client_state
@@ -527,9 +520,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def check_same_model(stored: dict, current: dict, where: str) -> None:
-    # configs from before grouped embeddings embedded by concatenation; two stages embed alike either way
-    stored = {"unit_embedding": "concat", **stored}
-    if len(current.get("max_seq_len") or ()) == 2:
+    stored = dict(earlier_formats.model_config(stored))
+    if len(current.get("max_seq_len") or ()) == 2:  # two stages embed alike either way
         stored["unit_embedding"] = current.get("unit_embedding")
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
@@ -537,7 +529,7 @@ def check_same_model(stored: dict, current: dict, where: str) -> None:
             a = tuple(a)
         if isinstance(b, list):
             b = tuple(b)
-        if a != b and key not in RESUMABLE_MODEL_KEYS:
+        if a != b and key not in RUNTIME_KEYS:
             raise CheckpointError(
                 f"checkpoint {where} was written for a different model: model.{key} is {a!r} there "
                 f"but {b!r} now (use another run.dir or the same model config)"
@@ -562,9 +554,8 @@ def rng_state() -> dict:
 
 
 def restore_rng(saved) -> None:
-    """Undo ``rng_state``; a bare tensor is the CPU state of checkpoints from before CUDA was saved."""
-    if isinstance(saved, torch.Tensor):
-        saved = {"cpu": saved}
+    """Undo ``rng_state`` (or read an earlier checkpoint's: ``earlier_formats.rng_states``)."""
+    saved = earlier_formats.rng_states(saved)
     torch.set_rng_state(saved["cpu"])
     if torch.cuda.is_available():
         if "cuda" in saved:
@@ -612,17 +603,6 @@ def _layout_size(layout: dict, key: str, ckpt: Path) -> int:
     return value
 
 
-def _deepspeed_safe_globals() -> list:
-    """The plain-data DeepSpeed classes a checkpoint pickles besides tensors (an enum, the loss
-    scaler's settings, ZeRO-1/2's (numel, start) slice records); none defines ``__setstate__`` or
-    ``__reduce__``, so the weights-only unpickler rebuilds them without running their code."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
 @contextlib.contextmanager
 def tensors_only_loads(trust: bool = False):
     """Inside: every ``torch.load`` is ``weights_only=True`` (tensors, containers and the allowed
@@ -650,7 +630,7 @@ def tensors_only_loads(trust: bool = False):
 
     torch.load = load
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(ds_seams.checkpoint_safe_globals()):
             yield
     finally:
         torch.load = original
@@ -695,13 +675,13 @@ def full_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
 
     if is_pipeline(engine):
         local = {}
-        if engine.grid.data_parallel_id == 0:
+        if ds_seams.pipeline_data_parallel_rank(engine) == 0:
             local = {pipeline_key(k): v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
         parts = [None] * tdist.get_world_size() if engine.global_rank == 0 else None
         tdist.gather_object(local, parts, dst=0)
         return {k: v for part in parts for k, v in part.items()} if engine.global_rank == 0 else None
     if engine.zero_optimization_partition_weights() or engine.autotp_size() > 1:
-        state = engine._consolidated_16bit_state_dict()  # gathers ZeRO-3 and AutoTP shards to rank 0
+        state = ds_seams.gathered_16bit_state_dict(engine)
     else:
         state = engine.module.state_dict() if engine.global_rank == 0 else None
     if state is None:
@@ -719,10 +699,7 @@ def load_state(source, trust: bool = False) -> tuple[dict, dict[str, torch.Tenso
     (resolved by ``resolve_model_source``), or from a ``ModelSource`` it returned. Nothing is
     unpickled in full unless ``trust`` (``consolidate_checkpoint``)."""
     config, state = _load_state(source, trust)
-    if "unit_embedding" not in config:
-        # written before grouped upper-stage embeddings existed: every stage embedded by concatenation
-        config = {**config, "unit_embedding": "concat"}
-    return config, state
+    return earlier_formats.model_config(config), state
 
 
 @dataclass(frozen=True)
@@ -753,7 +730,7 @@ def resolve_model_source(source: str | Path) -> ModelSource:
     if path.is_file():
         return ModelSource("safetensors", path, exported_step(path))
     root = path if (path / "latest").is_file() else checkpoint_dir(path)
-    export = path / EXPORT_FILE
+    export = path / WEIGHTS_FILE
     ckpt = None
     tag = read_latest(root)
     if tag is not None:
@@ -761,7 +738,7 @@ def resolve_model_source(source: str | Path) -> ModelSource:
             raise CheckpointError(f"checkpoint {root / 'latest'} points to {tag!r}, which does not exist")
         ckpt = ModelSource("checkpoint", root / tag, tag_step(tag), root, tag)
     if not export.is_file() and ckpt is None:
-        raise FileNotFoundError(f"{source} holds neither {EXPORT_FILE} nor a checkpoint (no 'latest' file)")
+        raise FileNotFoundError(f"{source} holds neither {WEIGHTS_FILE} nor a checkpoint (no 'latest' file)")
     chosen = ckpt
     if export.is_file():
         exported = ModelSource("safetensors", export, exported_step(export))

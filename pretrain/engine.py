@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from terrabyte.data_pipeline.errors import TerrabyteError
 from terrabyte.data_pipeline.system import free_port
 
+from . import ds_seams
 from .args import Config
 from .model import TerraByte
 from .parallel import Layout, SequenceParallel, autotp_config, pipeline_module, sequence_parallel_group, shard_attention_heads
@@ -152,8 +154,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 shard's own shape is flat
-            (decay if len(shape) >= 2 else no_decay).append(param)
+            (decay if len(ds_seams.full_shape(param)) >= 2 else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -231,7 +232,7 @@ def _gathered(module: torch.nn.Module):
 
 def parameter_count(model: torch.nn.Module) -> int:
     """Parameters of the whole model, partitioned (ZeRO-3 ``ds_numel``) or not."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return sum(ds_seams.full_numel(p) for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- wrapping
@@ -239,34 +240,40 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 @dataclass
 class Extras:
-    """What we keep beside a DeepSpeed engine (attached as ``engine.terrabyte``)."""
+    """What we keep beside a DeepSpeed engine."""
 
     layout: Layout
     guard: "NonFiniteGuard"
+
+
+# Our state for each engine ``wrap`` built, beside it rather than on it: DeepSpeed's object keeps
+# only its own attributes, and an engine that is dropped takes its entry with it.
+_EXTRAS: "weakref.WeakKeyDictionary[Any, Extras]" = weakref.WeakKeyDictionary()
+
+
+def extras(engine) -> Extras:
+    try:
+        return _EXTRAS[engine]
+    except KeyError:
+        raise RuntimeError("this DeepSpeed engine was not built by terrabyte.pretrain.engine.wrap") from None
+
+
+def layout_of(engine) -> Layout:
+    """The parallel layout ``engine`` was built for."""
+    return extras(engine).layout
 
 
 def wrap(model: torch.nn.Module, cfg: Config, layout: Layout, universal: bool = False):
     """deepspeed.initialize on the model in the form the layout needs; returns the engine.
     ``universal``: the checkpoint it will resume from is in DeepSpeed's universal format."""
     import deepspeed
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
     if layout.pipeline > 1:
         model = pipeline_module(model, cfg)
     elif layout.sequence > 1:
         model = SequenceParallel(model, sequence_parallel_group(layout), layout.sp_rank, layout.sequence)
-    if not hasattr(model, UNIVERSAL_CHECKPOINT_INFO):
-        # lets ds_to_universal convert our checkpoints (AutoTP replaces it with its own metadata)
-        setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
-    mpu = None
-    if layout.tensor > 1:
-        from deepspeed.utils import groups
-
-        # AutoTP's (data, tensor) mesh must exist before DeepSpeed checks the batch against the
-        # data-parallel size; the groups module then serves as the model-parallel unit
-        groups._init_tp_mesh_device(tensor_model_parallel_size=layout.tensor)
-        mpu = groups
+    ds_seams.mark_universal_convertible(model)  # lets ds_to_universal convert our checkpoints
+    mpu = ds_seams.init_tensor_parallel_groups(layout.tensor) if layout.tensor > 1 else None
     ds_config = deepspeed_config(cfg, layout, universal=universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -279,10 +286,10 @@ def wrap(model: torch.nn.Module, cfg: Config, layout: Layout, universal: bool = 
         shard_attention_heads(engine.module, layout.tensor, layout.tp_rank)
     if cfg.train.compile:
         engine.compile()  # after DeepSpeed's hooks are in place (compiling first breaks ZeRO-3's)
-    if is_pipeline(engine) and engine.grid.data_parallel_id != layout.dp_rank:
+    if is_pipeline(engine) and ds_seams.pipeline_data_parallel_rank(engine) != layout.dp_rank:
         raise RuntimeError(f"pipeline topology puts rank {layout.rank} at data-parallel rank "
-                           f"{engine.grid.data_parallel_id}, not {layout.dp_rank}")
-    engine.terrabyte = Extras(layout, NonFiniteGuard(engine))
+                           f"{ds_seams.pipeline_data_parallel_rank(engine)}, not {layout.dp_rank}")
+    _EXTRAS[engine] = Extras(layout, NonFiniteGuard(engine))
     log.info("DeepSpeed engine: %s, ZeRO-%d", layout.describe(), cfg.parallel.zero_stage)
     return engine
 
@@ -304,51 +311,41 @@ class NonFiniteGuard:
     """
 
     def __init__(self, engine):
-        self.engine = engine
+        # held weakly: the guard lives in _EXTRAS, whose entry goes when the engine does
+        self._engine = weakref.ref(engine)
         self.pending = False  # this rank saw a non-finite loss since the last optimizer step
         self.skip_now = False
         self.last_skipped = False
         self.skipped = 0
-        optimizer = engine.basic_optimizer
-        inner_step, take_model_step = optimizer.step, engine._take_model_step
+        ds_seams.skippable_step(ds_seams.inner_optimizer(engine), lambda: self.skip_now)
+        ds_seams.wrap_model_step(engine, self._model_step)
 
-        def step(*args, **kwargs):
-            if self.skip_now:
-                optimizer._opt_called = True  # what torch's LR-scheduler wrapper records for a step
-                return None
-            return inner_step(*args, **kwargs)
-
-        if hasattr(inner_step, "_wrapped_by_lr_sched"):
-            step._wrapped_by_lr_sched = True  # still the scheduler-tracked step underneath
-
-        def guarded_model_step(*args, **kwargs):
-            self.skip_now = bool(all_reduce_max(int(self.pending or self._pipeline_loss_bad())))
-            self.pending = False
-            try:
-                return take_model_step(*args, **kwargs)
-            finally:
-                self.last_skipped, self.skipped = self.skip_now, self.skipped + int(self.skip_now)
-                self.skip_now = False
-
-        optimizer.step = step
-        engine._take_model_step = guarded_model_step
+    def _model_step(self, step):
+        self.skip_now = bool(all_reduce_max(int(self.pending or self._pipeline_loss_bad())))
+        self.pending = False
+        try:
+            return step()
+        finally:
+            self.last_skipped, self.skipped = self.skip_now, self.skipped + int(self.skip_now)
+            self.skip_now = False
 
     def note(self, loss: torch.Tensor) -> None:
         if not bool(torch.isfinite(loss.detach()).all()):
             self.pending = True
 
     def _pipeline_loss_bad(self) -> bool:
-        # a pipeline's last stage sums its micro-batch losses in total_loss before the optimizer step
-        total = getattr(self.engine, "total_loss", None) if is_pipeline(self.engine) else None
+        # a pipeline's last stage sums its micro-batch losses before the optimizer step
+        engine = self._engine()
+        total = ds_seams.pipeline_total_loss(engine) if is_pipeline(engine) else None
         return isinstance(total, torch.Tensor) and not bool(torch.isfinite(total).all())
 
 
 def last_step_skipped(engine) -> bool:
-    return engine.terrabyte.guard.last_skipped
+    return extras(engine).guard.last_skipped
 
 
 def skipped_steps(engine) -> int:
-    return engine.terrabyte.guard.skipped
+    return extras(engine).guard.skipped
 
 
 # --------------------------------------------------------------------------- steps
@@ -356,7 +353,7 @@ def skipped_steps(engine) -> int:
 
 def train_batch(engine, micro_batches: list[torch.Tensor]) -> float:
     """One optimizer step over this rank's micro-batches; returns the sum of their mean losses."""
-    guard = engine.terrabyte.guard
+    guard = extras(engine).guard
     if is_pipeline(engine):
         # inputs feed the first stage, the same ids are the last stage's labels
         loss = engine.train_batch(iter([(x, x) for x in micro_batches]))
@@ -377,7 +374,7 @@ def score(engine, x: torch.Tensor, pad_id: int) -> tuple[float, int]:
     same multiple (ranks per replica) of the true totals, so their ratio is the true mean."""
     count = int((x != pad_id).sum())
     if is_pipeline(engine):
-        loss_fn = engine.module.loss_fn
+        loss_fn = ds_seams.pipeline_loss_fn(engine)
         loss_fn.reduction = "sum"
         try:
             # the mean over data-parallel replicas, on every stage: summed over all pipeline x dp

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from terrabyte.data_pipeline.errors import ConfigError
 
+from . import ds_seams
 from .args import validate_world
 from .estimate import pipeline_layer_costs
 from .model import Attention, TerraByte
@@ -261,17 +262,11 @@ def pipeline_parts(model: TerraByte, cfg: Config, costs: list[dict] | None = Non
     the stages' training FLOPs (``estimate.pipeline_layer_costs``, or ``costs`` when the caller has
     them), ``parameters`` their parameter counts and ``uniform`` their layer counts (DeepSpeed's own
     partitioners for those two)."""
-    from deepspeed.runtime import utils as ds_utils
-
     costs = pipeline_layer_costs(model, cfg) if costs is None else costs
     stages, method = cfg.parallel.pipeline_stages, cfg.parallel.pipeline_partition
     if method == "flops":
         return balanced_parts([layer["flops"] for layer in costs], stages)
-    if method == "parameters":
-        parts = ds_utils.partition_balanced(weights=[layer["parameters"] for layer in costs], num_parts=stages)
-    else:
-        parts = ds_utils.partition_uniform(num_items=len(costs), num_parts=stages)
-    return [int(b) for b in parts]
+    return ds_seams.partition(method, [layer["parameters"] for layer in costs], stages)
 
 
 def describe_pipeline(cfg: Config) -> str:
@@ -294,35 +289,16 @@ def describe_pipeline(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def _explicit_pipeline_class():
-    """``deepspeed.pipe.PipelineModule`` that takes its stage boundaries as given: its own
-    ``partition_method`` only knows ``uniform``, ``parameters`` and ``type:<regex>``, all blind to
-    FLOPs. The boundaries replace the partitioner's result; DeepSpeed's bounds bookkeeping is as usual."""
-    from deepspeed.pipe import PipelineModule
-
-    class ExplicitPipelineModule(PipelineModule):
-        def __init__(self, *args, parts: list[int], **kwargs):
-            self._given_parts = list(parts)
-            super().__init__(*args, **kwargs)
-
-        def _partition_layers(self, method="uniform"):
-            stage_id = self._topo.get_coord(self.global_rank).pipe
-            self.parts = list(self._given_parts)
-            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
-
-    return ExplicitPipelineModule
-
-
 def pipeline_module(model: TerraByte, cfg: Config) -> nn.Module:
     """``deepspeed.pipe.PipelineModule`` of ``model``; this rank keeps only its stage's layers."""
     parts = pipeline_parts(model, cfg)
     source = _Source(model)
-    module = _explicit_pipeline_class()(
+    module = ds_seams.explicit_pipeline_module(
+        parts,
         layers=pipeline_layer_specs(source),
         num_stages=cfg.parallel.pipeline_stages,
         loss_fn=PipelineLoss(model.pad_id),
         partition_method=cfg.parallel.pipeline_partition,
-        parts=parts,
         activation_checkpoint_interval=0,  # the block layers checkpoint themselves (model.checkpoint_activations)
     )
     source.model = None

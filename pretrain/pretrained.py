@@ -28,17 +28,16 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.system import atomic_write
 
-from .checkpoint import load_state, read_json_mapping, save_safetensors
+from . import earlier_formats
+from .ds_seams import full_shape, is_partitioned
+from .checkpoint import RUNTIME_KEYS, WEIGHTS_FILE, load_state, read_json_mapping, save_safetensors
 from .model import TerraByte
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"  # huggingface_hub's constants.SAFETENSORS_SINGLE_FILE
 CONFIG_FILE = "config.json"  # huggingface_hub's constants.CONFIG_NAME
 # A hub repository id: "name" or "owner/name" (letters, digits, - _ .), never a path
 REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
-# Model arguments that change how the model runs, not what it computes: a caller may override them
-RUNTIME_KEYS = ("checkpoint_activations", "attn_dropout", "ff_dropout", "flash_attn", "chunk_bytes")
 STAGE_KEY = re.compile(r"^stages\.(\d+)\.")
 
 
@@ -90,7 +89,7 @@ def _has_checkpoints(path: Path) -> bool:
 def _read_saved(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    config = read_json_mapping(directory / CONFIG_FILE)
+    config = earlier_formats.model_config(read_json_mapping(directory / CONFIG_FILE))
     try:
         state = load_file(str(directory / WEIGHTS_FILE))
     except Exception as exc:  # safetensors' own error types for truncated/garbled files
@@ -184,11 +183,6 @@ def push_to_hub(model: torch.nn.Module, repo_id: str, *, private: Optional[bool]
 # --------------------------------------------------------------------------- --init-from
 
 
-def full_shape(tensor: torch.Tensor) -> torch.Size:
-    """A tensor's shape, also for a ZeRO-3 partitioned parameter (whose local data is a shard)."""
-    return getattr(tensor, "ds_shape", tensor.shape)
-
-
 def shape_mismatches(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> list[str]:
     """``name (source shape) vs (target shape)`` for the tensors both have with different shapes."""
     return [f"{k} {tuple(source[k].shape)} there vs {tuple(full_shape(target[k]))} here"
@@ -198,7 +192,7 @@ def shape_mismatches(target: dict[str, torch.Tensor], source: dict[str, torch.Te
 def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
     """``target`` := ``value``; a partitioned parameter (a model built under ``zero.Init``) is gathered
     for the copy and re-partitioned after it, on every rank together (each rank holds the same value)."""
-    if not hasattr(target, "ds_id"):
+    if not is_partitioned(target):
         target.data.copy_(value)
         return
     import deepspeed  # only a partitioned model gets here: DeepSpeed built it

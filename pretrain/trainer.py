@@ -396,8 +396,8 @@ class Trainer:
                     self.save()
         bar.close()
         if cfg.checkpoint.export:
-            ckpt.export_safetensors(self.engine, self.run_dir / ckpt.EXPORT_FILE, self.model_config, self.step)
-            log.info("exported %s", self.run_dir / ckpt.EXPORT_FILE)
+            ckpt.export_safetensors(self.engine, self.run_dir / ckpt.WEIGHTS_FILE, self.model_config, self.step)
+            log.info("exported %s", self.run_dir / ckpt.WEIGHTS_FILE)
         self.metrics.close()
         if last_val is not None:
             log.info("done: %d steps, validation bits-per-byte %.4f", self.step, last_val)

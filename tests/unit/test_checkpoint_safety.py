@@ -161,24 +161,24 @@ def test_run_directory_resolves_to_the_newest_weights(tmp_path, caplog):
     run = tmp_path / "run"
     root = run / "checkpoints"
     save(root, 4)
-    _export(run / ckpt.EXPORT_FILE, step=2)  # a stale export: the run was extended
+    _export(run / ckpt.WEIGHTS_FILE, step=2)  # a stale export: the run was extended
     with caplog.at_level(logging.INFO, logger="terrabyte.pretrain.checkpoint"):
         src = ckpt.resolve_model_source(run)
     assert (src.kind, src.path, src.step) == ("checkpoint", root / "step4", 4)
     assert "newer than the exported" in caplog.text and "step4" in caplog.text
-    _export(run / ckpt.EXPORT_FILE, step=4)
+    _export(run / ckpt.WEIGHTS_FILE, step=4)
     src = ckpt.resolve_model_source(run)
-    assert (src.kind, src.path, src.step) == ("safetensors", run / ckpt.EXPORT_FILE, 4)
+    assert (src.kind, src.path, src.step) == ("safetensors", run / ckpt.WEIGHTS_FILE, 4)
     # an export without a recorded step: modification times decide
-    _export(run / ckpt.EXPORT_FILE)
-    os.utime(run / ckpt.EXPORT_FILE, (1, 1))
+    _export(run / ckpt.WEIGHTS_FILE)
+    os.utime(run / ckpt.WEIGHTS_FILE, (1, 1))
     assert ckpt.resolve_model_source(run).kind == "checkpoint"
-    os.utime(run / ckpt.EXPORT_FILE, None)
+    os.utime(run / ckpt.WEIGHTS_FILE, None)
     os.utime(root / "step4", (2, 2))
     assert ckpt.resolve_model_source(run).kind == "safetensors"
     # explicit sources stay what they are
     assert ckpt.resolve_model_source(root).path == root / "step4"
-    assert ckpt.resolve_model_source(run / ckpt.EXPORT_FILE).kind == "safetensors"
+    assert ckpt.resolve_model_source(run / ckpt.WEIGHTS_FILE).kind == "safetensors"
 
 
 def test_safetensors_load_never_unpickles(tmp_path, monkeypatch):

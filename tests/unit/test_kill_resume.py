@@ -31,16 +31,19 @@ ARGS = [
 ]
 SEED = int(os.environ.get("TERRABYTE_KILL_SEED", random.randrange(1 << 30)))
 ROUNDS = int(os.environ.get("TERRABYTE_KILL_ROUNDS", "1"))  # random kills after the one inside a save
+PAUSE_RUNNER = Path(__file__).with_name("pause_in_save_runner.py")
 
 
-def env(**extra):
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def start(run: Path, shards: Path, log: Path, **extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "terrabyte.pretrain", *ARGS, "--data.path", str(shards),
-                             "--run.dir", str(run)], stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
-                            env=env(**extra))
+def start(run: Path, shards: Path, log: Path, pause_in_save: int | None = None) -> subprocess.Popen:
+    """The trainer in a subprocess; ``pause_in_save``: that step's save stops before its rename
+    (``pause_in_save_runner``)."""
+    entry = ["-m", "terrabyte.pretrain"] if pause_in_save is None else [str(PAUSE_RUNNER), str(pause_in_save)]
+    return subprocess.Popen([sys.executable, *entry, *ARGS, "--data.path", str(shards), "--run.dir", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env=env())
 
 
 def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180):
@@ -111,7 +114,7 @@ def test_killed_runs_end_with_the_uninterrupted_result(tmp_path, shards, straigh
 
     # 1. SIGKILL inside the save of a random step, after its files are written, before any rename
     paused = rng.choice([4, 6])
-    proc = start(run, shards, log, TERRABYTE_TEST_PAUSE_IN_SAVE=str(paused))
+    proc = start(run, shards, log, pause_in_save=paused)
     marker = run / "checkpoints" / f".paused-in-save-step{paused}"
     assert wait_for(marker.exists, proc, "the paused save"), note
     proc.send_signal(signal.SIGKILL)
