@@ -141,7 +141,7 @@ def split_build(inputs, include, exclude, workdir: str, k: int, zstd_level: int)
     """The corpus's files dealt round-robin (sorted) into k directories, each built into its own
     shard directory, as separately built corpora are; returns the shard directories."""
     from . import readers
-    from .builder import build_shards
+    from .builder import BuildConfig, build_shards
 
     files = [src for src in readers.discover_sources(inputs, include or (), exclude or ()) if src.kind == "file"]
     paths = []
@@ -152,7 +152,7 @@ def split_build(inputs, include, exclude, workdir: str, k: int, zstd_level: int)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(src.path, target)
         paths.append(os.path.join(workdir, f"part{part}-shards"))
-        build_shards([raw], paths[-1], zstd_level=zstd_level, progress=False)
+        build_shards(BuildConfig(inputs=[raw], zstd_level=zstd_level), paths[-1], progress=False)
     return paths
 
 
@@ -206,7 +206,7 @@ def bench_streaming(inputs, include, exclude, workdir: str, repeats: int):
 def run(args) -> int:
     import zstandard
 
-    from .builder import build_shards
+    from .builder import BuildConfig, build_shards
     from .stdlib_corpus import STDLIB_EXCLUDE, STDLIB_INCLUDE, stdlib_corpus
 
     inputs = args.input or [stdlib_corpus()]
@@ -218,8 +218,9 @@ def run(args) -> int:
         shutil.rmtree(shard_dir, ignore_errors=True)
         def build():
             shutil.rmtree(shard_dir, ignore_errors=True)
-            return build_shards(inputs, shard_dir, include=include, exclude=exclude, zstd_level=args.zstd_level,
-                                progress=False)
+            return build_shards(BuildConfig(inputs=inputs, include=include, exclude=exclude,
+                                            zstd_level=args.zstd_level),
+                                shard_dir, progress=False)
 
         build_s, build_c, man = _best(build, args.repeats)
         raw_all = man["totals"]["all"]["raw_bytes"]

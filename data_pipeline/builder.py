@@ -94,6 +94,20 @@ class BuildConfig:
     max_member_bytes: int = 64 << 20  # the largest document held whole where it cannot be streamed
     follow_symlinks: bool = False  # read files and directories that links in input directories point to
 
+    def __post_init__(self):
+        """Plain values, as the manifest stores them and their fingerprint resumes a build: one input
+        path or several, sequences as tuples, sizes as int; dedup True/False as "exact"/"" (none)."""
+        inputs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else self.inputs
+        plain = dict(inputs=tuple(os.fspath(i) for i in inputs), include=tuple(self.include),
+                     exclude=tuple(self.exclude), val_fraction=float(self.val_fraction),
+                     dedup={True: "exact", False: "", None: ""}.get(self.dedup, self.dedup),
+                     split_bytes=tuple(int(n) for n in self.split_bytes), follow_symlinks=bool(self.follow_symlinks))
+        for name in ("zstd_level", "member_bytes", "shard_bytes", "task_bytes", "group_depth", "min_bytes",
+                     "max_bytes", "dict_bytes", "max_member_bytes"):
+            plain[name] = int(getattr(self, name))
+        for name, value in plain.items():
+            object.__setattr__(self, name, value)  # frozen
+
     def validate(self):
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
@@ -811,64 +825,19 @@ class _Progress:
             self.bar.close()
 
 
-def build_shards(
-    inputs: Sequence[str] | str,
-    out_dir: str,
-    *,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    val_fraction: float = 0.01,
-    zstd_level: int = 3,
-    member_bytes: int = 2 << 20,
-    shard_bytes: int = 256 << 20,
-    task_bytes: int = 1 << 30,
-    workers: int = 1,
-    progress: bool = True,
-    input_format: str = "auto",
-    text_field: str = "text",
-    group_depth: int = 0,
-    dedup: bool | str = False,
-    dedup_threshold: float | None = None,
-    dedup_ngram: int | None = None,
-    dedup_perm: int | None = None,
-    min_bytes: int = 0,
-    max_bytes: int = 0,
-    dict_bytes: int = 0,
-    on_error: str = "raise",
-    split_bytes: Sequence[int] = (),
-    max_member_bytes: int = 64 << 20,
-    follow_symlinks: bool = False,
-    comm=None,
-) -> dict:
-    """Builds webdataset tar shards of zstd members from files/directories/globs/archives.
+def build_shards(cfg: BuildConfig, out_dir: str, *, workers: int = 1, progress: bool = True, comm=None) -> dict:
+    """Builds webdataset tar shards of zstd members from ``cfg.inputs`` (files, directories, globs,
+    archives), e.g. ``build_shards(BuildConfig(inputs=["corpus/"], val_fraction=0.05), "shards")``.
 
-    Returns the manifest (also written to `<out_dir>/manifest.json`). With `comm` (an mpi4py
-    communicator, or found from the environment by the CLI), tasks are dealt to ranks round-robin
-    and rank 0 writes the merged manifest; every rank returns it.
+    Returns the manifest (also written to `<out_dir>/manifest.json`). ``workers`` processes on this
+    machine; with `comm` (an mpi4py communicator, or found from the environment by the CLI), tasks
+    are dealt to ranks round-robin and rank 0 writes the merged manifest; every rank returns it.
+    Neither changes the shards' bytes (``cfg`` alone does).
 
     `out_dir` must be new, empty or a previous build (`check_out_dir`). Shards are written into
     `<out_dir>/.build` and moved into place only when every task is done, so a build that fails
     leaves a previous build in `out_dir` as it was (and its finished tasks in `.build` for a rerun).
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    # dedup: False/"" (none), True/"exact" (byte-identical documents) or "near" (MinHash + LSH, tuned
-    # by dedup_threshold, dedup_ngram and dedup_perm; neardup.py)
-    dedup = {True: "exact", False: "", None: ""}.get(dedup, dedup)
-    near = dict(dedup_threshold=dedup_threshold, dedup_ngram=dedup_ngram, dedup_perm=dedup_perm)
-    for name, value in near.items():
-        if value is not None and dedup != "near":
-            raise ConfigError(f"--{name.replace('_', '-')} applies to --dedup near only")
-    near = {k: v for k, v in near.items() if v is not None}
-    cfg = BuildConfig(
-        inputs=tuple(os.fspath(i) for i in inputs), include=tuple(include), exclude=tuple(exclude),
-        val_fraction=float(val_fraction), zstd_level=int(zstd_level), member_bytes=int(member_bytes),
-        shard_bytes=int(shard_bytes), task_bytes=int(task_bytes), input_format=input_format,
-        text_field=text_field, group_depth=int(group_depth), dedup=dedup, **near, min_bytes=int(min_bytes),
-        max_bytes=int(max_bytes), dict_bytes=int(dict_bytes), on_error=on_error,
-        split_bytes=tuple(int(n) for n in split_bytes),
-        max_member_bytes=int(max_member_bytes), follow_symlinks=bool(follow_symlinks),
-    )
     cfg.validate()
     if workers < 1:
         raise ConfigError(f"workers={workers} must be >= 1")

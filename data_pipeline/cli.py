@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 
-from .errors import TerrabyteError
+from .errors import ConfigError, TerrabyteError
 
 logger = logging.getLogger(__name__)
 
@@ -123,19 +123,22 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_build(args) -> int:
-    from .builder import build_shards, mpi_comm_from_env
+    from .builder import BuildConfig, build_shards, mpi_comm_from_env
 
+    near = {k: getattr(args, k) for k in ("dedup_threshold", "dedup_ngram", "dedup_perm")
+            if getattr(args, k) is not None}
+    for name in near if args.dedup != "near" else ():
+        raise ConfigError(f"--{name.replace('_', '-')} applies to --dedup near only")
+    cfg = BuildConfig(
+        inputs=args.inputs, include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
+        zstd_level=args.zstd_level, member_bytes=args.member_bytes, shard_bytes=args.shard_bytes,
+        task_bytes=args.task_bytes, input_format=args.input_format, text_field=args.text_field,
+        group_depth=args.group_depth, dedup=args.dedup, **near, min_bytes=args.min_bytes, max_bytes=args.max_bytes,
+        dict_bytes=args.dict_bytes, on_error=args.on_error, split_bytes=args.split_bytes,
+        max_member_bytes=args.max_member_bytes, follow_symlinks=args.follow_symlinks)
     comm = mpi_comm_from_env()
     rank = comm.Get_rank() if comm is not None else 0
-    man = build_shards(
-        args.inputs, args.out, include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
-        zstd_level=args.zstd_level, member_bytes=args.member_bytes, shard_bytes=args.shard_bytes,
-        task_bytes=args.task_bytes, workers=args.workers, progress=not args.no_progress,
-        input_format=args.input_format, text_field=args.text_field, group_depth=args.group_depth,
-        dedup=args.dedup, dedup_threshold=args.dedup_threshold, dedup_ngram=args.dedup_ngram,
-        dedup_perm=args.dedup_perm, min_bytes=args.min_bytes, max_bytes=args.max_bytes, dict_bytes=args.dict_bytes,
-        on_error=args.on_error, split_bytes=args.split_bytes, max_member_bytes=args.max_member_bytes,
-        follow_symlinks=args.follow_symlinks, comm=comm)
+    man = build_shards(cfg, args.out, workers=args.workers, progress=not args.no_progress, comm=comm)
     if rank == 0:
         from .verify import format_stats
 

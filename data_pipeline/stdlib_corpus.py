@@ -7,7 +7,7 @@ import logging
 import os
 import sysconfig
 
-from .builder import BUILD_LOCK, build_shards
+from .builder import BUILD_LOCK, BuildConfig, build_shards
 from .manifest import load_manifest
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def ensure_default_shards(out_dir: str, progress: bool = False) -> str:
         try:
             if not _valid_default(out_dir, corpus):
                 logger.info("building default shards from %s into %s", corpus, out_dir)
-                build_shards([corpus], out_dir, include=STDLIB_INCLUDE, exclude=STDLIB_EXCLUDE, progress=progress)
+                build_shards(BuildConfig(inputs=[corpus], include=STDLIB_INCLUDE, exclude=STDLIB_EXCLUDE),
+                             out_dir, progress=progress)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return out_dir

@@ -180,7 +180,8 @@ class Bench:
                 torch.cuda.empty_cache()
 
     def _ours(self, n: int) -> Row:
-        from .sparse_attention import count_tiles, sparse_attention
+        from .dispatch import sparse_attention
+        from .sparse_attention import count_tiles
 
         r = self.report
         name = "terrabyte triton" if self.gpu else "reference (cpu)"
@@ -284,7 +285,7 @@ class Bench:
 
     def longest_fit(self, start: int, deadline: float | None = None) -> int:
         """Double the length from ``start`` until forward+backward runs out of memory (or time)."""
-        from .sparse_attention import sparse_attention
+        from .dispatch import sparse_attention
 
         best, n = None, start
         while n <= (1 << 30) and (deadline is None or time.monotonic() < deadline):

@@ -22,10 +22,11 @@ Reading order, as in the tutorial: each kernel calls its inner function once per
 ``_count_tile``). The walk carries the kernel's values in positional slots it never reads; the inner
 function and ``_tile`` are the two places that bind them to names.
 
-Public: ``sparse_attention`` (Triton on CUDA tensors, the block-gathered PyTorch path of
-``gathered_attention.py`` on others unless ``backend="triton"``), ``reference_attention`` (plain
-PyTorch, exact, optionally chunked so memory stays O(chunk x n)), ``SparseAttentionFunction`` (the
-autograd.Function), ``batch_slices`` (how a batch splits across launches under the grid limit).
+Public: ``triton_attention`` (the kernels on inputs already checked, one launch per
+``batch_slices``: what ``sparse_attention`` of ``dispatch.py`` runs on CUDA tensors or with
+``backend="triton"``), ``SparseAttentionFunction`` (the autograd.Function), ``count_tiles``.
+This is the package's only module that imports Triton, and nothing imports it before a kernel
+launches, so the PyTorch paths work where Triton is not installed.
 """
 from __future__ import annotations
 
@@ -35,13 +36,11 @@ from contextlib import nullcontext
 import torch
 import triton
 import triton.language as tl
-from torch.utils.checkpoint import checkpoint
 
-from .patterns import SparsePattern, check_attention_inputs
+from .patterns import SparsePattern
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
-BACKENDS = ("auto", "triton", "gather", "reference")
 # CUDA caps grid axis 1 (our batch x heads axis) at 65535 programs; larger batches launch in slices.
 GRID_LIMIT = 65535
 
@@ -852,7 +851,8 @@ def _check_triton_inputs(q: torch.Tensor) -> None:
                          "(batch x heads per launch)")
     if not q.is_cuda and not _interpreting():
         raise ValueError("sparse_attention: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                         "terrabyte.kernels is first imported (Triton reads it when the kernels are decorated)")
+                         "the kernels are first loaded (Triton reads it when terrabyte.kernels.sparse_attention "
+                         "decorates them)")
 
 
 def _launch_meta(pattern: SparsePattern, heads: int, n: int, head_dim: int, dtype: torch.dtype,
@@ -969,46 +969,6 @@ def count_tiles(pattern: SparsePattern, n: int, heads: int, causal: bool = True,
     return counts
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
-                        causal: bool = True, scale: float | None = None, chunk: int | None = None) -> torch.Tensor:
-    """Exact masked softmax attention in plain PyTorch (fp32 or fp64 math, output in q's dtype).
-
-    Without ``chunk`` it builds the (heads, n, n) mask. With ``chunk`` it handles ``chunk`` queries at
-    a time from masks computed on the fly, and under autograd recomputes each chunk in backward
-    (activation checkpointing), so memory stays O(chunk * n) instead of O(n^2).
-    """
-    scale = check_attention_inputs(q, k, v, pattern, causal, scale)
-    n, heads = q.shape[2], q.shape[1]
-    if chunk is None:
-        mask = pattern.dense_mask(n, heads=heads, causal=causal, device=q.device)
-        return _masked_softmax_attention(q, k, v, mask, scale)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"reference_attention: chunk must be a positive integer, got {chunk!r}")
-    outs = []
-    for start in range(0, n, chunk):
-        rows = torch.arange(start, min(start + chunk, n), device=q.device)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            outs.append(checkpoint(_chunk_attention, q, k, v, rows, pattern, causal, scale, use_reentrant=False))
-        else:
-            outs.append(_chunk_attention(q, k, v, rows, pattern, causal, scale))
-    return torch.cat(outs, dim=2)
-
-
-def _chunk_attention(q, k, v, rows, pattern, causal, scale):
-    heads, n = q.shape[1], q.shape[2]
-    keys = torch.arange(n, device=q.device)
-    mask = pattern.allowed(rows[:, None], keys[None, :], head=None, causal=causal, heads=heads)
-    return _masked_softmax_attention(q[:, :, rows[0]: rows[-1] + 1], k, v, mask, scale)
-
-
-def _masked_softmax_attention(q, k, v, mask, scale):
-    compute = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 in fp32, float64 stays exact
-    scores = torch.einsum("bhid,bhjd->bhij", q.to(compute), k.to(compute)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhij,bhjd->bhid", probs, v.to(compute)).to(q.dtype)
-
-
 def batch_slices(batch: int, heads: int, limit: int = GRID_LIMIT) -> list[tuple[int, int]]:
     """[start, stop) batch ranges with (stop - start) * heads <= limit, covering [0, batch) in order:
     one kernel launch each, since the grid's batch x heads axis may not exceed ``limit``."""
@@ -1021,29 +981,9 @@ def batch_slices(batch: int, heads: int, limit: int = GRID_LIMIT) -> list[tuple[
     return [(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
-                     causal: bool = True, scale: float | None = None, *, backend: str = "auto",
-                     chunk: int | None = None) -> torch.Tensor:
-    """Softmax attention over the pattern's attended set; q, k, v (batch, heads, seq, head_dim).
-
-    ``backend="auto"`` runs the Triton kernels on CUDA tensors and the block-gathered PyTorch path
-    (``gathered_attention``: cost linear in n, any dtype and head_dim) on others; ``"triton"`` forces
-    the kernels (on CPU tensors that needs TRITON_INTERPRET=1 set before ``terrabyte.kernels`` is
-    first imported); ``"gather"`` forces the gathered path; ``"reference"`` the dense masked
-    reference, the exact oracle (``chunk`` applies there only).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"sparse_attention: backend must be one of {BACKENDS}, got {backend!r}")
-    scale = check_attention_inputs(q, k, v, pattern, causal, scale)
-    if chunk is not None and backend != "reference":
-        raise ValueError(f"sparse_attention: chunk={chunk!r} applies to backend='reference' only, "
-                         f"not {backend!r}")
-    if backend == "reference":
-        return reference_attention(q, k, v, pattern, causal=causal, scale=scale, chunk=chunk)
-    if backend == "gather" or (backend == "auto" and not q.is_cuda):
-        from .gathered_attention import gathered_attention  # it imports this module
-
-        return gathered_attention(q, k, v, pattern, causal=causal, scale=scale)
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, causal: bool,
+                     scale: float) -> torch.Tensor:
+    """The kernels on inputs ``check_attention_inputs`` accepted, one launch per ``batch_slices``."""
     _check_triton_inputs(q)
     slices = batch_slices(q.shape[0], q.shape[1], GRID_LIMIT)
     if len(slices) == 1:

@@ -25,7 +25,22 @@ PASSTHROUGH = {
     "pretrain": ("terrabyte.pretrain.trainer", "main", "pretrain a TerraByte model (see `terrabyte pretrain --help`)"),
 }
 
-# (module, help) of modules exposing add_arguments(parser) and run(args) -> int.
+# name: (module, function adding its arguments to a parser, handler taking the parsed args -> exit code, help).
+# A subcommand's module is imported only when argv selects it: `terrabyte --help` imports none of them.
+COMMANDS = {
+    "generate": ("terrabyte.pretrain.inference", "add_generate_arguments", "run_generate",
+                 "sample bytes from a trained model"),
+    "eval": ("terrabyte.pretrain.evaluate", "add_arguments", "run",
+             "bits-per-byte of a trained model on shards or files, or lm-evaluation-harness tasks (--tasks)"),
+    "export": ("terrabyte.pretrain.inference", "add_export_arguments", "run_export",
+               "write a run's model as one safetensors file"),
+    "launch": ("terrabyte.launch.launchers", "add_arguments", "run",
+               "print or run the deepspeed/torchrun/mpirun command for N nodes"),
+    "slurm": ("terrabyte.launch.slurm", "add_arguments", "run",
+              "write (and submit) a SLURM job script with preemption and requeue"),
+}
+
+# `terrabyte bench WHAT`: (module, help) of modules exposing add_arguments(parser) and run(args) -> int.
 BENCHES = {
     "model": ("terrabyte.pretrain.bench_model", "training and generation speed vs megabyte-pytorch"),
     "attention": ("terrabyte.kernels.bench", "sparse attention kernels vs FlexAttention and dense SDPA"),
@@ -36,9 +51,13 @@ BENCHES = {
 }
 
 
-def _add_lazy(sub, name: str, module: str, help: str, setup: str = "add_arguments", handler: str = "run"):
-    """A subcommand whose module is imported only when it is used or its help is asked for."""
+def _add_lazy(sub, name: str, module: str, help: str, selected: bool, setup: str = "add_arguments",
+              handler: str = "run"):
+    """A subcommand listed with its help; its module is imported, and its options added, only when
+    ``selected`` (argv names it)."""
     parser = sub.add_parser(name, help=help, description=help)
+    if not selected:
+        return parser
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:  # a missing optional piece must not break the other commands
@@ -47,6 +66,11 @@ def _add_lazy(sub, name: str, module: str, help: str, setup: str = "add_argument
     getattr(mod, setup)(parser)
     parser.set_defaults(func=getattr(mod, handler))
     return parser
+
+
+def _words(argv: list[str], count: int) -> list[str]:
+    """The first ``count`` words of argv that are not options (the subcommand and its choice)."""
+    return [a for a in argv if not a.startswith("-")][:count]
 
 
 def _eval(args) -> int:
@@ -67,28 +91,27 @@ def _missing(name: str, exc: Exception) -> int:
     raise ConfigError(f"`terrabyte {name}` is unavailable: {exc}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line, every subcommand listed with its help; only the one ``argv`` selects
+    (``generate``, ``bench model``, ...) has its module imported and its options added."""
+    words = _words(argv or [], 2)
+    command, what = (words + [None, None])[:2]
     parser = argparse.ArgumentParser(prog="terrabyte", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from terrabyte.data_pipeline.cli import add_subcommands as add_shards
+    from terrabyte.data_pipeline.cli import add_subcommands as add_shards  # argparse only: its work is lazy
 
     add_shards(sub)
     for name, (_, _, help) in PASSTHROUGH.items():
         sub.add_parser(name, help=help, add_help=False)
-    _add_lazy(sub, "generate", "terrabyte.pretrain.inference", "sample bytes from a trained model",
-              setup="add_generate_arguments", handler="run_generate")
-    _add_lazy(sub, "eval", "terrabyte.pretrain.evaluate",
-              "bits-per-byte of a trained model on shards or files, or lm-evaluation-harness tasks (--tasks)")
-    sub.choices["eval"].set_defaults(func=_eval)
-    _add_lazy(sub, "export", "terrabyte.pretrain.inference", "write a run's model as one safetensors file",
-              setup="add_export_arguments", handler="run_export")
-    _add_lazy(sub, "launch", "terrabyte.launch.launchers", "print or run the deepspeed/torchrun/mpirun command for N nodes")
-    _add_lazy(sub, "slurm", "terrabyte.launch.slurm", "write (and submit) a SLURM job script with preemption and requeue")
+    for name, (module, setup, handler, help) in COMMANDS.items():
+        _add_lazy(sub, name, module, help, command == name, setup=setup, handler=handler)
+    if command == "eval":
+        sub.choices["eval"].set_defaults(func=_eval)
     bench = sub.add_parser("bench", help="benchmarks that print a side-by-side table")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name, (module, help) in BENCHES.items():
-        _add_lazy(bench_sub, name, module, help)
+        _add_lazy(bench_sub, name, module, help, command == "bench" and what == name)
     return parser
 
 
@@ -99,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded(getattr(importlib.import_module(module), func), argv[1:])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     return run_guarded(args.func, args)
 

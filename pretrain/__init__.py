@@ -1,8 +1,9 @@
 """Terrabyte pretraining: the TerraByte model, its config tree, engine and trainer.
 
 The model (``model.py``) is plain PyTorch; DeepSpeed is applied from outside by ``engine.py``.
+Importing the package imports the model alone (torch and einops): the config tree, the engine,
+checkpoints and hub I/O are imported by what uses them.
 """
 from .model import TerraByte
-from . import pretrained  # noqa: F401  (TerraByte.from_pretrained, save_pretrained, push_to_hub)
 
 __all__ = ["TerraByte"]

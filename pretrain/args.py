@@ -21,8 +21,9 @@ import yaml
 
 from terrabyte.data_pipeline.errors import ConfigError
 
-IntTuple = tuple[int, ...]
-PerStage = Union[int, IntTuple]  # one value for every stage, or one per stage
+from .model_args import ModelArgs
+from .model_args import positive as _positive
+from .model_args import within as _within
 
 
 @dataclass
@@ -33,44 +34,8 @@ class RunConfig:
     """Seeds model init, data order and sampling."""
 
 
-@dataclass
-class ModelConfig:
-    """Mirrors the ``TerraByte`` constructor; tuples have one entry per stage, coarsest first."""
-
-    num_tokens: int = 256
-    """Data vocabulary: 256 for bytes. Special ids (pad, eos, bos) are added above it."""
-    dim: IntTuple = (128, 64)
-    depth: IntTuple = (2, 2)
-    max_seq_len: IntTuple = (256, 8)
-    """Patches per stage; their product is the training sequence length in bytes."""
-    dim_head: PerStage = 32
-    heads: PerStage = 4
-    ff_mult: float = 4.0
-    attn_dropout: float = 0.0
-    ff_dropout: float = 0.0
-    flash_attn: bool = True
-    """Use the flash-attn package when installed and on GPU; otherwise PyTorch SDPA."""
-    rotary: bool = True
-    tie_embeddings: bool = False
-    attention: Optional[list] = None
-    """Per-stage attention specs, e.g. ``[{kind: sparse, pattern: {local: 256}}, null]``."""
-    checkpoint_activations: bool = False
-    chunk_bytes: Optional[int] = None
-    """Bytes of each chunk the lower stages, logits and loss run on (a multiple of the global patch;
-    activation memory below the global stage is one chunk's). Unset: about 1 GiB of fp32
-    activations' worth, capped so no kernel call gets more than 65,535 sequences x heads."""
-    unit_embedding: str = "grouped"
-    """How an upper stage embeds its units: ``grouped`` (bytes projected group by group: parameters
-    do not grow with the unit) or ``concat`` (MEGABYTE: all the unit's bytes in one projection).
-    Two-stage models are the same either way."""
-
-    @property
-    def seq_len(self) -> int:
-        return math.prod(self.max_seq_len)
-
-    def kwargs(self) -> dict:
-        """Keyword arguments for ``TerraByte(**...)``."""
-        return dataclasses.asdict(self)
+# The model section is the model's own argument set: one class, one set of defaults, one validation.
+ModelConfig = ModelArgs
 
 
 @dataclass
@@ -385,37 +350,13 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"config key {key} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _positive(value: float, key: str) -> None:
-    if value <= 0:
-        raise ConfigError(f"config key {key} must be positive, got {value!r}")
-
-
-def _within(value, key: str, low=None, high=None, high_open: bool = False) -> None:
-    """``low <= value <= high`` (``< high`` with ``high_open``); None bounds are open."""
-    fits = (low is None or value >= low) and (high is None or (value < high if high_open else value <= high))
-    if not fits:
-        span = [f"at least {low}"] if low is not None else []
-        span += [f"below {high}" if high_open else f"at most {high}"] if high is not None else []
-        raise ConfigError(f"config key {key} must be {' and '.join(span)}, got {value!r}")
-
-
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def validate_numbers(cfg: Config) -> None:
     """Every number in the tree within what it can mean (floats are already finite: ``coerce``)."""
-    m, t, o = cfg.model, cfg.train, cfg.optim
+    t, o = cfg.train, cfg.optim
     _within(cfg.run.seed, "run.seed", 0, 2 ** 63, high_open=True)
-    _positive(m.num_tokens, "model.num_tokens")
-    for key in ("dim", "depth", "max_seq_len", "heads", "dim_head"):
-        value = getattr(m, key)
-        for v in value if isinstance(value, tuple) else (value,):
-            _positive(v, f"model.{key}")
-    _positive(m.ff_mult, "model.ff_mult")
-    for key in ("attn_dropout", "ff_dropout"):
-        _within(getattr(m, key), f"model.{key}", 0, 1, high_open=True)
-    if m.chunk_bytes is not None:
-        _positive(m.chunk_bytes, "model.chunk_bytes")
     _within(cfg.data.num_workers, "data.num_workers", 0)
     _positive(cfg.data.val_sequences, "data.val_sequences")
     _within(t.grad_clip, "train.grad_clip", 0)
@@ -434,31 +375,7 @@ def validate_numbers(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    m = cfg.model
-    stages = len(m.dim)
-    if stages < 2:
-        raise ConfigError(f"config key model.dim needs at least 2 stages, got {m.dim}")
-    for key in ("depth", "max_seq_len"):
-        if len(getattr(m, key)) != stages:
-            raise ConfigError(
-                f"config keys model.dim and model.{key} must have one entry per stage: "
-                f"{m.dim} has {stages}, {getattr(m, key)} has {len(getattr(m, key))}"
-            )
-    for key in ("heads", "dim_head"):
-        value = getattr(m, key)
-        if isinstance(value, tuple) and len(value) != stages:
-            raise ConfigError(f"config key model.{key} needs one entry per stage ({stages}) or a single value, got {value}")
-    if m.attention is not None and len(m.attention) != stages:
-        raise ConfigError(f"config key model.attention needs one entry per stage ({stages}), got {len(m.attention)}")
-    for s, spec in enumerate(m.attention or []):
-        if isinstance(spec, dict) and spec.get("kind") == "sparse" and "pattern" in spec:
-            from terrabyte.kernels import SparsePattern
-
-            heads = m.heads if isinstance(m.heads, int) else m.heads[s if len(m.heads) > 1 else 0]
-            try:
-                SparsePattern.from_config(spec["pattern"]).check_heads(heads, f"model.attention[{s}]")
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                raise ConfigError(f"config key model.attention[{s}].pattern: {exc}") from None
+    cfg.model.checked()  # the same checks the model's constructor runs
     for key in ("steps", "micro_batch", "global_batch", "eval_interval", "log_interval"):
         _positive(getattr(cfg.train, key), f"train.{key}")
     _positive(cfg.checkpoint.interval, "checkpoint.interval")

@@ -172,6 +172,10 @@ def check_fits(cfg: Config, device: torch.device, shards: int = 1, sequence: int
         verdict = memory_verdict(model, cfg, memory, f"{device.type} memory", shards, sequence)
         logger.info("model.checkpoint_activations turned on: without it one micro-batch would not fit %.1f GiB of "
                     "%s memory", memory / 2**30, device.type)
+    if cfg.model.checkpoint_activations is None:
+        # decided here, once, from the estimate: ranks deciding per step from their own free memory
+        # could recompute in different orders, and ZeRO-3 gathers parameters in that order
+        cfg.model.checkpoint_activations = False
     if verdict is not None and cfg.model.chunk_bytes is None:
         fits = largest_chunk(model, cfg, memory, shards, sequence)
         if fits is not None:

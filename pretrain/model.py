@@ -46,6 +46,8 @@ from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.vocab import Vocab
 
 from . import decode
+from .hub import HubMixin
+from .model_args import MODEL_KEYS, ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -61,24 +63,6 @@ CPU_MATH_ATTENTION_MAX_LEN = 16
 
 
 # ---------------------------------------------------------------------------- Argument helpers
-
-def _per_stage(name: str, value, stages: int) -> tuple:
-    """Broadcast an int/float to all stages or check a per-stage tuple's length."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != stages:
-            raise ConfigError(
-                f"{name}={tuple(value)} has {len(value)} entries but max_seq_len gives {stages} "
-                f"stages; give one value per stage or a single value for all"
-            )
-        return tuple(value)
-    return (value,) * stages
-
-
-def _check_positive_ints(name: str, values: tuple) -> None:
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name}={values} must contain positive integers")
-
 
 def _ff_hidden(dim: int, mult: float) -> int:
     hidden = int(SWIGLU_FRACTION * mult * dim)
@@ -169,24 +153,13 @@ def build_attention(spec, *, dropout: float, flash: bool) -> Callable:
     A custom callable gets (q, k, v) and must be causal. Cached decoding treats it as dense causal
     attention unless it has an ``allowed(q_idx, k_idx, heads=None)`` mask method like
     ``SparseAttention``: then decode-time mask rows come from ``allowed`` and a fresh prompt runs
-    through the callable itself.
+    through the callable itself. The spec is one ``ModelArgs.checked`` accepted.
     """
-    if spec is None:
-        return DenseAttention(dropout, flash)
     if callable(spec):
         return spec
-    if not isinstance(spec, dict) or "kind" not in spec:
-        raise ConfigError(f"attention spec {spec!r} must be None, a callable or a dict with a 'kind' key")
-    kind = spec["kind"]
-    if kind == "dense":
+    if spec is None or spec["kind"] == "dense":
         return DenseAttention(dropout, flash)
-    if kind == "sparse":
-        if "pattern" not in spec:
-            raise ConfigError(f"sparse attention spec {spec!r} needs a 'pattern' dict")
-        if dropout > 0:
-            raise ConfigError("attn_dropout > 0 is not supported with sparse attention; set attn_dropout=0")
-        return SparseAttention(spec["pattern"])
-    raise ConfigError(f"attention kind {kind!r} is unknown; use 'dense' or 'sparse'")
+    return SparseAttention(spec["pattern"])
 
 
 # ---------------------------------------------------------------------------- Layers
@@ -221,8 +194,6 @@ class Rotary(nn.Module):
 
     def __init__(self, dim_head: int, max_len: int):
         super().__init__()
-        if dim_head % 2:
-            raise ConfigError(f"dim_head={dim_head} must be even for rotary embeddings")
         self.dim_head, self.max_len = dim_head, max_len
         self.register_buffer("freqs", torch.empty(max_len, dim_head // 2, dtype=torch.complex64), persistent=False)
         self.reset_parameters()
@@ -615,7 +586,7 @@ def _inner_before(chunk_ids: Tensor, patch_before: Tensor, patch_starts: Tensor,
 
 # ---------------------------------------------------------------------------- The model
 
-class TerraByte(nn.Module):
+class TerraByte(nn.Module, HubMixin):
     """Hierarchical byte transformer. See the module docstring for the data flow.
 
     Ids come from ``Vocab(num_tokens)``: data values are 0..num_tokens-1; PAD = num_tokens,
@@ -623,66 +594,35 @@ class TerraByte(nn.Module):
     so byte 0 is data.
 
     ``TerraByte.from_pretrained(path_or_repo_id)``, ``model.save_pretrained(dir)`` and
-    ``model.push_to_hub(repo_id)`` come from ``pretrained.py`` (huggingface_hub's conventions); they
-    read checkpoints, whose code imports this file, so that module attaches them.
+    ``model.push_to_hub(repo_id)`` come from ``hub.HubMixin`` (huggingface_hub's conventions).
     """
 
-    def __init__(
-        self,
-        *,
-        num_tokens: int,
-        dim,
-        depth,
-        max_seq_len,
-        dim_head=64,
-        heads=8,
-        ff_mult=4,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
-        flash_attn: bool = False,
-        rotary: bool = True,
-        tie_embeddings: bool = False,
-        attention=None,
-        checkpoint_activations: Optional[bool] = None,
-        chunk_bytes: Optional[int] = None,
-        unit_embedding: str = "grouped",
-        whole: Optional[Callable[[nn.Module], ContextManager]] = None,
-    ):
-        """``whole``: how ``init_weights`` reaches each module's parameters (see there); by default
-        they are whole. ``checkpoint_activations``: True or False, or None (automatic: each training
-        step checkpoints the global stage's blocks when its activations would not fit otherwise,
-        ``auto_checkpoint``)."""
+    def __init__(self, args: Optional[ModelArgs] = None, /, *,
+                 whole: Optional[Callable[[nn.Module], ContextManager]] = None, **kwargs):
+        """The arguments are ``ModelArgs``' fields, as keywords (``TerraByte(num_tokens=256, dim=...)``)
+        or as one ``ModelArgs``; what is not given takes ``ModelArgs``' default. ``whole``: how
+        ``init_weights`` reaches each module's parameters (see there); by default they are whole.
+        ``checkpoint_activations``: True or False, or None (automatic: each training step checkpoints
+        the global stage's blocks when its activations would not fit otherwise, ``auto_checkpoint``)."""
+        if args is None:
+            unknown = sorted(set(kwargs) - set(MODEL_KEYS))
+            if unknown:
+                raise TypeError(f"TerraByte got unknown argument(s) {unknown}; known: {list(MODEL_KEYS)}")
+            args = ModelArgs(**kwargs)
+        elif kwargs:
+            raise TypeError("TerraByte takes a ModelArgs or keyword arguments, not both")
         # the arguments as given, JSON-ready: what save_pretrained writes to config.json
-        config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
-                  if k not in ("self", "__class__", "whole")}
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
         super().__init__()
         self.config = config
         # the submodules' own initialisers draw from whichever generator their device has (none on
         # meta): init_weights starts from the CPU generator's state as found here, so the weights
         # depend on the seed alone, wherever and however the modules are allocated
         rng = torch.get_rng_state()
-        if not isinstance(max_seq_len, (list, tuple)) or len(max_seq_len) < 2:
-            raise ConfigError(f"max_seq_len={max_seq_len!r} must be a tuple with one length per stage (at least 2)")
+        a = args.checked()
+        num_tokens, max_seq_len, dim, depth, heads, dim_head = (a.num_tokens, a.max_seq_len, a.dim, a.depth, a.heads,
+                                                                a.dim_head)
         stages = len(max_seq_len)
-        max_seq_len = tuple(max_seq_len)
-        dim, depth = _per_stage("dim", dim, stages), _per_stage("depth", depth, stages)
-        heads, dim_head = _per_stage("heads", heads, stages), _per_stage("dim_head", dim_head, stages)
-        ff_mult = _per_stage("ff_mult", ff_mult, stages)
-        attention = _per_stage("attention", attention, stages)
-        for name, values in (("max_seq_len", max_seq_len), ("dim", dim), ("depth", depth),
-                             ("heads", heads), ("dim_head", dim_head)):
-            _check_positive_ints(name, values)
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-            raise ConfigError(f"num_tokens={num_tokens!r} must be a positive integer (256 for bytes)")
-        for m in ff_mult:
-            if not isinstance(m, (int, float)) or m <= 0:
-                raise ConfigError(f"ff_mult={ff_mult} must contain positive numbers")
-        for name, p in (("attn_dropout", attn_dropout), ("ff_dropout", ff_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ConfigError(f"{name}={p} must be in [0, 1)")
-
-        if unit_embedding not in ("grouped", "concat"):
-            raise ConfigError(f"unit_embedding={unit_embedding!r} must be 'grouped' or 'concat'")
 
         self.vocab = Vocab(num_tokens)
         self.max_seq_len = max_seq_len
@@ -691,7 +631,7 @@ class TerraByte(nn.Module):
         # bytes per unit at each stage: (16, 8, 4) -> (32, 4, 1)
         self.unit_sizes = tuple(math.prod(max_seq_len[s + 1:]) for s in range(stages))
         self.context_length = math.prod(max_seq_len)
-        self.tie_embeddings = tie_embeddings
+        self.tie_embeddings = a.tie_embeddings
 
         self.stages = nn.ModuleList()
         for s in range(stages):
@@ -699,20 +639,19 @@ class TerraByte(nn.Module):
             self.stages.append(Stage(
                 dim=dim[s], depth=depth[s], seq_len=max_seq_len[s], unit_size=self.unit_sizes[s],
                 vocab_size=self.vocab_size, byte_dim=dim[-1], heads=heads[s], dim_head=dim_head[s],
-                ff_hidden=_ff_hidden(dim[s], ff_mult[s]),
-                attend_factory=functools.partial(build_attention, attention[s], dropout=attn_dropout, flash=flash_attn),
-                ff_dropout=ff_dropout, rotary=rotary,
+                ff_hidden=_ff_hidden(dim[s], a.ff_mult[s]),
+                attend_factory=functools.partial(build_attention, a.attention[s], dropout=a.attn_dropout,
+                                                 flash=a.flash_attn),
+                ff_dropout=a.ff_dropout, rotary=a.rotary,
                 next_dim=None if last else dim[s + 1], next_seq_len=None if last else max_seq_len[s + 1],
-                embed_groups=max_seq_len[s + 1:] or (1,) if unit_embedding == "grouped" else None,
+                embed_groups=max_seq_len[s + 1:] or (1,) if a.unit_embedding == "grouped" else None,
             ))
         self.to_logits = nn.Linear(dim[-1], self.vocab_size, bias=False)
-        if tie_embeddings:
+        if a.tie_embeddings:
             self.to_logits.weight = self.stages[-1].embed.token_emb.weight
-        if checkpoint_activations is not None and not isinstance(checkpoint_activations, bool):
-            raise ConfigError(f"checkpoint_activations={checkpoint_activations!r} must be true, false or unset (automatic)")
-        self.auto_checkpoint_activations = checkpoint_activations is None
-        self.checkpoint_activations = bool(checkpoint_activations)
-        self.chunk_bytes = self._resolve_chunk_bytes(chunk_bytes)
+        self.auto_checkpoint_activations = a.checkpoint_activations is None
+        self.checkpoint_activations = bool(a.checkpoint_activations)
+        self.chunk_bytes = self._resolve_chunk_bytes(a.chunk_bytes)
         pin_malloc_threshold()
         self._plans = None  # (parameter key, decode plans), see _decode_plans
         torch.set_rng_state(rng)
@@ -721,9 +660,7 @@ class TerraByte(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict) -> "TerraByte":
         """Build from a plain dict (e.g. YAML); lists become per-stage tuples."""
-        import inspect
-
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        known = set(MODEL_KEYS)
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"model config has unknown key(s) {unknown}; known keys: {sorted(known)}")
@@ -788,12 +725,6 @@ class TerraByte(nn.Module):
         if chunk_bytes is None:
             chunk_bytes = min(self.auto_chunk_bytes(), self.max_chunk_bytes()) // patch * patch
             return max(patch, min(chunk_bytes, self.context_length))
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1 or chunk_bytes % patch:
-            lower = max(patch, (chunk_bytes if isinstance(chunk_bytes, int) else 0) // patch * patch)
-            raise ConfigError(
-                f"model.chunk_bytes={chunk_bytes!r} must be a positive multiple of the global patch "
-                f"({patch} bytes), e.g. {lower} or {lower + patch}; leave it unset for automatic"
-            )
         limit = self.max_chunk_bytes() // patch * patch
         if chunk_bytes > limit:
             logger.warning("model.chunk_bytes=%d would give a kernel more than %d sequences x heads; using %d",

@@ -9,10 +9,9 @@ of: a directory written by ``save_pretrained``, an exported ``.safetensors`` fil
 the file's metadata), or a run directory / checkpoint folder, read through the same resolution as
 ``terrabyte generate`` and ``export`` (``checkpoint.load_state``).
 
-``model.py`` stays plain PyTorch and imports none of this: the checkpoint code this module reads
-run directories with imports the model file, so this module attaches the three methods to
-``TerraByte`` (the package's ``__init__`` imports it; DeepSpeed itself is imported only when a
-ZeRO checkpoint is consolidated).
+``TerraByte`` has the three as methods through ``hub.HubMixin``, which imports this module only
+when one is called: the checkpoint code it reads run directories with imports the model file
+(DeepSpeed itself is imported only when a ZeRO checkpoint is consolidated).
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ from terrabyte.data_pipeline.system import atomic_write
 from . import earlier_formats
 from .ds_seams import full_shape, is_partitioned
 from .checkpoint import RUNTIME_KEYS, WEIGHTS_FILE, load_state, read_json_mapping, save_safetensors
-from .model import TerraByte
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +238,3 @@ def init_from(model: torch.nn.Module, source: str | Path, strict: bool = True, t
     return {"source": where, "loaded": sorted(fits), "mismatched": mismatched, "missing": missing,
             "unexpected": unexpected}
 
-
-# huggingface_hub's PyTorchModelHubMixin names: TerraByte.from_pretrained(path_or_repo_id),
-# model.save_pretrained(directory), model.push_to_hub(repo_id)
-TerraByte.from_pretrained = classmethod(from_pretrained)
-TerraByte.save_pretrained = save_pretrained
-TerraByte.push_to_hub = push_to_hub

@@ -52,13 +52,13 @@ def assert_losses_match(got: dict, want: dict, steps, rel: float = REL) -> None:
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import build_shards
+    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 
     src = tmp_path_factory.mktemp("corpus")
     for i in range(30):
         (src / f"m{i}.txt").write_bytes(bytes(range(256)) * 3 + f"document {i} ".encode() * 50)
     out = tmp_path_factory.mktemp("shards")
-    build_shards([str(src)], str(out), val_fraction=0.2, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.2), str(out), progress=False)
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 from terrabyte.data_pipeline.manifest import load_manifest
 
 MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
@@ -37,8 +37,9 @@ def test_two_ranks_build_the_same_shards_as_one(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "rank 0 of 2: building" in r.stderr and "rank 1 of 2: building" in r.stderr
 
-    single = build_shards([str(tmp_path / "in")], str(tmp_path / "one"), task_bytes=400, val_fraction=0.2,
-                          member_bytes=512, progress=False)
+    single = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], task_bytes=400, val_fraction=0.2,
+                                      member_bytes=512),
+                          str(tmp_path / "one"), progress=False)
     merged = json.loads((tmp_path / "mpi" / "manifest.json").read_text())
     single.pop("_dir", None)
     single["builder"]["args"]["inputs"] = merged["builder"]["args"]["inputs"]  # same path string either way
@@ -78,8 +79,8 @@ def test_two_ranks_drop_the_same_near_duplicates_as_one(tmp_path):
     flags = ["--task-bytes", "400", "--val-fraction", "0", "--dedup", "near"]
     r = run_mpi([str(tmp_path / "in"), "--out", str(tmp_path / "mpi"), *flags])
     assert r.returncode == 0, r.stderr
-    single = build_shards([str(tmp_path / "in")], str(tmp_path / "one"), task_bytes=400, val_fraction=0,
-                          dedup="near", progress=False)
+    single = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], task_bytes=400, val_fraction=0, dedup="near"),
+                          str(tmp_path / "one"), progress=False)
     merged = json.loads((tmp_path / "mpi" / "manifest.json").read_text())
     assert merged["dedup"] == json.loads(json.dumps(single["dedup"]))
     assert {d["path"] for d in merged["dedup"]["dropped_docs"]} >= {"z/copy3.txt", "z/copy17.txt", "z/copy26.txt"}

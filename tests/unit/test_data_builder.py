@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from terrabyte.data_pipeline import builder, readers, stages
-from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 from terrabyte.data_pipeline.errors import DataError
 from terrabyte.data_pipeline.loader import ByteLoader
 
@@ -75,7 +75,7 @@ def corpus(tmp_path):
 def test_round_trip_webdataset_loader_and_member_json(corpus, tmp_path):
     src, files = corpus
     out = tmp_path / "shards"
-    man = build_shards([str(src)], str(out), val_fraction=0.0, member_bytes=MEMBER, progress=False)
+    man = build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.0, member_bytes=MEMBER), str(out), progress=False)
     assert man["totals"]["train"]["documents"] == len(files)
     assert man["totals"]["val"]["documents"] == 0
     urls = [str(out / s["path"]) for s in man["shards"]]
@@ -108,7 +108,7 @@ def test_tar_and_zstd_command_line_tools(corpus, tmp_path):
         pytest.skip("needs the `zstd` and `tar` binaries (Debian packages zstd, tar)")
     src, files = corpus
     out = tmp_path / "shards"
-    man = build_shards([str(src)], str(out), val_fraction=0.0, member_bytes=MEMBER, progress=False)
+    man = build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.0, member_bytes=MEMBER), str(out), progress=False)
     shard = str(out / man["shards"][0]["path"])
     names = subprocess.run(["tar", "tf", shard], check=True, capture_output=True, text=True).stdout.split()
     n = man["shards"][0]["members"]
@@ -129,7 +129,8 @@ def test_tar_and_zstd_command_line_tools(corpus, tmp_path):
 def test_manifest_fields_and_checksums(corpus, tmp_path):
     src, files = corpus
     out = tmp_path / "shards"
-    man = build_shards([str(src)], str(out), val_fraction=0.3, member_bytes=MEMBER, zstd_level=5, progress=False)
+    man = build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.3, member_bytes=MEMBER, zstd_level=5),
+                       str(out), progress=False)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps({k: v for k, v in man.items() if k != "_dir"}))  # returned == written
     assert on_disk["builder"]["version"] == builder.BUILDER_VERSION
@@ -152,8 +153,8 @@ def test_manifest_fields_and_checksums(corpus, tmp_path):
 def test_byte_reproducible(corpus, tmp_path):
     src, _ = corpus
     a, b = tmp_path / "a", tmp_path / "b"
-    build_shards([str(src)], str(a), val_fraction=0.3, member_bytes=MEMBER, progress=False)
-    build_shards([str(src)], str(b), val_fraction=0.3, member_bytes=MEMBER, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.3, member_bytes=MEMBER), str(a), progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.3, member_bytes=MEMBER), str(b), progress=False)
     names = sorted(p for p in os.listdir(a) if not p.startswith("."))
     assert names == sorted(p for p in os.listdir(b) if not p.startswith("."))
     for n in names:
@@ -166,14 +167,15 @@ def test_split_is_a_stable_hash_of_the_group(corpus, tmp_path):
     expect_val = {p for p in files
                   if int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") < frac * 2**64}
     assert 0 < len(expect_val) < len(files)  # both splits populated for this corpus
-    man = build_shards([str(src)], str(tmp_path / "s"), val_fraction=frac, member_bytes=MEMBER, progress=False)
+    man = build_shards(BuildConfig(inputs=[str(src)], val_fraction=frac, member_bytes=MEMBER),
+                       str(tmp_path / "s"), progress=False)
     got_val = {p for p, _ in read_docs((
         [str(tmp_path / "s" / s["path"]) for s in man["shards"] if s["split"] == "val"]))}
     assert got_val == expect_val
 
     # group by the first path component: every file of a top-level directory lands in one split
-    man = build_shards([str(src)], str(tmp_path / "g"), val_fraction=0.5, group_depth=1, member_bytes=MEMBER,
-                       progress=False)
+    man = build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.5, group_depth=1, member_bytes=MEMBER),
+                       str(tmp_path / "g"), progress=False)
     for split in ("train", "val"):
         paths = {p for p, _ in read_docs((
             [str(tmp_path / "g" / s["path"]) for s in man["shards"] if s["split"] == split]))}
@@ -183,15 +185,15 @@ def test_split_is_a_stable_hash_of_the_group(corpus, tmp_path):
 
 def test_include_exclude_globs(corpus, tmp_path):
     src, files = corpus
-    man = build_shards([str(src)], str(tmp_path / "s"), include=["*.py"], exclude=["src/pkg1/*"], val_fraction=0.0,
-                       progress=False)
+    man = build_shards(BuildConfig(inputs=[str(src)], include=["*.py"], exclude=["src/pkg1/*"], val_fraction=0.0),
+                       str(tmp_path / "s"), progress=False)
     got = dict(read_docs(([str(tmp_path / "s" / s["path"]) for s in man["shards"]])))
     assert got == {p: d for p, d in files.items() if p.endswith(".py") and not p.startswith("src/pkg1/")}
 
 
 def test_missing_input_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
-        build_shards([str(tmp_path / "nope")], str(tmp_path / "out"), progress=False)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "nope")]), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -199,9 +201,9 @@ def test_empty_corpus_is_an_error(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_bytes(b"abc")
     with pytest.raises(ValueError, match="include/exclude"):
-        build_shards([str(tmp_path / "c")], str(tmp_path / "out"), include=["*.py"], progress=False)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "c")], include=["*.py"]), str(tmp_path / "out"), progress=False)
     with pytest.raises(ValueError, match="empty corpus"):  # files exist, but every document filtered
-        build_shards([str(tmp_path / "c")], str(tmp_path / "out"), min_bytes=10, progress=False)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "c")], min_bytes=10), str(tmp_path / "out"), progress=False)
     assert not [p for p in os.listdir(tmp_path / "out") if not p.startswith(".build")]
 
 
@@ -210,15 +212,16 @@ def test_unreadable_file_names_the_path(tmp_path):
     (tmp_path / "c" / "ok.txt").write_bytes(b"fine")
     os.symlink(tmp_path / "gone", tmp_path / "c" / "dangling.txt")
     with pytest.raises(OSError, match="dangling.txt"):  # links are read only with follow_symlinks
-        build_shards([str(tmp_path / "c")], str(tmp_path / "out"), follow_symlinks=True, progress=False)
-    man = build_shards([str(tmp_path / "c")], str(tmp_path / "out"), progress=False)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "c")], follow_symlinks=True),
+                     str(tmp_path / "out"), progress=False)
+    man = build_shards(BuildConfig(inputs=[str(tmp_path / "c")]), str(tmp_path / "out"), progress=False)
     assert man["stats"]["skipped_links"] == 1 and man["totals"]["all"]["documents"] == 1
 
 
 def test_failure_mid_build_leaves_no_manifest(corpus, tmp_path, monkeypatch):
     src, _ = corpus
     out = tmp_path / "s"
-    build_shards([str(src)], str(out), member_bytes=MEMBER, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], member_bytes=MEMBER), str(out), progress=False)
     assert (out / "manifest.json").exists()
     before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
     real = readers.read_file_bytes
@@ -231,12 +234,13 @@ def test_failure_mid_build_leaves_no_manifest(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "read_file_bytes", flaky)
     # a different member size forces a real rebuild (the completion marker no longer matches)
     with pytest.raises(OSError, match="random.bin"):
-        build_shards([str(src)], str(out), member_bytes=2 * MEMBER, progress=False)
+        build_shards(BuildConfig(inputs=[str(src)], member_bytes=2 * MEMBER), str(out), progress=False)
     # the previous build is left as it was: its manifest still vouches for its own shards
     assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     # on_error="skip" builds the rest and counts the skipped input
-    man = build_shards([str(src)], str(out), member_bytes=2 * MEMBER, on_error="skip", progress=False)
+    man = build_shards(BuildConfig(inputs=[str(src)], member_bytes=2 * MEMBER, on_error="skip"),
+                       str(out), progress=False)
     assert man["stats"]["skipped_sources"] == 1 and man["stats"]["skipped_names"] == ["bin/random.bin"]
 
 
@@ -271,7 +275,8 @@ def test_a_document_larger_than_a_member_is_continued_across_members(tmp_path):
     (src / "big.bin").write_bytes(big)
     _tar_gz(src / "z.tar.gz", {"inner/huge.bin": big[::-1], "inner/tiny.txt": b"x"})
     out = tmp_path / "s"
-    man = build_shards([str(src)], str(out), member_bytes=MEMBER, shard_bytes=3 * MEMBER, val_fraction=0, progress=False)
+    man = build_shards(BuildConfig(inputs=[str(src)], member_bytes=MEMBER, shard_bytes=3 * MEMBER, val_fraction=0),
+                       str(out), progress=False)
     spans = [sp for s in man["shards"] for sp in s["spans"]]
     assert [(sp["path"], sp["size"], sp["members"]) for sp in spans] == [
         ("big.bin", len(big), 11), ("z.tar.gz/inner/huge.bin", len(big), 11)]
@@ -305,8 +310,9 @@ def test_streamed_document_memory_is_bounded(tmp_path):
     for name in ("big.bin", "big.tar"):
         tracemalloc.start()
         try:
-            man = build_shards([str(src / name)], str(tmp_path / name), member_bytes=1 << 20, zstd_level=1,
-                               val_fraction=0, progress=False)
+            man = build_shards(BuildConfig(inputs=[str(src / name)], member_bytes=1 << 20, zstd_level=1,
+                                           val_fraction=0),
+                               str(tmp_path / name), progress=False)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -327,12 +333,12 @@ def test_a_failure_inside_a_streamed_document_leaves_no_part_of_it(tmp_path):
     (src / "b.tar.gz").write_bytes(whole[:len(whole) * 2 // 3])  # truncated inside huge.bin
     (src / "c.txt").write_bytes(b"kept after")
     out = tmp_path / "s"
-    kw = dict(member_bytes=MEMBER, shard_bytes=3 * MEMBER, val_fraction=0, progress=False)
+    kw = dict(member_bytes=MEMBER, shard_bytes=3 * MEMBER, val_fraction=0)
     with pytest.raises(DataError, match="b.tar.gz"):
-        build_shards([str(src)], str(out), **kw)
+        build_shards(BuildConfig(inputs=[str(src)], **kw), str(out), progress=False)
     assert not (out / "manifest.json").exists() and not [p for p in os.listdir(out) if p.endswith(".tar") or p.endswith(".tmp")]
     # skip: the chunks written before the error (several shards of them) are taken out again
-    man = build_shards([str(src)], str(out), on_error="skip", **kw)
+    man = build_shards(BuildConfig(inputs=[str(src)], on_error="skip", **kw), str(out), progress=False)
     assert man["stats"]["skipped_names"] == ["b.tar.gz"]
     assert dict(split_documents(str(out), "train")) == {"a.txt": b"kept before", "c.txt": b"kept after"}
     assert man["totals"]["all"]["members"] == 1 and all(not s["spans"] for s in man["shards"])
@@ -349,11 +355,11 @@ def test_streamed_duplicates_are_dropped_without_a_trace(tmp_path, task_bytes):
     big = _big(5 * MEMBER)
     for name, data in [("a.txt", b"one"), ("b.bin", big), ("c.txt", b"two"), ("d.bin", big), ("e.txt", b"three")]:
         (src / name).write_bytes(data)
-    kw = dict(member_bytes=MEMBER, val_fraction=0, progress=False, task_bytes=task_bytes)
-    man = build_shards([str(src)], str(tmp_path / "s"), dedup=True, **kw)
+    kw = dict(member_bytes=MEMBER, val_fraction=0, task_bytes=task_bytes)
+    man = build_shards(BuildConfig(inputs=[str(src)], dedup=True, **kw), str(tmp_path / "s"), progress=False)
     assert man["stats"]["duplicates"] == 1
     assert dict(split_documents(str(tmp_path / "s"), "train")) == {"a.txt": b"one", "b.bin": big, "c.txt": b"two",
                                                                    "e.txt": b"three"}
     os.remove(src / "d.bin")  # the same shards as if the copy had never been there
-    ref = build_shards([str(src)], str(tmp_path / "r"), **kw)
+    ref = build_shards(BuildConfig(inputs=[str(src)], **kw), str(tmp_path / "r"), progress=False)
     assert [s["index"] for s in man["shards"]] == [s["index"] for s in ref["shards"]]

@@ -18,7 +18,7 @@ import torch
 import zstandard
 
 from terrabyte.data_pipeline import builder, stages
-from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 from terrabyte.data_pipeline.errors import DataError
 from terrabyte.data_pipeline.loader import ByteLoader
 from terrabyte.data_pipeline.manifest import load_manifest
@@ -58,21 +58,22 @@ def test_archives_member_by_member_one_group(tmp_path):
         for name, data in files.items():
             zf.writestr(name, data)
     out = tmp_path / "s"
-    build_shards([str(src)], str(out), val_fraction=0.5, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.5), str(out), progress=False)
     got = {**all_docs(out, "train"), **all_docs(out, "val")}
     assert got == {f"{a}/{n}": d for a in ("one.tar", "three.zip", "two.tar.gz") for n, d in files.items()}
     for split in ("train", "val"):  # each archive's members all sit in one split
         for archive in {p.split("/")[0] for p in all_docs(out, split)}:
             assert builder.split_of(archive, 0.5) == split
     # globs apply to the archive and to its members
-    build_shards([str(src)], str(tmp_path / "py"), include=["*.tar", "*.py"], val_fraction=0.0, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], include=["*.tar", "*.py"], val_fraction=0.0),
+                 str(tmp_path / "py"), progress=False)
     assert set(all_docs(tmp_path / "py")) == {"one.tar/repo/a.py", "one.tar/repo/sub/b.py"}
 
 
 def test_corrupt_archive_names_the_file(tmp_path):
     write(tmp_path / "in" / "bad.tar.gz", b"this is not gzip at all")
     with pytest.raises(ValueError, match="bad.tar.gz"):
-        build_shards([str(tmp_path / "in")], str(tmp_path / "s"), progress=False)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "in")]), str(tmp_path / "s"), progress=False)
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
@@ -83,16 +84,16 @@ def test_json_lines_plain_gz_zst(tmp_path):
     write(tmp_path / "in" / "b.jsonl.gz", gzip.compress(body))
     write(tmp_path / "in" / "c.jsonl.zst", zstandard.ZstdCompressor().compress(body))
     out = tmp_path / "s"
-    build_shards([str(tmp_path / "in")], str(out), val_fraction=0.0, progress=False)
+    build_shards(BuildConfig(inputs=[str(tmp_path / "in")], val_fraction=0.0), str(out), progress=False)
     expect = {f"{f}:{i + 1}": r["text"].encode() for f in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst")
               for i, r in enumerate(records)}
     assert all_docs(out) == expect
     write(tmp_path / "bad" / "x.jsonl", b'{"text": "ok"}\n{"body": "no text field"}\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2.*'text'"):
-        build_shards([str(tmp_path / "bad")], str(tmp_path / "s2"), progress=False)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "bad")]), str(tmp_path / "s2"), progress=False)
     write(tmp_path / "bad" / "y.txt", b"plain")
-    man = build_shards([str(tmp_path / "bad")], str(tmp_path / "s3"), val_fraction=0.0, on_error="skip",
-                       progress=False)
+    man = build_shards(BuildConfig(inputs=[str(tmp_path / "bad")], val_fraction=0.0, on_error="skip"),
+                       str(tmp_path / "s3"), progress=False)
     assert man["stats"]["skipped_sources"] == 1 and man["stats"]["skipped_names"] == ["x.jsonl"]
     assert all_docs(tmp_path / "s3") == {"x.jsonl:1": b"ok", "y.txt": b"plain"}  # lines before the error kept
 
@@ -108,11 +109,12 @@ line two</text></revision></page>
 def test_mediawiki_pages_and_whole_file(tmp_path):
     write(tmp_path / "in" / "enwik_small", WIKI)
     out = tmp_path / "pages"
-    build_shards([str(tmp_path / "in")], str(out), input_format="mediawiki", val_fraction=0.0, progress=False)
+    build_shards(BuildConfig(inputs=[str(tmp_path / "in")], input_format="mediawiki", val_fraction=0.0),
+                 str(out), progress=False)
     assert all_docs(out) == {"enwik_small/AaA": b"#REDIRECT [[AAA]] & x",
                              "enwik_small/Anarchism": b"'''Anarchism''' is...\nline two"}
     whole = tmp_path / "whole"  # default: the dump is one document, bytes as they are
-    build_shards([str(tmp_path / "in")], str(whole), val_fraction=0.0, progress=False)
+    build_shards(BuildConfig(inputs=[str(tmp_path / "in")], val_fraction=0.0), str(whole), progress=False)
     assert all_docs(whole) == {"enwik_small": WIKI}
 
 
@@ -125,10 +127,11 @@ def test_stdin_and_globs(tmp_path):
     assert all_docs(out) == {"stdin": data}
     for name in ("a.txt", "b.txt", "c.md"):
         write(tmp_path / "g" / name, name.encode())
-    build_shards([str(tmp_path / "g" / "*.txt")], str(tmp_path / "gs"), val_fraction=0.0, progress=False)
+    build_shards(BuildConfig(inputs=[str(tmp_path / "g" / "*.txt")], val_fraction=0.0),
+                 str(tmp_path / "gs"), progress=False)
     assert all_docs(tmp_path / "gs") == {"a.txt": b"a.txt", "b.txt": b"b.txt"}
     with pytest.raises(FileNotFoundError, match=r"\*.rst"):
-        build_shards([str(tmp_path / "g" / "*.rst")], str(tmp_path / "x"), progress=False)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "g" / "*.rst")]), str(tmp_path / "x"), progress=False)
 
 
 def make_tree(root, n=40):
@@ -138,9 +141,10 @@ def make_tree(root, n=40):
 
 def test_dedup_and_size_filters_across_tasks(tmp_path):
     make_tree(tmp_path / "in")  # 40 files, only 13 distinct contents
-    one = build_shards([str(tmp_path / "in")], str(tmp_path / "one"), dedup=True, val_fraction=0.0, progress=False)
-    many = build_shards([str(tmp_path / "in")], str(tmp_path / "many"), dedup=True, val_fraction=0.0,
-                        task_bytes=300, progress=False)
+    one = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], dedup=True, val_fraction=0.0),
+                       str(tmp_path / "one"), progress=False)
+    many = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], dedup=True, val_fraction=0.0, task_bytes=300),
+                        str(tmp_path / "many"), progress=False)
     assert many["tasks"] > 3
     assert one["stats"]["duplicates"] == many["stats"]["duplicates"] == 40 - 13
     d1, d2 = all_docs(tmp_path / "one"), all_docs(tmp_path / "many")
@@ -150,17 +154,17 @@ def test_dedup_and_size_filters_across_tasks(tmp_path):
     for path in order:
         first.setdefault((tmp_path / "in" / path).read_bytes(), path)
     assert sorted(d1) == sorted(first.values())  # the first copy in reading order is kept
-    sized = build_shards([str(tmp_path / "in")], str(tmp_path / "sz"), min_bytes=100, max_bytes=150,
-                         val_fraction=0.0, progress=False)
+    sized = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], min_bytes=100, max_bytes=150, val_fraction=0.0),
+                         str(tmp_path / "sz"), progress=False)
     assert all(100 <= len(v) <= 150 for v in all_docs(tmp_path / "sz").values())
     assert sized["stats"]["filtered_size"] == 40 - len(all_docs(tmp_path / "sz")) > 0
 
 
 def test_workers_give_identical_shards_and_rerun_skips_done_tasks(tmp_path, monkeypatch):
     make_tree(tmp_path / "in")
-    kw = dict(task_bytes=400, val_fraction=0.25, member_bytes=256, progress=False)
-    a = build_shards([str(tmp_path / "in")], str(tmp_path / "a"), workers=1, **kw)
-    b = build_shards([str(tmp_path / "in")], str(tmp_path / "b"), workers=2, **kw)
+    kw = dict(task_bytes=400, val_fraction=0.25, member_bytes=256)
+    a = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], **kw), str(tmp_path / "a"), workers=1, progress=False)
+    b = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], **kw), str(tmp_path / "b"), workers=2, progress=False)
     assert a["tasks"] >= 4 and a == b  # the manifest does not depend on --workers either
     for s in a["shards"]:
         assert (tmp_path / "a" / s["path"]).read_bytes() == (tmp_path / "b" / s["path"]).read_bytes()
@@ -175,7 +179,7 @@ def test_workers_give_identical_shards_and_rerun_skips_done_tasks(tmp_path, monk
     ran = []
     real = builder.run_task
     monkeypatch.setattr(builder, "run_task", lambda t, *args, **kw2: ran.append(t) or real(t, *args, **kw2))
-    c = build_shards([str(tmp_path / "in")], str(tmp_path / "a"), workers=1, **kw)
+    c = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], **kw), str(tmp_path / "a"), workers=1, progress=False)
     assert ran == [2] and c == a
     for p in lost:
         assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes()
@@ -184,8 +188,8 @@ def test_workers_give_identical_shards_and_rerun_skips_done_tasks(tmp_path, monk
 def test_trained_dictionary(tmp_path):
     make_tree(tmp_path / "in", n=200)
     out = tmp_path / "s"
-    man = build_shards([str(tmp_path / "in")], str(out), dict_bytes=2048, member_bytes=512, val_fraction=0.1,
-                       progress=False)
+    man = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], dict_bytes=2048, member_bytes=512, val_fraction=0.1),
+                       str(out), progress=False)
     dict_id = man["zstd_dict"]["id"]
     zdict = (out / "zstd.dict").read_bytes()
     assert dict_id == zstandard.ZstdCompressionDict(zdict).dict_id() != 0
@@ -206,7 +210,8 @@ def test_trained_dictionary(tmp_path):
 def test_loader_reads_over_http(tmp_path):
     make_tree(tmp_path / "in")
     out = tmp_path / "s"
-    build_shards([str(tmp_path / "in")], str(out), member_bytes=256, val_fraction=0.0, progress=False)
+    build_shards(BuildConfig(inputs=[str(tmp_path / "in")], member_bytes=256, val_fraction=0.0),
+                 str(out), progress=False)
     handler = functools.partial(QuietHandler, directory=str(out))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -249,8 +254,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_loader_reads_pipe_only_when_allowed(tmp_path):
     make_tree(tmp_path / "in", n=100)
     out = tmp_path / "s"
-    build_shards([str(tmp_path / "in")], str(out), member_bytes=256, dict_bytes=1024, val_fraction=0.0,
-                 progress=False)
+    build_shards(BuildConfig(inputs=[str(tmp_path / "in")], member_bytes=256, dict_bytes=1024, val_fraction=0.0),
+                 str(out), progress=False)
     kw = dict(seq_len=32, global_batch=2, micro_batch=2, seed=1)
     template = f"pipe:cat {out}/{{}}"
     with pytest.raises(ValueError, match="runs a shell command"):
@@ -272,8 +277,8 @@ def test_split_documents_of_a_dictionary_build(tmp_path):
 
     make_tree(tmp_path / "in", n=60)
     out = tmp_path / "s"
-    build_shards([str(tmp_path / "in")], str(out), dict_bytes=1024, member_bytes=512, val_fraction=0.2,
-                 progress=False)
+    build_shards(BuildConfig(inputs=[str(tmp_path / "in")], dict_bytes=1024, member_bytes=512, val_fraction=0.2),
+                 str(out), progress=False)
     for split in ("train", "val"):
         assert dict(split_documents(str(out), split)) == all_docs(out, split)
     assert dict(split_documents(str(out), "all")) == all_docs(out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 from terrabyte.data_pipeline.errors import DataError
 from terrabyte.data_pipeline.loader import ByteLoader, count_sequences
 from terrabyte.data_pipeline.manifest import load_manifest, shard_list
@@ -38,8 +38,8 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     docs = write_corpus(root / "corpus")
     # tiny members and shards: many uneven shards and members
-    build_shards([str(root / "corpus")], str(root / "shards"), val_fraction=0.2, member_bytes=1024,
-                 shard_bytes=9000, progress=False)
+    build_shards(BuildConfig(inputs=[str(root / "corpus")], val_fraction=0.2, member_bytes=1024, shard_bytes=9000),
+                 str(root / "shards"), progress=False)
     return str(root / "shards"), docs
 
 
@@ -293,14 +293,14 @@ def test_missing_shard_is_named_or_skipped(shards, tmp_path):
 def test_int32_batches_equal_int64(tmp_path):
     import torch
 
-    from terrabyte.data_pipeline.builder import build_shards
+    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
     from terrabyte.data_pipeline.loader import ByteLoader
 
     src = tmp_path / "c"
     src.mkdir()
     for i in range(12):
         (src / f"f{i}.bin").write_bytes(bytes(range(256)) * (i + 1))
-    build_shards([str(src)], str(tmp_path / "s"), progress=False)
+    build_shards(BuildConfig(inputs=[str(src)]), str(tmp_path / "s"), progress=False)
     kw = dict(seq_len=64, global_batch=4, micro_batch=2)
     wide = ByteLoader(str(tmp_path / "s"), **kw)
     narrow = ByteLoader(str(tmp_path / "s"), dtype=torch.int32, **kw)
@@ -353,7 +353,8 @@ def long_shards(tmp_path_factory):
     with open(src / "tiny.jsonl", "w") as f:
         for _ in range(400):
             f.write(json.dumps({"text": "ab\x00"[:rng.randrange(4)] * rng.randrange(3)}) + "\n")
-    build_shards([str(src)], str(root / "shards"), val_fraction=0, member_bytes=4096, shard_bytes=20000, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0, member_bytes=4096, shard_bytes=20000),
+                 str(root / "shards"), progress=False)
     return str(root / "shards"), docs
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.loader import ByteLoader
 from terrabyte.data_pipeline.mixture import MixtureLoader, draw_sources, parse_mixture
@@ -30,8 +30,8 @@ def sources(tmp_path_factory):
         for i in range(SIZES[name]):
             size = rng.choice([5, 40, 200, 700, 2500])  # some larger than a 1 KiB member: chunked
             (src / f"f{i:03d}.bin").write_bytes(bytes(rng.randrange(lo, hi) for _ in range(size)))
-        build_shards([str(src)], str(root / f"{name}-shards"), val_fraction=0.2, member_bytes=1024,
-                     shard_bytes=9000, progress=False)
+        build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.2, member_bytes=1024, shard_bytes=9000),
+                     str(root / f"{name}-shards"), progress=False)
         paths[name] = str(root / f"{name}-shards")
     return paths
 

@@ -58,14 +58,14 @@ def test_modes_on_long_documents(model):
 
 
 def test_shards_and_files_give_the_same_number(tmp_path, model):
-    from terrabyte.data_pipeline.builder import build_shards
+    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 
     src = tmp_path / "src"
     src.mkdir()
     rng = torch.Generator().manual_seed(1)
     for i in range(6):
         (src / f"f{i}.bin").write_bytes(bytes(torch.randint(0, 256, (50 + 37 * i,), generator=rng).tolist()))
-    build_shards([str(src)], str(tmp_path / "shards"), progress=False)
+    build_shards(BuildConfig(inputs=[str(src)]), str(tmp_path / "shards"), progress=False)
     from_files = evaluate(model, documents([str(src)], "all"), "sliding", 16, 4)
     from_shards = evaluate(model, documents([str(tmp_path / "shards")], "all"), "sliding", 16, 4)
     assert from_files["bytes"] == from_shards["bytes"] == sum(50 + 37 * i for i in range(6))

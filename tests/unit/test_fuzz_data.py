@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from terrabyte.data_pipeline import stages  # noqa: E402
-from terrabyte.data_pipeline.builder import build_shards  # noqa: E402
+from terrabyte.data_pipeline.builder import BuildConfig, build_shards  # noqa: E402
 from terrabyte.data_pipeline.errors import ConfigError, DataError  # noqa: E402
 from terrabyte.data_pipeline.loader import ByteLoader  # noqa: E402
 from terrabyte.data_pipeline.manifest import INDEX_KEYS, MANIFEST, load_manifest, shard_list  # noqa: E402
@@ -52,7 +52,8 @@ def clean(tmp_path_factory):
     for i in range(8):
         (src / f"f{i}.txt").write_bytes(rng.integers(97, 123, size=int(rng.integers(50, 1500))).astype(np.uint8).tobytes())
     # small members: bundles of several documents and chunks of one (continued documents)
-    build_shards([str(src)], str(root / "shards"), val_fraction=0.0, member_bytes=512, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.0, member_bytes=512),
+                 str(root / "shards"), progress=False)
     man = load_manifest(str(root / "shards"))
     (shard,) = [s for s in man["shards"] if s["split"] == "train"]
     tar = (root / "shards" / shard["path"]).read_bytes()

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from terrabyte.data_pipeline import readers
-from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 from terrabyte.data_pipeline.cli import main
 from terrabyte.data_pipeline.errors import ConfigError, DataError
 from terrabyte.data_pipeline.loader import ByteLoader, split_documents
@@ -27,7 +27,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="in the dev extra: pip ins
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-KW = dict(val_fraction=0.0, progress=False)
+KW = dict(val_fraction=0.0)
 SECRET = b"TOKEN=hf_secret_that_must_not_reach_the_shards"
 
 
@@ -55,7 +55,7 @@ def test_a_secret_behind_a_link_never_reaches_the_shards(tmp_path):
     os.symlink(tmp_path / "home", repo / "dirlink")
     for inputs in ([str(repo)], [str(repo / "*")]):  # a folder, and a glob over it
         out = tmp_path / f"out{len(inputs[0])}"
-        man = build_shards(inputs, str(out), **KW)
+        man = build_shards(BuildConfig(inputs=inputs, **KW), str(out), progress=False)
         assert not any(SECRET in d for d in _docs(out).values())
         assert not any(SECRET in p.read_bytes() for p in out.iterdir() if p.is_file())
         assert man["stats"]["skipped_links"] == 2 and man["totals"]["all"]["documents"] == 1
@@ -78,9 +78,9 @@ def test_a_link_swapped_in_after_discovery_is_not_opened(tmp_path):
 HOSTILE_WALK = textwrap.dedent("""
     import resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # an unbounded read fails, never swaps
-    from terrabyte.data_pipeline.builder import build_shards
-    man = build_shards([sys.argv[1]], sys.argv[2], val_fraction=0.0, progress=False,
-                       follow_symlinks=sys.argv[3] == "1")
+    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    man = build_shards(BuildConfig(inputs=[sys.argv[1]], val_fraction=0.0, follow_symlinks=sys.argv[3] == "1"),
+                       sys.argv[2], progress=False)
     print(man["stats"]["skipped_links"], man["stats"]["skipped_special"], man["totals"]["all"]["documents"])
 """)
 
@@ -121,7 +121,7 @@ def test_xz_and_bz2_tarballs_are_read_member_by_member(tmp_path, suffix, mode):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    build_shards([str(tmp_path / "in")], str(tmp_path / "out"), **KW)
+    build_shards(BuildConfig(inputs=[str(tmp_path / "in")], **KW), str(tmp_path / "out"), progress=False)
     assert _docs(tmp_path / "out") == {f"src{suffix}/pkg/a.py": b"import os\n", f"src{suffix}/pkg/b.c": b"int main;\n"}
 
 
@@ -133,7 +133,7 @@ def test_names_that_are_not_utf8_are_kept_as_escapes(tmp_path):
         info = tarfile.TarInfo("\udcffx.txt")  # the byte 0xff, as tarfile reads it back
         info.size = 3
         tf.addfile(info, io.BytesIO(b"abc"))
-    build_shards([str(src)], str(tmp_path / "out"), **KW)
+    build_shards(BuildConfig(inputs=[str(src)], **KW), str(tmp_path / "out"), progress=False)
     docs = _docs(tmp_path / "out")
     assert docs["caf\\xe9.txt"] == b"latin-1 name" and docs["t.tar/\\xffx.txt"] == b"abc"
 
@@ -160,9 +160,10 @@ def test_a_json_text_field_that_is_not_a_string_is_a_counted_error(tmp_path, val
     data.parent.mkdir()
     data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n")
     with pytest.raises(DataError, match=rf"d.jsonl:2: field 'text' is {kind}, not a string; refused$"):
-        build_shards([str(data)], str(tmp_path / "out"), **KW)
+        build_shards(BuildConfig(inputs=[str(data)], **KW), str(tmp_path / "out"), progress=False)
     (data.parent / "ok.jsonl").write_text(json.dumps({"text": "kept"}) + "\n")
-    man = build_shards([str(data.parent)], str(tmp_path / "skip"), on_error="skip", **KW)
+    man = build_shards(BuildConfig(inputs=[str(data.parent)], on_error="skip", **KW),
+                       str(tmp_path / "skip"), progress=False)
     assert man["stats"]["skipped_names"] == ["d.jsonl"] and man["stats"]["skipped_sources"] == 1
     assert b"kept" in _docs(tmp_path / "skip").values()
 
@@ -229,8 +230,9 @@ def test_mediawiki_entities_cannot_expand_a_page_past_the_bound(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "wiki.xml").write_text(dump)
     with pytest.raises(DataError, match=r"wiki.xml: the XML declares an entity \('e'\)"):
-        build_shards([str(tmp_path / "in")], str(tmp_path / "out"), input_format="mediawiki",
-                     max_member_bytes=64 << 10, **KW)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "in")], input_format="mediawiki", max_member_bytes=64 << 10,
+                                 **KW),
+                     str(tmp_path / "out"), progress=False)
 
 
 def test_mediawiki_memory_is_flat_in_the_number_of_pages(tmp_path):
@@ -258,7 +260,8 @@ def test_mediawiki_memory_is_flat_in_the_number_of_pages(tmp_path):
 def test_members_close_on_document_count(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "e.jsonl").write_text('{"text": ""}\n' * 20_000)
-    man = build_shards([str(tmp_path / "in")], str(tmp_path / "out"), member_bytes=64 << 10, **KW)
+    man = build_shards(BuildConfig(inputs=[str(tmp_path / "in")], member_bytes=64 << 10, **KW),
+                       str(tmp_path / "out"), progress=False)
     sizes = [n for s in man["shards"] for n in s["index"]["json_size"]]
     assert man["totals"]["all"]["documents"] == 20_000 and len(sizes) >= 5 and max(sizes) < 1 << 20, sizes
 
@@ -278,35 +281,35 @@ def test_a_foreign_out_folder_survives(tmp_path, capsys):
         (out / name).write_bytes(data)
     with pytest.raises(ConfigError, match=r"is not empty and holds no Terrabyte shard build \('\.task-00000\.json' "
                                           r"and 3 more\)"):
-        build_shards([str(src)], str(out), **KW)
+        build_shards(BuildConfig(inputs=[str(src)], **KW), str(out), progress=False)
     assert main(["shards", "build", str(src), "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("terrabyte: error: --out ") and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == mine
     # nor is a folder of someone else's called .build inside a build of ours written into or removed
-    build_shards([str(src)], str(tmp_path / "ours"), **KW)
+    build_shards(BuildConfig(inputs=[str(src)], **KW), str(tmp_path / "ours"), progress=False)
     (tmp_path / "ours" / ".build").mkdir()
     (tmp_path / "ours" / ".build" / "keep.txt").write_bytes(b"not the builder's")
     with pytest.raises(ConfigError, match="'.build' in it is not a staging folder of the builder"):
-        build_shards([str(src)], str(tmp_path / "ours"), **KW)
+        build_shards(BuildConfig(inputs=[str(src)], **KW), str(tmp_path / "ours"), progress=False)
     assert (tmp_path / "ours" / ".build" / "keep.txt").read_bytes() == b"not the builder's"
 
 
 def test_a_failed_rebuild_leaves_the_previous_build_intact(tmp_path):
     src = _corpus(tmp_path / "in", {f"f{i}.txt": os.urandom(3000) for i in range(8)})
     out = tmp_path / "out"
-    first = build_shards([str(src)], str(out), member_bytes=4096, **KW)
+    first = build_shards(BuildConfig(inputs=[str(src)], member_bytes=4096, **KW), str(out), progress=False)
     (out / "README").write_bytes(b"a file of the user's beside the shards")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     docs = _docs(out)
     (src / "zz.jsonl").write_text('{"no_text": 7}\n')  # fails the rebuild after the other files are written
     with pytest.raises(DataError, match="zz.jsonl:1"):
-        build_shards([str(src)], str(out), member_bytes=1024, **KW)
+        build_shards(BuildConfig(inputs=[str(src)], member_bytes=1024, **KW), str(out), progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert load_manifest(str(out))["shards"] == first["shards"] and _docs(out) == docs
     # a rebuild that succeeds replaces the previous build's shards, and only those
     (src / "zz.jsonl").unlink()
-    second = build_shards([str(src)], str(out), member_bytes=1024, **KW)
+    second = build_shards(BuildConfig(inputs=[str(src)], member_bytes=1024, **KW), str(out), progress=False)
     names = {s["path"] for s in second["shards"]}
     assert {p.name for p in out.iterdir()} == names | {"manifest.json", "README", ".task-00000.json"}
     assert (out / "README").read_bytes() == b"a file of the user's beside the shards" and _docs(out) == docs
@@ -319,12 +322,12 @@ def test_a_failed_build_resumes_from_its_staging_folder(tmp_path, monkeypatch):
     (src / "zz.jsonl").write_text('{"no_text": 1}\n')
     out, kw = tmp_path / "out", dict(task_bytes=400, member_bytes=1024, **KW)
     with pytest.raises(DataError, match="zz.jsonl:1"):
-        build_shards([str(src)], str(out), **kw)
+        build_shards(BuildConfig(inputs=[str(src)], **kw), str(out), progress=False)
     assert os.listdir(out) == [".build"]  # finished tasks wait there, nothing else was written
     (src / "zz.jsonl").write_text('{"text": "fixed"}\n')
     ran, real = [], builder.run_task
     monkeypatch.setattr(builder, "run_task", lambda t, *a, **k: ran.append(t) or real(t, *a, **k))
-    man = build_shards([str(src)], str(out), **kw)
+    man = build_shards(BuildConfig(inputs=[str(src)], **kw), str(out), progress=False)
     assert ran == [man["tasks"] - 1] and man["totals"]["all"]["documents"] == 6
     assert not (out / ".build").exists() and _docs(out)["zz.jsonl:1"] == b"fixed"
 
@@ -338,7 +341,7 @@ def test_a_failed_build_resumes_from_its_staging_folder(tmp_path, monkeypatch):
 def built(tmp_path):
     src = _corpus(tmp_path / "in", {f"f{i}.txt": bytes([65 + i]) * 700 for i in range(6)})
     out = tmp_path / "shards"
-    build_shards([str(src)], str(out), member_bytes=1024, **KW)
+    build_shards(BuildConfig(inputs=[str(src)], member_bytes=1024, **KW), str(out), progress=False)
     return out
 
 

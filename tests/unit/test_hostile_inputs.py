@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import build_shards
+from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 from terrabyte.data_pipeline.errors import ConfigError, DataError
 from terrabyte.data_pipeline.loader import ByteLoader, split_documents
 from terrabyte.data_pipeline.manifest import load_manifest
@@ -25,7 +25,8 @@ def test_loader_refuses_a_member_past_max_member_bytes(tmp_path):
     src.mkdir()
     (src / "big.txt").write_bytes(b"x" * 3000)
     (src / "small.txt").write_bytes(b"y" * 100)
-    build_shards([str(src)], str(tmp_path / "shards"), val_fraction=0.0, member_bytes=4096, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.0, member_bytes=4096),
+                 str(tmp_path / "shards"), progress=False)
     kw = dict(split="train", seq_len=16, global_batch=2, micro_batch=2, loop=False)
     with pytest.raises(DataError, match=r"train-\S+ member 000000: the manifest gives it 3100 raw bytes, more "
                                         r"than max_member_bytes=1000"):
@@ -51,10 +52,12 @@ def test_builder_refuses_a_json_line_past_max_member_bytes(tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text(json.dumps({"text": "a" * 50}) + "\n" + json.dumps({"text": "b" * 5000}) + "\n")
     with pytest.raises(DataError, match=r"docs.jsonl:2: a line longer than --max-member-bytes=1000 bytes"):
-        build_shards([str(data)], str(tmp_path / "out"), max_member_bytes=1000, progress=False)
-    man = build_shards([str(data)], str(tmp_path / "out2"), max_member_bytes=1000, on_error="skip", progress=False)
+        build_shards(BuildConfig(inputs=[str(data)], max_member_bytes=1000), str(tmp_path / "out"), progress=False)
+    man = build_shards(BuildConfig(inputs=[str(data)], max_member_bytes=1000, on_error="skip"),
+                       str(tmp_path / "out2"), progress=False)
     assert man["stats"]["skipped_sources"] == 1
-    assert build_shards([str(data)], str(tmp_path / "out3"), progress=False)["totals"]["all"]["documents"] == 2
+    assert build_shards(BuildConfig(inputs=[str(data)]),
+                        str(tmp_path / "out3"), progress=False)["totals"]["all"]["documents"] == 2
 
 
 def _tar_with_specials(path):
@@ -81,8 +84,8 @@ def test_archive_links_devices_and_fifos_are_counted_never_followed(tmp_path):
         link = zipfile.ZipInfo("passwd")
         link.external_attr = 0o120777 << 16  # a symlink: its data is the target's name
         zf.writestr(link, b"/etc/passwd")
-    man = build_shards([str(tmp_path / "a.tar"), str(tmp_path / "z.zip")], str(tmp_path / "out"), val_fraction=0.0,
-                       progress=False)
+    man = build_shards(BuildConfig(inputs=[str(tmp_path / "a.tar"), str(tmp_path / "z.zip")], val_fraction=0.0),
+                       str(tmp_path / "out"), progress=False)
     assert man["stats"]["skipped_special"] == 5
     docs = dict(split_documents(str(tmp_path / "out"), "train"))
     assert docs == {"a.tar/ok.txt": b"regular member", "a.tar/evil.txt": b"dot-dot name, read as data",
@@ -92,8 +95,8 @@ def test_archive_links_devices_and_fifos_are_counted_never_followed(tmp_path):
 # VmHWM, not ru_maxrss: the latter keeps the forking parent's (pytest's) resident size across exec
 BUILD_AND_MEASURE = textwrap.dedent("""
     import re, sys
-    from terrabyte.data_pipeline.builder import build_shards
-    build_shards([sys.argv[1]], sys.argv[2], val_fraction=0.0, progress=False)
+    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    build_shards(BuildConfig(inputs=[sys.argv[1]], val_fraction=0.0), sys.argv[2], progress=False)
     print(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 """)
 
@@ -154,9 +157,10 @@ def test_a_mediawiki_page_past_max_member_bytes_is_refused_before_it_is_held(tmp
     (tmp_path / "ok" / "wiki.xml").write_text(ok)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "wiki.xml").write_text(hostile)
-    kw = dict(input_format="mediawiki", val_fraction=0.0, progress=False, max_member_bytes=1 << 20)
-    manifest = build_shards([str(tmp_path / "ok")], str(tmp_path / "ok-shards"), **kw)
+    kw = dict(input_format="mediawiki", val_fraction=0.0, max_member_bytes=1 << 20)
+    manifest = build_shards(BuildConfig(inputs=[str(tmp_path / "ok")], **kw),
+                            str(tmp_path / "ok-shards"), progress=False)
     assert manifest["totals"]["train"]["documents"] == 2
     with pytest.raises(DataError, match=r"wiki.xml: page 2 \(after 1 complete pages\) is longer than "
                                         r"--max-member-bytes=1048576 bytes"):
-        build_shards([str(tmp_path / "bad")], str(tmp_path / "bad-shards"), **kw)
+        build_shards(BuildConfig(inputs=[str(tmp_path / "bad")], **kw), str(tmp_path / "bad-shards"), progress=False)

@@ -24,7 +24,7 @@ WEIGHTS = {"code": 0.6, "wiki": 0.3, "books": 0.1}
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import build_shards
+    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 
     root = tmp_path_factory.mktemp("three")
     texts = {
@@ -38,7 +38,7 @@ def sources(tmp_path_factory):
         src.mkdir()
         for i in range(12):
             (src / f"{name}{i}.txt").write_text(text(i))
-        build_shards([str(src)], str(root / f"{name}-shards"), val_fraction=0.25, progress=False)
+        build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.25), str(root / f"{name}-shards"), progress=False)
         paths[name] = str(root / f"{name}-shards")
     return paths
 

@@ -50,7 +50,7 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import build_shards
+    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
 
     root = tmp_path_factory.mktemp("corpus")
     src = root / "src"
@@ -60,7 +60,7 @@ def shards(tmp_path_factory):
         body = "".join(f"def f{j}(x):\n    return x * {j} + {i}\n\n" for j in range(30))
         (src / f"mod{i}.py").write_text(body)
     out = root / "shards"
-    build_shards([str(src)], str(out), val_fraction=0.2, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.2), str(out), progress=False)
     return out
 
 
@@ -175,7 +175,7 @@ def test_init_from_fine_tunes_a_trained_model_on_another_corpus(tmp_path, straig
     """--init-from under ZeRO-3: the run starts from the trained weights (its step-0 validation is the
     trained model's own number, below a fresh model's) with a fresh optimizer and schedule, and the
     loss on the new corpus falls."""
-    from terrabyte.data_pipeline.builder import build_shards
+    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
     from terrabyte.pretrain import TerraByte
 
     src = tmp_path / "prose"
@@ -185,7 +185,7 @@ def test_init_from_fine_tunes_a_trained_model_on_another_corpus(tmp_path, straig
         (src / f"doc{i}.txt").write_text("".join(
             " ".join(words[(i + j + k) % len(words)] for k in range(9)) + ".\n" for j in range(40)))
     prose = tmp_path / "prose_shards"
-    build_shards([str(src)], str(prose), val_fraction=0.25, progress=False)
+    build_shards(BuildConfig(inputs=[str(src)], val_fraction=0.25), str(prose), progress=False)
 
     run = tmp_path / "finetune"
     run_cli(["--config", "tiny", "--data.path", str(prose), *TINY, "--run.dir", str(run), "--train.steps", "8",

@@ -1,0 +1,178 @@
+"""The model's arguments, in one place: ``ModelArgs`` is ``TerraByte``'s keywords, the config tree's
+``model`` section and the JSON an export stores, with one set of defaults and one validation
+(``checked``) that both the constructor and ``args.validate`` run.
+
+    TerraByte(num_tokens=256, dim=(512, 256), depth=(6, 4), max_seq_len=(1024, 4))
+    TerraByte(ModelArgs(dim=(512, 256), depth=(6, 4), max_seq_len=(1024, 4)))
+
+The defaults describe a small two-stage model (the one a config file without a ``model`` section
+builds). A saved model stores every argument, so a default never changes what loads.
+
+Light on purpose (the standard library and the error classes): the config tree imports it without
+torch, the model without yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from terrabyte.data_pipeline.errors import ConfigError
+
+IntTuple = tuple[int, ...]
+PerStage = Union[int, IntTuple]  # one value for every stage, or one per stage
+
+# Arguments with one value per stage, coarsest first; the constructor also takes one value for all.
+PER_STAGE = ("dim", "depth", "heads", "dim_head", "ff_mult", "attention")
+UNIT_EMBEDDINGS = ("grouped", "concat")
+ATTENTION_KINDS = ("dense", "sparse")
+
+
+@dataclass
+class ModelArgs:
+    """``TerraByte``'s arguments; tuples have one entry per stage, coarsest first."""
+
+    num_tokens: int = 256
+    """Data vocabulary: 256 for bytes. Special ids (pad, eos, bos) are added above it."""
+    dim: IntTuple = (128, 64)
+    depth: IntTuple = (2, 2)
+    max_seq_len: IntTuple = (256, 8)
+    """Patches per stage; their product is the training sequence length in bytes."""
+    dim_head: PerStage = 32
+    heads: PerStage = 4
+    ff_mult: float = 4.0
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.0
+    flash_attn: bool = True
+    """Use the flash-attn package when installed and on GPU; otherwise PyTorch SDPA."""
+    rotary: bool = True
+    tie_embeddings: bool = False
+    attention: Optional[list] = None
+    """Per-stage attention specs, e.g. ``[{kind: sparse, pattern: {local: 256}}, null]``."""
+    checkpoint_activations: Optional[bool] = None
+    """Recompute each global-stage block in backward instead of keeping its activations. Unset
+    (None): automatic, decided where the step runs (``TerraByte.auto_checkpoint``; the trainer
+    decides once at start-up from the memory estimate, the same on every rank)."""
+    chunk_bytes: Optional[int] = None
+    """Bytes of each chunk the lower stages, logits and loss run on (a multiple of the global patch;
+    activation memory below the global stage is one chunk's). Unset: about 1 GiB of fp32
+    activations' worth, capped so no kernel call gets more than 65,535 sequences x heads."""
+    unit_embedding: str = "grouped"
+    """How an upper stage embeds its units: ``grouped`` (bytes projected group by group: parameters
+    do not grow with the unit) or ``concat`` (MEGABYTE: all the unit's bytes in one projection).
+    Two-stage models are the same either way."""
+
+    @property
+    def seq_len(self) -> int:
+        return math.prod(self.max_seq_len)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for ``TerraByte(**...)``."""
+        return dataclasses.asdict(self)
+
+    def checked(self) -> "ModelArgs":
+        """These arguments checked, as a copy whose per-stage arguments are tuples of one entry per
+        stage; a value that cannot work is one ``ConfigError`` naming the key."""
+        msl = self.max_seq_len
+        if not isinstance(msl, (list, tuple)) or len(msl) < 2:
+            raise ConfigError(f"config key model.max_seq_len={msl!r} must be a list with one length per stage "
+                              f"(at least 2)")
+        msl = tuple(msl)
+        stages = {name: _per_stage(name, getattr(self, name), msl) for name in PER_STAGE}
+        for name, values in (("max_seq_len", msl), *((k, stages[k]) for k in ("dim", "depth", "heads", "dim_head"))):
+            for v in values:
+                positive_int(v, f"model.{name}")
+        positive_int(self.num_tokens, "model.num_tokens")
+        if self.rotary and any(d % 2 for d in stages["dim_head"]):
+            raise ConfigError(f"config key model.dim_head={self.dim_head} must be even with model.rotary (rotary "
+                              f"embeddings turn pairs of values)")
+        for m in stages["ff_mult"]:
+            if isinstance(m, bool) or not isinstance(m, (int, float)):
+                raise ConfigError(f"config key model.ff_mult expects a number, got {m!r}")
+            positive(m, "model.ff_mult")
+        for key in ("attn_dropout", "ff_dropout"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"config key model.{key} expects a number, got {value!r}")
+            within(value, f"model.{key}", 0, 1, high_open=True)
+        for key in ("flash_attn", "rotary", "tie_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"config key model.{key} expects true or false, got {getattr(self, key)!r}")
+        if self.checkpoint_activations is not None and not isinstance(self.checkpoint_activations, bool):
+            raise ConfigError(f"config key model.checkpoint_activations={self.checkpoint_activations!r} must be "
+                              "true, false or null (automatic)")
+        if self.unit_embedding not in UNIT_EMBEDDINGS:
+            raise ConfigError(f"model.unit_embedding={self.unit_embedding!r} must be 'grouped' or 'concat'")
+        _check_chunk_bytes(self.chunk_bytes, math.prod(msl[1:]))
+        for s, spec in enumerate(stages["attention"]):
+            _check_attention(spec, s, stages["heads"][s], self.attn_dropout)
+        return dataclasses.replace(self, max_seq_len=msl, **stages)
+
+
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelArgs))
+
+
+def _per_stage(name: str, value, max_seq_len: tuple) -> tuple:
+    """One value for every stage, or a list with one per stage, as a tuple of one per stage."""
+    stages = len(max_seq_len)
+    if isinstance(value, (list, tuple)):
+        if len(value) != stages:
+            raise ConfigError(f"config key model.{name}={tuple(value)} has {len(value)} entries but "
+                              f"model.max_seq_len={max_seq_len} gives {stages} stages: give one entry per stage")
+        return tuple(value)
+    return (value,) * stages
+
+
+def _check_chunk_bytes(chunk_bytes, patch: int) -> None:
+    if chunk_bytes is None:
+        return
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1 or chunk_bytes % patch:
+        lower = max(patch, (chunk_bytes if isinstance(chunk_bytes, int) else 0) // patch * patch)
+        raise ConfigError(
+            f"model.chunk_bytes={chunk_bytes!r} must be a positive multiple of the global patch "
+            f"({patch} bytes), e.g. {lower} or {lower + patch}; leave it unset for automatic"
+        )
+
+
+def _check_attention(spec, s: int, heads: int, attn_dropout: float) -> None:
+    """One stage's attention spec: None (dense), a callable (Python only: it gets (q, k, v) and must
+    be causal) or a dict with a known ``kind``; a sparse pattern must build and fit the heads."""
+    where = f"model.attention[{s}]"
+    if spec is None or callable(spec):
+        return
+    if not isinstance(spec, dict) or spec.get("kind") not in ATTENTION_KINDS:
+        raise ConfigError(f"config key {where}: {spec!r} must be null or a mapping with kind "
+                          f"{' or '.join(ATTENTION_KINDS)}")
+    if spec["kind"] == "dense":
+        return
+    if "pattern" not in spec:
+        raise ConfigError(f"config key {where}: sparse attention {spec!r} needs a 'pattern' mapping")
+    if attn_dropout > 0:
+        raise ConfigError(f"config key {where}: sparse attention does not support model.attn_dropout > 0; set it 0")
+    from terrabyte.kernels import SparsePattern  # torch, no Triton
+
+    try:
+        SparsePattern.from_config(spec["pattern"]).check_heads(heads, where)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"config key {where}.pattern: {exc}") from None
+
+
+def positive_int(value, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config key {key} expects an integer, got {value!r}")
+    positive(value, key)
+
+
+def positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"config key {key} must be positive, got {value!r}")
+
+
+def within(value, key: str, low=None, high=None, high_open: bool = False) -> None:
+    """``low <= value <= high`` (``< high`` with ``high_open``); None bounds are open."""
+    fits = (low is None or value >= low) and (high is None or (value < high if high_open else value <= high))
+    if not fits:
+        span = [f"at least {low}"] if low is not None else []
+        span += [f"below {high}" if high_open else f"at most {high}"] if high is not None else []
+        raise ConfigError(f"config key {key} must be {' and '.join(span)}, got {value!r}")
