@@ -61,7 +61,7 @@ from terrabyte.data_pipeline.system import atomic_write, describe_machine
 from .args import Config, load_config
 from .bench_model import megabyte_class, spawn_child, status_bytes
 from .bench_quality import PEER_INSTALL, PLOT_INSTALL, _with, build_megabyte, save_figure
-from .model import TerraByte
+from .model import TerraByte, available_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +152,7 @@ def parse_models(text: str) -> list[str]:
 
 def default_memory_limit_gb() -> float:
     """MemAvailable now, in GB: a child may take what the machine has free, no more."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 / GB
-    return 0.0
+    return available_memory_bytes(torch.device("cpu")) / GB
 
 
 def fmt_bytes(n: int) -> str:

@@ -40,7 +40,7 @@ import torch
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
-from .model import TerraByte
+from .model import MALLOC_MMAP_THRESHOLD, TerraByte
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _memory_child(kind, ff_mult, flash, device, seq_len, batch, threads, queue):
 
 # glibc otherwise raises its mmap threshold after large frees and keeps later blocks on the heap,
 # so RSS stops following live memory and peaks differ by hundreds of MiB between identical runs
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD)}
 
 
 def peak_train_memory(kind, ff_mult, flash, device, seq_len, batch, threads) -> int:
