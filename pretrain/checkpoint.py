@@ -174,7 +174,7 @@ def read_latest(root: Path) -> str | None:
     """The tag ``root/latest`` names (None: no ``latest``). It must name a folder directly inside
     ``root``: one plain name, no ``..``, no absolute path, and neither it nor ``latest`` a link."""
     latest = root / "latest"
-    if not latest.is_file() and not latest.is_symlink():
+    if not latest.exists() and not latest.is_symlink():
         return None
     if latest.is_symlink() or not latest.is_file():
         raise CheckpointError(f"checkpoint {latest} is a link or not a regular file: it must be a file naming a "

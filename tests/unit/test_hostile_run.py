@@ -134,6 +134,10 @@ def test_latest_must_name_a_folder_directly_inside_checkpoints(tmp_path, target)
     (tmp_path / "elsewhere" / "tag").write_text("step2")
     with pytest.raises(CheckpointError, match="is a link or not a regular file"):
         ckpt.resolve_model_source(root.parent)
+    (root / "latest").unlink()
+    (root / "latest").mkdir()  # a folder named latest is not "no latest"
+    with pytest.raises(CheckpointError, match="is a link or not a regular file"):
+        ckpt.choose_checkpoint(root, fallback=True)
 
 
 def foreign_folders(root, steps=(1, 2, 3, 4, 5)):
