@@ -1,0 +1,226 @@
+"""Patching schemes (pretrain/patching.py): causal boundary rules, the layout, the entropy model."""
+import pytest
+import torch
+
+from terrabyte.pretrain.model import TerraByte, units_before
+from terrabyte.pretrain.patching import (SCHEMES, EntropyModel, Patcher, cap_length, layout, patch_stats,
+                                         space_candidates, space_like)
+from terrabyte.data_pipeline.errors import ConfigError
+
+PAD, EOS = 256, 257
+VOCAB = 259
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def text_ids(*rows: bytes) -> torch.Tensor:
+    n = max(len(r) for r in rows)
+    out = torch.full((len(rows), n), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(list(r))
+    return out
+
+
+def patcher(scheme, max_len=8, before_len=4, threshold=None):
+    torch.manual_seed(0)
+    p = Patcher(scheme, max_len, before_len, VOCAB, PAD, EOS, threshold=threshold)
+    if p.entropy_model is not None:
+        p.entropy_model.init_weights()
+    return p
+
+
+def code_row(n: int, text: bytes = b"for i in range(10):\n    print(i, 'x')  # ok\n") -> torch.Tensor:
+    """(1, n) ids: ``text`` repeated to n bytes."""
+    return text_ids((text * (n // len(text) + 1))[:n])
+
+
+def random_bytes(b, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, n), generator=g)
+
+
+def patches_of(ids: torch.Tensor, starts: torch.Tensor) -> list[list[bytes]]:
+    out = []
+    for row, st in zip(ids.tolist(), starts.tolist()):
+        cuts = [j for j, s in enumerate(st) if s] + [len(row)]
+        out.append([bytes(row[a:b]) for a, b in zip(cuts, cuts[1:])])
+    return out
+
+
+# ---------------------------------------------------------------- the rules
+
+def test_space_like_bytes():
+    like = space_like(torch.arange(259))
+    expected = [not (chr(v).isascii() and chr(v).isalnum()) and not 0x80 <= v <= 0xBF for v in range(256)]
+    assert like[:256].tolist() == expected
+    assert like[256:].all()  # PAD, EOS, BOS
+
+
+def test_space_rule_on_examples():
+    ids = text_ids(b"def foo(x):  return x.y", " ab".encode())
+    starts = cap_length(space_candidates(ids, EOS), 64)
+    assert patches_of(ids[:1], starts[:1])[0] == [b"def ", b"foo(", b"x)", b":  return ", b"x.", b"y"]
+    # the position before the row is not space-like: a leading space starts the next patch
+    assert patches_of(ids[1:, :3], starts[1:, :3])[0] == [b" ", b"ab"]
+    # SpaceByte's rule as written: a UTF-8 lead byte is space-like, its continuation bytes are not,
+    # so a multi-byte letter ends a patch after its lead byte and its continuation never starts one
+    word = text_ids("na\u00efve caf\u00e9s".encode())
+    assert patches_of(word, cap_length(space_candidates(word, EOS), 64))[0] == [
+        b"na\xc3", b"\xafve ", b"caf\xc3", b"\xa9s"]
+
+
+def test_eos_ends_a_patch():
+    ids = text_ids(b"abc")
+    ids = torch.cat((ids, torch.tensor([[EOS]]), text_ids(b"def")), dim=1)
+    starts = cap_length(space_candidates(ids, EOS), 64)
+    assert starts[0].tolist() == [True, False, False, False, True, False, False]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_max_length_respected_and_first_byte_starts(scheme):
+    p = patcher(scheme, max_len=5, threshold=0.0)
+    ids = torch.cat((random_bytes(2, 90), text_ids(b"a" * 90, b"x = 1  " * 13)[:, :90]), dim=0)
+    starts = p.starts(ids)
+    assert starts[:, 0].all()
+    for row in starts.tolist():
+        cuts = [j for j, s in enumerate(row) if s] + [len(row)]
+        assert max(b - a for a, b in zip(cuts, cuts[1:])) <= 5
+    # a run of letters is cut at the cap exactly
+    if scheme == "space":
+        assert patches_of(ids[2:3], starts[2:3])[0] == [b"aaaaa"] * 18
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_scheme_is_causal(scheme):
+    """Changing byte j leaves starts[:, :j + 1] as they were (the start of byte j reads bytes < j)."""
+    p = patcher(scheme, max_len=6, threshold=0.0)
+    base_ids = torch.cat((random_bytes(1, 48), code_row(48)))
+    base = p.starts(base_ids)
+    assert 1 < int(base.sum()) < base.numel()  # the rule does cut, and not everywhere
+    g = torch.Generator().manual_seed(3)
+    for j in range(base_ids.shape[1]):
+        ids = base_ids.clone()
+        ids[:, j] = torch.randint(0, 256, (2,), generator=g)
+        assert torch.equal(p.starts(ids)[:, :j + 1], base[:, :j + 1]), j
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_rows_are_independent(scheme):
+    """A row's boundaries, entropies and layout do not depend on the other rows (BLT issue #123)."""
+    p = patcher(scheme, max_len=6, threshold=0.0)
+    ids = random_bytes(3, 40)
+    alone = p.layout(ids[1:2])
+    other = ids.clone()
+    other[0] = random_bytes(1, 40, seed=9)[0]
+    other[2] = 32  # all spaces: a different patch count
+    together = p.layout(other)
+    assert torch.equal(p.starts(other)[1], p.starts(ids[1:2])[0])
+    k = alone.patches
+    assert torch.equal(together.units[1, :k], alone.units[0])
+    assert (together.units[1, k:] == PAD).all()
+    assert torch.equal(together.before[1, :k], alone.before[0])
+    assert torch.equal(together.index[1], alone.index[0])
+    if p.entropy_model is not None:
+        torch.testing.assert_close(p.entropy_model.entropy(other)[1], p.entropy_model.entropy(ids[1:2])[0])
+
+
+@pytest.mark.parametrize("msl", [(6, 4), (4, 3, 2), (5, 8)])
+@pytest.mark.parametrize("n", [None, -3])
+def test_fixed_layout_is_todays_patches(msl, n):
+    """Fixed starts reproduce TerraByte.patches and units_before exactly."""
+    torch.manual_seed(0)
+    model = TerraByte(num_tokens=256, dim=(16,) * len(msl), depth=(1,) * len(msl), max_seq_len=msl, dim_head=8,
+                      heads=2)
+    T = model.context_length if n is None else model.context_length + n
+    ids = random_bytes(3, T)
+    L, u1 = model.unit_sizes[0], model.unit_sizes[1]
+    p = Patcher("fixed", L, u1, VOCAB, PAD, EOS)
+    lay = layout(ids, p.starts(ids), L, u1, PAD)
+    units = model.patches(ids)
+    assert torch.equal(lay.units, units)
+    before, first = units_before(units, u1)
+    before = before.view(3, -1, u1)
+    assert torch.equal(lay.before[:, 1:], before[:, 1:])  # patch 0 reads the start token instead
+    assert first.view(3, -1)[:, 0].all() and not first.view(3, -1)[:, 1:].any()
+    assert torch.equal(lay.index, torch.arange(T).expand(3, T))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_round_trip_bytes_units_bytes(scheme):
+    p = patcher(scheme, max_len=7, before_len=3, threshold=0.0)
+    ids = torch.cat((random_bytes(1, 50), code_row(50, b"while x:\n\tx -= 1  # down ")))
+    lay = p.layout(ids, multiple=4)
+    b, P, L = lay.units.shape
+    assert L == 7 and P % 4 == 0
+    flat = lay.units.reshape(b, P * L)
+    assert torch.equal(lay.scatter_back(flat, 50), ids)
+    # per-slot values of any trailing shape come back per byte
+    vals = torch.randn(b, P * L, 5)
+    torch.testing.assert_close(lay.scatter_back(vals, 50), vals.gather(1, lay.index[..., None].expand(-1, -1, 5)))
+    # bytes are left-aligned in their patch, PAD after them, and each patch holds its bytes in order
+    starts = p.starts(ids)
+    for r, pieces in enumerate(patches_of(ids, starts)):
+        for k, piece in enumerate(pieces):
+            row = lay.units[r, k].tolist()
+            assert bytes(row[:len(piece)]) == piece and all(v == PAD for v in row[len(piece):])
+            start = sum(len(q) for q in pieces[:k])
+            want = [PAD] * max(0, 3 - start) + ids[r, max(0, start - 3):start].tolist()
+            assert lay.before[r, k].tolist() == want
+        assert (lay.units[r, len(pieces):] == PAD).all()
+
+
+def test_patch_stats_and_the_collapse_it_shows():
+    ids = text_ids(b"ab cd ef gh")
+    stats = patch_stats(space_candidates(ids, EOS), ids, PAD)
+    assert stats == {"mean_patch_bytes": 11 / 4, "boundary_rate": 4 / 11}
+    # a threshold below every rise collapses patches to one byte: the stats say so
+    p = patcher("entropy", max_len=8, threshold=-100.0)
+    assert patch_stats(p.starts(random_bytes(2, 64)))["mean_patch_bytes"] == 1.0
+    # from initialisation the entropy is flat: no rise crosses the default threshold, patches stay at the cap
+    fresh = patcher("entropy", max_len=8)
+    assert patch_stats(fresh.starts(random_bytes(2, 64)))["mean_patch_bytes"] == 8.0
+
+
+def test_bad_scheme_is_one_line():
+    with pytest.raises(ConfigError, match="model.patching='bpe' must be one of fixed, space, entropy"):
+        Patcher("bpe", 8, 4, VOCAB, PAD, EOS)
+
+
+# ---------------------------------------------------------------- the entropy model
+
+def test_entropy_model_is_causal_and_chunking_is_exact():
+    torch.manual_seed(0)
+    em = EntropyModel(VOCAB)
+    em.init_weights()
+    ids = random_bytes(2, 40)
+    h = em.entropy(ids)
+    assert h.shape == (2, 40) and (h > 0).all() and (h <= 259 ** 0.5 * 8).all()
+    torch.testing.assert_close(em.entropy(ids, chunk=6), h)
+    for j in range(40):
+        x = ids.clone()
+        x[:, j] = (x[:, j] + 1) % 256
+        torch.testing.assert_close(em.entropy(x)[:, :j + 1], h[:, :j + 1])
+    # the auxiliary loss: the same sum chunked or not, and its gradient reaches only the entropy model
+    whole = em.nats(ids, 0, 40, PAD)
+    torch.testing.assert_close(em.nats(ids, 0, 17, PAD, chunk=8) + em.nats(ids, 17, 40, PAD, chunk=8), whole)
+    padded = ids.clone()
+    padded[:, 30:] = PAD
+    torch.testing.assert_close(em.nats(padded, 0, 40, PAD), em.nats(ids, 0, 30, PAD))
+    whole.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in em.parameters())
+
+
+def test_candidate_next_matches_the_row_rule():
+    """The decode step's question (from the last bytes only) agrees with the whole-row rule."""
+    for scheme in ("space", "entropy"):
+        p = patcher(scheme, threshold=0.0)
+        ids = torch.cat((random_bytes(1, 30), code_row(30, b"if a.b(c):  d = e[f]  # g h i j k")))
+        cand = p.candidates(ids)
+        for t in range(30):
+            assert torch.equal(p.candidate_next(ids[:, :t]), cand[:, t]), (scheme, t)
