@@ -175,6 +175,33 @@ def test_round_trip_bytes_units_bytes(scheme):
         assert (lay.units[r, len(pieces):] == PAD).all()
 
 
+@pytest.mark.parametrize("scheme", ["space", "entropy"])
+def test_budget_bounds_patches_and_stays_causal(scheme):
+    """A row that would need more than the budget gets at most the budget, the rule stays causal
+    (a prefix is grouped as the start of the whole row) and rows that fit are left as they were."""
+    p = patcher(scheme, max_len=4, threshold=-100.0)  # entropy: every byte a candidate
+    p.budget, p.row_bytes = 10, 32
+    dense = torch.cat((code_row(32, b"a.b,c;d(e)"), random_bytes(1, 32)))
+    starts = p.starts(dense)
+    free = patcher(scheme, max_len=4, threshold=-100.0).starts(dense)
+    assert (free.sum(1) > 10).all() and (starts.sum(1) <= 10).all() and (starts.sum(1) >= 8).all()
+    for row in starts.tolist():
+        cuts = [j for j, s in enumerate(row) if s] + [32]
+        assert max(b - a for a, b in zip(cuts, cuts[1:])) <= 4
+    for n in range(1, 32):
+        assert torch.equal(p.starts(dense[:, :n]), starts[:, :n]), n
+    # the decode step's rule gives the same starts, byte by byte
+    count, last, walked = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), []
+    for t in range(32):
+        start = (t - last == 4) | (p.candidate_next(dense[:, :t]) & p.allows(count, t)) if t else torch.ones(2, dtype=torch.bool)
+        count, last = count + start, torch.where(start, t, last)
+        walked.append(start)
+    assert torch.equal(torch.stack(walked, 1), starts)
+    roomy = patcher(scheme, max_len=4, threshold=-100.0)
+    roomy.budget, roomy.row_bytes = 32, 32
+    assert torch.equal(roomy.starts(dense), free)
+
+
 def test_patch_stats_and_the_collapse_it_shows():
     ids = text_ids(b"ab cd ef gh")
     stats = patch_stats(space_candidates(ids, EOS), ids, PAD)
