@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.pretrain import bench_context as bc
+from terrabyte.pretrain.bench import context as bc
 
 TINY = ["--model.dim", "16,8,8", "--model.depth", "1,1,1", "--model.dim_head", "8", "--model.heads", "2,1,1"]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from terrabyte.data_pipeline.errors import CheckpointError
-from terrabyte.pretrain import checkpoint as ckpt
+from terrabyte.pretrain.checkpoint import store as ckpt
 
 
 def tensors_writer(seed: int, size: int = 1000):

@@ -1,6 +1,6 @@
-"""What earlier versions of Terrabyte wrote is still read (``pretrain/earlier_formats.py``), one test
-per reader, and none of them skips a check silently: what cannot be verified is named in a warning,
-and what can still be checked is."""
+"""What earlier versions of Terrabyte wrote is still read (``pretrain/checkpoint/earlier_formats.py``),
+one test per reader, and none of them skips a check silently: what cannot be verified is named in a
+warning, and what can still be checked is."""
 import json
 import logging
 
@@ -9,12 +9,12 @@ import torch
 
 from terrabyte.data_pipeline.errors import CheckpointError
 from terrabyte.pretrain import TerraByte
-from terrabyte.pretrain import checkpoint as ckpt
-from terrabyte.pretrain import earlier_formats
+from terrabyte.pretrain.checkpoint import store as ckpt
+from terrabyte.pretrain.checkpoint import earlier_formats
 
 from .test_checkpoint_safety import save
 
-WARNINGS = "terrabyte.pretrain.earlier_formats"
+WARNINGS = "terrabyte.pretrain.checkpoint.earlier_formats"
 # three stages: the upper stage's unit embedding differs between "grouped" and "concat"
 THREE = dict(num_tokens=64, dim=(32, 16, 16), depth=1, max_seq_len=(4, 2, 2), dim_head=8, heads=2)
 
@@ -58,8 +58,8 @@ def test_checkpoint_without_layout_json_warns(tmp_path, caplog):
 
 
 def test_resume_without_model_config_json_warns(tmp_path, caplog):
-    from terrabyte.pretrain.args import load_config
-    from terrabyte.pretrain.parallel import plan_layout
+    from terrabyte.pretrain.train.config import load_config
+    from terrabyte.pretrain.parallel.pipeline import plan_layout
 
     cfg = load_config("tiny")
     layout = plan_layout(cfg, 1, 0)

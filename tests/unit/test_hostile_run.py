@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
-from terrabyte.pretrain import checkpoint as ckpt
-from terrabyte.pretrain.args import ModelConfig
+from terrabyte.pretrain.checkpoint import store as ckpt
+from terrabyte.pretrain.train.config import ModelConfig
 
 from .test_checkpoint_safety import META, save, tensors_writer
 
@@ -53,9 +53,9 @@ def one_line_refusal(text: str, run) -> None:
 @pytest.mark.parametrize("layout", [{"pipeline": 2}, {"tensor": 2}, {}], ids=["pipeline", "tensor", "zero"])
 def test_no_entry_point_unpickles_a_checkpoint(tmp_path, layout, capsys, monkeypatch):
     from terrabyte.launch.cli import main
-    from terrabyte.pretrain.harness import TerraByteLM
-    from terrabyte.pretrain.model import TerraByte
-    from terrabyte.pretrain.pretrained import init_from
+    from terrabyte.pretrain.eval.harness import TerraByteLM
+    from terrabyte.pretrain.model.terrabyte import TerraByte
+    from terrabyte.pretrain.checkpoint.pretrained import init_from
 
     marker = tmp_path / "ran-code"
     run = payload_run(tmp_path / "run", layout, marker)
@@ -107,7 +107,7 @@ def test_garbled_checkpoint_metadata_is_one_line(tmp_path, name, text, message):
 
 
 def test_pretrain_trust_flag_reaches_the_config():
-    from terrabyte.pretrain.trainer import parse
+    from terrabyte.pretrain.train.trainer import parse
 
     _, cfg = parse(["--init-from", "somewhere", "--trust-checkpoint"])
     assert cfg.train.init_from == "somewhere" and cfg.train.init_from_trust is True

@@ -171,7 +171,7 @@ def test_stale_export_is_not_used_and_checkpoints_load_weights_only(straight, tm
     import logging
     import shutil
 
-    from terrabyte.pretrain import checkpoint as ckpt
+    from terrabyte.pretrain.checkpoint import store as ckpt
 
     run = tmp_path / "run"
     shutil.copytree(straight, run)

@@ -19,13 +19,13 @@ import torch
 from terrabyte.data_pipeline.batch import ByteBatch
 from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteError
 
-from . import checkpoint as ckpt
-from . import engine as eng
-from .args import Config, load_config
-from .estimate import check_fits, flops_per_byte, meta_model
+from ..checkpoint import store as ckpt
+from ..engine import engine as eng
+from .config import Config, load_config
+from .dry_run import check_fits, flops_per_byte, meta_model
 from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
-from .model import TerraByte
-from .parallel import plan_layout
+from ..model.terrabyte import TerraByte
+from ..parallel.pipeline import plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Trainer:
 
         meta = meta_model(cfg)  # sizes and FLOPs, counted before ZeRO-3 partitions the real one
         if self.layout.pipeline == 1:
-            # a context that cannot fit stops here, before data or model exist (estimate.py); ZeRO-3
+            # a context that cannot fit stops here, before data or model exist (dry_run.py); ZeRO-3
             # splits the states over data x sequence ranks, AutoTP over its peers
             zero = self.layout.dp * self.layout.sequence if cfg.parallel.zero_stage == 3 else 1
             check_fits(cfg, eng.compute_device(), zero * self.layout.tensor, self.layout.sequence, meta)
@@ -190,7 +190,7 @@ class Trainer:
         if self.resume is not None:
             log.info("resuming %s: --init-from %s is not used again", self.run_dir, source)
             return False
-        from .pretrained import init_from
+        from ..checkpoint.pretrained import init_from
 
         init_from(model, source, strict=self.cfg.train.init_from_strict, trust=self.cfg.train.init_from_trust)
         return True
@@ -458,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory is not None and (not args.dry_run or args.memory <= 0):
         raise ConfigError(f"--memory {args.memory:g} needs --dry-run and a positive number of GiB")
     if args.dry_run:
-        from .estimate import describe
-        from .parallel import describe_pipeline
+        from .dry_run import describe
+        from ..parallel.pipeline import describe_pipeline
 
         text = describe(cfg, args.memory)
         if cfg.parallel.pipeline_stages > 1:

@@ -7,7 +7,7 @@ schedule, gradient clipping), and scores every model on the same validation byte
 ``data.val_sequences`` packed validation sequences, exactly what the trainer scores. Baselines
 (``--baselines``): MEGABYTE-pytorch (lucidrains' reference implementation, when installed), a flat
 transformer over bytes and one over BPE tokens trained on the run's own training bytes
-(``bench_baselines.py``: how they are built, how BPE is scored per byte, how FLOPs are counted).
+(``baselines.py``: how they are built, how BPE is scored per byte, how FLOPs are counted).
 
 Method:
 - Every model sees every batch: each step trains one, then the next, so load from other processes
@@ -38,11 +38,12 @@ import torch
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
-from .args import Config, load_config
-from .bench_baselines import BytePairTokens, TokenGPT, train_step_flops, training_documents
-from .bench_model import megabyte_class
-from .engine import lr_lambda, param_groups
-from .model import TerraByte, cross_entropy
+from ..train.config import Config, load_config
+from .baselines import BytePairTokens, TokenGPT, train_step_flops, training_documents
+from .model import megabyte_class
+from ..engine.engine import lr_lambda, param_groups
+from ..model.stage import cross_entropy
+from ..model.terrabyte import TerraByte
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ Method:
 while ``--budget`` seconds are left, until one fails: the longest context one GPU trains.
 ``--longest`` is the same walk on ``--device`` from ``--first`` (the CPU rehearsal of the GPU check).
 
-``--estimate``: the ``--dry-run`` peak-memory estimate (``estimate.py``: model states + activations,
+``--estimate``: the ``--dry-run`` peak-memory estimate (``train/dry_run.py``: model states + activations,
 plus the process's own footprint before the model exists) against the measured peak, for
 ``long_cpu`` and ``tb_python`` (a model built in Python with default settings, issue #22's shape:
 dims 128/64/32, depths 2/1/1, patches 8 x 8, 4 heads of 32 in every stage, long_cpu's sparse global
@@ -58,10 +58,10 @@ from terrabyte.data_pipeline.cli import parse_size
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
-from .args import Config, load_config
-from .bench_model import megabyte_class, spawn_child, status_bytes
-from .bench_quality import PEER_INSTALL, PLOT_INSTALL, _with, build_megabyte, save_figure
-from .model import TerraByte, available_memory_bytes
+from ..train.config import Config, load_config
+from .model import megabyte_class, spawn_child, status_bytes
+from .quality import PEER_INSTALL, PLOT_INSTALL, _with, build_megabyte, save_figure
+from ..model.terrabyte import TerraByte, available_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -464,9 +464,9 @@ def _base_config(args) -> Config:
 
 def estimate_bytes(cfg: Config, checkpoint: bool, chunk_bytes: int | None, base_bytes: float = 0.0) -> float:
     """``--dry-run``'s peak for one step of ``cfg`` as it ran (checkpointing and chunk as the model
-    chose them): model states + activations (``estimate.py``), plus the process's footprint before
+    chose them): model states + activations (``train/dry_run.py``), plus the process's footprint before
     the model existed (interpreter and libraries: in RSS, not in device memory)."""
-    from .estimate import activation_bytes, meta_model, model_state_bytes
+    from ..train.dry_run import activation_bytes, meta_model, model_state_bytes
 
     ran = _with(cfg, model={"checkpoint_activations": checkpoint, "chunk_bytes": chunk_bytes})
     model = meta_model(ran)
@@ -620,12 +620,13 @@ def run_longest(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m terrabyte.pretrain.bench_context``: the same flags as ``terrabyte bench context``."""
+    """``python -m terrabyte.pretrain.bench.context``: the same flags as ``terrabyte bench context``."""
     from terrabyte.data_pipeline.errors import run_guarded
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m terrabyte.pretrain.bench_context", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m terrabyte.pretrain.bench.context",
+                                     description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_guarded(run, parser.parse_args(argv))
 

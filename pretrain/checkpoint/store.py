@@ -6,8 +6,8 @@ newest K; verify a checkpoint before resuming (or fall back to the newest intact
 resume (through DeepSpeed's universal format when the parallel layout changed); consolidate a
 checkpoint of any layout into one plain fp32 state dict, reading it with weights-only loads; decide
 which weights a run directory stands for (``resolve_model_source``); read and write the exported
-``model.safetensors`` (its config and step in the file's metadata). ``engine.py`` builds and steps
-the DeepSpeed engine; this module never changes it.
+``model.safetensors`` (its config and step in the file's metadata). ``engine/engine.py`` builds and
+steps the DeepSpeed engine; this module never changes it.
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError
 from terrabyte.data_pipeline.system import atomic_path, atomic_write, fsync_path, fsync_tree
 
-from . import ds_seams, earlier_formats
-from .args import Config
-from .engine import all_gather_objects, barrier, is_pipeline, layout_of, on_rank0
-from .parallel import Layout, pipeline_key
+from . import earlier_formats
+from ..engine import ds_seams
+from ..train.config import Config
+from ..engine.engine import all_gather_objects, barrier, is_pipeline, layout_of, on_rank0
+from ..parallel.pipeline import Layout, pipeline_key
 
 log = logging.getLogger(__name__)
 

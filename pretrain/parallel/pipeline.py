@@ -33,13 +33,14 @@ from torch import Tensor, nn
 
 from terrabyte.data_pipeline.errors import ConfigError
 
-from . import ds_seams
-from .args import validate_world
-from .estimate import pipeline_layer_costs
-from .model import Attention, TerraByte
+from ..engine import ds_seams
+from ..train.config import validate_world
+from ..train.dry_run import pipeline_layer_costs
+from ..model.layers import Attention
+from ..model.terrabyte import TerraByte
 
 if TYPE_CHECKING:
-    from .args import Config
+    from ..train.config import Config
 
 
 # --------------------------------------------------------------------------- rank layout
@@ -271,7 +272,7 @@ def pipeline_parts(model: TerraByte, cfg: Config, costs: list[dict] | None = Non
 
 def describe_pipeline(cfg: Config) -> str:
     """``--dry-run``'s table of the pipeline stages: their layers, parameters and training FLOPs."""
-    from .estimate import meta_model
+    from ..train.dry_run import meta_model
 
     model = meta_model(cfg)
     costs = pipeline_layer_costs(model, cfg)

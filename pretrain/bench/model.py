@@ -40,7 +40,7 @@ import torch
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
-from .model import MALLOC_MMAP_THRESHOLD, TerraByte
+from ..model.terrabyte import MALLOC_MMAP_THRESHOLD, TerraByte
 
 logger = logging.getLogger(__name__)
 
