@@ -1,10 +1,11 @@
-"""Patching schemes (pretrain/patching.py): causal boundary rules, the layout, the entropy model."""
+"""Patching schemes (pretrain/model/patching.py): causal boundary rules, the layout, the entropy model."""
 import pytest
 import torch
 
-from terrabyte.pretrain.model import TerraByte, units_before
-from terrabyte.pretrain.patching import (SCHEMES, EntropyModel, Patcher, cap_length, layout, patch_stats,
-                                         space_candidates, space_like)
+from terrabyte.pretrain.model import TerraByte
+from terrabyte.pretrain.model.stage import units_before
+from terrabyte.pretrain.model.patching import (SCHEMES, EntropyModel, Patcher, cap_length, layout, patch_stats,
+                                               space_candidates, space_like)
 from terrabyte.data_pipeline.errors import ConfigError
 
 PAD, EOS = 256, 257

@@ -45,6 +45,8 @@ from torch.utils.checkpoint import checkpoint
 
 from terrabyte.data_pipeline.errors import ConfigError
 
+from .layers import as_is
+
 SCHEMES = ("fixed", "space", "entropy")
 # bytes the entropy model sees before each position, its embedding width and hidden width
 ENTROPY_WINDOW = 8
@@ -216,7 +218,7 @@ class EntropyModel(nn.Module):
         self.out = nn.Linear(hidden, vocab_size)
 
     def init_weights(self, whole=None) -> None:
-        whole = whole or _as_is
+        whole = whole or as_is
         with whole(self.emb):
             nn.init.normal_(self.emb.weight, std=1.0)
         for lin in (self.hidden, self.out):
@@ -261,12 +263,6 @@ class EntropyModel(nn.Module):
             recompute = b_ < hi and torch.is_grad_enabled()
             total = total + (checkpoint(fn, padded, use_reentrant=False) if recompute else fn(padded))
         return total
-
-
-def _as_is(module):
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------- the patcher
