@@ -45,9 +45,9 @@ from torch.utils.checkpoint import checkpoint
 
 from terrabyte.data_pipeline.errors import ConfigError
 
+from .args import PATCHING as SCHEMES
 from .layers import as_is
 
-SCHEMES = ("fixed", "space", "entropy")
 # bytes the entropy model sees before each position, its embedding width and hidden width
 ENTROPY_WINDOW = 8
 ENTROPY_DIM = 32

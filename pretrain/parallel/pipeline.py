@@ -37,6 +37,7 @@ from ..engine import ds_seams
 from ..train.config import validate_world
 from ..train.dry_run import pipeline_layer_costs
 from ..model.layers import Attention
+from ..model.patching import PatchLayout
 from ..model.terrabyte import TerraByte
 
 if TYPE_CHECKING:
@@ -152,13 +153,13 @@ class _PipeLayer(nn.Module):
         _hold(self, model_part(source.model, names))
 
 
-def _whole_sequences(model: TerraByte, x: Tensor, layout: str) -> Tensor:
-    """The patches of x (b, context_length) for a layout that splits fixed sequences (the pipeline's
-    activations, a sequence-parallel rank's range)."""
+def _whole_sequences(model: TerraByte, x: Tensor, layout: str, multiple: int = 1):
+    """The ``patches`` layout of x (b, context_length) for a layout that splits whole sequences (the
+    pipeline's activations, a sequence-parallel rank's range), P a multiple of ``multiple``."""
     if x.ndim != 2 or x.shape[1] != model.context_length:
         raise ConfigError(f"{layout} input has shape {tuple(x.shape)}; it takes whole sequences "
                           f"(batch, {model.context_length})")
-    return model.patches(x)
+    return model.patches(x, multiple=multiple)
 
 
 class EmbedLayer(_PipeLayer):
@@ -168,7 +169,7 @@ class EmbedLayer(_PipeLayer):
         super().__init__(source, ["stages.0.embed", "stages.0.start_token"])
 
     def forward(self, ids: Tensor):
-        units = _whole_sequences(self.model, ids, "pipeline")
+        units = _whole_sequences(self.model, ids, "pipeline").units  # fixed patches (see train/config.py)
         return self.model.embed_patches(units, 0, units.shape[1]), units
 
 
@@ -197,7 +198,7 @@ class LowerLayer(_PipeLayer):
 
     def forward(self, inputs):
         x, units = inputs
-        return self.model.lower(self.model.stages[0].norm(x), units, 0, "sum")
+        return self.model.lower(self.model.stages[0].norm(x), PatchLayout(units), 0, "sum")
 
 
 class PipelineLoss:
@@ -408,13 +409,20 @@ class SequenceParallel(nn.Module):
                               f"return_loss={return_loss!r}: no rank holds the whole sequence's logits; run the "
                               f"plain model (e.g. the exported one) for them")
         model = self.model
-        units = _whole_sequences(model, x.reshape(x.shape[0], -1), "sequence-parallel")
-        per = units.shape[1] // self.sp_size
+        ids = x.reshape(x.shape[0], -1)
+        # every rank has the same rows, so the same layout: P (data-dependent where patches follow the
+        # data) is the same on every rank, rounded up to split evenly
+        layout = _whole_sequences(model, ids, "sequence-parallel", multiple=self.sp_size)
+        per = layout.patches // self.sp_size
         p0 = self.sp_rank * per
-        nats = model.forward_patches(units, p0, p0 + per, reduction="sum")
+        nats = model.forward_patches(layout, p0, p0 + per, reduction="sum")
         if return_loss == "sum":
             return self._sum_over_group(nats)
-        scored = (units != model.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
+        # the entropy model's auxiliary gradient over this rank's share of the bytes
+        n = ids.shape[1]
+        aux = model.patcher_loss(ids, self.sp_rank * n // self.sp_size, (self.sp_rank + 1) * n // self.sp_size)
+        nats = nats if aux is None else nats + aux
+        scored = (ids != model.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
         return nats * self.sp_size / scored
 
     def _sum_over_group(self, value: Tensor) -> Tensor:

@@ -143,7 +143,7 @@ def test_fixed_layout_is_todays_patches(msl, n):
     L, u1 = model.unit_sizes[0], model.unit_sizes[1]
     p = Patcher("fixed", L, u1, VOCAB, PAD, EOS)
     lay = layout(ids, p.starts(ids), L, u1, PAD)
-    units = model.patches(ids)
+    units = model.patches(ids).units
     assert torch.equal(lay.units, units)
     before, first = units_before(units, u1)
     before = before.view(3, -1, u1)
@@ -252,3 +252,121 @@ def test_candidate_next_matches_the_row_rule():
         cand = p.candidates(ids)
         for t in range(30):
             assert torch.equal(p.candidate_next(ids[:, :t]), cand[:, t]), (scheme, t)
+
+
+# ---------------------------------------------------------------- the model with each scheme
+
+MODEL_SHAPES = {(8, 4): 20, (6, 2, 2): 16}  # max_seq_len -> context_bytes for the dynamic schemes
+
+
+def scheme_model(scheme, msl=(8, 4), **kw):
+    stages = len(msl)
+    cfg = dict(num_tokens=256, dim=(32, 24, 16)[-stages:], depth=(2,) * stages, max_seq_len=msl, dim_head=8, heads=2,
+               patching=scheme)
+    if scheme != "fixed":
+        cfg["context_bytes"] = MODEL_SHAPES[msl]
+    if scheme == "entropy":
+        cfg["patch_threshold"] = 0.0  # a fresh entropy model's rises are small: cut at most of them
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return TerraByte(**cfg).eval()
+
+
+def model_rows(model, b=2, seed=1):
+    n = model.context_length
+    return torch.cat((code_row(n, b"x = f(a, b)  # y\n")[:, :n], random_bytes(b - 1, n, seed)))
+
+
+@pytest.mark.parametrize("msl", list(MODEL_SHAPES))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_model_is_causal_for_every_scheme(scheme, msl):
+    """Changing byte j changes no logit at positions <= j and no loss before j (the grouping, the
+    before-bytes and the scatter back never let a byte see a later one)."""
+    model = scheme_model(scheme, msl)
+    x = model_rows(model)
+    n = x.shape[1]
+    logits, nats = model(x), model(x, return_loss="none")
+    if scheme != "fixed":
+        starts = model.patcher.starts(x)
+        assert 1 < int(starts[0].sum()) < n and not torch.equal(starts[0], starts[1])  # varied patches
+    g = torch.Generator().manual_seed(5)
+    changed_later = 0
+    for j in range(n):
+        y = x.clone()
+        y[:, j] = torch.randint(0, 256, (2,), generator=g)
+        torch.testing.assert_close(model(y)[:, :j + 1], logits[:, :j + 1])
+        torch.testing.assert_close(model(y, return_loss="none")[:, :j], nats[:, :j])
+        changed_later += j + 1 < n and not torch.allclose(model(y)[:, j + 1:], logits[:, j + 1:])
+    assert changed_later == n - 1
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_model_losses_agree_and_rows_are_independent(scheme):
+    model = scheme_model(scheme)
+    x = model_rows(model, b=3)
+    x[2, -5:] = model.pad_id
+    nats, logits = model(x, return_loss="none"), model(x)
+    assert (nats[2, -5:] == 0).all()
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten(), ignore_index=model.pad_id,
+                                             reduction="none").view_as(nats)
+    torch.testing.assert_close(nats, want)
+    torch.testing.assert_close(model(x, return_loss="sum"), nats.sum())
+    torch.testing.assert_close(model(x, return_loss=True), nats.sum() / (x != model.pad_id).sum())
+    # a row's losses do not depend on the rows beside it (nor on how many patches they need)
+    for r in range(3):
+        torch.testing.assert_close(model(x[r:r + 1], return_loss="none")[0], nats[r])
+    # a prefix is scored as the start of the whole row
+    torch.testing.assert_close(model(x[:, :11], return_loss="none"), nats[:, :11])
+
+
+def test_entropy_auxiliary_loss_trains_only_the_entropy_model():
+    model = scheme_model("entropy")
+    x = model_rows(model)
+    with torch.no_grad():
+        plain = model(x, return_loss=True)
+    model.train()
+    loss = model(x, return_loss=True)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)  # the value is the main loss
+    assert 1 < model.patcher.last_bits_per_byte < 10
+    loss.backward()
+    train_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert all(train_grads[k].abs().sum() > 0 for k in train_grads if k.startswith("patcher."))
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    model(x, return_loss=True).backward()  # no auxiliary loss outside training
+    for k, p in model.named_parameters():
+        if k.startswith("patcher."):
+            assert p.grad is None, k
+        else:
+            torch.testing.assert_close(p.grad, train_grads[k])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_save_load_round_trip(scheme, tmp_path):
+    model = scheme_model(scheme)
+    if scheme == "entropy":
+        with torch.no_grad():
+            model.patcher.entropy_model.out.bias.add_(torch.linspace(-2, 2, model.vocab_size))
+    x = model_rows(model)
+    model.save_pretrained(tmp_path / "m")
+    loaded = TerraByte.from_pretrained(tmp_path / "m")
+    assert loaded.config["patching"] == scheme and loaded.patcher.scheme == scheme
+    assert loaded.context_length == model.context_length
+    assert torch.equal(loaded.patcher.starts(x), model.patcher.starts(x))
+    torch.testing.assert_close(loaded(x, return_loss="none"), model(x, return_loss="none"))
+    assert set(loaded.state_dict()) == set(model.state_dict())
+
+
+def test_patching_config_errors_are_one_line():
+    with pytest.raises(ConfigError, match=r"model.patching=space needs model.context_bytes .* below "
+                                          r"prod\(model.max_seq_len\)=32"):
+        TerraByte(max_seq_len=(8, 4), patching="space")
+    with pytest.raises(ConfigError, match="model.patching='words' must be one of fixed, space, entropy"):
+        TerraByte(max_seq_len=(8, 4), patching="words")
+    with pytest.raises(ConfigError, match="model.patch_threshold=1.0 applies to model.patching=entropy only"):
+        TerraByte(max_seq_len=(8, 4), patching="space", context_bytes=16, patch_threshold=1.0)
+    with pytest.raises(ConfigError, match="model.context_bytes=40 exceeds prod"):
+        TerraByte(max_seq_len=(8, 4), context_bytes=40)
+    model = scheme_model("space")
+    with pytest.raises(ConfigError, match="sequence length 21 exceeds the model context of 20 bytes"):
+        model(torch.zeros(1, 21, dtype=torch.long))
