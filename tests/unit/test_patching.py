@@ -370,3 +370,48 @@ def test_patching_config_errors_are_one_line():
     model = scheme_model("space")
     with pytest.raises(ConfigError, match="sequence length 21 exceeds the model context of 20 bytes"):
         model(torch.zeros(1, 21, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- cached decoding
+
+@pytest.mark.parametrize("msl", list(MODEL_SHAPES))
+@pytest.mark.parametrize("scheme", ["space", "entropy"])
+def test_cached_logits_equal_uncached(scheme, msl):
+    """Rows reaching patch boundaries at different bytes: every step's cached logits equal the
+    forward's, byte by byte from an empty cache and after a prompt prefilled in one go or in pieces."""
+    model = scheme_model(scheme, msl)
+    x = model_rows(model, b=3)
+    n = x.shape[1]
+    want = model(x)  # want[:, j] predicts byte j
+    cache = model.init_cache(3)
+    torch.testing.assert_close(model.forward_cached(x[:, :0], cache), want[:, 0], atol=1e-5, rtol=1e-5)
+    for j in range(n - 1):
+        got = model.forward_cached(x[:, j:j + 1], cache)
+        torch.testing.assert_close(got, want[:, j + 1], atol=1e-5, rtol=1e-5)
+    for prompt, piece in ((7, None), (12, 4)):
+        cache = model.init_cache(3, prefill_chunk_bytes=piece)
+        torch.testing.assert_close(model.forward_cached(x[:, :prompt], cache), want[:, prompt], atol=1e-5, rtol=1e-5)
+        for j in range(prompt, n - 1):
+            torch.testing.assert_close(model.forward_cached(x[:, j:j + 1], cache), want[:, j + 1], atol=1e-5,
+                                       rtol=1e-5)
+        # a second prompt piece after decoding continues the same stream
+        cache.reset()
+        model.forward_cached(x[:, :3], cache)
+        torch.testing.assert_close(model.forward_cached(x[:, 3:9], cache), want[:, 9], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["space", "entropy"])
+def test_generate_greedy_follows_the_uncached_model(scheme):
+    model = scheme_model(scheme)
+    prime = model_rows(model, b=2)[:, :6]
+    out = model.generate(prime, max_new_bytes=10, temperature=0.0, ignore_eos=True)
+    assert out.shape == (2, 16) and torch.equal(out[:, :6], prime)
+    for j in range(6, 16):
+        logits = model(torch.nn.functional.pad(out[:, :j], (0, 1)))[:, -1]
+        logits[:, [model.pad_id, model.bos_id]] = float("-inf")
+        assert torch.equal(out[:, j], logits.argmax(-1)), j
+    # the context fills up: generation stops at the model's context in bytes
+    full = model.generate(prime, temperature=0.0, ignore_eos=True)
+    assert full.shape[1] == model.context_length
+    assert model.generate(prime, max_new_bytes=40, temperature=0.0, ignore_eos=True,
+                          sliding_window=True).shape == (2, 46)
