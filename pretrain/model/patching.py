@@ -285,6 +285,8 @@ class Patcher(nn.Module):
         self.pad_id, self.eos_id = pad_id, eos_id
         self.threshold = ENTROPY_RISE_BITS if threshold is None else float(threshold)
         self.entropy_model = EntropyModel(vocab_size) if scheme == "entropy" else None
+        self.last_stats: dict = {}  # the last layout's patch_stats
+        self.last_bits_per_byte: Optional[float] = None  # the entropy model's last auxiliary loss
 
     @property
     def dynamic(self) -> bool:
@@ -334,7 +336,11 @@ class Patcher(nn.Module):
             return self.candidates(F.pad(recent, (0, 1), value=self.pad_id))[:, -1]
 
     def layout(self, ids: Tensor, multiple: int = 1, min_patches: int = 1) -> PatchLayout:
-        return layout(ids, self.starts(ids), self.max_len, self.before_len, self.pad_id, multiple, min_patches)
+        """ids (b, n) grouped by the scheme (see ``layout``); the grouping's ``patch_stats`` are kept
+        in ``last_stats`` for logging."""
+        starts = self.starts(ids)
+        self.last_stats = patch_stats(starts, ids, self.pad_id)
+        return layout(ids, starts, self.max_len, self.before_len, self.pad_id, multiple, min_patches)
 
     def aux_nats(self, ids: Tensor, lo: int = 0, hi: Optional[int] = None) -> Optional[Tensor]:
         """The entropy model's summed next-byte nats over bytes [lo, hi) (None without one)."""

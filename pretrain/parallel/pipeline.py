@@ -166,7 +166,7 @@ class EmbedLayer(_PipeLayer):
     """ids (b, n) -> (global-stage tokens (b, patches, dim0), patches (b, patches, patch))."""
 
     def __init__(self, source: _Source):
-        super().__init__(source, ["stages.0.embed", "stages.0.start_token"])
+        super().__init__(source, ["stages.0.embed", "stages.0.start_token", "patcher"])
 
     def forward(self, ids: Tensor):
         units = _whole_sequences(self.model, ids, "pipeline").units  # fixed patches (see train/config.py)

@@ -7,6 +7,7 @@ from terrabyte.pretrain.model.stage import units_before
 from terrabyte.pretrain.model.patching import (SCHEMES, EntropyModel, Patcher, cap_length, layout, patch_stats,
                                                space_candidates, space_like)
 from terrabyte.data_pipeline.errors import ConfigError
+from tests.unit.test_train import shards  # noqa: F401  (the fixture: a small learnable corpus)
 
 PAD, EOS = 256, 257
 VOCAB = 259
@@ -415,3 +416,31 @@ def test_generate_greedy_follows_the_uncached_model(scheme):
     assert full.shape[1] == model.context_length
     assert model.generate(prime, max_new_bytes=40, temperature=0.0, ignore_eos=True,
                           sliding_window=True).shape == (2, 46)
+
+
+# ---------------------------------------------------------------- trained and saved by Terrabyte's commands
+
+def test_entropy_run_trains_its_entropy_model_resumes_and_generates(tmp_path, shards):  # noqa: F811
+    """`terrabyte pretrain` with entropy patches: the entropy model learns (its auxiliary loss falls),
+    patch statistics are logged, a resumed run repeats the straight run's losses, and the exported
+    model (entropy model included) generates as the checkpoint does."""
+    from tests.unit.test_train import TINY, generate_greedy, run_cli, scalars
+
+    common = ["--config", "tiny", "--data.path", str(shards), *TINY, "--model.max_seq_len", "64,4",
+              "--model.context_bytes", "128", "--model.patching", "entropy", "--train.eval_interval", "4",
+              "--checkpoint.interval", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_cli([*common, "--run.dir", str(straight), "--train.steps", "8"])
+    aux = scalars(straight, "patch/entropy_model_bits_per_byte")
+    assert sorted(aux) == list(range(1, 9)) and aux[8] < aux[1] - 0.5
+    mean = scalars(straight, "patch/mean_patch_bytes")
+    assert all(1 <= v <= 4 for v in mean.values())
+    rate = scalars(straight, "patch/boundary_rate")
+    assert rate[8] == pytest.approx(1 / mean[8], rel=1e-5)
+    run_cli([*common, "--run.dir", str(split), "--train.steps", "4"])
+    run_cli([*common, "--run.dir", str(split), "--train.steps", "8"])
+    loss, resumed = scalars(straight, "train/loss"), scalars(split, "train/loss")
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(loss[step], rel=1e-6, abs=1e-7), step
+    outs = [generate_greedy(source, "def ") for source in (straight / "model.safetensors", straight / "checkpoints")]
+    assert outs[0] == outs[1] and outs[0].startswith(b"def ")
