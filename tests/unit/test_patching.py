@@ -7,18 +7,11 @@ from terrabyte.pretrain.model.stage import units_before
 from terrabyte.pretrain.model.patching import (SCHEMES, EntropyModel, Patcher, cap_length, layout, patch_stats,
                                                space_candidates, space_like)
 from terrabyte.data_pipeline.errors import ConfigError
+from tests.unit.test_model import one_thread  # noqa: F401  (autouse: tiny shapes on one thread)
 from tests.unit.test_train import shards  # noqa: F401  (the fixture: a small learnable corpus)
 
 PAD, EOS = 256, 257
 VOCAB = 259
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def text_ids(*rows: bytes) -> torch.Tensor:
