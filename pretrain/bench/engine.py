@@ -19,7 +19,7 @@ against the fp32 model's bytes.
 
 ``--gpu``: on one CUDA device, the MFU of slices of ``small`` and ``1b`` (their widths, fewer
 global blocks; ``GPU_SLICES``) under ZeRO-3 in bf16, a few steps each: model FLOPs per second
-(``estimate.flops_per_byte``, the trainer's count) over the device's peak (``metrics.PEAK_TFLOPS``).
+(``dry_run.flops_per_byte``, the trainer's count) over the device's peak (``metrics.PEAK_TFLOPS``).
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _overrides(args) -> list[str]:
 
 def _setup(config: str, overrides: list[str]):
     from ..engine import engine as eng
-    from ..parallel.pipeline import plan_layout
+    from ..parallel.layout import plan_layout
     from ..train.trainer import setup_logging
 
     rank, world = eng.init_distributed()
@@ -288,7 +288,7 @@ def gpu_slice(name: str, steps: int, warmup: int, zero: int = 3, slices: dict = 
     from ..engine import engine as eng
     from ..train.dry_run import flops_per_byte, meta_model
     from ..train.metrics import peak_tflops
-    from ..parallel.pipeline import plan_layout
+    from ..parallel.layout import plan_layout
 
     config, overrides = slices[name]
     on_gpu = torch.cuda.is_available() and slices is GPU_SLICES

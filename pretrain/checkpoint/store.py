@@ -35,7 +35,8 @@ from . import earlier_formats
 from ..engine import ds_seams
 from ..train.config import Config
 from ..engine.engine import all_gather_objects, barrier, is_pipeline, layout_of, on_rank0
-from ..parallel.pipeline import Layout, pipeline_key
+from ..parallel.layout import Layout
+from ..parallel.pipeline import pipeline_key
 
 log = logging.getLogger(__name__)
 

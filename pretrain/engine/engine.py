@@ -26,8 +26,10 @@ from terrabyte.data_pipeline.system import free_port
 from . import ds_seams
 from ..train.config import Config
 from ..model.terrabyte import TerraByte
-from ..parallel.pipeline import (Layout, SequenceParallel, autotp_config, pipeline_module, sequence_parallel_group,
-                                 shard_attention_heads)
+from ..parallel.layout import Layout
+from ..parallel.pipeline import pipeline_module
+from ..parallel.sequence import SequenceParallel, sequence_parallel_group
+from ..parallel.tensor import autotp_config, shard_attention_heads
 
 log = logging.getLogger(__name__)
 

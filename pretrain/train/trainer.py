@@ -25,7 +25,7 @@ from .config import Config, load_config
 from .dry_run import check_fits, flops_per_byte, meta_model
 from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
 from ..model.terrabyte import TerraByte
-from ..parallel.pipeline import plan_layout
+from ..parallel.layout import plan_layout
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def _build_rank(rank: int, port: int, out: str, source: str) -> None:
 
     from terrabyte.pretrain.engine import engine as eng
     from terrabyte.pretrain.train.config import load_config
-    from terrabyte.pretrain.parallel.pipeline import plan_layout
+    from terrabyte.pretrain.parallel.layout import plan_layout
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

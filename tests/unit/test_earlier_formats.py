@@ -59,7 +59,7 @@ def test_checkpoint_without_layout_json_warns(tmp_path, caplog):
 
 def test_resume_without_model_config_json_warns(tmp_path, caplog):
     from terrabyte.pretrain.train.config import load_config
-    from terrabyte.pretrain.parallel.pipeline import plan_layout
+    from terrabyte.pretrain.parallel.layout import plan_layout
 
     cfg = load_config("tiny")
     layout = plan_layout(cfg, 1, 0)
