@@ -19,7 +19,8 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.system import atomic_write
 
-from ..checkpoint.store import TRUST_FLAG, load_state, resolve_model_source, save_safetensors
+from ..checkpoint.universal import TRUST_FLAG
+from ..checkpoint.weights import load_state, resolve_model_source, save_safetensors
 from ..model.terrabyte import TerraByte
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,8 @@ from terrabyte.data_pipeline.batch import ByteBatch
 from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteError
 
 from ..checkpoint import store as ckpt
+from ..checkpoint.resume import load as load_checkpoint, plan_resume
+from ..checkpoint.weights import WEIGHTS_FILE, export_safetensors, full_state_dict
 from ..engine import engine as eng
 from .config import Config, load_config
 from .dry_run import check_fits, flops_per_byte, meta_model
@@ -113,7 +115,7 @@ class Trainer:
         self.flops_per_byte = sum(flops_per_byte(meta, cfg))
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
         self.vocab = model.vocab
-        self.resume = ckpt.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
+        self.resume = plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
         self.initialised = self._init_from(model)
         self.engine = eng.wrap(model, cfg, self.layout, universal=bool(self.resume and self.resume.universal))
         del model  # a pipeline stage keeps only its own layers
@@ -196,7 +198,7 @@ class Trainer:
         return True
 
     def _resume(self) -> None:
-        state = ckpt.load(self.engine, self.resume)
+        state = load_checkpoint(self.engine, self.resume)
         if state is None:
             log.info("fresh run in %s", self.run_dir)
             return
@@ -271,7 +273,7 @@ class Trainer:
             return None
         text = None
         # a plain copy on rank 0: generation runs on one rank, which sharded modules cannot do alone
-        state = ckpt.full_state_dict(self.engine)
+        state = full_state_dict(self.engine)
         if self.rank == 0:
             model = TerraByte(**self.model_config)
             model.load_state_dict(state)
@@ -396,8 +398,8 @@ class Trainer:
                     self.save()
         bar.close()
         if cfg.checkpoint.export:
-            ckpt.export_safetensors(self.engine, self.run_dir / ckpt.WEIGHTS_FILE, self.model_config, self.step)
-            log.info("exported %s", self.run_dir / ckpt.WEIGHTS_FILE)
+            export_safetensors(self.engine, self.run_dir / WEIGHTS_FILE, self.model_config, self.step)
+            log.info("exported %s", self.run_dir / WEIGHTS_FILE)
         self.metrics.close()
         if last_val is not None:
             log.info("done: %d steps, validation bits-per-byte %.4f", self.step, last_val)

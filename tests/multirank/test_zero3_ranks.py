@@ -84,7 +84,7 @@ def test_export_matches_checkpoint_and_generates(runs):
     import torch
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     straight = runs["straight"]
     exported = load_file(str(straight / "model.safetensors"))
@@ -108,7 +108,7 @@ def test_bf16_two_ranks_match_one(tmp_path, shards):
     import torch
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     one, two = tmp_path / "one", tmp_path / "two"
     launch(one, shards, 1, "--train.precision", "bf16")

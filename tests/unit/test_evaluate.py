@@ -7,7 +7,7 @@ import torch
 
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.eval.bits_per_byte import byte_log_probs, documents, evaluate, windows
-from terrabyte.pretrain.checkpoint.store import save_safetensors
+from terrabyte.pretrain.checkpoint.weights import save_safetensors
 from terrabyte.data_pipeline.errors import ConfigError
 
 CONFIG = dict(num_tokens=256, dim=(32, 16), depth=(1, 1), max_seq_len=(8, 4), dim_head=8, heads=2)

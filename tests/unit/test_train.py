@@ -128,7 +128,7 @@ def test_export_matches_checkpoint(tmp_path, shards):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     config, state = load_state(run)
     exported = load_file(str(out))
