@@ -126,8 +126,8 @@ def test_latest_must_name_a_folder_directly_inside_checkpoints(tmp_path, target)
     (tmp_path / "elsewhere").mkdir()
     (root / "link").symlink_to(tmp_path / "elsewhere")
     (root / "latest").write_text(target)
-    for read in (lambda: ckpt.choose_checkpoint(root, fallback=True), lambda: ckpt_weights.resolve_model_source(root.parent),
-                 lambda: save(root, 4)):
+    for read in (lambda: ckpt.choose_checkpoint(root, fallback=True),
+                 lambda: ckpt_weights.resolve_model_source(root.parent), lambda: save(root, 4)):
         with pytest.raises(CheckpointError, match=r"latest names .*: it must name a folder directly inside"):
             read()
     (root / "latest").unlink()
