@@ -8,7 +8,7 @@ bytes over that time) and peak host memory (the process's ``VmHWM``: interpreter
 model, optimizer state and the steps; and that peak less the RSS before the build), each also as a
 ratio to the one-rank run. Every layout runs
 in its own processes (``torchrun``; one rank: a plain process), glibc's mmap threshold pinned so
-that RSS follows live memory (``bench_model.MALLOC_ENV``); batches are random bytes, the same on
+that RSS follows live memory (``common.MALLOC_ENV``); batches are random bytes, the same on
 the ranks of a replica.
 
 Then ``--build`` (default ``1b``): the model built, nothing else, by one rank (the plain, unsharded
@@ -42,11 +42,10 @@ from terrabyte.data_pipeline.system import describe_machine, free_port
 
 from ..train.config import load_config
 from ..engine.ds_seams import held_numel
-from .model import MALLOC_ENV, status_bytes
+from .common import GB, MALLOC_ENV, status_bytes
 
 log = logging.getLogger(__name__)
 
-GB = 1e9
 # The default config: tiny at the multi-rank tests' sizes, a global batch of 4 sequences of 2 KiB.
 SMALL = ["--model.dim", "128,64", "--model.depth", "4,2", "--model.max_seq_len", "256,8", "--model.dim_head", "32",
          "--model.heads", "4", "--train.micro_batch", "2", "--train.global_batch", "4"]
