@@ -110,7 +110,7 @@ class Contender:
     optimizer: torch.optim.Optimizer = None
     scheduler: object = None
     seconds: float = 0.0  # training time, evaluation excluded
-    flops_per_step: int = 0  # forward + backward of one training step (bench_baselines.train_step_flops)
+    flops_per_step: int = 0  # forward + backward of one training step (baselines.train_step_flops)
     curve: list = field(default_factory=list)  # (step, seconds so far, train loss, val bpb or None)
 
     def __post_init__(self):
