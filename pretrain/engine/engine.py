@@ -258,7 +258,7 @@ def extras(engine) -> Extras:
     try:
         return _EXTRAS[engine]
     except KeyError:
-        raise RuntimeError("this DeepSpeed engine was not built by terrabyte.pretrain.engine.wrap") from None
+        raise RuntimeError("this DeepSpeed engine was not built by terrabyte.pretrain.engine.engine.wrap") from None
 
 
 def layout_of(engine) -> Layout:
