@@ -6,15 +6,18 @@ under ``terrabyte``. Works for ``pip install .`` and ``pip install -e .``.
 """
 import platform
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ["pretrain", "kernels", "data_pipeline", "launch", "configs"]
+# each top folder with the packages inside it (pretrain.model, ...), mapped under terrabyte
+PACKAGES = [f"terrabyte.{top}" + (f".{sub}" if sub else "")
+            for top in SUBPACKAGES for sub in ["", *find_packages(where=top)]]
 
 install_requires = [
     # torch is not pinned here on purpose: a GPU user keeps the build they already have, and on a
     # CPU-only machine the README/CI install the CPU wheel (torch==2.13.0) before this package.
     "torch>=2.4",
-    # the private DeepSpeed APIs pretrain/ds_seams.py uses were checked (tests/unit/test_ds_seams.py) on 0.19
+    # the private DeepSpeed APIs pretrain/engine/ds_seams.py uses were checked (tests/unit/test_ds_seams.py) on 0.19
     "deepspeed>=0.19.4,<0.20",
     "einops>=0.8",
     "webdataset>=1.0",
@@ -37,7 +40,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["terrabyte." + name for name in SUBPACKAGES],
+    packages=PACKAGES,
     package_dir={"terrabyte." + name: name for name in SUBPACKAGES},
     package_data={
         "terrabyte.configs": ["*.yaml"],

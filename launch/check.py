@@ -69,7 +69,7 @@ def ceilings(cpu: bool) -> dict:
     import torch
 
     from terrabyte.data_pipeline.system import describe_machine
-    from terrabyte.pretrain.metrics import peak_tflops
+    from terrabyte.pretrain.train.metrics import peak_tflops
 
     device = "cpu" if cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():

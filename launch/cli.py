@@ -22,17 +22,18 @@ log = logging.getLogger("terrabyte")
 
 # Subcommands whose flags are parsed by the module itself (the same flags as its per-rank entry).
 PASSTHROUGH = {
-    "pretrain": ("terrabyte.pretrain.trainer", "main", "pretrain a TerraByte model (see `terrabyte pretrain --help`)"),
+    "pretrain": ("terrabyte.pretrain.train.trainer", "main",
+                 "pretrain a TerraByte model (see `terrabyte pretrain --help`)"),
 }
 
 # name: (module, function adding its arguments to a parser, handler taking the parsed args -> exit code, help).
 # A subcommand's module is imported only when argv selects it: `terrabyte --help` imports none of them.
 COMMANDS = {
-    "generate": ("terrabyte.pretrain.inference", "add_generate_arguments", "run_generate",
+    "generate": ("terrabyte.pretrain.eval.generate_cli", "add_generate_arguments", "run_generate",
                  "sample bytes from a trained model"),
-    "eval": ("terrabyte.pretrain.evaluate", "add_arguments", "run",
+    "eval": ("terrabyte.pretrain.eval.bits_per_byte", "add_arguments", "run",
              "bits-per-byte of a trained model on shards or files, or lm-evaluation-harness tasks (--tasks)"),
-    "export": ("terrabyte.pretrain.inference", "add_export_arguments", "run_export",
+    "export": ("terrabyte.pretrain.eval.generate_cli", "add_export_arguments", "run_export",
                "write a run's model as one safetensors file"),
     "launch": ("terrabyte.launch.launchers", "add_arguments", "run",
                "print or run the deepspeed/torchrun/mpirun command for N nodes"),
@@ -42,12 +43,12 @@ COMMANDS = {
 
 # `terrabyte bench WHAT`: (module, help) of modules exposing add_arguments(parser) and run(args) -> int.
 BENCHES = {
-    "model": ("terrabyte.pretrain.bench_model", "training and generation speed vs megabyte-pytorch"),
+    "model": ("terrabyte.pretrain.bench.model", "training and generation speed vs megabyte-pytorch"),
     "attention": ("terrabyte.kernels.bench", "sparse attention kernels vs FlexAttention and dense SDPA"),
     "data": ("terrabyte.data_pipeline.bench", "shard builder and loader throughput vs plain zstd"),
-    "quality": ("terrabyte.pretrain.bench_quality", "bits per byte at equal steps and equal time vs megabyte-pytorch"),
-    "context": ("terrabyte.pretrain.bench_context", "training step time and peak RSS from 8 KiB to 16 MiB contexts vs megabyte-pytorch"),
-    "engine": ("terrabyte.pretrain.bench_engine", "the parallel layouts on 2 CPU ranks against one; the model's build memory; MFU on a GPU"),
+    "quality": ("terrabyte.pretrain.bench.quality", "bits per byte at equal steps and equal time vs megabyte-pytorch"),
+    "context": ("terrabyte.pretrain.bench.context", "training step time and peak RSS from 8 KiB to 16 MiB contexts vs megabyte-pytorch"),
+    "engine": ("terrabyte.pretrain.bench.engine", "the parallel layouts on 2 CPU ranks against one; the model's build memory; MFU on a GPU"),
 }
 
 
@@ -74,14 +75,14 @@ def _words(argv: list[str], count: int) -> list[str]:
 
 
 def _eval(args) -> int:
-    """``terrabyte eval``: bits per byte of --data (pretrain/evaluate.py), or --tasks through
-    lm-evaluation-harness (pretrain/harness.py, which needs the optional `eval` extra)."""
+    """``terrabyte eval``: bits per byte of --data (pretrain/eval/bits_per_byte.py), or --tasks through
+    lm-evaluation-harness (pretrain/eval/harness.py, which needs the optional `eval` extra)."""
     if not getattr(args, "tasks", None):
-        from terrabyte.pretrain.evaluate import run
+        from terrabyte.pretrain.eval.bits_per_byte import run
 
         return run(args)
     try:
-        from terrabyte.pretrain.harness import run_cli
+        from terrabyte.pretrain.eval.harness import run_cli
     except ImportError as exc:
         raise ConfigError(f"--tasks needs lm-evaluation-harness ({exc}): pip install 'terrabyte[eval]'") from None
     return run_cli(args)

@@ -42,7 +42,7 @@ MAX_SIGNAL_SECONDS = 65535
 # Rendezvous port: PORT_BASE + job id % PORT_RANGE, clear of the ephemeral range (32768+).
 PORT_BASE = 12000
 PORT_RANGE = 20000
-# The trainer's exit code after a checkpointed stop (terrabyte.pretrain.trainer.EXIT_PREEMPTED);
+# The trainer's exit code after a checkpointed stop (terrabyte.pretrain.train.trainer.EXIT_PREEMPTED);
 # kept literal so that rendering a script does not import torch.
 EXIT_PREEMPTED = 75
 
@@ -337,7 +337,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 def check_config(spec: JobSpec) -> None:
     """Load the config with the overrides here, so a typo stops before the job waits in the queue."""
-    from terrabyte.pretrain.args import load_config
+    from terrabyte.pretrain.train.config import load_config
 
     load_config(spec.config, ["--run.dir", spec.run_dir] + spec.overrides)
 

@@ -2,7 +2,7 @@
 import sys
 
 from terrabyte.data_pipeline.errors import run_guarded
-from terrabyte.pretrain.trainer import main
+from .train.trainer import main
 
 if __name__ == "__main__":
     sys.exit(run_guarded(main, sys.argv[1:]))

@@ -84,7 +84,7 @@ def test_export_matches_checkpoint_and_generates(runs):
     import torch
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     straight = runs["straight"]
     exported = load_file(str(straight / "model.safetensors"))
@@ -108,7 +108,7 @@ def test_bf16_two_ranks_match_one(tmp_path, shards):
     import torch
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     one, two = tmp_path / "one", tmp_path / "two"
     launch(one, shards, 1, "--train.precision", "bf16")
@@ -130,9 +130,9 @@ def _build_rank(rank: int, port: int, out: str, source: str) -> None:
     import deepspeed
     import torch
 
-    from terrabyte.pretrain import engine as eng
-    from terrabyte.pretrain.args import load_config
-    from terrabyte.pretrain.parallel import plan_layout
+    from terrabyte.pretrain.engine import engine as eng
+    from terrabyte.pretrain.train.config import load_config
+    from terrabyte.pretrain.parallel.layout import plan_layout
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -150,7 +150,7 @@ def _build_rank(rank: int, port: int, out: str, source: str) -> None:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result[precision] = {"state": state, "held": held, "after": after}
         if precision == "fp32":
-            from terrabyte.pretrain.pretrained import init_from
+            from terrabyte.pretrain.checkpoint.pretrained import init_from
 
             init_from(model, source)
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
@@ -173,8 +173,8 @@ def test_partitioned_build_matches_one_rank(tmp_path):
     import torch.multiprocessing as mp
 
     from terrabyte.data_pipeline.system import free_port
-    from terrabyte.pretrain.args import load_config
-    from terrabyte.pretrain.model import TerraByte
+    from terrabyte.pretrain.train.config import load_config
+    from terrabyte.pretrain.model.terrabyte import TerraByte
 
     out, source = tmp_path / "gathered.pt", tmp_path / "trained"
     cfg = load_config("tiny", BUILD)

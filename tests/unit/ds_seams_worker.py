@@ -1,5 +1,5 @@
 """``python tests/unit/ds_seams_worker.py OUT.json``: real DeepSpeed engines in a world of one (gloo,
-CPU), each seam of ``terrabyte.pretrain.ds_seams`` used on them and what it returned written to
+CPU), each seam of ``terrabyte.pretrain.engine.ds_seams`` used on them and what it returned written to
 OUT.json for test_ds_seams.py. A process of its own: the test process never joins a process group."""
 import json
 import sys
@@ -23,8 +23,8 @@ def main(out_path: str) -> None:
     import deepspeed
     from deepspeed.pipe import LayerSpec
 
-    from terrabyte.pretrain import ds_seams
-    from terrabyte.pretrain.engine import init_distributed
+    from terrabyte.pretrain.engine import ds_seams
+    from terrabyte.pretrain.engine.engine import init_distributed
 
     init_distributed()
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import time
 
 
 def main() -> None:
-    from terrabyte.pretrain import checkpoint
+    from terrabyte.pretrain.checkpoint import store as checkpoint
 
     step, args = int(sys.argv[1]), sys.argv[2:]
     publish = checkpoint.publish

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.pretrain import bench_engine as be
+from terrabyte.pretrain.bench import engine as be
 
 SIZES = ["--model.dim", "32,16", "--model.depth", "1,1", "--model.max_seq_len", "16,4", "--model.dim_head", "8",
          "--model.heads", "2", "--train.micro_batch", "2", "--train.global_batch", "2"]

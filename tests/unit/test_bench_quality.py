@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from terrabyte.pretrain import bench_quality as bq
+from terrabyte.pretrain.bench import quality as bq
 from tests.unit.test_train import shards  # noqa: F401  (the fixture: a small learnable corpus)
 
 SMALL = ["--model.dim", "32,16", "--model.depth", "1,1", "--model.max_seq_len", "16,4", "--model.dim_head", "8",
@@ -71,7 +71,7 @@ def test_merge_prints_one_table_of_both_runs(tmp_path, shards, capsys, monkeypat
 
 def test_same_seed_same_numbers(tmp_path, shards, monkeypatch):
     monkeypatch.setattr(bq, "megabyte_class", lambda: None)
-    cfg = bq._with(bq.load_config("tiny", ["--data.path", str(shards), *SMALL]), train={"steps": 2})
+    cfg = bq.with_sections(bq.load_config("tiny", ["--data.path", str(shards), *SMALL]), train={"steps": 2})
     val = bq.validation_batches(cfg, str(shards))
     first = bq.run_seed(cfg, str(shards), 3, bq.Baselines(), eval_interval=1, val=val)
     second = bq.run_seed(cfg, str(shards), 3, bq.Baselines(), eval_interval=1, val=val)
@@ -117,7 +117,7 @@ def test_flat_and_bpe_baselines_at_equal_steps_time_and_flops(tmp_path, shards, 
 
 def test_bpe_tokens_are_lossless_and_scored_over_the_same_bytes():
     from terrabyte.data_pipeline.vocab import BYTES
-    from terrabyte.pretrain.bench_baselines import BytePairTokens
+    from terrabyte.pretrain.bench.baselines import BytePairTokens
 
     rng = torch.Generator().manual_seed(0)
     docs = [bytes(torch.randint(0, 256, (int(n),), generator=rng).tolist()) for n in torch.randint(1, 40, (30,), generator=rng)]
@@ -134,7 +134,7 @@ def test_bpe_tokens_are_lossless_and_scored_over_the_same_bytes():
 
 
 def test_flop_count_is_three_forward_matmuls():
-    from terrabyte.pretrain.bench_baselines import TokenGPT, train_step_flops
+    from terrabyte.pretrain.bench.baselines import TokenGPT, train_step_flops
 
     b, n, dim, depth, vocab = 2, 12, 32, 2, 256
     model = TokenGPT(num_tokens=vocab, dim=dim, depth=depth, max_len=n, dim_head=16)

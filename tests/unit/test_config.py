@@ -1,6 +1,6 @@
 import pytest
 
-from terrabyte.pretrain.args import available_configs, load_config, validate_world
+from terrabyte.pretrain.train.config import available_configs, load_config, validate_world
 
 
 def test_tiny_loads_with_overrides():
@@ -69,7 +69,7 @@ def test_world_size_divides_batch():
 
 
 def test_dry_run_counts_without_allocating():
-    from terrabyte.pretrain.estimate import describe, meta_model, stage_parameters
+    from terrabyte.pretrain.train.dry_run import describe, meta_model, stage_parameters
 
     cfg = load_config("1b")
     model = meta_model(cfg)
@@ -84,8 +84,8 @@ def test_dry_run_counts_without_allocating():
 
 
 def test_decode_cache_estimate_is_what_generation_allocates():
-    from terrabyte.pretrain.estimate import decode_cache_bytes
-    from terrabyte.pretrain.model import TerraByte
+    from terrabyte.pretrain.train.dry_run import decode_cache_bytes
+    from terrabyte.pretrain.model.terrabyte import TerraByte
 
     model = TerraByte(num_tokens=256, dim=(32, 24, 16), depth=(2, 1, 3), max_seq_len=(6, 4, 2), dim_head=8,
                       heads=(4, 2, 2))
@@ -96,10 +96,9 @@ def test_decode_cache_estimate_is_what_generation_allocates():
 def test_dry_run_memory_names_the_chunk_that_fits():
     """long_1g fits one 141 GB GPU; on less memory the estimate names the largest chunk that fits, or
     says that none does; the same line stops a run at start-up."""
-    from terrabyte.pretrain.estimate import (activation_bytes, chunk_activation_bytes, describe,
-                                             global_activation_bytes, global_backward_bytes, largest_chunk,
-                                             memory_verdict, meta_model,
-                                             model_state_bytes)
+    from terrabyte.pretrain.train.dry_run import (activation_bytes, chunk_activation_bytes, describe,
+                                                  global_activation_bytes, global_backward_bytes, largest_chunk,
+                                                  memory_verdict, meta_model, model_state_bytes)
 
     cfg = load_config("long_1g")
     model = meta_model(cfg)
@@ -182,7 +181,7 @@ def test_random_overrides_give_a_config_or_one_line():
     from hypothesis import strategies as st
 
     from terrabyte.data_pipeline.errors import ConfigError
-    from terrabyte.pretrain.args import Config
+    from terrabyte.pretrain.train.config import Config
 
     keys = [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
             for f in dataclasses.fields(section.default_factory())]

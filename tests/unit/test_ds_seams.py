@@ -1,4 +1,4 @@
-"""Each seam of ``terrabyte.pretrain.ds_seams`` against the DeepSpeed (and torch) installed: the
+"""Each seam of ``terrabyte.pretrain.engine.ds_seams`` against the DeepSpeed (and torch) installed: the
 private method, attribute or helper it relies on is there with the signature it calls, and where
 it is cheap, it does what the seam says on real engines (one subprocess, a world of one on CPU:
 ds_seams_worker.py). A DeepSpeed release that changes one of them fails here, by name, before a run
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from terrabyte.pretrain import ds_seams
+from terrabyte.pretrain.engine import ds_seams
 
 WORKER = Path(__file__).with_name("ds_seams_worker.py")
 

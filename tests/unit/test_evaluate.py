@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from terrabyte.pretrain import TerraByte
-from terrabyte.pretrain.evaluate import byte_log_probs, documents, evaluate, windows
-from terrabyte.pretrain.checkpoint import save_safetensors
+from terrabyte.pretrain.eval.bits_per_byte import byte_log_probs, documents, evaluate, windows
+from terrabyte.pretrain.checkpoint.weights import save_safetensors
 from terrabyte.data_pipeline.errors import ConfigError
 
 CONFIG = dict(num_tokens=256, dim=(32, 16), depth=(1, 1), max_seq_len=(8, 4), dim_head=8, heads=2)
@@ -101,7 +101,7 @@ def test_shards_and_files_give_the_same_number(tmp_path, model):
 def test_full_context_scores_by_position_and_bounds_the_window(model, monkeypatch):
     """``--context full``: a document up to the model's context is one window; the by-position
     buckets split the same nats; a smaller --context only ever gives positions below it."""
-    from terrabyte.pretrain import evaluate as ev
+    from terrabyte.pretrain.eval import bits_per_byte as ev
 
     monkeypatch.setattr(ev, "FIRST_BUCKET", 4)  # buckets [0, 4), [4, 32) for a 32-byte context
     doc = bytes(torch.randint(0, 256, (75,), generator=torch.Generator().manual_seed(3)).tolist())

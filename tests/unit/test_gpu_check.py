@@ -32,7 +32,7 @@ def test_every_python_m_module_of_the_check_has_an_entry_point():
         assert callable(getattr(module, "main", None)), f"{name} has no main()"
         assert 'if __name__ == "__main__":' in Path(module.__file__).read_text(), f"{name} has no __main__ block"
     # the module the issue found empty: run as a program it must parse its flags, not exit 0 silently
-    from terrabyte.pretrain import bench_context
+    from terrabyte.pretrain.bench import context as bench_context
 
     with pytest.raises(SystemExit) as stop:
         bench_context.main(["--help"])

@@ -12,8 +12,8 @@ from lm_eval.api.instance import Instance
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.launch.cli import main as cli
 from terrabyte.pretrain import TerraByte
-from terrabyte.pretrain.evaluate import byte_log_probs, evaluate
-from terrabyte.pretrain.harness import TerraByteLM, task_manager
+from terrabyte.pretrain.eval.bits_per_byte import byte_log_probs, evaluate
+from terrabyte.pretrain.eval.harness import TerraByteLM, task_manager
 
 TASKS = Path(__file__).resolve().parents[1] / "data" / "lm_eval"
 DOCS = [json.loads(line) for line in (TASKS / "docs.jsonl").read_text().splitlines()]

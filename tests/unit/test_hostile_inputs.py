@@ -135,8 +135,8 @@ def test_a_small_tar_gz_holding_a_large_file_builds_in_bounded_memory(tmp_path):
 
 
 def test_pipe_data_paths_need_allow_pipe(tmp_path):
-    from terrabyte.pretrain.args import load_config
-    from terrabyte.pretrain.trainer import resolve_data
+    from terrabyte.pretrain.train.config import load_config
+    from terrabyte.pretrain.train.trainer import resolve_data
 
     path = f"pipe:cat {tmp_path}/{{}}"
     with pytest.raises(ConfigError, match="runs a shell command: set --data.allow_pipe true"):

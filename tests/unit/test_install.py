@@ -24,10 +24,14 @@ def test_non_editable_install_layout(tmp_path):
     subpackages = {p.name for p in (target / "terrabyte").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert {"pretrain", "kernels", "data_pipeline", "launch", "configs"} <= subpackages
     assert (target / "terrabyte" / "configs" / "tiny.yaml").is_file()
-    assert (target / "terrabyte" / "pretrain" / "model.py").is_file()
+    assert (target / "terrabyte" / "pretrain" / "model" / "terrabyte.py").is_file()
+    # every package inside a top folder is installed too (pretrain.model, pretrain.decode, ...)
+    inner = {p.parent.relative_to(REPO) for top in ("pretrain", "kernels", "data_pipeline", "launch")
+             for p in (REPO / top).rglob("__init__.py")}
+    assert inner and all((target / "terrabyte" / folder / "__init__.py").is_file() for folder in inner), inner
     # the installed copy (not the checkout) imports and finds its configs
     code = (
-        "import terrabyte.pretrain as p, terrabyte.pretrain.args as a; "
+        "import terrabyte.pretrain as p, terrabyte.pretrain.train.config as a; "
         "assert p.__file__.startswith(%r), p.__file__; print(a.available_configs())" % str(target)
     )
     env = dict(os.environ, PYTHONPATH=str(target))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.pretrain.model import MAX_KERNEL_BATCH, TerraByte, chunk_plan, cross_entropy
+from terrabyte.pretrain.model.stage import chunk_plan, cross_entropy
+from terrabyte.pretrain.model.terrabyte import MAX_KERNEL_BATCH, TerraByte
 
 SPARSE = {"kind": "sparse", "pattern": {"local": 32, "dilated": [[64, 2]], "global_tokens": 2, "block": 16}}
 

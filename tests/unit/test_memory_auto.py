@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.pretrain import estimate
-from terrabyte.pretrain import model as model_module
-from terrabyte.pretrain.args import load_config
-from terrabyte.pretrain.model import TerraByte
+from terrabyte.pretrain.train import dry_run as estimate
+from terrabyte.pretrain.model import terrabyte as model_module
+from terrabyte.pretrain.train.config import load_config
+from terrabyte.pretrain.model.terrabyte import TerraByte
 
 SHAPE = dict(num_tokens=256, dim=(32, 16), depth=(2, 1), max_seq_len=(64, 8), dim_head=8, heads=2)
 

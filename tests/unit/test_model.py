@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from terrabyte.pretrain.model import TerraByte
+from terrabyte.pretrain.model.terrabyte import TerraByte
 
 NUM_TOKENS = 256
 
@@ -353,7 +353,7 @@ def test_generate_prompt_too_long_and_sliding_window():
 @pytest.mark.parametrize("n", [1, 4, 16, 40])
 def test_dense_attention_paths_match_sdpa(n):
     """Short CPU sequences take the math path, longer ones SDPA: both equal SDPA causal."""
-    from terrabyte.pretrain.model import DenseAttention, math_attention
+    from terrabyte.pretrain.model.layers import DenseAttention, math_attention
 
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(3, 2, n, 8, generator=g) for _ in range(3))
@@ -372,7 +372,7 @@ def test_flash_attn_flag_falls_back_silently_on_cpu():
 
 def top_k_filter(logits, filter_thres):
     """Keep the top (1 - filter_thres) fraction of logits by count (MEGABYTE-pytorch semantics)."""
-    from terrabyte.pretrain.decode import top_k_count
+    from terrabyte.pretrain.decode.sample import top_k_count
 
     kth = torch.topk(logits, top_k_count(logits.shape[-1], filter_thres), dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -426,7 +426,7 @@ def test_bench_quick_writes_table(tmp_path, capsys):
     """`terrabyte bench model --quick`: every row measured (positive numbers), table also in --out."""
     import argparse
 
-    from terrabyte.pretrain import bench_model
+    from terrabyte.pretrain.bench import model as bench_model
 
     parser = argparse.ArgumentParser()
     bench_model.add_arguments(parser)
@@ -444,7 +444,7 @@ def test_bench_quick_writes_table(tmp_path, capsys):
 
 
 def test_rotary_scores_depend_on_relative_position_only():
-    from terrabyte.pretrain.model import Rotary, apply_rotary
+    from terrabyte.pretrain.model.layers import Rotary, apply_rotary
 
     rot = Rotary(8, 32)
     g = torch.Generator().manual_seed(0)
@@ -479,7 +479,7 @@ def test_cast_model_keeps_its_rotary_table(dtype):
 
 
 def test_swiglu_function_matches_autograd():
-    from terrabyte.pretrain.model import SwiGLU
+    from terrabyte.pretrain.model.layers import SwiGLU
 
     g = torch.Generator().manual_seed(0)
     gate = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)

@@ -8,8 +8,8 @@ import torch
 
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.pretrain import TerraByte
-from terrabyte.pretrain.args import Config, load_config
-from terrabyte.pretrain.model_args import ModelArgs
+from terrabyte.pretrain.train.config import Config, load_config
+from terrabyte.pretrain.model.args import ModelArgs
 
 SMALL = dict(dim=(32, 16), depth=(1, 1), max_seq_len=(8, 4), dim_head=8, heads=2)
 

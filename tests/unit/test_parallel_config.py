@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
-from terrabyte.pretrain.args import load_config, validate_world
-from terrabyte.pretrain.parallel import (TP_COLUMN, TP_ROW, PipelineLoss, _Source, pipeline_key, pipeline_layers,
-                                         plan_layout, sequence_parallel_ranks)
+from terrabyte.pretrain.train.config import load_config, validate_world
+from terrabyte.pretrain.parallel.layout import plan_layout
+from terrabyte.pretrain.parallel.pipeline import PipelineLoss, _Source, pipeline_key, pipeline_layers
+from terrabyte.pretrain.parallel.sequence import sequence_parallel_ranks
+from terrabyte.pretrain.parallel.tensor import TP_COLUMN, TP_ROW
 
 SMALL = ["--model.dim", "64,32", "--model.depth", "2,1", "--model.max_seq_len", "32,4", "--model.dim_head", "16",
          "--model.heads", "4", "--train.micro_batch", "2", "--train.global_batch", "8"]
@@ -104,7 +106,7 @@ def test_ranks_are_placed_like_deepspeed_groups():
 
 def test_launcher_local_rank_flag(monkeypatch):
     """deepspeed passes --local_rank=N, torch --local-rank N: both reach LOCAL_RANK, which picks the device."""
-    from terrabyte.pretrain.trainer import parse
+    from terrabyte.pretrain.train.trainer import parse
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # restored afterwards
     for flags, want in ((["--local_rank=1"], "1"), (["--local-rank", "2"], "2"), (["--local_rank", "3"], "3")):
@@ -116,7 +118,7 @@ def test_launcher_local_rank_flag(monkeypatch):
 
 
 def ds_config(c, world=1, **kw):
-    from terrabyte.pretrain.engine import deepspeed_config
+    from terrabyte.pretrain.engine.engine import deepspeed_config
 
     return deepspeed_config(c, plan_layout(c, world, 0), **kw)
 
@@ -153,7 +155,7 @@ def test_deepspeed_config_for_each_setting():
 
 
 def test_autotp_specs_cover_exactly_the_attention_and_feed_forward_projections():
-    from terrabyte.pretrain.model import TerraByte
+    from terrabyte.pretrain.model.terrabyte import TerraByte
 
     tp = ds_config(cfg("--parallel.tensor_parallel", "2"), world=2)["tensor_parallel"]
     assert tp["autotp_size"] == 2 and tp["partition_config"]["use_default_specs"] is False
@@ -174,7 +176,7 @@ def test_autotp_specs_cover_exactly_the_attention_and_feed_forward_projections()
 def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
     """The layer list, chained by hand, is the model: same logits, loss, gradients and parameter names
     (with activation checkpointing in the block layers too)."""
-    from terrabyte.pretrain.model import TerraByte
+    from terrabyte.pretrain.model.terrabyte import TerraByte
 
     max_seq_len, depth = shape
     torch.manual_seed(0)
@@ -206,7 +208,7 @@ def test_pipeline_layers_compute_the_plain_model(shape, checkpoint):
 def test_the_pipeline_runs_the_models_own_patching_and_parameters(monkeypatch):
     """``TerraByte.patches`` is the one place that groups bytes into patches: another grouping there
     reaches the pipeline layers too, which run the model's own walk on the model's own parameters."""
-    from terrabyte.pretrain.model import TerraByte
+    from terrabyte.pretrain.model.terrabyte import TerraByte
 
     torch.manual_seed(0)
     model = TerraByte(num_tokens=256, dim=(32, 16), depth=(2, 1), max_seq_len=(8, 4), dim_head=8, heads=2)
@@ -238,7 +240,7 @@ def _best_max_by_enumeration(costs, stages):
 def test_balanced_parts_minimise_the_slowest_stage():
     import random
 
-    from terrabyte.pretrain.parallel import balanced_parts
+    from terrabyte.pretrain.parallel.pipeline import balanced_parts
 
     # a heavy last layer (the lower stages): alone on its stage, the rest on the other
     assert balanced_parts([1, 2, 2, 2, 9], 2) == [0, 4, 5]
@@ -258,9 +260,9 @@ def test_balanced_parts_minimise_the_slowest_stage():
 
 
 def test_flops_partition_balances_1b_where_parameters_do_not(capsys):
-    from terrabyte.pretrain.estimate import flops_per_byte, meta_model, pipeline_layer_costs
-    from terrabyte.pretrain.parallel import pipeline_parts
-    from terrabyte.pretrain.trainer import main
+    from terrabyte.pretrain.train.dry_run import flops_per_byte, meta_model, pipeline_layer_costs
+    from terrabyte.pretrain.parallel.pipeline import pipeline_parts
+    from terrabyte.pretrain.train.trainer import main
 
     def stage_flops(method):
         c = load_config("1b", ["--parallel.pipeline_stages", "2", "--parallel.zero_stage", "1",
@@ -285,7 +287,7 @@ def test_flops_partition_balances_1b_where_parameters_do_not(capsys):
 
 
 def test_checkpoint_files_are_checked_against_the_manifest(tmp_path):
-    from terrabyte.pretrain.checkpoint import FILES_MANIFEST, verify_files
+    from terrabyte.pretrain.checkpoint.store import FILES_MANIFEST, verify_files
 
     ckpt = tmp_path / "step4"
     ckpt.mkdir()
@@ -317,8 +319,8 @@ def test_tensor_parallel_ranks_attend_with_their_heads_patterns():
     offsets and per-head lists by global head index), in every stage."""
     import copy
 
-    from terrabyte.pretrain.model import TerraByte
-    from terrabyte.pretrain.parallel import shard_attention_heads
+    from terrabyte.pretrain.model.terrabyte import TerraByte
+    from terrabyte.pretrain.parallel.tensor import shard_attention_heads
 
     attention = [{"kind": "sparse", "pattern": {"local": 2, "dilated": [[16, 4]], "block": 16}},
                  {"kind": "sparse", "pattern": [{"local": 1}, {"local": 3}, {"stride": 2}, {"dilated": [[8, 2]]}]}]

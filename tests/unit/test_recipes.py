@@ -124,7 +124,7 @@ def _run_recipe(name, stand_ins, monkeypatch):
         elif args[:2] == ["terrabyte", "pretrain"]:
             configs.append(args[2:])
     assert built, f"recipe {name}: no build command found in the README"
-    from terrabyte.pretrain.args import load_config
+    from terrabyte.pretrain.train.config import load_config
 
     for argv in configs:
         cfg = load_config(argv[1], argv[2:])

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from terrabyte.pretrain.model import TerraByte
+from terrabyte.pretrain.model.terrabyte import TerraByte
 
 SEQ = (16, 4)  # 16 patches of 4 bytes: the global stage attends over 16 positions
 
@@ -94,15 +94,15 @@ def test_sparse_prompt_runs_the_sparse_kernel_not_a_dense_mask(monkeypatch):
     """A prompt of many patches goes through the stage's sparse attention; each later query
     attends over just the keys the pattern names (no mask row over the cache, none over every
     prompt row: that is quadratic in its length)."""
-    from terrabyte.pretrain import decode as model_module
+    from terrabyte.pretrain.decode import plans
 
-    gathered, gather = [], model_module._gather_keys
+    gathered, gather = [], plans._gather_keys
 
     def recording_gather(layer_kv, end, idx):
         gathered.append((end, idx.shape[-1]))
         return gather(layer_kv, end, idx)
 
-    monkeypatch.setattr(model_module, "_gather_keys", recording_gather)
+    monkeypatch.setattr(plans, "_gather_keys", recording_gather)
     model = build(sparse({"local": 2, "dilated": [[8, 2]], "global_tokens": 1, "block": 16})).eval()
     x = random_bytes(2, 64, seed=5)
     full = model(x)
@@ -158,10 +158,10 @@ def long_models():
 def test_sparse_decode_step_over_a_long_cache_equals_the_mask_path(monkeypatch):
     """Steps late in a long context gather just the attended keys: the same logits as mask rows
     over the whole cache (a callable without a key lister), and far fewer keys than the context."""
-    from terrabyte.pretrain import decode as model_module
+    from terrabyte.pretrain.decode import plans
 
-    gathered, gather = [], model_module._gather_keys
-    monkeypatch.setattr(model_module, "_gather_keys",
+    gathered, gather = [], plans._gather_keys
+    monkeypatch.setattr(plans, "_gather_keys",
                         lambda kv, end, idx: gathered.append((end, idx.shape[-1])) or gather(kv, end, idx))
     lister, masked = long_models()
     assert lister._decode_plans()[0].keys is not None and masked._decode_plans()[0].keys is None
@@ -213,17 +213,17 @@ def test_chunked_prefill_equals_one_shot(msl, prompt_len, chunk):
 def test_pieces_and_row_groups_follow_the_memory_budget(monkeypatch):
     """A tiny PREFILL_MEMORY_BYTES makes automatic pieces of one patch, and attention row groups of
     one row in pieces of many (the mask-only callable's too): still the one-shot result."""
-    from terrabyte.pretrain import decode as model_module
+    from terrabyte.pretrain.decode import cache as decode_cache, generate as generation, plans
 
     lister, masked = long_models()
     x = random_bytes(1, 101, seed=4)
     ref = [m.forward_cached(x, m.init_cache(1)) for m in (lister, masked)]
     torch.testing.assert_close(ref[0], ref[1], rtol=0, atol=1e-12)
-    monkeypatch.setattr(model_module, "PREFILL_MEMORY_BYTES", 1)
-    assert model_module.prefill_patches(lister, lister.init_cache(1)) == 1
+    monkeypatch.setattr(plans, "PREFILL_MEMORY_BYTES", 1)
+    assert decode_cache.prefill_patches(lister, lister.init_cache(1)) == 1
     pieces = []
-    monkeypatch.setattr(model_module, "_advance_stages",
-                        lambda model, cache, stages, _f=model_module._advance_stages:
+    monkeypatch.setattr(generation, "_advance_stages",
+                        lambda model, cache, stages, _f=generation._advance_stages:
                         pieces.append(cache.length) or _f(model, cache, stages))
     for model, expect in zip((lister, masked), ref):
         cache = model.init_cache(1, prefill_chunk_bytes=33)  # 16 patches of 2 bytes a piece

@@ -106,7 +106,7 @@ def test_zero3_run_trains_checkpoints_and_resumes_exactly(tmp_path, shards, stra
     assert outs[0] == outs[1]
     assert outs[0].startswith(b"def ") and len(outs[0]) > len(b"def \n")
     # --dtype bf16 decodes a bf16 copy of the weights: the same bytes as doing so in process
-    from terrabyte.pretrain.inference import load_model
+    from terrabyte.pretrain.eval.generate_cli import load_model
 
     bf16 = load_model(straight / "model.safetensors", dtype=torch.bfloat16)
     prime = torch.tensor([list(b"def ")])
@@ -128,7 +128,7 @@ def test_export_matches_checkpoint(tmp_path, shards):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from terrabyte.pretrain.checkpoint import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     config, state = load_state(run)
     exported = load_file(str(out))
@@ -157,7 +157,7 @@ def test_bad_input_is_one_line(tmp_path):
 def validation_bpb(model, shards: Path, seq_len: int, sequences: int) -> float:
     """The trainer's validation number for a plain model: its first ``sequences`` val sequences."""
     from terrabyte.data_pipeline.loader import ByteLoader
-    from terrabyte.pretrain.metrics import bits_per_byte
+    from terrabyte.pretrain.train.metrics import bits_per_byte
 
     loader = ByteLoader(str(shards), split="val", seq_len=seq_len, global_batch=4, micro_batch=4, dp_rank=0,
                         dp_world=1, seed=0, vocab=model.vocab, loop=False, dtype=torch.uint8)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.vocab import Vocab
 
-from .model import NORM_EPS, Block, DenseAttention, Rotary, _ff_hidden, init_fan_in, trunc_normal
+from ..model.layers import NORM_EPS, Block, DenseAttention, Rotary, _ff_hidden, init_fan_in, trunc_normal
 
 
 class TokenGPT(nn.Module):

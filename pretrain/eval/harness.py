@@ -1,11 +1,11 @@
 """EleutherAI's lm-evaluation-harness on a TerraByte: the ``terrabyte`` model type.
 
-    python -m terrabyte.pretrain.harness run --model terrabyte --model_args pretrained=RUN_OR_FILE --tasks hellaswag
+    python -m terrabyte.pretrain.eval.harness run --model terrabyte --model_args pretrained=RUN_OR_FILE --tasks hellaswag
     terrabyte eval --checkpoint RUN_OR_FILE --tasks hellaswag [--include-path my_tasks/]
-    import terrabyte.pretrain.harness; lm_eval.simple_evaluate(model="terrabyte", model_args="pretrained=...")
+    import terrabyte.pretrain.eval.harness; lm_eval.simple_evaluate(model="terrabyte", model_args="pretrained=...")
 
 lm-eval (0.4) finds model types only in its own registry, with no plugin discovery, so importing this
-module is what registers ``terrabyte``; ``python -m terrabyte.pretrain.harness`` is lm-eval's own
+module is what registers ``terrabyte``; ``python -m terrabyte.pretrain.eval.harness`` is lm-eval's own
 command line with it registered. Text is UTF-8 bytes, one id per byte, no tokenizer:
 
 - ``loglikelihood(context, continuation)``: the continuation's bytes scored after the context's, in
@@ -34,9 +34,9 @@ from lm_eval.api.registry import register_model
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write
 
-from .evaluate import MODES, score_document
-from .inference import DTYPES, generate_batch, resolve_dtype
-from .model import TerraByte
+from .bits_per_byte import MODES, score_document
+from .generate_cli import DTYPES, generate_batch, resolve_dtype
+from ..model.terrabyte import TerraByte
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def run_cli(args) -> int:
     """``terrabyte eval --checkpoint RUN --tasks a,b``: the harness's table on stdout, its results to --out."""
     from lm_eval.utils import make_table
 
-    from .inference import load_model
+    from .generate_cli import load_model
 
     if args.data:
         raise ConfigError("give --data (bits per byte of shards or files) or --tasks (lm-evaluation-harness), not both")

@@ -19,13 +19,15 @@ import torch
 from terrabyte.data_pipeline.batch import ByteBatch
 from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteError
 
-from . import checkpoint as ckpt
-from . import engine as eng
-from .args import Config, load_config
-from .estimate import check_fits, flops_per_byte, meta_model
+from ..checkpoint import store as ckpt
+from ..checkpoint.resume import load as load_checkpoint, plan_resume
+from ..checkpoint.weights import WEIGHTS_FILE, export_safetensors, full_state_dict
+from ..engine import engine as eng
+from .config import Config, load_config
+from .dry_run import check_fits, flops_per_byte, meta_model
 from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
-from .model import TerraByte
-from .parallel import plan_layout
+from ..model.terrabyte import TerraByte
+from ..parallel.layout import plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class Trainer:
 
         meta = meta_model(cfg)  # sizes and FLOPs, counted before ZeRO-3 partitions the real one
         if self.layout.pipeline == 1:
-            # a context that cannot fit stops here, before data or model exist (estimate.py); ZeRO-3
+            # a context that cannot fit stops here, before data or model exist (dry_run.py); ZeRO-3
             # splits the states over data x sequence ranks, AutoTP over its peers
             zero = self.layout.dp * self.layout.sequence if cfg.parallel.zero_stage == 3 else 1
             check_fits(cfg, eng.compute_device(), zero * self.layout.tensor, self.layout.sequence, meta)
@@ -113,7 +115,7 @@ class Trainer:
         self.flops_per_byte = sum(flops_per_byte(meta, cfg))
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
         self.vocab = model.vocab
-        self.resume = ckpt.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
+        self.resume = plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
         self.initialised = self._init_from(model)
         self.engine = eng.wrap(model, cfg, self.layout, universal=bool(self.resume and self.resume.universal))
         del model  # a pipeline stage keeps only its own layers
@@ -190,13 +192,13 @@ class Trainer:
         if self.resume is not None:
             log.info("resuming %s: --init-from %s is not used again", self.run_dir, source)
             return False
-        from .pretrained import init_from
+        from ..checkpoint.pretrained import init_from
 
         init_from(model, source, strict=self.cfg.train.init_from_strict, trust=self.cfg.train.init_from_trust)
         return True
 
     def _resume(self) -> None:
-        state = ckpt.load(self.engine, self.resume)
+        state = load_checkpoint(self.engine, self.resume)
         if state is None:
             log.info("fresh run in %s", self.run_dir)
             return
@@ -271,7 +273,7 @@ class Trainer:
             return None
         text = None
         # a plain copy on rank 0: generation runs on one rank, which sharded modules cannot do alone
-        state = ckpt.full_state_dict(self.engine)
+        state = full_state_dict(self.engine)
         if self.rank == 0:
             model = TerraByte(**self.model_config)
             model.load_state_dict(state)
@@ -396,8 +398,8 @@ class Trainer:
                     self.save()
         bar.close()
         if cfg.checkpoint.export:
-            ckpt.export_safetensors(self.engine, self.run_dir / ckpt.WEIGHTS_FILE, self.model_config, self.step)
-            log.info("exported %s", self.run_dir / ckpt.WEIGHTS_FILE)
+            export_safetensors(self.engine, self.run_dir / WEIGHTS_FILE, self.model_config, self.step)
+            log.info("exported %s", self.run_dir / WEIGHTS_FILE)
         self.metrics.close()
         if last_val is not None:
             log.info("done: %d steps, validation bits-per-byte %.4f", self.step, last_val)
@@ -458,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory is not None and (not args.dry_run or args.memory <= 0):
         raise ConfigError(f"--memory {args.memory:g} needs --dry-run and a positive number of GiB")
     if args.dry_run:
-        from .estimate import describe
-        from .parallel import describe_pipeline
+        from .dry_run import describe
+        from ..parallel.pipeline import describe_pipeline
 
         text = describe(cfg, args.memory)
         if cfg.parallel.pipeline_stages > 1:

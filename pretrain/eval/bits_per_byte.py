@@ -35,7 +35,7 @@ import torch
 from terrabyte.data_pipeline.errors import ConfigError, DataError
 from terrabyte.data_pipeline.system import atomic_path, atomic_write
 
-from .model import TerraByte
+from ..model.terrabyte import TerraByte
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _read(path: Path) -> bytes:
 
 
 def add_arguments(parser) -> None:
-    from .inference import add_trust_argument
+    from .generate_cli import add_trust_argument
 
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint folder or .safetensors file")
     add_trust_argument(parser)
@@ -321,7 +321,7 @@ def source_table(reports: dict[str, dict], total: dict) -> str:
 
 
 def run(args) -> int:
-    from .inference import DTYPES, load_model, resolve_dtype
+    from .generate_cli import DTYPES, load_model, resolve_dtype
 
     if not args.data or getattr(args, "tasks", None):
         raise ConfigError("give --data (bits per byte of shards or files) or --tasks (lm-evaluation-harness), one of them")

@@ -21,8 +21,8 @@ import torch
 
 from terrabyte.data_pipeline.errors import ConfigError
 
-from .args import Config
-from .model import TerraByte
+from .config import Config
+from ..model.terrabyte import TerraByte
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ import torch
 from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.system import atomic_write
 
-from .checkpoint import TRUST_FLAG, load_state, resolve_model_source, save_safetensors
-from .model import TerraByte
+from ..checkpoint.universal import TRUST_FLAG
+from ..checkpoint.weights import load_state, resolve_model_source, save_safetensors
+from ..model.terrabyte import TerraByte
 
 log = logging.getLogger(__name__)
 

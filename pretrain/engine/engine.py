@@ -3,9 +3,9 @@
 It turns the config tree into a DeepSpeed config (ZeRO-3 by default; pipeline, AutoTP or Ulysses
 when asked), starts the process group (gloo on CPU, nccl on GPU), wraps the model, runs one
 optimizer step or one scoring pass in whatever form the model took, guards against non-finite
-losses and offers the few collectives the trainer needs. ``parallel.py`` holds the model-side
-parallel forms (it imports DeepSpeed's pipeline and Ulysses modules too); ``checkpoint.py`` saves,
-resumes and consolidates.
+losses and offers the few collectives the trainer needs. The ``parallel`` package holds the
+model-side parallel forms (it imports DeepSpeed's pipeline and Ulysses modules too); the
+``checkpoint`` package saves, resumes and consolidates.
 """
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ from terrabyte.data_pipeline.errors import TerrabyteError
 from terrabyte.data_pipeline.system import free_port
 
 from . import ds_seams
-from .args import Config
-from .model import TerraByte
-from .parallel import Layout, SequenceParallel, autotp_config, pipeline_module, sequence_parallel_group, shard_attention_heads
+from ..train.config import Config
+from ..model.terrabyte import TerraByte
+from ..parallel.layout import Layout
+from ..parallel.pipeline import pipeline_module
+from ..parallel.sequence import SequenceParallel, sequence_parallel_group
+from ..parallel.tensor import autotp_config, shard_attention_heads
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +258,7 @@ def extras(engine) -> Extras:
     try:
         return _EXTRAS[engine]
     except KeyError:
-        raise RuntimeError("this DeepSpeed engine was not built by terrabyte.pretrain.engine.wrap") from None
+        raise RuntimeError("this DeepSpeed engine was not built by terrabyte.pretrain.engine.engine.wrap") from None
 
 
 def layout_of(engine) -> Layout:

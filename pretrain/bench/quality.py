@@ -7,7 +7,7 @@ schedule, gradient clipping), and scores every model on the same validation byte
 ``data.val_sequences`` packed validation sequences, exactly what the trainer scores. Baselines
 (``--baselines``): MEGABYTE-pytorch (lucidrains' reference implementation, when installed), a flat
 transformer over bytes and one over BPE tokens trained on the run's own training bytes
-(``bench_baselines.py``: how they are built, how BPE is scored per byte, how FLOPs are counted).
+(``baselines.py``: how they are built, how BPE is scored per byte, how FLOPs are counted).
 
 Method:
 - Every model sees every batch: each step trains one, then the next, so load from other processes
@@ -38,19 +38,19 @@ import torch
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
-from .args import Config, load_config
-from .bench_baselines import BytePairTokens, TokenGPT, train_step_flops, training_documents
-from .bench_model import megabyte_class
-from .engine import lr_lambda, param_groups
-from .model import TerraByte, cross_entropy
+from ..train.config import Config, load_config
+from .baselines import BytePairTokens, TokenGPT, train_step_flops, training_documents
+from .common import (PEER_INSTALL, PLOT_INSTALL, build_megabyte, emit, megabyte_class, pyplot, save_figure,
+                     with_sections)
+from ..engine.engine import lr_lambda, param_groups
+from ..model.stage import cross_entropy
+from ..model.terrabyte import TerraByte
 
 logger = logging.getLogger(__name__)
 
-PEER_INSTALL = "pip install megabyte-pytorch --no-deps beartype"
 BASELINES = ("megabyte", "bytes", "bpe")
 NAMES = {"megabyte": "MEGABYTE-pytorch", "bytes": "byte GPT", "bpe": "BPE GPT"}
 REFERENCE = "TerraByte"
-PLOT_INSTALL = "pip install matplotlib"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,21 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- models
 
 
-def build_megabyte(cfg: Config):
-    """MEGABYTE-pytorch with the config's shapes: same dims, depths, patching, heads of the same
-    width (its heads are one number for all stages: the global stage's), rotary positions and SDPA.
-    Its vocabulary covers our PAD and EOS ids, with PAD as its ignored id."""
-    m = cfg.model
-    heads = m.heads if isinstance(m.heads, int) else m.heads[0]
-    dim_head = m.dim_head if isinstance(m.dim_head, int) else m.dim_head[0]
-    ff_mult = m.ff_mult if isinstance(m.ff_mult, (int, float)) else m.ff_mult[0]
-    ff_mult = int(ff_mult) if float(ff_mult).is_integer() else ff_mult  # it sizes nn.Linear with dim * mult
-    vocab = _vocab(cfg)
-    return megabyte_class()(num_tokens=vocab.size, dim=tuple(m.dim), depth=tuple(m.depth),
-                            max_seq_len=tuple(m.max_seq_len), dim_head=dim_head, heads=heads, ff_mult=ff_mult,
-                            pad_id=vocab.pad_id, rel_pos=True, flash_attn=True)
-
-
 # A model's ``nats(model, x, pad_id)`` gives (summed nats, predictions, bytes) over a batch of byte
 # rows: training minimises nats per prediction, validation reports nats per byte (the two differ
 # only for the BPE baseline, whose predictions are tokens).
@@ -125,7 +110,7 @@ class Contender:
     optimizer: torch.optim.Optimizer = None
     scheduler: object = None
     seconds: float = 0.0  # training time, evaluation excluded
-    flops_per_step: int = 0  # forward + backward of one training step (bench_baselines.train_step_flops)
+    flops_per_step: int = 0  # forward + backward of one training step (baselines.train_step_flops)
     curve: list = field(default_factory=list)  # (step, seconds so far, train loss, val bpb or None)
 
     def __post_init__(self):
@@ -204,12 +189,6 @@ def validation_batches(cfg: Config, shards: str) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------- runs
-
-
-def _with(cfg: Config, **sections) -> Config:
-    """A copy of ``cfg`` with some keys of some sections replaced, e.g. train={"steps": 10}."""
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
-                                       for name, values in sections.items()})
 
 
 def train(contenders: list[Contender], cfg: Config, shards: str, seed: int, val: list[torch.Tensor],
@@ -308,7 +287,7 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
         for table, steps_in_budget in budgets:
             n = max(1, round(steps_in_budget(c)))
             if n not in scored:
-                again = baselines.build(name, _with(cfg, train={"steps": n}), seed)
+                again = baselines.build(name, with_sections(cfg, train={"steps": n}), seed)
                 with tqdm(total=n, desc=f"seed {seed}, {c.name}, {n} steps", unit="step", file=sys.stderr) as bar:
                     train([again], again.cfg, shards, seed, val, n, bar)
                 scored[n] = again.curve[-1][3]
@@ -366,12 +345,8 @@ def format_table(results: list[SeedResult], steps: int) -> str:
 def plot(results: list[SeedResult], path: Path) -> bool:
     """Training loss and validation bits per byte against steps, seconds and training FLOPs, every
     model and seed; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (by_step, by_time, by_flops) = plt.subplots(1, 3, figsize=(17, 4.5))
     colors = {}
@@ -398,16 +373,6 @@ def plot(results: list[SeedResult], path: Path) -> bool:
     by_step.legend(fontsize=7)
     save_figure(fig, path)
     return True
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a finished matplotlib figure as the house PNG (parent folders made) and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -448,16 +413,14 @@ def run(args) -> int:
         table = format_table(results, len(results[0].curves["TerraByte"]))
         png = Path(args.dir) / "quality.png"
         table += f"\nLoss curves: {png}\n" if plot(results, png) else f"\n(no PNG: `{PLOT_INSTALL}`)\n"
-        sys.stdout.write(table)
-        if args.out:
-            atomic_write(args.out, table)
+        emit(table, args.out)
         return 0
     overrides = [a for a in (args.overrides or []) if a != "--"]
     cfg = load_config(args.config, overrides)
     if args.steps is not None:
         if args.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-        cfg = _with(cfg, train={"steps": args.steps})
+        cfg = with_sections(cfg, train={"steps": args.steps})
     seeds = _parse_seeds(args.seeds)
     eval_interval = args.eval_interval or cfg.train.eval_interval
     if eval_interval < 1:

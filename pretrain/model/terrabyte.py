@@ -22,15 +22,15 @@ Below stage 0 the forward runs in chunks of patches (``TerraByte.lower``: each c
 lower stage, its logits and its loss, recomputed in backward), so activation memory is O(global
 stage) + O(one chunk) whatever the context. Every layout runs this one walk (``TerraByte.patches``
 decides which positions form a patch, ``forward_patches`` runs a range of them); parallelism changes
-only the range and modules, from outside (``parallel.py``).
+only the range and modules, from outside (the ``parallel`` package).
 
-This file holds the layers, ``Stage``, the chunked execution and ``TerraByte`` with its forward and loss; cached
-decoding and sampling (``model.generate``, ``init_cache``, ``forward_cached``) live in
-``decode.py``, which this file imports and which imports nothing from it.
+This file holds the chunked execution and ``TerraByte`` with its forward and loss; the layers are in
+``layers.py``, one level of the hierarchy in ``stage.py``. Cached decoding and sampling
+(``model.generate``, ``init_cache``, ``forward_cached``) live in the ``decode`` package, which this
+file imports and which imports nothing from ``model``.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -38,454 +38,19 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.vocab import Vocab
 
-from . import decode
+from ..decode import cache, generate as generation, plans, sample as sampler
+from .args import MODEL_KEYS, ModelArgs
 from .hub import HubMixin
-from .model_args import MODEL_KEYS, ModelArgs
+from .layers import _ff_hidden, as_is, build_attention, init_fan_in
+from .stage import Stage, _inner_before, chunk_plan, cross_entropy, units_before
 
 logger = logging.getLogger(__name__)
-
-ROPE_THETA = 10000.0
-NORM_EPS = 1e-6
-# SwiGLU has three matrices instead of two: hidden = 2/3 * ff_mult * dim keeps the parameter count
-# of a GELU MLP with the same ff_mult (LLaMA convention); rounded up to a multiple of 8 for kernels.
-SWIGLU_FRACTION = 2 / 3
-FF_MULTIPLE_OF = 8
-# On CPU, SDPA's flash kernel is 1.5-3x slower (fwd+bwd) than plain matmul-softmax for the local
-# stages' very short sequences (4-16 positions, thousands of them); measured with torch 2.13.
-CPU_MATH_ATTENTION_MAX_LEN = 16
-
-
-# ---------------------------------------------------------------------------- Argument helpers
-
-def _ff_hidden(dim: int, mult: float) -> int:
-    hidden = int(SWIGLU_FRACTION * mult * dim)
-    return max(FF_MULTIPLE_OF, FF_MULTIPLE_OF * math.ceil(hidden / FF_MULTIPLE_OF))
-
-
-# -------------------------------------------- Attention callables: (q, k, v) (b, heads, n, d) -> (b, heads, n, d), causal
-
-@functools.lru_cache(maxsize=None)
-def _flash_attn_func():
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
-
-
-@functools.lru_cache(maxsize=None)
-def _log_flash_fallback_once(reason: str) -> None:
-    logger.debug("flash_attn requested but not used (%s); using scaled_dot_product_attention", reason)
-
-
-def math_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
-    """Plain causal softmax attention; reference for the fused paths. (b, h, n, d) -> (b, h, n, d)."""
-    n = q.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (b, h, n, n)
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    return F.dropout(probs, dropout) @ v if dropout else probs @ v
-
-
-class DenseAttention(nn.Module):
-    """Causal softmax attention through SDPA, or flash-attn when asked for and usable; short
-    sequences on CPU take the math path (see CPU_MATH_ATTENTION_MAX_LEN)."""
-
-    def __init__(self, dropout: float = 0.0, flash: bool = False):
-        super().__init__()
-        self.dropout = dropout
-        self.flash = flash
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        p = self.dropout if self.training else 0.0
-        if self.flash:
-            fn = _flash_attn_func()
-            if fn is None:
-                _log_flash_fallback_once("flash_attn is not installed")
-            elif not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-                _log_flash_fallback_once("needs CUDA tensors in fp16/bf16")
-            else:
-                # flash-attn wants (b, n, heads, d)
-                out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
-                return out.transpose(1, 2)
-        if q.device.type == "cpu" and q.shape[-2] <= CPU_MATH_ATTENTION_MAX_LEN:
-            return math_attention(q, k, v, p)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-
-
-class SparseAttention(nn.Module):
-    """Block-sparse causal attention from ``terrabyte.kernels`` (imported lazily)."""
-
-    def __init__(self, pattern_config: dict):
-        super().__init__()
-        from terrabyte.kernels import SparsePattern, sparse_attention
-
-        try:
-            self.pattern = SparsePattern.from_config(pattern_config)
-        except ValueError as exc:  # the pattern comes from the config: name it, in one line
-            raise ConfigError(f"sparse attention pattern {pattern_config!r}: {exc}") from None
-        self._sparse_attention = sparse_attention
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self._sparse_attention(q, k, v, self.pattern, causal=True)
-
-    def for_heads(self, start: int, count: int) -> "SparseAttention":
-        """This attention for heads [start, start + count) of the stage held on their own (a rank's
-        share under sequence or tensor parallelism): the pattern keeps the global head index."""
-        return SparseAttention(self.pattern.for_heads(start, count))
-
-    def allowed(self, q_idx: Tensor, k_idx: Tensor, heads: Optional[int] = None) -> Tensor:
-        """Boolean mask (broadcast of q_idx, k_idx; a leading head axis when heads differ): used to
-        build decode-time mask rows."""
-        return self.pattern.allowed(q_idx, k_idx, heads=heads)
-
-
-def build_attention(spec, *, dropout: float, flash: bool) -> Callable:
-    """Turn one stage's attention spec (None, dict or callable) into an attention callable.
-
-    A custom callable gets (q, k, v) and must be causal. Cached decoding treats it as dense causal
-    attention unless it has an ``allowed(q_idx, k_idx, heads=None)`` mask method like
-    ``SparseAttention``: then decode-time mask rows come from ``allowed`` and a fresh prompt runs
-    through the callable itself. The spec is one ``ModelArgs.checked`` accepted.
-    """
-    if callable(spec):
-        return spec
-    if spec is None or spec["kind"] == "dense":
-        return DenseAttention(dropout, flash)
-    return SparseAttention(spec["pattern"])
-
-
-# ---------------------------------------------------------------------------- Layers
-
-def trunc_normal(weight: Tensor, std: float) -> None:
-    nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
-
-
-def as_is(module: nn.Module) -> ContextManager:
-    """``init_weights``' default ``whole``: a plain module's parameters are whole already."""
-    return contextlib.nullcontext()
-
-
-def init_fan_in(linear: nn.Linear) -> None:
-    """std = 1 / sqrt(fan_in), truncated at 3 std: a unit-RMS input gives a unit-RMS output."""
-    trunc_normal(linear.weight, linear.in_features ** -0.5)
-
-
-def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotary embedding on adjacent pairs (x[2i], x[2i+1]) as complex numbers (RoFormer; the layout
-    torchtitan uses): one complex multiply, ~4x faster fwd+bwd on CPU than the rotate-half form.
-
-    x: (..., n, d) real; freqs: (n, d/2) complex, broadcasting over x's leading axes.
-    """
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (..., n, d/2)
-    return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
-
-
-class Rotary(nn.Module):
-    """Rotation table for positions [0, max_len); non-persistent so meta-built models recompute it.
-    Always complex64, whatever dtype the model is cast to (see ``_apply``)."""
-
-    def __init__(self, dim_head: int, max_len: int):
-        super().__init__()
-        self.dim_head, self.max_len = dim_head, max_len
-        self.register_buffer("freqs", torch.empty(max_len, dim_head // 2, dtype=torch.complex64), persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        device = self.freqs.device
-        if device.type == "meta":
-            return
-        inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, self.dim_head, 2, device=device).float() / self.dim_head)
-        angles = torch.outer(torch.arange(self.max_len, device=device).float(), inv_freq)  # (n, d/2)
-        self.freqs.copy_(torch.polar(torch.ones_like(angles), angles))
-
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype) would cast the table to a real dtype too, keeping only the cosines: let
-        # it follow the conversion's device only
-        freqs = self._buffers.pop("freqs")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            device = fn(torch.empty(0, device=freqs.device)).device
-            moved = torch.empty_like(freqs, device=device) if freqs.is_meta else freqs.to(device)
-            self.register_buffer("freqs", moved, persistent=False)
-        return self
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, attend: Callable):
-        super().__init__()
-        inner = heads * dim_head
-        self.heads, self.dim_head = heads, dim_head
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-        self.attend = attend
-
-    def _qkv(self, x: Tensor, freqs: Optional[Tensor]):
-        b, n, _ = x.shape
-        # (b, n, h*d) -> (b, h, n, d)
-        q, k, v = (proj(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
-                   for proj in (self.to_q, self.to_k, self.to_v))
-        if freqs is not None:
-            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-        return q, k, v
-
-    def _out(self, out: Tensor) -> Tensor:
-        b, _, n, _ = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
-
-    def forward(self, x: Tensor, freqs: Optional[Tensor]) -> Tensor:
-        return self._out(self.attend(*self._qkv(x, freqs)))
-
-
-class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up that saves only gate and up for backward (autograd would also keep
-    silu(gate)): one hidden-sized activation less per block, recomputed cheaply in backward."""
-
-    @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        # d silu / d gate = sig * (1 + gate * (1 - sig))
-        return grad * up * (sig + silu * (1 - sig)), grad * silu
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.dropout(SwiGLU.apply(self.gate_proj(x), self.up_proj(x))))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block."""
-
-    def __init__(self, dim, heads, dim_head, ff_hidden, attend, ff_dropout):
-        super().__init__()
-        self.attn_norm = nn.RMSNorm(dim, eps=NORM_EPS)
-        self.attn = Attention(dim, heads, dim_head, attend)
-        self.ff_norm = nn.RMSNorm(dim, eps=NORM_EPS)
-        self.ff = FeedForward(dim, ff_hidden, ff_dropout)
-
-    def forward(self, x: Tensor, freqs: Optional[Tensor]) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs)
-        return x + self.ff(self.ff_norm(x))
-
-    def init_weights(self, residual_scale: float, whole: Optional[Callable] = None) -> None:
-        whole = whole or as_is
-        for norm in (self.attn_norm, self.ff_norm):
-            with whole(norm):
-                norm.reset_parameters()
-        # dim^-0.5 for what reads the unit-RMS stream, times the residual scale for what writes to
-        # it: GPT-2's fixed 0.02 wrote ~100x below the stream and cost 0.3 bits per byte after 120
-        # steps of the tiny config (pretrain/BENCHMARKS.md, "Model quality")
-        std = self.attn.to_q.in_features ** -0.5
-        for lin in (self.attn.to_q, self.attn.to_k, self.attn.to_v, self.ff.gate_proj, self.ff.up_proj):
-            with whole(lin):
-                trunc_normal(lin.weight, std)
-        for lin in (self.attn.to_out, self.ff.down_proj):
-            with whole(lin):
-                trunc_normal(lin.weight, std * residual_scale)
-
-
-class PatchEmbed(nn.Module):
-    """Embed units of bytes: byte embeddings concatenated group by group, projected to ``dim``.
-
-    ``groups`` are the unit's nesting from the top, e.g. ``(8, 8)`` for a unit of 8 sub-units of 8
-    bytes. With one group this is MEGABYTE's embedding: the unit's byte embeddings concatenated and
-    projected, ``unit_size * byte_dim * dim`` parameters. With more, each inner group of bytes is
-    first projected back to ``byte_dim`` (``levels``), so a unit's embedding costs
-    ``sum(groups) * byte_dim * ...`` parameters instead of ``prod(groups)``: a 4096-byte unit into a
-    2048-wide stage would otherwise need 4.3B parameters (and its lookup a unit_size x byte_dim
-    tensor per unit). The inner projections are linear, so the embedding stays a linear map of the
-    unit's bytes, as in MEGABYTE, only a factored one; the top stage of the 3-stage quality bench
-    learns as well with it (pretrain/BENCHMARKS.md, "Upper-stage embeddings").
-
-    Input (..., unit_size) ids, output (..., dim). A unit of one byte is a plain embedding.
-    """
-
-    def __init__(self, vocab_size: int, byte_dim: int, groups: tuple, dim: int):
-        super().__init__()
-        self.unit_size = math.prod(groups)
-        self.groups = tuple(groups)
-        if self.unit_size == 1:
-            self.token_emb = nn.Embedding(vocab_size, dim)
-            self.proj = None
-            self.levels = None
-            return
-        self.token_emb = nn.Embedding(vocab_size, byte_dim)
-        inner = [g for g in self.groups[1:] if g > 1][::-1]  # innermost first
-        top = self.unit_size // math.prod(inner)
-        self.levels = nn.ModuleList([nn.Linear(g * byte_dim, byte_dim, bias=False) for g in inner]) if inner else None
-        self._level_groups = tuple(inner)
-        self.proj = nn.Linear(top * byte_dim, dim, bias=False)
-
-    def forward(self, units: Tensor) -> Tensor:
-        if self.proj is None:
-            return self.token_emb(units.squeeze(-1))
-        x = self.token_emb(units)  # (..., unit_size, byte_dim)
-        if self.levels is not None:
-            for g, level in zip(self._level_groups, self.levels):
-                x = level(rearrange(x, "... (k g) e -> ... k (g e)", g=g))  # (..., unit_size / g..., byte_dim)
-        return self.proj(rearrange(x, "... k e -> ... (k e)"))
-
-    def init_weights(self, emb_std: float, whole: Optional[Callable] = None) -> None:
-        whole = whole or as_is
-        with whole(self.token_emb):
-            nn.init.normal_(self.token_emb.weight, std=emb_std)
-        for linear in [*(self.levels or ()), *([self.proj] if self.proj is not None else [])]:
-            with whole(linear):
-                init_fan_in(linear)
-
-
-def units_before(groups: Tensor, unit_size: int, lo: int = 0, hi: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """For groups lo..hi-1 of ids (b, groups, span) (one lower-stage sequence each, in stream order
-    along each row): the previous group's last unit and whether the group starts its row, for
-    ``Stage.inputs``: (before (B, unit_size), starts (B,)), B = b * (hi - lo)."""
-    b, count, span = groups.shape
-    hi = count if hi is None else hi
-    ends = groups[:, :, span - unit_size:]  # (b, groups, unit_size): each group's last unit
-    before = ends[:, max(lo - 1, 0): hi - 1]  # before groups max(lo, 1) .. hi-1
-    starts = torch.zeros(b, hi - lo, dtype=torch.bool, device=groups.device)
-    if lo == 0:
-        before = torch.cat((ends[:, :1], before), dim=1)  # any unit: the start token replaces it
-        starts[:, 0] = True
-    return before.reshape(-1, unit_size), starts.reshape(-1)
-
-
-class Stage(nn.Module):
-    """One level of the hierarchy: embedder, start token, blocks, final norm, projection down."""
-
-    def __init__(self, *, dim, depth, seq_len, unit_size, vocab_size, byte_dim, heads, dim_head,
-                 ff_hidden, attend_factory, ff_dropout, rotary, next_dim=None, next_seq_len=None,
-                 embed_groups: Optional[tuple] = None):
-        super().__init__()
-        self.dim, self.seq_len, self.unit_size = dim, seq_len, unit_size
-        self.heads, self.dim_head, self.depth = heads, dim_head, depth
-        groups = (unit_size,) if embed_groups is None else tuple(embed_groups)
-        if math.prod(groups) != unit_size:
-            raise ConfigError(f"embed_groups={groups} must multiply to the unit size {unit_size}")
-        self.embed = PatchEmbed(vocab_size, byte_dim, groups, dim)
-        self.start_token = nn.Parameter(torch.empty(dim))
-        self.rotary = Rotary(dim_head, seq_len) if rotary else None
-        self.layers = nn.ModuleDict(
-            {str(i): Block(dim, heads, dim_head, ff_hidden, attend_factory(), ff_dropout) for i in range(depth)}
-        )
-        self.norm = nn.RMSNorm(dim, eps=NORM_EPS)
-        self.next_seq_len = next_seq_len
-        self.to_next = nn.Linear(dim, next_seq_len * next_dim, bias=False) if next_dim else None
-        self.checkpoint_activations = False
-
-    def inputs(self, units: Tensor, ctx: Optional[Tensor] = None, *, start: int = 0,
-               end: Optional[int] = None, embed: Optional[Callable] = None,
-               before: Optional[Tensor] = None, starts: Optional[Tensor] = None) -> Tensor:
-        """Input tokens of positions [start, end) of this stage's sequence: (B, end - start, dim).
-
-        Position i sees unit i-1; position 0 sees ``before`` (B, unit_size), the unit before the
-        sequence in the stream (MEGABYTE's shifted input: a patch's first byte sees the byte before
-        it directly), or the start token where none comes before (``before`` None: all rows;
-        ``starts`` (B,) bool: those rows). units: (B, >= end - 1, unit_size) ids, at least those
-        before ``end`` (default units.shape[1]); ctx: (B, end - start, dim) or None. The forward,
-        pipeline, sequence-parallel and decode paths (with a lighter ``embed``) all build inputs here.
-        """
-        embed = self.embed if embed is None else embed
-        end = units.shape[1] if end is None else end
-        first = max(start - 1, 0)
-        n = end - 1 - first  # units read: first .. end - 2
-        emb = None
-        # decoding often needs position 0 alone; under autograd the empty call stays, so every
-        # parameter takes part in backward (DDP and ZeRO expect a gradient for each)
-        if n > 0 or torch.is_grad_enabled():
-            emb = embed(units.narrow(1, first, n))  # (B, n, dim)
-        if start == 0:
-            tok = self.start_token.expand(units.shape[0], 1, -1)
-            if before is not None:
-                prev = embed(before.unsqueeze(1))  # (B, 1, dim)
-                tok = prev if starts is None else torch.where(starts.view(-1, 1, 1), tok.to(prev.dtype), prev)
-            x = tok if emb is None else torch.cat((tok.to(emb.dtype), emb), dim=1)
-        elif torch.is_grad_enabled():
-            # the start token takes part, if only with weight 0, wherever the sequence is entered:
-            # ZeRO-3 reduces gradients as collectives in the order they become ready, so every
-            # rank (and every chunk of the global embedding) must touch the same parameters
-            x = emb + 0 * self.start_token.to(emb.dtype)
-        else:
-            x = emb
-        return x if ctx is None else x + ctx
-
-    def forward(self, x: Tensor, start: int = 0, checkpoint_blocks: Optional[bool] = None) -> Tensor:
-        """x: (B, n, dim) tokens at positions [start, start + n) of this stage's sequence: every
-        block, then the final norm."""
-        return self.norm(self.run_blocks(x, 0, self.depth, start=start, checkpoint_blocks=checkpoint_blocks))
-
-    def run_blocks(self, x: Tensor, first: int, last: int, *, start: int = 0,
-                   checkpoint_blocks: Optional[bool] = None) -> Tensor:
-        """Blocks [first, last) on x (B, n, dim), tokens at positions [start, start + n); a pipeline
-        layer runs its own range of them. ``checkpoint_blocks`` (default: ``checkpoint_activations``)
-        recomputes each block in backward; the lower stages run inside recomputed chunks, where it
-        would only recompute twice."""
-        freqs = None if self.rotary is None else self.rotary.freqs[start : start + x.shape[1]]
-        per_block = self.checkpoint_activations if checkpoint_blocks is None else checkpoint_blocks
-        for i in range(first, last):
-            block = self.layers[str(i)]
-            if per_block and torch.is_grad_enabled():
-                x = checkpoint(block, x, freqs, use_reentrant=False)
-            else:
-                x = block(x, freqs)
-        return x
-
-    def project_down(self, x: Tensor) -> Tensor:
-        """(B, n, dim) -> (B * n, next_seq_len, next_dim): context for each child position."""
-        return rearrange(self.to_next(x), "b n (l d) -> (b n) l d", l=self.next_seq_len)
-
-    def init_weights(self, emb_std: float, whole: Optional[Callable] = None) -> None:
-        whole = whole or as_is
-        self.embed.init_weights(emb_std, whole)
-        with whole(self):
-            nn.init.normal_(self.start_token, std=1.0)
-        if self.rotary is not None:
-            self.rotary.reset_parameters()
-        for block in self.layers.values():
-            # two residual writes per block: the stream's variance stays O(1) whatever the depth
-            block.init_weights(residual_scale=1 / math.sqrt(2 * self.depth), whole=whole)
-        with whole(self.norm):
-            self.norm.reset_parameters()
-        if self.to_next is not None:
-            with whole(self.to_next):
-                init_fan_in(self.to_next)
-
-
-# ---------------------------------------------------------------------------- Loss
-
-def cross_entropy(logits: Tensor, targets: Tensor, pad_id: int, reduction: str = "mean") -> Tensor:
-    """Cross-entropy of (..., vocab) logits against (...) target ids, PAD targets ignored.
-
-    The one loss of every layout (plain, pipeline, sequence-parallel, evaluation): it accumulates in
-    fp32 whatever the logits' dtype, so bf16 and fp32 runs report the same number.
-    """
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=pad_id, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------- Chunked execution
@@ -560,28 +125,6 @@ def _recompute_if(recompute: bool, fn: Callable, *args) -> Tensor:
     if recompute and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-def chunk_plan(rows: int, patches: int, per_chunk: int) -> list[tuple[int, int, int, int]]:
-    """(row0, row1, patch0, patch1) chunks in row-major order: runs of one row's patches, or whole
-    rows together when a row has fewer than ``per_chunk`` patches."""
-    if patches >= per_chunk:
-        return [(r, r + 1, q, min(q + per_chunk, patches)) for r in range(rows) for q in range(0, patches, per_chunk)]
-    together = max(1, per_chunk // max(patches, 1))
-    return [(r, min(r + together, rows), 0, patches) for r in range(0, rows, together)]
-
-
-def _inner_before(chunk_ids: Tensor, patch_before: Tensor, patch_starts: Tensor, span: int, unit: int):
-    """``units_before`` inside a chunk for a stage whose sequences span ``span`` bytes: the first
-    group of a patch sees the end of the previous patch (``patch_before`` (R, >= unit)), the others
-    the group before them. chunk_ids (R, patch) -> (before (R * k, unit), starts (R * k,))."""
-    rows, patch = chunk_ids.shape
-    k = patch // span
-    ends = chunk_ids.view(rows, k, span)[:, :, span - unit:]  # (R, k, unit): each group's last unit
-    before = torch.cat((patch_before[:, None, patch_before.shape[1] - unit:], ends[:, :-1]), dim=1)
-    starts = torch.zeros(rows, k, dtype=torch.bool, device=chunk_ids.device)
-    starts[:, 0] = patch_starts
-    return before.reshape(-1, unit), starts.reshape(-1)
 
 
 # ---------------------------------------------------------------------------- The model
@@ -930,18 +473,18 @@ class TerraByte(nn.Module, HubMixin):
             return out[:, :n].reshape(in_shape)
         return out[:, :n].reshape(*in_shape, self.vocab_size)
 
-    # ---------------------------------------------------------------- cached decoding (decode.py)
+    # ---------------------------------------------------------------- cached decoding (the decode package)
 
     def train(self, mode: bool = True) -> "TerraByte":
         self._plans = None  # training changes the weights the fused decode copies were made from
         return super().train(mode)
 
-    # decode.py's entry points as methods: model.generate(prime, ...), model.init_cache(b),
+    # the decode package's entry points as methods: model.generate(prime, ...), model.init_cache(b),
     # model.forward_cached(new_tokens, cache); generate steps through self._advance
-    generate = decode.generate
-    init_cache = decode.init_cache
-    forward_cached = decode.forward_cached
-    _advance = decode.advance
-    _decode_plans = decode.decode_plans
-    _sample = staticmethod(decode.sample)
+    generate = generation.generate
+    init_cache = cache.init_cache
+    forward_cached = generation.forward_cached
+    _advance = generation.advance
+    _decode_plans = plans.decode_plans
+    _sample = staticmethod(sampler.sample)
 

@@ -8,7 +8,7 @@ bytes over that time) and peak host memory (the process's ``VmHWM``: interpreter
 model, optimizer state and the steps; and that peak less the RSS before the build), each also as a
 ratio to the one-rank run. Every layout runs
 in its own processes (``torchrun``; one rank: a plain process), glibc's mmap threshold pinned so
-that RSS follows live memory (``bench_model.MALLOC_ENV``); batches are random bytes, the same on
+that RSS follows live memory (``common.MALLOC_ENV``); batches are random bytes, the same on
 the ranks of a replica.
 
 Then ``--build`` (default ``1b``): the model built, nothing else, by one rank (the plain, unsharded
@@ -19,7 +19,7 @@ against the fp32 model's bytes.
 
 ``--gpu``: on one CUDA device, the MFU of slices of ``small`` and ``1b`` (their widths, fewer
 global blocks; ``GPU_SLICES``) under ZeRO-3 in bf16, a few steps each: model FLOPs per second
-(``estimate.flops_per_byte``, the trainer's count) over the device's peak (``metrics.PEAK_TFLOPS``).
+(``dry_run.flops_per_byte``, the trainer's count) over the device's peak (``metrics.PEAK_TFLOPS``).
 """
 from __future__ import annotations
 
@@ -40,13 +40,12 @@ import torch
 from terrabyte.data_pipeline.errors import ConfigError
 from terrabyte.data_pipeline.system import describe_machine, free_port
 
-from .args import load_config
-from .ds_seams import held_numel
-from .bench_model import MALLOC_ENV, status_bytes
+from ..train.config import load_config
+from ..engine.ds_seams import held_numel
+from .common import GB, MALLOC_ENV, status_bytes
 
 log = logging.getLogger(__name__)
 
-GB = 1e9
 # The default config: tiny at the multi-rank tests' sizes, a global batch of 4 sequences of 2 KiB.
 SMALL = ["--model.dim", "128,64", "--model.depth", "4,2", "--model.max_seq_len", "256,8", "--model.dim_head", "32",
          "--model.heads", "4", "--train.micro_batch", "2", "--train.global_batch", "4"]
@@ -109,9 +108,9 @@ def _overrides(args) -> list[str]:
 
 
 def _setup(config: str, overrides: list[str]):
-    from . import engine as eng
-    from .parallel import plan_layout
-    from .trainer import setup_logging
+    from ..engine import engine as eng
+    from ..parallel.layout import plan_layout
+    from ..train.trainer import setup_logging
 
     rank, world = eng.init_distributed()
     cfg = load_config(config, overrides)
@@ -123,7 +122,7 @@ def _setup(config: str, overrides: list[str]):
 
 def train_worker(config: str, overrides: list[str], steps: int, warmup: int, result_dir: Path) -> None:
     """One rank of one layout: build, wrap, warm-up steps, timed steps; writes rank<r>.json."""
-    from . import engine as eng
+    from ..engine import engine as eng
 
     cfg, layout = _setup(config, overrides)
     before = status_bytes("VmRSS")
@@ -156,7 +155,7 @@ def train_worker(config: str, overrides: list[str], steps: int, warmup: int, res
 
 def build_worker(config: str, overrides: list[str], result_dir: Path) -> None:
     """One rank that only builds the model (``engine.build_model``); writes rank<r>.json."""
-    from . import engine as eng
+    from ..engine import engine as eng
 
     cfg, layout = _setup(config, overrides)
     before = status_bytes("VmRSS")
@@ -171,7 +170,7 @@ def build_worker(config: str, overrides: list[str], result_dir: Path) -> None:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m terrabyte.pretrain.bench_engine")
+    parser = argparse.ArgumentParser(prog="python -m terrabyte.pretrain.bench.engine")
     parser.add_argument("--worker", choices=("train", "build"), required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--result-dir", type=Path, required=True)
@@ -191,7 +190,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 def launch(ranks: int, worker_args: list[str], timeout: float) -> list[dict]:
     """``ranks`` processes of this module's worker (torchrun for several); their rank<r>.json."""
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
-        args = ["-m", "terrabyte.pretrain.bench_engine", "--result-dir", tmp, *worker_args]
+        args = ["-m", "terrabyte.pretrain.bench.engine", "--result-dir", tmp, *worker_args]
         if ranks == 1:
             cmd = [sys.executable, *args]
         else:
@@ -285,10 +284,10 @@ def run(args) -> int:
 def gpu_slice(name: str, steps: int, warmup: int, zero: int = 3, slices: dict = GPU_SLICES) -> dict:
     """One slice in this process (a world of one) under ZeRO stage ``zero``: bytes/s, model TFLOP/s
     and MFU (on a CUDA device; ``slices``: CPU_SLICES rehearse the same code on the CPU)."""
-    from . import engine as eng
-    from .estimate import flops_per_byte, meta_model
-    from .metrics import peak_tflops
-    from .parallel import plan_layout
+    from ..engine import engine as eng
+    from ..train.dry_run import flops_per_byte, meta_model
+    from ..train.metrics import peak_tflops
+    from ..parallel.layout import plan_layout
 
     config, overrides = slices[name]
     on_gpu = torch.cuda.is_available() and slices is GPU_SLICES
@@ -328,8 +327,8 @@ def run_gpu(args) -> int:
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu needs a CUDA device; torch sees none (--device cpu: the rehearsal)")
-    from . import engine as eng
-    from .trainer import setup_logging
+    from ..engine import engine as eng
+    from ..train.trainer import setup_logging
 
     eng.init_distributed()
     setup_logging("warning", 0)

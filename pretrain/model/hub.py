@@ -1,7 +1,7 @@
 """``from_pretrained`` / ``save_pretrained`` / ``push_to_hub``: huggingface_hub's
 ``PyTorchModelHubMixin`` names, as a mixin ``TerraByte`` inherits.
 
-Their code (``pretrained.py``) reads run directories and DeepSpeed checkpoints, whose code builds
+Their code (``checkpoint/pretrained.py``) reads run directories and DeepSpeed checkpoints, whose code builds
 ``TerraByte``: the methods import it when called, so importing the model imports none of it
 (torch and einops only; no DeepSpeed, yaml or safetensors until weights are read or written).
 """
@@ -20,19 +20,19 @@ class HubMixin:
         """Build the model from its saved config and load its weights (strictly), in eval mode:
         ``source`` is a ``save_pretrained`` directory, an exported ``.safetensors``, a run directory
         or checkpoint folder, or (only when it is not a local path) a hub repository id."""
-        from .pretrained import from_pretrained
+        from ..checkpoint.pretrained import from_pretrained
 
         return from_pretrained(cls, source, **kwargs)
 
     def save_pretrained(self, directory: str | Path, **kwargs) -> Path:
         """``directory/model.safetensors`` and ``directory/config.json`` (the constructor's
         arguments); with ``push_to_hub=True`` also uploaded."""
-        from .pretrained import save_pretrained
+        from ..checkpoint.pretrained import save_pretrained
 
         return save_pretrained(self, directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload as ``repo_id`` (created if needed); returns the commit URL."""
-        from .pretrained import push_to_hub
+        from ..checkpoint.pretrained import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)

@@ -21,9 +21,9 @@ import yaml
 
 from terrabyte.data_pipeline.errors import ConfigError
 
-from .model_args import ModelArgs
-from .model_args import positive as _positive
-from .model_args import within as _within
+from ..model.args import ModelArgs
+from ..model.args import positive as _positive
+from ..model.args import within as _within
 
 
 @dataclass
@@ -460,7 +460,7 @@ def validate_parallel(cfg: Config) -> None:
                     f"parallel.tensor_parallel={tp} must divide stage {s}'s model.heads={h} (attention is split "
                     f"by heads): change one of them"
                 )
-        from .model import _ff_hidden  # the feed-forward width every stage really gets
+        from ..model.layers import _ff_hidden  # the feed-forward width every stage really gets
 
         for s, d in enumerate(m.dim):
             hidden = _ff_hidden(d, m.ff_mult)
