@@ -6,9 +6,12 @@ under ``terrabyte``. Works for ``pip install .`` and ``pip install -e .``.
 """
 import platform
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ["pretrain", "kernels", "data_pipeline", "launch", "configs"]
+# each top folder and the packages inside it (data_pipeline/write, ...): they follow their folder's package_dir
+PACKAGES = [f"terrabyte.{name}" + (f".{sub}" if sub else "") for name in SUBPACKAGES
+            for sub in ["", *find_packages(where=name)]]
 
 install_requires = [
     # torch is not pinned here on purpose: a GPU user keeps the build they already have, and on a
@@ -37,7 +40,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["terrabyte." + name for name in SUBPACKAGES],
+    packages=PACKAGES,
     package_dir={"terrabyte." + name: name for name in SUBPACKAGES},
     package_data={
         "terrabyte.configs": ["*.yaml"],

@@ -7,8 +7,8 @@ import logging
 import os
 import sysconfig
 
-from .builder import BUILD_LOCK, BuildConfig, build_shards
-from .manifest import load_manifest
+from .read.manifest import load_manifest
+from .write.builder import BUILD_LOCK, BuildConfig, build_shards
 
 logger = logging.getLogger(__name__)
 

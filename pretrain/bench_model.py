@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write, describe_machine
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write, describe_machine
 
 from .model import MALLOC_MMAP_THRESHOLD, TerraByte
 

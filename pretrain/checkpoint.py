@@ -28,8 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
-from terrabyte.data_pipeline.system import atomic_path, atomic_write, fsync_path, fsync_tree
+from terrabyte.data_pipeline.basics.errors import CheckpointError
+from terrabyte.data_pipeline.basics.system import atomic_path, atomic_write, fsync_path, fsync_tree
 
 from . import ds_seams, earlier_formats
 from .args import Config

@@ -42,8 +42,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.vocab import Vocab
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.vocab import Vocab
 
 from . import decode
 from .hub import HubMixin

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from torch import Tensor, nn
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from . import ds_seams
 from .args import validate_world

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain import engine as eng
 from terrabyte.pretrain.model import TerraByte
 from terrabyte.pretrain.parallel import Layout, SequenceParallel, sequence_parallel_group

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from terrabyte.data_pipeline import stages
+from terrabyte.data_pipeline.read import stages
 
 
 def member_tokens(s: stages.Sample, eos_id: int, order_seed: Sequence[int] | None = None) -> np.ndarray:

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain import bench_context as bc
 
 TINY = ["--model.dim", "16,8,8", "--model.depth", "1,1,1", "--model.dim_head", "8", "--model.heads", "2,1,1"]

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import zstandard
 
-from terrabyte.data_pipeline import builder, readers, stages
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import DataError
-from terrabyte.data_pipeline.loader import ByteLoader
+from terrabyte.data_pipeline.basics.errors import DataError
+from terrabyte.data_pipeline.read import stages
+from terrabyte.data_pipeline.read.loader import ByteLoader
+from terrabyte.data_pipeline.write import builder, readers
+from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
 
 EOS, PAD = 257, 256
 MEMBER = 4096
@@ -265,8 +266,8 @@ def _tar_gz(path, members):
 
 
 def test_a_document_larger_than_a_member_is_continued_across_members(tmp_path):
-    from terrabyte.data_pipeline.loader import split_documents
-    from terrabyte.data_pipeline.verify import format_stats, verify_shards
+    from terrabyte.data_pipeline.read.loader import split_documents
+    from terrabyte.data_pipeline.read.verify import format_stats, verify_shards
 
     big = _big(10 * MEMBER + 77)
     src = tmp_path / "c"
@@ -321,8 +322,8 @@ def test_streamed_document_memory_is_bounded(tmp_path):
 
 
 def test_a_failure_inside_a_streamed_document_leaves_no_part_of_it(tmp_path):
-    from terrabyte.data_pipeline.loader import split_documents
-    from terrabyte.data_pipeline.verify import verify_shards
+    from terrabyte.data_pipeline.read.loader import split_documents
+    from terrabyte.data_pipeline.read.verify import verify_shards
 
     src = tmp_path / "c"
     src.mkdir()
@@ -348,7 +349,7 @@ def test_a_failure_inside_a_streamed_document_leaves_no_part_of_it(tmp_path):
 
 @pytest.mark.parametrize("task_bytes", [1 << 30, 1])  # on the fly (one task), and by the pre-pass
 def test_streamed_duplicates_are_dropped_without_a_trace(tmp_path, task_bytes):
-    from terrabyte.data_pipeline.loader import split_documents
+    from terrabyte.data_pipeline.read.loader import split_documents
 
     src = tmp_path / "c"
     src.mkdir()

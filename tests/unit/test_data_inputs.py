@@ -17,12 +17,13 @@ import pytest
 import torch
 import zstandard
 
-from terrabyte.data_pipeline import builder, stages
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import DataError
-from terrabyte.data_pipeline.loader import ByteLoader
-from terrabyte.data_pipeline.manifest import load_manifest
-from terrabyte.data_pipeline.verify import verify_shards
+from terrabyte.data_pipeline.basics.errors import DataError
+from terrabyte.data_pipeline.read import stages
+from terrabyte.data_pipeline.read.loader import ByteLoader
+from terrabyte.data_pipeline.read.manifest import load_manifest
+from terrabyte.data_pipeline.read.verify import verify_shards
+from terrabyte.data_pipeline.write import builder
+from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
 
 
 def all_docs(out, split=None):
@@ -273,7 +274,7 @@ def test_loader_reads_pipe_only_when_allowed(tmp_path):
 
 
 def test_split_documents_of_a_dictionary_build(tmp_path):
-    from terrabyte.data_pipeline.loader import split_documents
+    from terrabyte.data_pipeline.read.loader import split_documents
 
     make_tree(tmp_path / "in", n=60)
     out = tmp_path / "s"

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import DataError
-from terrabyte.data_pipeline.loader import ByteLoader, count_sequences
-from terrabyte.data_pipeline.manifest import load_manifest, shard_list
+from terrabyte.data_pipeline.basics.errors import DataError
+from terrabyte.data_pipeline.read import stages
+from terrabyte.data_pipeline.read.loader import ByteLoader, count_sequences
+from terrabyte.data_pipeline.read.manifest import load_manifest, shard_list
 from terrabyte.data_pipeline.stdlib_corpus import ensure_default_shards, stdlib_corpus
+from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
 
 from .reference_stages import batch, member_tokens, pack, unbundle
 
@@ -293,8 +293,8 @@ def test_missing_shard_is_named_or_skipped(shards, tmp_path):
 def test_int32_batches_equal_int64(tmp_path):
     import torch
 
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-    from terrabyte.data_pipeline.loader import ByteLoader
+    from terrabyte.data_pipeline.read.loader import ByteLoader
+    from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
 
     src = tmp_path / "c"
     src.mkdir()
@@ -319,7 +319,7 @@ def test_int32_batches_equal_int64(tmp_path):
 
 
 def test_special_ids_come_from_the_vocab(shards):
-    from terrabyte.data_pipeline.vocab import BYTES, Vocab
+    from terrabyte.data_pipeline.basics.vocab import BYTES, Vocab
 
     path, _ = shards
     kw = dict(seq_len=SEQ, global_batch=2, micro_batch=2, split="val", loop=False)
@@ -370,9 +370,9 @@ def stream_ids(path, seed, epoch, eos, shuffle=True):
 @pytest.mark.parametrize("L,B,m,workers,num_tokens", [(128, 4, 2, 0, 256), (250, 2, 1, 1, 256), (96, 6, 3, 0, 300),
                                                        (512, 2, 2, 2, 256)])
 def test_byte_batches_widen_to_the_reference_ids(long_shards, L, B, m, workers, num_tokens, monkeypatch):
-    from terrabyte.data_pipeline import loader as loader_module
-    from terrabyte.data_pipeline.batch import ByteBatch
-    from terrabyte.data_pipeline.vocab import Vocab
+    from terrabyte.data_pipeline.basics.vocab import Vocab
+    from terrabyte.data_pipeline.read import loader as loader_module
+    from terrabyte.data_pipeline.read.batch import ByteBatch
 
     path, _ = long_shards
     if L == 512:  # a step larger than the lane block (long sequences): fresh buffers, batches are views

@@ -6,9 +6,10 @@ import random
 
 import pytest
 
-from terrabyte.data_pipeline import builder, cli, neardup
-from terrabyte.data_pipeline.loader import split_documents
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline import cli
+from terrabyte.data_pipeline.read.loader import split_documents
+from terrabyte.data_pipeline.read.manifest import load_manifest
+from terrabyte.data_pipeline.write import builder, neardup
 
 
 def _source(module_name: str) -> bytes:

@@ -7,9 +7,9 @@ import pytest
 import torch
 import zstandard
 
-from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import Bundler, split_of
-from terrabyte.data_pipeline.errors import DataError
+from terrabyte.data_pipeline.basics.errors import DataError
+from terrabyte.data_pipeline.read import stages
+from terrabyte.data_pipeline.write.builder import Bundler, split_of
 
 from .reference_stages import batch, document_ids, member_tokens, pack
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
+from terrabyte.data_pipeline.basics.errors import CheckpointError
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain import checkpoint as ckpt
 from terrabyte.pretrain import earlier_formats

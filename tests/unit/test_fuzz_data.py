@@ -17,11 +17,11 @@ hypothesis = pytest.importorskip("hypothesis", reason="in the dev extra: pip ins
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from terrabyte.data_pipeline import stages  # noqa: E402
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards  # noqa: E402
-from terrabyte.data_pipeline.errors import ConfigError, DataError  # noqa: E402
-from terrabyte.data_pipeline.loader import ByteLoader  # noqa: E402
-from terrabyte.data_pipeline.manifest import INDEX_KEYS, MANIFEST, load_manifest, shard_list  # noqa: E402
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError  # noqa: E402
+from terrabyte.data_pipeline.read import stages  # noqa: E402
+from terrabyte.data_pipeline.read.loader import ByteLoader  # noqa: E402
+from terrabyte.data_pipeline.read.manifest import INDEX_KEYS, MANIFEST, load_manifest, shard_list  # noqa: E402
+from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards  # noqa: E402
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])

@@ -15,13 +15,13 @@ import threading
 
 import pytest
 
-from terrabyte.data_pipeline import readers
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError
 from terrabyte.data_pipeline.cli import main
-from terrabyte.data_pipeline.errors import ConfigError, DataError
-from terrabyte.data_pipeline.loader import ByteLoader, split_documents
-from terrabyte.data_pipeline.manifest import load_manifest
-from terrabyte.data_pipeline.verify import format_stats
+from terrabyte.data_pipeline.read.loader import ByteLoader, split_documents
+from terrabyte.data_pipeline.read.manifest import load_manifest
+from terrabyte.data_pipeline.read.verify import format_stats
+from terrabyte.data_pipeline.write import readers
+from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
 
 hypothesis = pytest.importorskip("hypothesis", reason="in the dev extra: pip install -e .[dev]")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -78,7 +78,7 @@ def test_a_link_swapped_in_after_discovery_is_not_opened(tmp_path):
 HOSTILE_WALK = textwrap.dedent("""
     import resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # an unbounded read fails, never swaps
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
     man = build_shards(BuildConfig(inputs=[sys.argv[1]], val_fraction=0.0, follow_symlinks=sys.argv[3] == "1"),
                        sys.argv[2], progress=False)
     print(man["stats"]["skipped_links"], man["stats"]["skipped_special"], man["totals"]["all"]["documents"])
@@ -316,7 +316,7 @@ def test_a_failed_rebuild_leaves_the_previous_build_intact(tmp_path):
 
 
 def test_a_failed_build_resumes_from_its_staging_folder(tmp_path, monkeypatch):
-    from terrabyte.data_pipeline import builder
+    from terrabyte.data_pipeline.write import builder
 
     src = _corpus(tmp_path / "in", {f"f{i}.txt": os.urandom(300) for i in range(5)})
     (src / "zz.jsonl").write_text('{"no_text": 1}\n')
@@ -353,7 +353,7 @@ def _rewrite(out, change):
 
 @pytest.mark.parametrize("quote", ["", '"', "'"])
 def test_a_shard_name_never_runs_in_a_pipe_template(built, tmp_path, quote):
-    from terrabyte.data_pipeline.manifest import PIPE_FILE_VAR, pipe_command
+    from terrabyte.data_pipeline.read.manifest import PIPE_FILE_VAR, pipe_command
 
     marker = tmp_path / "marker"
     template = f"pipe:cat {quote}{built}/{{}}{quote}"
@@ -375,7 +375,7 @@ def test_a_manifest_that_is_a_device_is_refused_unread(tmp_path):
     (tmp_path / "s").mkdir()
     os.symlink("/dev/zero", tmp_path / "s" / "manifest.json")
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
-            "from terrabyte.data_pipeline.manifest import load_manifest; load_manifest(sys.argv[1])")
+            "from terrabyte.data_pipeline.read.manifest import load_manifest; load_manifest(sys.argv[1])")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
                           timeout=60, env=dict(os.environ))
     assert "manifest.json' is not a regular file; refused" in proc.stderr.splitlines()[-1]

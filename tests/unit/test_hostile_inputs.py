@@ -13,11 +13,11 @@ import zipfile
 import pytest
 import zstandard
 
-from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import ConfigError, DataError
-from terrabyte.data_pipeline.loader import ByteLoader, split_documents
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError
+from terrabyte.data_pipeline.read import stages
+from terrabyte.data_pipeline.read.loader import ByteLoader, split_documents
+from terrabyte.data_pipeline.read.manifest import load_manifest
+from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
 
 
 def test_loader_refuses_a_member_past_max_member_bytes(tmp_path):
@@ -95,7 +95,7 @@ def test_archive_links_devices_and_fifos_are_counted_never_followed(tmp_path):
 # VmHWM, not ru_maxrss: the latter keeps the forking parent's (pytest's) resident size across exec
 BUILD_AND_MEASURE = textwrap.dedent("""
     import re, sys
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
     build_shards(BuildConfig(inputs=[sys.argv[1]], val_fraction=0.0), sys.argv[2], progress=False)
     print(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 """)

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
+from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError
 from terrabyte.pretrain import checkpoint as ckpt
 from terrabyte.pretrain.args import ModelConfig
 

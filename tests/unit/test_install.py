@@ -25,6 +25,8 @@ def test_non_editable_install_layout(tmp_path):
     assert {"pretrain", "kernels", "data_pipeline", "launch", "configs"} <= subpackages
     assert (target / "terrabyte" / "configs" / "tiny.yaml").is_file()
     assert (target / "terrabyte" / "pretrain" / "model.py").is_file()
+    for sub in ("basics", "read", "write"):  # packages inside a top folder are installed too
+        assert (target / "terrabyte" / "data_pipeline" / sub / "__init__.py").is_file(), sub
     # the installed copy (not the checkout) imports and finds its configs
     code = (
         "import terrabyte.pretrain as p, terrabyte.pretrain.args as a; "

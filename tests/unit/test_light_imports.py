@@ -11,7 +11,8 @@ BLOCKED = ("deepspeed", "yaml", "triton")
 # the project's modules `from terrabyte.pretrain import TerraByte` may import
 LIGHT = {"terrabyte", "terrabyte.pretrain", "terrabyte.pretrain.model", "terrabyte.pretrain.model_args",
          "terrabyte.pretrain.decode", "terrabyte.pretrain.hub", "terrabyte.data_pipeline",
-         "terrabyte.data_pipeline.errors", "terrabyte.data_pipeline.vocab"}
+         "terrabyte.data_pipeline.basics", "terrabyte.data_pipeline.basics.errors",
+         "terrabyte.data_pipeline.basics.vocab"}
 
 # A machine without DeepSpeed, yaml and Triton (macOS has no Triton wheel): importing any of them
 # fails, and every attempt is recorded. Then a step of training on CPU with a sparse global stage.

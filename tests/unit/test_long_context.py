@@ -4,7 +4,7 @@ chunk sizes are checked; upper-stage embeddings do not grow with the unit."""
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain.model import MAX_KERNEL_BATCH, TerraByte, chunk_plan, cross_entropy
 
 SPARSE = {"kind": "sparse", "pattern": {"local": 32, "dilated": [[64, 2]], "global_tokens": 2, "block": 16}}

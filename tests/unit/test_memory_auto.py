@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain import estimate
 from terrabyte.pretrain import model as model_module
 from terrabyte.pretrain.args import load_config

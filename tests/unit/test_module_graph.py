@@ -110,7 +110,7 @@ def test_graph_sees_known_edges():
     graph = import_graph()
     assert "terrabyte.pretrain.model" in graph["terrabyte.pretrain.trainer"]
     assert "terrabyte.pretrain.engine" in graph["terrabyte.pretrain.trainer"]  # `from . import engine as eng`
-    assert "terrabyte.data_pipeline.errors" in graph["terrabyte.launch.cli"]
+    assert "terrabyte.data_pipeline.basics.errors" in graph["terrabyte.launch.cli"]
 
 
 def test_cycle_finder_finds_a_cycle():

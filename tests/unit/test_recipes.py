@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from terrabyte.data_pipeline import cli
-from terrabyte.data_pipeline.loader import split_documents
-from terrabyte.data_pipeline.manifest import load_manifest
-from terrabyte.data_pipeline.verify import verify_shards
+from terrabyte.data_pipeline.read.loader import split_documents
+from terrabyte.data_pipeline.read.manifest import load_manifest
+from terrabyte.data_pipeline.read.verify import verify_shards
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 WORDS = ("the of and to in is was for on that with as by at from his her it an be this which or had are not but "

@@ -39,12 +39,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..basics.errors import CheckpointError, ConfigError, DataError
+from ..basics.vocab import BYTES, Vocab
 from . import stages
 from .batch import ByteBatch
-from .errors import CheckpointError, ConfigError, DataError
 from .manifest import load_dictionary, load_manifest, shard_list
 from .stages import ErrorCounter, ShardFiles
-from .vocab import BYTES, Vocab
 
 logger = logging.getLogger(__name__)
 

@@ -44,11 +44,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import zstandard
 
+from ..basics.errors import ConfigError, DataError, TerrabyteError
+from ..basics.system import atomic_write
+from ..read.manifest import DICT_FILE, FORMAT, INDEX_KEYS, MANIFEST, SPLITS
 from . import neardup, readers
-from .errors import ConfigError, DataError, TerrabyteError
-from .manifest import DICT_FILE, FORMAT, INDEX_KEYS, MANIFEST, SPLITS
 from .readers import Document, ReadOptions, Source
-from .system import atomic_write
 
 logger = logging.getLogger(__name__)
 

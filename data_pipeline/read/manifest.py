@@ -27,7 +27,7 @@ import json
 import os
 import re
 
-from .errors import ConfigError, DataError
+from ..basics.errors import ConfigError, DataError
 
 FORMAT = "terrabyte-shards"
 MANIFEST = "manifest.json"

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..basics.errors import CheckpointError, ConfigError, DataError, TerrabyteError
+from ..basics.vocab import BYTES, Vocab
 from . import stages
-from .errors import CheckpointError, ConfigError, DataError, TerrabyteError
 from .loader import BLOCK_BYTES, ByteLoader
-from .vocab import BYTES, Vocab
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import hashlib
 import os
 import tarfile
 
+from ..basics.errors import DataError
 from . import stages
-from .errors import DataError
 from .manifest import SPLITS, load_manifest
 
 MB = 1e6
@@ -199,7 +199,7 @@ def format_stats(man: dict) -> str:
                  f"duplicates dropped {st.get('duplicates', 0)}, size-filtered {st.get('filtered_size', 0)}, "
                  f"sources skipped {st.get('skipped_sources', 0)}")
     if man.get("dedup"):
-        from .neardup import format_report
+        from ..write.neardup import format_report
 
         lines.extend(format_report(man["dedup"]))
     lines.append(continued_summary(man))

@@ -43,9 +43,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import zstandard
 
-from .errors import DataError
+from ..basics.errors import DataError
+from ..basics.system import atomic_write
 from .manifest import INDEX_KEYS, display, run_pipe
-from .system import atomic_write
 
 logger = logging.getLogger(__name__)
 

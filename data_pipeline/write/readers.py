@@ -34,7 +34,7 @@ from xml.parsers import expat
 
 import zstandard
 
-from .errors import ConfigError, DataError
+from ..basics.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
