@@ -123,7 +123,9 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_build(args) -> int:
-    from .write.builder import BuildConfig, build_shards, mpi_comm_from_env
+    from .write.builder import build_shards
+    from .write.config import BuildConfig
+    from .write.parallel import mpi_comm_from_env
 
     near = {k: getattr(args, k) for k in ("dedup_threshold", "dedup_ngram", "dedup_perm")
             if getattr(args, k) is not None}
@@ -140,7 +142,7 @@ def cmd_build(args) -> int:
     rank = comm.Get_rank() if comm is not None else 0
     man = build_shards(cfg, args.out, workers=args.workers, progress=not args.no_progress, comm=comm)
     if rank == 0:
-        from .read.verify import format_stats
+        from .verify import format_stats
 
         sys.stdout.write(format_stats(man))
     return 0
@@ -150,7 +152,7 @@ def cmd_stats(args) -> int:
     import json
 
     from .read.manifest import load_manifest
-    from .read.verify import format_stats
+    from .verify import format_stats
 
     man = load_manifest(args.dir)
     if args.json:
@@ -165,7 +167,7 @@ def cmd_stats(args) -> int:
 
 def cmd_verify(args) -> int:
     from .read.manifest import load_manifest
-    from .read.verify import verify_shards
+    from .verify import verify_shards
 
     problems = verify_shards(args.dir, progress=not args.no_progress)
     for p in problems:

@@ -8,7 +8,9 @@ import os
 import sysconfig
 
 from .read.manifest import load_manifest
-from .write.builder import BUILD_LOCK, BuildConfig, build_shards
+from .write.builder import build_shards
+from .write.config import BuildConfig
+from .write.publish import BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ import torch
 from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError
 from terrabyte.data_pipeline.read.loader import ByteLoader
 from terrabyte.data_pipeline.read.mixture import MixtureLoader, draw_sources, parse_mixture
-from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
+from terrabyte.data_pipeline.write.builder import build_shards
+from terrabyte.data_pipeline.write.config import BuildConfig
 
 SEQ, B, M = 32, 4, 2
 # disjoint byte ranges: a sequence's bytes say which source it came from

@@ -246,7 +246,8 @@ def test_enwik8_positional_split_one_document_per_split(tmp_path, capsys):
     assert len(err) == 1 and "enwik8" in err[0] and "30000 bytes" in err[0] and "100000000" in err[0]
     assert not (tmp_path / "short" / "manifest.json").exists()
     with pytest.raises(DataError):
-        from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
+        from terrabyte.data_pipeline.write.builder import build_shards
+        from terrabyte.data_pipeline.write.config import BuildConfig
 
         build_shards(BuildConfig(inputs=[str(tmp_path / "enwik8")], split_bytes=(20000, 20000)),
                      str(tmp_path / "short"), progress=False)

@@ -58,7 +58,8 @@ def test_modes_on_long_documents(model):
 
 
 def test_shards_and_files_give_the_same_number(tmp_path, model):
-    from terrabyte.data_pipeline.write.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
 
     src = tmp_path / "src"
     src.mkdir()

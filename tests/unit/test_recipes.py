@@ -14,7 +14,7 @@ import pytest
 from terrabyte.data_pipeline import cli
 from terrabyte.data_pipeline.read.loader import split_documents
 from terrabyte.data_pipeline.read.manifest import load_manifest
-from terrabyte.data_pipeline.read.verify import verify_shards
+from terrabyte.data_pipeline.verify import verify_shards
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 WORDS = ("the of and to in is was for on that with as by at from his her it an be this which or had are not but "
