@@ -74,8 +74,7 @@ def build_shards(cfg: BuildConfig, out_dir: str, *, workers: int = 1, progress: 
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
 
     skipped = {"skipped_links": 0}
-    sources = discover_sources(cfg.inputs, cfg.include, cfg.exclude, cfg.input_format,
-                                       cfg.follow_symlinks, skipped)
+    sources = discover_sources(cfg.inputs, cfg.include, cfg.exclude, cfg.input_format, cfg.follow_symlinks, skipped)
     if any(skipped.values()) and rank == 0:
         logger.warning("inputs not read: %d symbolic links (--follow-symlinks reads them), %d devices, FIFOs or "
                        "sockets", skipped.get("skipped_links", 0), skipped.get("skipped_special", 0))

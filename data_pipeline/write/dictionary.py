@@ -5,9 +5,8 @@ from __future__ import annotations
 import zstandard
 
 from ..basics.errors import ConfigError
-from . import documents
 from .config import BuildConfig
-from .documents import ReadOptions
+from .documents import ReadOptions, read_source
 
 
 def train_dictionary(tasks, cfg: BuildConfig) -> bytes:
@@ -17,7 +16,7 @@ def train_dictionary(tasks, cfg: BuildConfig) -> bytes:
     stride = max(1, len(all_sources) // 1000)
     for src in all_sources[::stride]:
         opts = ReadOptions(cfg.text_field, cfg.group_depth, stream_bytes=1 << 20)
-        for doc in documents.read_source(src, opts, cfg.include, cfg.exclude):
+        for doc in read_source(src, opts, cfg.include, cfg.exclude):
             if doc.size:
                 samples.append(doc.read(1 << 20))
                 total += len(samples[-1])

@@ -18,10 +18,9 @@ import zstandard
 
 from ..basics.system import atomic_write
 from ..format import SPLITS
-from . import documents
 from .bundle import READ_BLOCK, Bundler, Member, stream_members
 from .config import BUILDER_VERSION, BuildConfig, sha256_json
-from .documents import Document, ReadOptions
+from .documents import Document, ReadOptions, read_source
 from .shard_writer import SHARD_RE, ShardWriter
 from .sources import Source
 
@@ -117,7 +116,7 @@ def iter_documents(sources, cfg: BuildConfig, stats: TaskStats, failed: list | N
     for src in sources:
         stats.sources += 1
         try:
-            for doc in documents.read_source(src, opts, cfg.include, cfg.exclude):
+            for doc in read_source(src, opts, cfg.include, cfg.exclude):
                 yield doc
                 if failed:
                     raise failed.pop()

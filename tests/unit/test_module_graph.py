@@ -142,3 +142,16 @@ def test_model_never_imports_deepspeed():
         names = imported_names(REPO / module)
         assert "torch" in names  # the scanner sees this file's imports
         assert not [n for n in names if n.split(".")[0] == "deepspeed"], module
+
+
+def test_data_sides_meet_only_in_format_and_basics():
+    """data_pipeline/basics/ imports nothing else of the project (the model imports it without the
+    data package), and the write and read sides never import each other: what one writes and the
+    other reads is named in format.py."""
+    graph, dp = import_graph(), "terrabyte.data_pipeline."
+    assert dp + "basics.errors" in graph[dp + "write.builder"] and dp + "format" in graph[dp + "read.manifest"]
+    bad = sorted((module, target) for module, targets in graph.items() for target in targets
+                 if (module.startswith(dp + "basics.") and not target.startswith(dp + "basics."))
+                 or (module.startswith(dp + "write.") and target.startswith(dp + "read."))
+                 or (module.startswith(dp + "read.") and target.startswith(dp + "write.")))
+    assert bad == []
