@@ -31,8 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write, describe_machine
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write, describe_machine
 
 from .patterns import SparsePattern
 

@@ -16,7 +16,7 @@ import importlib
 import logging
 import sys
 
-from terrabyte.data_pipeline.errors import ConfigError, run_guarded
+from terrabyte.data_pipeline.basics.errors import ConfigError, run_guarded
 
 log = logging.getLogger("terrabyte")
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from terrabyte.data_pipeline.system import atomic_write
+from terrabyte.data_pipeline.basics.system import atomic_write
 
 from ..model.terrabyte import MALLOC_MMAP_THRESHOLD
 from ..train.config import Config
@@ -42,7 +42,7 @@ def build_megabyte(cfg: Config):
     """MEGABYTE-pytorch with the config's shapes: same dims, depths, patching, heads of the same
     width (its heads are one number for all stages: the global stage's), rotary positions and SDPA.
     Its vocabulary covers our PAD and EOS ids, with PAD as its ignored id."""
-    from terrabyte.data_pipeline.vocab import Vocab
+    from terrabyte.data_pipeline.basics.vocab import Vocab
 
     m = cfg.model
     heads = m.heads if isinstance(m.heads, int) else m.heads[0]

@@ -52,9 +52,9 @@ from pathlib import Path
 
 import torch
 
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write, describe_machine
 from terrabyte.data_pipeline.cli import parse_size
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from ..train.config import Config, load_config
 from ..model.terrabyte import available_memory_bytes
@@ -468,7 +468,7 @@ def run_longest(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m terrabyte.pretrain.bench.context``: the same flags as ``terrabyte bench context``."""
-    from terrabyte.data_pipeline.errors import run_guarded
+    from terrabyte.data_pipeline.basics.errors import run_guarded
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

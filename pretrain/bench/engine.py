@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import describe_machine, free_port
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import describe_machine, free_port
 
 from ..train.config import load_config
 from ..engine.ds_seams import held_numel

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import describe_machine
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import describe_machine
 
 from ..model.terrabyte import TerraByte
 from .common import emit, megabyte_class, peak_growth, spawn_child, sync, train_step

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write, describe_machine
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write, describe_machine
 
 from ..train.config import Config, load_config
 from .baselines import BytePairTokens, TokenGPT, train_step_flops, training_documents
@@ -162,14 +162,14 @@ def _shards(cfg: Config, work_dir: Path) -> str:
 
 
 def _loader(cfg: Config, shards: str, split: str, seed: int, loop: bool):
-    from terrabyte.data_pipeline.loader import ByteLoader
+    from terrabyte.data_pipeline.read.loader import ByteLoader
 
     return ByteLoader(shards, split=split, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch,
                       micro_batch=cfg.train.micro_batch, seed=seed, loop=loop, vocab=_vocab(cfg))
 
 
 def _vocab(cfg: Config):
-    from terrabyte.data_pipeline.vocab import Vocab
+    from terrabyte.data_pipeline.basics.vocab import Vocab
 
     return Vocab(cfg.model.num_tokens)
 

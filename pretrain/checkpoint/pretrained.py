@@ -24,8 +24,8 @@ from typing import Optional
 
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
-from terrabyte.data_pipeline.system import atomic_write
+from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write
 
 from . import earlier_formats
 from ..engine.ds_seams import full_shape, is_partitioned

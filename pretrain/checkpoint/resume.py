@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
+from terrabyte.data_pipeline.basics.errors import CheckpointError
 
 from . import earlier_formats
 from ..engine import ds_seams

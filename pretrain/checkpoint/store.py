@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
-from terrabyte.data_pipeline.system import atomic_write, fsync_path, fsync_tree
+from terrabyte.data_pipeline.basics.errors import CheckpointError
+from terrabyte.data_pipeline.basics.system import atomic_write, fsync_path, fsync_tree
 
 from . import earlier_formats
 from ..engine.engine import all_gather_objects, barrier, layout_of, on_rank0

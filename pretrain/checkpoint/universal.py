@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
+from terrabyte.data_pipeline.basics.errors import CheckpointError
 
 from ..engine import ds_seams
 from ..parallel.pipeline import pipeline_key

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
-from terrabyte.data_pipeline.system import atomic_path
+from terrabyte.data_pipeline.basics.errors import CheckpointError
+from terrabyte.data_pipeline.basics.system import atomic_path
 
 from . import earlier_formats
 from ..engine import ds_seams

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from .cache import TerraByteCache, check_chunk_bytes, init_cache, prefill_patches
 from .plans import stage_decode

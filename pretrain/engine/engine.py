@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from terrabyte.data_pipeline.errors import TerrabyteError
-from terrabyte.data_pipeline.system import free_port
+from terrabyte.data_pipeline.basics.errors import TerrabyteError
+from terrabyte.data_pipeline.basics.system import free_port
 
 from . import ds_seams
 from ..train.config import Config

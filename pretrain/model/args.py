@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 IntTuple = tuple[int, ...]
 PerStage = Union[int, IntTuple]  # one value for every stage, or one per stage

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 
 from torch import Tensor, nn
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from ..engine import ds_seams
 from ..model.terrabyte import TerraByte

@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from ..model.terrabyte import TerraByte
 from .layout import Layout

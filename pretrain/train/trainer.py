@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.batch import ByteBatch
-from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteError
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError, TerrabyteError
+from terrabyte.data_pipeline.read.batch import ByteBatch
 
 from ..checkpoint import store as ckpt
 from ..checkpoint.resume import load as load_checkpoint, plan_resume
@@ -73,7 +73,7 @@ def resolve_sources(cfg: Config):
     source (``data.path``); a missing one is named in one line."""
     if cfg.data.sources is None:
         return None
-    from terrabyte.data_pipeline.mixture import parse_mixture
+    from terrabyte.data_pipeline.read.mixture import parse_mixture
 
     mixture = parse_mixture(cfg.data.sources, cfg.data.schedule)
     for src in mixture.sources:
@@ -133,8 +133,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _loader(self, split: str, loop: bool, rank: int | None = None, world: int | None = None, path=None):
-        from terrabyte.data_pipeline.loader import ByteLoader
-        from terrabyte.data_pipeline.mixture import MixtureLoader
+        from terrabyte.data_pipeline.read.loader import ByteLoader
+        from terrabyte.data_pipeline.read.mixture import MixtureLoader
 
         mixed = path is None and self.mixture is not None
         return (MixtureLoader if mixed else ByteLoader)(

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain.engine import engine as eng
 from terrabyte.pretrain.model.terrabyte import TerraByte
 from terrabyte.pretrain.parallel.layout import Layout

@@ -172,7 +172,7 @@ def test_partitioned_build_matches_one_rank(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    from terrabyte.data_pipeline.system import free_port
+    from terrabyte.data_pipeline.basics.system import free_port
     from terrabyte.pretrain.train.config import load_config
     from terrabyte.pretrain.model.terrabyte import TerraByte
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain.bench import context as bc
 from terrabyte.pretrain.bench import context_measure
 

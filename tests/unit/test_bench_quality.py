@@ -116,7 +116,7 @@ def test_flat_and_bpe_baselines_at_equal_steps_time_and_flops(tmp_path, shards, 
 
 
 def test_bpe_tokens_are_lossless_and_scored_over_the_same_bytes():
-    from terrabyte.data_pipeline.vocab import BYTES
+    from terrabyte.data_pipeline.basics.vocab import BYTES
     from terrabyte.pretrain.bench.baselines import BytePairTokens
 
     rng = torch.Generator().manual_seed(0)

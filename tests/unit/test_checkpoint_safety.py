@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
+from terrabyte.data_pipeline.basics.errors import CheckpointError
 from terrabyte.pretrain.checkpoint import store as ckpt
 from terrabyte.pretrain.checkpoint import universal as ckpt_universal, weights as ckpt_weights
 
@@ -105,7 +105,7 @@ FULL_DISK = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
     from test_checkpoint_safety import save, save_big
-    from terrabyte.data_pipeline.errors import CheckpointError
+    from terrabyte.data_pipeline.basics.errors import CheckpointError
     root = Path(sys.argv[1])
     save(root, 2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead

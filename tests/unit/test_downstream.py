@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError, ConfigError, DataError
+from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError, DataError
 from terrabyte.launch.cli import main as cli
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.checkpoint.weights import save_safetensors
@@ -218,8 +218,8 @@ def enwik_like(size: int) -> bytes:
 
 
 def test_enwik8_positional_split_one_document_per_split(tmp_path, capsys):
-    from terrabyte.data_pipeline.loader import ByteLoader, split_documents
-    from terrabyte.data_pipeline.vocab import BYTES
+    from terrabyte.data_pipeline.read.loader import ByteLoader, split_documents
+    from terrabyte.data_pipeline.basics.vocab import BYTES
     from terrabyte.pretrain.train.config import load_config
 
     data = enwik_like(30_000)
@@ -246,7 +246,8 @@ def test_enwik8_positional_split_one_document_per_split(tmp_path, capsys):
     assert len(err) == 1 and "enwik8" in err[0] and "30000 bytes" in err[0] and "100000000" in err[0]
     assert not (tmp_path / "short" / "manifest.json").exists()
     with pytest.raises(DataError):
-        from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+        from terrabyte.data_pipeline.write.builder import build_shards
+        from terrabyte.data_pipeline.write.config import BuildConfig
 
         build_shards(BuildConfig(inputs=[str(tmp_path / "enwik8")], split_bytes=(20000, 20000)),
                      str(tmp_path / "short"), progress=False)

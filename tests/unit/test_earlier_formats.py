@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
+from terrabyte.data_pipeline.basics.errors import CheckpointError
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.checkpoint import store as ckpt
 from terrabyte.pretrain.checkpoint import resume as ckpt_resume, weights as ckpt_weights

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
+from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError
 from terrabyte.pretrain.checkpoint import store as ckpt
 from terrabyte.pretrain.checkpoint import weights as ckpt_weights
 from terrabyte.pretrain.train.config import ModelConfig

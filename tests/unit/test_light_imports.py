@@ -13,8 +13,8 @@ LIGHT = {"terrabyte", "terrabyte.pretrain", "terrabyte.pretrain.model", "terraby
          "terrabyte.pretrain.model.layers", "terrabyte.pretrain.model.stage", "terrabyte.pretrain.model.terrabyte",
          "terrabyte.pretrain.model.hub", "terrabyte.pretrain.decode", "terrabyte.pretrain.decode.cache",
          "terrabyte.pretrain.decode.generate", "terrabyte.pretrain.decode.plans", "terrabyte.pretrain.decode.sample",
-         "terrabyte.data_pipeline",
-         "terrabyte.data_pipeline.errors", "terrabyte.data_pipeline.vocab"}
+         "terrabyte.data_pipeline", "terrabyte.data_pipeline.basics",
+         "terrabyte.data_pipeline.basics.errors", "terrabyte.data_pipeline.basics.vocab"}
 
 # A machine without DeepSpeed, yaml and Triton (macOS has no Triton wheel): importing any of them
 # fails, and every attempt is recorded. Then a step of training on CPU with a sparse global stage.

@@ -111,7 +111,7 @@ def test_graph_sees_known_edges():
     assert "terrabyte.pretrain.model.terrabyte" in graph["terrabyte.pretrain.train.trainer"]
     # `from ..engine import engine as eng`: a module of a sibling package
     assert "terrabyte.pretrain.engine.engine" in graph["terrabyte.pretrain.train.trainer"]
-    assert "terrabyte.data_pipeline.errors" in graph["terrabyte.launch.cli"]
+    assert "terrabyte.data_pipeline.basics.errors" in graph["terrabyte.launch.cli"]
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -147,3 +147,16 @@ def test_model_never_imports_deepspeed():
     for path in sorted([*(REPO / "pretrain" / "model").glob("*.py"), *(REPO / "pretrain" / "decode").glob("*.py")]):
         names = imported_names(path)
         assert not [n for n in names if n.split(".")[0] == "deepspeed"], path
+
+
+def test_data_sides_meet_only_in_format_and_basics():
+    """data_pipeline/basics/ imports nothing else of the project (the model imports it without the
+    data package), and the write and read sides never import each other: what one writes and the
+    other reads is named in format.py."""
+    graph, dp = import_graph(), "terrabyte.data_pipeline."
+    assert dp + "basics.errors" in graph[dp + "write.builder"] and dp + "format" in graph[dp + "read.manifest"]
+    bad = sorted((module, target) for module, targets in graph.items() for target in targets
+                 if (module.startswith(dp + "basics.") and not target.startswith(dp + "basics."))
+                 or (module.startswith(dp + "write.") and target.startswith(dp + "read."))
+                 or (module.startswith(dp + "read.") and target.startswith(dp + "write.")))
+    assert bad == []
