@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import part_attention
-from .patterns import SparsePattern, _unpack, check_attention_inputs
+from ..pattern import SparsePattern, check_attention_inputs
+from ..pattern.parts import unpack_params
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def _first_residue(a: torch.Tensor, r: int, off: int) -> torch.Tensor:
 def _part_candidates(params: tuple, n: int, B: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(query block, key block) pairs, possibly repeated, covering every attended pair of one head;
     the same block ranges as tile_walk's candidate lists, all query blocks at once."""
-    w, g, l, dils = _unpack(params)
+    w, g, l, dils = unpack_params(params)
     nb = -(-n // B)
     qb = torch.arange(nb)
     x0, xl = qb * B, torch.clamp(qb * B + B, max=n) - 1
@@ -264,7 +265,7 @@ def _head_blocks(rows: torch.Tensor, blocks: torch.Tensor, ident, n: int, patter
     if pattern.is_csr:  # a layout attends whole tiles
         full = complete & below
     else:
-        w, g, _, dils = _unpack(list(ident))
+        w, g, _, dils = unpack_params(list(ident))
         if causal:
             full = below & (ql - k0 < w)
             full |= below & (kl < g)
@@ -348,7 +349,7 @@ def _tile_signature(pattern: SparsePattern, head: int, rows: torch.Tensor, block
     cols = [torch.clamp(n - k0, 0, B)]
     if pattern.is_csr:
         return torch.stack(cols + [torch.clamp(d, -B, B)], 1)
-    w, g, l, dils = _unpack(pattern.head(head).params(head, n))
+    w, g, l, dils = unpack_params(pattern.head(head).params(head, n))
     reach = max(w, 1) + B
     cols.append(torch.clamp(d, -reach, reach))
     if g > 0:
