@@ -6,7 +6,7 @@ under ``terrabyte``. Works for ``pip install .`` and ``pip install -e .``.
 """
 import platform
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ["pretrain", "kernels", "data_pipeline", "launch", "configs"]
 
@@ -37,7 +37,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["terrabyte." + name for name in SUBPACKAGES],
+    packages=[f"terrabyte.{name}{sub}" for name in SUBPACKAGES
+              for sub in [""] + ["." + p for p in find_packages(where=name)]],
     package_dir={"terrabyte." + name: name for name in SUBPACKAGES},
     package_data={
         "terrabyte.configs": ["*.yaml"],

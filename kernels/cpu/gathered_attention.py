@@ -1,11 +1,11 @@
 """Block-gathered sparse attention in plain PyTorch: the pattern's cost off the GPU.
 
-The dense reference (``reference_attention``) builds an (n, n) mask, so on a CPU sparse attention
-used to cost as much as dense attention. This path visits only the pattern's key blocks: per query
-block a padded row of key-block indices (the tiles the pattern touches, found from the pattern's
-integers with tensor ops, never from an n x n object), K and V gathered block by block, scores
-against the query block, the element-wise predicate on the tiles that are not entirely attended,
-softmax in fp32 (fp64 stays fp64). Cost and memory are linear in n for a fixed pattern.
+The dense reference (``reference_attention``) builds an (n, n) mask and costs as much as dense
+attention. This path visits only the pattern's key blocks: per query block a padded row of key-block
+indices (the tiles the pattern touches, found from the pattern's integers with tensor ops, never
+from an n x n object), K and V gathered block by block, scores against the query block, the
+element-wise predicate on the tiles that are not entirely attended, softmax in fp32 (fp64 stays
+fp64). Cost and memory are linear in n for a fixed pattern.
 
 The tiles hold every attended pair; where a tile-level test is conservative they may differ from
 the Triton walk's (``tile_walk.visit``), and the element-wise mask makes the result exact either

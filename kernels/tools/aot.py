@@ -7,7 +7,7 @@ No GPU is needed: each kernel of ``kernels/triton/`` goes through ``triton.compi
 launch with) and ``GPUTarget("cuda", arch, 64)``; Triton's bundled ptxas makes the cubin and its
 bundled ``cuobjdump --dump-resource-usage`` reads registers and stack (spilled registers live
 there) per variant. One line per variant, then a summary; exit code 1 if any variant fails to
-compile (the GPU session would have found out only there, with its minutes counting).
+compile (on a GPU machine that failure would cost device minutes).
 
 Variants: forward, backward preprocessing, dQ and dK/dV for bf16/fp16/fp32 x head dims 32/64/128 x
 blocks 64/128 x (a causal union of every part kind, an explicit CSR layout, non-causal), and the tile

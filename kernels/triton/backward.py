@@ -14,6 +14,7 @@ from .tiles import _load_rows, _store_rows
 @triton.jit
 def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, n, H,
                            BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) per row, which both gradient kernels read."""
     xb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -45,6 +46,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, PRM, PTR, IDX,
                    CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
                    LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Each program: dQ of one query block of one (batch, head), over the forward's walk."""
     qb, bh, b, h, prm, ptr = _program(PRM, PTR, n, H, prm_row, csr_heads, BLOCK)
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -84,6 +86,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, PRM, PTR, IDX,
                      CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
                      LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Each program: dK and dV of one key block of one (batch, head), over the transposed walk (the
+    query blocks whose lists contain the key block); no two programs write the same rows."""
     kb, bh, b, h, prm, ptr = _program(PRM, PTR, n, H, prm_row, csr_heads, BLOCK)
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)

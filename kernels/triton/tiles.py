@@ -38,18 +38,28 @@ def _store_rows(base, rows, stride, offs_d, n, x, HEAD_DIM: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k, stride_v, kb, qb, n, prm, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
-              LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over key block ``kb``: the running output ``acc`` (BLOCK, BLOCK_D) fp32, row sum
-    ``l_i`` and row max ``m_i`` (base 2, scores already scaled by ``qk_scale``) of query block ``qb``."""
+def _scores(q, k_ptr, v_ptr, stride_k, stride_v, kb, qb, n, qk_scale, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Rows of query block ``qb`` and key block ``kb``, the key block's K and V, and the scaled scores
+    Q K^T (base 2) of the tile: what the forward and dQ tiles start from."""
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(k_ptr, offs_n, stride_k, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_ptr, offs_n, stride_v, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    return offs_m, offs_n, k, v, qk
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k, stride_v, kb, qb, n, prm, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr, NUM_DIL: tl.constexpr,
+              LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over key block ``kb``: the running output ``acc`` (BLOCK, BLOCK_D) fp32, row sum
+    ``l_i`` and row max ``m_i`` (base 2, scores already scaled by ``qk_scale``) of query block ``qb``."""
+    offs_m, offs_n, k, v, qk = _scores(q, k_ptr, v_ptr, stride_k, stride_v, kb, qb, n, qk_scale, MASKED, BLOCK,
+                                       HEAD_DIM, BLOCK_D, DOT_PREC)
     if MASKED:
         ok = _allowed(offs_m[:, None], offs_n[None, :], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)
         qk = tl.where(ok, qk, float("-inf"))
@@ -70,12 +80,8 @@ def _dq_tile(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k, stride_v, kb, qb, n,
              LAYOUT_CSR: tl.constexpr, DOT_PREC: tl.constexpr):
     """dQ of query block ``qb`` (fp32, before the softmax scale) plus key block ``kb``'s share:
     P = exp2(S - lse), dS = P * (dO V^T - delta), dQ += dS K."""
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(k_ptr, offs_n, stride_k, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
-    v = _load_rows(v_ptr, offs_n, stride_v, offs_d, n, MASKED, HEAD_DIM, BLOCK_D)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    offs_m, offs_n, k, v, qk = _scores(q, k_ptr, v_ptr, stride_k, stride_v, kb, qb, n, qk_scale, MASKED, BLOCK,
+                                       HEAD_DIM, BLOCK_D, DOT_PREC)
     p = tl.math.exp2(qk - lse[:, None])
     if MASKED:
         ok = _allowed(offs_m[:, None], offs_n[None, :], n, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE, NUM_DIL, LAYOUT_CSR)

@@ -352,32 +352,48 @@ def _part_candidate(p, u, base, stepping, xb, x0, xl, n, l, prm, CAUSAL: tl.cons
 
 
 @triton.jit
+def _fills(e, q0, ql, k0, kl, w, g, prm, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, HAS_GLOBAL: tl.constexpr):
+    """Does part ``e`` attend every pair of the tile? (A strided part never does.)"""
+    f = q0 < 0
+    if e == 0:
+        f = _full_local(q0, ql, k0, kl, w, CAUSAL, BLOCK)
+    elif e == 1:
+        if HAS_GLOBAL:
+            f = _full_global(q0, ql, k0, kl, g, CAUSAL, BLOCK)
+    elif e >= 3:
+        d = e - 3
+        f = _full_dilated(q0, ql, k0, kl, tl.load(prm + 3 + 3 * d), tl.load(prm + 4 + 3 * d), CAUSAL, BLOCK)
+    return f
+
+
+@triton.jit
+def _touches(e, q0, ql, k0, kl, w, g, l, prm, CAUSAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+             HAS_STRIDE: tl.constexpr):
+    """Does part ``e`` attend at least one pair of the tile?"""
+    t = q0 < 0
+    if e >= 3:
+        d = e - 3
+        t = _touch_dilated(q0, ql, k0, kl, tl.load(prm + 3 + 3 * d), tl.load(prm + 4 + 3 * d),
+                           tl.load(prm + 5 + 3 * d), CAUSAL)
+    elif e == 2:
+        if HAS_STRIDE:
+            t = _touch_stride(q0, ql, k0, kl, l, CAUSAL)
+    elif e == 1:
+        if HAS_GLOBAL:
+            t = _touch_global(q0, ql, k0, kl, g, CAUSAL)
+    else:
+        t = _touch_local(q0, ql, k0, kl, w, CAUSAL)
+    return t
+
+
+@triton.jit
 def _claimed(p, q0, ql, k0, kl, w, g, l, prm, FULL_PASS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
              HAS_GLOBAL: tl.constexpr, HAS_STRIDE: tl.constexpr):
     """Does a part before ``p`` own the tile (fill it, in the unmasked pass; touch it, otherwise)?"""
     c = q0 < 0
     for e in range(0, p):
-        if e == 0:
-            if FULL_PASS:
-                c = c | _full_local(q0, ql, k0, kl, w, CAUSAL, BLOCK)
-            else:
-                c = c | _touch_local(q0, ql, k0, kl, w, CAUSAL)
-        elif e == 1:
-            if HAS_GLOBAL:
-                if FULL_PASS:
-                    c = c | _full_global(q0, ql, k0, kl, g, CAUSAL, BLOCK)
-                else:
-                    c = c | _touch_global(q0, ql, k0, kl, g, CAUSAL)
-        elif e == 2:
-            if HAS_STRIDE:
-                if not FULL_PASS:
-                    c = c | _touch_stride(q0, ql, k0, kl, l, CAUSAL)
+        if FULL_PASS:
+            c = c | _fills(e, q0, ql, k0, kl, w, g, prm, CAUSAL, BLOCK, HAS_GLOBAL)
         else:
-            d = e - 3
-            s = tl.load(prm + 3 + 3 * d)
-            r = tl.load(prm + 4 + 3 * d)
-            if FULL_PASS:
-                c = c | _full_dilated(q0, ql, k0, kl, s, r, CAUSAL, BLOCK)
-            else:
-                c = c | _touch_dilated(q0, ql, k0, kl, s, r, tl.load(prm + 5 + 3 * d), CAUSAL)
+            c = c | _touches(e, q0, ql, k0, kl, w, g, l, prm, CAUSAL, HAS_GLOBAL, HAS_STRIDE)
     return c
