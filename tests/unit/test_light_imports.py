@@ -55,7 +55,7 @@ print(json.dumps({
     "blocked_loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
     "tried_by_us": sorted({name for name, by in tried if by.startswith("terrabyte")}),
     "tried": sorted({name.split(".")[0] for name, _ in tried}),
-    "gathered": "terrabyte.kernels.gathered_attention" in sys.modules,
+    "gathered": "terrabyte.kernels.cpu.gathered_attention" in sys.modules,
 }))
 """
 
@@ -116,4 +116,4 @@ def test_a_subcommand_imports_its_module_alone_and_shows_its_options():
     assert subcommand_modules() & set(seen["modules"]) == {"terrabyte.pretrain.eval.generate_cli"}
     seen = run_python(CLI % (["bench", "attention", "--help"],))
     assert seen["code"] == 0 and "--pattern" in seen["out"] and "--lengths" in seen["out"], seen["out"]
-    assert subcommand_modules() & set(seen["modules"]) == {"terrabyte.kernels.bench"}
+    assert subcommand_modules() & set(seen["modules"]) == {"terrabyte.kernels.tools.bench"}
