@@ -91,11 +91,13 @@ def write_json(path: str, obj):
 
 @dataclass
 class TaskStats:
+    """What one task counted, summed over tasks into the manifest's totals and the build's log line."""
+
     sources: int = 0
     documents_read: int = 0
     bytes_read: int = 0
-    skipped_sources: int = 0
-    filtered_size: int = 0
+    skipped_sources: int = 0  # sources that failed to read, under on_error "skip"
+    filtered_size: int = 0  # documents outside min_bytes..max_bytes
     duplicates: int = 0
     skipped_names: list = field(default_factory=list)
     skipped_special: int = 0  # archive members that are links, devices or FIFOs (never followed)
