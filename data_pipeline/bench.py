@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from .system import describe_machine
+from .basics.system import describe_machine
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,11 @@ def bench_plain_zstd(path: str) -> int:
     """Decompresses every train member of the shards in order; returns raw bytes."""
     import zstandard
 
-    from . import stages
-    from .manifest import load_manifest, shard_list
+    from .read import epochs, fetch
+    from .read.manifest import load_manifest, shard_list
 
-    table = stages.member_table(shard_list(load_manifest(path), "train"))
-    files = stages.ShardFiles()
+    table = epochs.member_table(shard_list(load_manifest(path), "train"))
+    files = fetch.ShardFiles()
     d = zstandard.ZstdDecompressor()
     total = 0
     try:
@@ -100,14 +100,15 @@ def bench_plain_zstd(path: str) -> int:
 def zstd_cli_frames(paths: list[str], out: str) -> list[str]:
     """Every train member's zstd frame of the builds at `paths`, concatenated into one file per
     build (`zstd -d` reads concatenated frames as one stream); returns the `zstd -d` commands."""
-    from . import stages
-    from .manifest import DICT_FILE, file_url, load_manifest, shard_list
+    from .format import DICT_FILE
+    from .read import epochs, fetch
+    from .read.manifest import file_url, load_manifest, shard_list
 
     commands = []
     for k, path in enumerate(paths):
         man = load_manifest(path)
-        table = stages.member_table(shard_list(man, "train"))
-        files = stages.ShardFiles()
+        table = epochs.member_table(shard_list(man, "train"))
+        files = fetch.ShardFiles()
         target = f"{out}.{k}.zst"
         with open(target, "wb") as f:
             for i in range(len(table)):
@@ -140,10 +141,11 @@ def bench_zstd_cli(commands: list[list[str]], cpu: list) -> int:
 def split_build(inputs, include, exclude, workdir: str, k: int, zstd_level: int) -> list[str]:
     """The corpus's files dealt round-robin (sorted) into k directories, each built into its own
     shard directory, as separately built corpora are; returns the shard directories."""
-    from . import readers
-    from .builder import BuildConfig, build_shards
+    from .write.builder import build_shards
+    from .write.config import BuildConfig
+    from .write.sources import discover_sources
 
-    files = [src for src in readers.discover_sources(inputs, include or (), exclude or ()) if src.kind == "file"]
+    files = [src for src in discover_sources(inputs, include or (), exclude or ()) if src.kind == "file"]
     paths = []
     for part in range(k):
         raw = os.path.join(workdir, f"part{part}")
@@ -161,8 +163,8 @@ def bench_loader(path, args, workers: int, dtype: str = "int64") -> int:
     epochs, as many sequences as its sources hold); returns tokens delivered."""
     import torch
 
-    from .loader import ByteLoader
-    from .mixture import Mixture, MixtureLoader
+    from .read.loader import ByteLoader
+    from .read.mixture import Mixture, MixtureLoader
 
     loader = (MixtureLoader if isinstance(path, Mixture) else ByteLoader)(
         path, seq_len=args.seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
@@ -182,15 +184,16 @@ def bench_streaming(inputs, include, exclude, workdir: str, repeats: int):
     except Exception as e:  # absent, or present but unusable (its import pulls in torchvision...)
         logger.info("mosaicml-streaming unavailable (%s): skipped", e)
         return None
-    from . import readers
+    from .write.documents import ReadOptions, read_source
+    from .write.sources import discover_sources
 
-    sources = readers.discover_sources(inputs, include or (), exclude or ())
+    sources = discover_sources(inputs, include or (), exclude or ())
     out = os.path.join(workdir, "mds")
     t = time.perf_counter()
     total = 0
     with MDSWriter(out=out, columns={"data": "bytes"}, compression="zstd:3", size_limit=1 << 26) as w:
         for src in sources:
-            for doc in readers.read_source(src, readers.ReadOptions()):
+            for doc in read_source(src, ReadOptions()):
                 w.write({"data": doc.data})
                 total += len(doc.data)
     write_s = time.perf_counter() - t
@@ -206,8 +209,9 @@ def bench_streaming(inputs, include, exclude, workdir: str, repeats: int):
 def run(args) -> int:
     import zstandard
 
-    from .builder import BuildConfig, build_shards
     from .stdlib_corpus import STDLIB_EXCLUDE, STDLIB_INCLUDE, stdlib_corpus
+    from .write.builder import build_shards
+    from .write.config import BuildConfig
 
     inputs = args.input or [stdlib_corpus()]
     include = args.include if args.include is not None else (list(STDLIB_INCLUDE) if not args.input else [])
@@ -229,8 +233,8 @@ def run(args) -> int:
         fs = {"zstd": lambda: bench_plain_zstd(shard_dir), **reads}
         cli = {"one": [shard_dir]}
         if args.sources:
-            from .manifest import load_manifest
-            from .mixture import parse_mixture
+            from .read.manifest import load_manifest
+            from .read.mixture import parse_mixture
 
             parts = split_build(inputs, include, exclude, workdir, args.sources, args.zstd_level)
             mixture = parse_mixture([{"name": f"part{k}", "path": p, "weight":

@@ -1,7 +1,7 @@
 """`terrabyte shards {build,stats,verify}`: registered into the main CLI by `add_subcommands`.
 
 Each leaf parser sets `func`, a handler taking the parsed args and returning an exit code. Errors
-in user input surface as TerrabyteError (errors.py) or OSError, which the main CLI prints as one
+in user input surface as TerrabyteError (basics/errors.py) or OSError, which the main CLI prints as one
 line; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 
-from .errors import ConfigError, TerrabyteError
+from .basics.errors import ConfigError, TerrabyteError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_build(args) -> int:
-    from .builder import BuildConfig, build_shards, mpi_comm_from_env
+    from .write.builder import build_shards
+    from .write.config import BuildConfig
+    from .write.parallel import mpi_comm_from_env
 
     near = {k: getattr(args, k) for k in ("dedup_threshold", "dedup_ngram", "dedup_perm")
             if getattr(args, k) is not None}
@@ -149,7 +151,7 @@ def cmd_build(args) -> int:
 def cmd_stats(args) -> int:
     import json
 
-    from .manifest import load_manifest
+    from .read.manifest import load_manifest
     from .verify import format_stats
 
     man = load_manifest(args.dir)
@@ -164,7 +166,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .manifest import load_manifest
+    from .read.manifest import load_manifest
     from .verify import verify_shards
 
     problems = verify_shards(args.dir, progress=not args.no_progress)

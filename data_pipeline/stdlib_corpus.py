@@ -7,8 +7,10 @@ import logging
 import os
 import sysconfig
 
-from .builder import BUILD_LOCK, BuildConfig, build_shards
-from .manifest import load_manifest
+from .read.manifest import load_manifest
+from .write.builder import build_shards
+from .write.config import BuildConfig
+from .write.publish import BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 

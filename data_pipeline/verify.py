@@ -13,9 +13,10 @@ import hashlib
 import os
 import tarfile
 
-from . import stages
-from .errors import DataError
-from .manifest import SPLITS, load_manifest
+from .basics.errors import DataError
+from .format import SPLITS
+from .read import epochs, fetch, unpack
+from .read.manifest import load_manifest
 
 MB = 1e6
 
@@ -39,7 +40,7 @@ def verify_shards(path: str, *, progress: bool = False) -> list[str]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(s["tar_bytes"] for s in man["shards"]), unit="B", unit_scale=True, desc="verify")
-    files = stages.ShardFiles()
+    files = fetch.ShardFiles()
     try:
         members = {split: [] for split in SPLITS}  # (shard, member key, its JSON docs or None) in stream order
         for shard in man["shards"]:
@@ -58,7 +59,7 @@ def verify_shards(path: str, *, progress: bool = False) -> list[str]:
     return problems
 
 
-def _verify_one(shard: dict, url: str, files: stages.ShardFiles, zdict: bytes | None) -> tuple[list[str], list]:
+def _verify_one(shard: dict, url: str, files: fetch.ShardFiles, zdict: bytes | None) -> tuple[list[str], list]:
     """Problems of one shard, and each member's JSON document list (None where unreadable)."""
     name = shard["path"]
     docs: list = [None] * shard["members"]
@@ -79,10 +80,10 @@ def _verify_one(shard: dict, url: str, files: stages.ShardFiles, zdict: bytes | 
             out.append(f"{name}: tar lists {len(names)} files, expected {len(want)} ({want[:1]}...)")
     except (tarfile.TarError, OSError, EOFError) as e:
         out.append(f"{name}: not a readable tar ({e})")
-    table = stages.member_table([dict(shard, url=url)])
+    table = epochs.member_table([dict(shard, url=url)])
     for i in range(len(table)):
         try:
-            s = stages.parse_meta(stages.decompress_sample(stages.read_member(table, files, i), zdict))
+            s = unpack.parse_meta(unpack.decompress_sample(fetch.read_member(table, files, i), zdict))
             got = sum(d["length"] for d in s.meta["docs"])
             if got != len(s.data):
                 raise DataError(f"{s.where}: JSON pieces cover {got} bytes of {len(s.data)}")
@@ -199,7 +200,7 @@ def format_stats(man: dict) -> str:
                  f"duplicates dropped {st.get('duplicates', 0)}, size-filtered {st.get('filtered_size', 0)}, "
                  f"sources skipped {st.get('skipped_sources', 0)}")
     if man.get("dedup"):
-        from .neardup import format_report
+        from .write.neardup import format_report
 
         lines.extend(format_report(man["dedup"]))
     lines.append(continued_summary(man))

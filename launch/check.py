@@ -68,7 +68,7 @@ def _timed(fn, reps: int) -> float:
 def ceilings(cpu: bool) -> dict:
     import torch
 
-    from terrabyte.data_pipeline.system import describe_machine
+    from terrabyte.data_pipeline.basics.system import describe_machine
     from terrabyte.pretrain.train.metrics import peak_tflops
 
     device = "cpu" if cpu else "cuda"

@@ -16,7 +16,7 @@ import importlib
 import logging
 import sys
 
-from terrabyte.data_pipeline.errors import ConfigError, run_guarded
+from terrabyte.data_pipeline.basics.errors import ConfigError, run_guarded
 
 log = logging.getLogger("terrabyte")
 
@@ -44,7 +44,7 @@ COMMANDS = {
 # `terrabyte bench WHAT`: (module, help) of modules exposing add_arguments(parser) and run(args) -> int.
 BENCHES = {
     "model": ("terrabyte.pretrain.bench.model", "training and generation speed vs megabyte-pytorch"),
-    "attention": ("terrabyte.kernels.bench", "sparse attention kernels vs FlexAttention and dense SDPA"),
+    "attention": ("terrabyte.kernels.tools.bench", "sparse attention kernels vs FlexAttention and dense SDPA"),
     "data": ("terrabyte.data_pipeline.bench", "shard builder and loader throughput vs plain zstd"),
     "quality": ("terrabyte.pretrain.bench.quality", "bits per byte at equal steps and equal time vs megabyte-pytorch"),
     "context": ("terrabyte.pretrain.bench.context", "training step time and peak RSS from 8 KiB to 16 MiB contexts vs megabyte-pytorch"),

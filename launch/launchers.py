@@ -31,8 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import free_port
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import free_port
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ ceiling() { python3 -c "import json,sys; print(round(json.load(open(sys.argv[1])
 
 if [ "$mode" = gpu ]; then
   step environment 60 env_step
-  step kernels 170 python3 -m terrabyte.kernels.gpu_check --budget 150 --out "$work/kernels"
+  step kernels 170 python3 -m terrabyte.kernels.tools.gpu_check --budget 150 --out "$work/kernels"
   c=$(ceiling)
   step engine 100 python3 -m terrabyte.launch.cli bench engine --gpu --steps 4 --warmup 2 \
     --out "$work/engine.json" ${c:+--ceiling-tflops "$c"}
@@ -120,7 +120,7 @@ if [ "$mode" = gpu ]; then
     --train.eval_interval 12 --train.sample_bytes 0 --data.val_sequences 8 --optim.warmup_steps 4"
 else
   step environment 60 env_step
-  step kernels 200 env TRITON_INTERPRET=1 python3 -m terrabyte.kernels.gpu_check --device cpu --out "$work/kernels"
+  step kernels 200 env TRITON_INTERPRET=1 python3 -m terrabyte.kernels.tools.gpu_check --device cpu --out "$work/kernels"
   step engine 150 python3 -m terrabyte.launch.cli bench engine --gpu --device cpu --steps 2 --warmup 1 \
     --out "$work/engine.json"
   step long_context 100 python3 -m terrabyte.launch.cli bench context --longest --device cpu --config long_cpu \

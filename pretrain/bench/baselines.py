@@ -23,8 +23,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.vocab import Vocab
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.vocab import Vocab
 
 from ..model.layers import NORM_EPS, Block, DenseAttention, Rotary, _ff_hidden, init_fan_in, trunc_normal
 

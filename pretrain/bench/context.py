@@ -9,7 +9,7 @@ One table: for each context (8 KiB to 16 MiB by default, CPU) one training step 
 
 Method:
 - A step is forward + backward + AdamW step. Every (model, context) runs in a fresh spawned
-  process (``bench_model.spawn_child``: glibc's mmap threshold pinned), after a warm-up step on two
+  process (``common.spawn_child``: glibc's mmap threshold pinned), after a warm-up step on two
   global patches (imports, AdamW state, library workspaces). The time is that of one step, the
   fastest of ``SMALL_REPEATS`` up to ``SMALL_CONTEXT`` (noise from other processes only adds time);
   expect +-20% on a shared machine all the same.
@@ -46,38 +46,25 @@ import json
 import logging
 import math
 import os
-import queue as queue_mod
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write, describe_machine
 from terrabyte.data_pipeline.cli import parse_size
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write, describe_machine
 
 from ..train.config import Config, load_config
-from .model import megabyte_class, spawn_child, status_bytes
-from .quality import PEER_INSTALL, PLOT_INSTALL, _with, build_megabyte, save_figure
-from ..model.terrabyte import TerraByte, available_memory_bytes
+from ..model.terrabyte import available_memory_bytes
+from .common import GB, PEER_INSTALL, PLOT_INSTALL, megabyte_class, pyplot, save_figure, with_sections
+from .context_measure import (GIB, KIB, MIB, MODELS, SMALL_CONTEXT, SMALL_REPEATS, describe_model, measure,
+                              model_config)
 
 logger = logging.getLogger(__name__)
 
-KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-GB = 1e9  # peak memory is reported in decimal GB, as the 12 GB target is stated
 DEFAULT_CONTEXTS = "8K,32K,128K,256K,512K,2M,8M,16M"
-MODELS = {
-    "tb_sparse": "TerraByte chunked + sparse (3 stages)",
-    "tb_python": "TerraByte built in Python, default settings (3 stages, 4 heads of 32 everywhere)",
-    "tb_dense": "TerraByte dense (2 stages)",
-    "megabyte": "MEGABYTE-pytorch (2 stages)",
-}
-# contexts up to this are timed as the fastest of a few steps: fixed costs and noise from other
-# processes weigh most there, and a few steps cost little
-SMALL_CONTEXT, SMALL_REPEATS = 128 * KIB, 3
-DENSE_PATCH = 8
 # the targets of issue #12 for the sparse model
 TARGET_CONTEXT, TARGET_RSS_GB, TARGET_EXPONENT = 16 * MIB, 12.0, 1.1
 TARGET_SPEED_CONTEXT, TARGET_SPEEDUP = 256 * KIB, 5.0
@@ -160,142 +147,6 @@ def fmt_bytes(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size} {unit}"
     return f"{n} B"
-
-
-# ---------------------------------------------------------------- model shapes
-
-
-def model_config(base: Config, kind: str, context: int) -> Config:
-    """The config of row ``kind`` at ``context`` bytes: the base (sparse, three stages) with its
-    global length set, or the two-stage dense shape made of its first and last stages."""
-    m = base.model
-    if kind == "tb_sparse":
-        unit = math.prod(m.max_seq_len[1:])
-        return _with(base, model={"max_seq_len": (context // unit, *m.max_seq_len[1:])})
-    if kind == "tb_python":  # issue #22's shape, every other setting TerraByte's own default
-        unit = math.prod(m.max_seq_len[1:])
-        return _with(base, model={"max_seq_len": (context // unit, *m.max_seq_len[1:]), "heads": 4, "dim_head": 32,
-                                  "checkpoint_activations": None, "chunk_bytes": None})
-
-    def ends(value):  # per-stage value of the first and last stage
-        return (value[0], value[-1]) if isinstance(value, (list, tuple)) else value
-
-    return _with(base, model={
-        "dim": ends(m.dim), "depth": (m.depth[0], sum(m.depth[1:])), "heads": ends(m.heads),
-        "dim_head": ends(m.dim_head), "max_seq_len": (context // DENSE_PATCH, DENSE_PATCH), "attention": None,
-    })
-
-
-def build(kind: str, cfg: Config, device: str):
-    torch.manual_seed(0)
-    if kind == "megabyte":
-        model = build_megabyte(cfg)
-    elif kind == "tb_python":  # what a user writes: only the shape, TerraByte's defaults for the rest
-        m = cfg.model
-        model = TerraByte(num_tokens=m.num_tokens, dim=m.dim, depth=m.depth, max_seq_len=m.max_seq_len,
-                          dim_head=m.dim_head, heads=m.heads, attention=m.attention)
-    else:
-        model = TerraByte(**cfg.model.kwargs())
-    return model.to(device).train()
-
-
-def describe_model(kind: str, cfg: Config) -> str:
-    m = cfg.model
-    parts = [f"dims {m.dim}", f"depths {m.depth}", f"heads {m.heads}", f"max_seq_len[1:] {m.max_seq_len[1:]}"]
-    parts.append(f"global attention {m.attention[0]}" if m.attention and m.attention[0] else "dense global attention")
-    if kind != "megabyte":
-        parts.append(f"checkpoint_activations {m.checkpoint_activations}, chunk_bytes {m.chunk_bytes or 'auto'}")
-    return f"`{kind}`: {MODELS[kind]}, " + ", ".join(parts)
-
-
-# ---------------------------------------------------------------- one measurement (child process)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc)
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(
-        s in text for s in ("can't allocate memory", "Cannot allocate memory", "out of memory"))
-
-
-def _step(model, opt, x, device: str) -> None:
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-        loss = model(x, return_loss=True)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _peak_bytes(device: str) -> int:
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else status_bytes("VmHWM")
-
-
-def measure_child(kind, cfg, context, device, threads, memory_limit_gb, queue) -> None:
-    """Child body: build, warm up, time the step; puts ("phase", "step") before each timed step
-    (the parent's cap starts there), then ("done", result) or ("failed", {status, peak})."""
-    try:
-        if memory_limit_gb:
-            limit = int(memory_limit_gb * GB)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        torch.set_num_threads(threads)
-        base_bytes = _peak_bytes(device) if device.startswith("cuda") else status_bytes("VmRSS")
-        model = build(kind, cfg, device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        patch = context // cfg.model.max_seq_len[0]
-        dtype = torch.int32 if device.startswith("cuda") else torch.long  # 4 bytes a byte: 4 GiB at 1 GiB
-        _step(model, opt, torch.randint(0, 256, (1, 2 * patch), device=device, dtype=dtype), device)
-        x = torch.randint(0, 256, (1, context), device=device, dtype=dtype)
-        seconds = math.inf
-        for _ in range(SMALL_REPEATS if context <= SMALL_CONTEXT else 1):
-            queue.put(("phase", "step"))
-            started = time.perf_counter()
-            _step(model, opt, x, device)
-            seconds = min(seconds, time.perf_counter() - started)
-        params = sum(p.numel() for p in model.parameters())
-        queue.put(("done", {"seconds": seconds, "peak_bytes": _peak_bytes(device), "params": params,
-                            "base_bytes": base_bytes, "checkpoint": getattr(model, "checkpoint_activations", None),
-                            "chunk_bytes": getattr(model, "chunk_bytes", None)}))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a status in the table
-        status = "out of memory" if _is_out_of_memory(exc) else f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        queue.put(("failed", {"status": status, "peak_bytes": _peak_bytes(device)}))
-
-
-def _exit_status(code) -> str:
-    return "out of memory (killed)" if code == -9 else f"crashed (exit code {code})"
-
-
-def measure(kind: str, cfg: Config, context: int, device: str, threads: int, memory_limit_gb: float,
-            time_cap: float) -> dict:
-    """One (model, context) in a fresh child: {"status", "seconds", "peak_bytes", "params"}; the
-    child is killed when a step passes ``time_cap``."""
-    proc, queue = spawn_child(measure_child, (kind, cfg, context, device, threads, memory_limit_gb),
-                              pin_malloc=kind != "tb_python")
-    deadline = None  # building and the short warm-up are not capped: they do not grow with the context
-    try:
-        while True:
-            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-            try:
-                what, value = queue.get(timeout=wait)
-            except queue_mod.Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    proc.kill()
-                    return {"status": f"stopped: over {time_cap:g} s", "seconds": None}
-                if not proc.is_alive():
-                    return {"status": _exit_status(proc.exitcode), "seconds": None}
-                continue
-            if what == "phase":
-                deadline = time.monotonic() + time_cap
-            elif what == "failed":  # its peak: how far it got
-                return {**value, "seconds": None}
-            else:
-                over = value["seconds"] > time_cap
-                return {**value, "status": f"stopped: over {time_cap:g} s" if over else "ok"}
-    finally:  # a child that reported is exiting; give it a moment, then make sure
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
 
 
 # ---------------------------------------------------------------- the sweep
@@ -424,12 +275,8 @@ def _speedup_check(results: list[dict], time_cap: float) -> str:
 
 def plot(results: list[dict], kinds: list[str], time_cap: float, path: Path) -> bool:
     """Seconds per step against context, log-log, one line per model; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind in kinds:
@@ -468,7 +315,7 @@ def estimate_bytes(cfg: Config, checkpoint: bool, chunk_bytes: int | None, base_
     the model existed (interpreter and libraries: in RSS, not in device memory)."""
     from ..train.dry_run import activation_bytes, meta_model, model_state_bytes
 
-    ran = _with(cfg, model={"checkpoint_activations": checkpoint, "chunk_bytes": chunk_bytes})
+    ran = with_sections(cfg, model={"checkpoint_activations": checkpoint, "chunk_bytes": chunk_bytes})
     model = meta_model(ran)
     return base_bytes + model_state_bytes(model, ran) + activation_bytes(model, ran)
 
@@ -621,7 +468,7 @@ def run_longest(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m terrabyte.pretrain.bench.context``: the same flags as ``terrabyte bench context``."""
-    from terrabyte.data_pipeline.errors import run_guarded
+    from terrabyte.data_pipeline.basics.errors import run_guarded
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

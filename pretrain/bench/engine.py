@@ -8,7 +8,7 @@ bytes over that time) and peak host memory (the process's ``VmHWM``: interpreter
 model, optimizer state and the steps; and that peak less the RSS before the build), each also as a
 ratio to the one-rank run. Every layout runs
 in its own processes (``torchrun``; one rank: a plain process), glibc's mmap threshold pinned so
-that RSS follows live memory (``bench_model.MALLOC_ENV``); batches are random bytes, the same on
+that RSS follows live memory (``common.MALLOC_ENV``); batches are random bytes, the same on
 the ranks of a replica.
 
 Then ``--build`` (default ``1b``): the model built, nothing else, by one rank (the plain, unsharded
@@ -19,7 +19,7 @@ against the fp32 model's bytes.
 
 ``--gpu``: on one CUDA device, the MFU of slices of ``small`` and ``1b`` (their widths, fewer
 global blocks; ``GPU_SLICES``) under ZeRO-3 in bf16, a few steps each: model FLOPs per second
-(``estimate.flops_per_byte``, the trainer's count) over the device's peak (``metrics.PEAK_TFLOPS``).
+(``dry_run.flops_per_byte``, the trainer's count) over the device's peak (``metrics.PEAK_TFLOPS``).
 """
 from __future__ import annotations
 
@@ -37,16 +37,15 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import describe_machine, free_port
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import describe_machine, free_port
 
 from ..train.config import load_config
 from ..engine.ds_seams import held_numel
-from .model import MALLOC_ENV, status_bytes
+from .common import GB, MALLOC_ENV, status_bytes
 
 log = logging.getLogger(__name__)
 
-GB = 1e9
 # The default config: tiny at the multi-rank tests' sizes, a global batch of 4 sequences of 2 KiB.
 SMALL = ["--model.dim", "128,64", "--model.depth", "4,2", "--model.max_seq_len", "256,8", "--model.dim_head", "32",
          "--model.heads", "4", "--train.micro_batch", "2", "--train.global_batch", "4"]
@@ -110,7 +109,7 @@ def _overrides(args) -> list[str]:
 
 def _setup(config: str, overrides: list[str]):
     from ..engine import engine as eng
-    from ..parallel.pipeline import plan_layout
+    from ..parallel.layout import plan_layout
     from ..train.trainer import setup_logging
 
     rank, world = eng.init_distributed()
@@ -288,7 +287,7 @@ def gpu_slice(name: str, steps: int, warmup: int, zero: int = 3, slices: dict = 
     from ..engine import engine as eng
     from ..train.dry_run import flops_per_byte, meta_model
     from ..train.metrics import peak_tflops
-    from ..parallel.pipeline import plan_layout
+    from ..parallel.layout import plan_layout
 
     config, overrides = slices[name]
     on_gpu = torch.cuda.is_available() and slices is GPU_SLICES

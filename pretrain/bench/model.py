@@ -13,7 +13,7 @@ Method, so the numbers survive a shared machine:
   a short sequence (so weights, AdamW state and library workspaces already exist): on CUDA the
   growth of ``torch.cuda.max_memory_allocated`` over the allocated memory before the step; on CPU
   the growth of the peak RSS (``VmHWM`` in /proc/self/status, reset before the step) over the RSS
-  before the step, with glibc's mmap threshold pinned (``MALLOC_ENV``) so freed blocks leave RSS.
+  before the step, with glibc's mmap threshold pinned (``common.MALLOC_ENV``) so freed blocks leave RSS.
   Not ``getrusage().ru_maxrss``: Linux carries the parent's RSS into it across fork + exec, so a
   spawned child would report the benchmark process's size. Either way: what one training step at that shape adds
   (activations, gradients, temporaries).
@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import logging
 import math
-import multiprocessing as mp
-import os
 import queue as queue_mod
 import statistics
 import sys
@@ -37,10 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write, describe_machine
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import describe_machine
 
-from ..model.terrabyte import MALLOC_MMAP_THRESHOLD, TerraByte
+from ..model.terrabyte import TerraByte
+from .common import emit, megabyte_class, peak_growth, spawn_child, sync, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------- models
 
-def megabyte_class():
-    """MEGABYTE-pytorch's model class, or None when it is not installed (an optional peer)."""
-    try:
-        from MEGABYTE_pytorch import MEGABYTE
-    except ImportError:
-        return None
-    return MEGABYTE
-
-
 def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -111,37 +102,6 @@ def match_ff_mult(target: int) -> float:
 
 # ---------------------------------------------------------------- measurements
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _train_step_fn(kind, model, opt, x):
-    def step():
-        loss = model(x, return_loss=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); harmless if not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def _memory_child(kind, ff_mult, flash, device, seq_len, batch, threads, queue):
     if threads:
         torch.set_num_threads(threads)
@@ -150,54 +110,13 @@ def _memory_child(kind, ff_mult, flash, device, seq_len, batch, threads, queue):
     # warm-up on one short sequence: weights, AdamW state and library workspaces exist before the
     # baseline, so the growth measured is what the sequence shape costs (activations, gradients)
     short = math.prod(BENCH_CONFIG["max_seq_len"][1:]) * 2
-    _train_step_fn(kind, model, opt, torch.randint(0, 256, (1, short), device=device))()
+    train_step(model, opt, torch.randint(0, 256, (1, short), device=device))
     x = torch.randint(0, 256, (batch, seq_len), device=device)
-    step = _train_step_fn(kind, model, opt, x)
-    if device.startswith("cuda"):
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        _sync(device)
-        queue.put(torch.cuda.max_memory_allocated() - base)
-    else:
-        _reset_peak_rss()
-        base = status_bytes("VmRSS")
-        step()
-        queue.put(status_bytes("VmHWM") - base)
-
-
-# glibc otherwise raises its mmap threshold after large frees and keeps later blocks on the heap,
-# so RSS stops following live memory and peaks differ by hundreds of MiB between identical runs
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD)}
+    queue.put(peak_growth(device, functools.partial(train_step, model, opt, x)))
 
 
 def peak_train_memory(kind, ff_mult, flash, device, seq_len, batch, threads) -> int:
     return _in_child(_memory_child, (kind, ff_mult, flash, device, seq_len, batch, threads), kind)
-
-
-def spawn_child(target, args: tuple, pin_malloc: bool = True):
-    """Start target(*args, queue) in a fresh spawned process with glibc's mmap threshold pinned
-    (unless not ``pin_malloc``: the environment a user's own script has), so its memory is its own
-    and RSS follows live memory: (process, queue)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
-    if pin_malloc:
-        os.environ.update(MALLOC_ENV)  # the spawned interpreter reads it at start
-    else:
-        for k in MALLOC_ENV:
-            os.environ.pop(k, None)
-    try:
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return proc, queue
 
 
 def _in_child(target, args: tuple, what: str):
@@ -220,15 +139,15 @@ def time_train(models: dict, device: str, seq_len: int, batch: int, repeats: int
     steps = {}
     for name, model in models.items():
         model.train()
-        steps[name] = _train_step_fn(name, model, torch.optim.AdamW(model.parameters(), lr=1e-4), x)
+        steps[name] = functools.partial(train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), x)
         steps[name]()
     best = {name: math.inf for name in models}
     for _ in range(repeats):
         for name, step in steps.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             best[name] = min(best[name], time.perf_counter() - t0)
     for model in models.values():
         model.zero_grad(set_to_none=True)
@@ -250,9 +169,9 @@ def _megabyte_generate(model, prime, new_bytes, temperature=1.0, filter_thres=0.
         sample = ((logits / temperature) + gumbel).argmax(dim=-1, keepdim=True)
         seq = torch.cat((seq, sample), dim=-1)
         if first is None:
-            _sync(str(seq.device))
+            sync(str(seq.device))
             first = time.perf_counter() - t0
-    _sync(str(seq.device))
+    sync(str(seq.device))
     return first, time.perf_counter() - t0
 
 
@@ -263,12 +182,12 @@ def _terrabyte_generate(model, prime, new_bytes, temperature=1.0, filter_thres=0
     def on_byte(_):
         nonlocal first
         if first is None:
-            _sync(str(prime.device))
+            sync(str(prime.device))
             first = time.perf_counter() - t0
 
     model.generate(prime, max_new_bytes=new_bytes, temperature=temperature, filter_thres=filter_thres,
                    ignore_eos=True, callback=on_byte)
-    _sync(str(prime.device))
+    sync(str(prime.device))
     return first, time.perf_counter() - t0
 
 
@@ -314,7 +233,7 @@ def decode_gemv_floor(model: TerraByte, device: str, repeats: int, patches: int 
             for w, times in per_patch:
                 for _ in range(times):
                     torch.mm(rows[w.shape[0]], w)
-        _sync(device)
+        sync(device)
 
     run()  # warm-up
     best = float("inf")
@@ -359,10 +278,10 @@ def time_decode_steps(model: TerraByte, prompt: torch.Tensor, new_bytes: int, re
         logits = model.forward_cached(prompt, cache)
         times = ([], [])  # (global-stage steps, the others)
         for _ in range(new_bytes):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             logits = model.forward_cached(logits.argmax(-1, keepdim=True), cache)
-            _sync(device)
+            sync(device)
             times[cache.length % patch != 0].append(time.perf_counter() - t0)
         best = [min(b, statistics.median(t)) for b, t in zip(best, times)]
         model._plans = None  # fresh plans (and key listers) for the next run
@@ -379,18 +298,7 @@ def _prefill_memory_child(device, prompt_len, chunk_bytes, threads, queue):
         for st in cache.stages:
             st.kv.zero_()  # the caches' pages exist before the baseline: what follows are temporaries
         prompt = torch.randint(0, 256, (1, prompt_len), device=device)
-        if device.startswith("cuda"):
-            _sync(device)
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            model.forward_cached(prompt, cache)
-            _sync(device)
-            queue.put(torch.cuda.max_memory_allocated() - base)
-        else:
-            _reset_peak_rss()
-            base = status_bytes("VmRSS")
-            model.forward_cached(prompt, cache)
-            queue.put(status_bytes("VmHWM") - base)
+        queue.put(peak_growth(device, functools.partial(model.forward_cached, prompt, cache)))
 
 
 def long_prompt_rows(device: str, threads, repeats: int = 3) -> list:
@@ -425,9 +333,7 @@ def run_long_prompts(args, device: str) -> int:
              "| metric | terrabyte |", "|---|---|"]
     lines += [f"| {metric} | {value} |" for metric, value in rows]
     table = "\n".join(lines) + "\n"
-    sys.stdout.write(table)
-    if args.out:
-        atomic_write(args.out, table)
+    emit(table, args.out)
     return 0
 
 
@@ -520,9 +426,7 @@ def run(args) -> int:
         line = [metric, *(cells.get(n, "") for n in names)] + ([ratio] if baseline is not None else [])
         lines.append("| " + " | ".join(line) + " |")
     table = "\n".join(lines) + "\n"
-    sys.stdout.write(table)
-    if args.out:
-        atomic_write(args.out, table)
+    emit(table, args.out)
     return 0
 
 

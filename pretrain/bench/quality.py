@@ -38,25 +38,24 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write, describe_machine
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write, describe_machine
 
 from ..train.config import Config, load_config
 from .baselines import BytePairTokens, TokenGPT, train_step_flops, training_documents
-from .model import megabyte_class
+from .common import (PEER_INSTALL, PLOT_INSTALL, build_megabyte, emit, megabyte_class, pyplot, save_figure,
+                     with_sections)
 from ..engine.engine import lr_lambda, param_groups
 from ..model.stage import cross_entropy
 from ..model.terrabyte import TerraByte
 
 logger = logging.getLogger(__name__)
 
-PEER_INSTALL = "pip install megabyte-pytorch --no-deps beartype"
 BASELINES = ("megabyte", "bytes", "bpe")
 PATCHINGS = ("fixed", "space", "entropy")  # model.patching, trained beside the config's own
 NAMES = {"megabyte": "MEGABYTE-pytorch", "bytes": "byte GPT", "bpe": "BPE GPT",
          **{p: f"TerraByte {p}" for p in PATCHINGS}}
 REFERENCE = "TerraByte"
-PLOT_INSTALL = "pip install matplotlib"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,21 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------- models
-
-
-def build_megabyte(cfg: Config):
-    """MEGABYTE-pytorch with the config's shapes: same dims, depths, patching, heads of the same
-    width (its heads are one number for all stages: the global stage's), rotary positions and SDPA.
-    Its vocabulary covers our PAD and EOS ids, with PAD as its ignored id."""
-    m = cfg.model
-    heads = m.heads if isinstance(m.heads, int) else m.heads[0]
-    dim_head = m.dim_head if isinstance(m.dim_head, int) else m.dim_head[0]
-    ff_mult = m.ff_mult if isinstance(m.ff_mult, (int, float)) else m.ff_mult[0]
-    ff_mult = int(ff_mult) if float(ff_mult).is_integer() else ff_mult  # it sizes nn.Linear with dim * mult
-    vocab = _vocab(cfg)
-    return megabyte_class()(num_tokens=vocab.size, dim=tuple(m.dim), depth=tuple(m.depth),
-                            max_seq_len=tuple(m.max_seq_len), dim_head=dim_head, heads=heads, ff_mult=ff_mult,
-                            pad_id=vocab.pad_id, rel_pos=True, flash_attn=True)
 
 
 # A model's ``nats(model, x, pad_id)`` gives (summed nats, predictions, bytes) over a batch of byte
@@ -152,7 +136,7 @@ class Contender:
     optimizer: torch.optim.Optimizer = None
     scheduler: object = None
     seconds: float = 0.0  # training time, evaluation excluded
-    flops_per_step: int = 0  # forward + backward of one training step (bench_baselines.train_step_flops)
+    flops_per_step: int = 0  # forward + backward of one training step (baselines.train_step_flops)
     curve: list = field(default_factory=list)  # (step, seconds so far, train loss, val bpb or None)
 
     def __post_init__(self):
@@ -204,14 +188,14 @@ def _shards(cfg: Config, work_dir: Path) -> str:
 
 
 def _loader(cfg: Config, shards: str, split: str, seed: int, loop: bool):
-    from terrabyte.data_pipeline.loader import ByteLoader
+    from terrabyte.data_pipeline.read.loader import ByteLoader
 
     return ByteLoader(shards, split=split, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch,
                       micro_batch=cfg.train.micro_batch, seed=seed, loop=loop, vocab=_vocab(cfg))
 
 
 def _vocab(cfg: Config):
-    from terrabyte.data_pipeline.vocab import Vocab
+    from terrabyte.data_pipeline.basics.vocab import Vocab
 
     return Vocab(cfg.model.num_tokens)
 
@@ -231,12 +215,6 @@ def validation_batches(cfg: Config, shards: str) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------- runs
-
-
-def _with(cfg: Config, **sections) -> Config:
-    """A copy of ``cfg`` with some keys of some sections replaced, e.g. train={"steps": 10}."""
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
-                                       for name, values in sections.items()})
 
 
 def train(contenders: list[Contender], cfg: Config, shards: str, seed: int, val: list[torch.Tensor],
@@ -339,7 +317,7 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
         for table, steps_in_budget in budgets:
             n = max(1, round(steps_in_budget(c)))
             if n not in scored:
-                again = baselines.build(name, _with(cfg, train={"steps": n}), seed)
+                again = baselines.build(name, with_sections(cfg, train={"steps": n}), seed)
                 with tqdm(total=n, desc=f"seed {seed}, {c.name}, {n} steps", unit="step", file=sys.stderr) as bar:
                     train([again], again.cfg, shards, seed, val, n, bar)
                 scored[n] = again.curve[-1][3]
@@ -397,12 +375,8 @@ def format_table(results: list[SeedResult], steps: int) -> str:
 def plot(results: list[SeedResult], path: Path) -> bool:
     """Training loss and validation bits per byte against steps, seconds and training FLOPs, every
     model and seed; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (by_step, by_time, by_flops) = plt.subplots(1, 3, figsize=(17, 4.5))
     colors = {}
@@ -429,16 +403,6 @@ def plot(results: list[SeedResult], path: Path) -> bool:
     by_step.legend(fontsize=7)
     save_figure(fig, path)
     return True
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a finished matplotlib figure as the house PNG (parent folders made) and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -487,16 +451,14 @@ def run(args) -> int:
         table = format_table(results, len(results[0].curves["TerraByte"]))
         png = Path(args.dir) / "quality.png"
         table += f"\nLoss curves: {png}\n" if plot(results, png) else f"\n(no PNG: `{PLOT_INSTALL}`)\n"
-        sys.stdout.write(table)
-        if args.out:
-            atomic_write(args.out, table)
+        emit(table, args.out)
         return 0
     overrides = [a for a in (args.overrides or []) if a != "--"]
     cfg = load_config(args.config, overrides)
     if args.steps is not None:
         if args.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-        cfg = _with(cfg, train={"steps": args.steps})
+        cfg = with_sections(cfg, train={"steps": args.steps})
     seeds = _parse_seeds(args.seeds)
     eval_interval = args.eval_interval or cfg.train.eval_interval
     if eval_interval < 1:

@@ -24,12 +24,13 @@ from typing import Optional
 
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
-from terrabyte.data_pipeline.system import atomic_write
+from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write
 
 from . import earlier_formats
 from ..engine.ds_seams import full_shape, is_partitioned
-from .store import RUNTIME_KEYS, WEIGHTS_FILE, load_state, read_json_mapping, save_safetensors
+from .store import RUNTIME_KEYS, read_json_mapping
+from .weights import WEIGHTS_FILE, load_state, save_safetensors
 
 log = logging.getLogger(__name__)
 

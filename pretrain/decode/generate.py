@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from .cache import PatchedCache, TerraByteCache, check_chunk_bytes, init_cache, prefill_patches
 from .plans import stage_decode

@@ -20,14 +20,16 @@ from typing import Any
 
 import torch
 
-from terrabyte.data_pipeline.errors import TerrabyteError
-from terrabyte.data_pipeline.system import free_port
+from terrabyte.data_pipeline.basics.errors import TerrabyteError
+from terrabyte.data_pipeline.basics.system import free_port
 
 from . import ds_seams
 from ..train.config import Config
 from ..model.terrabyte import TerraByte
-from ..parallel.pipeline import (Layout, SequenceParallel, autotp_config, pipeline_module, sequence_parallel_group,
-                                 shard_attention_heads)
+from ..parallel.layout import Layout
+from ..parallel.pipeline import pipeline_module
+from ..parallel.sequence import SequenceParallel, sequence_parallel_group
+from ..parallel.tensor import autotp_config, shard_attention_heads
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +258,7 @@ def extras(engine) -> Extras:
     try:
         return _EXTRAS[engine]
     except KeyError:
-        raise RuntimeError("this DeepSpeed engine was not built by terrabyte.pretrain.engine.wrap") from None
+        raise RuntimeError("this DeepSpeed engine was not built by terrabyte.pretrain.engine.engine.wrap") from None
 
 
 def layout_of(engine) -> Layout:

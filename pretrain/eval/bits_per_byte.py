@@ -33,8 +33,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError, DataError
-from terrabyte.data_pipeline.system import atomic_path, atomic_write
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError
+from terrabyte.data_pipeline.basics.system import atomic_path, atomic_write
 
 from ..model.terrabyte import TerraByte
 
@@ -169,7 +169,7 @@ def documents(sources: list[str], split: str) -> Iterator[tuple[str, bytes]]:
     for source in sources:
         path = Path(source)
         if (path / "manifest.json").is_file():
-            from terrabyte.data_pipeline.loader import split_documents
+            from terrabyte.data_pipeline.read.loader import split_documents
 
             yield from split_documents(str(path), split)
         elif path.is_dir():

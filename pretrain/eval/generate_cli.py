@@ -16,10 +16,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
-from terrabyte.data_pipeline.system import atomic_write
+from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write
 
-from ..checkpoint.store import TRUST_FLAG, load_state, resolve_model_source, save_safetensors
+from ..checkpoint.universal import TRUST_FLAG
+from ..checkpoint.weights import load_state, resolve_model_source, save_safetensors
 from ..model.terrabyte import TerraByte
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write
 
 from .bits_per_byte import MODES, score_document
 from .generate_cli import DTYPES, generate_batch, resolve_dtype

@@ -1,6 +1,6 @@
 """The model's arguments, in one place: ``ModelArgs`` is ``TerraByte``'s keywords, the config tree's
 ``model`` section and the JSON an export stores, with one set of defaults and one validation
-(``checked``) that both the constructor and ``args.validate`` run.
+(``checked``) that both the constructor and ``train.config.validate`` run.
 
     TerraByte(num_tokens=256, dim=(512, 256), depth=(6, 4), max_seq_len=(1024, 4))
     TerraByte(ModelArgs(dim=(512, 256), depth=(6, 4), max_seq_len=(1024, 4)))
@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 IntTuple = tuple[int, ...]
 PerStage = Union[int, IntTuple]  # one value for every stage, or one per stage

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from .layers import NORM_EPS, Block, PatchEmbed, Rotary, as_is, init_fan_in
 

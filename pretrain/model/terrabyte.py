@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.vocab import Vocab
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.vocab import Vocab
 
 from ..decode import cache, generate as generation, plans, sample as sampler
 from .args import MODEL_KEYS, ModelArgs

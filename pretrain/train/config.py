@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from ..model.args import ModelArgs
 from ..model.args import positive as _positive
@@ -394,7 +394,7 @@ def validate(cfg: Config) -> None:
         if cfg.data.path:
             raise ConfigError("config keys data.path and data.sources exclude each other: give one shard directory "
                               "(data.path) or several (data.sources)")
-        from terrabyte.data_pipeline.mixture import parse_mixture
+        from terrabyte.data_pipeline.read.mixture import parse_mixture
 
         parse_mixture(cfg.data.sources, cfg.data.schedule)
     elif cfg.data.schedule is not None:

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from .config import Config
 from ..model.terrabyte import TerraByte

@@ -16,17 +16,19 @@ from pathlib import Path
 
 import torch
 
-from terrabyte.data_pipeline.batch import ByteBatch
-from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteError
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError, TerrabyteError
+from terrabyte.data_pipeline.read.batch import ByteBatch
 
 from ..checkpoint import store as ckpt
+from ..checkpoint.resume import load as load_checkpoint, plan_resume
+from ..checkpoint.weights import WEIGHTS_FILE, export_safetensors, full_state_dict
 from ..engine import engine as eng
 from .config import Config, load_config
 from .dry_run import check_fits, flops_per_byte, meta_model
 from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
 from ..model.patching import Patcher
 from ..model.terrabyte import TerraByte
-from ..parallel.pipeline import plan_layout
+from ..parallel.layout import plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def resolve_sources(cfg: Config):
     source (``data.path``); a missing one is named in one line."""
     if cfg.data.sources is None:
         return None
-    from terrabyte.data_pipeline.mixture import parse_mixture
+    from terrabyte.data_pipeline.read.mixture import parse_mixture
 
     mixture = parse_mixture(cfg.data.sources, cfg.data.schedule)
     for src in mixture.sources:
@@ -114,7 +116,7 @@ class Trainer:
         self.flops_per_byte = sum(flops_per_byte(meta, cfg))
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, eng.use_bf16(cfg))
         self.vocab = model.vocab
-        self.resume = ckpt.plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
+        self.resume = plan_resume(cfg, self.run_dir, self.layout)  # checks the checkpoint first
         self.initialised = self._init_from(model)
         self.engine = eng.wrap(model, cfg, self.layout, universal=bool(self.resume and self.resume.universal))
         del model  # a pipeline stage keeps only its own layers
@@ -132,8 +134,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _loader(self, split: str, loop: bool, rank: int | None = None, world: int | None = None, path=None):
-        from terrabyte.data_pipeline.loader import ByteLoader
-        from terrabyte.data_pipeline.mixture import MixtureLoader
+        from terrabyte.data_pipeline.read.loader import ByteLoader
+        from terrabyte.data_pipeline.read.mixture import MixtureLoader
 
         mixed = path is None and self.mixture is not None
         return (MixtureLoader if mixed else ByteLoader)(
@@ -197,7 +199,7 @@ class Trainer:
         return True
 
     def _resume(self) -> None:
-        state = ckpt.load(self.engine, self.resume)
+        state = load_checkpoint(self.engine, self.resume)
         if state is None:
             log.info("fresh run in %s", self.run_dir)
             return
@@ -284,7 +286,7 @@ class Trainer:
             return None
         text = None
         # a plain copy on rank 0: generation runs on one rank, which sharded modules cannot do alone
-        state = ckpt.full_state_dict(self.engine)
+        state = full_state_dict(self.engine)
         if self.rank == 0:
             model = TerraByte(**self.model_config)
             model.load_state_dict(state)
@@ -410,8 +412,8 @@ class Trainer:
                     self.save()
         bar.close()
         if cfg.checkpoint.export:
-            ckpt.export_safetensors(self.engine, self.run_dir / ckpt.WEIGHTS_FILE, self.model_config, self.step)
-            log.info("exported %s", self.run_dir / ckpt.WEIGHTS_FILE)
+            export_safetensors(self.engine, self.run_dir / WEIGHTS_FILE, self.model_config, self.step)
+            log.info("exported %s", self.run_dir / WEIGHTS_FILE)
         self.metrics.close()
         if last_val is not None:
             log.info("done: %d steps, validation bits-per-byte %.4f", self.step, last_val)

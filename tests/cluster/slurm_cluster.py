@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from terrabyte.data_pipeline.system import free_port
+from terrabyte.data_pipeline.basics.system import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

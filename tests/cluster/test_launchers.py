@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from terrabyte.data_pipeline.system import free_port
+from terrabyte.data_pipeline.basics.system import free_port
 
 from .common import (
     EXIT_PREEMPTED,

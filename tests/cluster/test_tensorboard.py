@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from terrabyte.data_pipeline.system import free_port
+from terrabyte.data_pipeline.basics.system import free_port
 
 from .common import child_env, tensorboard_scalars, tiny_args, wait_for
 

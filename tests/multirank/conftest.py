@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from terrabyte.data_pipeline.system import free_port
+from terrabyte.data_pipeline.basics.system import free_port
 
 import pytest
 
@@ -52,7 +52,8 @@ def assert_losses_match(got: dict, want: dict, steps, rel: float = REL) -> None:
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
 
     src = tmp_path_factory.mktemp("corpus")
     for i in range(30):

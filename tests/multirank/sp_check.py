@@ -19,10 +19,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain.engine import engine as eng
 from terrabyte.pretrain.model.terrabyte import TerraByte
-from terrabyte.pretrain.parallel.pipeline import Layout, SequenceParallel, sequence_parallel_group
+from terrabyte.pretrain.parallel.layout import Layout
+from terrabyte.pretrain.parallel.sequence import SequenceParallel, sequence_parallel_group
 
 ATOL = 2e-5  # fp32; the sharded run sums the same terms in another order
 

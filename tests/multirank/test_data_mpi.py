@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline.read.manifest import load_manifest
+from terrabyte.data_pipeline.write.builder import build_shards
+from terrabyte.data_pipeline.write.config import BuildConfig
 
 MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
 

@@ -15,7 +15,7 @@ DIVERGE = ["--optim.lr", "1e30", "--optim.warmup_steps", "1", "--train.grad_clip
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, shards):
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     # below the limit: steps 2-4 are skipped, so the weights at the end are still those of step 1
     run = tmp_path / "skipped"

@@ -39,7 +39,7 @@ def test_two_stages_match_the_plain_model(pipe_run, baseline):
 def test_export_checkpoint_and_plain_model_agree(pipe_run, baseline):
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
     from terrabyte.pretrain.eval.generate_cli import load_model
 
     run, _ = pipe_run
@@ -76,7 +76,7 @@ def test_pipeline_resumes_as_data_x_pipeline(pipe_run, baseline, shards):
 def test_nonfinite_loss_skips_the_update_on_every_stage(tmp_path, shards):
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     run = tmp_path / "diverge"
     launch(run, shards, 2, *PIPE, *DIVERGE, "--train.max_nonfinite_steps", "5", steps=4)

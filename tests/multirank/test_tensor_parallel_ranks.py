@@ -24,7 +24,7 @@ def test_tp2_matches_tp1(tmp_path, shards, baseline, zero_stage):
         "stages.0.layers.0.ff.down_proj.weight"
     full = load_file(str(run / "model.safetensors"))
     # the checkpoint's slices merged offline, in this process, with weights-only loads
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     _, consolidated = load_state(run / "checkpoints")
     assert set(consolidated) == set(full) and all(torch.equal(consolidated[k], full[k]) for k in full)

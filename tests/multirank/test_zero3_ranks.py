@@ -84,7 +84,7 @@ def test_export_matches_checkpoint_and_generates(runs):
     import torch
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     straight = runs["straight"]
     exported = load_file(str(straight / "model.safetensors"))
@@ -108,7 +108,7 @@ def test_bf16_two_ranks_match_one(tmp_path, shards):
     import torch
     from safetensors.torch import load_file
 
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     one, two = tmp_path / "one", tmp_path / "two"
     launch(one, shards, 1, "--train.precision", "bf16")
@@ -132,7 +132,7 @@ def _build_rank(rank: int, port: int, out: str, source: str) -> None:
 
     from terrabyte.pretrain.engine import engine as eng
     from terrabyte.pretrain.train.config import load_config
-    from terrabyte.pretrain.parallel.pipeline import plan_layout
+    from terrabyte.pretrain.parallel.layout import plan_layout
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -172,7 +172,7 @@ def test_partitioned_build_matches_one_rank(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    from terrabyte.data_pipeline.system import free_port
+    from terrabyte.data_pipeline.basics.system import free_port
     from terrabyte.pretrain.train.config import load_config
     from terrabyte.pretrain.model.terrabyte import TerraByte
 

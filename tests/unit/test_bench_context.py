@@ -11,8 +11,9 @@ import threading
 
 import pytest
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain.bench import context as bc
+from terrabyte.pretrain.bench import context_measure
 
 TINY = ["--model.dim", "16,8,8", "--model.depth", "1,1,1", "--model.dim_head", "8", "--model.heads", "2,1,1"]
 
@@ -43,7 +44,7 @@ def in_threads(monkeypatch):
         child = _ThreadChild(target, args)
         return child, child.queue
 
-    monkeypatch.setattr(bc, "spawn_child", spawn)
+    monkeypatch.setattr(context_measure, "spawn_child", spawn)  # measure() starts its children with it
 
 
 def _run(tmp_path, capsys, *flags):

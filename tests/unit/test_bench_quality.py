@@ -71,7 +71,7 @@ def test_merge_prints_one_table_of_both_runs(tmp_path, shards, capsys, monkeypat
 
 def test_same_seed_same_numbers(tmp_path, shards, monkeypatch):
     monkeypatch.setattr(bq, "megabyte_class", lambda: None)
-    cfg = bq._with(bq.load_config("tiny", ["--data.path", str(shards), *SMALL]), train={"steps": 2})
+    cfg = bq.with_sections(bq.load_config("tiny", ["--data.path", str(shards), *SMALL]), train={"steps": 2})
     val = bq.validation_batches(cfg, str(shards))
     first = bq.run_seed(cfg, str(shards), 3, bq.Baselines(), eval_interval=1, val=val)
     second = bq.run_seed(cfg, str(shards), 3, bq.Baselines(), eval_interval=1, val=val)
@@ -135,7 +135,7 @@ def test_patching_schemes_train_beside_terrabyte(tmp_path, shards, capsys):
 
 
 def test_bpe_tokens_are_lossless_and_scored_over_the_same_bytes():
-    from terrabyte.data_pipeline.vocab import BYTES
+    from terrabyte.data_pipeline.basics.vocab import BYTES
     from terrabyte.pretrain.bench.baselines import BytePairTokens
 
     rng = torch.Generator().manual_seed(0)

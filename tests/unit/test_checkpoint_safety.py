@@ -14,8 +14,9 @@ import textwrap
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
+from terrabyte.data_pipeline.basics.errors import CheckpointError
 from terrabyte.pretrain.checkpoint import store as ckpt
+from terrabyte.pretrain.checkpoint import universal as ckpt_universal, weights as ckpt_weights
 
 
 def tensors_writer(seed: int, size: int = 1000):
@@ -104,7 +105,7 @@ FULL_DISK = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
     from test_checkpoint_safety import save, save_big
-    from terrabyte.data_pipeline.errors import CheckpointError
+    from terrabyte.data_pipeline.basics.errors import CheckpointError
     root = Path(sys.argv[1])
     save(root, 2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
@@ -154,38 +155,38 @@ def test_random_states_round_trip():
 
 
 def _export(path, step=None):
-    ckpt.write_safetensors({"w": torch.zeros(2)}, {"dim": [8]}, path, step)
+    ckpt_weights.write_safetensors({"w": torch.zeros(2)}, {"dim": [8]}, path, step)
 
 
 def test_run_directory_resolves_to_the_newest_weights(tmp_path, caplog):
     run = tmp_path / "run"
     root = run / "checkpoints"
     save(root, 4)
-    _export(run / ckpt.WEIGHTS_FILE, step=2)  # a stale export: the run was extended
+    _export(run / ckpt_weights.WEIGHTS_FILE, step=2)  # a stale export: the run was extended
     with caplog.at_level(logging.INFO, logger="terrabyte.pretrain.checkpoint"):
-        src = ckpt.resolve_model_source(run)
+        src = ckpt_weights.resolve_model_source(run)
     assert (src.kind, src.path, src.step) == ("checkpoint", root / "step4", 4)
     assert "newer than the exported" in caplog.text and "step4" in caplog.text
-    _export(run / ckpt.WEIGHTS_FILE, step=4)
-    src = ckpt.resolve_model_source(run)
-    assert (src.kind, src.path, src.step) == ("safetensors", run / ckpt.WEIGHTS_FILE, 4)
+    _export(run / ckpt_weights.WEIGHTS_FILE, step=4)
+    src = ckpt_weights.resolve_model_source(run)
+    assert (src.kind, src.path, src.step) == ("safetensors", run / ckpt_weights.WEIGHTS_FILE, 4)
     # an export without a recorded step: modification times decide
-    _export(run / ckpt.WEIGHTS_FILE)
-    os.utime(run / ckpt.WEIGHTS_FILE, (1, 1))
-    assert ckpt.resolve_model_source(run).kind == "checkpoint"
-    os.utime(run / ckpt.WEIGHTS_FILE, None)
+    _export(run / ckpt_weights.WEIGHTS_FILE)
+    os.utime(run / ckpt_weights.WEIGHTS_FILE, (1, 1))
+    assert ckpt_weights.resolve_model_source(run).kind == "checkpoint"
+    os.utime(run / ckpt_weights.WEIGHTS_FILE, None)
     os.utime(root / "step4", (2, 2))
-    assert ckpt.resolve_model_source(run).kind == "safetensors"
+    assert ckpt_weights.resolve_model_source(run).kind == "safetensors"
     # explicit sources stay what they are
-    assert ckpt.resolve_model_source(root).path == root / "step4"
-    assert ckpt.resolve_model_source(run / ckpt.WEIGHTS_FILE).kind == "safetensors"
+    assert ckpt_weights.resolve_model_source(root).path == root / "step4"
+    assert ckpt_weights.resolve_model_source(run / ckpt_weights.WEIGHTS_FILE).kind == "safetensors"
 
 
 def test_safetensors_load_never_unpickles(tmp_path, monkeypatch):
     import pickle
 
     path = tmp_path / "model.safetensors"
-    ckpt.write_safetensors({"w": torch.arange(4.0)}, {"dim": [8]}, path, step=3)
+    ckpt_weights.write_safetensors({"w": torch.arange(4.0)}, {"dim": [8]}, path, step=3)
 
     def refuse(*args, **kwargs):
         raise AssertionError("unpickling while loading a .safetensors file")
@@ -193,7 +194,7 @@ def test_safetensors_load_never_unpickles(tmp_path, monkeypatch):
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    config, state = ckpt.load_state(path)
+    config, state = ckpt_weights.load_state(path)
     assert config["dim"] == [8] and torch.equal(state["w"], torch.arange(4.0))
 
 
@@ -206,10 +207,10 @@ def test_tensors_only_loads_forces_weights_only(tmp_path, monkeypatch):
 
     path = tmp_path / "evil.pt"
     torch.save({"x": Evil()}, path)
-    with ckpt.tensors_only_loads():
+    with ckpt_universal.tensors_only_loads():
         with pytest.raises(CheckpointError, match=f"checkpoint file {path} holds pickled objects besides tensors.*"
                                                   f"--trust-checkpoint"):
             torch.load(path, weights_only=False)
     torch.save({"w": torch.ones(2)}, path)
-    with ckpt.tensors_only_loads():
+    with ckpt_universal.tensors_only_loads():
         assert torch.equal(torch.load(path, weights_only=False)["w"], torch.ones(2))

@@ -180,7 +180,7 @@ def test_random_overrides_give_a_config_or_one_line():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from terrabyte.data_pipeline.errors import ConfigError
+    from terrabyte.data_pipeline.basics.errors import ConfigError
     from terrabyte.pretrain.train.config import Config
 
     keys = [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)

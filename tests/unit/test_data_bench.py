@@ -30,9 +30,10 @@ def test_bench_data_table(tmp_path, capsys):
     if shutil.which("zstd"):
         assert "zstd -d (command line)" in rows and "zstd -d (command line), 3 sources" in rows
         assert all("of zstd -d (CPU)" in r for r in loader_rows + mixture_rows)
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-    from terrabyte.data_pipeline.manifest import load_manifest
-    from terrabyte.data_pipeline.loader import ByteLoader
+    from terrabyte.data_pipeline.read.loader import ByteLoader
+    from terrabyte.data_pipeline.read.manifest import load_manifest
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
 
     build_shards(BuildConfig(inputs=[str(src)]), str(tmp_path / "s"), progress=False)
     n = len(ByteLoader(str(tmp_path / "s"), seq_len=64, global_batch=4, micro_batch=2))

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import zstandard
 
-from terrabyte.data_pipeline import builder, readers, stages
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import DataError
-from terrabyte.data_pipeline.loader import ByteLoader
+from terrabyte.data_pipeline.basics.errors import DataError
+from terrabyte.data_pipeline.read import fetch, unpack
+from terrabyte.data_pipeline.read.loader import ByteLoader
+from terrabyte.data_pipeline.write import config, tasks
+from terrabyte.data_pipeline.write import documents
+from terrabyte.data_pipeline.write.builder import build_shards
+from terrabyte.data_pipeline.write.config import BuildConfig
 
 EOS, PAD = 257, 256
 MEMBER = 4096
@@ -53,7 +56,7 @@ def docs_from_wds(urls):
     for sample in wds.WebDataset(urls, shardshuffle=False):
         assert set(sample) >= {"__key__", "zst", "json"}
         keys.append(sample["__key__"])
-        for path, piece, entry in stages.documents_from_wds(sample):
+        for path, piece, entry in unpack.documents_from_wds(sample):
             partial.setdefault(path, []).append(piece)
             if entry["doc_offset"] + entry["length"] == entry["doc_size"]:
                 docs[path] = b"".join(partial.pop(path))
@@ -62,7 +65,7 @@ def docs_from_wds(urls):
 
 def read_docs(urls):
     """(path, bytes) of every document, through the sequential stages."""
-    return stages.documents(stages.decompress(stages.tar_members(urls)))
+    return unpack.documents(unpack.decompress(fetch.tar_members(urls)))
 
 
 @pytest.fixture
@@ -133,7 +136,7 @@ def test_manifest_fields_and_checksums(corpus, tmp_path):
                        str(out), progress=False)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps({k: v for k, v in man.items() if k != "_dir"}))  # returned == written
-    assert on_disk["builder"]["version"] == builder.BUILDER_VERSION
+    assert on_disk["builder"]["version"] == config.BUILDER_VERSION
     assert on_disk["builder"]["args"]["zstd_level"] == 5 and on_disk["builder"]["args"]["val_fraction"] == 0.3
     for s in on_disk["shards"]:
         data = (out / s["path"]).read_bytes()
@@ -180,7 +183,7 @@ def test_split_is_a_stable_hash_of_the_group(corpus, tmp_path):
         paths = {p for p, _ in read_docs((
             [str(tmp_path / "g" / s["path"]) for s in man["shards"] if s["split"] == split]))}
         for p in paths:
-            assert builder.split_of(p.split("/")[0], 0.5) == split
+            assert tasks.split_of(p.split("/")[0], 0.5) == split
 
 
 def test_include_exclude_globs(corpus, tmp_path):
@@ -224,14 +227,14 @@ def test_failure_mid_build_leaves_no_manifest(corpus, tmp_path, monkeypatch):
     build_shards(BuildConfig(inputs=[str(src)], member_bytes=MEMBER), str(out), progress=False)
     assert (out / "manifest.json").exists()
     before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
-    real = readers.read_file_bytes
+    real = documents.read_file_bytes
 
     def flaky(path, *args):
         if path.endswith("random.bin"):
             raise OSError(f"cannot read input file {path!r}: Input/output error")
         return real(path, *args)
 
-    monkeypatch.setattr(readers, "read_file_bytes", flaky)
+    monkeypatch.setattr(documents, "read_file_bytes", flaky)
     # a different member size forces a real rebuild (the completion marker no longer matches)
     with pytest.raises(OSError, match="random.bin"):
         build_shards(BuildConfig(inputs=[str(src)], member_bytes=2 * MEMBER), str(out), progress=False)
@@ -265,7 +268,7 @@ def _tar_gz(path, members):
 
 
 def test_a_document_larger_than_a_member_is_continued_across_members(tmp_path):
-    from terrabyte.data_pipeline.loader import split_documents
+    from terrabyte.data_pipeline.read.loader import split_documents
     from terrabyte.data_pipeline.verify import format_stats, verify_shards
 
     big = _big(10 * MEMBER + 77)
@@ -321,7 +324,7 @@ def test_streamed_document_memory_is_bounded(tmp_path):
 
 
 def test_a_failure_inside_a_streamed_document_leaves_no_part_of_it(tmp_path):
-    from terrabyte.data_pipeline.loader import split_documents
+    from terrabyte.data_pipeline.read.loader import split_documents
     from terrabyte.data_pipeline.verify import verify_shards
 
     src = tmp_path / "c"
@@ -348,7 +351,7 @@ def test_a_failure_inside_a_streamed_document_leaves_no_part_of_it(tmp_path):
 
 @pytest.mark.parametrize("task_bytes", [1 << 30, 1])  # on the fly (one task), and by the pre-pass
 def test_streamed_duplicates_are_dropped_without_a_trace(tmp_path, task_bytes):
-    from terrabyte.data_pipeline.loader import split_documents
+    from terrabyte.data_pipeline.read.loader import split_documents
 
     src = tmp_path / "c"
     src.mkdir()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from terrabyte.data_pipeline import cli
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline.read.manifest import load_manifest
 
 
 def corpus(root):

@@ -17,12 +17,14 @@ import pytest
 import torch
 import zstandard
 
-from terrabyte.data_pipeline import builder, stages
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import DataError
-from terrabyte.data_pipeline.loader import ByteLoader
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline.basics.errors import DataError
+from terrabyte.data_pipeline.read import fetch, unpack
+from terrabyte.data_pipeline.read.loader import ByteLoader
+from terrabyte.data_pipeline.read.manifest import load_manifest
 from terrabyte.data_pipeline.verify import verify_shards
+from terrabyte.data_pipeline.write import builder, tasks
+from terrabyte.data_pipeline.write.builder import build_shards
+from terrabyte.data_pipeline.write.config import BuildConfig
 
 
 def all_docs(out, split=None):
@@ -31,7 +33,7 @@ def all_docs(out, split=None):
     if man.get("zstd_dict"):
         zdict = (out / man["zstd_dict"]["path"]).read_bytes()
     urls = [str(out / s["path"]) for s in man["shards"] if split in (None, s["split"])]
-    return dict(stages.documents(stages.decompress(stages.tar_members(urls), zdict)))
+    return dict(unpack.documents(unpack.decompress(fetch.tar_members(urls), zdict)))
 
 
 def write(path, data):
@@ -63,7 +65,7 @@ def test_archives_member_by_member_one_group(tmp_path):
     assert got == {f"{a}/{n}": d for a in ("one.tar", "three.zip", "two.tar.gz") for n, d in files.items()}
     for split in ("train", "val"):  # each archive's members all sit in one split
         for archive in {p.split("/")[0] for p in all_docs(out, split)}:
-            assert builder.split_of(archive, 0.5) == split
+            assert tasks.split_of(archive, 0.5) == split
     # globs apply to the archive and to its members
     build_shards(BuildConfig(inputs=[str(src)], include=["*.tar", "*.py"], val_fraction=0.0),
                  str(tmp_path / "py"), progress=False)
@@ -273,7 +275,7 @@ def test_loader_reads_pipe_only_when_allowed(tmp_path):
 
 
 def test_split_documents_of_a_dictionary_build(tmp_path):
-    from terrabyte.data_pipeline.loader import split_documents
+    from terrabyte.data_pipeline.read.loader import split_documents
 
     make_tree(tmp_path / "in", n=60)
     out = tmp_path / "s"

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import DataError
-from terrabyte.data_pipeline.loader import ByteLoader, count_sequences
-from terrabyte.data_pipeline.manifest import load_manifest, shard_list
+from terrabyte.data_pipeline.basics.errors import DataError
+from terrabyte.data_pipeline.read import epochs, fetch, unpack
+from terrabyte.data_pipeline.read.loader import ByteLoader, count_sequences
+from terrabyte.data_pipeline.read.manifest import load_manifest, shard_list
 from terrabyte.data_pipeline.stdlib_corpus import ensure_default_shards, stdlib_corpus
+from terrabyte.data_pipeline.write.builder import build_shards
+from terrabyte.data_pipeline.write.config import BuildConfig
 
 from .reference_stages import batch, member_tokens, pack, unbundle
 
@@ -51,12 +52,12 @@ def take(loader, n):
 def stream_of_epoch(path, seed, epoch):
     """The epoch's token stream recomputed from the manifest with the sequential stages."""
     man = load_manifest(path)
-    table = stages.member_table(shard_list(man, "train"))
-    order = stages.epoch_order(table, seed, epoch)
-    samples = {s.where: s for s in stages.decompress(stages.tar_members(table.urls))}
+    table = epochs.member_table(shard_list(man, "train"))
+    order = epochs.epoch_order(table, seed, epoch)
+    samples = {s.where: s for s in unpack.decompress(fetch.tar_members(table.urls))}
     out = []
     for i in order:
-        s = stages.parse_meta(samples[table.where(int(i))])
+        s = unpack.parse_meta(samples[table.where(int(i))])
         out.append(member_tokens(s, EOS, (seed, epoch, int(i))))
     return np.concatenate(out).astype(np.int64)
 
@@ -90,9 +91,9 @@ def test_batches_are_lanes_of_the_epoch_stream(shards):
 def test_stream_holds_every_document_once_with_eos(shards):
     path, docs = shards
     man = load_manifest(path)
-    table = stages.member_table(shard_list(man, "train"))
-    samples = list(stages.decompress(stages.tar_members(table.urls)))
-    train_docs = dict(stages.documents(samples))
+    table = epochs.member_table(shard_list(man, "train"))
+    samples = list(unpack.decompress(fetch.tar_members(table.urls)))
+    train_docs = dict(unpack.documents(samples))
     stream = stream_of_epoch(path, 0, 0)
     # split at EOS: the multiset of pieces equals the train documents (order shuffled)
     pieces, cur = [], []
@@ -110,7 +111,7 @@ def test_validation_pass_is_documents_joined_with_eos(shards):
     path, _ = shards
     man = load_manifest(path)
     val_urls = [s["url"] for s in shard_list(man, "val")]
-    val_docs = list(stages.documents(stages.decompress(stages.tar_members(val_urls))))
+    val_docs = list(unpack.documents(unpack.decompress(fetch.tar_members(val_urls))))
     expect = np.concatenate([np.append(np.frombuffer(d, np.uint8).astype(np.int64), EOS) for _, d in val_docs])
     for world in (1, 2, 3):
         rows = []
@@ -125,7 +126,7 @@ def test_validation_pass_is_documents_joined_with_eos(shards):
         assert (flat[len(expect):] == PAD).all()
     assert count_sequences(path, "val", SEQ) == -(-len(expect) // SEQ)
     # the same pass composed from the generic stages: tar -> decompress -> unbundle -> pack -> batch
-    composed = list(batch(pack(unbundle(stages.decompress(stages.tar_members(val_urls)), EOS),
+    composed = list(batch(pack(unbundle(unpack.decompress(fetch.tar_members(val_urls)), EOS),
                                SEQ, EOS, pad_id=PAD), 1))
     loader = ByteLoader(path, split="val", seq_len=SEQ, global_batch=1, micro_batch=1, loop=False)
     assert len(composed) == len(loader) and all(torch.equal(a, b) for a, b in zip(composed, loader))
@@ -285,7 +286,7 @@ def test_missing_shard_is_named_or_skipped(shards, tmp_path):
     assert ld.errors.skipped == victim["members"] and len(batches) == len(ld)
     # what was read is exactly the surviving shards' documents, then padding
     rest = [s["url"] for s in shard_list(man, "val") if s["path"] != victim["path"]]
-    expect = [t for _, d in stages.documents(stages.decompress(stages.tar_members(rest))) for t in list(d) + [EOS]]
+    expect = [t for _, d in unpack.documents(unpack.decompress(fetch.tar_members(rest))) for t in list(d) + [EOS]]
     flat = np.concatenate([b.numpy().reshape(-1) for b in batches])
     assert flat[:len(expect)].tolist() == expect and (flat[len(expect):] == PAD).all()
 
@@ -293,8 +294,9 @@ def test_missing_shard_is_named_or_skipped(shards, tmp_path):
 def test_int32_batches_equal_int64(tmp_path):
     import torch
 
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-    from terrabyte.data_pipeline.loader import ByteLoader
+    from terrabyte.data_pipeline.read.loader import ByteLoader
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
 
     src = tmp_path / "c"
     src.mkdir()
@@ -319,7 +321,7 @@ def test_int32_batches_equal_int64(tmp_path):
 
 
 def test_special_ids_come_from_the_vocab(shards):
-    from terrabyte.data_pipeline.vocab import BYTES, Vocab
+    from terrabyte.data_pipeline.basics.vocab import BYTES, Vocab
 
     path, _ = shards
     kw = dict(seq_len=SEQ, global_batch=2, micro_batch=2, split="val", loop=False)
@@ -360,19 +362,19 @@ def long_shards(tmp_path_factory):
 
 def stream_ids(path, seed, epoch, eos, shuffle=True):
     """The epoch's id stream from the sequential stages (the reference the loader must match)."""
-    table = stages.member_table(shard_list(load_manifest(path), "train"))
-    order = stages.epoch_order(table, seed, epoch, shuffle)
-    samples = {s.where: s for s in stages.decompress(stages.tar_members(table.urls))}
-    return np.concatenate([member_tokens(stages.parse_meta(samples[table.where(int(i))]), eos,
+    table = epochs.member_table(shard_list(load_manifest(path), "train"))
+    order = epochs.epoch_order(table, seed, epoch, shuffle)
+    samples = {s.where: s for s in unpack.decompress(fetch.tar_members(table.urls))}
+    return np.concatenate([member_tokens(unpack.parse_meta(samples[table.where(int(i))]), eos,
                                          (seed, epoch, int(i)) if shuffle else None) for i in order]).astype(np.int64)
 
 
 @pytest.mark.parametrize("L,B,m,workers,num_tokens", [(128, 4, 2, 0, 256), (250, 2, 1, 1, 256), (96, 6, 3, 0, 300),
                                                        (512, 2, 2, 2, 256)])
 def test_byte_batches_widen_to_the_reference_ids(long_shards, L, B, m, workers, num_tokens, monkeypatch):
-    from terrabyte.data_pipeline import loader as loader_module
-    from terrabyte.data_pipeline.batch import ByteBatch
-    from terrabyte.data_pipeline.vocab import Vocab
+    from terrabyte.data_pipeline.basics.vocab import Vocab
+    from terrabyte.data_pipeline.read import loader as loader_module
+    from terrabyte.data_pipeline.read.batch import ByteBatch
 
     path, _ = long_shards
     if L == 512:  # a step larger than the lane block (long sequences): fresh buffers, batches are views
@@ -408,7 +410,7 @@ def test_byte_batches_widen_to_the_reference_ids(long_shards, L, B, m, workers, 
 
 def test_a_continued_document_is_one_run_of_the_stream(long_shards):
     path, _ = long_shards
-    table = stages.member_table(shard_list(load_manifest(path), "train"))
+    table = epochs.member_table(shard_list(load_manifest(path), "train"))
     assert table.cols["cont"].sum() == 9  # ten members, nine of which continue
     for seed in (0, 1):
         ids = torch.cat([b.to_ids() for b in ByteLoader(path, seq_len=64, global_batch=1, micro_batch=1, seed=seed,
@@ -456,7 +458,7 @@ def _corrupt_member(path, tmp_path, member=1):
     with open(bad / shard["path"], "r+b") as f:
         f.seek(zo + zs // 2)
         f.write(b"\xff" * 8)
-    table = stages.member_table(shard_list(man, "train"))
+    table = epochs.member_table(shard_list(man, "train"))
     index = next(i for i in range(len(table)) if table.where(i).endswith(f"member {member:06d}")
                  and shard["path"] in table.where(i))
     return str(bad), index
@@ -483,7 +485,7 @@ def test_skip_with_looping_epochs_resumes_exactly(shards, tmp_path, workers):
     good = ByteLoader(path, **{**kw, "on_error": "raise"})
     table_tokens = int(good.table.tokens[index])
     epoch_pad = sum(int((b.to_ids() == PAD).sum()) for b in batches[per_epoch:2 * per_epoch])
-    lanes, steps = stages.lanes(good.total_tokens, 4, SEQ)
+    lanes, steps = epochs.lanes(good.total_tokens, 4, SEQ)
     order, cum = good._epoch_stream(1)
     at = int(np.flatnonzero(order == index)[0])
     inside = sum(max(0, min(cum[at + 1], ln.stop) - max(cum[at], ln.start)) for ln in lanes)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
-from terrabyte.data_pipeline.loader import ByteLoader
-from terrabyte.data_pipeline.mixture import MixtureLoader, draw_sources, parse_mixture
+from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError
+from terrabyte.data_pipeline.read.loader import ByteLoader
+from terrabyte.data_pipeline.read.mixture import MixtureLoader, draw_sources, parse_mixture
+from terrabyte.data_pipeline.write.builder import build_shards
+from terrabyte.data_pipeline.write.config import BuildConfig
 
 SEQ, B, M = 32, 4, 2
 # disjoint byte ranges: a sequence's bytes say which source it came from
@@ -186,8 +187,8 @@ def test_bad_sources_are_named(sources, tmp_path):
 def test_a_corrupt_member_of_one_source_is_named_or_skipped_and_resumes(sources, tmp_path):
     import shutil
 
-    from terrabyte.data_pipeline.errors import DataError
-    from terrabyte.data_pipeline.manifest import load_manifest
+    from terrabyte.data_pipeline.basics.errors import DataError
+    from terrabyte.data_pipeline.read.manifest import load_manifest
 
     bad = tmp_path / "wiki"
     shutil.copytree(sources["wiki"], bad)

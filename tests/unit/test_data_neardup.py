@@ -6,9 +6,10 @@ import random
 
 import pytest
 
-from terrabyte.data_pipeline import builder, cli, neardup
-from terrabyte.data_pipeline.loader import split_documents
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline import cli
+from terrabyte.data_pipeline.read.loader import split_documents
+from terrabyte.data_pipeline.read.manifest import load_manifest
+from terrabyte.data_pipeline.write import dedup, neardup
 
 
 def _source(module_name: str) -> bytes:
@@ -71,7 +72,7 @@ def test_near_copies_dropped_unrelated_kept_same_output_with_1_and_2_workers(cor
     assert one["stats"]["duplicates"] == 4 and one["tasks"] > 2
 
     # 2 workers, and the pre-pass cut into many more jobs than tasks: the same bytes
-    monkeypatch.setattr(builder, "HASH_UNIT_BYTES", 1)
+    monkeypatch.setattr(dedup, "HASH_UNIT_BYTES", 1)
     two = _build(corpus, tmp_path / "two", "--task-bytes", "60K", "--workers", "2")
     assert [s["sha256"] for s in two["shards"]] == [s["sha256"] for s in one["shards"]]
     assert two["dedup"] == rep

@@ -7,9 +7,11 @@ import pytest
 import torch
 import zstandard
 
-from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import Bundler, split_of
-from terrabyte.data_pipeline.errors import DataError
+from terrabyte.data_pipeline.basics.errors import DataError
+from terrabyte.data_pipeline.format import INDEX_KEYS
+from terrabyte.data_pipeline.read import epochs, fetch, segments, unpack
+from terrabyte.data_pipeline.write.bundle import Bundler
+from terrabyte.data_pipeline.write.tasks import split_of
 
 from .reference_stages import batch, document_ids, member_tokens, pack
 
@@ -22,11 +24,11 @@ def sample(docs, order_seed=None):
     members = list(b.add(*docs[0])) + [m for d in docs[1:] for m in b.add(*d)] + list(b.flush())
     assert len(members) == 1
     m = members[0]
-    return stages.Sample("test member", json.dumps({"docs": m.pieces}).encode(), m.raw)
+    return fetch.Sample("test member", json.dumps({"docs": m.pieces}).encode(), m.raw)
 
 
 def test_member_tokens_insert_eos_after_each_document():
-    s = stages.parse_meta(sample([("a", b"ab"), ("b", b""), ("c", b"\x00\xff")]))
+    s = unpack.parse_meta(sample([("a", b"ab"), ("b", b""), ("c", b"\x00\xff")]))
     toks = member_tokens(s, EOS)
     assert toks.dtype == np.uint16
     assert toks.tolist() == [97, 98, EOS, EOS, 0, 255, EOS]
@@ -34,9 +36,9 @@ def test_member_tokens_insert_eos_after_each_document():
 
 def test_member_tokens_seeded_document_order():
     docs = [(f"d{i}", bytes([i]) * (i + 1)) for i in range(6)]
-    a = member_tokens(stages.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
-    b = member_tokens(stages.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
-    c = member_tokens(stages.parse_meta(sample(docs)), EOS, (2, 0, 5)).tolist()
+    a = member_tokens(unpack.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
+    b = member_tokens(unpack.parse_meta(sample(docs)), EOS, (1, 0, 5)).tolist()
+    c = member_tokens(unpack.parse_meta(sample(docs)), EOS, (2, 0, 5)).tolist()
     assert a == b and a != c
     perm = np.random.default_rng([1, 0, 5]).permutation(6)
     assert a == [t for i in perm for t in [i] * (i + 1) + [EOS]]
@@ -47,7 +49,7 @@ def test_chunks_of_a_large_document_have_eos_only_at_the_end():
     members = list(b.add("big", bytes(range(25)))) + list(b.flush())
     assert [len(m.raw) for m in members] == [9, 9, 7]  # equal chunks, not 10 + 10 + 5
     assert [m.cont for m in members] == [1, 1, 0]
-    toks = [member_tokens(stages.Sample("x", {"docs": m.pieces}, m.raw), EOS).tolist() for m in members]
+    toks = [member_tokens(fetch.Sample("x", {"docs": m.pieces}, m.raw), EOS).tolist() for m in members]
     assert sum(toks, []) == list(range(25)) + [EOS]
 
 
@@ -65,7 +67,7 @@ def segs(*docs, ends=None):
     """Segments of one member from byte strings; `ends` marks which ones end their document."""
     raw = b"".join(docs)
     offsets = [sum(len(d) for d in docs[:i]) for i in range(len(docs))]
-    return stages.Segments.build(np.frombuffer(raw, np.uint8), offsets, [len(d) for d in docs],
+    return segments.Segments.build(np.frombuffer(raw, np.uint8), offsets, [len(d) for d in docs],
                                  ends or [True] * len(docs))
 
 
@@ -73,7 +75,7 @@ def test_token_reader_fill_skip_limit():
     members = [segs(b"abc", b""), segs(b"defg", ends=[False]), segs(b"hi")]
     full = [97, 98, 99, EOS, EOS, 100, 101, 102, 103, 104, 105, EOS]
     for size in (1, 2, 3, 5, 64):  # any buffer size gives the same stream
-        r = stages.TokenReader(members, EOS)
+        r = segments.TokenReader(members, EOS)
         got = []
         while True:
             buf = np.zeros(size, np.int64)
@@ -85,7 +87,7 @@ def test_token_reader_fill_skip_limit():
     for skip in range(len(full) + 2):
         for limit in (0, 3, 100):
             out = np.zeros(100, np.int64)
-            n = stages.TokenReader(members, EOS, skip=skip, limit=limit).fill(out)
+            n = segments.TokenReader(members, EOS, skip=skip, limit=limit).fill(out)
             assert out[:n].tolist() == full[skip:skip + limit]
     assert segs(b"abc", b"").tokens(EOS).tolist() == [97, 98, 99, EOS, EOS]
 
@@ -103,11 +105,11 @@ def test_pack_pads_or_drops_the_tail():
 def test_tiny_documents_take_the_vectorised_path():
     docs = [bytes([i % 256]) * (i % 7) for i in range(300)]  # mean < 256 bytes
     s = sample([(f"d{i}", d) for i, d in enumerate(docs)])
-    seg = stages.member_segments(stages.parse_meta(s), EOS)
+    seg = segments.member_segments(unpack.parse_meta(s), EOS)
     assert len(seg.lengths) == 1 and seg.raw.dtype == np.uint8 and len(seg.marks) == len(docs)  # materialised
     assert seg.tokens(EOS).tolist() == [t for d in docs for t in list(d) + [EOS]]
     # read one byte per byte in odd-sized pieces: EOS slots hold 0, their positions on the side
-    reader, out, eos, pos = stages.TokenReader([seg], EOS), np.empty(seg.ntokens, np.uint8), [], 0
+    reader, out, eos, pos = segments.TokenReader([seg], EOS), np.empty(seg.ntokens, np.uint8), [], 0
     while pos < seg.ntokens:
         got: list = []
         n = reader.fill(out[pos:pos + 37], got)
@@ -116,7 +118,7 @@ def test_tiny_documents_take_the_vectorised_path():
     ids = out.astype(np.int64)
     ids[eos] = EOS
     assert ids.tolist() == seg.tokens(EOS).tolist() and out[eos].tolist() == [0] * len(eos)
-    shuffled = member_tokens(stages.parse_meta(sample([(f"d{i}", d) for i, d in enumerate(docs)])), EOS, (4, 2))
+    shuffled = member_tokens(unpack.parse_meta(sample([(f"d{i}", d) for i, d in enumerate(docs)])), EOS, (4, 2))
     perm = np.random.default_rng([4, 2]).permutation(len(docs))
     assert shuffled.tolist() == [t for i in perm for t in list(docs[i]) + [EOS]]
 
@@ -128,47 +130,47 @@ def test_batch_and_stack():
 
 
 def test_lanes_and_locate():
-    lanes, steps = stages.lanes(total_tokens=103, global_batch=4, seq_len=8)
+    lanes, steps = epochs.lanes(total_tokens=103, global_batch=4, seq_len=8)
     assert steps == 3  # lanes of 25 tokens hold 3 sequences of 8
     assert [(l.start, l.stop) for l in lanes] == [(0, 24), (25, 49), (50, 74), (75, 99)]
     cum = np.array([0, 10, 10, 30])  # member 1 is empty
-    assert stages.locate(cum, 0) == (0, 0) and stages.locate(cum, 9) == (0, 9)
-    assert stages.locate(cum, 10) == (2, 0) and stages.locate(cum, 29) == (2, 19)
+    assert epochs.locate(cum, 0) == (0, 0) and epochs.locate(cum, 9) == (0, 9)
+    assert epochs.locate(cum, 10) == (2, 0) and epochs.locate(cum, 29) == (2, 19)
 
 
 def test_epoch_order_keeps_chunk_chains_together():
     cont = np.array([0, 1, 1, 0, 0, 1, 0, 0])  # units: [0] [1 2 3] [4] [5 6] [7]
     n = len(cont)
-    table = stages.MemberTable(urls=["u"], shard=np.zeros(n, np.int64), key=np.arange(n),
-                               cols={k: np.zeros(n, np.int64) for k in stages.INDEX_KEYS} | {"cont": cont})
+    table = epochs.MemberTable(urls=["u"], shard=np.zeros(n, np.int64), key=np.arange(n),
+                               cols={k: np.zeros(n, np.int64) for k in INDEX_KEYS} | {"cont": cont})
     assert table.units().tolist() == [0, 1, 4, 5, 7]
-    orders = {tuple(stages.epoch_order(table, seed, 0).tolist()) for seed in range(20)}
+    orders = {tuple(epochs.epoch_order(table, seed, 0).tolist()) for seed in range(20)}
     assert len(orders) > 5
     for o in orders:
         o = list(o)
         assert sorted(o) == list(range(n))
         i = o.index(1)
         assert o[i:i + 3] == [1, 2, 3] and o[o.index(5) + 1] == 6
-    assert stages.epoch_order(table, 0, 0, shuffle=False).tolist() == list(range(n))
-    assert stages.epoch_order(table, 0, 0).tolist() == stages.epoch_order(table, 0, 0).tolist()
-    assert stages.epoch_order(table, 0, 0).tolist() != stages.epoch_order(table, 0, 1).tolist()
+    assert epochs.epoch_order(table, 0, 0, shuffle=False).tolist() == list(range(n))
+    assert epochs.epoch_order(table, 0, 0).tolist() == epochs.epoch_order(table, 0, 0).tolist()
+    assert epochs.epoch_order(table, 0, 0).tolist() != epochs.epoch_order(table, 0, 1).tolist()
 
 
 def test_decompress_checks_size_and_frame():
     raw = b"hello world" * 50
     zst = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
-    ok = stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=len(raw)))
+    ok = unpack.decompress_sample(fetch.Sample("s m", b"{}", zst, raw_size=len(raw)))
     assert ok.data == raw
     with pytest.raises(DataError, match="s m"):
-        stages.decompress_sample(stages.Sample("s m", b"{}", zst[:-3], raw_size=len(raw)))
+        unpack.decompress_sample(fetch.Sample("s m", b"{}", zst[:-3], raw_size=len(raw)))
     with pytest.raises(DataError, match="declares 550 bytes, more than the limit of 5"):
-        stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=5))
+        unpack.decompress_sample(fetch.Sample("s m", b"{}", zst, raw_size=5))
     with pytest.raises(DataError, match="malformed member JSON"):
-        stages.parse_meta(stages.Sample("s m", b"{not json", raw))
-    counter = stages.ErrorCounter()
-    good = stages.Sample("a", b"{}", zst, len(raw))
-    bad = stages.Sample("b", b"{}", b"garbage", 3)
-    out = list(stages.decompress([bad, good], on_error="skip", counter=counter))
+        unpack.parse_meta(fetch.Sample("s m", b"{not json", raw))
+    counter = fetch.ErrorCounter()
+    good = fetch.Sample("a", b"{}", zst, len(raw))
+    bad = fetch.Sample("b", b"{}", b"garbage", 3)
+    out = list(unpack.decompress([bad, good], on_error="skip", counter=counter))
     assert [s.where for s in out] == ["a"] and counter.skipped == 1 and counter.last.startswith("b")
 
 
@@ -185,8 +187,8 @@ def test_prefetch_map_keeps_order():
         return i * i
 
     with ThreadPoolExecutor(3) as ex:
-        assert list(stages.prefetch_map(slow, range(20), ex, depth=4)) == [i * i for i in range(20)]
-    assert list(stages.prefetch_map(slow, range(5), None)) == [0, 1, 4, 9, 16]
+        assert list(fetch.prefetch_map(slow, range(20), ex, depth=4)) == [i * i for i in range(20)]
+    assert list(fetch.prefetch_map(slow, range(5), None)) == [0, 1, 4, 9, 16]
 
 
 def test_split_of_is_stable():
@@ -203,7 +205,7 @@ def test_split_of_is_stable():
 def test_fresh_buffer_is_whole_writable_and_huge_page_aligned():
     import mmap
 
-    small, big = stages.fresh_buffer(1000), stages.fresh_buffer((3 << 20) + 5)
+    small, big = unpack.fresh_buffer(1000), unpack.fresh_buffer((3 << 20) + 5)
     assert small.dtype == big.dtype == np.uint8 and len(small) == 1000 and len(big) == (3 << 20) + 5
     big[:] = 7
     big[-1] = 9
@@ -213,7 +215,7 @@ def test_fresh_buffer_is_whole_writable_and_huge_page_aligned():
 
 
 def test_buffer_pool_rounds_to_mib_and_reuses_the_best_fit():
-    pool = stages.BufferPool()
+    pool = unpack.BufferPool()
     a, b = pool.take((2 << 20) + 1), pool.take(100)
     assert len(a) == 3 << 20 and len(b) == 1 << 20
     pool.give(a)
@@ -225,7 +227,7 @@ def test_buffer_pool_rounds_to_mib_and_reuses_the_best_fit():
 
 def test_buffer_pool_keeps_up_to_its_peak_live_bytes_beyond_keep():
     # lanes crossing an epoch boundary free many members at once and want as many back a step later
-    pool = stages.BufferPool(keep=2)
+    pool = unpack.BufferPool(keep=2)
     bufs = [pool.take(1 << 20) for _ in range(5)]
     for b in bufs:
         pool.give(b)
@@ -233,7 +235,7 @@ def test_buffer_pool_keeps_up_to_its_peak_live_bytes_beyond_keep():
     assert {id(b) for b in again} == {id(b) for b in bufs}  # no fresh (page-faulting) buffer
     for b in again:
         pool.give(b)
-    pool.give(stages.fresh_buffer(1 << 20))  # never lent: past the peak, dropped
+    pool.give(unpack.fresh_buffer(1 << 20))  # never lent: past the peak, dropped
     assert sum(len(b) for b in pool._free) == 5 << 20
 
 
@@ -243,7 +245,7 @@ def test_segments_window_is_the_slice_of_the_token_stream():
     for _ in range(200):
         k = int(rng.integers(1, 9))
         lengths = rng.choice([0, 1, 2, 5, 9], k).tolist()
-        segs = stages.Segments.build(raw, rng.integers(0, 300, k).tolist(), lengths, (rng.random(k) < 0.6).tolist())
+        segs = segments.Segments.build(raw, rng.integers(0, 300, k).tolist(), lengths, (rng.random(k) < 0.6).tolist())
         whole = segs.tokens(300)
         for _ in range(6):
             a = int(rng.integers(0, segs.ntokens + 1))
@@ -253,19 +255,19 @@ def test_segments_window_is_the_slice_of_the_token_stream():
 
 def test_one_decompressor_per_dictionary_is_kept():
     d1, d2 = b"first dictionary " * 8, b"second dictionary " * 8
-    first = stages._decompressor(d1)
-    assert stages._decompressor(d2) is not first
-    assert stages._decompressor(d1) is first  # sources alternating dictionaries reload none
+    first = unpack._decompressor(d1)
+    assert unpack._decompressor(d2) is not first
+    assert unpack._decompressor(d1) is first  # sources alternating dictionaries reload none
 
 
 def test_decompress_into_a_pooled_multi_mib_buffer():
     raw = (b"terrabyte pools buffers " * 200_000)[:(5 << 19) + 3]  # 2.5 MiB: the huge-page path
     zst = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
-    pool = stages.BufferPool()
-    s = stages.decompress_sample(stages.Sample("s m", b"{}", zst, raw_size=len(raw)), pool=pool)
+    pool = unpack.BufferPool()
+    s = unpack.decompress_sample(fetch.Sample("s m", b"{}", zst, raw_size=len(raw)), pool=pool)
     assert s.data.tobytes() == raw and len(s.buffer) == 3 << 20
     buf = s.buffer
-    owner = stages.Segments.build(s.data, [0], [len(raw)], [True])
+    owner = segments.Segments.build(s.data, [0], [len(raw)], [True])
     pool.own(owner, buf)
     del owner, s
     assert pool.take(len(raw)) is buf  # came back when its owner was collected
@@ -282,5 +284,5 @@ def test_prefetch_map_skips_the_executor_for_ready_items():
         return i * 10 if i % 3 == 0 else None
 
     with ThreadPoolExecutor(2) as ex:
-        assert list(stages.prefetch_map(f, range(12), ex, depth=3, ready=ready)) == [i * 10 for i in range(12)]
+        assert list(fetch.prefetch_map(f, range(12), ex, depth=3, ready=ready)) == [i * 10 for i in range(12)]
     assert sorted(calls) == [i for i in range(12) if i % 3]

@@ -7,9 +7,10 @@ import logging
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError
+from terrabyte.data_pipeline.basics.errors import CheckpointError
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.checkpoint import store as ckpt
+from terrabyte.pretrain.checkpoint import resume as ckpt_resume, weights as ckpt_weights
 from terrabyte.pretrain.checkpoint import earlier_formats
 
 from .test_checkpoint_safety import save
@@ -59,7 +60,7 @@ def test_checkpoint_without_layout_json_warns(tmp_path, caplog):
 
 def test_resume_without_model_config_json_warns(tmp_path, caplog):
     from terrabyte.pretrain.train.config import load_config
-    from terrabyte.pretrain.parallel.pipeline import plan_layout
+    from terrabyte.pretrain.parallel.layout import plan_layout
 
     cfg = load_config("tiny")
     layout = plan_layout(cfg, 1, 0)
@@ -67,7 +68,7 @@ def test_resume_without_model_config_json_warns(tmp_path, caplog):
     ckpt.write_checkpoint(root, 2, lambda folder: (folder.mkdir(parents=True), (folder / "a.pt").write_bytes(b"x")),
                           {ckpt.LAYOUT_FILE: layout.as_dict()}, keep=2)
     with caplog.at_level(logging.WARNING, logger=WARNINGS):
-        plan = ckpt.plan_resume(cfg, tmp_path, layout)
+        plan = ckpt_resume.plan_resume(cfg, tmp_path, layout)
     assert plan.tag == "step2" and not plan.universal
     assert "has no model_config.json" in caplog.text and "not verified against this run's model config" in caplog.text
 
@@ -79,8 +80,8 @@ def test_model_configs_without_unit_embedding_are_concat(tmp_path):
     model = TerraByte(**THREE, unit_embedding="concat")
     old = {k: v for k, v in model.config.items() if k != "unit_embedding"}
     # an export
-    ckpt.save_safetensors(model, old, tmp_path / "model.safetensors")
-    assert ckpt.load_state(tmp_path / "model.safetensors")[0]["unit_embedding"] == "concat"
+    ckpt_weights.save_safetensors(model, old, tmp_path / "model.safetensors")
+    assert ckpt_weights.load_state(tmp_path / "model.safetensors")[0]["unit_embedding"] == "concat"
     # a save_pretrained directory
     saved = model.save_pretrained(tmp_path / "saved", config=old)
     loaded = TerraByte.from_pretrained(saved)
@@ -88,9 +89,9 @@ def test_model_configs_without_unit_embedding_are_concat(tmp_path):
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     # a checkpoint's model_config.json against this run's
-    ckpt.check_same_model(old, model.config, "step2")
+    ckpt_resume.check_same_model(old, model.config, "step2")
     with pytest.raises(CheckpointError, match="model.unit_embedding is 'concat' there but 'grouped' now"):
-        ckpt.check_same_model(old, {**model.config, "unit_embedding": "grouped"}, "step2")
+        ckpt_resume.check_same_model(old, {**model.config, "unit_embedding": "grouped"}, "step2")
 
 
 def test_bare_cpu_random_state_restores():

@@ -7,8 +7,8 @@ import torch
 
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.eval.bits_per_byte import byte_log_probs, documents, evaluate, windows
-from terrabyte.pretrain.checkpoint.store import save_safetensors
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.pretrain.checkpoint.weights import save_safetensors
+from terrabyte.data_pipeline.basics.errors import ConfigError
 
 CONFIG = dict(num_tokens=256, dim=(32, 16), depth=(1, 1), max_seq_len=(8, 4), dim_head=8, heads=2)
 
@@ -58,7 +58,8 @@ def test_modes_on_long_documents(model):
 
 
 def test_shards_and_files_give_the_same_number(tmp_path, model):
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
 
     src = tmp_path / "src"
     src.mkdir()

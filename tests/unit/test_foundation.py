@@ -1,9 +1,9 @@
 """The bottom layer: atomic writes, the byte vocabulary, the command-line error guard."""
 import pytest
 
-from terrabyte.data_pipeline.errors import ConfigError, DataError, TerrabyteError, run_guarded
-from terrabyte.data_pipeline.system import atomic_path, atomic_write, free_port
-from terrabyte.data_pipeline.vocab import BYTES, Vocab
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError, TerrabyteError, run_guarded
+from terrabyte.data_pipeline.basics.system import atomic_path, atomic_write, free_port
+from terrabyte.data_pipeline.basics.vocab import BYTES, Vocab
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

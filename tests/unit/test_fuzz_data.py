@@ -17,11 +17,13 @@ hypothesis = pytest.importorskip("hypothesis", reason="in the dev extra: pip ins
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from terrabyte.data_pipeline import stages  # noqa: E402
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards  # noqa: E402
-from terrabyte.data_pipeline.errors import ConfigError, DataError  # noqa: E402
-from terrabyte.data_pipeline.loader import ByteLoader  # noqa: E402
-from terrabyte.data_pipeline.manifest import INDEX_KEYS, MANIFEST, load_manifest, shard_list  # noqa: E402
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError  # noqa: E402
+from terrabyte.data_pipeline.format import INDEX_KEYS, MANIFEST  # noqa: E402
+from terrabyte.data_pipeline.read import epochs, fetch, unpack  # noqa: E402
+from terrabyte.data_pipeline.read.loader import ByteLoader  # noqa: E402
+from terrabyte.data_pipeline.read.manifest import load_manifest, shard_list  # noqa: E402
+from terrabyte.data_pipeline.write.builder import build_shards  # noqa: E402
+from terrabyte.data_pipeline.write.config import BuildConfig  # noqa: E402
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
@@ -64,12 +66,12 @@ def clean(tmp_path_factory):
 def member_docs(path, on_error="raise"):
     """Each member's documents through the shard reader, or the DataError it raised."""
     man = load_manifest(str(path))
-    table = stages.member_table(shard_list(man, "train"))
-    files = stages.ShardFiles()
+    table = epochs.member_table(shard_list(man, "train"))
+    files = fetch.ShardFiles()
     out = []
     for i in range(len(table)):
         try:
-            s = stages.parse_meta(stages.decompress_sample(stages.read_member(table, files, i)))
+            s = unpack.parse_meta(unpack.decompress_sample(fetch.read_member(table, files, i)))
             out.append([(d["path"], bytes(s.data[d["offset"]:d["offset"] + d["length"]])) for d in s.meta["docs"]])
         except DataError as e:
             out.append(e)

@@ -26,7 +26,7 @@ def _modules(script: Path) -> set[str]:
 def test_every_python_m_module_of_the_check_has_an_entry_point():
     names = {m for m in _modules(SCRIPT) | _modules(REPO / "launch" / "gpu" / "prepare_wheels.sh")
              if m.startswith("terrabyte.")}
-    assert {"terrabyte.kernels.gpu_check", "terrabyte.launch.cli", "terrabyte.launch.check"} <= names
+    assert {"terrabyte.kernels.tools.gpu_check", "terrabyte.launch.cli", "terrabyte.launch.check"} <= names
     for name in sorted(names):
         module = importlib.import_module(name)
         assert callable(getattr(module, "main", None)), f"{name} has no main()"

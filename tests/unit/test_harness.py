@@ -9,7 +9,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.launch.cli import main as cli
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.eval.bits_per_byte import byte_log_probs, evaluate

@@ -15,13 +15,14 @@ import threading
 
 import pytest
 
-from terrabyte.data_pipeline import readers
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError
 from terrabyte.data_pipeline.cli import main
-from terrabyte.data_pipeline.errors import ConfigError, DataError
-from terrabyte.data_pipeline.loader import ByteLoader, split_documents
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline.read.loader import ByteLoader, split_documents
+from terrabyte.data_pipeline.read.manifest import load_manifest
 from terrabyte.data_pipeline.verify import format_stats
+from terrabyte.data_pipeline.write import documents, sources
+from terrabyte.data_pipeline.write.builder import build_shards
+from terrabyte.data_pipeline.write.config import BuildConfig
 
 hypothesis = pytest.importorskip("hypothesis", reason="in the dev extra: pip install -e .[dev]")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -70,15 +71,16 @@ def test_a_secret_behind_a_link_never_reaches_the_shards(tmp_path):
 def test_a_link_swapped_in_after_discovery_is_not_opened(tmp_path):
     (tmp_path / "secret").write_bytes(SECRET)
     os.symlink(tmp_path / "secret", tmp_path / "a.txt")
-    src = readers.Source("file", str(tmp_path / "a.txt"), "a.txt", 10)
+    src = sources.Source("file", str(tmp_path / "a.txt"), "a.txt", 10)
     with pytest.raises(OSError, match="a.txt' is a symbolic link; not followed"):
-        list(readers.read_source(src, readers.ReadOptions()))
+        list(documents.read_source(src, documents.ReadOptions()))
 
 
 HOSTILE_WALK = textwrap.dedent("""
     import resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # an unbounded read fails, never swaps
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
     man = build_shards(BuildConfig(inputs=[sys.argv[1]], val_fraction=0.0, follow_symlinks=sys.argv[3] == "1"),
                        sys.argv[2], progress=False)
     print(man["stats"]["skipped_links"], man["stats"]["skipped_special"], man["totals"]["all"]["documents"])
@@ -104,7 +106,7 @@ def test_a_fifo_or_device_is_refused_when_opened():
     # a source whose file became a FIFO or device after discovery: the open neither blocks nor reads
     for path in ("/dev/zero", "/dev/null"):
         with pytest.raises(DataError, match="is not a regular file"):
-            readers.read_file_bytes(path, link_ok=True)
+            documents.read_file_bytes(path, link_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +143,8 @@ def test_names_that_are_not_utf8_are_kept_as_escapes(tmp_path):
 def test_stdin_is_spooled_not_read_whole(monkeypatch):
     data = os.urandom(3 << 20)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
-    src = readers.discover_sources(["-"])[0]
-    docs = readers.read_source(src, readers.ReadOptions(stream_bytes=1 << 20))
+    src = sources.discover_sources(["-"])[0]
+    docs = documents.read_source(src, documents.ReadOptions(stream_bytes=1 << 20))
     doc = next(docs)
     assert doc.data is None and doc.size == len(data) and doc.read() == data
     assert next(docs, None) is None
@@ -173,9 +175,9 @@ def test_deep_nesting_and_lone_surrogates_are_one_line_errors(tmp_path):
                           (b'{"text": "a\\ud800b"}', r"lone surrogate \('\\ud800' at character 1\)"),
                           (b'{"text": "\xff\xfe"}', "not valid JSON in UTF-8")):
         (tmp_path / "d.jsonl").write_bytes(line + b"\n")
-        src = readers.discover_sources([str(tmp_path / "d.jsonl")])[0]
+        src = sources.discover_sources([str(tmp_path / "d.jsonl")])[0]
         with pytest.raises(DataError, match=f"d.jsonl:1: .*{message}") as err:
-            list(readers.read_source(src, readers.ReadOptions()))
+            list(documents.read_source(src, documents.ReadOptions()))
         assert "\n" not in str(err.value)
 
 
@@ -205,9 +207,9 @@ def test_any_json_line_is_a_document_or_a_one_line_error(tmp_path, kind, value, 
     line = _line(kind, value, depth, junk)
     path = tmp_path / "h.jsonl"
     path.write_bytes(line + b"\n")
-    src = readers.discover_sources([str(path)])[0]
+    src = sources.discover_sources([str(path)])[0]
     try:
-        docs = list(readers.read_source(src, readers.ReadOptions()))
+        docs = list(documents.read_source(src, documents.ReadOptions()))
     except DataError as e:
         assert str(e).startswith(f"{path}:1: ") and "\n" not in str(e)
         return
@@ -246,10 +248,10 @@ def test_mediawiki_memory_is_flat_in_the_number_of_pages(tmp_path):
             for i in range(n):
                 f.write(_page(f"P{i}", "w" * 50))
             f.write("</mediawiki>\n")
-        src = readers.Source("mediawiki", str(path), path.name, path.stat().st_size)
+        src = sources.Source("mediawiki", str(path), path.name, path.stat().st_size)
         tracemalloc.start()
         try:
-            count = sum(1 for _ in readers.read_source(src, readers.ReadOptions()))
+            count = sum(1 for _ in documents.read_source(src, documents.ReadOptions()))
             peaks[n] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -316,7 +318,7 @@ def test_a_failed_rebuild_leaves_the_previous_build_intact(tmp_path):
 
 
 def test_a_failed_build_resumes_from_its_staging_folder(tmp_path, monkeypatch):
-    from terrabyte.data_pipeline import builder
+    from terrabyte.data_pipeline.write import builder
 
     src = _corpus(tmp_path / "in", {f"f{i}.txt": os.urandom(300) for i in range(5)})
     (src / "zz.jsonl").write_text('{"no_text": 1}\n')
@@ -353,7 +355,7 @@ def _rewrite(out, change):
 
 @pytest.mark.parametrize("quote", ["", '"', "'"])
 def test_a_shard_name_never_runs_in_a_pipe_template(built, tmp_path, quote):
-    from terrabyte.data_pipeline.manifest import PIPE_FILE_VAR, pipe_command
+    from terrabyte.data_pipeline.read.manifest import PIPE_FILE_VAR, pipe_command
 
     marker = tmp_path / "marker"
     template = f"pipe:cat {quote}{built}/{{}}{quote}"
@@ -375,7 +377,7 @@ def test_a_manifest_that_is_a_device_is_refused_unread(tmp_path):
     (tmp_path / "s").mkdir()
     os.symlink("/dev/zero", tmp_path / "s" / "manifest.json")
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
-            "from terrabyte.data_pipeline.manifest import load_manifest; load_manifest(sys.argv[1])")
+            "from terrabyte.data_pipeline.read.manifest import load_manifest; load_manifest(sys.argv[1])")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
                           timeout=60, env=dict(os.environ))
     assert "manifest.json' is not a regular file; refused" in proc.stderr.splitlines()[-1]

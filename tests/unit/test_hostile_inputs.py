@@ -13,11 +13,12 @@ import zipfile
 import pytest
 import zstandard
 
-from terrabyte.data_pipeline import stages
-from terrabyte.data_pipeline.builder import BuildConfig, build_shards
-from terrabyte.data_pipeline.errors import ConfigError, DataError
-from terrabyte.data_pipeline.loader import ByteLoader, split_documents
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline.basics.errors import ConfigError, DataError
+from terrabyte.data_pipeline.read import fetch, unpack
+from terrabyte.data_pipeline.read.loader import ByteLoader, split_documents
+from terrabyte.data_pipeline.read.manifest import load_manifest
+from terrabyte.data_pipeline.write.builder import build_shards
+from terrabyte.data_pipeline.write.config import BuildConfig
 
 
 def test_loader_refuses_a_member_past_max_member_bytes(tmp_path):
@@ -38,14 +39,14 @@ def test_a_decompression_bomb_is_refused_before_it_expands():
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))  # 64 MiB in a few KiB
     assert len(bomb) < 64 << 10
     with pytest.raises(DataError, match="s m: its zstd frame declares 67108864 bytes, more than the limit"):
-        stages.decompress_sample(stages.Sample("s m", b"{}", bomb), max_bytes=1 << 20)
+        unpack.decompress_sample(fetch.Sample("s m", b"{}", bomb), max_bytes=1 << 20)
     # a frame header without a content size: the output buffer is capped at the limit instead
     hidden = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * (64 << 20))
     with pytest.raises(DataError, match="s m: bad zstd frame, or one expanding past 1048576 bytes"):
-        stages.decompress_sample(stages.Sample("s m", b"{}", hidden), max_bytes=1 << 20)
+        unpack.decompress_sample(fetch.Sample("s m", b"{}", hidden), max_bytes=1 << 20)
     # a header that lies about the size the manifest records: refused from the header
     with pytest.raises(DataError, match="declares 67108864 bytes, more than the limit of 5000"):
-        stages.decompress_sample(stages.Sample("s m", b"{}", bomb, raw_size=5000))
+        unpack.decompress_sample(fetch.Sample("s m", b"{}", bomb, raw_size=5000))
 
 
 def test_builder_refuses_a_json_line_past_max_member_bytes(tmp_path):
@@ -95,7 +96,8 @@ def test_archive_links_devices_and_fifos_are_counted_never_followed(tmp_path):
 # VmHWM, not ru_maxrss: the latter keeps the forking parent's (pytest's) resident size across exec
 BUILD_AND_MEASURE = textwrap.dedent("""
     import re, sys
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
     build_shards(BuildConfig(inputs=[sys.argv[1]], val_fraction=0.0), sys.argv[2], progress=False)
     print(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 """)

@@ -11,8 +11,9 @@ import logging
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import CheckpointError, ConfigError
+from terrabyte.data_pipeline.basics.errors import CheckpointError, ConfigError
 from terrabyte.pretrain.checkpoint import store as ckpt
+from terrabyte.pretrain.checkpoint import weights as ckpt_weights
 from terrabyte.pretrain.train.config import ModelConfig
 
 from .test_checkpoint_safety import META, save, tensors_writer
@@ -102,7 +103,7 @@ def test_garbled_checkpoint_metadata_is_one_line(tmp_path, name, text, message):
     run = payload_run(tmp_path / "run", {}, tmp_path / "ran-code")
     (run / "checkpoints" / "step2" / name).write_text(text)
     with pytest.raises(CheckpointError, match=message):
-        ckpt.load_state(run)
+        ckpt_weights.load_state(run)
     assert not (tmp_path / "ran-code").exists()
 
 
@@ -125,15 +126,15 @@ def test_latest_must_name_a_folder_directly_inside_checkpoints(tmp_path, target)
     (tmp_path / "elsewhere").mkdir()
     (root / "link").symlink_to(tmp_path / "elsewhere")
     (root / "latest").write_text(target)
-    for read in (lambda: ckpt.choose_checkpoint(root, fallback=True), lambda: ckpt.resolve_model_source(root.parent),
-                 lambda: save(root, 4)):
+    for read in (lambda: ckpt.choose_checkpoint(root, fallback=True),
+                 lambda: ckpt_weights.resolve_model_source(root.parent), lambda: save(root, 4)):
         with pytest.raises(CheckpointError, match=r"latest names .*: it must name a folder directly inside"):
             read()
     (root / "latest").unlink()
     (root / "latest").symlink_to(tmp_path / "elsewhere" / "tag")
     (tmp_path / "elsewhere" / "tag").write_text("step2")
     with pytest.raises(CheckpointError, match="is a link or not a regular file"):
-        ckpt.resolve_model_source(root.parent)
+        ckpt_weights.resolve_model_source(root.parent)
     (root / "latest").unlink()
     (root / "latest").mkdir()  # a folder named latest is not "no latest"
     with pytest.raises(CheckpointError, match="is a link or not a regular file"):

@@ -1,4 +1,4 @@
-"""The sm_90 compile check (issue #22): `python -m terrabyte.kernels.aot --subset` with the GPU
+"""The sm_90 compile check (issue #22): `python -m terrabyte.kernels.tools.aot --subset` with the GPU
 machine's Triton (3.6.0, installed on the side once into ~/.cache/terrabyte, reused afterwards)
 compiles the heaviest variant of every kernel and reports registers and stack per variant."""
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_every_kernel_compiles_for_sm90_with_the_gpu_machines_triton():
     side = _side_triton()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(side), os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "terrabyte.kernels.aot", "--arch", "90", "--subset"],
+    proc = subprocess.run([sys.executable, "-m", "terrabyte.kernels.tools.aot", "--arch", "90", "--subset"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"triton {GPU_TRITON}, sm_90: 6 of 6 variants compiled" in proc.stdout
@@ -40,7 +40,7 @@ def test_every_kernel_compiles_for_sm90_with_the_gpu_machines_triton():
 
 
 def test_variant_list_covers_what_the_gpu_path_launches():
-    from terrabyte.kernels import aot
+    from terrabyte.kernels.tools import aot
 
     full = aot.variants()
     seen = {(v["kernel"], v["dtype"], v["constexprs"].get("HEAD_DIM"), v["constexprs"]["BLOCK"]) for v in full}

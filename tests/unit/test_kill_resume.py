@@ -171,16 +171,16 @@ def test_stale_export_is_not_used_and_checkpoints_load_weights_only(straight, tm
     import logging
     import shutil
 
-    from terrabyte.pretrain.checkpoint import store as ckpt
+    from terrabyte.pretrain.checkpoint import weights as ckpt_weights
 
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     final = weights(run / "model.safetensors")
     # an export from step 6, as after `terrabyte export` before the run was extended to 8 steps
-    _, at_step6 = ckpt.load_state(ckpt.ModelSource("checkpoint", run / "checkpoints" / "step6", 6,
+    _, at_step6 = ckpt_weights.load_state(ckpt_weights.ModelSource("checkpoint", run / "checkpoints" / "step6", 6,
                                                    run / "checkpoints", "step6"))
-    config, _ = ckpt.load_state(run / "model.safetensors")
-    ckpt.write_safetensors(at_step6, config, run / "model.safetensors", step=6)
+    config, _ = ckpt_weights.load_state(run / "model.safetensors")
+    ckpt_weights.write_safetensors(at_step6, config, run / "model.safetensors", step=6)
 
     loads = []
     original = torch.load
@@ -191,7 +191,7 @@ def test_stale_export_is_not_used_and_checkpoints_load_weights_only(straight, tm
 
     monkeypatch.setattr(torch, "load", recording_load)
     with caplog.at_level(logging.INFO, logger="terrabyte.pretrain.checkpoint"):
-        _, state = ckpt.load_state(run)
+        _, state = ckpt_weights.load_state(run)
     assert "using checkpoint" in caplog.text and "step8" in caplog.text
     assert loads and all(w is True for w in loads), loads
     assert set(state) == set(final)

@@ -13,8 +13,8 @@ LIGHT = {"terrabyte", "terrabyte.pretrain", "terrabyte.pretrain.model", "terraby
          "terrabyte.pretrain.model.layers", "terrabyte.pretrain.model.stage", "terrabyte.pretrain.model.terrabyte",
          "terrabyte.pretrain.model.hub", "terrabyte.pretrain.model.patching", "terrabyte.pretrain.decode", "terrabyte.pretrain.decode.cache",
          "terrabyte.pretrain.decode.generate", "terrabyte.pretrain.decode.plans", "terrabyte.pretrain.decode.sample",
-         "terrabyte.data_pipeline",
-         "terrabyte.data_pipeline.errors", "terrabyte.data_pipeline.vocab"}
+         "terrabyte.data_pipeline", "terrabyte.data_pipeline.basics",
+         "terrabyte.data_pipeline.basics.errors", "terrabyte.data_pipeline.basics.vocab"}
 
 # A machine without DeepSpeed, yaml and Triton (macOS has no Triton wheel): importing any of them
 # fails, and every attempt is recorded. Then a step of training on CPU with a sparse global stage.
@@ -55,7 +55,7 @@ print(json.dumps({
     "blocked_loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
     "tried_by_us": sorted({name for name, by in tried if by.startswith("terrabyte")}),
     "tried": sorted({name.split(".")[0] for name, _ in tried}),
-    "gathered": "terrabyte.kernels.gathered_attention" in sys.modules,
+    "gathered": "terrabyte.kernels.cpu.gathered_attention" in sys.modules,
 }))
 """
 
@@ -116,4 +116,4 @@ def test_a_subcommand_imports_its_module_alone_and_shows_its_options():
     assert subcommand_modules() & set(seen["modules"]) == {"terrabyte.pretrain.eval.generate_cli"}
     seen = run_python(CLI % (["bench", "attention", "--help"],))
     assert seen["code"] == 0 and "--pattern" in seen["out"] and "--lengths" in seen["out"], seen["out"]
-    assert subcommand_modules() & set(seen["modules"]) == {"terrabyte.kernels.bench"}
+    assert subcommand_modules() & set(seen["modules"]) == {"terrabyte.kernels.tools.bench"}

@@ -4,7 +4,7 @@ chunk sizes are checked; upper-stage embeddings do not grow with the unit."""
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain.model.stage import chunk_plan, cross_entropy
 from terrabyte.pretrain.model.terrabyte import MAX_KERNEL_BATCH, TerraByte
 

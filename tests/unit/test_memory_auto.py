@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain.train import dry_run as estimate
 from terrabyte.pretrain.model import terrabyte as model_module
 from terrabyte.pretrain.train.config import load_config

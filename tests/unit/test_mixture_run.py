@@ -24,7 +24,8 @@ WEIGHTS = {"code": 0.6, "wiki": 0.3, "books": 0.1}
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
 
     root = tmp_path_factory.mktemp("three")
     texts = {

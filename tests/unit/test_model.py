@@ -227,7 +227,7 @@ def test_cached_multi_byte_chunks_equal_uncached():
 def test_prefill_in_pieces_equals_one_shot(msl):
     """A prompt prefilled a few patches at a time (dense stages) gives the one-shot logits and
     the same greedy continuation; bad piece sizes are named."""
-    from terrabyte.data_pipeline.errors import ConfigError
+    from terrabyte.data_pipeline.basics.errors import ConfigError
 
     model = tiny(msl)
     T, patch = math.prod(msl), model.unit_sizes[0]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from terrabyte.pretrain import TerraByte
 from terrabyte.pretrain.train.config import Config, load_config
 from terrabyte.pretrain.model.args import ModelArgs

@@ -5,6 +5,7 @@ remove it). ``launch/`` is the top layer: ``kernels/``, ``data_pipeline/`` and `
 import it.
 """
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +112,7 @@ def test_graph_sees_known_edges():
     assert "terrabyte.pretrain.model.terrabyte" in graph["terrabyte.pretrain.train.trainer"]
     # `from ..engine import engine as eng`: a module of a sibling package
     assert "terrabyte.pretrain.engine.engine" in graph["terrabyte.pretrain.train.trainer"]
-    assert "terrabyte.data_pipeline.errors" in graph["terrabyte.launch.cli"]
+    assert "terrabyte.data_pipeline.basics.errors" in graph["terrabyte.launch.cli"]
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -147,3 +148,43 @@ def test_model_never_imports_deepspeed():
     for path in sorted([*(REPO / "pretrain" / "model").glob("*.py"), *(REPO / "pretrain" / "decode").glob("*.py")]):
         names = imported_names(path)
         assert not [n for n in names if n.split(".")[0] == "deepspeed"], path
+
+
+def test_data_sides_meet_only_in_format_and_basics():
+    """data_pipeline/basics/ imports nothing else of the project (the model imports it without the
+    data package), and the write and read sides never import each other: what one writes and the
+    other reads is named in format.py."""
+    graph, dp = import_graph(), "terrabyte.data_pipeline."
+    assert dp + "basics.errors" in graph[dp + "write.builder"] and dp + "format" in graph[dp + "read.manifest"]
+    bad = sorted((module, target) for module, targets in graph.items() for target in targets
+                 if (module.startswith(dp + "basics.") and not target.startswith(dp + "basics."))
+                 or (module.startswith(dp + "write.") and target.startswith(dp + "read."))
+                 or (module.startswith(dp + "read.") and target.startswith(dp + "write.")))
+    assert bad == []
+
+
+def _module_map_rows() -> list[tuple[str, str]]:
+    text = (REPO / "README.md").read_text()
+    table = text.split("Module map, one line each", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split(" | ", 1) for line in table.splitlines() if line.startswith("| `")]
+    return [(left.strip("| "), right) for left, right in rows]
+
+
+def test_readme_module_map_matches_the_tree():
+    """Every path the README's module map names exists, and every folder of the packages has a row:
+    a newcomer reading the map finds each part where it says."""
+    rows = _module_map_rows()
+    named = []
+    for left, right in rows:
+        heads = [h.strip("`") for h in left.split(", ")]
+        folder = heads[0] if heads[0].endswith("/") else heads[0].rsplit("/", 1)[0] + "/"
+        named += [h if "/" in h else folder + h for h in heads]
+        # files a folder's row names by their bare names: `store.py`, ...
+        if heads[0].endswith("/"):
+            named += [heads[0] + n for n in re.findall(r"`([a-z_]+\.py)`", right)]
+    missing = [n for n in named if not (REPO / n).exists()]
+    assert not missing, f"README module map names missing paths: {missing}"
+    folders = {p.parent.relative_to(REPO).as_posix() + "/" for top in ("pretrain", "kernels", "data_pipeline")
+               for p in (REPO / top).rglob("*.py") if p.parent != REPO / top}
+    covered = {n if n.endswith("/") else n.rsplit("/", 1)[0] + "/" for n in named}
+    assert folders <= covered, f"folders without a row in README's module map: {sorted(folders - covered)}"

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from terrabyte.pretrain.train.config import load_config, validate_world
-from terrabyte.pretrain.parallel.pipeline import (TP_COLUMN, TP_ROW, PipelineLoss, _Source, pipeline_key,
-                                                  pipeline_layers, plan_layout, sequence_parallel_ranks)
+from terrabyte.pretrain.parallel.layout import plan_layout
+from terrabyte.pretrain.parallel.pipeline import PipelineLoss, _Source, pipeline_key, pipeline_layers
+from terrabyte.pretrain.parallel.sequence import sequence_parallel_ranks
+from terrabyte.pretrain.parallel.tensor import TP_COLUMN, TP_ROW
 
 SMALL = ["--model.dim", "64,32", "--model.depth", "2,1", "--model.max_seq_len", "32,4", "--model.dim_head", "16",
          "--model.heads", "4", "--train.micro_batch", "2", "--train.global_batch", "8"]
@@ -318,7 +320,7 @@ def test_tensor_parallel_ranks_attend_with_their_heads_patterns():
     import copy
 
     from terrabyte.pretrain.model.terrabyte import TerraByte
-    from terrabyte.pretrain.parallel.pipeline import shard_attention_heads
+    from terrabyte.pretrain.parallel.tensor import shard_attention_heads
 
     attention = [{"kind": "sparse", "pattern": {"local": 2, "dilated": [[16, 4]], "block": 16}},
                  {"kind": "sparse", "pattern": [{"local": 1}, {"local": 3}, {"stride": 2}, {"dilated": [[8, 2]]}]}]

@@ -6,7 +6,7 @@ from terrabyte.pretrain.model import TerraByte
 from terrabyte.pretrain.model.stage import units_before
 from terrabyte.pretrain.model.patching import (SCHEMES, EntropyModel, Patcher, cap_length, layout, patch_stats,
                                                space_candidates, space_like)
-from terrabyte.data_pipeline.errors import ConfigError
+from terrabyte.data_pipeline.basics.errors import ConfigError
 from tests.unit.test_model import one_thread  # noqa: F401  (autouse: tiny shapes on one thread)
 from tests.unit.test_train import shards  # noqa: F401  (the fixture: a small learnable corpus)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from terrabyte.data_pipeline import cli
-from terrabyte.data_pipeline.loader import split_documents
-from terrabyte.data_pipeline.manifest import load_manifest
+from terrabyte.data_pipeline.read.loader import split_documents
+from terrabyte.data_pipeline.read.manifest import load_manifest
 from terrabyte.data_pipeline.verify import verify_shards
 
 README = Path(__file__).resolve().parents[2] / "README.md"

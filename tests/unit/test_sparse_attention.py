@@ -3,7 +3,7 @@
 TRITON_INTERPRET=1 must be set before ``@triton.jit`` decorates the kernels, i.e. before
 ``terrabyte.kernels`` is first imported in this process (tests/conftest.py sets it for the whole
 run; the line below covers running this file alone). The interpreter computes fp32 and fp16
-correctly; bf16 arithmetic is wrong there, so bf16 runs only in kernels/gpu_check.py on a GPU.
+correctly; bf16 arithmetic is wrong there, so bf16 runs only in kernels/tools/gpu_check.py on a GPU.
 Shapes stay small: interpreter time grows with programs x visited tiles.
 """
 import os
@@ -18,21 +18,18 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import importlib  # noqa: E402
-
 from terrabyte.kernels import SparsePattern, gathered_attention, reference_attention, sparse_attention  # noqa: E402
-from terrabyte.kernels.gathered_attention import gather_plan  # noqa: E402
-from terrabyte.kernels.sparse_attention import (  # noqa: E402
+from terrabyte.kernels.cpu import gathered_attention as gathered_module  # noqa: E402
+from terrabyte.kernels.cpu import part_attention as part_module  # noqa: E402
+from terrabyte.kernels.cpu.gathered_attention import gather_plan  # noqa: E402
+from terrabyte.kernels.triton import function as sparse_module  # noqa: E402
+from terrabyte.kernels.triton.function import (  # noqa: E402
     _interpreting,
     _launch_meta,
     batch_slices,
     count_tiles,
 )
 
-# the package's names sparse_attention / gathered_attention are the functions; these are the modules
-sparse_module = importlib.import_module("terrabyte.kernels.sparse_attention")
-gathered_module = importlib.import_module("terrabyte.kernels.gathered_attention")
-part_module = importlib.import_module("terrabyte.kernels.part_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _interpreting(),
                                 reason="terrabyte.kernels was imported before TRITON_INTERPRET=1 was set")
@@ -229,7 +226,7 @@ def test_bench_command_runs_on_cpu(tmp_path, capsys):
     import argparse
     import json
 
-    from terrabyte.kernels import bench
+    from terrabyte.kernels.tools import bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)

@@ -50,7 +50,8 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
 
     root = tmp_path_factory.mktemp("corpus")
     src = root / "src"
@@ -128,7 +129,7 @@ def test_export_matches_checkpoint(tmp_path, shards):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from terrabyte.pretrain.checkpoint.store import load_state
+    from terrabyte.pretrain.checkpoint.weights import load_state
 
     config, state = load_state(run)
     exported = load_file(str(out))
@@ -156,7 +157,7 @@ def test_bad_input_is_one_line(tmp_path):
 
 def validation_bpb(model, shards: Path, seq_len: int, sequences: int) -> float:
     """The trainer's validation number for a plain model: its first ``sequences`` val sequences."""
-    from terrabyte.data_pipeline.loader import ByteLoader
+    from terrabyte.data_pipeline.read.loader import ByteLoader
     from terrabyte.pretrain.train.metrics import bits_per_byte
 
     loader = ByteLoader(str(shards), split="val", seq_len=seq_len, global_batch=4, micro_batch=4, dp_rank=0,
@@ -175,7 +176,8 @@ def test_init_from_fine_tunes_a_trained_model_on_another_corpus(tmp_path, straig
     """--init-from under ZeRO-3: the run starts from the trained weights (its step-0 validation is the
     trained model's own number, below a fresh model's) with a fresh optimizer and schedule, and the
     loss on the new corpus falls."""
-    from terrabyte.data_pipeline.builder import BuildConfig, build_shards
+    from terrabyte.data_pipeline.write.builder import build_shards
+    from terrabyte.data_pipeline.write.config import BuildConfig
     from terrabyte.pretrain import TerraByte
 
     src = tmp_path / "prose"

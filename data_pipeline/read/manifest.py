@@ -1,25 +1,10 @@
-"""The shard format's names, and reading a build's `manifest.json`: what the write side promises
-the read side.
-
-The builder writes, next to its tar shards, one `manifest.json`:
-
-    {"format": "terrabyte-shards", "builder": {"version", "args"}, "tasks", "zstd_dict",
-     "shards": [{"split", "path", "task", "documents", "members", "raw_bytes", "compressed_bytes",
-                 "tar_bytes", "sha256", "index": {INDEX_KEYS -> one int per member},
-                 "spans": [{"path", "size", "member", "members"}, ...]}, ...],
-     "totals": {split or "all": {...}}, "stats": {...}}
-
-`spans` (builder 1.1; absent before, and optional for readers) lists the continued documents that
-start in the shard: a document larger than a member, cut into `members` consecutive members (which
-may run on into the next shards) from member `member`, `size` raw bytes in all. Readers that do not
-know it lose nothing: the member JSON and the `cont` column say the same, `spans` lets `verify`
-check a chain against its recorded size and `stats` report them without reading a shard.
+"""Reading a build's `manifest.json` (its format: ../format.py) and checking it before anything
+trusts it.
 
 `load_manifest` reads it from a directory, a file, an http(s) URL or a `pipe:` command template and
 keeps where it came from as `_dir`; `shard_list` and `file_url` turn the relative shard and
-dictionary paths into locations the readers (`stages.ShardFiles`, `read_whole`) open. This module
-reads no shard: the builder, the loader, `verify` and the stages all build on it, and it imports
-none of them.
+dictionary paths into locations the readers (`fetch.ShardFiles`, `read_whole`) open. This module
+reads no shard: the loader, `verify` and the stages build on it, and it imports none of them.
 """
 from __future__ import annotations
 
@@ -27,17 +12,8 @@ import json
 import os
 import re
 
-from .errors import ConfigError, DataError
-
-FORMAT = "terrabyte-shards"
-MANIFEST = "manifest.json"
-DICT_FILE = "zstd.dict"
-SPLITS = ("train", "val", "test")  # test: only from --split-bytes (a corpus cut by position)
-INDEX_KEYS = ("json_offset", "json_size", "zst_offset", "zst_size", "raw", "starts", "ends", "cont")
-"""Per-member columns of a shard's `index`: where its JSON and zstd payloads sit in the tar (data
-offsets, not headers), its raw size, documents starting / ending in it, and whether its last
-document continues in the next member."""
-
+from ..basics.errors import ConfigError, DataError
+from ..format import DICT_FILE, FORMAT, INDEX_KEYS, MANIFEST, SPLITS
 
 MAX_BYTES = 1 << 48
 """Largest offset, size or count a manifest may give (256 TiB): anything past it is a garbled or
@@ -207,7 +183,7 @@ def file_url(manifest: dict, path: str) -> str:
     URL, or for a `pipe:` build the template and the file name joined by NUL (`display` prints it)."""
     base = manifest.get("_dir", ".")
     if base.startswith("pipe:"):
-        return f"{base}\0{path}"  # template and file name; stages.ShardFiles runs it
+        return f"{base}\0{path}"  # template and file name; fetch.ShardFiles runs it
     if "://" in base:
         return base.rstrip("/") + "/" + path
     return os.path.join(base, path)

@@ -39,12 +39,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import stages
+from ..basics.errors import CheckpointError, ConfigError, DataError
+from ..basics.vocab import BYTES, Vocab
+from . import epochs, fetch, segments, unpack
 from .batch import ByteBatch
-from .errors import CheckpointError, ConfigError, DataError
+from .fetch import ErrorCounter, ShardFiles
 from .manifest import load_dictionary, load_manifest, shard_list
-from .stages import ErrorCounter, ShardFiles
-from .vocab import BYTES, Vocab
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def split_documents(path: str, split: str = "val") -> Iterator[tuple[str, bytes]
     splits = sorted({s["split"] for s in man["shards"]}) if split == "all" else [split]
     for name in splits:
         urls = [s["url"] for s in shard_list(man, name)]
-        yield from stages.documents(stages.decompress(stages.tar_members(urls), zdict))
+        yield from unpack.documents(unpack.decompress(fetch.tar_members(urls), zdict))
 
 
 class ByteLoader:
@@ -109,7 +109,7 @@ class ByteLoader:
                  eos_id: int | None = None, pad_id: int | None = None, loop: bool = True,
                  on_error: str = "raise", shuffle: bool = True, prefetch: int = 2, allow_pipe: bool = False,
                  dtype: torch.dtype = torch.int64, vocab: Vocab = BYTES,
-                 max_member_bytes: int = stages.MAX_MEMBER_BYTES):
+                 max_member_bytes: int = unpack.MAX_MEMBER_BYTES):
         for name, v in (("seq_len", seq_len), ("global_batch", global_batch), ("micro_batch", micro_batch),
                         ("dp_world", dp_world), ("prefetch", prefetch)):
             if int(v) < 1:
@@ -137,12 +137,12 @@ class ByteLoader:
         self.grad_accum = self.global_batch // (self.dp_world * self.micro_batch)
 
         self.manifest = load_manifest(path, allow_pipe=allow_pipe)
-        self.table = stages.member_table(shard_list(self.manifest, split))
+        self.table = epochs.member_table(shard_list(self.manifest, split))
         self.total_tokens = int(self.table.tokens.sum())
         self.manifest_id = _manifest_id(self.manifest, split)
         self.zdict = load_dictionary(self.manifest)
         if self.loop:
-            _, self.steps_per_epoch = stages.lanes(self.total_tokens, self.global_batch, self.seq_len)
+            _, self.steps_per_epoch = epochs.lanes(self.total_tokens, self.global_batch, self.seq_len)
             if self.steps_per_epoch == 0:
                 raise ConfigError(
                     f"split {split!r} of {path!r} has {self.total_tokens} tokens, fewer than global_batch*seq_len = "
@@ -155,7 +155,7 @@ class ByteLoader:
         self.max_member_bytes = int(max_member_bytes)
         self._member_tokens = self.table.tokens
         self._files = ShardFiles()
-        self._pool = stages.BufferPool()
+        self._pool = unpack.BufferPool()
         # Members some lane still holds: neighbouring lanes that start inside the same member reuse
         # it instead of decompressing it again (weak: costs no memory of its own).
         self._members = weakref.WeakValueDictionary()
@@ -231,14 +231,14 @@ class ByteLoader:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _load_member(self, i: int, order_seed) -> stages.Segments | None:
+    def _load_member(self, i: int, order_seed) -> segments.Segments | None:
         """read -> decompress -> parse -> segments for member i (runs on a prefetch thread)."""
         if i in self.bad_members:
             return None
         try:
-            s = stages.read_member(self.table, self._files, i)
-            s = stages.parse_meta(stages.decompress_sample(s, self.zdict, self._pool, self.max_member_bytes))
-            segs = stages.member_segments(s, self.eos_id, order_seed)
+            s = fetch.read_member(self.table, self._files, i)
+            s = unpack.parse_meta(unpack.decompress_sample(s, self.zdict, self._pool, self.max_member_bytes))
+            segs = segments.member_segments(s, self.eos_id, order_seed)
             if s.buffer is not None:
                 self._pool.own(segs, s.buffer)
             return segs
@@ -261,9 +261,9 @@ class ByteLoader:
         so a resumed lane continues at exactly the token the uninterrupted one had reached.
         `hold_first`: keep the first member for the lane before this one (it ends there)."""
         if stop <= start:
-            return stages.TokenReader((), self.eos_id)
-        first_j, first_offset = stages.locate(cum, start)
-        last, last_offset = stages.locate(cum, stop - 1)
+            return segments.TokenReader((), self.eos_id)
+        first_j, first_offset = epochs.locate(cum, start)
+        last, last_offset = epochs.locate(cum, stop - 1)
         n = last - first_j + 1  # members k = 0..n-1 are order[first_j + k]; of each, tokens [lo, hi)
         with self._cache_lock:
             bad = set(self.bad_members)
@@ -277,15 +277,15 @@ class ByteLoader:
             room = np.concatenate([[0], np.cumsum(np.where(known_bad, 0, hi - lo))])
             limit = int(room[-1]) - delivered
             if limit <= 0:
-                return stages.TokenReader((), self.eos_id)
+                return segments.TokenReader((), self.eos_id)
             k0 = int(np.searchsorted(room, delivered, side="right")) - 1
             lo0 = int(lo[k0]) + delivered - int(room[k0])
             todo = [k for k in range(k0, n) if not known_bad[k]]
         else:  # every member takes its room: the stream position alone says where to begin (once per lane epoch)
             limit = stop - start - delivered
             if limit <= 0:
-                return stages.TokenReader((), self.eos_id)
-            k0, lo0 = stages.locate(cum, start + delivered)
+                return segments.TokenReader((), self.eos_id)
+            k0, lo0 = epochs.locate(cum, start + delivered)
             k0 -= first_j
             todo = range(k0, n)
         seed = self.seed
@@ -318,15 +318,15 @@ class ByteLoader:
             segs = cached(k)
             return None if segs is None else (k, segs)
 
-        loaded = stages.prefetch_map(load, todo, self._executor, self.prefetch, ready=ready)
+        loaded = fetch.prefetch_map(load, todo, self._executor, self.prefetch, ready=ready)
         tokens = self._member_tokens
         members = (segs.window(lo0 if k == k0 else 0,  # (the manifest's token count, as `cum` counts them)
                                last_offset + 1 if k == n - 1 else int(tokens[order[first_j + k]]))
                    for k, segs in loaded if segs is not None)
-        return stages.TokenReader(members, self.eos_id, limit=limit)
+        return segments.TokenReader(members, self.eos_id, limit=limit)
 
     def _epoch_stream(self, epoch: int):
-        order = stages.epoch_order(self.table, self.seed, epoch, self.shuffle)
+        order = epochs.epoch_order(self.table, self.seed, epoch, self.shuffle)
         cum = np.concatenate([[0], np.cumsum(self.table.tokens[order])])
         return order, cum
 
@@ -350,7 +350,7 @@ class ByteLoader:
         # sequences) gets a fresh buffer instead, and its micro-batches are views of it: no copy.
         block_steps = self._block_steps(per_rank)
         fresh = per_rank * L > BLOCK_BYTES
-        lanebuf = None if fresh else stages.fresh_buffer(per_rank * block_steps * L).reshape(per_rank, block_steps, L)
+        lanebuf = None if fresh else unpack.fresh_buffer(per_rank * block_steps * L).reshape(per_rank, block_steps, L)
         wide = {torch.int64: np.int64, torch.int32: np.int32}.get(self.dtype)
         while generation == self._generation:
             epoch, step0, micro0 = self._epoch, self._step, self._micro
@@ -360,7 +360,7 @@ class ByteLoader:
             for b0 in range(step0, steps, block_steps):
                 nb = min(block_steps, steps - b0)
                 if fresh:
-                    lanebuf = stages.fresh_buffer(per_rank * L).reshape(per_rank, 1, L)
+                    lanebuf = unpack.fresh_buffer(per_rank * L).reshape(per_rank, 1, L)
                 marks, rowlen, slots = self._fill_block(lanebuf, readers, firsts, b0, nb, epoch)
                 eos, bounds = _batch_eos(marks, nb, m, L)
                 any_short = bool((rowlen < L).any())  # (never in a block without skipped members)
@@ -401,7 +401,7 @@ class ByteLoader:
     def _open_epoch(self, epoch: int, firsts: list) -> tuple[list, int]:
         """This rank's lane readers for `epoch`, lane j from its step firsts[j] on; and steps per epoch."""
         order, cum = self._epoch_stream(epoch)
-        lane_list, steps = stages.lanes(self.total_tokens, self.global_batch, self.seq_len)
+        lane_list, steps = epochs.lanes(self.total_tokens, self.global_batch, self.seq_len)
         per_rank = len(firsts)
         mine = lane_list[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         with self._cache_lock:
@@ -442,7 +442,7 @@ class ByteLoader:
         start, stop = min(first_row * L, self.total_tokens), min(self.total_tokens, last_row * L)
         reader = self._range_reader(order, cum, start, stop, 0)
         for _ in range(self._step, self.eval_batches):
-            out = stages.fresh_buffer(m * L) if m * L > BLOCK_BYTES else np.empty(m * L, dtype=np.uint8)
+            out = unpack.fresh_buffer(m * L) if m * L > BLOCK_BYTES else np.empty(m * L, dtype=np.uint8)
             eos: list = []
             n = reader.fill(out, eos)  # this rank's rows are contiguous in the stream
             out[n:] = 0  # past the end of the data: pad

@@ -1,13 +1,13 @@
 """Compile every kernel variant the GPU path can launch, for a GPU this machine does not have.
 
-    python -m terrabyte.kernels.aot [--arch 90] [--subset] [--jobs N]
+    python -m terrabyte.kernels.tools.aot [--arch 90] [--subset] [--jobs N]
 
-No GPU is needed: each kernel of ``sparse_attention.py`` goes through ``triton.compile`` with an
+No GPU is needed: each kernel of ``kernels/triton/`` goes through ``triton.compile`` with an
 ``ASTSource`` (the signature and constexprs that ``SparseAttentionFunction`` and ``count_tiles``
 launch with) and ``GPUTarget("cuda", arch, 64)``; Triton's bundled ptxas makes the cubin and its
 bundled ``cuobjdump --dump-resource-usage`` reads registers and stack (spilled registers live
 there) per variant. One line per variant, then a summary; exit code 1 if any variant fails to
-compile (the GPU session would have found out only there, with its minutes counting).
+compile (on a GPU machine that failure would cost device minutes).
 
 Variants: forward, backward preprocessing, dQ and dK/dV for bf16/fp16/fp32 x head dims 32/64/128 x
 blocks 64/128 x (a causal union of every part kind, an explicit CSR layout, non-causal), and the tile
@@ -45,15 +45,16 @@ INT_ARGS = {"H"}  # upper-case names that are not tensors (heads)
 
 
 def _module():
-    import importlib
+    from terrabyte.kernels.triton import function  # Triton is imported here
 
-    return importlib.import_module("terrabyte.kernels.sparse_attention")  # the package exports a function of that name
+    return function
 
 
 def _kernel(name: str):
-    sa = _module()
-    return {"fwd": sa._fwd_kernel, "preprocess": sa._bwd_preprocess_kernel, "dq": sa._bwd_dq_kernel,
-            "dkdv": sa._bwd_dkdv_kernel, "count": sa._count_kernel}[name]
+    from terrabyte.kernels.triton import backward, count, forward
+
+    return {"fwd": forward._fwd_kernel, "preprocess": backward._bwd_preprocess_kernel, "dq": backward._bwd_dq_kernel,
+            "dkdv": backward._bwd_dkdv_kernel, "count": count._count_kernel}[name]
 
 
 def _options(block: int, head_dim: int = 32) -> dict:
@@ -183,7 +184,7 @@ def run(arch: int, subset: bool, jobs: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m terrabyte.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m terrabyte.kernels.tools.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90, H100/H200)")
     parser.add_argument("--subset", action="store_true", help="each kernel once, bf16 at head dim 128 and block 128")
     parser.add_argument("--jobs", type=int, default=max(1, min(4, len(os.sched_getaffinity(0)))),
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     if _module()._interpreting():
-        sys.stderr.write("terrabyte: error: kernels.aot compiles the kernels: unset TRITON_INTERPRET\n")
+        sys.stderr.write("terrabyte: error: kernels.tools.aot compiles the kernels: unset TRITON_INTERPRET\n")
         return 2
     started = time.monotonic()
     rows = run(args.arch, args.subset, args.jobs)

@@ -1,12 +1,12 @@
-"""Which tiles the kernels visit, in plain Python: the twin of the tile walk in sparse_attention.py.
+"""Which tiles the kernels visit, in plain Python: the twin of the kernels' tile walk (``triton/``).
 
 For one fixed block (a query block; a key block for the dK/dV kernel, ``transposed``) :func:`visit`
 lists the other blocks whose tile the Triton kernels compute, in the kernels' order: first the tiles
 that are entirely attended (no mask), each owned by the first part that fills it, then the other
 touched tiles (element-wise mask), each owned by the first part that touches it. :func:`visit_csr`
 does the same for an explicit CSR block layout. Every function here has a device twin of the same
-name in ``sparse_attention.py`` (``_touch_*``, ``_full_*``, ``_*_range``; ``_stride_candidates`` and
-``_dilated_candidates`` are ``_part_setup`` / ``_part_candidate``; ``visit`` is ``_sweep``). Keep the
+name in ``triton/walk.py`` (``_touch_*``, ``_full_*``, ``_*_range``; ``_stride_candidates`` and
+``_dilated_candidates`` are ``_part_setup`` / ``_part_candidate``; ``visit`` is ``sweep._sweep``). Keep the
 two in step: ``tests/unit/test_sparse_attention.py`` compares them tile by tile through
 ``count_tiles``. :meth:`SparsePattern.key_blocks` / ``query_blocks`` / ``num_tiles`` are built on this.
 

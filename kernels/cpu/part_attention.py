@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .patterns import SparsePattern, _unpack
+from ..pattern import SparsePattern
+from ..pattern.parts import unpack_params
 
 BAND_BLOCK = 64  # queries per local-band tile; the band's key width is this plus the window
 
@@ -56,7 +57,7 @@ def _layout(pattern: SparsePattern, n: int, heads: int, causal: bool) -> _Layout
     """The layout if this path handles the call, else None (the gathered path runs)."""
     if not causal or pattern.is_csr:
         return None
-    rows = [_unpack(pattern.head(h).params(h)) for h in range(heads)]
+    rows = [unpack_params(pattern.head(h).params(h)) for h in range(heads)]
     w, g, l, dils = rows[0]
     if l > 0 or any((r[0], r[1], r[2], [d[:2] for d in r[3]]) != (w, g, l, [d[:2] for d in dils]) for r in rows):
         return None

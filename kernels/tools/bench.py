@@ -31,10 +31,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from terrabyte.data_pipeline.errors import ConfigError
-from terrabyte.data_pipeline.system import atomic_write, describe_machine
+from terrabyte.data_pipeline.basics.errors import ConfigError
+from terrabyte.data_pipeline.basics.system import atomic_write, describe_machine
 
-from .patterns import SparsePattern
+from ..pattern import SparsePattern
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Report:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pattern", default=json.dumps(DEFAULT_PATTERN),
-                        help="sparse pattern as JSON (keys: see terrabyte.kernels.patterns)")
+                        help="sparse pattern as JSON (keys: see terrabyte.kernels.pattern.parts)")
     parser.add_argument("--lengths", default=None,
                         help=f"comma-separated sequence lengths (default GPU {GPU_LENGTHS}, CPU {CPU_LENGTHS})")
     parser.add_argument("--batch", type=int, default=1)
@@ -180,8 +180,8 @@ class Bench:
                 torch.cuda.empty_cache()
 
     def _ours(self, n: int) -> Row:
-        from .dispatch import sparse_attention
-        from .sparse_attention import count_tiles
+        from ..dispatch import sparse_attention
+        from ..triton.function import count_tiles
 
         r = self.report
         name = "terrabyte triton" if self.gpu else "reference (cpu)"
@@ -200,8 +200,8 @@ class Bench:
         return row
 
     def _part_path(self, n: int) -> bool:
-        from .gathered_attention import DEFAULT_BUDGET
-        from .part_attention import applies
+        from ..cpu.gathered_attention import DEFAULT_BUDGET
+        from ..cpu.part_attention import applies
 
         r = self.report
         shape = (r.batch, r.heads, n, r.head_dim)
@@ -210,7 +210,7 @@ class Bench:
     def _gathered(self, n: int, fast: bool = True) -> Row:
         """The gathered path as ``sparse_attention`` runs it (part-wise where it applies), or with
         ``fast=False`` its block-gathered tiles; FLOPs and tiles are those of the tiles either way."""
-        from .gathered_attention import gather_plan, gathered_attention
+        from ..cpu.gathered_attention import gather_plan, gathered_attention
 
         r = self.report
         name = "gather (cpu)" if fast else "gather tiles (cpu)"
@@ -285,7 +285,7 @@ class Bench:
 
     def longest_fit(self, start: int, deadline: float | None = None) -> int:
         """Double the length from ``start`` until forward+backward runs out of memory (or time)."""
-        from .dispatch import sparse_attention
+        from ..dispatch import sparse_attention
 
         best, n = None, start
         while n <= (1 << 30) and (deadline is None or time.monotonic() < deadline):

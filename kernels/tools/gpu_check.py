@@ -1,6 +1,6 @@
 """The one GPU check of the sparse attention kernels: correctness on the GPU, then the benchmark.
 
-    python -m terrabyte.kernels.gpu_check [--budget 170] [--out DIR]
+    python -m terrabyte.kernels.tools.gpu_check [--budget 170] [--out DIR]
 
 Run it on a CUDA machine (written for an H100/H200 with torch 2.11 / triton 3.6); it aims to end
 within ``--budget`` seconds (default 170) and skips the benchmark steps that no longer fit.
@@ -42,7 +42,7 @@ def _bootstrap() -> None:
     import importlib.util
     import types
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # kernels/tools/ -> repo
     root = types.ModuleType("terrabyte")
     root.__path__ = []
     sys.modules["terrabyte"] = root
@@ -143,9 +143,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 @contextlib.contextmanager
 def nan_outputs():
     """Every kernel output allocated inside starts as NaN, so an element a kernel never wrote shows."""
-    import importlib
+    from terrabyte.kernels.triton import function as module
 
-    module = importlib.import_module("terrabyte.kernels.sparse_attention")
     allocate = module._empty
     module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     try:
@@ -181,7 +180,7 @@ def check_case(name, cfg, n, head_dim, dtype_name, causal, heads) -> bool:
 
 def check_walk() -> bool:
     from terrabyte.kernels import SparsePattern
-    from terrabyte.kernels.sparse_attention import count_tiles
+    from terrabyte.kernels.triton.function import count_tiles
 
     ok = True
     for cfg, n in ((CASES[0][1], 1100), (CASES[2][1], 900)):
@@ -252,7 +251,7 @@ def bench(head_dim: int, deadline: float, max_flex: int, on_rows=None) -> dict |
     over SDPA's is the "% of dense" figure; compare times, not FLOP rates: partly masked tiles count
     differently in each). ``on_rows(report)`` after each length."""
     from terrabyte.kernels import SparsePattern
-    from terrabyte.kernels.bench import Bench, Report, format_table
+    from terrabyte.kernels.tools.bench import Bench, Report, format_table
 
     gpu = DEVICE == "cuda"
     pattern = SparsePattern.from_config(BENCH_PATTERN if gpu else shrink(BENCH_PATTERN))
@@ -366,7 +365,7 @@ def run_benches(results: dict, out: str, head_dims, deadline: float, max_flex: i
 def dry_run(out: str, budget: float) -> int:
     """The same steps at CPU scale: correctness under the Triton interpreter (shrunk), then the
     benchmark table of the PyTorch paths at CPU_BENCH_LENGTHS."""
-    from terrabyte.kernels.sparse_attention import _interpreting
+    from terrabyte.kernels.triton.function import _interpreting
 
     if not _interpreting():
         say("gpu_check --device cpu needs TRITON_INTERPRET=1 in the environment")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from ..basics.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Block-gathered sparse attention in plain PyTorch: the pattern's cost off the GPU.
 
-The dense reference (``reference_attention``) builds an (n, n) mask, so on a CPU sparse attention
-used to cost as much as dense attention. This path visits only the pattern's key blocks: per query
-block a padded row of key-block indices (the tiles the pattern touches, found from the pattern's
-integers with tensor ops, never from an n x n object), K and V gathered block by block, scores
-against the query block, the element-wise predicate on the tiles that are not entirely attended,
-softmax in fp32 (fp64 stays fp64). Cost and memory are linear in n for a fixed pattern.
+The dense reference (``reference_attention``) builds an (n, n) mask and costs as much as dense
+attention. This path visits only the pattern's key blocks: per query block a padded row of key-block
+indices (the tiles the pattern touches, found from the pattern's integers with tensor ops, never
+from an n x n object), K and V gathered block by block, scores against the query block, the
+element-wise predicate on the tiles that are not entirely attended, softmax in fp32 (fp64 stays
+fp64). Cost and memory are linear in n for a fixed pattern.
 
 The tiles hold every attended pair; where a tile-level test is conservative they may differ from
 the Triton walk's (``tile_walk.visit``), and the element-wise mask makes the result exact either
@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import part_attention
-from .patterns import SparsePattern, _unpack, check_attention_inputs
+from ..pattern import SparsePattern, check_attention_inputs
+from ..pattern.parts import unpack_params
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def _first_residue(a: torch.Tensor, r: int, off: int) -> torch.Tensor:
 def _part_candidates(params: tuple, n: int, B: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(query block, key block) pairs, possibly repeated, covering every attended pair of one head;
     the same block ranges as tile_walk's candidate lists, all query blocks at once."""
-    w, g, l, dils = _unpack(params)
+    w, g, l, dils = unpack_params(params)
     nb = -(-n // B)
     qb = torch.arange(nb)
     x0, xl = qb * B, torch.clamp(qb * B + B, max=n) - 1
@@ -264,7 +265,7 @@ def _head_blocks(rows: torch.Tensor, blocks: torch.Tensor, ident, n: int, patter
     if pattern.is_csr:  # a layout attends whole tiles
         full = complete & below
     else:
-        w, g, _, dils = _unpack(list(ident))
+        w, g, _, dils = unpack_params(list(ident))
         if causal:
             full = below & (ql - k0 < w)
             full |= below & (kl < g)
@@ -348,7 +349,7 @@ def _tile_signature(pattern: SparsePattern, head: int, rows: torch.Tensor, block
     cols = [torch.clamp(n - k0, 0, B)]
     if pattern.is_csr:
         return torch.stack(cols + [torch.clamp(d, -B, B)], 1)
-    w, g, l, dils = _unpack(pattern.head(head).params(head, n))
+    w, g, l, dils = unpack_params(pattern.head(head).params(head, n))
     reach = max(w, 1) + B
     cols.append(torch.clamp(d, -reach, reach))
     if g > 0:

@@ -1,7 +1,7 @@
 """`ByteBatch`: a micro-batch of packed byte sequences at one byte per byte, widened on the device.
 
 Token ids do not fit a byte: the specials sit above the data values (PAD = num_tokens, EOS =
-num_tokens + 1, see vocab.py). An int64 (or int32) batch costs 8 (4) bytes of host memory and
+num_tokens + 1, see ../basics/vocab.py). An int64 (or int32) batch costs 8 (4) bytes of host memory and
 transfer per byte, which at billion-byte sequences is 8 GiB per sequence. So the loader hands the
 bytes over as they are, uint8, plus the few places where a special id goes:
 

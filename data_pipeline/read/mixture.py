@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import stages
-from .errors import CheckpointError, ConfigError, DataError, TerrabyteError
+from ..basics.errors import CheckpointError, ConfigError, DataError, TerrabyteError
+from ..basics.vocab import BYTES, Vocab
+from . import fetch, unpack
 from .loader import BLOCK_BYTES, ByteLoader
-from .vocab import BYTES, Vocab
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class _LaneStream:
     def _open(self, within: int):
         child, L = self.child, self.mixer.seq_len
         order, cum = self.mixer._stream(self.source, self.epoch)
-        start = self.mixer.lane_ids[self.j] * (child.total_tokens // child.global_batch)  # as stages.lanes cuts
+        start = self.mixer.lane_ids[self.j] * (child.total_tokens // child.global_batch)  # as epochs.lanes cuts
         self.reader = child._range_reader(order, cum, start, start + self.steps * L, self.epoch,
                                           hold_first=(self.j > 0 and within == 0), delivered=within * L)
         self.left = self.steps - within
@@ -219,7 +219,7 @@ class MixtureLoader(ByteLoader):
     def __init__(self, mixture: Mixture, seq_len: int = 2048, global_batch: int = 8, micro_batch: int = 4,
                  dp_rank: int = 0, dp_world: int = 1, seed: int = 0, num_workers: int = 0, on_error: str = "raise",
                  prefetch: int = 2, allow_pipe: bool = False, dtype: torch.dtype = torch.int64, vocab: Vocab = BYTES,
-                 max_member_bytes: int = stages.MAX_MEMBER_BYTES, eos_id: int | None = None, pad_id: int | None = None):
+                 max_member_bytes: int = unpack.MAX_MEMBER_BYTES, eos_id: int | None = None, pad_id: int | None = None):
         self.mixture = mixture
         self.children: list[ByteLoader | None] = []
         active = mixture.active()
@@ -253,7 +253,7 @@ class MixtureLoader(ByteLoader):
         self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="byteloader") \
             if self.num_workers else None
         # one thread pool and one buffer pool for all sources: a member buffer one source frees, another reuses
-        buffers = stages.BufferPool()
+        buffers = unpack.BufferPool()
         for c in self.children:
             if c is not None:
                 c._executor, c.num_workers, c._pool = self._executor, self.num_workers, buffers
@@ -267,7 +267,7 @@ class MixtureLoader(ByteLoader):
         self.source_epochs: dict[str, int] = {}
         self._streams_cache: dict = {}
         self.bad_members: set = set()  # the children keep theirs
-        self.errors = stages.ErrorCounter()
+        self.errors = fetch.ErrorCounter()
         self._epoch = self._step = self._micro = 0
         self._generation = 0
         self._continues = None  # (generation, epoch) whose streams the last epoch's carry on into
