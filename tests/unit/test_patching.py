@@ -426,8 +426,10 @@ def test_entropy_run_trains_its_entropy_model_resumes_and_generates(tmp_path, sh
     run_cli([*common, "--run.dir", str(straight), "--train.steps", "8"])
     aux = scalars(straight, "patch/entropy_model_bits_per_byte")
     assert sorted(aux) == list(range(1, 9)) and aux[8] < aux[1] - 0.5
+    # a fresh entropy model cuts at the cap (4 bytes); once it learns, patches follow the data without
+    # collapsing towards one byte
     mean = scalars(straight, "patch/mean_patch_bytes")
-    assert all(1 <= v <= 4 for v in mean.values())
+    assert mean[1] == 4.0 and mean[8] < 3.7 and min(mean.values()) > 2
     rate = scalars(straight, "patch/boundary_rate")
     assert rate[8] == pytest.approx(1 / mean[8], rel=1e-5)
     run_cli([*common, "--run.dir", str(split), "--train.steps", "4"])
