@@ -8,6 +8,9 @@ schedule, gradient clipping), and scores every model on the same validation byte
 (``--baselines``): MEGABYTE-pytorch (lucidrains' reference implementation, when installed), a flat
 transformer over bytes and one over BPE tokens trained on the run's own training bytes
 (``baselines.py``: how they are built, how BPE is scored per byte, how FLOPs are counted).
+``--patching space,entropy`` adds TerraByte with patches that follow the data (``model.patching``)
+beside them, on the same rows: the config's shapes, ``max_seq_len[0]`` raised so a row may hold
+``--patch-budget`` times as many patches as fixed ones (``context_bytes`` = the config's row).
 
 Method:
 - Every model sees every batch: each step trains one, then the next, so load from other processes
@@ -49,7 +52,9 @@ from ..model.terrabyte import TerraByte
 logger = logging.getLogger(__name__)
 
 BASELINES = ("megabyte", "bytes", "bpe")
-NAMES = {"megabyte": "MEGABYTE-pytorch", "bytes": "byte GPT", "bpe": "BPE GPT"}
+PATCHINGS = ("fixed", "space", "entropy")  # model.patching, trained beside the config's own
+NAMES = {"megabyte": "MEGABYTE-pytorch", "bytes": "byte GPT", "bpe": "BPE GPT",
+         **{p: f"TerraByte {p}" for p in PATCHINGS}}
 REFERENCE = "TerraByte"
 
 
@@ -62,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help=f"comma-separated baselines from {','.join(BASELINES)} (default: all; megabyte only "
                              "when MEGABYTE-pytorch is installed)")
+    parser.add_argument("--patching", default="", help=f"comma-separated patching schemes from {','.join(PATCHINGS)} "
+                        "trained beside TerraByte as extra models (e.g. space,entropy; default: none), with the "
+                        "baselines' equal wall-clock and FLOPs runs")
+    parser.add_argument("--patch-budget", type=float, default=2.0,
+                        help="--patching models: the most patches a row may have, in multiples of its fixed patch "
+                             "count (default: 2)")
     parser.add_argument("--no-baseline", action="store_true", help="train TerraByte only")
     parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-clock baseline runs")
     parser.add_argument("--no-equal-flops", action="store_true", help="skip the equal-FLOPs baseline runs")
@@ -96,7 +107,22 @@ def _megabyte_nats(model, x: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, i
 
 def _terrabyte_nats(model, x: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int, int]:
     count = int((x != pad_id).sum())
+    if isinstance(model, TerraByte):  # chunked, and in training with the entropy model's gradient
+        return model(x, return_loss="sum"), count, count
     return cross_entropy(model(x), x, pad_id, reduction="sum"), count, count
+
+
+def patched_model_args(cfg: Config, scheme: str, budget: float) -> dict:
+    """TerraByte's arguments for ``scheme`` on the config's rows: its shapes, with ``max_seq_len[0]``
+    the most patches a row may have (``budget`` times the fixed count for a scheme that follows
+    the data) and ``context_bytes`` the row."""
+    m = cfg.model
+    patch, row = math.prod(m.max_seq_len[1:]), m.seq_len
+    fixed = math.ceil(row / patch)
+    most = fixed if scheme == "fixed" else max(fixed + 1, math.ceil(budget * fixed))
+    return dict(m.kwargs(), patching=scheme, max_seq_len=(most, *m.max_seq_len[1:]),
+                context_bytes=None if most * patch == row else row,
+                patch_threshold=m.patch_threshold if scheme == "entropy" else None)
 
 
 @dataclass
@@ -219,9 +245,13 @@ class Baselines:
     dim: int = 256
     depth: int = 6
     tokens: BytePairTokens = None  # the BPE baseline's tokenizer, trained once per run
+    patch_budget: float = 2.0  # patching contenders: most patches per row / fixed patches per row
 
     def build(self, name: str, cfg: Config, seed: int) -> Contender:
         torch.manual_seed(seed)
+        if name in PATCHINGS:
+            model = TerraByte(**patched_model_args(cfg, name, self.patch_budget))
+            return Contender(NAMES[name], model, _terrabyte_nats, cfg)
         if name == "megabyte":
             return Contender(NAMES[name], build_megabyte(cfg), _megabyte_nats, cfg)
         m = cfg.model
@@ -261,6 +291,11 @@ def _first_step(cfg: Config, shards: str, seed: int) -> list[torch.Tensor]:
     return [next(batches).long() for _ in range(accumulation)]
 
 
+def _learns_its_patches(model) -> bool:
+    patcher = getattr(model, "patcher", None)
+    return patcher is not None and patcher.entropy_model is not None
+
+
 def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_interval: int,
              val: list[torch.Tensor], equal_time: bool = True, equal_flops: bool = True) -> SeedResult:
     from tqdm.auto import tqdm
@@ -272,6 +307,10 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
         c.flops_per_step = train_step_flops(c.model, c.nats, first, pad_id)
     with tqdm(total=cfg.train.steps, desc=f"seed {seed}", unit="step", file=sys.stderr) as bar:
         train(contenders, cfg, shards, seed, val, eval_interval, bar)
+    for c in contenders:
+        if _learns_its_patches(c.model):
+            # its patches shorten as the entropy model learns: the mean of the counts before and after
+            c.flops_per_step = (c.flops_per_step + train_step_flops(c.model, c.nats, first, pad_id)) // 2
     steps = cfg.train.steps
     result = SeedResult(seed, {c.name: c.curve for c in contenders}, {c.name: c.params for c in contenders},
                         {c.name: c.seconds / steps for c in contenders}, {c.name: c.curve[-1][3] for c in contenders},
@@ -385,12 +424,23 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _parse_baselines(text: str) -> tuple:
+def _parse_baselines(text: str, flag: str = "--baselines", known: tuple = BASELINES) -> tuple:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in BASELINES]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"--baselines {text!r}: unknown {unknown}; choose from {','.join(BASELINES)}")
+        raise ConfigError(f"{flag} {text!r}: unknown {unknown}; choose from {','.join(known)}")
     return tuple(dict.fromkeys(names))
+
+
+def _patching_note(cfg: Config, patchings: tuple, budget: float) -> str:
+    if not patchings:
+        return ""
+    shapes = ", ".join(f"{NAMES[p]}: max_seq_len {list(patched_model_args(cfg, p, budget)['max_seq_len'])}"
+                       for p in patchings)
+    note = (" Entropy patches shorten as their model learns: their FLOPs per step are the mean of the first batch's "
+            "count before and after training." if "entropy" in patchings else "")
+    return (f" TerraByte is model.patching={cfg.model.patching}; beside it, on the same {cfg.model.seq_len}-byte rows, "
+            f"{shapes}.{note}")
 
 
 def merge(paths: list[str]) -> list[SeedResult]:
@@ -428,6 +478,9 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = () if args.no_baseline else _parse_baselines(args.baselines)
+    patchings = tuple(p for p in _parse_baselines(args.patching, "--patching", PATCHINGS) if p != cfg.model.patching)
+    if args.patch_budget < 1:
+        raise ConfigError(f"--patch-budget must be at least 1, got {args.patch_budget}")
     if "megabyte" in names and megabyte_class() is None:
         logger.warning("MEGABYTE-pytorch is not installed: training without it. To compare, install it "
                        "with `%s`", PEER_INSTALL)
@@ -435,7 +488,7 @@ def run(args) -> int:
     work = Path(args.dir)
     shards = _shards(cfg, work)
     val = validation_batches(cfg, shards)
-    baselines = Baselines(names, args.baseline_dim, args.baseline_depth)
+    baselines = Baselines(names + patchings, args.baseline_dim, args.baseline_depth, patch_budget=args.patch_budget)
     bpe_note = ""
     if "bpe" in names:
         if args.bpe_train_bytes < 1:
@@ -458,7 +511,7 @@ def run(args) -> int:
               f"({cfg.optim.warmup_steps} warm-up steps, {cfg.optim.schedule} to {cfg.optim.min_lr_ratio:g}), "
               f"clip {cfg.train.grad_clip:g}; validation: {val_bytes:,} bytes."
               + (f" Flat baselines: {args.baseline_depth} blocks x {args.baseline_dim}." if {"bytes", "bpe"} & set(names)
-                 else "") + bpe_note + "\n\n")
+                 else "") + bpe_note + _patching_note(cfg, patchings, args.patch_budget) + "\n\n")
     table = header + format_table(results, cfg.train.steps)
     png = work / "quality.png"
     if plot(results, png):

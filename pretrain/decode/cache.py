@@ -2,6 +2,7 @@
 and the size of the pieces a long prompt is prefilled in (``prefill_patches``)."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -40,6 +41,9 @@ class TerraByteCache:
     length: int = 0
     logits: Optional[Tensor] = None  # (b, vocab_size) for byte `length`
     prefill_chunk_bytes: Optional[int] = None  # bytes per prefill piece, None: automatic (prefill_patches)
+    # patches that follow the data (a row of a PatchedCache): tokens is the row's virtual stream and
+    # this (1, max_seq_len[0], unit_sizes[1]) the real bytes before each of its patches
+    patch_before: Optional[Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -50,6 +54,42 @@ class TerraByteCache:
         self.length, self.logits = 0, None
         for st in self.stages:
             st.length, st.parent, st.ctx = 0, -1, None
+
+
+@dataclass
+class PatchedCache:
+    """The decode state of a model whose patches follow the data (``model.patching`` space or
+    entropy): rows reach patch boundaries at different bytes, so each row keeps its own batch-1
+    ``TerraByteCache`` over its virtual stream, its patches laid end to end as the forward's units
+    are (bytes first, PAD after them): the fixed decode walk over that stream is the forward's walk,
+    but for the bytes a patch's first position reads, the real bytes before the patch
+    (``patch_before``). ``length`` counts real bytes, the same in every row; ``slot`` is where in
+    its virtual stream each row's next byte goes, ``count`` and ``last`` its patches so far and the
+    start of its current one (what decides the next byte's patch, ``Patcher``'s rules)."""
+    rows: list
+    stream: Tensor  # (b, context_length) real bytes; [:, :length] are valid
+    count: Tensor   # (b,) patches so far
+    last: Tensor    # (b,) byte where the current patch starts
+    slot: Tensor    # (b,) virtual position of byte ``length``
+    length: int = 0
+    logits: Optional[Tensor] = None
+    prefill_chunk_bytes: Optional[int] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.stream.shape[0]
+
+    pad_id: int = 0
+
+    def reset(self) -> None:
+        """Forget the sequence, keep the buffers and weights."""
+        self.length, self.logits = 0, None
+        for t in (self.count, self.last, self.slot):
+            t.zero_()
+        for row in self.rows:
+            row.reset()
+            row.tokens.fill_(self.pad_id)
+            row.patch_before.fill_(self.pad_id)
 
 
 def check_chunk_bytes(value) -> Optional[int]:
@@ -75,8 +115,29 @@ def init_cache(model: nn.Module, batch_size: int, device=None,
     for stage, plan in zip(model.stages, decode_plans(model)):
         shape = (stage.depth, 2, batch_size, stage.heads, stage.seq_len, stage.dim_head)
         stages.append(StageCache(torch.empty(shape, device=device, dtype=dtype), plan))
+    if model.patcher.dynamic:
+        return _patched_cache(model, batch_size, device, stages, prefill_chunk_bytes)
     tokens = torch.full((batch_size, model.context_length), model.pad_id, dtype=torch.long, device=device)
     return TerraByteCache(tokens=tokens, stages=stages, prefill_chunk_bytes=prefill_chunk_bytes)
+
+
+def _patched_cache(model: nn.Module, batch_size: int, device, stages: list,
+                   prefill_chunk_bytes: Optional[int]) -> PatchedCache:
+    """A ``PatchedCache``: the batch's KV caches cut into one batch-1 cache per row."""
+    slots = math.prod(model.max_seq_len)  # the virtual stream: max_seq_len[0] patches of unit_sizes[0]
+    rows = []
+    for r in range(batch_size):
+        row_stages = [StageCache(st.kv[:, :, r:r + 1], st.plan) for st in stages]
+        rows.append(TerraByteCache(
+            tokens=torch.full((1, slots), model.pad_id, dtype=torch.long, device=device), stages=row_stages,
+            prefill_chunk_bytes=prefill_chunk_bytes,
+            patch_before=torch.full((1, model.max_seq_len[0], model.unit_sizes[1]), model.pad_id, dtype=torch.long,
+                                    device=device)))
+    zeros = functools.partial(torch.zeros, batch_size, dtype=torch.long, device=device)
+    return PatchedCache(rows=rows, stream=torch.full((batch_size, model.context_length), model.pad_id,
+                                                     dtype=torch.long, device=device),
+                        count=zeros(), last=zeros(), slot=zeros(), prefill_chunk_bytes=prefill_chunk_bytes,
+                        pad_id=model.pad_id)
 
 
 def prefill_patches(model: nn.Module, cache: TerraByteCache) -> int:

@@ -7,11 +7,12 @@ import math
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from terrabyte.data_pipeline.basics.errors import ConfigError
 
-from .cache import TerraByteCache, check_chunk_bytes, init_cache, prefill_patches
+from .cache import PatchedCache, TerraByteCache, check_chunk_bytes, init_cache, prefill_patches
 from .plans import stage_decode
 from .sample import sample
 
@@ -36,7 +37,7 @@ def forward_cached(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) 
     if t >= model.context_length:
         raise ConfigError(
             f"cached sequence would hold {t} bytes, leaving no room in the model context of "
-            f"{model.context_length} bytes (prod(max_seq_len)); start a new cache"
+            f"{model.context_length} bytes; start a new cache"
         )
     return model._advance(new_tokens, cache)
 
@@ -57,15 +58,57 @@ def advance(model: nn.Module, new_tokens: Tensor, cache: TerraByteCache) -> Tens
     m = new_tokens.shape[1]
     if m == 0 and cache.logits is not None:
         return cache.logits
+    if isinstance(cache, PatchedCache):
+        return _advance_patched(model, new_tokens, cache)
     t = cache.length + m
     cache.tokens.narrow(1, cache.length, m).copy_(new_tokens)
-    if m > model.unit_sizes[0]:  # decode steps skip the piece arithmetic
+    _advance_to(model, cache, t)
+    return cache.logits
+
+
+def _advance_to(model: nn.Module, cache: TerraByteCache, t: int) -> None:
+    """Bring every stage up to byte t, its tokens already written: a long way in pieces."""
+    if t - cache.length > model.unit_sizes[0]:  # decode steps skip the piece arithmetic
         step = prefill_patches(model, cache) * model.unit_sizes[0]
         for piece_end in range((cache.length // step + 1) * step, t, step):
             cache.length = piece_end
             _advance_stages(model, cache, 1)
     cache.length = t
     _advance_stages(model, cache, model.num_stages)
+
+
+def _advance_patched(model: nn.Module, new_tokens: Tensor, cache: PatchedCache) -> Tensor:
+    """``advance`` where patches follow the data: place the new bytes in each row's virtual stream,
+    decide where the next byte goes (``Patcher``'s rules: the same starts the forward takes), and
+    bring each row's cache up to that slot. One new byte decides from the last bytes only
+    (``candidate_next``); more (a prompt) take the whole row's starts at once."""
+    patcher, (b, m) = model.patcher, new_tokens.shape
+    L, u1 = model.unit_sizes[0], model.unit_sizes[1]
+    t0, t = cache.length, cache.length + m
+    cache.stream.narrow(1, t0, m).copy_(new_tokens)
+    if m == 1 and t0 > 0:
+        for r, row in enumerate(cache.rows):
+            row.tokens[0, cache.slot[r]] = new_tokens[r, 0]
+        start = (t - cache.last == L) | (patcher.candidate_next(cache.stream[:, :t]) & patcher.allows(cache.count, t))
+        cache.slot = torch.where(start, cache.count * L, cache.slot + 1)
+        before = F.pad(cache.stream[:, max(0, t - u1):t], (max(0, u1 - t), 0), value=model.pad_id)
+        for r in start.nonzero().flatten().tolist():
+            cache.rows[r].patch_before[0, cache.count[r]] = before[r]
+        cache.count, cache.last = cache.count + start, torch.where(start, t, cache.last)
+    else:
+        # the next byte's place from the whole row: a placeholder at t, which no start reads
+        lay = patcher.layout(F.pad(cache.stream[:, :t], (0, 1), value=model.pad_id))
+        cache.slot = lay.index[:, t]
+        units = lay.units.reshape(b, -1).scatter(1, cache.slot[:, None], model.pad_id)
+        for r, row in enumerate(cache.rows):
+            row.tokens[0, :units.shape[1]] = units[r]
+            row.patch_before[0, :lay.patches] = lay.before[r]
+        cache.count = cache.slot // L + 1  # patches up to byte t's
+        cache.last = t - cache.slot % L
+    cache.length = t
+    for r, row in enumerate(cache.rows):
+        _advance_to(model, row, int(cache.slot[r]))
+    cache.logits = torch.cat([row.logits for row in cache.rows])
     return cache.logits
 
 
@@ -85,8 +128,14 @@ def _advance_stages(model: nn.Module, cache: TerraByteCache, stages: int) -> Non
         # positions lo .. pos are new; they read the parent's complete units (those before pos)
         units = cache.tokens.narrow(1, parent, pos * size).view(b, pos, size)
         ctx = None if s == 0 else cache.stages[s - 1].ctx.narrow(1, lo, pos + 1 - lo)
-        # position 0 reads the unit just before the parent (none before the first: the start token)
-        before = cache.tokens.narrow(1, parent - size, size) if lo == 0 and parent > 0 else None
+        # position 0 reads the unit just before the parent (none before the first: the start token);
+        # a patch of a virtual stream (PatchedCache) reads the real bytes before it
+        before = None
+        if lo == 0 and parent > 0:
+            if cache.patch_before is not None and parent % model.unit_sizes[0] == 0:
+                before = cache.patch_before[:, parent // model.unit_sizes[0], -size:]
+            else:
+                before = cache.tokens.narrow(1, parent - size, size)
         x = stage.inputs(units, ctx, start=lo, end=pos + 1, embed=st.plan.embed,
                          before=before)  # (b, pos + 1 - lo, dim)
         out = stage_decode(st.plan, x, st.kv, lo)  # (b, rows of w_out)
@@ -225,7 +274,7 @@ def generate(
                 break
             # drop half the context (whole top-level patches) and re-prime: one full pass per
             # T/2 generated bytes instead of one per patch
-            window += patch * max(1, model.max_seq_len[0] // 2)
+            window += T // 2 if isinstance(cache, PatchedCache) else patch * max(1, model.max_seq_len[0] // 2)
             cache.reset()
             logits = model._advance(out[:, window:pos + 1], cache)
         else:

@@ -8,7 +8,8 @@ documents come from shards or from the raw files they were built from. Modes:
   the window that gives it the most context.
 - ``strided``: two passes whose patch boundaries are offset by half a patch; each byte takes the
   prediction of the pass where it sits in the first half of its patch (the paper found the loss
-  rises towards the end of a patch).
+  rises towards the end of a patch). Patches that follow the data (``model.patching`` space or
+  entropy) have no fixed offset to move: one pass, as ``basic``.
 - ``sliding_strided``: both.
 
 ``--context`` sets the window: ``full`` (default) the model's whole context, so a document up to that
@@ -96,7 +97,8 @@ def score_document(model: TerraByte, doc: torch.Tensor, mode: str, stride: int |
     plans = windows(len(doc), context, stride)
     first, first_pos = _score(model, doc, plans, shift=0, batch=batch, context=context)
     patch = model.unit_sizes[0]  # bytes per top-level patch
-    half = patch // 2
+    # patches that follow the data have no fixed offset in the window to move: one pass
+    half = 0 if model.patcher.dynamic else patch // 2
     if mode in ("basic", "sliding") or half == 0:
         return first, first_pos
     # the second pass sees every window moved back by half a patch (never before the document start)
@@ -117,7 +119,8 @@ def _score(model: TerraByte, doc: torch.Tensor, plans: list[Window], shift: int,
         chunk = plans[i : i + batch]
         starts = [max(0, w.start - shift) for w in chunk]
         longest = max(len(doc[s : s + context]) for s in starts)
-        x = torch.full((len(chunk), patch * math.ceil(longest / patch)), model.pad_id, dtype=torch.long)
+        width = min(patch * math.ceil(longest / patch), model.context_length)  # whole patches, where fixed
+        x = torch.full((len(chunk), width), model.pad_id, dtype=torch.long)
         for row, (w, s) in enumerate(zip(chunk, starts)):
             piece = doc[s : s + context]
             x[row, : len(piece)] = piece

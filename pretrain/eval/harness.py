@@ -184,7 +184,7 @@ def continuation_log_likelihoods(model: TerraByte, pairs: Sequence[tuple[bytes, 
     results: list = [None] * len(pairs)
     for lo in tqdm(range(0, len(order), batch), desc="terrabyte loglikelihood", disable=disable_tqdm):
         rows = order[lo : lo + batch]
-        width = patch * math.ceil(len(seqs[rows[0]]) / patch)
+        width = min(patch * math.ceil(len(seqs[rows[0]]) / patch), T)  # whole patches, where fixed
         x = torch.full((len(rows), width), model.pad_id, dtype=torch.long)
         for r, i in enumerate(rows):
             x[r, : len(seqs[i])] = torch.tensor(list(seqs[i]), dtype=torch.long)

@@ -27,6 +27,7 @@ PerStage = Union[int, IntTuple]  # one value for every stage, or one per stage
 PER_STAGE = ("dim", "depth", "heads", "dim_head", "ff_mult", "attention")
 UNIT_EMBEDDINGS = ("grouped", "concat")
 ATTENTION_KINDS = ("dense", "sparse")
+PATCHING = ("fixed", "space", "entropy")  # model/patching.py's schemes
 
 
 @dataclass
@@ -38,7 +39,8 @@ class ModelArgs:
     dim: IntTuple = (128, 64)
     depth: IntTuple = (2, 2)
     max_seq_len: IntTuple = (256, 8)
-    """Patches per stage; their product is the training sequence length in bytes."""
+    """Patches per stage; their product is the training sequence length in bytes (unless
+    ``context_bytes`` says otherwise)."""
     dim_head: PerStage = 32
     heads: PerStage = 4
     ff_mult: float = 4.0
@@ -63,9 +65,24 @@ class ModelArgs:
     do not grow with the unit) or ``concat`` (MEGABYTE: all the unit's bytes in one projection).
     Two-stage models are the same either way."""
 
+    patching: str = "fixed"
+    """Which bytes form a global patch (``model/patching.py``): ``fixed`` (every
+    ``prod(max_seq_len[1:])`` bytes, MEGABYTE), ``space`` (after space-like bytes, SpaceByte) or
+    ``entropy`` (where a small byte model's next-byte entropy rises, BLT; the model is part of this
+    one, trained with it). A patch holds at most ``prod(max_seq_len[1:])`` bytes; with ``space`` and
+    ``entropy``, ``max_seq_len[0]`` is the most patches a row may have and ``context_bytes`` the
+    row's bytes."""
+    patch_threshold: Optional[float] = None
+    """``entropy`` only: the rise of the next-byte entropy, in bits, from one byte to the next that
+    starts a patch. Unset: 1.5."""
+    context_bytes: Optional[int] = None
+    """Bytes per row: the training sequence and the longest input. Unset: ``prod(max_seq_len)``,
+    what fixed patches hold; ``space`` and ``entropy`` need it set, below that product (their
+    patches are shorter than the longest), e.g. 2048 with ``max_seq_len: [512, 8]``."""
+
     @property
     def seq_len(self) -> int:
-        return math.prod(self.max_seq_len)
+        return self.context_bytes or math.prod(self.max_seq_len)
 
     def kwargs(self) -> dict:
         """Keyword arguments for ``TerraByte(**...)``."""
@@ -105,6 +122,7 @@ class ModelArgs:
         if self.unit_embedding not in UNIT_EMBEDDINGS:
             raise ConfigError(f"model.unit_embedding={self.unit_embedding!r} must be 'grouped' or 'concat'")
         _check_chunk_bytes(self.chunk_bytes, math.prod(msl[1:]))
+        _check_patching(self.patching, self.patch_threshold, self.context_bytes, msl)
         for s, spec in enumerate(stages["attention"]):
             _check_attention(spec, s, stages["heads"][s], self.attn_dropout)
         return dataclasses.replace(self, max_seq_len=msl, **stages)
@@ -133,6 +151,27 @@ def _check_chunk_bytes(chunk_bytes, patch: int) -> None:
             f"model.chunk_bytes={chunk_bytes!r} must be a positive multiple of the global patch "
             f"({patch} bytes), e.g. {lower} or {lower + patch}; leave it unset for automatic"
         )
+
+
+def _check_patching(patching, threshold, context_bytes, max_seq_len: tuple) -> None:
+    if patching not in PATCHING:
+        raise ConfigError(f"config key model.patching={patching!r} must be one of {', '.join(PATCHING)}")
+    if threshold is not None:
+        if patching != "entropy":
+            raise ConfigError(f"config key model.patch_threshold={threshold!r} applies to model.patching=entropy "
+                              f"only (patching is {patching!r}); leave it unset")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ConfigError(f"config key model.patch_threshold expects a finite number of bits, got {threshold!r}")
+    most = math.prod(max_seq_len)
+    if context_bytes is not None:
+        positive_int(context_bytes, "model.context_bytes")
+        if context_bytes > most:
+            raise ConfigError(f"config key model.context_bytes={context_bytes} exceeds prod(model.max_seq_len)="
+                              f"{most}, the bytes max_seq_len[0] patches of {most // max_seq_len[0]} hold")
+    if patching != "fixed" and (context_bytes is None or context_bytes == most):
+        raise ConfigError(f"config key model.patching={patching} needs model.context_bytes (bytes per row) below "
+                          f"prod(model.max_seq_len)={most}: max_seq_len[0]={max_seq_len[0]} is the most patches a "
+                          f"row may have, e.g. context_bytes={most // 2}")
 
 
 def _check_attention(spec, s: int, heads: int, attn_dropout: float) -> None:

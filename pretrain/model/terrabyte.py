@@ -48,6 +48,7 @@ from ..decode import cache, generate as generation, plans, sample as sampler
 from .args import MODEL_KEYS, ModelArgs
 from .hub import HubMixin
 from .layers import _ff_hidden, as_is, build_attention, init_fan_in
+from .patching import Patcher, PatchLayout
 from .stage import Stage, _inner_before, chunk_plan, cross_entropy, units_before
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,9 @@ class TerraByte(nn.Module, HubMixin):
         self.dims = dim
         # bytes per unit at each stage: (16, 8, 4) -> (32, 4, 1)
         self.unit_sizes = tuple(math.prod(max_seq_len[s + 1:]) for s in range(stages))
-        self.context_length = math.prod(max_seq_len)
+        # bytes per row: what max_seq_len[0] fixed patches hold, or less (model.context_bytes) where
+        # patches follow the data and are shorter than unit_sizes[0]
+        self.context_length = a.seq_len
         self.tie_embeddings = a.tie_embeddings
 
         self.stages = nn.ModuleList()
@@ -192,6 +195,10 @@ class TerraByte(nn.Module, HubMixin):
         self.to_logits = nn.Linear(dim[-1], self.vocab_size, bias=False)
         if a.tie_embeddings:
             self.to_logits.weight = self.stages[-1].embed.token_emb.weight
+        # which bytes form a global patch; owns the entropy scheme's byte model
+        self.patcher = Patcher(a.patching, self.unit_sizes[0], self.unit_sizes[1], self.vocab_size, self.pad_id,
+                               self.eos_id, threshold=a.patch_threshold, budget=max_seq_len[0],
+                               row_bytes=self.context_length)
         self.auto_checkpoint_activations = a.checkpoint_activations is None
         self.checkpoint_activations = bool(a.checkpoint_activations)
         self.chunk_bytes = self._resolve_chunk_bytes(a.chunk_bytes)
@@ -245,6 +252,8 @@ class TerraByte(nn.Module, HubMixin):
         if not self.tie_embeddings:
             with whole(self.to_logits):
                 init_fan_in(self.to_logits)
+        if self.patcher.entropy_model is not None:
+            self.patcher.entropy_model.init_weights(whole)
 
     # ---------------------------------------------------------------- chunk size
 
@@ -267,13 +276,13 @@ class TerraByte(nn.Module, HubMixin):
         patch = self.unit_sizes[0]
         if chunk_bytes is None:
             chunk_bytes = min(self.auto_chunk_bytes(), self.max_chunk_bytes()) // patch * patch
-            return max(patch, min(chunk_bytes, self.context_length))
+            return max(patch, min(chunk_bytes, math.prod(self.max_seq_len)))
         limit = self.max_chunk_bytes() // patch * patch
         if chunk_bytes > limit:
             logger.warning("model.chunk_bytes=%d would give a kernel more than %d sequences x heads; using %d",
                            chunk_bytes, MAX_KERNEL_BATCH, limit)
             chunk_bytes = limit
-        return max(patch, min(chunk_bytes, self.context_length))
+        return max(patch, min(chunk_bytes, math.prod(self.max_seq_len)))
 
     def global_activation_bytes(self, batch: int, checkpoint: bool, bytes_per_value: int = 4,
                                 patches: Optional[int] = None, sequence: int = 1) -> float:
@@ -298,16 +307,18 @@ class TerraByte(nn.Module, HubMixin):
         tokens = batch * (self.max_seq_len[0] if patches is None else patches) // sequence
         return (2 if checkpoint else 1) * tokens * block_activation_values(stage) * bytes_per_value
 
-    def auto_checkpoint(self, ids: Tensor) -> bool:
+    def auto_checkpoint(self, ids: Tensor, patches: Optional[int] = None) -> bool:
         """Whether this step checkpoints the global stage's blocks: as set, or when automatic, when
         its activations without checkpointing would take more than AUTO_CHECKPOINT_SHARE of the
-        memory available on the device."""
+        memory available on the device. ``patches``: the step's patches per row (default: fixed
+        patches of ids)."""
         if not self.auto_checkpoint_activations:
             return self.checkpoint_activations
         if not (self.training and torch.is_grad_enabled()):
             return False
         half = ids.is_cuda and torch.is_autocast_enabled("cuda") or self.to_logits.weight.element_size() < 4
-        patches, width = ids.shape[1] // self.unit_sizes[0], 2 if half else 4
+        patches = ids.shape[1] // self.unit_sizes[0] if patches is None else patches
+        width = 2 if half else 4
         need = (self.global_activation_bytes(ids.shape[0], False, width, patches=patches)
                 + self.global_backward_bytes(ids.shape[0], False, width, patches=patches))
         budget = AUTO_CHECKPOINT_SHARE * available_memory_bytes(ids.device)
@@ -354,7 +365,7 @@ class TerraByte(nn.Module, HubMixin):
         n = x.shape[1]
         if n > self.context_length:
             raise ConfigError(
-                f"sequence length {n} exceeds the model context prod(max_seq_len)={self.context_length}"
+                f"sequence length {n} exceeds the model context of {self.context_length} bytes"
             )
         self._check_ids(x)
         return x
@@ -365,16 +376,34 @@ class TerraByte(nn.Module, HubMixin):
     # every patch, a sequence-parallel rank over its own run of patches (with its attention swapped
     # from outside), a pipeline layer one step of it on its part of the model.
 
-    def patches(self, ids: Tensor) -> Tensor:
-        """The global stage's units of ids (b, n): (b, P, patch) ids, PAD filling the last patch.
+    def patches(self, ids: Tensor, multiple: int = 1) -> PatchLayout:
+        """The global stage's units of ids (b, n) as a ``PatchLayout``: units (b, P, patch) ids, each
+        patch's bytes first, PAD after them, and (for patches that follow the data) the bytes before
+        each patch and each byte's slot. Fixed patches: every ``patch`` bytes, PAD filling the last.
+        ``multiple``: P rounded up to a multiple of it (all-PAD patches after a row's last).
 
         The one place that decides which positions form a patch: every layout groups its rows here,
         and every step of the walk takes this grouping."""
+        if self.patcher.dynamic:
+            return self.patcher.layout(ids, multiple=multiple)
         patch, n = self.unit_sizes[0], ids.shape[1]
-        padded = max(patch, patch * math.ceil(n / patch))
+        padded = max(patch, patch * multiple * math.ceil(n / (patch * multiple)))
         if padded != n:
             ids = F.pad(ids, (0, padded - n), value=self.pad_id)
-        return ids.view(ids.shape[0], -1, patch)
+        return PatchLayout(ids.view(ids.shape[0], -1, patch))
+
+    def patcher_loss(self, ids: Tensor, lo: int = 0, hi: Optional[int] = None) -> Optional[Tensor]:
+        """The entropy model's auxiliary loss over bytes [lo, hi) of ids (b, n) as a gradient carrier:
+        its summed nats minus themselves detached, 0 in value (the main loss reads as before) with
+        the auxiliary loss's gradient, which reaches only the entropy model. None without an
+        entropy model, outside training or without autograd. Its bits per byte are kept in
+        ``patcher.last_bits_per_byte`` for logging."""
+        if self.patcher.entropy_model is None or not (self.training and torch.is_grad_enabled()):
+            return None
+        nats = self.patcher.aux_nats(ids, lo, hi)
+        count = (ids[:, lo:hi] != self.pad_id).sum().clamp(min=1)
+        self.patcher.last_bits_per_byte = float(nats.detach() / count) / math.log(2)
+        return nats - nats.detach()
 
     def embed_patches(self, units: Tensor, start: int, end: int) -> Tensor:
         """Stage 0's input tokens for patches [start, end) of units (b, P, patch): (b, end - start,
@@ -393,22 +422,24 @@ class TerraByte(nn.Module, HubMixin):
         end = units.shape[1] if end is None else end
         return self.stages[0](self.embed_patches(units, start, end), start=start)
 
-    def lower(self, h0: Tensor, units: Tensor, first_patch: int, reduction: str) -> Tensor:
+    def lower(self, h0: Tensor, layout: PatchLayout, first_patch: int, reduction: str) -> Tensor:
         """Stages 1.., the head and the loss for patches [first_patch, first_patch + p) of every row,
         chunk by chunk (see "Chunked execution").
 
-        h0: (b, p, dim0) stage 0's normalised output for those patches; units: (b, P, patch) whole
-        rows (the unit before a patch may lie outside the range). Of stage 0 only ``to_next`` is used.
+        h0: (b, p, dim0) stage 0's normalised output for those patches; layout: the whole rows'
+        ``patches`` (the bytes before a patch may lie outside the range). Of stage 0 only
+        ``to_next`` is used.
         Returns for ``reduction`` "sum" the 0-dim fp32 nats over non-PAD bytes, "none" the nats (b, p *
         patch), "logits" (b, p * patch, vocab)."""
         b, p, _ = h0.shape
+        units = layout.units
         patch = units.shape[-1]
         chunks = chunk_plan(b, p, self.patches_per_chunk())
         run = functools.partial(self._lower_chunk, reduction=reduction)
         outs = []
         for k, (r0, r1, q0, q1) in enumerate(chunks):
             lo, hi = first_patch + q0, first_patch + q1
-            before, starts = units_before(units[r0:r1], self.stages[1].unit_size, lo, hi)  # (R, u1), (R,)
+            before, starts = self._before(layout, r0, r1, lo, hi)  # (R, u1), (R,)
             rows = h0[r0:r1, q0:q1].reshape(-1, h0.shape[-1])  # (R, dim0)
             chunk_ids = units[r0:r1, lo:hi].reshape(-1, patch)  # (R, patch)
             outs.append(_recompute_if(k < len(chunks) - 1, run, rows, chunk_ids, before, starts))
@@ -416,6 +447,17 @@ class TerraByte(nn.Module, HubMixin):
             return torch.stack(outs).sum()
         out = torch.cat(outs)
         return out.view(b, p * patch, *out.shape[1:])
+
+    def _before(self, layout: PatchLayout, r0: int, r1: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """The bytes before patches [lo, hi) of rows [r0, r1) and whether each starts its row, for
+        the first lower stage: ((R, unit_sizes[1]), (R,)), R = (r1 - r0) * (hi - lo)."""
+        if layout.before is None:  # fixed patches: the previous patch's end
+            return units_before(layout.units[r0:r1], self.stages[1].unit_size, lo, hi)
+        before = layout.before[r0:r1, lo:hi]
+        starts = torch.zeros(before.shape[:2], dtype=torch.bool, device=before.device)
+        if lo == 0:
+            starts[:, 0] = True
+        return before.reshape(-1, before.shape[-1]), starts.reshape(-1)
 
     def _lower_chunk(self, rows: Tensor, chunk_ids: Tensor, before: Tensor, starts: Tensor, *,
                      reduction: str) -> Tensor:
@@ -439,11 +481,11 @@ class TerraByte(nn.Module, HubMixin):
         nats = cross_entropy(logits, chunk_ids.reshape(-1).long(), self.pad_id, reduction="none")
         return nats.sum() if reduction == "sum" else nats
 
-    def forward_patches(self, units: Tensor, start: int = 0, end: Optional[int] = None, *,
+    def forward_patches(self, layout: PatchLayout, start: int = 0, end: Optional[int] = None, *,
                         reduction: str) -> Tensor:
-        """Patches [start, end) of every row of units (b, P, patch) through the whole model, as
+        """Patches [start, end) of every row of a ``patches`` layout through the whole model, as
         ``lower`` returns them for ``reduction``."""
-        return self.lower(self.global_stage(units, start, end), units, start, reduction)
+        return self.lower(self.global_stage(layout.units, start, end), layout, start, reduction)
 
     def forward(self, x: Tensor, return_loss=False) -> Tensor:
         """x: (b, n) or (b, k, *max_seq_len[1:]) ids (any integer dtype).
@@ -451,7 +493,8 @@ class TerraByte(nn.Module, HubMixin):
         Returns logits of shape x.shape + (vocab_size,) (logits[..., j, :] predicts byte j from
         bytes < j), or with ``return_loss`` the cross-entropy over non-PAD targets: True or "mean"
         the mean, "sum" the sum, "none" per byte (x.shape, 0 at PAD). The loss never builds the
-        logits of more than one chunk (``chunk_bytes``).
+        logits of more than one chunk (``chunk_bytes``). In training, the "mean" and "sum" losses
+        carry the entropy model's auxiliary gradient (``patcher_loss``), not its value.
         """
         reduction = "mean" if return_loss is True else return_loss
         if reduction is not False and reduction not in REDUCTIONS:
@@ -461,17 +504,16 @@ class TerraByte(nn.Module, HubMixin):
         n = ids.shape[1]
         if reduction and n == 0:
             raise ConfigError("cannot compute a loss on an empty sequence")
+        layout = self.patches(ids)
         if self.auto_checkpoint_activations:
-            self.checkpoint_activations = self.auto_checkpoint(ids)
-        units = self.patches(ids)
-        out = self.forward_patches(units, reduction={False: "logits", "mean": "sum"}.get(reduction, reduction))
-        if reduction == "mean":
-            return out / (ids != self.pad_id).sum()
-        if reduction == "sum":
-            return out
-        if reduction == "none":
-            return out[:, :n].reshape(in_shape)
-        return out[:, :n].reshape(*in_shape, self.vocab_size)
+            self.checkpoint_activations = self.auto_checkpoint(ids, layout.patches)
+        out = self.forward_patches(layout, reduction={False: "logits", "mean": "sum"}.get(reduction, reduction))
+        if reduction in ("mean", "sum"):
+            aux = self.patcher_loss(ids)
+            out = out if aux is None else out + aux
+            return out / (ids != self.pad_id).sum() if reduction == "mean" else out
+        out = layout.scatter_back(out, n)
+        return out.reshape(in_shape) if reduction == "none" else out.reshape(*in_shape, self.vocab_size)
 
     # ---------------------------------------------------------------- cached decoding (the decode package)
 

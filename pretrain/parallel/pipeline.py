@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from terrabyte.data_pipeline.basics.errors import ConfigError
 
 from ..engine import ds_seams
+from ..model.patching import PatchLayout
 from ..model.terrabyte import TerraByte
 from ..train.dry_run import pipeline_layer_costs
 
@@ -70,23 +71,23 @@ class _PipeLayer(nn.Module):
         _hold(self, model_part(source.model, names))
 
 
-def _whole_sequences(model: TerraByte, x: Tensor, layout: str) -> Tensor:
-    """The patches of x (b, context_length) for a layout that splits fixed sequences (the pipeline's
-    activations, a sequence-parallel rank's range)."""
+def _whole_sequences(model: TerraByte, x: Tensor, layout: str, multiple: int = 1) -> PatchLayout:
+    """The ``patches`` layout of x (b, context_length) for a layout that splits whole sequences (the
+    pipeline's activations, a sequence-parallel rank's range), P a multiple of ``multiple``."""
     if x.ndim != 2 or x.shape[1] != model.context_length:
         raise ConfigError(f"{layout} input has shape {tuple(x.shape)}; it takes whole sequences "
                           f"(batch, {model.context_length})")
-    return model.patches(x)
+    return model.patches(x, multiple=multiple)
 
 
 class EmbedLayer(_PipeLayer):
     """ids (b, n) -> (global-stage tokens (b, patches, dim0), patches (b, patches, patch))."""
 
     def __init__(self, source: _Source):
-        super().__init__(source, ["stages.0.embed", "stages.0.start_token"])
+        super().__init__(source, ["stages.0.embed", "stages.0.start_token", "patcher"])
 
     def forward(self, ids: Tensor):
-        units = _whole_sequences(self.model, ids, "pipeline")
+        units = _whole_sequences(self.model, ids, "pipeline").units  # fixed patches (see train/config.py)
         return self.model.embed_patches(units, 0, units.shape[1]), units
 
 
@@ -115,7 +116,7 @@ class LowerLayer(_PipeLayer):
 
     def forward(self, inputs):
         x, units = inputs
-        return self.model.lower(self.model.stages[0].norm(x), units, 0, "sum")
+        return self.model.lower(self.model.stages[0].norm(x), PatchLayout(units), 0, "sum")
 
 
 class PipelineLoss:

@@ -103,13 +103,20 @@ class SequenceParallel(nn.Module):
                               f"return_loss={return_loss!r}: no rank holds the whole sequence's logits; run the "
                               f"plain model (e.g. the exported one) for them")
         model = self.model
-        units = _whole_sequences(model, x.reshape(x.shape[0], -1), "sequence-parallel")
-        per = units.shape[1] // self.sp_size
+        ids = x.reshape(x.shape[0], -1)
+        # every rank has the same rows, so the same layout: P (data-dependent where patches follow the
+        # data) is the same on every rank, rounded up to split evenly
+        layout = _whole_sequences(model, ids, "sequence-parallel", multiple=self.sp_size)
+        per = layout.patches // self.sp_size
         p0 = self.sp_rank * per
-        nats = model.forward_patches(units, p0, p0 + per, reduction="sum")
+        nats = model.forward_patches(layout, p0, p0 + per, reduction="sum")
         if return_loss == "sum":
             return self._sum_over_group(nats)
-        scored = (units != model.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
+        # the entropy model's auxiliary gradient over this rank's share of the bytes
+        n = ids.shape[1]
+        aux = model.patcher_loss(ids, self.sp_rank * n // self.sp_size, (self.sp_rank + 1) * n // self.sp_size)
+        nats = nats if aux is None else nats + aux
+        scored = (ids != model.pad_id).sum().clamp(min=1)  # the whole micro-batch: every rank has it
         return nats * self.sp_size / scored
 
     def _sum_over_group(self, value: Tensor) -> Tensor:

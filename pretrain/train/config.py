@@ -441,6 +441,11 @@ def validate_parallel(cfg: Config) -> None:
             )
         if m.tie_embeddings:
             raise ConfigError("model.tie_embeddings is not supported with parallel.pipeline_stages > 1; set it false")
+        if m.patching != "fixed":
+            # the pipeline's activations have one shape for every micro-batch, and the entropy model's
+            # auxiliary loss would start in the first layer, not the last
+            raise ConfigError(f"model.patching={m.patching} is not supported with parallel.pipeline_stages > 1 "
+                              f"(pipeline activations have a fixed shape); use fixed, or sequence parallelism")
         if m.attn_dropout or m.ff_dropout:
             # each pipeline layer would draw from its stage's RNG: not the plain model's dropout masks
             raise ConfigError("model.attn_dropout/ff_dropout must be 0 with parallel.pipeline_stages > 1")

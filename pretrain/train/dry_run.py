@@ -51,7 +51,8 @@ def flops_per_byte(model: TerraByte, cfg: Config) -> list[float]:
     lens = model.max_seq_len
     per_stage = []
     for s, (params, stage) in enumerate(zip(stage_parameters(model), model.stages)):
-        tokens_per_byte = math.prod(lens[: s + 1]) / math.prod(lens)
+        # per byte of a row; where patches follow the data, a row that fills max_seq_len[0] (the most)
+        tokens_per_byte = math.prod(lens[: s + 1]) / cfg.model.seq_len
         attn = 2 * 2 * stage.depth * stage.heads * stage.dim_head * keys_per_query(cfg, s, lens[s])
         forward = 2 * params["matmul"] + attn
         per_stage.append(3 * forward * tokens_per_byte)

@@ -26,6 +26,7 @@ from ..engine import engine as eng
 from .config import Config, load_config
 from .dry_run import check_fits, flops_per_byte, meta_model
 from .metrics import MetricLogger, bits_per_byte, flatten, peak_memory_gib, peak_tflops
+from ..model.patching import Patcher
 from ..model.terrabyte import TerraByte
 from ..parallel.layout import plan_layout
 
@@ -232,6 +233,18 @@ class Trainer:
         loss_sum, tokens = eng.all_reduce_sum([total_loss / self.accumulation, total_tokens])
         return loss_sum / self.world, int(tokens) // self.layout.replica
 
+    def _patch_values(self) -> dict:
+        """Where patches follow the data: the last micro-batch's mean patch length and boundary rate
+        on this rank (a collapse to ~1-byte patches or a stall at the cap shows here) and the entropy
+        model's auxiliary bits per byte."""
+        patcher = next((m for m in self.engine.module.modules() if isinstance(m, Patcher)), None)
+        if patcher is None or not patcher.dynamic:
+            return {}
+        values = {f"patch/{k}": v for k, v in patcher.last_stats.items()}
+        if patcher.last_bits_per_byte is not None:
+            values["patch/entropy_model_bits_per_byte"] = patcher.last_bits_per_byte
+        return values
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Validation bits per byte over the fixed validation sequences, summed over ranks; with
@@ -382,6 +395,7 @@ class Trainer:
                         values["data/skipped_members"] = skipped
                     for name, epoch in getattr(self.train_loader, "source_epochs", {}).items():
                         values[f"data/{name}/epoch"] = epoch  # how often a small source has looped
+                    values.update(self._patch_values())
                     self.loader_wait = 0.0
                     self.metrics.scalars(self.step, values)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", bpb=f"{values['train/bits_per_byte']:.2f}")

@@ -7,7 +7,9 @@ gradients equal the plain gradients, the scored sum (one all-reduced scalar, no 
 plain sum, and this rank's activations cover only its share of the patches. Models: dense
 attention (with and without activation checkpointing), a global stage with a sparse pattern given
 per head whose LongNet offsets differ per head (rank r's heads must keep their global index), and a
-3-stage model with a dilated global pattern. Prints ``SP_CHECK_OK`` and the largest differences;
+3-stage model with a dilated global pattern, and patches that follow the data (``space``, and
+``entropy`` with its auxiliary loss: the batch's data-dependent patch count split over the ranks).
+Prints ``SP_CHECK_OK`` and the largest differences;
 exits non-zero on a mismatch.
 """
 import copy
@@ -44,6 +46,9 @@ MODELS = {
                             attention=[{"kind": "sparse", "pattern": PER_HEAD}, None]),
     "3-stage dilated": dict(dim=(64, 32, 16), depth=(2, 1, 1), max_seq_len=(16, 2, 2),
                             attention=[{"kind": "sparse", "pattern": LONGNET}, None, None]),
+    "space patches": dict(dim=(64, 32), depth=(2, 1), max_seq_len=(16, 4), patching="space", context_bytes=40),
+    "entropy patches": dict(dim=(64, 32), depth=(2, 1), max_seq_len=(16, 4), patching="entropy", context_bytes=40,
+                            patch_threshold=0.0),
 }
 
 
@@ -63,6 +68,10 @@ def run(rank: int, world: int, group, name: str, checkpoint: bool) -> dict:
     ref_loss = ref(x, return_loss=True)
     ref_loss.backward()
 
+    layout = model.patches(x, multiple=world)
+    if model.patcher.dynamic:  # patches of several lengths, at most the most a row may have
+        every = torch.arange(x.shape[1]) % patch == 0
+        assert layout.patches <= model.max_seq_len[0] and not torch.equal(model.patcher.starts(x)[0], every)
     shapes = {}
     hooks = [model.stages[s].layers["0"].register_forward_hook(
         lambda _m, _i, out, s=s: shapes.__setitem__(s, tuple(out.shape))) for s in (0, 1)]
@@ -71,9 +80,10 @@ def run(rank: int, world: int, group, name: str, checkpoint: bool) -> dict:
         h.remove()
     loss.backward()
     # activations shrink with the group: this rank's patches only, in the global and the local stage
-    patches = model.max_seq_len[0]
+    patches = layout.patches
     assert shapes[0] == (2, patches // world, 64), shapes
-    assert shapes[1] == (2, model.max_seq_len[1], 32), shapes  # one chunk: 2 patches of one row
+    # the last chunk: 2 patches of one row (1 where a rank's patches are odd in number)
+    assert shapes[1] == ((patches // world - 1) % 2 + 1, model.max_seq_len[1], 32), shapes
 
     mean = loss.detach().clone()
     dist.all_reduce(mean, group=group)
@@ -97,7 +107,8 @@ def run(rank: int, world: int, group, name: str, checkpoint: bool) -> dict:
 def main() -> int:
     rank, world = eng.init_distributed()
     group = sequence_parallel_group(Layout(world, rank, 1, 1, world, 1, 0, 1))
-    for name, checkpoint in (("dense", False), ("dense", True), ("per-head sparse", False), ("3-stage dilated", False)):
+    for name, checkpoint in (("dense", False), ("dense", True), ("per-head sparse", False), ("3-stage dilated", False),
+                             ("space patches", False), ("entropy patches", False)):
         errors = run(rank, world, group, name, checkpoint)
         worst = max(errors, key=errors.get)
         sys.stdout.write(f"SP_CHECK_OK rank {rank} {name} checkpoint={checkpoint} compared {len(errors)} "

@@ -21,8 +21,9 @@ def test_outputs_and_gradients_equal_the_single_rank_model():
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     ok = [line for line in proc.stdout.splitlines() if line.startswith("SP_CHECK_OK")]
-    # 2 ranks x (dense with and without activation checkpointing, per-head sparse, 3-stage dilated)
-    assert len(ok) == 8, proc.stdout
+    # 2 ranks x (dense with and without activation checkpointing, per-head sparse, 3-stage dilated, space and
+    # entropy patches)
+    assert len(ok) == 12, proc.stdout
 
 
 def test_zero3_training_with_sp2_matches_one_rank(tmp_path, shards, baseline):

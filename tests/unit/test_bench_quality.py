@@ -115,6 +115,25 @@ def test_flat_and_bpe_baselines_at_equal_steps_time_and_flops(tmp_path, shards, 
     assert result["equal_flops"]["TerraByte"] == [2, result["final_bpb"]["TerraByte"]]
 
 
+def test_patching_schemes_train_beside_terrabyte(tmp_path, shards, capsys):
+    """--patching adds TerraByte with space and entropy patches on the same rows, with the baselines'
+    equal wall-clock and FLOPs runs; the config's own scheme is the reference, not added twice."""
+    args = _args(tmp_path, shards, "--steps", "2", "--seeds", "0", "--no-baseline", "--patching", "fixed,space,entropy")
+    assert bq.run(args) == 0
+    out = capsys.readouterr().out
+    assert "| TerraByte space" in out and "| TerraByte entropy" in out and "| TerraByte fixed" not in out
+    assert "TerraByte space: max_seq_len [32, 4]" in out  # twice the 16 fixed patches of a 64-byte row
+    (result,) = json.loads((tmp_path / "work" / "quality.json").read_text())
+    for name in ("TerraByte space", "TerraByte entropy"):
+        assert math.isfinite(result["final_bpb"][name]) and result["flops_per_step"][name] > 0
+        assert result["equal_flops"][name][0] >= 1 and math.isfinite(result["equal_time"][name][1])
+    cfg = bq.load_config("tiny", ["--data.path", str(shards), *SMALL])
+    assert bq.patched_model_args(cfg, "entropy", 2.0)["context_bytes"] == 64
+    assert bq.patched_model_args(cfg, "fixed", 2.0)["max_seq_len"] == (16, 4)
+    with pytest.raises(bq.ConfigError, match="--patching 'bpe': unknown"):
+        bq.run(_args(tmp_path, shards, "--patching", "bpe"))
+
+
 def test_bpe_tokens_are_lossless_and_scored_over_the_same_bytes():
     from terrabyte.data_pipeline.basics.vocab import BYTES
     from terrabyte.pretrain.bench.baselines import BytePairTokens

@@ -119,3 +119,23 @@ def test_full_context_scores_by_position_and_bounds_the_window(model, monkeypatc
         evaluate(model, [("d", doc)], context=64)
     with pytest.raises(ConfigError, match="--context 'half'"):
         evaluate(model, [("d", doc)], context="half")
+
+
+@pytest.mark.parametrize("scheme", ["space", "entropy"])
+def test_patches_that_follow_the_data_are_scored_window_by_window(scheme):
+    """Every mode scores each byte as the forward over its window does; strided passes add nothing
+    where patches have no fixed offset to move."""
+    torch.manual_seed(0)
+    model = TerraByte(**CONFIG, patching=scheme, context_bytes=20).eval()
+    doc = torch.tensor(list(b"def f(x):\n    return x.y + 1  # z\n" * 3))
+
+    def forward(lo, hi):
+        logits = model(doc[None, lo:hi])[0]
+        return torch.log_softmax(logits.double(), -1).gather(-1, doc[lo:hi, None]).squeeze(-1)
+
+    basic = byte_log_probs(model, doc, "basic", None, 4)
+    for lo in range(0, len(doc), 20):
+        torch.testing.assert_close(basic[lo:lo + 20], forward(lo, min(lo + 20, len(doc))), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(byte_log_probs(model, doc, "strided", None, 4), basic)
+    sliding = byte_log_probs(model, doc, "sliding", 10, 4)
+    torch.testing.assert_close(sliding[25:30], forward(10, 30)[15:], atol=1e-5, rtol=1e-5)

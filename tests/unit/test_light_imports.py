@@ -11,7 +11,7 @@ BLOCKED = ("deepspeed", "yaml", "triton")
 # the project's modules `from terrabyte.pretrain import TerraByte` may import
 LIGHT = {"terrabyte", "terrabyte.pretrain", "terrabyte.pretrain.model", "terrabyte.pretrain.model.args",
          "terrabyte.pretrain.model.layers", "terrabyte.pretrain.model.stage", "terrabyte.pretrain.model.terrabyte",
-         "terrabyte.pretrain.model.hub", "terrabyte.pretrain.decode", "terrabyte.pretrain.decode.cache",
+         "terrabyte.pretrain.model.hub", "terrabyte.pretrain.model.patching", "terrabyte.pretrain.decode", "terrabyte.pretrain.decode.cache",
          "terrabyte.pretrain.decode.generate", "terrabyte.pretrain.decode.plans", "terrabyte.pretrain.decode.sample",
          "terrabyte.data_pipeline", "terrabyte.data_pipeline.basics",
          "terrabyte.data_pipeline.basics.errors", "terrabyte.data_pipeline.basics.vocab"}

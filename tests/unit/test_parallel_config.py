@@ -216,7 +216,7 @@ def test_the_pipeline_runs_the_models_own_patching_and_parameters(monkeypatch):
     layers = [cls(*args) for cls, args in pipeline_layers(_Source(model))]
     assert {id(p) for layer in layers for p in layer.parameters()} == {id(p) for p in model.parameters()}
     fixed = TerraByte.patches
-    monkeypatch.setattr(TerraByte, "patches", lambda self, ids: fixed(self, ids.flip(1)))
+    monkeypatch.setattr(TerraByte, "patches", lambda self, ids, **kw: fixed(self, ids.flip(1), **kw))
     with torch.no_grad():
         out = x
         for layer in layers:
