@@ -76,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-baseline", action="store_true", help="train TerraByte only")
     parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-clock baseline runs")
     parser.add_argument("--no-equal-flops", action="store_true", help="skip the equal-FLOPs baseline runs")
+    parser.add_argument("--calibrate-steps", type=int, default=0, metavar="N",
+                        help="baselines train only N steps beside TerraByte, enough to time them on the same "
+                             "load, then only their equal wall-clock and FLOPs runs (no equal-steps column for "
+                             "them; default: 0, every step)")
     parser.add_argument("--bpe-vocab", type=int, default=4096, help="BPE baseline: tokenizer vocabulary (default: 4096)")
     parser.add_argument("--bpe-train-bytes", type=int, default=8 << 20,
                         help="BPE baseline: training bytes its tokenizer learns from (default: 8 MiB)")
@@ -138,6 +142,7 @@ class Contender:
     seconds: float = 0.0  # training time, evaluation excluded
     flops_per_step: int = 0  # forward + backward of one training step (baselines.train_step_flops)
     curve: list = field(default_factory=list)  # (step, seconds so far, train loss, val bpb or None)
+    max_steps: Optional[int] = None  # stop after this many steps of the shared loop (--calibrate-steps)
 
     def __post_init__(self):
         o = self.cfg.optim
@@ -226,8 +231,11 @@ def train(contenders: list[Contender], cfg: Config, shards: str, seed: int, val:
     for step in range(1, cfg.train.steps + 1):
         micro = [next(batches).long() for _ in range(accumulation)]
         for c in contenders:
+            if c.max_steps is not None and step > c.max_steps:
+                continue
             loss = c.step(micro, pad_id)
-            bpb = c.bits_per_byte(val, pad_id) if step % eval_interval == 0 or step == cfg.train.steps else None
+            last = step == cfg.train.steps
+            bpb = c.bits_per_byte(val, pad_id) if (step % eval_interval == 0 or last) and c.max_steps is None else None
             c.curve.append((step, c.seconds, loss, bpb))
         progress.update(1)
 
@@ -297,10 +305,13 @@ def _learns_its_patches(model) -> bool:
 
 
 def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_interval: int,
-             val: list[torch.Tensor], equal_time: bool = True, equal_flops: bool = True) -> SeedResult:
+             val: list[torch.Tensor], equal_time: bool = True, equal_flops: bool = True,
+             calibrate_steps: int = 0) -> SeedResult:
     from tqdm.auto import tqdm
 
     contenders = [_terrabyte(cfg, seed)] + [baselines.build(n, cfg, seed) for n in baselines.names]
+    for c in contenders[1:]:
+        c.max_steps = calibrate_steps or None
     pad_id = _vocab(cfg).pad_id
     first = _first_step(cfg, shards, seed)
     for c in contenders:
@@ -313,16 +324,17 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
             c.flops_per_step = (c.flops_per_step + train_step_flops(c.model, c.nats, first, pad_id)) // 2
     steps = cfg.train.steps
     result = SeedResult(seed, {c.name: c.curve for c in contenders}, {c.name: c.params for c in contenders},
-                        {c.name: c.seconds / steps for c in contenders}, {c.name: c.curve[-1][3] for c in contenders},
+                        {c.name: c.seconds / len(c.curve) for c in contenders}, {c.name: c.curve[-1][3] for c in contenders},
                         flops_per_step={c.name: c.flops_per_step for c in contenders})
     reference = contenders[0]
     budgets = []
     if equal_time:
-        budgets.append((result.equal_time, lambda c: reference.seconds / (c.seconds / steps)))
+        budgets.append((result.equal_time, lambda c: reference.seconds / (c.seconds / len(c.curve))))
     if equal_flops:
         budgets.append((result.equal_flops, lambda c: reference.flops_per_step * steps / c.flops_per_step))
     for name, c in zip(baselines.names, contenders[1:]):
-        scored = {steps: result.final_bpb[c.name]}  # steps -> bpb of a run with a schedule over them
+        # steps -> bpb of a run with a schedule over them (a calibrated baseline has none yet)
+        scored = {} if c.max_steps is not None else {steps: result.final_bpb[c.name]}
         for table, steps_in_budget in budgets:
             n = max(1, round(steps_in_budget(c)))
             if n not in scored:
@@ -358,18 +370,20 @@ def format_table(results: list[SeedResult], steps: int) -> str:
              f"| val bpb @ equal wall-clock | steps in that time | val bpb @ equal FLOPs | steps in those FLOPs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        per_seed = " / ".join(f"{r.final_bpb[name]:.3f}" for r in results)
+        finals = [r.final_bpb[name] for r in results]
+        per_seed = "—" if None in finals else " / ".join(f"{b:.3f}" for b in finals)
         sps = _mean_spread([r.seconds_per_step[name] for r in results])
         flops = [r.flops_per_step[name] for r in results if name in r.flops_per_step]
         gflops = f"{sum(flops) / len(flops) / 1e9:.2f}" if flops else ""
         eq_time = _budget_cells(results, name, "equal_time")
         eq_flops = _budget_cells(results, name, "equal_flops")
         lines.append(f"| {name} | {results[0].params[name] / 1e6:.2f}M | {gflops} | {sps} | "
-                     f"{_mean_spread([r.final_bpb[name] for r in results])} | {per_seed} | {eq_time[0]} | "
+                     f"{'—' if None in finals else _mean_spread(finals)} | {per_seed} | {eq_time[0]} | "
                      f"{eq_time[1]} | {eq_flops[0]} | {eq_flops[1]} |")
     lines.append("")
     for other in names[1:]:
-        parts = [f"{_mean_spread([r.final_bpb[REFERENCE] - r.final_bpb[other] for r in results])} at equal steps"]
+        parts = [] if any(r.final_bpb[other] is None for r in results) else [
+            f"{_mean_spread([r.final_bpb[REFERENCE] - r.final_bpb[other] for r in results])} at equal steps"]
         for key, label in (("equal_time", "wall-clock"), ("equal_flops", "FLOPs")):
             if all(other in getattr(r, key) for r in results):
                 d = [getattr(r, key)[REFERENCE][1] - getattr(r, key)[other][1] for r in results]
@@ -479,6 +493,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     names = () if args.no_baseline else _parse_baselines(args.baselines)
     patchings = tuple(p for p in _parse_baselines(args.patching, "--patching", PATCHINGS) if p != cfg.model.patching)
+    if args.calibrate_steps < 0 or args.calibrate_steps >= cfg.train.steps:
+        raise ConfigError(f"--calibrate-steps must be 0 (off) or 1..{cfg.train.steps - 1}, got {args.calibrate_steps}")
     if args.patch_budget < 1:
         raise ConfigError(f"--patch-budget must be at least 1, got {args.patch_budget}")
     if "megabyte" in names and megabyte_class() is None:
@@ -501,7 +517,7 @@ def run(args) -> int:
                     f"{sum(map(len, docs)):,} training bytes, {tokens.bytes_per_token(val, _vocab(cfg)):.2f} "
                     f"validation bytes per token.")
     results = [run_seed(cfg, shards, s, baselines, eval_interval, val, equal_time=not args.no_equal_time,
-                        equal_flops=not args.no_equal_flops) for s in seeds]
+                        equal_flops=not args.no_equal_flops, calibrate_steps=args.calibrate_steps) for s in seeds]
 
     val_bytes = sum(int((x != _vocab(cfg).pad_id).sum()) for x in val)
     header = (f"### {datetime.date.today().isoformat()} — {describe_machine()}\n\n"

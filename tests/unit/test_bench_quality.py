@@ -163,3 +163,24 @@ def test_flop_count_is_three_forward_matmuls():
     forward = 2 * b * n * linear + attention
     assert train_step_flops(model, bq._terrabyte_nats, [x], vocab) == 3 * forward
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_calibrated_baseline_trains_only_its_budgets(tmp_path, shards, capsys):
+    """--calibrate-steps: the baseline is timed on the first steps of the shared loop, has no
+    equal-steps score, and trains again for exactly its equal-time and equal-FLOPs budgets."""
+    args = _args(tmp_path, shards, "--steps", "3", "--seeds", "0", "--baselines", "bytes", "--baseline-dim", "16",
+                 "--baseline-depth", "1", "--calibrate-steps", "1", "--eval-interval", "1")
+    assert bq.run(args) == 0
+    out = capsys.readouterr().out
+    (result,) = json.loads((tmp_path / "work" / "quality.json").read_text())
+    assert result["final_bpb"]["byte GPT"] is None and math.isfinite(result["final_bpb"]["TerraByte"])
+    assert [point[0] for point in result["curves"]["byte GPT"]] == [1]  # one step of the shared loop
+    steps, bpb = result["equal_time"]["byte GPT"]
+    assert steps == max(1, round(3 * result["seconds_per_step"]["TerraByte"] / result["seconds_per_step"]["byte GPT"]))
+    assert math.isfinite(bpb)
+    assert "| byte GPT" in out and "at equal steps" not in out.split("TerraByte - byte GPT:")[1].splitlines()[0]
+
+
+def test_calibrate_steps_must_leave_a_shared_loop(tmp_path, shards):
+    with pytest.raises(bq.ConfigError, match="--calibrate-steps"):
+        bq.run(_args(tmp_path, shards, "--steps", "2", "--calibrate-steps", "2"))
