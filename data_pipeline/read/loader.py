@@ -346,7 +346,7 @@ class ByteLoader:
         # per block, not per row), its EOS positions on the side; a micro-batch is then one gather
         # into a fresh, small array, so a yielded batch is never overwritten. The small arrays reuse
         # freed, cache-hot memory and a small lane buffer (BLOCK_BYTES) is still in cache when it is
-        # copied (BENCHMARKS.md, third 2026-11-27 section). A step larger than BLOCK_BYTES (long
+        # copied (BENCHMARKS.md, "The lane buffer's size"). A step larger than BLOCK_BYTES (long
         # sequences) gets a fresh buffer instead, and its micro-batches are views of it: no copy.
         block_steps = self._block_steps(per_rank)
         fresh = per_rank * L > BLOCK_BYTES

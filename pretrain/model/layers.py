@@ -269,7 +269,8 @@ class Block(nn.Module):
                 norm.reset_parameters()
         # dim^-0.5 for what reads the unit-RMS stream, times the residual scale for what writes to
         # it: GPT-2's fixed 0.02 wrote ~100x below the stream and cost 0.3 bits per byte after 120
-        # steps of the tiny config (pretrain/BENCHMARKS.md, "Model quality")
+        # steps of the tiny config (pretrain/BENCHMARKS.md, "Initialisation and the first byte of a
+        # patch")
         std = self.attn.to_q.in_features ** -0.5
         for lin in (self.attn.to_q, self.attn.to_k, self.attn.to_v, self.ff.gate_proj, self.ff.up_proj):
             with whole(lin):

@@ -9,7 +9,7 @@ of a step is what the global stage keeps plus the larger of two phases of the ba
 overlap: the lower stages' chunks (two chunks of ``model.chunk_bytes``: one recomputed, its
 gradients), then the global stage's blocks one at a time (a block's activation gradients, and under
 checkpointing its recomputed activations). Measured against the peak RSS of CPU steps in
-``terrabyte bench context --estimate`` (pretrain/BENCHMARKS.md, "GPU").
+``terrabyte bench context --estimate`` (pretrain/BENCHMARKS.md, "Memory estimate").
 """
 from __future__ import annotations
 
