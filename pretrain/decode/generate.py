@@ -81,7 +81,7 @@ def _advance_patched(model: nn.Module, new_tokens: Tensor, cache: PatchedCache) 
     """``advance`` where patches follow the data: place the new bytes in each row's virtual stream,
     decide where the next byte goes (``Patcher``'s rules: the same starts the forward takes), and
     bring each row's cache up to that slot. One new byte decides from the last bytes only
-    (``candidate_next``); more (a prompt) take the whole row's starts at once."""
+    (``Patcher.start_next``); more (a prompt) take the whole row's starts at once."""
     patcher, (b, m) = model.patcher, new_tokens.shape
     L, u1 = model.unit_sizes[0], model.unit_sizes[1]
     t0, t = cache.length, cache.length + m
@@ -89,7 +89,7 @@ def _advance_patched(model: nn.Module, new_tokens: Tensor, cache: PatchedCache) 
     if m == 1 and t0 > 0:
         for r, row in enumerate(cache.rows):
             row.tokens[0, cache.slot[r]] = new_tokens[r, 0]
-        start = (t - cache.last == L) | (patcher.candidate_next(cache.stream[:, :t]) & patcher.allows(cache.count, t))
+        start = patcher.start_next(cache.stream[:, :t], cache.count, cache.last)
         cache.slot = torch.where(start, cache.count * L, cache.slot + 1)
         before = F.pad(cache.stream[:, max(0, t - u1):t], (max(0, u1 - t), 0), value=model.pad_id)
         for r in start.nonzero().flatten().tolist():

@@ -335,6 +335,15 @@ class Patcher(nn.Module):
         with torch.no_grad():
             return self.candidates(F.pad(recent, (0, 1), value=self.pad_id))[:, -1]
 
+    def start_next(self, ids: Tensor, count: Tensor, last: Tensor) -> Tensor:
+        """(b, t) ids, (b,) patches so far and (b,) byte where the current patch starts -> (b,) bool:
+        whether byte t starts a patch. The rule of ``starts`` one byte at a time (the length cap,
+        then the scheme's candidate within the budget), for the decode step."""
+        t = ids.shape[1]
+        if t == 0:
+            return torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        return (t - last == self.max_len) | (self.candidate_next(ids) & self.allows(count, t))
+
     def layout(self, ids: Tensor, multiple: int = 1, min_patches: int = 1) -> PatchLayout:
         """ids (b, n) grouped by the scheme (see ``layout``); the grouping's ``patch_stats`` are kept
         in ``last_stats`` for logging."""

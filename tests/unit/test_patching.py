@@ -188,7 +188,7 @@ def test_budget_bounds_patches_and_stays_causal(scheme):
     # the decode step's rule gives the same starts, byte by byte
     count, last, walked = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), []
     for t in range(32):
-        start = (t - last == 4) | (p.candidate_next(dense[:, :t]) & p.allows(count, t)) if t else torch.ones(2, dtype=torch.bool)
+        start = p.start_next(dense[:, :t], count, last)
         count, last = count + start, torch.where(start, t, last)
         walked.append(start)
     assert torch.equal(torch.stack(walked, 1), starts)
