@@ -293,10 +293,21 @@ class SeedResult:
     equal_flops: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training FLOPs
 
 
-def _first_step(cfg: Config, shards: str, seed: int) -> list[torch.Tensor]:
+# training steps whose FLOPs are counted and averaged: a BPE step's tokens vary with its text (one
+# batch of seed 1 had 2.2x the tokens of the mean), a byte model's do not
+FLOPS_STEPS = 8
+
+
+def _first_steps(cfg: Config, shards: str, seed: int, count: int = FLOPS_STEPS) -> list[list[torch.Tensor]]:
+    """The first ``count`` training steps of the stream, each a list of micro-batches."""
     accumulation = cfg.train.global_batch // cfg.train.micro_batch
     batches = iter(_loader(cfg, shards, "train", seed=seed, loop=True))
-    return [next(batches).long() for _ in range(accumulation)]
+    return [[next(batches).long() for _ in range(accumulation)] for _ in range(count)]
+
+
+def mean_step_flops(model, nats, steps: list[list[torch.Tensor]], pad_id: int) -> int:
+    """Training FLOPs per step, the mean over ``steps``."""
+    return sum(train_step_flops(model, nats, step, pad_id) for step in steps) // len(steps)
 
 
 def _learns_its_patches(model) -> bool:
@@ -313,15 +324,15 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
     for c in contenders[1:]:
         c.max_steps = calibrate_steps or None
     pad_id = _vocab(cfg).pad_id
-    first = _first_step(cfg, shards, seed)
+    first = _first_steps(cfg, shards, seed)
     for c in contenders:
-        c.flops_per_step = train_step_flops(c.model, c.nats, first, pad_id)
+        c.flops_per_step = mean_step_flops(c.model, c.nats, first, pad_id)
     with tqdm(total=cfg.train.steps, desc=f"seed {seed}", unit="step", file=sys.stderr) as bar:
         train(contenders, cfg, shards, seed, val, eval_interval, bar)
     for c in contenders:
         if _learns_its_patches(c.model):
             # its patches shorten as the entropy model learns: the mean of the counts before and after
-            c.flops_per_step = (c.flops_per_step + train_step_flops(c.model, c.nats, first, pad_id)) // 2
+            c.flops_per_step = (c.flops_per_step + mean_step_flops(c.model, c.nats, first, pad_id)) // 2
     steps = cfg.train.steps
     result = SeedResult(seed, {c.name: c.curve for c in contenders}, {c.name: c.params for c in contenders},
                         {c.name: c.seconds / len(c.curve) for c in contenders}, {c.name: c.curve[-1][3] for c in contenders},
@@ -391,7 +402,8 @@ def format_table(results: list[SeedResult], steps: int) -> str:
         lines.append(f"{REFERENCE} - {other}: " + ", ".join(parts) + " bpb.")
     if len(names) > 1:
         lines.append("(negative: TerraByte better; ± is half the spread over seeds. FLOPs: forward + backward of "
-                     "one training step counted by torch.utils.flop_counter, the same way for every model.)")
+                     f"a training step counted by torch.utils.flop_counter, the mean over the first {FLOPS_STEPS} "
+                     "steps, the same way for every model.)")
     return "\n".join(lines) + "\n"
 
 
@@ -451,8 +463,8 @@ def _patching_note(cfg: Config, patchings: tuple, budget: float) -> str:
         return ""
     shapes = ", ".join(f"{NAMES[p]}: max_seq_len {list(patched_model_args(cfg, p, budget)['max_seq_len'])}"
                        for p in patchings)
-    note = (" Entropy patches shorten as their model learns: their FLOPs per step are the mean of the first batch's "
-            "count before and after training." if "entropy" in patchings else "")
+    note = (" Entropy patches shorten as their model learns: their FLOPs per step are the mean of "
+            f"the first {FLOPS_STEPS} steps' counts before and after training." if "entropy" in patchings else "")
     return (f" TerraByte is model.patching={cfg.model.patching}; beside it, on the same {cfg.model.seq_len}-byte rows, "
             f"{shapes}.{note}")
 
