@@ -291,6 +291,7 @@ class SeedResult:
     equal_time: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training time
     flops_per_step: dict = field(default_factory=dict)  # name -> training FLOPs per step
     equal_flops: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training FLOPs
+    budget_curves: dict = field(default_factory=dict)  # "name, n steps" -> curve of a run retrained for a budget
 
 
 # training steps whose FLOPs are counted and averaged: a BPE step's tokens vary with its text (one
@@ -351,8 +352,9 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
             if n not in scored:
                 again = baselines.build(name, with_sections(cfg, train={"steps": n}), seed)
                 with tqdm(total=n, desc=f"seed {seed}, {c.name}, {n} steps", unit="step", file=sys.stderr) as bar:
-                    train([again], again.cfg, shards, seed, val, n, bar)
+                    train([again], again.cfg, shards, seed, val, eval_interval, bar)
                 scored[n] = again.curve[-1][3]
+                result.budget_curves[f"{c.name}, {n} steps"] = again.curve
             table[c.name] = (n, scored[n])
     for table, _ in budgets:
         table[reference.name] = (steps, result.final_bpb[reference.name])
@@ -416,19 +418,24 @@ def plot(results: list[SeedResult], path: Path) -> bool:
     fig, (by_step, by_time, by_flops) = plt.subplots(1, 3, figsize=(17, 4.5))
     colors = {}
     for r in results:
-        for name, curve in r.curves.items():
+        # the runs beside TerraByte (solid), then the baselines retrained for its budgets (dashed; a
+        # calibrated baseline has only these)
+        runs = [(name, name, curve, "o-") for name, curve in r.curves.items()]
+        runs += [(key.split(", ")[0], key, curve, "s--") for key, curve in r.budget_curves.items()]
+        for name, label, curve, style in runs:
             color = colors.setdefault(name, f"C{len(colors)}")
             steps, seconds, losses, bpbs = zip(*curve)
             flops = [step * r.flops_per_step.get(name, 0) for step in steps]
             # the BPE baseline's training loss is per token: only validation points are per byte
             bits = [loss / math.log(2) for loss in losses]
-            label = f"{name} seed {r.seed}"
             val = [(s, t, f, b) for s, t, f, b in zip(steps, seconds, flops, bpbs) if b is not None]
             for i, ax in enumerate((by_step, by_time, by_flops)):
                 x = (steps, seconds, flops)[i]
-                if name != NAMES["bpe"]:
+                if name != NAMES["bpe"] and style == "o-":
                     ax.plot(x, bits, color=color, alpha=0.35, lw=0.8)
-                ax.plot([v[i] for v in val], [v[3] for v in val], "o-", color=color, label=label + " (val)")
+                if val:
+                    ax.plot([v[i] for v in val], [v[3] for v in val], style, color=color,
+                            label=f"{label} seed {r.seed} (val)")
     for ax, xlabel in ((by_step, "optimizer step"), (by_time, "training seconds"),
                        (by_flops, "training FLOPs (forward + backward)")):
         ax.set_xlabel(xlabel)

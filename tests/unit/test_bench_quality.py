@@ -179,6 +179,10 @@ def test_calibrated_baseline_trains_only_its_budgets(tmp_path, shards, capsys):
     assert steps == max(1, round(3 * result["seconds_per_step"]["TerraByte"] / result["seconds_per_step"]["byte GPT"]))
     assert math.isfinite(bpb)
     assert "| byte GPT" in out and "at equal steps" not in out.split("TerraByte - byte GPT:")[1].splitlines()[0]
+    # the retrained runs' curves are kept (and drawn): validation at every interval, the last the table's
+    curve = result["budget_curves"][f"byte GPT, {steps} steps"]
+    assert [point[0] for point in curve] == list(range(1, steps + 1)) and curve[-1][3] == bpb
+    assert all(math.isfinite(point[3]) for point in curve)
 
 
 def test_calibrate_steps_must_leave_a_shared_loop(tmp_path, shards):
