@@ -28,6 +28,7 @@ PER_STAGE = ("dim", "depth", "heads", "dim_head", "ff_mult", "attention")
 UNIT_EMBEDDINGS = ("grouped", "concat")
 ATTENTION_KINDS = ("dense", "sparse")
 PATCHING = ("fixed", "space", "entropy")  # model/patching.py's schemes
+NGRAM_HASH_VALUES = (1 << 31) - 1  # layers.NGRAM_PRIME: the n-gram hash is taken modulo it
 
 
 @dataclass
@@ -171,6 +172,9 @@ def _check_ngrams(sizes, buckets) -> tuple:
     if len(set(sizes)) != len(sizes):
         raise ConfigError(f"config key model.ngram_sizes={list(sizes)} repeats a length")
     positive_int(buckets, "model.ngram_buckets")
+    if buckets > NGRAM_HASH_VALUES:
+        raise ConfigError(f"config key model.ngram_buckets={buckets} exceeds the {NGRAM_HASH_VALUES} values the n-gram "
+                          f"hash takes: more rows would never be used")
     return tuple(sizes)
 
 

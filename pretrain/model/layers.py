@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from terrabyte.data_pipeline.basics.errors import ConfigError
 
+from .args import NGRAM_HASH_VALUES
+
 logger = logging.getLogger(__name__)
 
 ROPE_THETA = 10000.0
@@ -283,7 +285,7 @@ class Block(nn.Module):
 # Rolling hash of an n-gram of ids: polynomial in a base above every id, modulo a Mersenne prime
 # small enough that base * prime stays far inside int64 (no overflow on any device)
 NGRAM_BASE = 1_000_003
-NGRAM_PRIME = (1 << 31) - 1
+NGRAM_PRIME = NGRAM_HASH_VALUES
 
 
 class NgramEmbed(nn.Module):
@@ -304,13 +306,16 @@ class NgramEmbed(nn.Module):
         if vocab_size >= NGRAM_BASE:
             raise ConfigError(f"hashed n-grams need ids below {NGRAM_BASE}, got vocab_size {vocab_size}")
         self.sizes, self.buckets = tuple(sizes), buckets
-        # one table for all sizes, each its own range of rows, and a last all-zero row for "no n-gram"
-        self.table = nn.Embedding(len(self.sizes) * buckets + 1, byte_dim, padding_idx=len(self.sizes) * buckets)
+        # one table for all sizes, each its own range of rows, and a last all-zero row for "no n-gram";
+        # a parameter of this module itself (not of a child nn.Embedding whose forward is never
+        # called), so a ZeRO-3 engine gathers it when this module runs
+        self.none = len(self.sizes) * buckets
+        self.weight = nn.Parameter(torch.empty(self.none + 1, byte_dim))
 
     def indices(self, units: Tensor) -> Tensor:
         """(..., unit_size) ids -> (..., unit_size, len(sizes)) rows of the table."""
         u = units.long()
-        none = self.table.padding_idx
+        none = self.none
         cols = []
         for k, n in enumerate(self.sizes):
             h = torch.zeros_like(u[..., n - 1:])
@@ -322,16 +327,15 @@ class NgramEmbed(nn.Module):
 
     def forward(self, units: Tensor) -> Tensor:
         idx = self.indices(units)
-        flat = F.embedding_bag(idx.reshape(-1, idx.shape[-1]), self.table.weight, mode="sum",
-                               padding_idx=self.table.padding_idx)
+        flat = F.embedding_bag(idx.reshape(-1, idx.shape[-1]), self.weight, mode="sum", padding_idx=self.none)
         return flat.view(*units.shape, -1)
 
     def init_weights(self, emb_std: float, whole: Optional[Callable] = None) -> None:
         whole = whole or as_is
-        with whole(self.table), torch.no_grad():
+        with whole(self), torch.no_grad():
             # each byte's n-gram terms together about as large as its byte embedding
-            nn.init.normal_(self.table.weight, std=emb_std / math.sqrt(len(self.sizes)))
-            self.table.weight[self.table.padding_idx].zero_()
+            nn.init.normal_(self.weight, std=emb_std / math.sqrt(len(self.sizes)))
+            self.weight[self.none].zero_()
 
 
 class PatchEmbed(nn.Module):
