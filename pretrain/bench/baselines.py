@@ -13,8 +13,8 @@ isolates the hierarchy and the unit of prediction, not layer details.
 - FLOPs are counted the same way for every model of the benchmark, TerraByte included:
   ``torch.utils.flop_counter.FlopCounterMode`` over the forward and backward of a training step
   (matrix products and attention as PyTorch dispatches them, recomputed chunks included;
-  element-wise work, embedding lookups and the optimizer not counted), averaged over the stream's
-  first steps (``quality.FLOPS_STEPS``): a BPE step's tokens vary with its text.
+  element-wise work, embedding lookups and the optimizer not counted), averaged over steps spread
+  over the run (``quality.FLOPS_STEPS``, ``quality.spread``): a BPE step's tokens vary with its text.
 """
 from __future__ import annotations
 

@@ -77,9 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-clock baseline runs")
     parser.add_argument("--no-equal-flops", action="store_true", help="skip the equal-FLOPs baseline runs")
     parser.add_argument("--calibrate-steps", type=int, default=0, metavar="N",
-                        help="baselines train only N steps beside TerraByte, enough to time them on the same "
-                             "load, then only their equal wall-clock and FLOPs runs (no equal-steps column for "
-                             "them; default: 0, every step)")
+                        help="baselines train only N steps beside TerraByte, spread over the run, enough to time "
+                             "them on the same load and text, then only their equal wall-clock and FLOPs runs (no "
+                             "equal-steps column for them; default: 0, every step)")
     parser.add_argument("--bpe-vocab", type=int, default=4096, help="BPE baseline: tokenizer vocabulary (default: 4096)")
     parser.add_argument("--bpe-train-bytes", type=int, default=8 << 20,
                         help="BPE baseline: training bytes its tokenizer learns from (default: 8 MiB)")
@@ -142,7 +142,7 @@ class Contender:
     seconds: float = 0.0  # training time, evaluation excluded
     flops_per_step: int = 0  # forward + backward of one training step (baselines.train_step_flops)
     curve: list = field(default_factory=list)  # (step, seconds so far, train loss, val bpb or None)
-    max_steps: Optional[int] = None  # stop after this many steps of the shared loop (--calibrate-steps)
+    only_steps: Optional[frozenset] = None  # train at these steps of the shared loop only (--calibrate-steps)
 
     def __post_init__(self):
         o = self.cfg.optim
@@ -231,11 +231,11 @@ def train(contenders: list[Contender], cfg: Config, shards: str, seed: int, val:
     for step in range(1, cfg.train.steps + 1):
         micro = [next(batches).long() for _ in range(accumulation)]
         for c in contenders:
-            if c.max_steps is not None and step > c.max_steps:
+            if c.only_steps is not None and step not in c.only_steps:
                 continue
             loss = c.step(micro, pad_id)
             last = step == cfg.train.steps
-            bpb = c.bits_per_byte(val, pad_id) if (step % eval_interval == 0 or last) and c.max_steps is None else None
+            bpb = c.bits_per_byte(val, pad_id) if (step % eval_interval == 0 or last) and c.only_steps is None else None
             c.curve.append((step, c.seconds, loss, bpb))
         progress.update(1)
 
@@ -294,16 +294,29 @@ class SeedResult:
     budget_curves: dict = field(default_factory=dict)  # "name, n steps" -> curve of a run retrained for a budget
 
 
-# training steps whose FLOPs are counted and averaged: a BPE step's tokens vary with its text (one
-# batch of seed 1 had 2.2x the tokens of the mean), a byte model's do not
+# training steps whose FLOPs are counted and averaged, spread over the run: a BPE step's tokens vary
+# with its text (the first steps of seed 1's stream carry about twice the mean), a byte model's do not
 FLOPS_STEPS = 8
 
 
-def _first_steps(cfg: Config, shards: str, seed: int, count: int = FLOPS_STEPS) -> list[list[torch.Tensor]]:
-    """The first ``count`` training steps of the stream, each a list of micro-batches."""
+def spread(count: int, steps: int) -> frozenset:
+    """``count`` steps of 1..steps spread evenly over them, the first included: where a baseline is
+    timed (``--calibrate-steps``) and its FLOPs counted, so neither rests on one stretch of text."""
+    count = min(count, steps)
+    return frozenset(1 + (i * steps) // count for i in range(count))
+
+
+def _sample_steps(cfg: Config, shards: str, seed: int, count: int = FLOPS_STEPS) -> list[list[torch.Tensor]]:
+    """``count`` training steps of the stream spread over the run (``spread``), each a list of
+    micro-batches."""
     accumulation = cfg.train.global_batch // cfg.train.micro_batch
     batches = iter(_loader(cfg, shards, "train", seed=seed, loop=True))
-    return [[next(batches).long() for _ in range(accumulation)] for _ in range(count)]
+    wanted, out = spread(count, cfg.train.steps), []
+    for step in range(1, max(wanted) + 1):
+        micro = [next(batches).long() for _ in range(accumulation)]
+        if step in wanted:
+            out.append(micro)
+    return out
 
 
 def mean_step_flops(model, nats, steps: list[list[torch.Tensor]], pad_id: int) -> int:
@@ -323,9 +336,9 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
 
     contenders = [_terrabyte(cfg, seed)] + [baselines.build(n, cfg, seed) for n in baselines.names]
     for c in contenders[1:]:
-        c.max_steps = calibrate_steps or None
+        c.only_steps = spread(calibrate_steps, cfg.train.steps) if calibrate_steps else None
     pad_id = _vocab(cfg).pad_id
-    first = _first_steps(cfg, shards, seed)
+    first = _sample_steps(cfg, shards, seed)
     for c in contenders:
         c.flops_per_step = mean_step_flops(c.model, c.nats, first, pad_id)
     with tqdm(total=cfg.train.steps, desc=f"seed {seed}", unit="step", file=sys.stderr) as bar:
@@ -346,7 +359,7 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
         budgets.append((result.equal_flops, lambda c: reference.flops_per_step * steps / c.flops_per_step))
     for name, c in zip(baselines.names, contenders[1:]):
         # steps -> bpb of a run with a schedule over them (a calibrated baseline has none yet)
-        scored = {} if c.max_steps is not None else {steps: result.final_bpb[c.name]}
+        scored = {} if c.only_steps is not None else {steps: result.final_bpb[c.name]}
         for table, steps_in_budget in budgets:
             n = max(1, round(steps_in_budget(c)))
             if n not in scored:
@@ -404,8 +417,8 @@ def format_table(results: list[SeedResult], steps: int) -> str:
         lines.append(f"{REFERENCE} - {other}: " + ", ".join(parts) + " bpb.")
     if len(names) > 1:
         lines.append("(negative: TerraByte better; ± is half the spread over seeds. FLOPs: forward + backward of "
-                     f"a training step counted by torch.utils.flop_counter, the mean over the first {FLOPS_STEPS} "
-                     "steps, the same way for every model.)")
+                     f"a training step counted by torch.utils.flop_counter, the mean over {FLOPS_STEPS} steps spread "
+                     "over the run, the same way for every model.)")
     return "\n".join(lines) + "\n"
 
 
@@ -471,7 +484,7 @@ def _patching_note(cfg: Config, patchings: tuple, budget: float) -> str:
     shapes = ", ".join(f"{NAMES[p]}: max_seq_len {list(patched_model_args(cfg, p, budget)['max_seq_len'])}"
                        for p in patchings)
     note = (" Entropy patches shorten as their model learns: their FLOPs per step are the mean of "
-            f"the first {FLOPS_STEPS} steps' counts before and after training." if "entropy" in patchings else "")
+            f"{FLOPS_STEPS} steps' counts (spread over the run) before and after training." if "entropy" in patchings else "")
     return (f" TerraByte is model.patching={cfg.model.patching}; beside it, on the same {cfg.model.seq_len}-byte rows, "
             f"{shapes}.{note}")
 

@@ -188,3 +188,11 @@ def test_calibrated_baseline_trains_only_its_budgets(tmp_path, shards, capsys):
 def test_calibrate_steps_must_leave_a_shared_loop(tmp_path, shards):
     with pytest.raises(bq.ConfigError, match="--calibrate-steps"):
         bq.run(_args(tmp_path, shards, "--steps", "2", "--calibrate-steps", "2"))
+
+
+def test_timing_and_flops_steps_spread_over_the_run():
+    """A baseline is timed (--calibrate-steps) and its FLOPs counted on steps spread over the run, not
+    on its first stretch of text (seed 1's first steps tokenise into about twice the mean)."""
+    assert sorted(bq.spread(10, 250)) == [1, 26, 51, 76, 101, 126, 151, 176, 201, 226]
+    assert sorted(bq.spread(3, 3)) == [1, 2, 3] and sorted(bq.spread(5, 2)) == [1, 2]
+    assert sorted(bq.spread(1, 250)) == [1]
