@@ -11,9 +11,10 @@ isolates the hierarchy and the unit of prediction, not layer details.
   sequence and divided by that sequence's bytes (data bytes plus EOS, exactly what TerraByte's
   bits per byte divides by), so both score the same bytes in bits per byte.
 - FLOPs are counted the same way for every model of the benchmark, TerraByte included:
-  ``torch.utils.flop_counter.FlopCounterMode`` over the forward and backward of one training step
+  ``torch.utils.flop_counter.FlopCounterMode`` over the forward and backward of a training step
   (matrix products and attention as PyTorch dispatches them, recomputed chunks included;
-  element-wise work and the optimizer not counted).
+  element-wise work, embedding lookups and the optimizer not counted), averaged over steps spread
+  over the run (``quality.FLOPS_STEPS``, ``quality.spread``): a BPE step's tokens vary with its text.
 """
 from __future__ import annotations
 

@@ -77,9 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-clock baseline runs")
     parser.add_argument("--no-equal-flops", action="store_true", help="skip the equal-FLOPs baseline runs")
     parser.add_argument("--calibrate-steps", type=int, default=0, metavar="N",
-                        help="baselines train only N steps beside TerraByte, enough to time them on the same "
-                             "load, then only their equal wall-clock and FLOPs runs (no equal-steps column for "
-                             "them; default: 0, every step)")
+                        help="baselines train only N steps beside TerraByte, spread over the run, enough to time "
+                             "them on the same load and text, then only their equal wall-clock and FLOPs runs (no "
+                             "equal-steps column for them; default: 0, every step)")
     parser.add_argument("--bpe-vocab", type=int, default=4096, help="BPE baseline: tokenizer vocabulary (default: 4096)")
     parser.add_argument("--bpe-train-bytes", type=int, default=8 << 20,
                         help="BPE baseline: training bytes its tokenizer learns from (default: 8 MiB)")
@@ -142,7 +142,7 @@ class Contender:
     seconds: float = 0.0  # training time, evaluation excluded
     flops_per_step: int = 0  # forward + backward of one training step (baselines.train_step_flops)
     curve: list = field(default_factory=list)  # (step, seconds so far, train loss, val bpb or None)
-    max_steps: Optional[int] = None  # stop after this many steps of the shared loop (--calibrate-steps)
+    only_steps: Optional[frozenset] = None  # train at these steps of the shared loop only (--calibrate-steps)
 
     def __post_init__(self):
         o = self.cfg.optim
@@ -231,11 +231,11 @@ def train(contenders: list[Contender], cfg: Config, shards: str, seed: int, val:
     for step in range(1, cfg.train.steps + 1):
         micro = [next(batches).long() for _ in range(accumulation)]
         for c in contenders:
-            if c.max_steps is not None and step > c.max_steps:
+            if c.only_steps is not None and step not in c.only_steps:
                 continue
             loss = c.step(micro, pad_id)
             last = step == cfg.train.steps
-            bpb = c.bits_per_byte(val, pad_id) if (step % eval_interval == 0 or last) and c.max_steps is None else None
+            bpb = c.bits_per_byte(val, pad_id) if (step % eval_interval == 0 or last) and c.only_steps is None else None
             c.curve.append((step, c.seconds, loss, bpb))
         progress.update(1)
 
@@ -291,12 +291,37 @@ class SeedResult:
     equal_time: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training time
     flops_per_step: dict = field(default_factory=dict)  # name -> training FLOPs per step
     equal_flops: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training FLOPs
+    budget_curves: dict = field(default_factory=dict)  # "name, n steps" -> curve of a run retrained for a budget
 
 
-def _first_step(cfg: Config, shards: str, seed: int) -> list[torch.Tensor]:
+# training steps whose FLOPs are counted and averaged, spread over the run: a BPE step's tokens vary
+# with its text (the first steps of seed 1's stream carry about twice the mean), a byte model's do not
+FLOPS_STEPS = 8
+
+
+def spread(count: int, steps: int) -> frozenset:
+    """``count`` steps of 1..steps spread evenly over them, the first included: where a baseline is
+    timed (``--calibrate-steps``) and its FLOPs counted, so neither rests on one stretch of text."""
+    count = min(count, steps)
+    return frozenset(1 + (i * steps) // count for i in range(count))
+
+
+def _sample_steps(cfg: Config, shards: str, seed: int, count: int = FLOPS_STEPS) -> list[list[torch.Tensor]]:
+    """``count`` training steps of the stream spread over the run (``spread``), each a list of
+    micro-batches."""
     accumulation = cfg.train.global_batch // cfg.train.micro_batch
     batches = iter(_loader(cfg, shards, "train", seed=seed, loop=True))
-    return [next(batches).long() for _ in range(accumulation)]
+    wanted, out = spread(count, cfg.train.steps), []
+    for step in range(1, max(wanted) + 1):
+        micro = [next(batches).long() for _ in range(accumulation)]
+        if step in wanted:
+            out.append(micro)
+    return out
+
+
+def mean_step_flops(model, nats, steps: list[list[torch.Tensor]], pad_id: int) -> int:
+    """Training FLOPs per step, the mean over ``steps``."""
+    return sum(train_step_flops(model, nats, step, pad_id) for step in steps) // len(steps)
 
 
 def _learns_its_patches(model) -> bool:
@@ -311,17 +336,17 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
 
     contenders = [_terrabyte(cfg, seed)] + [baselines.build(n, cfg, seed) for n in baselines.names]
     for c in contenders[1:]:
-        c.max_steps = calibrate_steps or None
+        c.only_steps = spread(calibrate_steps, cfg.train.steps) if calibrate_steps else None
     pad_id = _vocab(cfg).pad_id
-    first = _first_step(cfg, shards, seed)
+    first = _sample_steps(cfg, shards, seed)
     for c in contenders:
-        c.flops_per_step = train_step_flops(c.model, c.nats, first, pad_id)
+        c.flops_per_step = mean_step_flops(c.model, c.nats, first, pad_id)
     with tqdm(total=cfg.train.steps, desc=f"seed {seed}", unit="step", file=sys.stderr) as bar:
         train(contenders, cfg, shards, seed, val, eval_interval, bar)
     for c in contenders:
         if _learns_its_patches(c.model):
             # its patches shorten as the entropy model learns: the mean of the counts before and after
-            c.flops_per_step = (c.flops_per_step + train_step_flops(c.model, c.nats, first, pad_id)) // 2
+            c.flops_per_step = (c.flops_per_step + mean_step_flops(c.model, c.nats, first, pad_id)) // 2
     steps = cfg.train.steps
     result = SeedResult(seed, {c.name: c.curve for c in contenders}, {c.name: c.params for c in contenders},
                         {c.name: c.seconds / len(c.curve) for c in contenders}, {c.name: c.curve[-1][3] for c in contenders},
@@ -334,14 +359,15 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
         budgets.append((result.equal_flops, lambda c: reference.flops_per_step * steps / c.flops_per_step))
     for name, c in zip(baselines.names, contenders[1:]):
         # steps -> bpb of a run with a schedule over them (a calibrated baseline has none yet)
-        scored = {} if c.max_steps is not None else {steps: result.final_bpb[c.name]}
+        scored = {} if c.only_steps is not None else {steps: result.final_bpb[c.name]}
         for table, steps_in_budget in budgets:
             n = max(1, round(steps_in_budget(c)))
             if n not in scored:
                 again = baselines.build(name, with_sections(cfg, train={"steps": n}), seed)
                 with tqdm(total=n, desc=f"seed {seed}, {c.name}, {n} steps", unit="step", file=sys.stderr) as bar:
-                    train([again], again.cfg, shards, seed, val, n, bar)
+                    train([again], again.cfg, shards, seed, val, eval_interval, bar)
                 scored[n] = again.curve[-1][3]
+                result.budget_curves[f"{c.name}, {n} steps"] = again.curve
             table[c.name] = (n, scored[n])
     for table, _ in budgets:
         table[reference.name] = (steps, result.final_bpb[reference.name])
@@ -391,7 +417,8 @@ def format_table(results: list[SeedResult], steps: int) -> str:
         lines.append(f"{REFERENCE} - {other}: " + ", ".join(parts) + " bpb.")
     if len(names) > 1:
         lines.append("(negative: TerraByte better; ± is half the spread over seeds. FLOPs: forward + backward of "
-                     "one training step counted by torch.utils.flop_counter, the same way for every model.)")
+                     f"a training step counted by torch.utils.flop_counter, the mean over {FLOPS_STEPS} steps spread "
+                     "over the run, the same way for every model.)")
     return "\n".join(lines) + "\n"
 
 
@@ -404,19 +431,24 @@ def plot(results: list[SeedResult], path: Path) -> bool:
     fig, (by_step, by_time, by_flops) = plt.subplots(1, 3, figsize=(17, 4.5))
     colors = {}
     for r in results:
-        for name, curve in r.curves.items():
+        # the runs beside TerraByte (solid), then the baselines retrained for its budgets (dashed; a
+        # calibrated baseline has only these)
+        runs = [(name, name, curve, "o-") for name, curve in r.curves.items()]
+        runs += [(key.split(", ")[0], key, curve, "s--") for key, curve in r.budget_curves.items()]
+        for name, label, curve, style in runs:
             color = colors.setdefault(name, f"C{len(colors)}")
             steps, seconds, losses, bpbs = zip(*curve)
             flops = [step * r.flops_per_step.get(name, 0) for step in steps]
             # the BPE baseline's training loss is per token: only validation points are per byte
             bits = [loss / math.log(2) for loss in losses]
-            label = f"{name} seed {r.seed}"
             val = [(s, t, f, b) for s, t, f, b in zip(steps, seconds, flops, bpbs) if b is not None]
             for i, ax in enumerate((by_step, by_time, by_flops)):
                 x = (steps, seconds, flops)[i]
-                if name != NAMES["bpe"]:
+                if name != NAMES["bpe"] and style == "o-":
                     ax.plot(x, bits, color=color, alpha=0.35, lw=0.8)
-                ax.plot([v[i] for v in val], [v[3] for v in val], "o-", color=color, label=label + " (val)")
+                if val:
+                    ax.plot([v[i] for v in val], [v[3] for v in val], style, color=color,
+                            label=f"{label} seed {r.seed} (val)")
     for ax, xlabel in ((by_step, "optimizer step"), (by_time, "training seconds"),
                        (by_flops, "training FLOPs (forward + backward)")):
         ax.set_xlabel(xlabel)
@@ -451,8 +483,8 @@ def _patching_note(cfg: Config, patchings: tuple, budget: float) -> str:
         return ""
     shapes = ", ".join(f"{NAMES[p]}: max_seq_len {list(patched_model_args(cfg, p, budget)['max_seq_len'])}"
                        for p in patchings)
-    note = (" Entropy patches shorten as their model learns: their FLOPs per step are the mean of the first batch's "
-            "count before and after training." if "entropy" in patchings else "")
+    note = (" Entropy patches shorten as their model learns: their FLOPs per step are the mean of "
+            f"{FLOPS_STEPS} steps' counts (spread over the run) before and after training." if "entropy" in patchings else "")
     return (f" TerraByte is model.patching={cfg.model.patching}; beside it, on the same {cfg.model.seq_len}-byte rows, "
             f"{shapes}.{note}")
 

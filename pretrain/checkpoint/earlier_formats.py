@@ -45,10 +45,17 @@ def warn_no_model_config(ckpt: Path) -> None:
                 "is not verified against this run's model config", ckpt)
 
 
+# model keys added after checkpoints were first written, with what a model from before had instead
+LATER_MODEL_KEYS = {"patching": "fixed", "patch_threshold": None, "context_bytes": None, "ngram_sizes": [],
+                    "ngram_buckets": 16384}
+
+
 def model_config(config: dict) -> dict:
     """A stored model config (checkpoint, export, save_pretrained): configs from before grouped
-    upper-stage embeddings existed embedded every stage by concatenation."""
-    return config if "unit_embedding" in config else {**config, "unit_embedding": "concat"}
+    upper-stage embeddings existed embedded every stage by concatenation; those from before patches
+    could follow the data, or hashed n-grams existed, had fixed patches and no n-grams."""
+    config = config if "unit_embedding" in config else {**config, "unit_embedding": "concat"}
+    return {**LATER_MODEL_KEYS, **config}
 
 
 def rng_states(saved) -> dict:

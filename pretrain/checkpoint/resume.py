@@ -129,6 +129,8 @@ def check_same_model(stored: dict, current: dict, where: str) -> None:
     stored = dict(earlier_formats.model_config(stored))
     if len(current.get("max_seq_len") or ()) == 2:  # two stages embed alike either way
         stored["unit_embedding"] = current.get("unit_embedding")
+    if not stored.get("ngram_sizes") and not current.get("ngram_sizes"):  # no n-grams: their table size is moot
+        stored["ngram_buckets"] = current.get("ngram_buckets")
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
         if isinstance(a, list):

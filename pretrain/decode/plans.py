@@ -58,7 +58,7 @@ def embed_units(embed: nn.Module, units: Tensor) -> Tensor:
     Reads the live embedding weights (not a copy), so it never goes stale."""
     if embed.proj is None:
         return F.embedding(units.squeeze(-1), embed.token_emb.weight)
-    if embed.levels is not None:  # a grouped upper-stage embedding: rarely on the decode path
+    if embed.levels is not None or embed.ngrams is not None:  # rarely on the decode path: the module
         return embed(units)
     return F.linear(F.embedding(units, embed.token_emb.weight).flatten(-2), embed.proj.weight)
 

@@ -28,6 +28,7 @@ PER_STAGE = ("dim", "depth", "heads", "dim_head", "ff_mult", "attention")
 UNIT_EMBEDDINGS = ("grouped", "concat")
 ATTENTION_KINDS = ("dense", "sparse")
 PATCHING = ("fixed", "space", "entropy")  # model/patching.py's schemes
+NGRAM_HASH_VALUES = (1 << 31) - 1  # layers.NGRAM_PRIME: the n-gram hash is taken modulo it
 
 
 @dataclass
@@ -64,6 +65,13 @@ class ModelArgs:
     """How an upper stage embeds its units: ``grouped`` (bytes projected group by group: parameters
     do not grow with the unit) or ``concat`` (MEGABYTE: all the unit's bytes in one projection).
     Two-stage models are the same either way."""
+
+    ngram_sizes: IntTuple = ()
+    """Hashed n-gram embeddings (BLT): for each n here, every byte of an upper stage's unit adds the
+    embedding of a hash of the n bytes of the unit ending at it (``layers.NgramEmbed``), e.g.
+    ``[3, 4, 5, 6, 7, 8]``. Empty: none (MEGABYTE's linear unit embedding)."""
+    ngram_buckets: int = 16384
+    """Rows of each n-gram size's hash table (``ngram_sizes`` only)."""
 
     patching: str = "fixed"
     """Which bytes form a global patch (``model/patching.py``): ``fixed`` (every
@@ -122,10 +130,11 @@ class ModelArgs:
         if self.unit_embedding not in UNIT_EMBEDDINGS:
             raise ConfigError(f"model.unit_embedding={self.unit_embedding!r} must be 'grouped' or 'concat'")
         _check_chunk_bytes(self.chunk_bytes, math.prod(msl[1:]))
+        ngram_sizes = _check_ngrams(self.ngram_sizes, self.ngram_buckets)
         _check_patching(self.patching, self.patch_threshold, self.context_bytes, msl)
         for s, spec in enumerate(stages["attention"]):
             _check_attention(spec, s, stages["heads"][s], self.attn_dropout)
-        return dataclasses.replace(self, max_seq_len=msl, **stages)
+        return dataclasses.replace(self, max_seq_len=msl, ngram_sizes=ngram_sizes, **stages)
 
 
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelArgs))
@@ -151,6 +160,22 @@ def _check_chunk_bytes(chunk_bytes, patch: int) -> None:
             f"model.chunk_bytes={chunk_bytes!r} must be a positive multiple of the global patch "
             f"({patch} bytes), e.g. {lower} or {lower + patch}; leave it unset for automatic"
         )
+
+
+def _check_ngrams(sizes, buckets) -> tuple:
+    if not isinstance(sizes, (list, tuple)):
+        raise ConfigError(f"config key model.ngram_sizes={sizes!r} must be a list of n-gram lengths, e.g. [3, 4, 5]")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ConfigError(f"config key model.ngram_sizes={list(sizes)} must hold integers of at least 2, "
+                              f"got {n!r}")
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"config key model.ngram_sizes={list(sizes)} repeats a length")
+    positive_int(buckets, "model.ngram_buckets")
+    if buckets > NGRAM_HASH_VALUES:
+        raise ConfigError(f"config key model.ngram_buckets={buckets} exceeds the {NGRAM_HASH_VALUES} values the n-gram "
+                          f"hash takes: more rows would never be used")
+    return tuple(sizes)
 
 
 def _check_patching(patching, threshold, context_bytes, max_seq_len: tuple) -> None:

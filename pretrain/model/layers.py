@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from terrabyte.data_pipeline.basics.errors import ConfigError
 
+from .args import NGRAM_HASH_VALUES
+
 logger = logging.getLogger(__name__)
 
 ROPE_THETA = 10000.0
@@ -280,6 +282,62 @@ class Block(nn.Module):
                 trunc_normal(lin.weight, std * residual_scale)
 
 
+# Rolling hash of an n-gram of ids: polynomial in a base above every id, modulo a Mersenne prime
+# small enough that base * prime stays far inside int64 (no overflow on any device)
+NGRAM_BASE = 1_000_003
+NGRAM_PRIME = NGRAM_HASH_VALUES
+
+
+class NgramEmbed(nn.Module):
+    """Hashed n-gram embeddings inside a unit (BLT, Pagnoni et al. 2024, arXiv:2412.09871, sec. 3.2.1):
+    byte j of a unit gets, for each n in ``sizes``, the embedding of a hash of bytes j-n+1..j of the
+    same unit (none where the unit has fewer than n bytes up to j). ``PatchEmbed`` adds them to the
+    byte embeddings before its projection, so a unit's embedding is no longer a linear map of its
+    bytes: which word piece a patch holds is looked up, not composed.
+
+    Only bytes of the unit itself take part, so the embedding stays a function of the unit alone and
+    every layout, the decode path and the chunked walk use it unchanged; causality holds because a
+    unit is embedded only where all its bytes are already given.
+
+    (..., unit_size) ids -> (..., unit_size, byte_dim)."""
+
+    def __init__(self, sizes: tuple, buckets: int, byte_dim: int, vocab_size: int):
+        super().__init__()
+        if vocab_size >= NGRAM_BASE:
+            raise ConfigError(f"hashed n-grams need ids below {NGRAM_BASE}, got vocab_size {vocab_size}")
+        self.sizes, self.buckets = tuple(sizes), buckets
+        # one table for all sizes, each its own range of rows, and a last all-zero row for "no n-gram";
+        # a parameter of this module itself (not of a child nn.Embedding whose forward is never
+        # called), so a ZeRO-3 engine gathers it when this module runs
+        self.none = len(self.sizes) * buckets
+        self.weight = nn.Parameter(torch.empty(self.none + 1, byte_dim))
+
+    def indices(self, units: Tensor) -> Tensor:
+        """(..., unit_size) ids -> (..., unit_size, len(sizes)) rows of the table."""
+        u = units.long()
+        none = self.none
+        cols = []
+        for k, n in enumerate(self.sizes):
+            h = torch.zeros_like(u[..., n - 1:])
+            for i in range(n):  # bytes j-n+1 .. j, oldest first
+                h = (h * NGRAM_BASE + u[..., i: u.shape[-1] - n + 1 + i]) % NGRAM_PRIME
+            rows = h % self.buckets + k * self.buckets
+            cols.append(F.pad(rows, (n - 1, 0), value=none))
+        return torch.stack(cols, dim=-1)
+
+    def forward(self, units: Tensor) -> Tensor:
+        idx = self.indices(units)
+        flat = F.embedding_bag(idx.reshape(-1, idx.shape[-1]), self.weight, mode="sum", padding_idx=self.none)
+        return flat.view(*units.shape, -1)
+
+    def init_weights(self, emb_std: float, whole: Optional[Callable] = None) -> None:
+        whole = whole or as_is
+        with whole(self), torch.no_grad():
+            # each byte's n-gram terms together about as large as its byte embedding
+            nn.init.normal_(self.weight, std=emb_std / math.sqrt(len(self.sizes)))
+            self.weight[self.none].zero_()
+
+
 class PatchEmbed(nn.Module):
     """Embed units of bytes: byte embeddings concatenated group by group, projected to ``dim``.
 
@@ -296,16 +354,21 @@ class PatchEmbed(nn.Module):
     Input (..., unit_size) ids, output (..., dim). A unit of one byte is a plain embedding.
     """
 
-    def __init__(self, vocab_size: int, byte_dim: int, groups: tuple, dim: int):
+    def __init__(self, vocab_size: int, byte_dim: int, groups: tuple, dim: int,
+                 ngram_sizes: tuple = (), ngram_buckets: int = 0):
         super().__init__()
         self.unit_size = math.prod(groups)
         self.groups = tuple(groups)
+        self.ngrams = None
         if self.unit_size == 1:
             self.token_emb = nn.Embedding(vocab_size, dim)
             self.proj = None
             self.levels = None
             return
         self.token_emb = nn.Embedding(vocab_size, byte_dim)
+        sizes = tuple(n for n in ngram_sizes if n <= self.unit_size)
+        if sizes and ngram_buckets:
+            self.ngrams = NgramEmbed(sizes, ngram_buckets, byte_dim, vocab_size)
         inner = [g for g in self.groups[1:] if g > 1][::-1]  # innermost first
         top = self.unit_size // math.prod(inner)
         self.levels = nn.ModuleList([nn.Linear(g * byte_dim, byte_dim, bias=False) for g in inner]) if inner else None
@@ -316,6 +379,8 @@ class PatchEmbed(nn.Module):
         if self.proj is None:
             return self.token_emb(units.squeeze(-1))
         x = self.token_emb(units)  # (..., unit_size, byte_dim)
+        if self.ngrams is not None:
+            x = x + self.ngrams(units)
         if self.levels is not None:
             for g, level in zip(self._level_groups, self.levels):
                 x = level(rearrange(x, "... (k g) e -> ... k (g e)", g=g))  # (..., unit_size / g..., byte_dim)
@@ -325,6 +390,8 @@ class PatchEmbed(nn.Module):
         whole = whole or as_is
         with whole(self.token_emb):
             nn.init.normal_(self.token_emb.weight, std=emb_std)
+        if self.ngrams is not None:
+            self.ngrams.init_weights(emb_std, whole)
         for linear in [*(self.levels or ()), *([self.proj] if self.proj is not None else [])]:
             with whole(linear):
                 init_fan_in(linear)

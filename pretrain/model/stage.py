@@ -38,14 +38,14 @@ class Stage(nn.Module):
 
     def __init__(self, *, dim, depth, seq_len, unit_size, vocab_size, byte_dim, heads, dim_head,
                  ff_hidden, attend_factory, ff_dropout, rotary, next_dim=None, next_seq_len=None,
-                 embed_groups: Optional[tuple] = None):
+                 embed_groups: Optional[tuple] = None, ngram_sizes: tuple = (), ngram_buckets: int = 0):
         super().__init__()
         self.dim, self.seq_len, self.unit_size = dim, seq_len, unit_size
         self.heads, self.dim_head, self.depth = heads, dim_head, depth
         groups = (unit_size,) if embed_groups is None else tuple(embed_groups)
         if math.prod(groups) != unit_size:
             raise ConfigError(f"embed_groups={groups} must multiply to the unit size {unit_size}")
-        self.embed = PatchEmbed(vocab_size, byte_dim, groups, dim)
+        self.embed = PatchEmbed(vocab_size, byte_dim, groups, dim, ngram_sizes, ngram_buckets)
         self.start_token = nn.Parameter(torch.empty(dim))
         self.rotary = Rotary(dim_head, seq_len) if rotary else None
         self.layers = nn.ModuleDict(

@@ -191,6 +191,7 @@ class TerraByte(nn.Module, HubMixin):
                 ff_dropout=a.ff_dropout, rotary=a.rotary,
                 next_dim=None if last else dim[s + 1], next_seq_len=None if last else max_seq_len[s + 1],
                 embed_groups=max_seq_len[s + 1:] or (1,) if a.unit_embedding == "grouped" else None,
+                ngram_sizes=a.ngram_sizes, ngram_buckets=a.ngram_buckets,
             ))
         self.to_logits = nn.Linear(dim[-1], self.vocab_size, bias=False)
         if a.tie_embeddings:

@@ -179,8 +179,20 @@ def test_calibrated_baseline_trains_only_its_budgets(tmp_path, shards, capsys):
     assert steps == max(1, round(3 * result["seconds_per_step"]["TerraByte"] / result["seconds_per_step"]["byte GPT"]))
     assert math.isfinite(bpb)
     assert "| byte GPT" in out and "at equal steps" not in out.split("TerraByte - byte GPT:")[1].splitlines()[0]
+    # the retrained runs' curves are kept (and drawn): validation at every interval, the last the table's
+    curve = result["budget_curves"][f"byte GPT, {steps} steps"]
+    assert [point[0] for point in curve] == list(range(1, steps + 1)) and curve[-1][3] == bpb
+    assert all(math.isfinite(point[3]) for point in curve)
 
 
 def test_calibrate_steps_must_leave_a_shared_loop(tmp_path, shards):
     with pytest.raises(bq.ConfigError, match="--calibrate-steps"):
         bq.run(_args(tmp_path, shards, "--steps", "2", "--calibrate-steps", "2"))
+
+
+def test_timing_and_flops_steps_spread_over_the_run():
+    """A baseline is timed (--calibrate-steps) and its FLOPs counted on steps spread over the run, not
+    on its first stretch of text (seed 1's first steps tokenise into about twice the mean)."""
+    assert sorted(bq.spread(10, 250)) == [1, 26, 51, 76, 101, 126, 151, 176, 201, 226]
+    assert sorted(bq.spread(3, 3)) == [1, 2, 3] and sorted(bq.spread(5, 2)) == [1, 2]
+    assert sorted(bq.spread(1, 250)) == [1]

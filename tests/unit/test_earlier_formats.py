@@ -74,8 +74,11 @@ def test_resume_without_model_config_json_warns(tmp_path, caplog):
 
 
 def test_model_configs_without_unit_embedding_are_concat(tmp_path):
-    assert earlier_formats.model_config({"dim": [8]}) == {"dim": [8], "unit_embedding": "concat"}
-    assert earlier_formats.model_config({"unit_embedding": "grouped"}) == {"unit_embedding": "grouped"}
+    later = earlier_formats.LATER_MODEL_KEYS  # keys added since: fixed patches, no n-grams
+    assert earlier_formats.model_config({"dim": [8]}) == {**later, "dim": [8], "unit_embedding": "concat"}
+    assert earlier_formats.model_config({"unit_embedding": "grouped"}) == {**later, "unit_embedding": "grouped"}
+    assert later == {"patching": "fixed", "patch_threshold": None, "context_bytes": None, "ngram_sizes": [],
+                     "ngram_buckets": 16384}
     torch.manual_seed(0)
     model = TerraByte(**THREE, unit_embedding="concat")
     old = {k: v for k, v in model.config.items() if k != "unit_embedding"}
