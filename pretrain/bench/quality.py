@@ -291,11 +291,11 @@ class SeedResult:
     equal_time: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training time
     flops_per_step: dict = field(default_factory=dict)  # name -> training FLOPs per step
     equal_flops: dict = field(default_factory=dict)  # name -> (steps, bpb) in TerraByte's training FLOPs
-    budget_curves: dict = field(default_factory=dict)  # "name, n steps" -> curve of a run retrained for a budget
+    budget_curves: dict = field(default_factory=dict)  # name -> curves of its runs retrained for a budget
 
 
 # training steps whose FLOPs are counted and averaged, spread over the run: a BPE step's tokens vary
-# with its text (the first steps of seed 1's stream carry about twice the mean), a byte model's do not
+# with its text (seed 1's first 8 steps cost 1.7x the FLOPs of 8 spread ones), a byte model's do not
 FLOPS_STEPS = 8
 
 
@@ -367,7 +367,7 @@ def run_seed(cfg: Config, shards: str, seed: int, baselines: Baselines, eval_int
                 with tqdm(total=n, desc=f"seed {seed}, {c.name}, {n} steps", unit="step", file=sys.stderr) as bar:
                     train([again], again.cfg, shards, seed, val, eval_interval, bar)
                 scored[n] = again.curve[-1][3]
-                result.budget_curves[f"{c.name}, {n} steps"] = again.curve
+                result.budget_curves.setdefault(c.name, []).append(again.curve)
             table[c.name] = (n, scored[n])
     for table, _ in budgets:
         table[reference.name] = (steps, result.final_bpb[reference.name])
@@ -434,7 +434,8 @@ def plot(results: list[SeedResult], path: Path) -> bool:
         # the runs beside TerraByte (solid), then the baselines retrained for its budgets (dashed; a
         # calibrated baseline has only these)
         runs = [(name, name, curve, "o-") for name, curve in r.curves.items()]
-        runs += [(key.split(", ")[0], key, curve, "s--") for key, curve in r.budget_curves.items()]
+        runs += [(name, f"{name}, {curve[-1][0]} steps", curve, "s--")
+                 for name, curves in r.budget_curves.items() for curve in curves]
         for name, label, curve, style in runs:
             color = colors.setdefault(name, f"C{len(colors)}")
             steps, seconds, losses, bpbs = zip(*curve)
